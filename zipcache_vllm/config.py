@@ -1,0 +1,166 @@
+"""ZipCacheConfig: one frozen, validating dataclass; presets live in ``configs/*.yaml``."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Normalizer(str, enum.Enum):
+    """Divisor of the probe score sums (method doc §6, ZC-8)."""
+
+    CAUSAL_COUNT = "causal_count"  # N_i = l - i + 1, as the released code
+    PROBE_NNZ = "probe_nnz"  # N_i = number of probes that can see token i
+
+
+class Saliency(str, enum.Enum):
+    NORMALIZED = "normalized"  # ZC-6 / ZC-8 (ZipCache)
+    ACCUMULATED = "accumulated"  # ZC-5 (H2O / MiKV)
+    RANDOM = "random"  # ablation: salient tokens drawn at random
+
+
+class Selection(str, enum.Enum):
+    GLOBAL = "global"  # top-k per (layer, KV head) over the segment, as in the paper
+    QUOTA = "quota"  # top ceil(r * block_size) per block: the constraint of a fixed-size page
+
+
+class Granularity(str, enum.Enum):
+    """Unit of compression and of key/value statistics."""
+
+    SEGMENT = "segment"  # the whole prompt, then each decode window of ``window`` tokens (paper)
+    BLOCK = "block"  # each complete block of ``block_size`` tokens (vLLM paged semantics)
+
+
+class KeyScheme(str, enum.Enum):
+    CHANNELWISE = "channelwise"  # ZC-3: per channel, per precision group (paper)
+    CST = "cst"  # ZC-2 applied to keys as well
+
+
+_ENUMS = {
+    "normalizer": Normalizer,
+    "saliency": Saliency,
+    "selection": Selection,
+    "granularity": Granularity,
+    "key_scheme": KeyScheme,
+}
+
+
+def salient_count(n: int, salient_ratio: float) -> int:
+    """Number of salient tokens among ``n``: ceil(r * n), robust to float noise (0.6 * 10 -> 6, not 7)."""
+    return min(n, max(0, math.ceil(salient_ratio * n - 1e-6)))
+
+
+@dataclass(frozen=True)
+class ZipCacheConfig:
+    """All ZipCache tunables. Defaults are the paper's setting (r = 0.6, 4/2 bits, probes 5 % + 5 %)."""
+
+    bits_high: int = 4
+    bits_low: int = 2
+    salient_ratio: float = 0.6  # share of tokens at bits_high (keys, and values unless value_salient_ratio)
+    value_salient_ratio: float | None = None  # separate share for values; None = salient_ratio
+    probe_recent: float = 0.05  # share of the prompt used as recent probes (1.0 = all tokens, exact ZC-6)
+    probe_random: float = 0.05  # share drawn at random from the rest
+    probe_seed: int = 0
+    probe_compat: bool = False  # released code's rules: random probes with replacement, floor counts
+    normalizer: Normalizer = Normalizer.CAUSAL_COUNT
+    saliency: Saliency = Saliency.NORMALIZED
+    selection: Selection = Selection.GLOBAL
+    granularity: Granularity = Granularity.SEGMENT
+    key_scheme: KeyScheme = KeyScheme.CHANNELWISE
+    block_size: int = 128  # tokens per paged block (quota and block granularity)
+    window: int = 100  # decode tokens kept unquantized before a segment is compressed (segment granularity)
+
+    def __post_init__(self) -> None:
+        for name, cls in _ENUMS.items():
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                try:
+                    object.__setattr__(self, name, cls(value))
+                except ValueError:
+                    allowed = ", ".join(m.value for m in cls)
+                    raise ValueError(f"{name}={value!r} is invalid; choose one of: {allowed}") from None
+        for name in ("bits_high", "bits_low"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or v not in (2, 4, 8):
+                raise ValueError(f"{name} must be 2, 4 or 8, got {v!r}")
+        if self.bits_high < self.bits_low:
+            raise ValueError(f"bits_high ({self.bits_high}) must be >= bits_low ({self.bits_low})")
+        for name in ("salient_ratio", "value_salient_ratio", "probe_recent", "probe_random"):
+            v = getattr(self, name)
+            if v is None and name == "value_salient_ratio":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        if self.probe_recent + self.probe_random <= 0:
+            raise ValueError("probe_recent + probe_random must be > 0 (at least one probe token)")
+        for name in ("block_size", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.block_size % 8:
+            raise ValueError(f"block_size must be a multiple of 8 (bit packing), got {self.block_size}")
+
+    # -- derived -------------------------------------------------------------------------------------
+    @property
+    def v_salient_ratio(self) -> float:
+        return self.salient_ratio if self.value_salient_ratio is None else self.value_salient_ratio
+
+    @property
+    def segment_len(self) -> int:
+        """Tokens per decode-time segment."""
+        return self.block_size if self.granularity is Granularity.BLOCK else self.window
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ZipCacheConfig:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ZipCache config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ZipCacheConfig:
+        path = Path(path)
+        with path.open() as f:
+            data = yaml.safe_load(f)
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def load(cls, preset_or_path: str | Path | None = None, **overrides: Any) -> ZipCacheConfig:
+        """A preset name (``default``, ``paged``, ...), a YAML path, or None (defaults); then overrides."""
+        if preset_or_path is None:
+            base = cls()
+        else:
+            p = Path(preset_or_path)
+            if not p.suffix and not p.exists():
+                p = CONFIG_DIR / f"{preset_or_path}.yaml"
+                if not p.exists():
+                    names = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
+                    raise ValueError(f"no preset {preset_or_path!r}; presets: {names}")
+            base = cls.from_yaml(p)
+        return base.replace(**overrides) if overrides else base
+
+    def replace(self, **changes: Any) -> ZipCacheConfig:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown ZipCache config key(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (v.value if isinstance(v := getattr(self, f.name), enum.Enum) else v) for f in fields(self)}

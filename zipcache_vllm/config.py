@@ -11,7 +11,19 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_dir() -> Path:
+    """``configs/`` of the source tree, or the copy installed as ``zipcache_vllm.configs``."""
+    repo = Path(__file__).resolve().parent.parent / "configs"
+    if repo.is_dir():
+        return repo
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("zipcache_vllm.configs")))
+
+
+CONFIG_DIR = _config_dir()
 
 
 class Normalizer(str, enum.Enum):

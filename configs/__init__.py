@@ -1,0 +1,1 @@
+"""Named ZipCache presets (YAML); loaded by ``ZipCacheConfig.load(name)``."""

@@ -1,0 +1,163 @@
+"""Shared pieces of the paged kernels: input checks and ``@triton.jit`` device functions.
+
+Page layout: see ``zipcache_vllm/layout.py`` (kernels only read the attributes of the layout object they are
+given, they never import it). Quantization conventions: ``zipcache_vllm/quant.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    """True under the Triton interpreter (TRITON_INTERPRET=1): dots then run on fp32 operands, because the
+    interpreter multiplies bf16 bit patterns as integers (triton issue #11584)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_tensor(x: torch.Tensor, name: str, ndim: int, dtypes: tuple[torch.dtype, ...], device=None) -> None:
+    check(isinstance(x, torch.Tensor), f"{name} must be a tensor")
+    check(x.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    check(x.dtype in dtypes, f"{name} must have dtype in {dtypes}, got {x.dtype}")
+    check(x.numel() == 0 or x.stride(-1) == 1, f"{name} must be contiguous in its last dim")
+    if device is not None:
+        check(x.device == device, f"{name} is on {x.device}, expected {device}")
+
+
+def check_cache(kv_cache: torch.Tensor, layout, num_kv_heads: int, device) -> None:
+    check_tensor(kv_cache, "kv_cache", 3, (torch.uint8,), device)
+    check(kv_cache.shape[1] == num_kv_heads, f"kv_cache has {kv_cache.shape[1]} heads, expected {num_kv_heads}")
+    check(kv_cache.shape[2] >= layout.page_bytes, f"kv_cache pages hold {kv_cache.shape[2]} bytes < {layout.page_bytes}")
+    check(kv_cache.stride(0) % 16 == 0 and kv_cache.stride(1) % 16 == 0,
+          "kv_cache page strides must be multiples of 16 bytes")
+    check(kv_cache.data_ptr() % 16 == 0, "kv_cache must be 16-byte aligned")
+
+
+def pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: keep grids small
+
+
+# --------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def dot_operand(x, DOT_FP32: tl.constexpr):
+    """fp32 under the interpreter, fp16 on the GPU (tensor cores; the folded q*step and p*step operands
+    have 11 mantissa bits in fp16 against 8 in bf16)."""
+    if DOT_FP32:
+        return x.to(tl.float32)
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
+def unpack_codes(b, BITS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DOT_FP32: tl.constexpr):
+    """uint8 ``b [ROWS, D * BITS / 8]`` (quant.pack_bits along channels) -> code values ``[ROWS, D]`` as dot
+    operands. On the GPU the fp16 value is built from its bits (0x6400 | code is 1024 + code, exact) to avoid
+    integer-to-float conversions, which run at a fraction of the ALU rate."""
+    if BITS == 8:
+        c = b
+    elif BITS == 4:
+        c = tl.join(b & 15, b >> 4).reshape(ROWS, D)
+    else:  # 2 bits: byte holds channels 4i + (0, 1, 2, 3) at bits (0, 2, 4, 6)
+        c = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)).reshape(ROWS, D)
+    if DOT_FP32:
+        return c.to(tl.float32)
+    else:
+        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def online_softmax_step(s, acc, m_i, l_i):
+    """Online softmax on log2-domain scores ``s [M, T]``: returns (p, rescaled acc, m_new, l_new)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0, not NaN
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_new = l_i * alpha + tl.sum(p, axis=1)
+    return p, acc * alpha[:, None], m_new, l_new
+
+
+@triton.jit
+def attend_page_tile(
+    q,  # fp32 [M, D], raw query rows (unscaled)
+    acc, m_i, l_i,  # running output [M, D] fp32, row max [M] and row sum [M] (log2 domain)
+    cache_u8_ptr, cache_f16_ptr,  # the same page memory as uint8 and as fp16
+    page_off,  # int64 byte offset of the page
+    qk_scale,  # softmax scale * log2(e)
+    TILE: tl.constexpr,  # (valid, rows, k_bits, k_off, k_param_off, v_bits, v_off, v_tok_off): layout.py
+    D: tl.constexpr,
+    N: tl.constexpr,  # block_size
+    V_NORM_OFF: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One tile of page rows, dequantization folded into q and the output (method doc §10):
+
+    ``q . k_t = sum_c (q_c step_c) code_tc + sum_c q_c mn_c`` (keys, per-channel group parameters);
+    ``sum_t p_t v_t = c * (sum_t (p_t step_t) code_t + sum_t p_t mn_t)`` (values, CST with per-token params).
+    """
+    VALID: tl.constexpr = TILE[0]
+    ROWS: tl.constexpr = TILE[1]
+    KB: tl.constexpr = TILE[2]
+    K_OFF: tl.constexpr = TILE[3]
+    K_PAR: tl.constexpr = TILE[4]
+    VB: tl.constexpr = TILE[5]
+    V_OFF: tl.constexpr = TILE[6]
+    V_TOK: tl.constexpr = TILE[7]
+    r = tl.arange(0, ROWS)
+    rmask = r < VALID
+    dk = tl.arange(0, D)
+    hoff = page_off // 2
+    # -- scores: q folded with the key group's step; bias from its min ----
+    kcol = tl.arange(0, D * KB // 8)
+    kb = tl.load(cache_u8_ptr + page_off + K_OFF + r[:, None] * (D * KB // 8) + kcol[None, :],
+                 mask=rmask[:, None], other=0)
+    kstep = tl.load(cache_f16_ptr + hoff + K_PAR // 2 + dk).to(tl.float32)
+    kmn = tl.load(cache_f16_ptr + hoff + K_PAR // 2 + D + dk).to(tl.float32)
+    qs = dot_operand(q * (kstep * qk_scale)[None, :], DOT_FP32)
+    bias = tl.sum(q * kmn[None, :], axis=1) * qk_scale
+    s = tl.dot(qs, tl.trans(unpack_codes(kb, KB, ROWS, D, DOT_FP32))) + bias[:, None]
+    s = tl.where(rmask[None, :], s, float("-inf"))
+    p, acc, m_i, l_i = online_softmax_step(s, acc, m_i, l_i)
+    # -- values: p folded with the per-token step; c applied to the tile's sum ----
+    vcol = tl.arange(0, D * VB // 8)
+    vb = tl.load(cache_u8_ptr + page_off + V_OFF + r[:, None] * (D * VB // 8) + vcol[None, :],
+                 mask=rmask[:, None], other=0)
+    vstep = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + r, mask=rmask, other=0.0).to(tl.float32)
+    vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)
+    cn = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + dk).to(tl.float32)
+    pv = tl.dot(dot_operand(p * vstep[None, :], DOT_FP32), unpack_codes(vb, VB, ROWS, D, DOT_FP32))
+    pv += tl.sum(p * vmn[None, :], axis=1)[:, None]
+    return acc + pv * cn[None, :], m_i, l_i
+
+
+@triton.jit
+def attend_dense_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, DOT_FP32: tl.constexpr):
+    """bf16 keys/values ``k, v [T, D]`` (tail or new tokens); ``visible [M, T]`` masks scores."""
+    if DOT_FP32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q.to(k.dtype), tl.trans(k))
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    p, acc, m_i, l_i = online_softmax_step(s, acc, m_i, l_i)
+    if DOT_FP32:
+        acc += tl.dot(p, v.to(tl.float32))
+    else:
+        acc += tl.dot(p.to(v.dtype), v)
+    return acc, m_i, l_i

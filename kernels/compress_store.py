@@ -1,0 +1,192 @@
+"""Compress complete blocks into mixed-precision pages: saliency ranking, ZC-3 keys, ZC-2 values, packing.
+
+Twin: ``zipcache_vllm.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
+One program per (block, KV head). Bit-exactness rests on the conventions of ``zipcache_vllm/quant.py``:
+float32 min/max, IEEE division and square root (``div_rn`` / ``sqrt_rn``), parameters rounded to fp16
+before the codes, round-half-to-even, and no fused multiply-add (the kernel is launched with fp fusion off).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check, check_cache, check_tensor, pow2
+
+EPS = 1e-6  # quant.EPS: the smallest step
+_BIG = 3.4028234663852886e38  # float32 max, the neutral element of masked min/max as in quant.py
+_RINT_MAGIC = 12582912.0  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
+
+
+@triton.jit
+def _rint(y):
+    return (y + _RINT_MAGIC) - _RINT_MAGIC
+
+
+@triton.jit
+def _store_key_group(
+    x_ptr, stride_x_tok, t, tv, member, row, cache_u8_ptr, cache_f16_ptr, page_off,
+    BITS: tl.constexpr, D: tl.constexpr, CODE_OFF: tl.constexpr, PAR_OFF: tl.constexpr,
+):
+    """ZC-3: channelwise (step, mn) over the group's tokens; codes of the group's rows into its region."""
+    PER: tl.constexpr = 8 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    i = tl.arange(0, D // PER)
+    j = tl.arange(0, PER)
+    ch = i[:, None] * PER + j[None, :]  # [D/PER, PER]: channel of value j of byte i
+    x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
+    x = x.to(tl.float32)
+    m3 = member[:, None, None]
+    mn = tl.min(tl.where(m3, x, _BIG), axis=0)
+    mx = tl.max(tl.where(m3, x, -_BIG), axis=0)
+    has = tl.sum(member.to(tl.int32), axis=0) > 0
+    mn = tl.where(has, mn, 0.0)
+    mx = tl.where(has, mx, 0.0)
+    step = tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), EPS).to(tl.float16)
+    mn16 = mn.to(tl.float16)
+    hoff = page_off // 2
+    tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + ch, step)
+    tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + D + ch, mn16)
+    y = tl.math.div_rn(x - mn16.to(tl.float32)[None, :, :], step.to(tl.float32)[None, :, :])
+    code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
+    packed = tl.sum(code << (j * BITS)[None, None, :], axis=2).to(tl.uint8)
+    tl.store(cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :], packed,
+             mask=member[:, None])
+
+
+@triton.jit
+def _store_value_group(
+    x_ptr, stride_x_tok, t, tv, member, slot, row, cache_u8_ptr, cache_f16_ptr, page_off,
+    BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr, CODE_OFF: tl.constexpr, NORM_OFF: tl.constexpr,
+    TOK_OFF: tl.constexpr, STORE_NORM: tl.constexpr,
+):
+    """ZC-2: c = sqrt(max |x|) per channel over all tokens; per-token (step, mn) of x / c; the group's rows."""
+    PER: tl.constexpr = 8 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    i = tl.arange(0, D // PER)
+    j = tl.arange(0, PER)
+    ch = i[:, None] * PER + j[None, :]
+    x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)  # padded tokens load 0: neutral for max |x|
+    c = tl.where(amax > 0, tl.math.sqrt_rn(amax), 1.0).to(tl.float16)
+    hoff = page_off // 2
+    if STORE_NORM:
+        tl.store(cache_f16_ptr + hoff + NORM_OFF // 2 + ch, c)
+    xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
+    mn = tl.min(tl.min(xn, axis=2), axis=1)  # [N_PAD]
+    mx = tl.max(tl.max(xn, axis=2), axis=1)
+    step = tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), EPS).to(tl.float16)
+    mn16 = mn.to(tl.float16)
+    tl.store(cache_f16_ptr + hoff + TOK_OFF // 2 + slot, step, mask=member)
+    tl.store(cache_f16_ptr + hoff + TOK_OFF // 2 + N + slot, mn16, mask=member)
+    y = tl.math.div_rn(xn - mn16.to(tl.float32)[:, None, None], step.to(tl.float32)[:, None, None])
+    code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
+    packed = tl.sum(code << (j * BITS)[None, None, :], axis=2).to(tl.uint8)
+    tl.store(cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :], packed,
+             mask=member[:, None])
+
+
+@triton.jit
+def _compress_store_kernel(
+    key_ptr, value_ptr,  # [num_new_blocks * N, H, D]
+    stride_x_tok, stride_x_head,  # same strides for key and value (checked by the launcher)
+    scores_ptr, stride_s_tok, stride_s_head,  # [num_new_blocks * N, H] float
+    block_ids_ptr,  # [num_new_blocks] int
+    cache_u8_ptr, cache_f16_ptr,  # kv_cache as uint8 and as fp16
+    stride_c_block, stride_c_head,  # bytes
+    N: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, BL: tl.constexpr,
+    SK: tl.constexpr, SV: tl.constexpr,
+    K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
+    K_PAR_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, MASK_OFF: tl.constexpr,
+):
+    blk = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    page = tl.load(block_ids_ptr + blk).to(tl.int64)
+    page_off = page * stride_c_block + head * stride_c_head
+    t = tl.arange(0, N_PAD)
+    tv = t < N
+    tok = blk * N + t
+    # -- rank: tokens with a larger score, or an equal score and a smaller index (stable descending sort) ----
+    s = tl.load(scores_ptr + tok * stride_s_tok + head * stride_s_head, mask=tv, other=0.0).to(tl.float32)
+    later = t[None, :] < t[:, None]  # [t, u]: u comes before t
+    ahead = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & later)
+    rank = tl.sum((ahead & tv[None, :]).to(tl.int32), axis=1)
+    ksal = (rank < SK) & tv
+    vsal = (rank < SV) & tv
+    # -- page row: tier (A both salient, B one, C none), then token order (layout.py) ----
+    tier = (rank >= SK).to(tl.int32) + (rank >= SV).to(tl.int32)
+    before = (tier[None, :] < tier[:, None]) | ((tier[None, :] == tier[:, None]) & later)
+    row = tl.sum((before & tv[None, :]).to(tl.int32), axis=1)
+    # -- keys: one group per precision ----
+    kx = key_ptr + head * stride_x_head
+    _store_key_group(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                     BH, D, K_HI_OFF, K_PAR_OFF)
+    _store_key_group(kx, stride_x_tok, tok, tv, tv & ~ksal, row - SK, cache_u8_ptr, cache_f16_ptr, page_off,
+                     BL, D, K_LO_OFF, K_PAR_OFF + 4 * D)
+    # -- values ----
+    vx = value_ptr + head * stride_x_head
+    _store_value_group(vx, stride_x_tok, tok, tv, vsal, row, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                       BH, D, N, V_HI_OFF, V_NORM_OFF, V_TOK_OFF, True)
+    _store_value_group(vx, stride_x_tok, tok, tv, tv & ~vsal, row, row - SV, cache_u8_ptr, cache_f16_ptr,
+                       page_off, BL, D, N, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, False)
+    # -- bitmaps in token order ----
+    bit = tl.arange(0, 8)
+    kbits = tl.sum(tl.reshape(ksal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
+    vbits = tl.sum(tl.reshape(vsal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
+    mb = tl.arange(0, N_PAD // 8)
+    tl.store(cache_u8_ptr + page_off + MASK_OFF + mb, kbits, mask=mb < N // 8)
+    tl.store(cache_u8_ptr + page_off + MASK_OFF + N // 8 + mb, vbits, mask=mb < N // 8)
+
+
+def compress_store(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scores: torch.Tensor,
+    block_ids: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout,
+) -> None:
+    """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
+
+    Parameters
+    ----------
+    key, value : ``[num_new_blocks * block_size, num_kv_heads, head_size]`` bf16/fp16/fp32, post-RoPE;
+        rows ``i * block_size ...`` form block ``i``; same strides.
+    scores : ``[num_new_blocks * block_size, num_kv_heads]`` float, saliency per token (higher = salient).
+    block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
+    kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
+    layout : ``zipcache_vllm.layout.PageLayout`` (read, not imported).
+
+    Example
+    -------
+    >>> lay = PageLayout(block_size=128, head_size=128)                          # doctest: +SKIP
+    >>> compress_store(k, v, scores, torch.tensor([3, 7]), kv_cache, lay)      # doctest: +SKIP
+    """
+    n, d = layout.block_size, layout.head_size
+    dev = key.device
+    check_tensor(key, "key", 3, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(value, "value", 3, (key.dtype,), dev)
+    check(value.shape == key.shape and value.stride() == key.stride(), "key and value must match in shape/strides")
+    check(key.shape[2] == d, f"head_size {key.shape[2]} != layout.head_size {d}")
+    nb, h = block_ids.numel(), key.shape[1]
+    check(key.shape[0] == nb * n, f"key has {key.shape[0]} tokens, expected {nb} blocks x {n}")
+    check_tensor(scores, "scores", 2, (torch.float32, torch.float16, torch.bfloat16), dev)
+    check(tuple(scores.shape) == (nb * n, h), f"scores must be [{nb * n}, {h}], got {tuple(scores.shape)}")
+    check_tensor(block_ids, "block_ids", 1, (torch.int32, torch.int64), dev)
+    check_cache(kv_cache, layout, h, dev)
+    if nb == 0:
+        return
+    _compress_store_kernel[(nb, h)](
+        key_ptr=key, value_ptr=value, stride_x_tok=key.stride(0), stride_x_head=key.stride(1),
+        scores_ptr=scores, stride_s_tok=scores.stride(0), stride_s_head=scores.stride(1),
+        block_ids_ptr=block_ids, cache_u8_ptr=kv_cache, cache_f16_ptr=kv_cache.view(torch.float16),
+        stride_c_block=kv_cache.stride(0), stride_c_head=kv_cache.stride(1),
+        N=n, N_PAD=pow2(n), D=d, BH=layout.bits_high, BL=layout.bits_low,
+        SK=layout.num_salient_k, SV=layout.num_salient_v,
+        K_HI_OFF=layout.k_hi_off, K_LO_OFF=layout.k_lo_off, V_HI_OFF=layout.v_hi_off, V_LO_OFF=layout.v_lo_off,
+        K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
+        MASK_OFF=layout.mask_off,
+        num_warps=8, enable_fp_fusion=False,
+    )

@@ -101,8 +101,8 @@ class ZipCacheConfig:
                     raise ValueError(f"{name}={value!r} is invalid; choose one of: {allowed}") from None
         for name in ("bits_high", "bits_low"):
             v = getattr(self, name)
-            if isinstance(v, bool) or v not in (2, 4, 8):
-                raise ValueError(f"{name} must be 2, 4 or 8, got {v!r}")
+            if type(v) is not int or v not in (2, 4, 8):
+                raise ValueError(f"{name} must be 2, 4 or 8 (an integer), got {v!r}")
         if self.bits_high < self.bits_low:
             raise ValueError(f"bits_high ({self.bits_high}) must be >= bits_low ({self.bits_low})")
         for name in ("salient_ratio", "value_salient_ratio", "probe_recent", "probe_random"):
@@ -117,6 +117,10 @@ class ZipCacheConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if type(self.probe_seed) is not int:
+            raise ValueError(f"probe_seed must be an integer, got {self.probe_seed!r}")
+        if not isinstance(self.probe_compat, bool):
+            raise ValueError(f"probe_compat must be true or false, got {self.probe_compat!r}")
         if self.block_size % 8:
             raise ValueError(f"block_size must be a multiple of 8 (bit packing), got {self.block_size}")
 

@@ -65,18 +65,22 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _split_rows(n: int, min_rows: int) -> list[tuple[int, int]]:
-    """Split ``n`` rows into (valid, padded) tiles of power-of-two sizes >= ``min_rows``, padding little.
+def _split_rows(n: int, min_rows: int, max_rows: int) -> list[tuple[int, int]]:
+    """Split ``n`` rows into (valid, padded) tiles of power-of-two sizes in [min_rows, max_rows], padding little.
 
     77 rows -> [(64, 64), (13, 16)] (80 padded instead of 128); 51 -> [(51, 64)].
     """
     tiles: list[tuple[int, int]] = []
+    while n > max_rows:
+        tiles.append((max_rows, max_rows))
+        n -= max_rows
+    first = len(tiles)
     while n > 0:
         whole = max(min_rows, _pow2_at_least(n))
         lower = 1 << (n.bit_length() - 1)
         rest = n - lower
         split = lower + (max(min_rows, _pow2_at_least(rest)) if rest else 0)
-        if lower >= min_rows and rest and split < whole and len(tiles) < 2:
+        if lower >= min_rows and rest and split < whole and len(tiles) < first + 2:
             tiles.append((lower, lower))
             n = rest
         else:
@@ -214,11 +218,11 @@ class PageLayout:
             regions.append((a, b, kb, k_off, k_par, vb, v_off, a))
         return regions
 
-    def attention_tiles(self, min_rows: int = 16) -> tuple[tuple[int, ...], ...]:
+    def attention_tiles(self, min_rows: int = 16, max_rows: int = 128) -> tuple[tuple[int, ...], ...]:
         """Tiles of page rows for the attention kernels, a compile-time constant.
 
         Each tile is ``(valid, rows, k_bits, k_off, k_param_off, v_bits, v_off, v_tok_off)``: ``rows`` (a power
-        of two >= ``min_rows``) rows of which the first ``valid`` exist, key codes at byte ``k_off`` (row
+        of two in ``[min_rows, max_rows]``) rows of which the first ``valid`` exist, key codes at byte ``k_off`` (row
         stride ``head_size * k_bits / 8``), key (step, mn) at ``k_param_off`` (mn ``2 * head_size`` bytes
         later), value codes at ``v_off``, value step of the first row at byte ``v_tok_off`` (mn
         ``2 * block_size`` bytes later).
@@ -227,7 +231,7 @@ class PageLayout:
         tiles = []
         for a, b, kb, k_off, k_par, vb, v_off, _ in self.row_regions():
             start = a
-            for valid, rows in _split_rows(b - a, min_rows):
+            for valid, rows in _split_rows(b - a, min_rows, max_rows):
                 tiles.append((
                     valid, rows, kb, k_off + (start - a) * d * kb // 8, k_par,
                     vb, v_off + (start - a) * d * vb // 8, self.v_tok_off + 2 * start,

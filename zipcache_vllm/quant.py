@@ -48,8 +48,10 @@ def check_bits(bits: int) -> None:
 def params_from_range(mn: torch.Tensor, mx: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(step, mn) in ``PARAM_DTYPE`` from float32 min/max (ZC-1 with the epsilon guard)."""
     qmax = float(2**bits - 1)
-    step = torch.clamp((mx.float() - mn.float()) / qmax, min=EPS)
-    return step.to(PARAM_DTYPE), mn.to(PARAM_DTYPE)
+    step = torch.clamp((mx.float() - mn.float()) / qmax, min=EPS).to(PARAM_DTYPE)
+    if not torch.isfinite(step).all():
+        raise ValueError(f"a {bits}-bit step exceeds the float16 range ({_FP16_MAX}): the group's range is too wide")
+    return step, mn.to(PARAM_DTYPE)
 
 
 def encode(x: torch.Tensor, step: torch.Tensor, mn: torch.Tensor, bits: int) -> torch.Tensor:
@@ -118,9 +120,9 @@ def channel_normalizer(x: torch.Tensor, token_dim: int = -2) -> torch.Tensor:
     An all-zero channel gets c = 1 (any c reconstructs it; 1 avoids 0/0).
     """
     amax = x.float().abs().amax(dim=token_dim, keepdim=True)
-    c = torch.sqrt(amax)
-    c = torch.where(amax > 0, c, torch.ones_like(c))
-    return c.to(PARAM_DTYPE)
+    c = torch.sqrt(amax).to(PARAM_DTYPE)
+    # A channel whose normalizer rounds to 0 in float16 (max|x| < ~1e-15, or all zeros) keeps c = 1.
+    return torch.where(c > 0, c, torch.ones_like(c))
 
 
 @dataclass

@@ -304,3 +304,13 @@ def test_unknown_preset_in_the_real_config_dir():
 )
 def test_default_preset_is_the_default_config():
     assert ZipCacheConfig.load("default") == ZipCacheConfig()
+
+
+PRESETS = sorted(config_module.CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.mark.skipif(not PRESETS, reason="no presets in configs/")
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_shipped_preset_loads(path):
+    c = ZipCacheConfig.load(path.stem)
+    assert c == ZipCacheConfig.from_yaml(path)

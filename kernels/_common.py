@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453
+LOG2E_C = tl.constexpr(LOG2E)  # the same, readable inside @triton.jit
+LN2_C = tl.constexpr(0.6931471805599453)
 
 
 def interpreting() -> bool:
@@ -27,21 +28,33 @@ def check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def check_tensor(x: torch.Tensor, name: str, ndim: int, dtypes: tuple[torch.dtype, ...], device=None) -> None:
+def check_tensor(
+    x: torch.Tensor, name: str, ndim: int, dtypes: tuple[torch.dtype, ...], device=None, last_contiguous=True
+) -> None:
     check(isinstance(x, torch.Tensor), f"{name} must be a tensor")
     check(x.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
     check(x.dtype in dtypes, f"{name} must have dtype in {dtypes}, got {x.dtype}")
-    check(x.numel() == 0 or x.stride(-1) == 1, f"{name} must be contiguous in its last dim")
+    check(
+        not last_contiguous or x.numel() == 0 or x.stride(-1) == 1,
+        f"{name} must be contiguous in its last dim",
+    )
     if device is not None:
         check(x.device == device, f"{name} is on {x.device}, expected {device}")
 
 
 def check_cache(kv_cache: torch.Tensor, layout, num_kv_heads: int, device) -> None:
     check_tensor(kv_cache, "kv_cache", 3, (torch.uint8,), device)
-    check(kv_cache.shape[1] == num_kv_heads, f"kv_cache has {kv_cache.shape[1]} heads, expected {num_kv_heads}")
-    check(kv_cache.shape[2] >= layout.page_bytes, f"kv_cache pages hold {kv_cache.shape[2]} bytes < {layout.page_bytes}")
-    check(kv_cache.stride(0) % 16 == 0 and kv_cache.stride(1) % 16 == 0,
-          "kv_cache page strides must be multiples of 16 bytes")
+    check(
+        kv_cache.shape[1] == num_kv_heads, f"kv_cache has {kv_cache.shape[1]} heads, expected {num_kv_heads}"
+    )
+    check(
+        kv_cache.shape[2] >= layout.page_bytes,
+        f"kv_cache pages hold {kv_cache.shape[2]} bytes < {layout.page_bytes}",
+    )
+    check(
+        kv_cache.stride(0) % 16 == 0 and kv_cache.stride(1) % 16 == 0,
+        "kv_cache page strides must be multiples of 16 bytes",
+    )
     check(kv_cache.data_ptr() % 16 == 0, "kv_cache must be 16-byte aligned")
 
 
@@ -96,12 +109,22 @@ def online_softmax_step(s, acc, m_i, l_i):
 
 @triton.jit
 def attend_page_tile(
-    q,  # fp32 [M, D], raw query rows (unscaled)
-    acc, m_i, l_i,  # running output [M, D] fp32, row max [M] and row sum [M] (log2 domain)
-    cache_u8_ptr, cache_f16_ptr,  # the same page memory as uint8 and as fp16
+    q,  # [M, D] raw query rows (unscaled), kept in their load dtype to save registers
+    acc,
+    m_i,
+    l_i,  # running output [M, D] fp32, row max [M] and row sum [M] (log2 domain)
+    cache_u8_ptr,
+    cache_f16_ptr,  # the same page memory as uint8 and as fp16
     page_off,  # int64 byte offset of the page
     qk_scale,  # softmax scale * log2(e)
-    TILE: tl.constexpr,  # (valid, rows, k_bits, k_off, k_param_off, v_bits, v_off, v_tok_off): layout.py
+    VALID: tl.constexpr,
+    ROWS: tl.constexpr,  # one tile of layout.attention_tiles(): rows, the first VALID real
+    KB: tl.constexpr,
+    K_OFF: tl.constexpr,
+    K_PAR: tl.constexpr,  # key bits, codes and (step, mn) byte offsets
+    VB: tl.constexpr,
+    V_OFF: tl.constexpr,
+    V_TOK: tl.constexpr,  # value bits, codes and per-token params
     D: tl.constexpr,
     N: tl.constexpr,  # block_size
     V_NORM_OFF: tl.constexpr,
@@ -112,33 +135,32 @@ def attend_page_tile(
     ``q . k_t = sum_c (q_c step_c) code_tc + sum_c q_c mn_c`` (keys, per-channel group parameters);
     ``sum_t p_t v_t = c * (sum_t (p_t step_t) code_t + sum_t p_t mn_t)`` (values, CST with per-token params).
     """
-    VALID: tl.constexpr = TILE[0]
-    ROWS: tl.constexpr = TILE[1]
-    KB: tl.constexpr = TILE[2]
-    K_OFF: tl.constexpr = TILE[3]
-    K_PAR: tl.constexpr = TILE[4]
-    VB: tl.constexpr = TILE[5]
-    V_OFF: tl.constexpr = TILE[6]
-    V_TOK: tl.constexpr = TILE[7]
     r = tl.arange(0, ROWS)
     rmask = r < VALID
     dk = tl.arange(0, D)
     hoff = page_off // 2
     # -- scores: q folded with the key group's step; bias from its min ----
     kcol = tl.arange(0, D * KB // 8)
-    kb = tl.load(cache_u8_ptr + page_off + K_OFF + r[:, None] * (D * KB // 8) + kcol[None, :],
-                 mask=rmask[:, None], other=0)
+    kb = tl.load(
+        cache_u8_ptr + page_off + K_OFF + r[:, None] * (D * KB // 8) + kcol[None, :],
+        mask=rmask[:, None],
+        other=0,
+    )
     kstep = tl.load(cache_f16_ptr + hoff + K_PAR // 2 + dk).to(tl.float32)
     kmn = tl.load(cache_f16_ptr + hoff + K_PAR // 2 + D + dk).to(tl.float32)
-    qs = dot_operand(q * (kstep * qk_scale)[None, :], DOT_FP32)
-    bias = tl.sum(q * kmn[None, :], axis=1) * qk_scale
+    qf = q.to(tl.float32)
+    qs = dot_operand(qf * (kstep * qk_scale)[None, :], DOT_FP32)
+    bias = tl.sum(qf * kmn[None, :], axis=1) * qk_scale
     s = tl.dot(qs, tl.trans(unpack_codes(kb, KB, ROWS, D, DOT_FP32))) + bias[:, None]
     s = tl.where(rmask[None, :], s, float("-inf"))
     p, acc, m_i, l_i = online_softmax_step(s, acc, m_i, l_i)
     # -- values: p folded with the per-token step; c applied to the tile's sum ----
     vcol = tl.arange(0, D * VB // 8)
-    vb = tl.load(cache_u8_ptr + page_off + V_OFF + r[:, None] * (D * VB // 8) + vcol[None, :],
-                 mask=rmask[:, None], other=0)
+    vb = tl.load(
+        cache_u8_ptr + page_off + V_OFF + r[:, None] * (D * VB // 8) + vcol[None, :],
+        mask=rmask[:, None],
+        other=0,
+    )
     vstep = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + r, mask=rmask, other=0.0).to(tl.float32)
     vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)
     cn = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + dk).to(tl.float32)
@@ -151,7 +173,7 @@ def attend_page_tile(
 def attend_dense_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, DOT_FP32: tl.constexpr):
     """bf16 keys/values ``k, v [T, D]`` (tail or new tokens); ``visible [M, T]`` masks scores."""
     if DOT_FP32:
-        s = tl.dot(q, tl.trans(k.to(tl.float32)))
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
         s = tl.dot(q.to(k.dtype), tl.trans(k))
     s = tl.where(visible, s * qk_scale, float("-inf"))

@@ -14,9 +14,11 @@ import triton.language as tl
 
 from ._common import check, check_cache, check_tensor, pow2
 
-EPS = 1e-6  # quant.EPS: the smallest step
-_BIG = 3.4028234663852886e38  # float32 max, the neutral element of masked min/max as in quant.py
-_RINT_MAGIC = 12582912.0  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
+EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
+_BIG = tl.constexpr(
+    3.4028234663852886e38
+)  # float32 max, the neutral element of masked min/max as in quant.py
+_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
 
 
 @triton.jit
@@ -26,8 +28,19 @@ def _rint(y):
 
 @triton.jit
 def _store_key_group(
-    x_ptr, stride_x_tok, t, tv, member, row, cache_u8_ptr, cache_f16_ptr, page_off,
-    BITS: tl.constexpr, D: tl.constexpr, CODE_OFF: tl.constexpr, PAR_OFF: tl.constexpr,
+    x_ptr,
+    stride_x_tok,
+    t,
+    tv,
+    member,
+    row,
+    cache_u8_ptr,
+    cache_f16_ptr,
+    page_off,
+    BITS: tl.constexpr,
+    D: tl.constexpr,
+    CODE_OFF: tl.constexpr,
+    PAR_OFF: tl.constexpr,
 ):
     """ZC-3: channelwise (step, mn) over the group's tokens; codes of the group's rows into its region."""
     PER: tl.constexpr = 8 // BITS
@@ -51,17 +64,34 @@ def _store_key_group(
     y = tl.math.div_rn(x - mn16.to(tl.float32)[None, :, :], step.to(tl.float32)[None, :, :])
     code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
     packed = tl.sum(code << (j * BITS)[None, None, :], axis=2).to(tl.uint8)
-    tl.store(cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :], packed,
-             mask=member[:, None])
+    tl.store(
+        cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :],
+        packed,
+        mask=member[:, None],
+    )
 
 
 @triton.jit
 def _store_value_group(
-    x_ptr, stride_x_tok, t, tv, member, slot, row, cache_u8_ptr, cache_f16_ptr, page_off,
-    BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr, CODE_OFF: tl.constexpr, NORM_OFF: tl.constexpr,
-    TOK_OFF: tl.constexpr, STORE_NORM: tl.constexpr,
+    x_ptr,
+    stride_x_tok,
+    t,
+    tv,
+    member,
+    slot,
+    row,
+    cache_u8_ptr,
+    cache_f16_ptr,
+    page_off,
+    BITS: tl.constexpr,
+    D: tl.constexpr,
+    N: tl.constexpr,
+    CODE_OFF: tl.constexpr,
+    NORM_OFF: tl.constexpr,
+    TOK_OFF: tl.constexpr,
+    STORE_NORM: tl.constexpr,
 ):
-    """ZC-2: c = sqrt(max |x|) per channel over all tokens; per-token (step, mn) of x / c; the group's rows."""
+    """ZC-2: c = sqrt(max |x|) per channel over all tokens, then per-token (step, mn) of x / c."""
     PER: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
     i = tl.arange(0, D // PER)
@@ -84,22 +114,42 @@ def _store_value_group(
     y = tl.math.div_rn(xn - mn16.to(tl.float32)[:, None, None], step.to(tl.float32)[:, None, None])
     code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
     packed = tl.sum(code << (j * BITS)[None, None, :], axis=2).to(tl.uint8)
-    tl.store(cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :], packed,
-             mask=member[:, None])
+    tl.store(
+        cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :],
+        packed,
+        mask=member[:, None],
+    )
 
 
 @triton.jit
 def _compress_store_kernel(
-    key_ptr, value_ptr,  # [num_new_blocks * N, H, D]
-    stride_x_tok, stride_x_head,  # same strides for key and value (checked by the launcher)
-    scores_ptr, stride_s_tok, stride_s_head,  # [num_new_blocks * N, H] float
+    key_ptr,
+    value_ptr,  # [num_new_blocks * N, H, D]
+    stride_x_tok,
+    stride_x_head,  # same strides for key and value (checked by the launcher)
+    scores_ptr,
+    stride_s_tok,
+    stride_s_head,  # [num_new_blocks * N, H] float
     block_ids_ptr,  # [num_new_blocks] int
-    cache_u8_ptr, cache_f16_ptr,  # kv_cache as uint8 and as fp16
-    stride_c_block, stride_c_head,  # bytes
-    N: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, BL: tl.constexpr,
-    SK: tl.constexpr, SV: tl.constexpr,
-    K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
-    K_PAR_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, MASK_OFF: tl.constexpr,
+    cache_u8_ptr,
+    cache_f16_ptr,  # kv_cache as uint8 and as fp16
+    stride_c_block,
+    stride_c_head,  # bytes
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BH: tl.constexpr,
+    BL: tl.constexpr,
+    SK: tl.constexpr,
+    SV: tl.constexpr,
+    K_HI_OFF: tl.constexpr,
+    K_LO_OFF: tl.constexpr,
+    V_HI_OFF: tl.constexpr,
+    V_LO_OFF: tl.constexpr,
+    K_PAR_OFF: tl.constexpr,
+    V_NORM_OFF: tl.constexpr,
+    V_TOK_OFF: tl.constexpr,
+    MASK_OFF: tl.constexpr,
 ):
     blk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -121,16 +171,76 @@ def _compress_store_kernel(
     row = tl.sum((before & tv[None, :]).to(tl.int32), axis=1)
     # -- keys: one group per precision ----
     kx = key_ptr + head * stride_x_head
-    _store_key_group(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                     BH, D, K_HI_OFF, K_PAR_OFF)
-    _store_key_group(kx, stride_x_tok, tok, tv, tv & ~ksal, row - SK, cache_u8_ptr, cache_f16_ptr, page_off,
-                     BL, D, K_LO_OFF, K_PAR_OFF + 4 * D)
+    _store_key_group(
+        kx,
+        stride_x_tok,
+        tok,
+        tv,
+        ksal,
+        row,
+        cache_u8_ptr,
+        cache_f16_ptr,
+        page_off,
+        BH,
+        D,
+        K_HI_OFF,
+        K_PAR_OFF,
+    )
+    _store_key_group(
+        kx,
+        stride_x_tok,
+        tok,
+        tv,
+        tv & ~ksal,
+        row - SK,
+        cache_u8_ptr,
+        cache_f16_ptr,
+        page_off,
+        BL,
+        D,
+        K_LO_OFF,
+        K_PAR_OFF + 4 * D,
+    )
     # -- values ----
     vx = value_ptr + head * stride_x_head
-    _store_value_group(vx, stride_x_tok, tok, tv, vsal, row, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                       BH, D, N, V_HI_OFF, V_NORM_OFF, V_TOK_OFF, True)
-    _store_value_group(vx, stride_x_tok, tok, tv, tv & ~vsal, row, row - SV, cache_u8_ptr, cache_f16_ptr,
-                       page_off, BL, D, N, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, False)
+    _store_value_group(
+        vx,
+        stride_x_tok,
+        tok,
+        tv,
+        vsal,
+        row,
+        row,
+        cache_u8_ptr,
+        cache_f16_ptr,
+        page_off,
+        BH,
+        D,
+        N,
+        V_HI_OFF,
+        V_NORM_OFF,
+        V_TOK_OFF,
+        True,
+    )
+    _store_value_group(
+        vx,
+        stride_x_tok,
+        tok,
+        tv,
+        tv & ~vsal,
+        row,
+        row - SV,
+        cache_u8_ptr,
+        cache_f16_ptr,
+        page_off,
+        BL,
+        D,
+        N,
+        V_LO_OFF,
+        V_NORM_OFF,
+        V_TOK_OFF,
+        False,
+    )
     # -- bitmaps in token order ----
     bit = tl.arange(0, 8)
     kbits = tl.sum(tl.reshape(ksal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
@@ -168,25 +278,49 @@ def compress_store(
     dev = key.device
     check_tensor(key, "key", 3, (torch.bfloat16, torch.float16, torch.float32), dev)
     check_tensor(value, "value", 3, (key.dtype,), dev)
-    check(value.shape == key.shape and value.stride() == key.stride(), "key and value must match in shape/strides")
+    check(
+        value.shape == key.shape and value.stride() == key.stride(),
+        "key and value must match in shape/strides",
+    )
     check(key.shape[2] == d, f"head_size {key.shape[2]} != layout.head_size {d}")
     nb, h = block_ids.numel(), key.shape[1]
     check(key.shape[0] == nb * n, f"key has {key.shape[0]} tokens, expected {nb} blocks x {n}")
-    check_tensor(scores, "scores", 2, (torch.float32, torch.float16, torch.bfloat16), dev)
+    check_tensor(
+        scores, "scores", 2, (torch.float32, torch.float16, torch.bfloat16), dev, last_contiguous=False
+    )
     check(tuple(scores.shape) == (nb * n, h), f"scores must be [{nb * n}, {h}], got {tuple(scores.shape)}")
     check_tensor(block_ids, "block_ids", 1, (torch.int32, torch.int64), dev)
     check_cache(kv_cache, layout, h, dev)
     if nb == 0:
         return
     _compress_store_kernel[(nb, h)](
-        key_ptr=key, value_ptr=value, stride_x_tok=key.stride(0), stride_x_head=key.stride(1),
-        scores_ptr=scores, stride_s_tok=scores.stride(0), stride_s_head=scores.stride(1),
-        block_ids_ptr=block_ids, cache_u8_ptr=kv_cache, cache_f16_ptr=kv_cache.view(torch.float16),
-        stride_c_block=kv_cache.stride(0), stride_c_head=kv_cache.stride(1),
-        N=n, N_PAD=pow2(n), D=d, BH=layout.bits_high, BL=layout.bits_low,
-        SK=layout.num_salient_k, SV=layout.num_salient_v,
-        K_HI_OFF=layout.k_hi_off, K_LO_OFF=layout.k_lo_off, V_HI_OFF=layout.v_hi_off, V_LO_OFF=layout.v_lo_off,
-        K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
+        key_ptr=key,
+        value_ptr=value,
+        stride_x_tok=key.stride(0),
+        stride_x_head=key.stride(1),
+        scores_ptr=scores,
+        stride_s_tok=scores.stride(0),
+        stride_s_head=scores.stride(1),
+        block_ids_ptr=block_ids,
+        cache_u8_ptr=kv_cache,
+        cache_f16_ptr=kv_cache.view(torch.float16),
+        stride_c_block=kv_cache.stride(0),
+        stride_c_head=kv_cache.stride(1),
+        N=n,
+        N_PAD=pow2(n),
+        D=d,
+        BH=layout.bits_high,
+        BL=layout.bits_low,
+        SK=layout.num_salient_k,
+        SV=layout.num_salient_v,
+        K_HI_OFF=layout.k_hi_off,
+        K_LO_OFF=layout.k_lo_off,
+        V_HI_OFF=layout.v_hi_off,
+        V_LO_OFF=layout.v_lo_off,
+        K_PAR_OFF=layout.k_param_off,
+        V_NORM_OFF=layout.v_norm_off,
+        V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off,
-        num_warps=8, enable_fp_fusion=False,
+        num_warps=16,
+        enable_fp_fusion=False,
     )

@@ -66,7 +66,7 @@ def _pow2_at_least(n: int) -> int:
 
 
 def _split_rows(n: int, min_rows: int, max_rows: int) -> list[tuple[int, int]]:
-    """Split ``n`` rows into (valid, padded) tiles of power-of-two sizes in [min_rows, max_rows], padding little.
+    """Split ``n`` rows into (valid, padded) tiles, powers of two in [min_rows, max_rows], padding little.
 
     77 rows -> [(64, 64), (13, 16)] (80 padded instead of 128); 51 -> [(51, 64)].
     """
@@ -196,7 +196,12 @@ class PageLayout:
         codes = (sk + sv) * d * bh // 8 + (2 * n - sk - sv) * d * bl // 8
         params = 8 * d + 2 * d + 4 * n
         masks = 2 * (n // 8)
-        return {"codes": codes, "params": params, "masks": masks, "padding": self.page_bytes - codes - params - masks}
+        return {
+            "codes": codes,
+            "params": params,
+            "masks": masks,
+            "padding": self.page_bytes - codes - params - masks,
+        }
 
     # -- what the kernels need -----------------------------------------------------------------------------
     def row_regions(self) -> list[tuple[int, int, int, int, int, int, int, int]]:
@@ -221,8 +226,9 @@ class PageLayout:
     def attention_tiles(self, min_rows: int = 16, max_rows: int = 128) -> tuple[tuple[int, ...], ...]:
         """Tiles of page rows for the attention kernels, a compile-time constant.
 
-        Each tile is ``(valid, rows, k_bits, k_off, k_param_off, v_bits, v_off, v_tok_off)``: ``rows`` (a power
-        of two in ``[min_rows, max_rows]``) rows of which the first ``valid`` exist, key codes at byte ``k_off`` (row
+        Each tile is ``(valid, rows, k_bits, k_off, k_param_off, v_bits, v_off, v_tok_off)``: ``rows`` (a
+        power of two in ``[min_rows, max_rows]``) rows of which the first ``valid`` exist, key codes at byte
+        ``k_off`` (row
         stride ``head_size * k_bits / 8``), key (step, mn) at ``k_param_off`` (mn ``2 * head_size`` bytes
         later), value codes at ``v_off``, value step of the first row at byte ``v_tok_off`` (mn
         ``2 * block_size`` bytes later).
@@ -232,10 +238,18 @@ class PageLayout:
         for a, b, kb, k_off, k_par, vb, v_off, _ in self.row_regions():
             start = a
             for valid, rows in _split_rows(b - a, min_rows, max_rows):
-                tiles.append((
-                    valid, rows, kb, k_off + (start - a) * d * kb // 8, k_par,
-                    vb, v_off + (start - a) * d * vb // 8, self.v_tok_off + 2 * start,
-                ))
+                tiles.append(
+                    (
+                        valid,
+                        rows,
+                        kb,
+                        k_off + (start - a) * d * kb // 8,
+                        k_par,
+                        vb,
+                        v_off + (start - a) * d * vb // 8,
+                        self.v_tok_off + 2 * start,
+                    )
+                )
                 start += valid
         return tuple(tiles)
 
@@ -253,21 +267,25 @@ def capacity_table(
     for d in head_sizes:
         for n in block_sizes:
             lay = PageLayout(block_size=n, head_size=d, **kwargs)
-            rows.append({
-                "head_size": d,
-                "block_size": n,
-                "page_bytes": lay.page_bytes,
-                "bytes_per_token": round(lay.bytes_per_token, 3),
-                "bf16_bytes_per_token": 4 * d,
-                "capacity_vs_bf16": round(lay.capacity_vs_bf16, 3),
-                **{f"{k}_bytes": v for k, v in lay.breakdown().items()},
-            })
+            rows.append(
+                {
+                    "head_size": d,
+                    "block_size": n,
+                    "page_bytes": lay.page_bytes,
+                    "bytes_per_token": round(lay.bytes_per_token, 3),
+                    "bf16_bytes_per_token": 4 * d,
+                    "capacity_vs_bf16": round(lay.capacity_vs_bf16, 3),
+                    **{f"{k}_bytes": v for k, v in lay.breakdown().items()},
+                }
+            )
     return rows
 
 
 def format_capacity_table(rows: list[dict[str, float | int]]) -> str:
     """Markdown table of :func:`capacity_table` rows."""
-    head = "| head size | block size | page bytes | codes | params | masks | padding | bytes/token | capacity |"
+    head = (
+        "| head size | block size | page bytes | codes | params | masks | padding | bytes/token | capacity |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(

@@ -145,10 +145,13 @@ def dequantize_pages(
         return unpack_bits(raw, bits).float()
 
     kp = _f16(page, layout.k_param_off, 4 * d).reshape(nb, h, 4, 1, d)
-    k = torch.cat([
-        codes(layout.k_hi_off, sk, bh) * kp[:, :, 0] + kp[:, :, 1],
-        codes(layout.k_lo_off, n - sk, bl) * kp[:, :, 2] + kp[:, :, 3],
-    ], dim=2)
+    k = torch.cat(
+        [
+            codes(layout.k_hi_off, sk, bh) * kp[:, :, 0] + kp[:, :, 1],
+            codes(layout.k_lo_off, n - sk, bl) * kp[:, :, 2] + kp[:, :, 3],
+        ],
+        dim=2,
+    )
     c = _f16(page, layout.v_norm_off, d).unsqueeze(2)  # [B, H, 1, D]
     tp = _f16(page, layout.v_tok_off, 2 * n).reshape(nb, h, 2, n, 1)
     vq = torch.cat([codes(layout.v_hi_off, sv, bh), codes(layout.v_lo_off, n - sv, bl)], dim=2)
@@ -211,7 +214,9 @@ def decode_attention(
     for s in range(query.shape[0]):
         tl_ = int(tail_lens[s])
         num_pages = (int(seq_lens[s]) - tl_) // layout.block_size
-        k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
+        k, v = _seq_kv(
+            kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_
+        )
         out[s] = _attend(query[s : s + 1], k, v, None, scale)[0][0]
     return out
 
@@ -269,7 +274,9 @@ def prefill_attention(
         ql, sl, tl_ = q1 - q0, int(seq_lens[s]), int(tail_lens[s])
         ctx = sl - ql
         num_pages = (ctx - tl_) // n
-        pk, pv = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
+        pk, pv = _seq_kv(
+            kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_
+        )
         k = torch.cat([pk, key[q0:q1].float()])
         v = torch.cat([pv, value[q0:q1].float()])
         kpos = torch.arange(k.shape[0], device=query.device)  # pages first: their positions are < ctx - tl_

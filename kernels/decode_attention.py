@@ -1,0 +1,302 @@
+"""Decode attention over mixed-precision pages: one query token per sequence, GQA, split-K.
+
+Twin: ``zipcache_vllm.paged.decode_attention``. Grid ``(num_seqs, num_kv_heads, num_splits)``: a program
+takes the ``G`` query heads of one KV head as the rows of its tiles (padded to 16, the smallest ``tl.dot``),
+walks a contiguous range of the sequence's pages and, in the last split, the bf16 tail. Dequantization is
+folded into q (keys) and into the output (values), method doc §10, so a page is read once, as codes.
+Splits are merged exactly through their log-sum-exp (flash-decoding).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LOG2E,
+    attend_dense_tile,
+    attend_page_tile,
+    check,
+    check_cache,
+    check_tensor,
+    interpreting,
+    num_sms,
+    pow2,
+)
+
+MIN_PAGES_PER_SPLIT = 4  # below this a split's fixed cost (q load, partial write, merge) dominates
+PROGRAMS_PER_SM = 4  # split until about this many programs per SM are in flight
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    stride_q_seq,
+    stride_q_head,  # [num_seqs, num_heads, D]
+    cache_u8_ptr,
+    cache_f16_ptr,
+    stride_c_block,
+    stride_c_head,  # pages; strides in bytes
+    block_table_ptr,
+    stride_bt,  # [num_seqs, max_blocks] int32
+    seq_lens_ptr,
+    tail_lens_ptr,
+    tail_slots_ptr,  # [num_seqs] int32
+    tk_ptr,
+    tv_ptr,
+    stride_t_slot,
+    stride_t_tok,
+    stride_t_head,  # [num_slots, N, H, D] bf16
+    out_ptr,
+    stride_o_seq,
+    stride_o_head,  # [num_seqs, num_heads, D], written when NUM_SPLITS == 1
+    part_o_ptr,
+    part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, D], [num_seqs, num_heads, NUM_SPLITS]
+    qk_scale,  # softmax scale * log2(e)
+    NUM_SPLITS: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    N: tl.constexpr,
+    TILES: tl.constexpr,
+    V_NORM_OFF: tl.constexpr,
+    TAIL_ROWS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tail_len = tl.load(tail_lens_ptr + seq)
+    num_pages = (seq_len - tail_len) // N
+    per_split = tl.cdiv(num_pages, NUM_SPLITS)
+    p_lo = split * per_split
+    p_hi = tl.minimum(num_pages, p_lo + per_split)
+
+    g = tl.arange(0, G_PAD)
+    dk = tl.arange(0, D)
+    heads = kvh * G + g
+    gmask = g < G
+    q = tl.load(
+        q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dk[None, :],
+        mask=gmask[:, None],
+        other=0.0,
+    )
+    acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+
+    for p in range(p_lo, p_hi):
+        page = tl.load(block_table_ptr + seq * stride_bt + p).to(tl.int64)
+        page_off = page * stride_c_block + kvh * stride_c_head
+        for i in tl.static_range(len(TILES)):
+            acc, m_i, l_i = attend_page_tile(
+                q,
+                acc,
+                m_i,
+                l_i,
+                cache_u8_ptr,
+                cache_f16_ptr,
+                page_off,
+                qk_scale,
+                TILES[i][0],
+                TILES[i][1],
+                TILES[i][2],
+                TILES[i][3],
+                TILES[i][4],
+                TILES[i][5],
+                TILES[i][6],
+                TILES[i][7],
+                D,
+                N,
+                V_NORM_OFF,
+                DOT_FP32,
+            )
+
+    if split == NUM_SPLITS - 1:
+        slot = tl.load(tail_slots_ptr + seq).to(tl.int64)
+        base = slot * stride_t_slot + kvh * stride_t_head
+        for t0 in range(0, tail_len, TAIL_ROWS):
+            t = t0 + tl.arange(0, TAIL_ROWS)
+            tmask = t < tail_len
+            off = base + t[:, None] * stride_t_tok + dk[None, :]
+            k = tl.load(tk_ptr + off, mask=tmask[:, None], other=0.0)
+            v = tl.load(tv_ptr + off, mask=tmask[:, None], other=0.0)
+            acc, m_i, l_i = attend_dense_tile(q, acc, m_i, l_i, k, v, tmask[None, :], qk_scale, DOT_FP32)
+
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]
+        tl.store(
+            out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dk[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=gmask[:, None],
+        )
+    else:
+        nonempty = l_i > 0
+        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        row = (seq * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        tl.store(part_o_ptr + row[:, None] * D + dk[None, :], o, mask=gmask[:, None])
+        tl.store(part_lse_ptr + row, lse, mask=gmask)
+
+
+@triton.jit
+def _merge_kernel(
+    part_o_ptr,
+    part_lse_ptr,  # fp32 [num_seqs * num_heads, NUM_SPLITS, D], [num_seqs * num_heads, NUM_SPLITS]
+    out_ptr,
+    stride_o_seq,
+    stride_o_head,
+    num_heads,
+    NUM_SPLITS: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Exact merge of split results: out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m)."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, NUM_SPLITS)
+    dk = tl.arange(0, D)
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + sp)
+    w = tl.exp2(lse - tl.max(lse, axis=0))
+    o = tl.load(part_o_ptr + (row * NUM_SPLITS + sp)[:, None] * D + dk[None, :])
+    res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    seq = row // num_heads
+    head = row % num_heads
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + dk, res.to(out_ptr.dtype.element_ty))
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head): enough programs to fill the GPU, at least MIN_PAGES_PER_SPLIT pages
+    each; a power of two (the merge kernel loads all splits at once). Uses only shapes: no host sync."""
+    programs = num_seqs * num_kv_heads
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms(device), max(1, programs))
+    most = max(1, max_blocks // MIN_PAGES_PER_SPLIT)
+    return max(1, min(pow2(want), 1 << (most.bit_length() - 1)))
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    tail_slots: torch.Tensor,
+    tail_lens: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    max_tile_rows: int = 128,
+) -> torch.Tensor:
+    """Attention of one new query token per sequence over its compressed pages and its bf16 tail.
+
+    Parameters
+    ----------
+    query : ``[num_seqs, num_heads, head_size]`` bf16/fp16/fp32 (post-RoPE).
+    kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``.
+    layout : ``zipcache_vllm.layout.PageLayout``.
+    block_table : ``int32 [num_seqs, max_blocks]``; row ``s`` lists the pages of sequence ``s`` first.
+    seq_lens, tail_slots, tail_lens : ``int32 [num_seqs]``. Sequence ``s`` has
+        ``(seq_lens[s] - tail_lens[s]) / block_size`` pages (a whole number; not checked on the device) and
+        ``tail_lens[s]`` bf16 tokens (the current one included) in staging slot ``tail_slots[s]``.
+    tail_key, tail_value : ``[num_slots, block_size, num_kv_heads, head_size]`` bf16/fp16.
+    scale : softmax scale, default ``head_size ** -0.5``.
+    out : optional ``[num_seqs, num_heads, head_size]`` output (any float dtype); default like ``query``.
+    num_splits : pages are split in this many ranges per (sequence, KV head); default
+        :func:`choose_num_splits`. num_warps, num_stages, max_tile_rows : launch options of the main kernel
+        (``max_tile_rows`` caps the page rows per ``tl.dot``; smaller tiles need fewer registers).
+
+    Returns
+    -------
+    ``out [num_seqs, num_heads, head_size]``.
+    """
+    dev = query.device
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    check_tensor(query, "query", 3, floats, dev)
+    num_seqs, num_heads, d = query.shape
+    n = layout.block_size
+    check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
+    check_tensor(tail_key, "tail_key", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(tail_value, "tail_value", 4, (tail_key.dtype,), dev)
+    check(
+        tail_key.stride() == tail_value.stride() and tail_key.shape == tail_value.shape,
+        "tail_key and tail_value must match in shape and strides",
+    )
+    h = tail_key.shape[2]
+    check(tail_key.shape[1] == n and tail_key.shape[3] == d, f"tail_key must be [num_slots, {n}, H, {d}]")
+    check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
+    check_cache(kv_cache, layout, h, dev)
+    check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
+    for name, x in (("seq_lens", seq_lens), ("tail_slots", tail_slots), ("tail_lens", tail_lens)):
+        check_tensor(x, name, 1, (torch.int32,), dev)
+        check(x.numel() == num_seqs, f"{name} must have {num_seqs} entries")
+    check(block_table.shape[0] == num_seqs, f"block_table must have {num_seqs} rows")
+    if out is None:
+        out = torch.empty_like(query)
+    check_tensor(out, "out", 3, floats, dev)
+    check(out.shape == query.shape, "out must have the shape of query")
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev)
+    check(num_splits >= 1 and num_splits & (num_splits - 1) == 0, "num_splits must be a power of two")
+    g = num_heads // h
+    interp = interpreting()
+    if num_splits > 1:
+        part_o = torch.empty(num_seqs * num_heads * num_splits * d, dtype=torch.float32, device=dev)
+        part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=dev)
+    else:
+        part_o = part_lse = out  # unused
+    scale = d**-0.5 if scale is None else scale
+    _decode_kernel[(num_seqs, h, num_splits)](
+        q_ptr=query,
+        stride_q_seq=query.stride(0),
+        stride_q_head=query.stride(1),
+        cache_u8_ptr=kv_cache,
+        cache_f16_ptr=kv_cache.view(torch.float16),
+        stride_c_block=kv_cache.stride(0),
+        stride_c_head=kv_cache.stride(1),
+        block_table_ptr=block_table,
+        stride_bt=block_table.stride(0),
+        seq_lens_ptr=seq_lens,
+        tail_lens_ptr=tail_lens,
+        tail_slots_ptr=tail_slots,
+        tk_ptr=tail_key,
+        tv_ptr=tail_value,
+        stride_t_slot=tail_key.stride(0),
+        stride_t_tok=tail_key.stride(1),
+        stride_t_head=tail_key.stride(2),
+        out_ptr=out,
+        stride_o_seq=out.stride(0),
+        stride_o_head=out.stride(1),
+        part_o_ptr=part_o,
+        part_lse_ptr=part_lse,
+        qk_scale=scale * LOG2E,
+        NUM_SPLITS=num_splits,
+        G=g,
+        G_PAD=max(16, pow2(g)),
+        D=d,
+        N=n,
+        TILES=layout.attention_tiles(max_rows=max_tile_rows),
+        V_NORM_OFF=layout.v_norm_off,
+        TAIL_ROWS=min(64, pow2(n)),
+        DOT_FP32=interp,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_kernel[(num_seqs * num_heads,)](
+            part_o_ptr=part_o,
+            part_lse_ptr=part_lse,
+            out_ptr=out,
+            stride_o_seq=out.stride(0),
+            stride_o_head=out.stride(1),
+            num_heads=num_heads,
+            NUM_SPLITS=num_splits,
+            D=d,
+            num_warps=1 if interp else 4,
+        )
+    return out

@@ -1,0 +1,294 @@
+"""Prefill / chunked-prefill attention over mixed-precision pages, plus the probe saliency scores.
+
+Twin: ``zipcache_vllm.paged.prefill_attention``. Grid ``(query tiles, num_seqs, num_kv_heads)``: a program
+takes ``BLOCK_Q`` query tokens x the ``G`` query heads of one KV head (``BLOCK_Q * G_PAD`` tile rows, row
+``r`` = token ``r // G_PAD``, head ``r % G_PAD``), so each key is loaded once for its whole GQA group. It
+walks the sequence's pages (all visible; dequantization folded as in decode), its bf16 tail (all visible),
+then the chunk's own keys under the causal mask. It writes the output and each row's log-sum-exp, which the
+probe-score kernel (``probe_scores.py``) needs to normalize the probe rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LN2_C,
+    LOG2E,
+    attend_dense_tile,
+    attend_page_tile,
+    check,
+    check_cache,
+    check_tensor,
+    interpreting,
+    pow2,
+)
+from .probe_scores import probe_scores
+
+ROWS_GPU = 128  # tile rows (query tokens x GQA heads) per program on the GPU: one 128-row wgmma tile
+ROWS_INTERPRET = 32
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    stride_q_tok,
+    stride_q_head,  # [num_tokens, num_heads, D]
+    k_ptr,
+    v_ptr,
+    stride_k_tok,
+    stride_k_head,  # new tokens [num_tokens, H, D] (same strides for v)
+    cache_u8_ptr,
+    cache_f16_ptr,
+    stride_c_block,
+    stride_c_head,  # pages; strides in bytes
+    block_table_ptr,
+    stride_bt,  # int32 [num_seqs, max_blocks]
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    tail_lens_ptr,
+    tail_slots_ptr,  # int32
+    tk_ptr,
+    tv_ptr,
+    stride_t_slot,
+    stride_t_tok,
+    stride_t_head,  # tail [num_slots, N, H, D]
+    out_ptr,
+    stride_o_tok,
+    stride_o_head,  # [num_tokens, num_heads, D]
+    lse_ptr,
+    stride_lse_tok,  # fp32 [num_tokens, num_heads], natural log
+    qk_scale,  # softmax scale * log2(e)
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    D: tl.constexpr,
+    N: tl.constexpr,
+    TILES: tl.constexpr,
+    V_NORM_OFF: tl.constexpr,
+    TAIL_ROWS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    qt = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    kvh = tl.program_id(2).to(tl.int64)
+    q0 = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    q_len = (tl.load(query_start_loc_ptr + seq + 1) - q0).to(tl.int32)
+    if qt * BLOCK_Q < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        tail_len = tl.load(tail_lens_ptr + seq)
+        ctx = seq_len - q_len
+        num_pages = (ctx - tail_len) // N
+        r = tl.arange(0, BLOCK_Q * G_PAD)
+        qi = qt * BLOCK_Q + r // G_PAD
+        g = r % G_PAD
+        rmask = (qi < q_len) & (g < G)
+        heads = kvh * G + g
+        dk = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + (q0 + qi)[:, None] * stride_q_tok + heads[:, None] * stride_q_head + dk[None, :],
+            mask=rmask[:, None],
+            other=0.0,
+        )
+        acc = tl.zeros([BLOCK_Q * G_PAD, D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_Q * G_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_Q * G_PAD], dtype=tl.float32)
+        # -- compressed pages: all precede the chunk ----
+        for p in range(0, num_pages):
+            page = tl.load(block_table_ptr + seq * stride_bt + p).to(tl.int64)
+            page_off = page * stride_c_block + kvh * stride_c_head
+            for i in tl.static_range(len(TILES)):
+                acc, m_i, l_i = attend_page_tile(
+                    q,
+                    acc,
+                    m_i,
+                    l_i,
+                    cache_u8_ptr,
+                    cache_f16_ptr,
+                    page_off,
+                    qk_scale,
+                    TILES[i][0],
+                    TILES[i][1],
+                    TILES[i][2],
+                    TILES[i][3],
+                    TILES[i][4],
+                    TILES[i][5],
+                    TILES[i][6],
+                    TILES[i][7],
+                    D,
+                    N,
+                    V_NORM_OFF,
+                    DOT_FP32,
+                )
+        # -- bf16 tail: precedes the chunk ----
+        slot = tl.load(tail_slots_ptr + seq).to(tl.int64)
+        tbase = slot * stride_t_slot + kvh * stride_t_head
+        for t0 in range(0, tail_len, TAIL_ROWS):
+            t = t0 + tl.arange(0, TAIL_ROWS)
+            tmask = t < tail_len
+            off = tbase + t[:, None] * stride_t_tok + dk[None, :]
+            k = tl.load(tk_ptr + off, mask=tmask[:, None], other=0.0)
+            v = tl.load(tv_ptr + off, mask=tmask[:, None], other=0.0)
+            acc, m_i, l_i = attend_dense_tile(q, acc, m_i, l_i, k, v, tmask[None, :], qk_scale, DOT_FP32)
+        # -- the chunk itself, causal ----
+        k_end = tl.minimum(q_len, (qt + 1) * BLOCK_Q)
+        for k0 in range(0, k_end, BLOCK_K):
+            kj = k0 + tl.arange(0, BLOCK_K)
+            kmask = kj < q_len
+            off = (q0 + kj)[:, None] * stride_k_tok + kvh * stride_k_head + dk[None, :]
+            k = tl.load(k_ptr + off, mask=kmask[:, None], other=0.0)
+            v = tl.load(v_ptr + off, mask=kmask[:, None], other=0.0)
+            visible = kmask[None, :] & (kj[None, :] <= qi[:, None])
+            acc, m_i, l_i = attend_dense_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, DOT_FP32)
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / safe_l[:, None]
+        tok = q0 + qi
+        tl.store(
+            out_ptr + tok[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dk[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None],
+        )
+        tl.store(lse_ptr + tok * stride_lse_tok + heads, (m_i + tl.log2(safe_l)) * LN2_C, mask=rmask)
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    tail_slots: torch.Tensor,
+    tail_lens: torch.Tensor,
+    max_query_len: int,
+    probe_idx: torch.Tensor | None = None,
+    probe_start_loc: torch.Tensor | None = None,
+    normalizer: str | None = "causal_count",
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of a chunk of new tokens per sequence over pages, tail and the chunk; probe scores.
+
+    Parameters
+    ----------
+    query : ``[num_tokens, num_heads, head_size]``; key, value : ``[num_tokens, num_kv_heads, head_size]``
+        (the chunk's own tokens, post-RoPE; same strides).
+    kv_cache, layout, block_table, tail_* : as :func:`decode_attention`; sequence ``s`` has
+        ``(seq_lens[s] - query_len - tail_lens[s]) / block_size`` pages and ``tail_lens[s]`` tail tokens.
+    query_start_loc : int32 ``[num_seqs + 1]``; seq_lens : int32 ``[num_seqs]`` (chunk included).
+    max_query_len : the longest chunk (sizes the grid; vLLM's metadata has it).
+    probe_idx, probe_start_loc : probe rows (see ``probe_scores``); None: no scores are computed.
+    normalizer : ``causal_count``, ``probe_nnz`` or None.
+    out : optional output like ``query``.
+
+    Returns
+    -------
+    out : ``[num_tokens, num_heads, head_size]``; lse : fp32 ``[num_tokens, num_heads]`` (natural log);
+    scores : fp32 ``[num_tokens, num_kv_heads]``; tail_scores : fp32 ``[num_seqs, block_size, num_kv_heads]``.
+    """
+    dev = query.device
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    check_tensor(query, "query", 3, floats, dev)
+    num_tokens, num_heads, d = query.shape
+    n = layout.block_size
+    check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
+    check_tensor(key, "key", 3, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(value, "value", 3, (key.dtype,), dev)
+    check(key.shape == value.shape and key.stride() == value.stride(), "key and value must match")
+    h = key.shape[1]
+    check(key.shape[0] == num_tokens and key.shape[2] == d, f"key must be [{num_tokens}, H, {d}]")
+    check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
+    check_tensor(tail_key, "tail_key", 4, (key.dtype,), dev)
+    check_tensor(tail_value, "tail_value", 4, (key.dtype,), dev)
+    check(
+        tail_key.shape == tail_value.shape and tail_key.stride() == tail_value.stride(),
+        "tail_key and tail_value must match",
+    )
+    check(tuple(tail_key.shape[1:]) == (n, h, d), f"tail_key must be [num_slots, {n}, {h}, {d}]")
+    check_cache(kv_cache, layout, h, dev)
+    check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
+    num_seqs = seq_lens.numel()
+    check_tensor(query_start_loc, "query_start_loc", 1, (torch.int32,), dev)
+    check(query_start_loc.numel() == num_seqs + 1, "query_start_loc must have num_seqs + 1 entries")
+    for name, x in (("seq_lens", seq_lens), ("tail_slots", tail_slots), ("tail_lens", tail_lens)):
+        check_tensor(x, name, 1, (torch.int32,), dev)
+        check(x.numel() == num_seqs, f"{name} must have {num_seqs} entries")
+    if out is None:
+        out = torch.empty_like(query)
+    check_tensor(out, "out", 3, floats, dev)
+    check(out.shape == query.shape, "out must have the shape of query")
+    lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=dev)
+    if num_seqs and max_query_len > 0:
+        interp = interpreting()
+        g = num_heads // h
+        g_pad = pow2(g)
+        block_q = max(1, (ROWS_INTERPRET if interp else ROWS_GPU) // g_pad)
+        scale_ = d**-0.5 if scale is None else scale
+        _prefill_kernel[(triton.cdiv(max_query_len, block_q), num_seqs, h)](
+            q_ptr=query,
+            stride_q_tok=query.stride(0),
+            stride_q_head=query.stride(1),
+            k_ptr=key,
+            v_ptr=value,
+            stride_k_tok=key.stride(0),
+            stride_k_head=key.stride(1),
+            cache_u8_ptr=kv_cache,
+            cache_f16_ptr=kv_cache.view(torch.float16),
+            stride_c_block=kv_cache.stride(0),
+            stride_c_head=kv_cache.stride(1),
+            block_table_ptr=block_table,
+            stride_bt=block_table.stride(0),
+            query_start_loc_ptr=query_start_loc,
+            seq_lens_ptr=seq_lens,
+            tail_lens_ptr=tail_lens,
+            tail_slots_ptr=tail_slots,
+            tk_ptr=tail_key,
+            tv_ptr=tail_value,
+            stride_t_slot=tail_key.stride(0),
+            stride_t_tok=tail_key.stride(1),
+            stride_t_head=tail_key.stride(2),
+            out_ptr=out,
+            stride_o_tok=out.stride(0),
+            stride_o_head=out.stride(1),
+            lse_ptr=lse,
+            stride_lse_tok=lse.stride(0),
+            qk_scale=scale_ * LOG2E,
+            G=g,
+            G_PAD=g_pad,
+            BLOCK_Q=block_q,
+            BLOCK_K=32 if interp else 64,
+            D=d,
+            N=n,
+            TILES=layout.attention_tiles(),
+            V_NORM_OFF=layout.v_norm_off,
+            TAIL_ROWS=min(64, pow2(n)),
+            DOT_FP32=interp,
+            num_warps=8 if block_q * g_pad >= 128 else 4,
+            num_stages=2,
+        )
+    if probe_idx is None or probe_start_loc is None:
+        h_scores = torch.zeros(num_tokens, h, dtype=torch.float32, device=dev)
+        return out, lse, h_scores, torch.zeros(num_seqs, n, h, dtype=torch.float32, device=dev)
+    scores, tail_scores = probe_scores(
+        query,
+        lse,
+        key,
+        tail_key,
+        query_start_loc,
+        seq_lens,
+        tail_slots,
+        tail_lens,
+        probe_idx,
+        probe_start_loc,
+        max_query_len,
+        normalizer=normalizer,
+        scale=scale,
+    )
+    return out, lse, scores, tail_scores

@@ -1,0 +1,44 @@
+"""Random paged caches shared by the kernel tests (built with the torch twin, so kernels are tested alone)."""
+
+from __future__ import annotations
+
+import torch
+
+from zipcache_vllm import paged
+from zipcache_vllm.layout import PageLayout
+
+
+def make_cache(layout: PageLayout, num_kv_heads: int, num_blocks: int, device, outlier: float = 8.0):
+    """A cache of ``num_blocks`` compressed pages of random K/V with outlier channels (as real keys have)."""
+    n, d = layout.block_size, layout.head_size
+    k = torch.randn(num_blocks * n, num_kv_heads, d)
+    k[..., : d // 8] *= outlier
+    v = torch.randn(num_blocks * n, num_kv_heads, d)
+    scores = torch.rand(num_blocks * n, num_kv_heads)
+    cache = torch.zeros(num_blocks, num_kv_heads, layout.page_bytes, dtype=torch.uint8)
+    paged.compress_store(k.bfloat16(), v.bfloat16(), scores, torch.arange(num_blocks), cache, layout)
+    return cache.to(device)
+
+
+def make_seqs(layout: PageLayout, num_kv_heads: int, lengths: list[tuple[int, int]], device):
+    """Sequences from (compressed tokens incl. tail, new tokens) pairs: block_table over a shuffled cache,
+    tails of random length-mod-block_size in shuffled staging slots."""
+    n = layout.block_size
+    pages = [c // n for c, _ in lengths]
+    num_blocks = max(1, sum(pages)) + 2
+    perm = torch.randperm(num_blocks)
+    width = max(1, max(pages))
+    block_table = torch.zeros(len(lengths), width, dtype=torch.int32)
+    start = 0
+    for s, p in enumerate(pages):
+        block_table[s, :p] = perm[start : start + p].int()
+        start += p
+    tail_lens = torch.tensor([c % n for c, _ in lengths], dtype=torch.int32)
+    seq_lens = torch.tensor([c + q for c, q in lengths], dtype=torch.int32)
+    num_slots = len(lengths) + 1
+    tail_slots = torch.randperm(num_slots)[: len(lengths)].int()
+    tail_key = torch.randn(num_slots, n, num_kv_heads, layout.head_size).bfloat16()
+    tail_value = torch.randn(num_slots, n, num_kv_heads, layout.head_size).bfloat16()
+    cache = make_cache(layout, num_kv_heads, num_blocks, device)
+    to = lambda x: x.to(device)  # noqa: E731
+    return cache, to(block_table), to(seq_lens), to(tail_key), to(tail_value), to(tail_slots), to(tail_lens)

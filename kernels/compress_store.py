@@ -100,7 +100,8 @@ def _store_value_group(
     x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     x = x.to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)  # padded tokens load 0: neutral for max |x|
-    c = tl.where(amax > 0, tl.math.sqrt_rn(amax), 1.0).to(tl.float16)
+    c = tl.math.sqrt_rn(amax).to(tl.float16)
+    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
     hoff = page_off // 2
     if STORE_NORM:
         tl.store(cache_f16_ptr + hoff + NORM_OFF // 2 + ch, c)

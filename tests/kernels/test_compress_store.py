@@ -54,6 +54,8 @@ def test_ties_constant_rows_and_fp32_input():
     k = torch.randn(nb * 16, h, 64)
     k[:, :, 5] = 0.75  # constant channel: step = EPS, codes 0
     v = torch.randn(nb * 16, h, 64)
+    v[:, :, 7] = 1e-31  # sqrt rounds to 0 in fp16: normalizer 1
+    v[:, :, 9] = 0.0
     scores = torch.randint(0, 3, (nb * 16, h)).float()  # many ties
     ref, got = _run(layout, k, v, scores, torch.tensor([1, 0], dtype=torch.int32), 2)
     assert torch.equal(ref, got)

@@ -12,7 +12,6 @@ from typing import Any
 import yaml
 
 
-
 def _config_dir() -> Path:
     """``configs/`` of the source tree, or the copy installed as ``zipcache_vllm.configs``."""
     repo = Path(__file__).resolve().parent.parent / "configs"

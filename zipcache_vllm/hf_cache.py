@@ -25,8 +25,8 @@ import threading
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .compressors import Compressor, Segment, ZipCacheCompressor
 from .config import Saliency, ZipCacheConfig

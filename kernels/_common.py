@@ -44,9 +44,7 @@ def check_tensor(
 
 def check_cache(kv_cache: torch.Tensor, layout, num_kv_heads: int, device) -> None:
     check_tensor(kv_cache, "kv_cache", 3, (torch.uint8,), device)
-    check(
-        kv_cache.shape[1] == num_kv_heads, f"kv_cache has {kv_cache.shape[1]} heads, expected {num_kv_heads}"
-    )
+    check(kv_cache.shape[1] == num_kv_heads, f"kv_cache has {kv_cache.shape[1]} heads, expected {num_kv_heads}")
     check(
         kv_cache.shape[2] >= layout.page_bytes,
         f"kv_cache pages hold {kv_cache.shape[2]} bytes < {layout.page_bytes}",
@@ -80,16 +78,35 @@ def dot_operand(x, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def unpack_codes(b, BITS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DOT_FP32: tl.constexpr):
-    """uint8 ``b [ROWS, D * BITS / 8]`` (quant.pack_bits along channels) -> code values ``[ROWS, D]`` as dot
-    operands. On the GPU the fp16 value is built from its bits (0x6400 | code is 1024 + code, exact) to avoid
-    integer-to-float conversions, which run at a fraction of the ALU rate."""
-    if BITS == 8:
-        c = b
-    elif BITS == 4:
-        c = tl.join(b & 15, b >> 4).reshape(ROWS, D)
-    else:  # 2 bits: byte holds channels 4i + (0, 1, 2, 3) at bits (0, 2, 4, 6)
-        c = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)).reshape(ROWS, D)
+def load_codes(
+    row_ptr,  # uint8 pointers [ROWS] to the first byte of each row (packed along channels, quant.pack_bits)
+    rmask,  # [ROWS] rows that exist
+    BITS: tl.constexpr,
+    ROWS: tl.constexpr,
+    D: tl.constexpr,
+    GATHER: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Code values ``[ROWS, D]`` of a tile of page rows, as dot operands.
+
+    GATHER=False loads each byte once and interleaves its fields with ``tl.join``/``reshape``; GATHER=True
+    loads byte ``c // (8 / BITS)`` for every channel ``c`` (the repeats hit L1) and shifts, which needs no
+    shuffles. On the GPU the fp16 value is built from its bits (``0x6400 | code`` is 1024 + code, exact), so
+    no integer-to-float conversion runs.
+    """
+    PER: tl.constexpr = 8 // BITS
+    if GATHER:
+        c = tl.arange(0, D)
+        b = tl.load(row_ptr[:, None] + (c // PER)[None, :], mask=rmask[:, None], other=0)
+        c = (b >> ((c % PER) * BITS).to(tl.uint8)[None, :]) & ((1 << BITS) - 1)
+    else:
+        b = tl.load(row_ptr[:, None] + tl.arange(0, D // PER)[None, :], mask=rmask[:, None], other=0)
+        if BITS == 8:
+            c = b
+        elif BITS == 4:
+            c = tl.join(b & 15, b >> 4).reshape(ROWS, D)
+        else:  # 2 bits: byte i holds channels 4i + (0, 1, 2, 3) at bits (0, 2, 4, 6)
+            c = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)).reshape(ROWS, D)
     if DOT_FP32:
         return c.to(tl.float32)
     else:
@@ -118,16 +135,17 @@ def attend_page_tile(
     page_off,  # int64 byte offset of the page
     qk_scale,  # softmax scale * log2(e)
     VALID: tl.constexpr,
-    ROWS: tl.constexpr,  # one tile of layout.attention_tiles(): rows, the first VALID real
+    ROWS: tl.constexpr,  # one tile of layout.attention_tiles(): ROWS rows, VALID real
     KB: tl.constexpr,
     K_OFF: tl.constexpr,
-    K_PAR: tl.constexpr,  # key bits, codes and (step, mn) byte offsets
+    K_PAR: tl.constexpr,  # key bits, codes and (step, mn) offsets
     VB: tl.constexpr,
     V_OFF: tl.constexpr,
     V_TOK: tl.constexpr,  # value bits, codes and per-token params
     D: tl.constexpr,
     N: tl.constexpr,  # block_size
     V_NORM_OFF: tl.constexpr,
+    GATHER: tl.constexpr,  # code unpacking variant, see load_codes
     DOT_FP32: tl.constexpr,
 ):
     """One tile of page rows, dequantization folded into q and the output (method doc §10):
@@ -140,39 +158,56 @@ def attend_page_tile(
     dk = tl.arange(0, D)
     hoff = page_off // 2
     # -- scores: q folded with the key group's step; bias from its min ----
-    kcol = tl.arange(0, D * KB // 8)
-    kb = tl.load(
-        cache_u8_ptr + page_off + K_OFF + r[:, None] * (D * KB // 8) + kcol[None, :],
-        mask=rmask[:, None],
-        other=0,
-    )
     kstep = tl.load(cache_f16_ptr + hoff + K_PAR // 2 + dk).to(tl.float32)
     kmn = tl.load(cache_f16_ptr + hoff + K_PAR // 2 + D + dk).to(tl.float32)
     qf = q.to(tl.float32)
     qs = dot_operand(qf * (kstep * qk_scale)[None, :], DOT_FP32)
     bias = tl.sum(qf * kmn[None, :], axis=1) * qk_scale
-    s = tl.dot(qs, tl.trans(unpack_codes(kb, KB, ROWS, D, DOT_FP32))) + bias[:, None]
+    kq = load_codes(cache_u8_ptr + page_off + K_OFF + r * (D * KB // 8), rmask, KB, ROWS, D, GATHER, DOT_FP32)
+    s = tl.dot(qs, tl.trans(kq)) + bias[:, None]
     s = tl.where(rmask[None, :], s, float("-inf"))
     p, acc, m_i, l_i = online_softmax_step(s, acc, m_i, l_i)
     # -- values: p folded with the per-token step; c applied to the tile's sum ----
-    vcol = tl.arange(0, D * VB // 8)
-    vb = tl.load(
-        cache_u8_ptr + page_off + V_OFF + r[:, None] * (D * VB // 8) + vcol[None, :],
-        mask=rmask[:, None],
-        other=0,
-    )
     vstep = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + r, mask=rmask, other=0.0).to(tl.float32)
     vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)
     cn = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + dk).to(tl.float32)
-    pv = tl.dot(dot_operand(p * vstep[None, :], DOT_FP32), unpack_codes(vb, VB, ROWS, D, DOT_FP32))
+    vq = load_codes(cache_u8_ptr + page_off + V_OFF + r * (D * VB // 8), rmask, VB, ROWS, D, GATHER, DOT_FP32)
+    pv = tl.dot(dot_operand(p * vstep[None, :], DOT_FP32), vq)
     pv += tl.sum(p * vmn[None, :], axis=1)[:, None]
     return acc + pv * cn[None, :], m_i, l_i
 
 
 @triton.jit
+def attend_page(
+    q,
+    acc,
+    m_i,
+    l_i,
+    cache_u8_ptr,
+    cache_f16_ptr,
+    page_off,
+    qk_scale,  # as attend_page_tile
+    TILES: tl.constexpr,  # layout.attention_tiles()
+    D: tl.constexpr,
+    N: tl.constexpr,
+    V_NORM_OFF: tl.constexpr,
+    GATHER: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """All rows of one page, tile by tile (the tiles are compile-time constants)."""
+    for i in tl.static_range(len(TILES)):
+        acc, m_i, l_i = attend_page_tile(
+            q, acc, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
+            TILES[i][0], TILES[i][1], TILES[i][2], TILES[i][3], TILES[i][4], TILES[i][5], TILES[i][6],
+            TILES[i][7], D, N, V_NORM_OFF, GATHER, DOT_FP32,
+        )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
 def attend_dense_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, DOT_FP32: tl.constexpr):
     """bf16 keys/values ``k, v [T, D]`` (tail or new tokens); ``visible [M, T]`` masks scores."""
-    if DOT_FP32:
+    if DOT_FP32:  # noqa: SIM108 (a constexpr branch)
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
         s = tl.dot(q.to(k.dtype), tl.trans(k))

@@ -15,9 +15,7 @@ import triton.language as tl
 from ._common import check, check_cache, check_tensor, pow2
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
-_BIG = tl.constexpr(
-    3.4028234663852886e38
-)  # float32 max, the neutral element of masked min/max as in quant.py
+_BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element of masked min/max as in quant.py
 _RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
 
 
@@ -286,9 +284,7 @@ def compress_store(
     check(key.shape[2] == d, f"head_size {key.shape[2]} != layout.head_size {d}")
     nb, h = block_ids.numel(), key.shape[1]
     check(key.shape[0] == nb * n, f"key has {key.shape[0]} tokens, expected {nb} blocks x {n}")
-    check_tensor(
-        scores, "scores", 2, (torch.float32, torch.float16, torch.bfloat16), dev, last_contiguous=False
-    )
+    check_tensor(scores, "scores", 2, (torch.float32, torch.float16, torch.bfloat16), dev, last_contiguous=False)
     check(tuple(scores.shape) == (nb * n, h), f"scores must be [{nb * n}, {h}], got {tuple(scores.shape)}")
     check_tensor(block_ids, "block_ids", 1, (torch.int32, torch.int64), dev)
     check_cache(kv_cache, layout, h, dev)

@@ -16,7 +16,7 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     attend_dense_tile,
-    attend_page_tile,
+    attend_page,
     check,
     check_cache,
     check_tensor,
@@ -60,6 +60,7 @@ def _decode_kernel(
     D: tl.constexpr,
     N: tl.constexpr,
     TILES: tl.constexpr,
+    GATHER: tl.constexpr,
     V_NORM_OFF: tl.constexpr,
     TAIL_ROWS: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -90,29 +91,22 @@ def _decode_kernel(
     for p in range(p_lo, p_hi):
         page = tl.load(block_table_ptr + seq * stride_bt + p).to(tl.int64)
         page_off = page * stride_c_block + kvh * stride_c_head
-        for i in tl.static_range(len(TILES)):
-            acc, m_i, l_i = attend_page_tile(
-                q,
-                acc,
-                m_i,
-                l_i,
-                cache_u8_ptr,
-                cache_f16_ptr,
-                page_off,
-                qk_scale,
-                TILES[i][0],
-                TILES[i][1],
-                TILES[i][2],
-                TILES[i][3],
-                TILES[i][4],
-                TILES[i][5],
-                TILES[i][6],
-                TILES[i][7],
-                D,
-                N,
-                V_NORM_OFF,
-                DOT_FP32,
-            )
+        acc, m_i, l_i = attend_page(
+            q,
+            acc,
+            m_i,
+            l_i,
+            cache_u8_ptr,
+            cache_f16_ptr,
+            page_off,
+            qk_scale,
+            TILES,
+            D,
+            N,
+            V_NORM_OFF,
+            GATHER,
+            DOT_FP32,
+        )
 
     if split == NUM_SPLITS - 1:
         slot = tl.load(tail_slots_ptr + seq).to(tl.int64)
@@ -190,6 +184,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     max_tile_rows: int = 128,
+    gather: bool = False,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail.
 
@@ -207,7 +202,8 @@ def decode_attention(
     out : optional ``[num_seqs, num_heads, head_size]`` output (any float dtype); default like ``query``.
     num_splits : pages are split in this many ranges per (sequence, KV head); default
         :func:`choose_num_splits`. num_warps, num_stages, max_tile_rows : launch options of the main kernel
-        (``max_tile_rows`` caps the page rows per ``tl.dot``; smaller tiles need fewer registers).
+        (``max_tile_rows`` caps the page rows per ``tl.dot``; ``gather`` picks the code-unpacking variant of
+        ``_common.load_codes``).
 
     Returns
     -------
@@ -281,6 +277,7 @@ def decode_attention(
         D=d,
         N=n,
         TILES=layout.attention_tiles(max_rows=max_tile_rows),
+        GATHER=gather,
         V_NORM_OFF=layout.v_norm_off,
         TAIL_ROWS=min(64, pow2(n)),
         DOT_FP32=interp,

@@ -18,7 +18,7 @@ from ._common import (
     LN2_C,
     LOG2E,
     attend_dense_tile,
-    attend_page_tile,
+    attend_page,
     check,
     check_cache,
     check_tensor,
@@ -68,6 +68,7 @@ def _prefill_kernel(
     D: tl.constexpr,
     N: tl.constexpr,
     TILES: tl.constexpr,
+    GATHER: tl.constexpr,
     V_NORM_OFF: tl.constexpr,
     TAIL_ROWS: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -100,29 +101,22 @@ def _prefill_kernel(
         for p in range(0, num_pages):
             page = tl.load(block_table_ptr + seq * stride_bt + p).to(tl.int64)
             page_off = page * stride_c_block + kvh * stride_c_head
-            for i in tl.static_range(len(TILES)):
-                acc, m_i, l_i = attend_page_tile(
-                    q,
-                    acc,
-                    m_i,
-                    l_i,
-                    cache_u8_ptr,
-                    cache_f16_ptr,
-                    page_off,
-                    qk_scale,
-                    TILES[i][0],
-                    TILES[i][1],
-                    TILES[i][2],
-                    TILES[i][3],
-                    TILES[i][4],
-                    TILES[i][5],
-                    TILES[i][6],
-                    TILES[i][7],
-                    D,
-                    N,
-                    V_NORM_OFF,
-                    DOT_FP32,
-                )
+            acc, m_i, l_i = attend_page(
+                q,
+                acc,
+                m_i,
+                l_i,
+                cache_u8_ptr,
+                cache_f16_ptr,
+                page_off,
+                qk_scale,
+                TILES,
+                D,
+                N,
+                V_NORM_OFF,
+                GATHER,
+                DOT_FP32,
+            )
         # -- bf16 tail: precedes the chunk ----
         slot = tl.load(tail_slots_ptr + seq).to(tl.int64)
         tbase = slot * stride_t_slot + kvh * stride_t_head
@@ -267,6 +261,7 @@ def prefill_attention(
             D=d,
             N=n,
             TILES=layout.attention_tiles(),
+            GATHER=False,
             V_NORM_OFF=layout.v_norm_off,
             TAIL_ROWS=min(64, pow2(n)),
             DOT_FP32=interp,

@@ -1,0 +1,215 @@
+"""zipcache_attention on CPU against a dense reference that keeps every sequence in token order.
+
+The reference holds, per sequence, the dequantized pages of its complete blocks (compressed with the same
+scores it computes itself from full fp32 probability matrices) and the bf16 rest; it attends with a causal
+mask in fp32. Batches are driven like vLLM drives the backend: a block allocator, block tables, slot mappings,
+rows reordered between steps, mixed prefill chunks and decodes, blocks completing mid-chunk, a finished
+request's blocks reused by a new one.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from zipcache_vllm import paged
+from zipcache_vllm.attention import PROBE_SEED_STRIDE, Staging, prepare_step, zipcache_attention
+from zipcache_vllm.block_manager import BlockManager
+from zipcache_vllm.config import Normalizer, Saliency, ZipCacheConfig
+from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.saliency import probe_positions
+
+N, D = 16, 32  # block size and head size (small: the twins are plain torch)
+NUM_BLOCKS, NUM_SLOTS = 40, 6
+
+
+class RefSeq:
+    """One sequence of the dense reference."""
+
+    def __init__(self, num_kv_heads: int):
+        self.k = torch.zeros(0, num_kv_heads, D)  # bf16 values as fp32, token order
+        self.v = torch.zeros(0, num_kv_heads, D)
+        self.ck = torch.zeros(0, num_kv_heads, D)  # dequantized complete blocks, token order
+        self.cv = torch.zeros(0, num_kv_heads, D)
+        self.ssum = torch.zeros(0, num_kv_heads)
+        self.scnt = torch.zeros(0)
+
+    def __len__(self):
+        return self.k.shape[0]
+
+
+def ref_step(seq: RefSeq, q, k, v, cfg: ZipCacheConfig, layout: PageLayout, layer_idx: int, scale: float):
+    """Append, attend causally over [dequantized pages | bf16 rest], update scores, compress full blocks."""
+    ctx, ql = len(seq), q.shape[0]
+    seq.k = torch.cat([seq.k, k.float()])
+    seq.v = torch.cat([seq.v, v.float()])
+    seq.ssum = torch.cat([seq.ssum, torch.zeros(ql, k.shape[1])])
+    seq.scnt = torch.cat([seq.scnt, torch.zeros(ql)])
+    c = seq.ck.shape[0]
+    keys = torch.cat([seq.ck, seq.k[c:]])
+    vals = torch.cat([seq.cv, seq.v[c:]])
+    hq, h = q.shape[1], k.shape[1]
+    g = hq // h
+    kk, vv = keys.repeat_interleave(g, 1).transpose(0, 1), vals.repeat_interleave(g, 1).transpose(0, 1)
+    logits = torch.matmul(q.float().transpose(0, 1), kk.transpose(1, 2)) * scale  # [Hq, ql, L]
+    qpos = torch.arange(ctx, ctx + ql)
+    kpos = torch.arange(ctx + ql)
+    logits = logits.masked_fill(kpos.view(1, -1) > qpos.view(-1, 1), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    out = torch.matmul(probs, vv).transpose(0, 1)
+    if ql == 1:
+        probes = torch.zeros(1, dtype=torch.long)
+    else:
+        gen = torch.Generator().manual_seed(cfg.probe_seed * PROBE_SEED_STRIDE + layer_idx)
+        probes = probe_positions(ql, cfg.probe_recent, cfg.probe_random, gen, cfg.probe_compat).unique()
+    col = probs[:, probes].sum(1).view(h, g, -1).sum(1).T  # [L, H]
+    seq.ssum[c:] += col[c:]
+    pos = torch.arange(c, ctx + ql)
+    if cfg.normalizer is Normalizer.PROBE_NNZ:
+        seq.scnt[c:] += ((ctx + probes).view(-1, 1) >= pos.view(1, -1)).sum(0).float()
+    else:
+        seq.scnt[c:] += (ctx + ql - torch.clamp(pos, min=ctx)).float()
+    while len(seq) - seq.ck.shape[0] >= N:
+        a = seq.ck.shape[0]
+        s = seq.ssum[a : a + N]
+        if cfg.saliency is not Saliency.ACCUMULATED:
+            s = s / seq.scnt[a : a + N].clamp(min=1).unsqueeze(-1)
+        cache = torch.zeros(1, h, layout.page_bytes, dtype=torch.uint8)
+        paged.compress_store(
+            seq.k[a : a + N].bfloat16(), seq.v[a : a + N].bfloat16(), s, torch.tensor([0]), cache, layout
+        )
+        dk, dv = paged.dequantize_pages(cache, torch.tensor([0]), layout)
+        seq.ck = torch.cat([seq.ck, dk[0]])
+        seq.cv = torch.cat([seq.cv, dv[0]])
+    return out
+
+
+class Engine:
+    """What vLLM does around the backend: block allocation, block tables, slot mappings, one layer."""
+
+    def __init__(self, cfg, num_heads, num_kv_heads, layer_idx=3):
+        self.cfg, self.hq, self.h, self.layer_idx = cfg, num_heads, num_kv_heads, layer_idx
+        self.layout = PageLayout(block_size=N, head_size=D, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
+                                 salient_ratio=cfg.salient_ratio, value_salient_ratio=cfg.value_salient_ratio)
+        # vLLM's view [num_blocks, H, N, C], flattened to pages as the backend does
+        c = self.layout.page_bytes // N
+        self.kv_view = torch.zeros(NUM_BLOCKS, num_kv_heads, N, c, dtype=torch.uint8)
+        self.staging = Staging.allocate(NUM_SLOTS, N, num_kv_heads, D)
+        self.bm = BlockManager(NUM_SLOTS, N)
+        self.free = list(range(1, NUM_BLOCKS))  # block 0 is vLLM's null block
+        random.Random(0).shuffle(self.free)
+        self.blocks: dict[str, list[int]] = {}
+        self.ref: dict[str, RefSeq] = {}
+        self.scale = D**-0.5
+
+    def finish(self, name):
+        self.free.extend(self.blocks.pop(name))
+        del self.ref[name]
+
+    def step(self, work: list[tuple[str, int]], gen: torch.Generator):
+        """``work``: (sequence, new tokens) in batch order. Returns (out, reference out) per token."""
+        rows, ctx_lens, qlens, slots = [], [], [], []
+        for name, ql in work:
+            if name not in self.ref:
+                self.ref[name], self.blocks[name] = RefSeq(self.h), []
+            ctx = len(self.ref[name])
+            need = -(-(ctx + ql) // N)
+            while len(self.blocks[name]) < need:
+                self.blocks[name].append(self.free.pop())
+            b = self.blocks[name]
+            slots += [b[p // N] * N + p % N for p in range(ctx, ctx + ql)]
+            rows.append(b)
+            ctx_lens.append(ctx)
+            qlens.append(ql)
+        width = max(len(r) for r in rows)
+        block_table = torch.zeros(len(rows), width, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            block_table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+        seq_lens = torch.tensor([c + q for c, q in zip(ctx_lens, qlens, strict=True)], dtype=torch.int32)
+        t = int(qsl[-1])
+        q = torch.randn(t, self.hq, D, generator=gen).bfloat16()
+        k = (torch.randn(t, self.h, D, generator=gen) * torch.linspace(0.5, 4, D)).bfloat16()
+        v = torch.randn(t, self.h, D, generator=gen).bfloat16()
+        plan = self.bm.plan(block_table.tolist(), ctx_lens, qlens)
+        step = prepare_step(plan, qsl, seq_lens)
+        out = zipcache_attention(
+            q, k, v, self.kv_view.flatten(2), block_table, seq_lens, qsl, torch.tensor(slots),
+            self.staging, step, self.layout, self.cfg, layer_idx=self.layer_idx, scale=self.scale,
+            out=torch.empty(t, self.hq, D, dtype=torch.float32),
+        )
+        ref = torch.cat([
+            ref_step(self.ref[name], q[qsl[i]:qsl[i + 1]], k[qsl[i]:qsl[i + 1]], v[qsl[i]:qsl[i + 1]],
+                     self.cfg, self.layout, self.layer_idx, self.scale)
+            for i, (name, _) in enumerate(work)
+        ])
+        return out, ref
+
+    def check_pages(self, name):
+        """The pages of a sequence's complete blocks dequantize to the reference's blocks."""
+        seq = self.ref[name]
+        nb = seq.ck.shape[0] // N
+        if nb == 0:
+            return
+        ids = torch.tensor(self.blocks[name][:nb])
+        dk, dv = paged.dequantize_pages(self.kv_view.flatten(2), ids, self.layout)
+        torch.testing.assert_close(dk.reshape(-1, self.h, D), seq.ck, atol=1e-5, rtol=1e-5,
+                                   msg=f"keys of {name}")
+        torch.testing.assert_close(dv.reshape(-1, self.h, D), seq.cv, atol=1e-5, rtol=1e-5,
+                                   msg=f"values of {name}")
+
+
+CONFIGS = {
+    "paged": ZipCacheConfig.load("paged", block_size=N),
+    "probe_nnz": ZipCacheConfig.load("paged", block_size=N, normalizer="probe_nnz", probe_recent=0.2),
+    "accumulated": ZipCacheConfig.load("paged", block_size=N, saliency="accumulated", salient_ratio=0.3),
+}
+
+
+def run(engine: Engine, schedule, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for work in schedule:
+        out, ref = engine.step(work, gen)
+        torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4, msg=f"step {work}")
+    for name in engine.ref:
+        engine.check_pages(name)
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2), (3, 3)])  # GQA 3:1 (SmolLM2's ratio), MHA
+def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads):
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads)
+    run(e, [
+        [("a", 37), ("b", 20)],  # a: 2 blocks + 5 staged; b: 1 block + 4
+        [("b", 1), ("c", 32), ("a", 1)],  # c: exactly 2 blocks, nothing staged; rows reordered
+        *[[("a", 1), ("b", 1), ("c", 1)] for _ in range(12)],  # b's block completes at step 12 of decode
+        [("c", 1), ("a", 1)],  # b idle this step
+        [("b", 1), ("a", 1), ("c", 1)],
+    ])
+
+
+@pytest.mark.parametrize("cfg_name", ["paged", "probe_nnz"])
+def test_chunked_prefill_blocks_complete_mid_chunk(cfg_name):
+    e = Engine(CONFIGS[cfg_name], 6, 2)
+    run(e, [
+        [("a", 20)],  # block 0 complete + 4 staged
+        [("a", 20), ("b", 3)],  # tail 4 + 20 = block 1 complete mid-chunk, 8 staged
+        [("b", 1), ("a", 10)],  # a: 8 + 10 -> block 2 complete, 2 staged
+        *[[("a", 1), ("b", 1)] for _ in range(15)],
+    ])
+
+
+def test_finished_request_blocks_are_reused():
+    e = Engine(CONFIGS["paged"], 6, 2)
+    gen_steps = [[("a", 21), ("b", 9)], [("a", 1), ("b", 1)], [("a", 1), ("b", 1)]]
+    run(e, gen_steps)
+    e.finish("a")  # a's blocks (one with 7 staged tokens) go back to the allocator unannounced
+    e.free.reverse()  # ... and are handed out first
+    run(e, [[("c", 23), ("b", 1)], *[[("b", 1), ("c", 1)] for _ in range(10)]], seed=1)
+
+
+def test_single_token_prompt_and_exact_block_prompt():
+    e = Engine(CONFIGS["paged"], 6, 2)
+    run(e, [[("a", 1), ("b", N)], [("a", 1), ("b", 1)], [("b", 1), ("a", 1)]])

@@ -1,0 +1,271 @@
+"""One attention step over the paged ZipCache, on plain tensors: the part of the vLLM backend that does work.
+
+For every sequence of a batch (lengths as in :mod:`zipcache_vllm.block_manager`)::
+
+    |<-- compressed pages -->|<- t0 tail (bf16 staging) ->|<-- new tokens (query_len) -->|
+
+1. **attend**: every new query over the pages, the tail and the new tokens (causal), and collect probe saliency
+   (ZC-7/8): a prefill chunk (``query_len > 1``) uses the probe rows of the chunk (the recent and random shares
+   of ``ZipCacheConfig``, drawn with the seed ``probe_seed * 1_000_003 + layer_idx`` as the transformers
+   reference cache does); a decode step uses its one query. Each bf16 token keeps a running ``score_sum``
+   (probability mass it received) and ``score_count`` (queries that could see it: ``causal_count``) or probes
+   at or after it (``probe_nnz``), as the reference cache does;
+2. **compress**: every block that became complete is quantized once into its page with the scores
+   ``score_sum / score_count`` (ZC-6/8; ``accumulated`` saliency: the sums), never re-quantized;
+3. **stage**: the remaining ``seq_len % block_size`` tokens (and their score state) go to the sequence's slot.
+
+CPU: the plain-torch twins of :mod:`zipcache_vllm.paged`; CUDA: the Triton kernels of
+``zipcache_vllm.kernels`` (same contracts). No vLLM import.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .block_manager import StepPlan
+from .config import Normalizer, Saliency, ZipCacheConfig
+from .layout import PageLayout
+from .saliency import probe_positions
+
+PROBE_SEED_STRIDE = 1_000_003  # seed of layer i: probe_seed * stride + i (hf_cache.CompressedLayer)
+
+
+@dataclass
+class Staging:
+    """bf16 staging of one layer: ``key, value [num_slots, block_size, num_kv_heads, head_size]``, and the
+    saliency state of each staged token, ``score_sum [num_slots, block_size, num_kv_heads]`` and
+    ``score_count [num_slots, block_size]`` (fp32)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    score_sum: torch.Tensor
+    score_count: torch.Tensor
+
+    @classmethod
+    def allocate(cls, num_slots, block_size, num_kv_heads, head_size, dtype=torch.bfloat16, device="cpu"):
+        kv = (num_slots, block_size, num_kv_heads, head_size)
+        return cls(
+            key=torch.zeros(kv, dtype=dtype, device=device),
+            value=torch.zeros(kv, dtype=dtype, device=device),
+            score_sum=torch.zeros(num_slots, block_size, num_kv_heads, dtype=torch.float32, device=device),
+            score_count=torch.zeros(num_slots, block_size, dtype=torch.float32, device=device),
+        )
+
+    @staticmethod
+    def bytes_per_slot(block_size, num_kv_heads, head_size, dtype=torch.bfloat16) -> int:
+        elt = torch.empty(0, dtype=dtype).element_size()
+        return block_size * (2 * num_kv_heads * head_size * elt + 4 * num_kv_heads + 4)
+
+
+@dataclass
+class Step:
+    """Per-step metadata derived once from the plan and shared by all layers (vLLM's ``build``)."""
+
+    plan: StepPlan
+    query_start: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    max_query_len: int
+    tail_slots: torch.Tensor  # int32 [num_seqs], -1 replaced by 0 (kernels index it; tail_lens is 0 there)
+    tail_lens: torch.Tensor  # int32 [num_seqs]
+    decode_rows: torch.Tensor  # int64: sequences with query_len == 1 (probe = the query itself)
+
+
+def prepare_step(plan: StepPlan, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, device=None) -> Step:
+    """Build the :class:`Step` of a plan; ``query_start_loc`` and ``seq_lens`` may live on any device."""
+    qsl = [int(x) for x in query_start_loc.tolist()]
+    sl = [int(x) for x in seq_lens.tolist()]
+    num_seqs = plan.num_seqs
+    qlens = [qsl[s + 1] - qsl[s] for s in range(num_seqs)]
+    ctx = [sl[s] - qlens[s] for s in range(num_seqs)]
+    device = query_start_loc.device if device is None else device
+    return Step(
+        plan=plan,
+        query_start=qsl,
+        query_lens=qlens,
+        context_lens=ctx,
+        max_query_len=max(qlens, default=0),
+        tail_slots=torch.tensor([max(x, 0) for x in plan.tail_slots], dtype=torch.int32, device=device),
+        tail_lens=torch.tensor(plan.tail_lens, dtype=torch.int32, device=device),
+        decode_rows=torch.tensor([s for s in range(num_seqs) if qlens[s] == 1], dtype=torch.long),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe_offsets(n: int, recent: float, random: float, seed: int, compat: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return probe_positions(n, recent, random, gen, compat)
+
+
+def probe_rows(step: Step, config: ZipCacheConfig, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probe_idx`` (offsets in each sequence's chunk, ascending) and ``probe_start_loc [num_seqs + 1]``."""
+    seed = config.probe_seed * PROBE_SEED_STRIDE + layer_idx
+    parts, starts = [], [0]
+    for ql in step.query_lens:
+        if ql == 1:
+            idx = torch.zeros(1, dtype=torch.long)
+        elif ql == 0:
+            idx = torch.zeros(0, dtype=torch.long)
+        else:
+            idx = _probe_offsets(ql, config.probe_recent, config.probe_random, seed, config.probe_compat)
+            idx = torch.unique(idx)  # compat mode draws with replacement; a row counts once per chunk here
+        parts.append(idx)
+        starts.append(starts[-1] + idx.numel())
+    return torch.cat(parts).int(), torch.tensor(starts, dtype=torch.int32)
+
+
+def _counts(config: ZipCacheConfig, ctx: int, ql: int, t0: int, probes: torch.Tensor) -> torch.Tensor:
+    """How many queries of this step count for each of its bf16 keys (tail, then new tokens): fp32 [t0 + ql]."""
+    pos = torch.arange(ctx - t0, ctx + ql)
+    if config.normalizer is Normalizer.PROBE_NNZ:
+        return ((ctx + probes.long()).view(-1, 1) >= pos.view(1, -1)).sum(0).float()
+    return (ctx + ql - torch.clamp(pos, min=ctx)).float()
+
+
+def _ops(kernels: str):
+    if kernels == "triton":
+        from .kernels import compress_store, prefill_attention
+
+        return prefill_attention.prefill_attention, compress_store.compress_store, True
+    from . import paged
+
+    return paged.prefill_attention, paged.compress_store, False
+
+
+def zipcache_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    staging: Staging,
+    step: Step,
+    layout: PageLayout,
+    config: ZipCacheConfig,
+    layer_idx: int = 0,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    kernels: str = "torch",
+) -> torch.Tensor:
+    """Store the new tokens and attend, for one layer and one step (module docstring).
+
+    Parameters
+    ----------
+    query : ``[num_tokens, num_heads, head_size]``; key, value : ``[num_tokens, num_kv_heads, head_size]``
+        (post-RoPE, rows of sequence ``s`` at ``query_start_loc[s] .. query_start_loc[s + 1] - 1``).
+    kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]`` (vLLM's ``[num_blocks,
+        num_kv_heads, block_size, state_content_bytes]`` view flattened over its last two dims).
+    block_table : int32 ``[num_seqs, max_blocks]``; seq_lens : int32 ``[num_seqs]`` (new tokens included);
+        query_start_loc : int32 ``[num_seqs + 1]``; slot_mapping : int ``[num_tokens]``, ``block_id *
+        block_size + offset`` of each new token (the page of a completed block is read from it).
+    staging : this layer's :class:`Staging`; step : :func:`prepare_step` of this step's
+        :meth:`BlockManager.plan`, shared by all layers.
+    layout, config : the page layout and the ZipCache settings (block granularity).
+    layer_idx : seeds the probe draw (as the reference cache). scale : softmax scale (default ``D ** -0.5``).
+    out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch`` or ``triton``.
+
+    Returns
+    -------
+    ``out [num_tokens, num_heads, head_size]`` (dtype of ``out``, else of ``query``).
+    """
+    num_tokens = step.query_start[-1]
+    attend, compress, is_kernel = _ops(kernels)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = query[:num_tokens], key[:num_tokens], value[:num_tokens]
+    probe_idx, probe_start = probe_rows(step, config, layer_idx)
+    dev = query.device
+    meta = dict(
+        kv_cache=kv_cache,
+        layout=layout,
+        block_table=block_table,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        tail_key=staging.key,
+        tail_value=staging.value,
+        tail_slots=step.tail_slots,
+        tail_lens=step.tail_lens,
+        probe_idx=probe_idx.to(dev),
+        probe_start_loc=probe_start.to(dev),
+        normalizer=None,  # raw probability sums; counts are kept here, across steps
+        scale=scale,
+    )
+    if is_kernel:
+        o, _lse, sums, tail_sums = attend(q, k, v, max_query_len=step.max_query_len, **meta)
+    else:
+        o, sums, tail_sums = attend(q, k, v, **meta)
+    if out is None:
+        out = torch.empty_like(query)
+    out[:num_tokens] = o.to(out.dtype)
+    _store(k, v, sums, tail_sums, kv_cache, slot_mapping, staging, step, probe_idx, probe_start, layout, config,
+           compress)
+    return out
+
+
+def _store(k, v, sums, tail_sums, kv_cache, slot_mapping, staging, step, probe_idx, probe_start, layout, config,
+           compress):
+    """Compress the blocks completed in this step, then stage the new tails (reads before writes: a slot may
+    carry a completed block's tail and, after it, the new tail of the same sequence)."""
+    n = layout.block_size
+    plan = step.plan
+    blk_k, blk_v, blk_s, blk_ids = [], [], [], []
+    writes = []
+    for s in range(plan.num_seqs):
+        ql = step.query_lens[s]
+        if ql == 0:
+            continue
+        q0, ctx = step.query_start[s], step.context_lens[s]
+        t0, t1, slot = plan.tail_lens[s], plan.new_tail_lens[s], plan.tail_slots[s]
+        probes = probe_idx[probe_start[s] : probe_start[s + 1]]
+        count = _counts(config, ctx, ql, t0, probes).to(k.device)
+        ssum = tail_sums[s, :t0] if t0 else None
+        if t0:
+            ssum = staging.score_sum[slot, :t0] + ssum
+            count[:t0] += staging.score_count[slot, :t0]
+        total = t0 + ql
+        nc = total // n
+        if nc:
+            pk, pv, ps = k[q0 : q0 + nc * n - t0], v[q0 : q0 + nc * n - t0], sums[q0 : q0 + nc * n - t0]
+            if t0:
+                pk = torch.cat([staging.key[slot, :t0], pk.to(staging.key.dtype)])
+                pv = torch.cat([staging.value[slot, :t0], pv.to(staging.value.dtype)])
+                ps = torch.cat([ssum, ps])
+            cnt = count[: nc * n]
+            scores = ps if config.saliency is Saliency.ACCUMULATED else ps / cnt.clamp(min=1.0).unsqueeze(-1)
+            blk_k.append(pk.to(staging.key.dtype))
+            blk_v.append(pv.to(staging.value.dtype))
+            blk_s.append(scores)
+            last_tok = q0 + torch.arange(1, nc + 1, device=slot_mapping.device) * n - t0 - 1
+            blk_ids.append(torch.div(slot_mapping[last_tok], n, rounding_mode="floor"))
+        if t1:
+            writes.append((q0, ql, t0, t1, slot, nc, ssum, count))
+    if blk_ids:
+        scores = torch.cat(blk_s)
+        if config.saliency is Saliency.RANDOM:  # ablation, drawn as ZipCacheCompressor does for each segment
+            gen = lambda: torch.Generator().manual_seed(config.probe_seed + n)  # noqa: E731
+            h = scores.shape[1]
+            draw = [torch.rand((1, h, n), generator=gen())[0].T for _ in range(scores.shape[0] // n)]
+            scores = torch.cat(draw).to(scores.device)
+        compress(torch.cat(blk_k), torch.cat(blk_v), scores, torch.cat(blk_ids), kv_cache, layout)
+    for q0, ql, t0, t1, slot, nc, ssum, count in writes:
+        if nc == 0:
+            # the tail grows: old rows keep their place (scores updated), new rows follow
+            if t0:
+                staging.score_sum[slot, :t0] = ssum
+                staging.score_count[slot, :t0] = count[:t0]
+            staging.key[slot, t0:t1] = k[q0 : q0 + ql].to(staging.key.dtype)
+            staging.value[slot, t0:t1] = v[q0 : q0 + ql].to(staging.value.dtype)
+            staging.score_sum[slot, t0:t1] = sums[q0 : q0 + ql]
+            staging.score_count[slot, t0:t1] = count[t0:]
+        else:
+            # a fresh tail: the last t1 new tokens
+            a = q0 + ql - t1
+            staging.key[slot, :t1] = k[a : q0 + ql].to(staging.key.dtype)
+            staging.value[slot, :t1] = v[a : q0 + ql].to(staging.value.dtype)
+            staging.score_sum[slot, :t1] = sums[a : q0 + ql]
+            staging.score_count[slot, :t1] = count[t0 + ql - t1 :]

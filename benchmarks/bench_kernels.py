@@ -213,16 +213,10 @@ def sweep_decode(layout, pool, reps) -> tuple[dict, list]:
     args = decode_inputs(layout, pool, *SWEEP_CASE)
     base = choose_num_splits(SWEEP_CASE[0], MODEL["num_kv_heads"], args["block_table"].shape[1], DEV)
     rows = []
-    variants = [
-        {"num_warps": w, "num_stages": 2, "max_tile_rows": r, "gather": ga}
-        for w in (4, 8)
-        for r in (128, 32)
-        for ga in (False, True)
-    ]
-    variants += [{"num_warps": 4, "num_stages": 3, "max_tile_rows": 128, "gather": False}]
+    variants = [{"num_warps": w, "num_stages": 2, "max_tile_rows": r} for w in (2, 4, 8) for r in (128, 32)]
+    variants += [{"num_warps": 4, "num_stages": 3, "max_tile_rows": 128}]
     variants += [
-        {"num_warps": 4, "num_stages": 2, "max_tile_rows": 128, "gather": False, "num_splits": x}
-        for x in (base // 2, base * 2)
+        {"num_warps": 4, "num_stages": 2, "max_tile_rows": 128, "num_splits": x} for x in (base // 2, base * 2)
     ]
     for kw in variants:
         kw.setdefault("num_splits", base)
@@ -234,7 +228,7 @@ def sweep_decode(layout, pool, reps) -> tuple[dict, list]:
         rows.append({**kw, "time_us": us})
         print(f"  sweep {kw}: {us:.1f} us")
     best = min(rows, key=lambda r: r["time_us"])
-    return {k: best[k] for k in ("num_warps", "num_stages", "max_tile_rows", "gather")}, rows
+    return {k: best[k] for k in ("num_warps", "num_stages", "max_tile_rows")}, rows
 
 
 def bench_decode(layout, pool, cfg, copy_gbps, reps, cases):

@@ -67,6 +67,11 @@ def num_sms(device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------------------------- jit helpers
+# Attention state is kept in four channel quarters (acc0..acc3, each [M, D/4]): a page row unpacks into
+# quarters with shifts and masks only (paged.pack_row), so no interleaving shuffle is ever needed. A first
+# version that interleaved nibbles with tl.join/reshape was wrong on the H200 with Triton 3.6 in the M=16
+# (mma.sync) decode kernel and 3x slower than needed (2026-11-29, commit d8301b6).
+# fmt: off
 @triton.jit
 def dot_operand(x, DOT_FP32: tl.constexpr):
     """fp32 under the interpreter, fp16 on the GPU (tensor cores; the folded q*step and p*step operands
@@ -78,35 +83,9 @@ def dot_operand(x, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def load_codes(
-    row_ptr,  # uint8 pointers [ROWS] to the first byte of each row (packed along channels, quant.pack_bits)
-    rmask,  # [ROWS] rows that exist
-    BITS: tl.constexpr,
-    ROWS: tl.constexpr,
-    D: tl.constexpr,
-    GATHER: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    """Code values ``[ROWS, D]`` of a tile of page rows, as dot operands.
-
-    GATHER=False loads each byte once and interleaves its fields with ``tl.join``/``reshape``; GATHER=True
-    loads byte ``c // (8 / BITS)`` for every channel ``c`` (the repeats hit L1) and shifts, which needs no
-    shuffles. On the GPU the fp16 value is built from its bits (``0x6400 | code`` is 1024 + code, exact), so
-    no integer-to-float conversion runs.
-    """
-    PER: tl.constexpr = 8 // BITS
-    if GATHER:
-        c = tl.arange(0, D)
-        b = tl.load(row_ptr[:, None] + (c // PER)[None, :], mask=rmask[:, None], other=0)
-        c = (b >> ((c % PER) * BITS).to(tl.uint8)[None, :]) & ((1 << BITS) - 1)
-    else:
-        b = tl.load(row_ptr[:, None] + tl.arange(0, D // PER)[None, :], mask=rmask[:, None], other=0)
-        if BITS == 8:
-            c = b
-        elif BITS == 4:
-            c = tl.join(b & 15, b >> 4).reshape(ROWS, D)
-        else:  # 2 bits: byte i holds channels 4i + (0, 1, 2, 3) at bits (0, 2, 4, 6)
-            c = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)).reshape(ROWS, D)
+def code_operand(c, DOT_FP32: tl.constexpr):
+    """Integer codes -> dot operand. On the GPU the fp16 value is built from its bits (``0x6400 | code`` is
+    1024 + code, exact), so no integer-to-float conversion instruction runs."""
     if DOT_FP32:
         return c.to(tl.float32)
     else:
@@ -114,107 +93,158 @@ def load_codes(
 
 
 @triton.jit
-def online_softmax_step(s, acc, m_i, l_i):
-    """Online softmax on log2-domain scores ``s [M, T]``: returns (p, rescaled acc, m_new, l_new)."""
+def load_quarters(row_ptr, rmask, BITS: tl.constexpr, D: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Codes of a tile of page rows as four ``[ROWS, D/4]`` channel quarters (row packing: paged.pack_row;
+    ``row_ptr [ROWS]`` points at each row's first byte)."""
+    Q: tl.constexpr = D // 4
+    ptr = row_ptr[:, None] + tl.arange(0, Q)[None, :]
+    m = rmask[:, None]
+    if BITS == 2:  # byte i: channels i, i + Q, i + 2Q, i + 3Q at bits 0, 2, 4, 6
+        b = tl.load(ptr, mask=m, other=0)
+        c0, c1, c2, c3 = b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6
+    elif BITS == 4:  # byte i < 2Q: channels i (low nibble) and i + 2Q (high)
+        b0 = tl.load(ptr, mask=m, other=0)
+        b1 = tl.load(ptr + Q, mask=m, other=0)
+        c0, c1, c2, c3 = b0 & 15, b1 & 15, b0 >> 4, b1 >> 4
+    else:
+        c0 = tl.load(ptr, mask=m, other=0)
+        c1 = tl.load(ptr + Q, mask=m, other=0)
+        c2 = tl.load(ptr + 2 * Q, mask=m, other=0)
+        c3 = tl.load(ptr + 3 * Q, mask=m, other=0)
+    return (code_operand(c0, DOT_FP32), code_operand(c1, DOT_FP32), code_operand(c2, DOT_FP32),
+            code_operand(c3, DOT_FP32))
+
+
+@triton.jit
+def load_q(q_ptr, row_off, rmask, D: tl.constexpr):
+    """Query rows as four quarters ``[M, D/4]`` in their own dtype (converted where used)."""
+    Q: tl.constexpr = D // 4
+    ptr = q_ptr + row_off[:, None] + tl.arange(0, Q)[None, :]
+    m = rmask[:, None]
+    return (tl.load(ptr, mask=m, other=0.0), tl.load(ptr + Q, mask=m, other=0.0),
+            tl.load(ptr + 2 * Q, mask=m, other=0.0), tl.load(ptr + 3 * Q, mask=m, other=0.0))
+
+
+@triton.jit
+def store_quarters(ptr, row_off, rmask, a0, a1, a2, a3, D: tl.constexpr):
+    Q: tl.constexpr = D // 4
+    p = ptr + row_off[:, None] + tl.arange(0, Q)[None, :]
+    m = rmask[:, None]
+    ty = ptr.dtype.element_ty
+    tl.store(p, a0.to(ty), mask=m)
+    tl.store(p + Q, a1.to(ty), mask=m)
+    tl.store(p + 2 * Q, a2.to(ty), mask=m)
+    tl.store(p + 3 * Q, a3.to(ty), mask=m)
+
+
+@triton.jit
+def softmax_step(s, m_i, l_i):
+    """Online softmax on log2-domain scores ``s [M, T]``: (p, alpha, m_new, l_new); rescale acc by alpha."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0, not NaN
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
-    l_new = l_i * alpha + tl.sum(p, axis=1)
-    return p, acc * alpha[:, None], m_new, l_new
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
 def attend_page_tile(
-    q,  # [M, D] raw query rows (unscaled), kept in their load dtype to save registers
-    acc,
-    m_i,
-    l_i,  # running output [M, D] fp32, row max [M] and row sum [M] (log2 domain)
-    cache_u8_ptr,
-    cache_f16_ptr,  # the same page memory as uint8 and as fp16
+    q0, q1, q2, q3,  # [M, D/4] query quarters (raw, unscaled)
+    a0, a1, a2, a3, m_i, l_i,  # running output quarters [M, D/4] fp32, row max and row sum (log2 domain)
+    cache_u8_ptr, cache_f16_ptr,  # the same page memory as uint8 and as fp16
     page_off,  # int64 byte offset of the page
     qk_scale,  # softmax scale * log2(e)
-    VALID: tl.constexpr,
-    ROWS: tl.constexpr,  # one tile of layout.attention_tiles(): ROWS rows, VALID real
-    KB: tl.constexpr,
-    K_OFF: tl.constexpr,
-    K_PAR: tl.constexpr,  # key bits, codes and (step, mn) offsets
-    VB: tl.constexpr,
-    V_OFF: tl.constexpr,
-    V_TOK: tl.constexpr,  # value bits, codes and per-token params
-    D: tl.constexpr,
-    N: tl.constexpr,  # block_size
-    V_NORM_OFF: tl.constexpr,
-    GATHER: tl.constexpr,  # code unpacking variant, see load_codes
-    DOT_FP32: tl.constexpr,
+    VALID: tl.constexpr, ROWS: tl.constexpr,  # one tile of layout.attention_tiles(): ROWS rows, VALID real
+    KB: tl.constexpr, K_OFF: tl.constexpr, K_PAR: tl.constexpr,  # key bits, codes and (step, mn) offsets
+    VB: tl.constexpr, V_OFF: tl.constexpr, V_TOK: tl.constexpr,  # value bits, codes and per-token params
+    D: tl.constexpr, N: tl.constexpr, V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One tile of page rows, dequantization folded into q and the output (method doc §10):
 
     ``q . k_t = sum_c (q_c step_c) code_tc + sum_c q_c mn_c`` (keys, per-channel group parameters);
     ``sum_t p_t v_t = c * (sum_t (p_t step_t) code_t + sum_t p_t mn_t)`` (values, CST with per-token params).
     """
+    Q: tl.constexpr = D // 4
     r = tl.arange(0, ROWS)
     rmask = r < VALID
-    dk = tl.arange(0, D)
+    dq = tl.arange(0, Q)
     hoff = page_off // 2
-    # -- scores: q folded with the key group's step; bias from its min ----
-    kstep = tl.load(cache_f16_ptr + hoff + K_PAR // 2 + dk).to(tl.float32)
-    kmn = tl.load(cache_f16_ptr + hoff + K_PAR // 2 + D + dk).to(tl.float32)
-    qf = q.to(tl.float32)
-    qs = dot_operand(qf * (kstep * qk_scale)[None, :], DOT_FP32)
-    bias = tl.sum(qf * kmn[None, :], axis=1) * qk_scale
-    kq = load_codes(cache_u8_ptr + page_off + K_OFF + r * (D * KB // 8), rmask, KB, ROWS, D, GATHER, DOT_FP32)
-    s = tl.dot(qs, tl.trans(kq)) + bias[:, None]
-    s = tl.where(rmask[None, :], s, float("-inf"))
-    p, acc, m_i, l_i = online_softmax_step(s, acc, m_i, l_i)
+    # -- scores: q folded with the key group's step, bias from its min ----
+    kp = cache_f16_ptr + hoff + K_PAR // 2 + dq
+    f0, f1, f2, f3 = q0.to(tl.float32), q1.to(tl.float32), q2.to(tl.float32), q3.to(tl.float32)
+    bias = (tl.sum(f0 * tl.load(kp + D).to(tl.float32)[None, :], axis=1)
+            + tl.sum(f1 * tl.load(kp + D + Q).to(tl.float32)[None, :], axis=1)
+            + tl.sum(f2 * tl.load(kp + D + 2 * Q).to(tl.float32)[None, :], axis=1)
+            + tl.sum(f3 * tl.load(kp + D + 3 * Q).to(tl.float32)[None, :], axis=1)) * qk_scale
+    k0, k1, k2, k3 = load_quarters(cache_u8_ptr + page_off + K_OFF + r * (D * KB // 8), rmask, KB, D, DOT_FP32)
+    s = tl.dot(dot_operand(f0 * (tl.load(kp).to(tl.float32) * qk_scale)[None, :], DOT_FP32), tl.trans(k0))
+    s = tl.dot(dot_operand(f1 * (tl.load(kp + Q).to(tl.float32) * qk_scale)[None, :], DOT_FP32), tl.trans(k1), s)
+    s = tl.dot(dot_operand(f2 * (tl.load(kp + 2 * Q).to(tl.float32) * qk_scale)[None, :], DOT_FP32),
+               tl.trans(k2), s)
+    s = tl.dot(dot_operand(f3 * (tl.load(kp + 3 * Q).to(tl.float32) * qk_scale)[None, :], DOT_FP32),
+               tl.trans(k3), s)
+    s = tl.where(rmask[None, :], s + bias[:, None], float("-inf"))
+    p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
     # -- values: p folded with the per-token step; c applied to the tile's sum ----
     vstep = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + r, mask=rmask, other=0.0).to(tl.float32)
     vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)
-    cn = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + dk).to(tl.float32)
-    vq = load_codes(cache_u8_ptr + page_off + V_OFF + r * (D * VB // 8), rmask, VB, ROWS, D, GATHER, DOT_FP32)
-    pv = tl.dot(dot_operand(p * vstep[None, :], DOT_FP32), vq)
-    pv += tl.sum(p * vmn[None, :], axis=1)[:, None]
-    return acc + pv * cn[None, :], m_i, l_i
+    pw = dot_operand(p * vstep[None, :], DOT_FP32)
+    pm = tl.sum(p * vmn[None, :], axis=1)[:, None]
+    v0, v1, v2, v3 = load_quarters(cache_u8_ptr + page_off + V_OFF + r * (D * VB // 8), rmask, VB, D, DOT_FP32)
+    cn = cache_f16_ptr + hoff + V_NORM_OFF // 2 + dq
+    a0 = a0 * alpha[:, None] + (tl.dot(pw, v0) + pm) * tl.load(cn).to(tl.float32)[None, :]
+    a1 = a1 * alpha[:, None] + (tl.dot(pw, v1) + pm) * tl.load(cn + Q).to(tl.float32)[None, :]
+    a2 = a2 * alpha[:, None] + (tl.dot(pw, v2) + pm) * tl.load(cn + 2 * Q).to(tl.float32)[None, :]
+    a3 = a3 * alpha[:, None] + (tl.dot(pw, v3) + pm) * tl.load(cn + 3 * Q).to(tl.float32)[None, :]
+    return a0, a1, a2, a3, m_i, l_i
 
 
 @triton.jit
 def attend_page(
-    q,
-    acc,
-    m_i,
-    l_i,
-    cache_u8_ptr,
-    cache_f16_ptr,
-    page_off,
-    qk_scale,  # as attend_page_tile
+    q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
     TILES: tl.constexpr,  # layout.attention_tiles()
-    D: tl.constexpr,
-    N: tl.constexpr,
-    V_NORM_OFF: tl.constexpr,
-    GATHER: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    D: tl.constexpr, N: tl.constexpr, V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """All rows of one page, tile by tile (the tiles are compile-time constants)."""
     for i in tl.static_range(len(TILES)):
-        acc, m_i, l_i = attend_page_tile(
-            q, acc, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
+        a0, a1, a2, a3, m_i, l_i = attend_page_tile(
+            q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
             TILES[i][0], TILES[i][1], TILES[i][2], TILES[i][3], TILES[i][4], TILES[i][5], TILES[i][6],
-            TILES[i][7], D, N, V_NORM_OFF, GATHER, DOT_FP32,
-        )  # fmt: skip
-    return acc, m_i, l_i
+            TILES[i][7], D, N, V_NORM_OFF, DOT_FP32,
+        )
+    return a0, a1, a2, a3, m_i, l_i
 
 
 @triton.jit
-def attend_dense_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, DOT_FP32: tl.constexpr):
-    """bf16 keys/values ``k, v [T, D]`` (tail or new tokens); ``visible [M, T]`` masks scores."""
-    if DOT_FP32:  # noqa: SIM108 (a constexpr branch)
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-    else:
-        s = tl.dot(q.to(k.dtype), tl.trans(k))
-    s = tl.where(visible, s * qk_scale, float("-inf"))
-    p, acc, m_i, l_i = online_softmax_step(s, acc, m_i, l_i)
+def _dense_dot(x, y, DOT_FP32: tl.constexpr):
     if DOT_FP32:
-        acc += tl.dot(p, v.to(tl.float32))
+        return tl.dot(x.to(tl.float32), y.to(tl.float32))
     else:
-        acc += tl.dot(p.to(v.dtype), v)
-    return acc, m_i, l_i
+        return tl.dot(x.to(y.dtype), y)
+
+
+@triton.jit
+def attend_dense_tile(
+    q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i,
+    k_ptr, v_ptr,  # [T] pointers to the first element of each key / value row (bf16)
+    tmask,  # [T] rows that exist
+    visible,  # [M, T] scores to keep
+    qk_scale, D: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """A tile of bf16 keys/values (the tail, or the new tokens of a chunk)."""
+    Q: tl.constexpr = D // 4
+    kp = k_ptr[:, None] + tl.arange(0, Q)[None, :]
+    m = tmask[:, None]
+    s = _dense_dot(q0, tl.trans(tl.load(kp, mask=m, other=0.0)), DOT_FP32)
+    s += _dense_dot(q1, tl.trans(tl.load(kp + Q, mask=m, other=0.0)), DOT_FP32)
+    s += _dense_dot(q2, tl.trans(tl.load(kp + 2 * Q, mask=m, other=0.0)), DOT_FP32)
+    s += _dense_dot(q3, tl.trans(tl.load(kp + 3 * Q, mask=m, other=0.0)), DOT_FP32)
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
+    vp = v_ptr[:, None] + tl.arange(0, Q)[None, :]
+    a0 = a0 * alpha[:, None] + _dense_dot(p, tl.load(vp, mask=m, other=0.0), DOT_FP32)
+    a1 = a1 * alpha[:, None] + _dense_dot(p, tl.load(vp + Q, mask=m, other=0.0), DOT_FP32)
+    a2 = a2 * alpha[:, None] + _dense_dot(p, tl.load(vp + 2 * Q, mask=m, other=0.0), DOT_FP32)
+    a3 = a3 * alpha[:, None] + _dense_dot(p, tl.load(vp + 3 * Q, mask=m, other=0.0), DOT_FP32)
+    return a0, a1, a2, a3, m_i, l_i
+# fmt: on

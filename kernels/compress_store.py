@@ -45,7 +45,7 @@ def _store_key_group(
     QMAX: tl.constexpr = (1 << BITS) - 1
     i = tl.arange(0, D // PER)
     j = tl.arange(0, PER)
-    ch = i[:, None] * PER + j[None, :]  # [D/PER, PER]: channel of value j of byte i
+    ch = j[:, None] * (D // PER) + i[None, :]  # [PER, D/PER]: channel of value j of byte i (paged.pack_row)
     x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     x = x.to(tl.float32)
     m3 = member[:, None, None]
@@ -61,7 +61,7 @@ def _store_key_group(
     tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + D + ch, mn16)
     y = tl.math.div_rn(x - mn16.to(tl.float32)[None, :, :], step.to(tl.float32)[None, :, :])
     code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
-    packed = tl.sum(code << (j * BITS)[None, None, :], axis=2).to(tl.uint8)
+    packed = tl.sum(code << (j * BITS)[None, :, None], axis=1).to(tl.uint8)
     tl.store(
         cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :],
         packed,
@@ -94,7 +94,7 @@ def _store_value_group(
     QMAX: tl.constexpr = (1 << BITS) - 1
     i = tl.arange(0, D // PER)
     j = tl.arange(0, PER)
-    ch = i[:, None] * PER + j[None, :]
+    ch = j[:, None] * (D // PER) + i[None, :]
     x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     x = x.to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)  # padded tokens load 0: neutral for max |x|
@@ -112,7 +112,7 @@ def _store_value_group(
     tl.store(cache_f16_ptr + hoff + TOK_OFF // 2 + N + slot, mn16, mask=member)
     y = tl.math.div_rn(xn - mn16.to(tl.float32)[:, None, None], step.to(tl.float32)[:, None, None])
     code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
-    packed = tl.sum(code << (j * BITS)[None, None, :], axis=2).to(tl.uint8)
+    packed = tl.sum(code << (j * BITS)[None, :, None], axis=1).to(tl.uint8)
     tl.store(
         cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :],
         packed,
@@ -168,79 +168,74 @@ def _compress_store_kernel(
     tier = (rank >= SK).to(tl.int32) + (rank >= SV).to(tl.int32)
     before = (tier[None, :] < tier[:, None]) | ((tier[None, :] == tier[:, None]) & later)
     row = tl.sum((before & tv[None, :]).to(tl.int32), axis=1)
-    # -- keys: one group per precision ----
-    kx = key_ptr + head * stride_x_head
-    _store_key_group(
-        kx,
-        stride_x_tok,
-        tok,
-        tv,
-        ksal,
-        row,
-        cache_u8_ptr,
-        cache_f16_ptr,
-        page_off,
-        BH,
-        D,
-        K_HI_OFF,
-        K_PAR_OFF,
-    )
-    _store_key_group(
-        kx,
-        stride_x_tok,
-        tok,
-        tv,
-        tv & ~ksal,
-        row - SK,
-        cache_u8_ptr,
-        cache_f16_ptr,
-        page_off,
-        BL,
-        D,
-        K_LO_OFF,
-        K_PAR_OFF + 4 * D,
-    )
-    # -- values ----
-    vx = value_ptr + head * stride_x_head
-    _store_value_group(
-        vx,
-        stride_x_tok,
-        tok,
-        tv,
-        vsal,
-        row,
-        row,
-        cache_u8_ptr,
-        cache_f16_ptr,
-        page_off,
-        BH,
-        D,
-        N,
-        V_HI_OFF,
-        V_NORM_OFF,
-        V_TOK_OFF,
-        True,
-    )
-    _store_value_group(
-        vx,
-        stride_x_tok,
-        tok,
-        tv,
-        tv & ~vsal,
-        row,
-        row - SV,
-        cache_u8_ptr,
-        cache_f16_ptr,
-        page_off,
-        BL,
-        D,
-        N,
-        V_LO_OFF,
-        V_NORM_OFF,
-        V_TOK_OFF,
-        False,
-    )
-    # -- bitmaps in token order ----
+    if tl.program_id(2) == 0:  # -- keys: one group per precision ----
+        _store_keys(
+            key_ptr + head * stride_x_head,
+            stride_x_tok,
+            tok,
+            tv,
+            ksal,
+            row,
+            cache_u8_ptr,
+            cache_f16_ptr,
+            page_off,
+            BH,
+            BL,
+            D,
+            SK,
+            K_HI_OFF,
+            K_LO_OFF,
+            K_PAR_OFF,
+        )
+    else:  # -- values, and the bitmaps ----
+        _store_values(
+            value_ptr + head * stride_x_head,
+            stride_x_tok,
+            tok,
+            tv,
+            vsal,
+            row,
+            cache_u8_ptr,
+            cache_f16_ptr,
+            page_off,
+            BH,
+            BL,
+            D,
+            N,
+            SV,
+            V_HI_OFF,
+            V_LO_OFF,
+            V_NORM_OFF,
+            V_TOK_OFF,
+        )
+        _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
+
+
+@triton.jit
+def _store_keys(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                BH: tl.constexpr, BL: tl.constexpr, D: tl.constexpr, SK: tl.constexpr,
+                K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr):  # fmt: skip
+    _store_key_group(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                     BH, D, K_HI_OFF, K_PAR_OFF)  # fmt: skip
+    _store_key_group(kx, stride_x_tok, tok, tv, tv & ~ksal, row - SK, cache_u8_ptr, cache_f16_ptr, page_off,
+                     BL, D, K_LO_OFF, K_PAR_OFF + 4 * D)  # fmt: skip
+
+
+@triton.jit
+def _store_values(vx, stride_x_tok, tok, tv, vsal, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                  BH: tl.constexpr, BL: tl.constexpr, D: tl.constexpr, N: tl.constexpr, SV: tl.constexpr,
+                  V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
+                  V_TOK_OFF: tl.constexpr):  # fmt: skip
+    _store_value_group(vx, stride_x_tok, tok, tv, vsal, row, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                       BH, D, N, V_HI_OFF, V_NORM_OFF, V_TOK_OFF, True)  # fmt: skip
+    _store_value_group(vx, stride_x_tok, tok, tv, tv & ~vsal, row, row - SV, cache_u8_ptr, cache_f16_ptr,
+                       page_off, BL, D, N, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, False)  # fmt: skip
+
+
+@triton.jit
+def _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N: tl.constexpr, N_PAD: tl.constexpr,
+                   MASK_OFF: tl.constexpr):  # fmt: skip
+    """Salient bitmaps in token order (bit t % 8 of byte t // 8)."""
     bit = tl.arange(0, 8)
     kbits = tl.sum(tl.reshape(ksal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
     vbits = tl.sum(tl.reshape(vsal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
@@ -290,7 +285,7 @@ def compress_store(
     check_cache(kv_cache, layout, h, dev)
     if nb == 0:
         return
-    _compress_store_kernel[(nb, h)](
+    _compress_store_kernel[(nb, h, 2)](
         key_ptr=key,
         value_ptr=value,
         stride_x_tok=key.stride(0),

@@ -21,49 +21,30 @@ from ._common import (
     check_cache,
     check_tensor,
     interpreting,
+    load_q,
     num_sms,
     pow2,
+    store_quarters,
 )
 
 MIN_PAGES_PER_SPLIT = 4  # below this a split's fixed cost (q load, partial write, merge) dominates
 PROGRAMS_PER_SM = 4  # split until about this many programs per SM are in flight
 
 
+# fmt: off
 @triton.jit
 def _decode_kernel(
-    q_ptr,
-    stride_q_seq,
-    stride_q_head,  # [num_seqs, num_heads, D]
-    cache_u8_ptr,
-    cache_f16_ptr,
-    stride_c_block,
-    stride_c_head,  # pages; strides in bytes
-    block_table_ptr,
-    stride_bt,  # [num_seqs, max_blocks] int32
-    seq_lens_ptr,
-    tail_lens_ptr,
-    tail_slots_ptr,  # [num_seqs] int32
-    tk_ptr,
-    tv_ptr,
-    stride_t_slot,
-    stride_t_tok,
-    stride_t_head,  # [num_slots, N, H, D] bf16
-    out_ptr,
-    stride_o_seq,
-    stride_o_head,  # [num_seqs, num_heads, D], written when NUM_SPLITS == 1
-    part_o_ptr,
-    part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, D], [num_seqs, num_heads, NUM_SPLITS]
+    q_ptr, stride_q_seq, stride_q_head,  # [num_seqs, num_heads, D]
+    cache_u8_ptr, cache_f16_ptr, stride_c_block, stride_c_head,  # pages; strides in bytes
+    block_table_ptr, stride_bt,  # [num_seqs, max_blocks] int32
+    seq_lens_ptr, tail_lens_ptr, tail_slots_ptr,  # [num_seqs] int32
+    tk_ptr, tv_ptr, stride_t_slot, stride_t_tok, stride_t_head,  # [num_slots, N, H, D] bf16
+    out_ptr, stride_o_seq, stride_o_head,  # [num_seqs, num_heads, D], written when NUM_SPLITS == 1
+    part_o_ptr, part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, D], [num_seqs, num_heads, NUM_SPLITS]
     qk_scale,  # softmax scale * log2(e)
     NUM_SPLITS: tl.constexpr,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    D: tl.constexpr,
-    N: tl.constexpr,
-    TILES: tl.constexpr,
-    GATHER: tl.constexpr,
-    V_NORM_OFF: tl.constexpr,
-    TAIL_ROWS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+    TILES: tl.constexpr, V_NORM_OFF: tl.constexpr, TAIL_ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -76,36 +57,22 @@ def _decode_kernel(
     p_hi = tl.minimum(num_pages, p_lo + per_split)
 
     g = tl.arange(0, G_PAD)
-    dk = tl.arange(0, D)
     heads = kvh * G + g
     gmask = g < G
-    q = tl.load(
-        q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dk[None, :],
-        mask=gmask[:, None],
-        other=0.0,
-    )
-    acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+    q0, q1, q2, q3 = load_q(q_ptr, seq * stride_q_seq + heads * stride_q_head, gmask, D)
+    a0 = tl.zeros([G_PAD, D // 4], dtype=tl.float32)
+    a1 = tl.zeros([G_PAD, D // 4], dtype=tl.float32)
+    a2 = tl.zeros([G_PAD, D // 4], dtype=tl.float32)
+    a3 = tl.zeros([G_PAD, D // 4], dtype=tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
 
     for p in range(p_lo, p_hi):
         page = tl.load(block_table_ptr + seq * stride_bt + p).to(tl.int64)
         page_off = page * stride_c_block + kvh * stride_c_head
-        acc, m_i, l_i = attend_page(
-            q,
-            acc,
-            m_i,
-            l_i,
-            cache_u8_ptr,
-            cache_f16_ptr,
-            page_off,
-            qk_scale,
-            TILES,
-            D,
-            N,
-            V_NORM_OFF,
-            GATHER,
-            DOT_FP32,
+        a0, a1, a2, a3, m_i, l_i = attend_page(
+            q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
+            TILES, D, N, V_NORM_OFF, DOT_FP32,
         )
 
     if split == NUM_SPLITS - 1:
@@ -114,25 +81,23 @@ def _decode_kernel(
         for t0 in range(0, tail_len, TAIL_ROWS):
             t = t0 + tl.arange(0, TAIL_ROWS)
             tmask = t < tail_len
-            off = base + t[:, None] * stride_t_tok + dk[None, :]
-            k = tl.load(tk_ptr + off, mask=tmask[:, None], other=0.0)
-            v = tl.load(tv_ptr + off, mask=tmask[:, None], other=0.0)
-            acc, m_i, l_i = attend_dense_tile(q, acc, m_i, l_i, k, v, tmask[None, :], qk_scale, DOT_FP32)
+            a0, a1, a2, a3, m_i, l_i = attend_dense_tile(
+                q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, tk_ptr + base + t * stride_t_tok,
+                tv_ptr + base + t * stride_t_tok, tmask, tmask[None, :], qk_scale, D, DOT_FP32,
+            )
 
     if NUM_SPLITS == 1:
-        o = acc / l_i[:, None]
-        tl.store(
-            out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dk[None, :],
-            o.to(out_ptr.dtype.element_ty),
-            mask=gmask[:, None],
-        )
+        inv = 1.0 / l_i[:, None]
+        store_quarters(out_ptr, seq * stride_o_seq + heads * stride_o_head, gmask,
+                       a0 * inv, a1 * inv, a2 * inv, a3 * inv, D)
     else:
         nonempty = l_i > 0
-        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        inv = 1.0 / tl.where(nonempty, l_i, 1.0)[:, None]
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         row = (seq * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + split
-        tl.store(part_o_ptr + row[:, None] * D + dk[None, :], o, mask=gmask[:, None])
+        store_quarters(part_o_ptr, row * D, gmask, a0 * inv, a1 * inv, a2 * inv, a3 * inv, D)
         tl.store(part_lse_ptr + row, lse, mask=gmask)
+# fmt: on
 
 
 @triton.jit
@@ -184,7 +149,6 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     max_tile_rows: int = 128,
-    gather: bool = False,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail.
 
@@ -202,8 +166,7 @@ def decode_attention(
     out : optional ``[num_seqs, num_heads, head_size]`` output (any float dtype); default like ``query``.
     num_splits : pages are split in this many ranges per (sequence, KV head); default
         :func:`choose_num_splits`. num_warps, num_stages, max_tile_rows : launch options of the main kernel
-        (``max_tile_rows`` caps the page rows per ``tl.dot``; ``gather`` picks the code-unpacking variant of
-        ``_common.load_codes``).
+        (``max_tile_rows`` caps the page rows per ``tl.dot``).
 
     Returns
     -------
@@ -277,7 +240,6 @@ def decode_attention(
         D=d,
         N=n,
         TILES=layout.attention_tiles(max_rows=max_tile_rows),
-        GATHER=gather,
         V_NORM_OFF=layout.v_norm_off,
         TAIL_ROWS=min(64, pow2(n)),
         DOT_FP32=interp,

@@ -23,7 +23,9 @@ from ._common import (
     check_cache,
     check_tensor,
     interpreting,
+    load_q,
     pow2,
+    store_quarters,
 )
 from .probe_scores import probe_scores
 
@@ -31,46 +33,20 @@ ROWS_GPU = 128  # tile rows (query tokens x GQA heads) per program on the GPU: o
 ROWS_INTERPRET = 32
 
 
+# fmt: off
 @triton.jit
 def _prefill_kernel(
-    q_ptr,
-    stride_q_tok,
-    stride_q_head,  # [num_tokens, num_heads, D]
-    k_ptr,
-    v_ptr,
-    stride_k_tok,
-    stride_k_head,  # new tokens [num_tokens, H, D] (same strides for v)
-    cache_u8_ptr,
-    cache_f16_ptr,
-    stride_c_block,
-    stride_c_head,  # pages; strides in bytes
-    block_table_ptr,
-    stride_bt,  # int32 [num_seqs, max_blocks]
-    query_start_loc_ptr,
-    seq_lens_ptr,
-    tail_lens_ptr,
-    tail_slots_ptr,  # int32
-    tk_ptr,
-    tv_ptr,
-    stride_t_slot,
-    stride_t_tok,
-    stride_t_head,  # tail [num_slots, N, H, D]
-    out_ptr,
-    stride_o_tok,
-    stride_o_head,  # [num_tokens, num_heads, D]
-    lse_ptr,
-    stride_lse_tok,  # fp32 [num_tokens, num_heads], natural log
+    q_ptr, stride_q_tok, stride_q_head,  # [num_tokens, num_heads, D]
+    k_ptr, v_ptr, stride_k_tok, stride_k_head,  # new tokens [num_tokens, H, D] (same strides for v)
+    cache_u8_ptr, cache_f16_ptr, stride_c_block, stride_c_head,  # pages; strides in bytes
+    block_table_ptr, stride_bt,  # int32 [num_seqs, max_blocks]
+    query_start_loc_ptr, seq_lens_ptr, tail_lens_ptr, tail_slots_ptr,  # int32
+    tk_ptr, tv_ptr, stride_t_slot, stride_t_tok, stride_t_head,  # tail [num_slots, N, H, D]
+    out_ptr, stride_o_tok, stride_o_head,  # [num_tokens, num_heads, D]
+    lse_ptr, stride_lse_tok,  # fp32 [num_tokens, num_heads], natural log
     qk_scale,  # softmax scale * log2(e)
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    D: tl.constexpr,
-    N: tl.constexpr,
-    TILES: tl.constexpr,
-    GATHER: tl.constexpr,
-    V_NORM_OFF: tl.constexpr,
-    TAIL_ROWS: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
+    N: tl.constexpr, TILES: tl.constexpr, V_NORM_OFF: tl.constexpr, TAIL_ROWS: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     qt = tl.program_id(0)
@@ -88,64 +64,47 @@ def _prefill_kernel(
         g = r % G_PAD
         rmask = (qi < q_len) & (g < G)
         heads = kvh * G + g
-        dk = tl.arange(0, D)
-        q = tl.load(
-            q_ptr + (q0 + qi)[:, None] * stride_q_tok + heads[:, None] * stride_q_head + dk[None, :],
-            mask=rmask[:, None],
-            other=0.0,
-        )
-        acc = tl.zeros([BLOCK_Q * G_PAD, D], dtype=tl.float32)
+        tok = q0 + qi
+        x0, x1, x2, x3 = load_q(q_ptr, tok * stride_q_tok + heads * stride_q_head, rmask, D)
+        a0 = tl.zeros([BLOCK_Q * G_PAD, D // 4], dtype=tl.float32)
+        a1 = tl.zeros([BLOCK_Q * G_PAD, D // 4], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK_Q * G_PAD, D // 4], dtype=tl.float32)
+        a3 = tl.zeros([BLOCK_Q * G_PAD, D // 4], dtype=tl.float32)
         m_i = tl.full([BLOCK_Q * G_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_Q * G_PAD], dtype=tl.float32)
         # -- compressed pages: all precede the chunk ----
         for p in range(0, num_pages):
             page = tl.load(block_table_ptr + seq * stride_bt + p).to(tl.int64)
             page_off = page * stride_c_block + kvh * stride_c_head
-            acc, m_i, l_i = attend_page(
-                q,
-                acc,
-                m_i,
-                l_i,
-                cache_u8_ptr,
-                cache_f16_ptr,
-                page_off,
-                qk_scale,
-                TILES,
-                D,
-                N,
-                V_NORM_OFF,
-                GATHER,
-                DOT_FP32,
+            a0, a1, a2, a3, m_i, l_i = attend_page(
+                x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
+                TILES, D, N, V_NORM_OFF, DOT_FP32,
             )
         # -- bf16 tail: precedes the chunk ----
-        slot = tl.load(tail_slots_ptr + seq).to(tl.int64)
-        tbase = slot * stride_t_slot + kvh * stride_t_head
+        tbase = tl.load(tail_slots_ptr + seq).to(tl.int64) * stride_t_slot + kvh * stride_t_head
         for t0 in range(0, tail_len, TAIL_ROWS):
             t = t0 + tl.arange(0, TAIL_ROWS)
             tmask = t < tail_len
-            off = tbase + t[:, None] * stride_t_tok + dk[None, :]
-            k = tl.load(tk_ptr + off, mask=tmask[:, None], other=0.0)
-            v = tl.load(tv_ptr + off, mask=tmask[:, None], other=0.0)
-            acc, m_i, l_i = attend_dense_tile(q, acc, m_i, l_i, k, v, tmask[None, :], qk_scale, DOT_FP32)
+            a0, a1, a2, a3, m_i, l_i = attend_dense_tile(
+                x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, tk_ptr + tbase + t * stride_t_tok,
+                tv_ptr + tbase + t * stride_t_tok, tmask, tmask[None, :], qk_scale, D, DOT_FP32,
+            )
         # -- the chunk itself, causal ----
-        k_end = tl.minimum(q_len, (qt + 1) * BLOCK_Q)
-        for k0 in range(0, k_end, BLOCK_K):
+        for k0 in range(0, tl.minimum(q_len, (qt + 1) * BLOCK_Q), BLOCK_K):
             kj = k0 + tl.arange(0, BLOCK_K)
             kmask = kj < q_len
-            off = (q0 + kj)[:, None] * stride_k_tok + kvh * stride_k_head + dk[None, :]
-            k = tl.load(k_ptr + off, mask=kmask[:, None], other=0.0)
-            v = tl.load(v_ptr + off, mask=kmask[:, None], other=0.0)
+            koff = (q0 + kj) * stride_k_tok + kvh * stride_k_head
             visible = kmask[None, :] & (kj[None, :] <= qi[:, None])
-            acc, m_i, l_i = attend_dense_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, DOT_FP32)
+            a0, a1, a2, a3, m_i, l_i = attend_dense_tile(
+                x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, k_ptr + koff, v_ptr + koff, kmask, visible, qk_scale,
+                D, DOT_FP32,
+            )
         safe_l = tl.where(l_i > 0, l_i, 1.0)
-        o = acc / safe_l[:, None]
-        tok = q0 + qi
-        tl.store(
-            out_ptr + tok[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dk[None, :],
-            o.to(out_ptr.dtype.element_ty),
-            mask=rmask[:, None],
-        )
+        inv = 1.0 / safe_l[:, None]
+        store_quarters(out_ptr, tok * stride_o_tok + heads * stride_o_head, rmask,
+                       a0 * inv, a1 * inv, a2 * inv, a3 * inv, D)
         tl.store(lse_ptr + tok * stride_lse_tok + heads, (m_i + tl.log2(safe_l)) * LN2_C, mask=rmask)
+# fmt: on
 
 
 def prefill_attention(
@@ -261,7 +220,6 @@ def prefill_attention(
             D=d,
             N=n,
             TILES=layout.attention_tiles(),
-            GATHER=False,
             V_NORM_OFF=layout.v_norm_off,
             TAIL_ROWS=min(64, pow2(n)),
             DOT_FP32=interp,

@@ -23,9 +23,9 @@ multiple of 16 bytes; fp16 = quantization parameters, rounded before the codes w
 
     offset
     k_hi_off    +-------------------------------------------+
-                | key codes, salient rows 0..sk-1, H bits   |  sk * D*H/8      (row r: D codes, packed
-    k_lo_off    +-------------------------------------------+                  along channels, 8/H per
-                | key codes, rows sk..N-1, L bits           |  (N-sk) * D*L/8   byte, value j at bit j*H)
+                | key codes, salient rows 0..sk-1, H bits   |  sk * D*H/8      (row r: D codes, 8/H per
+    k_lo_off    +-------------------------------------------+                  byte; byte i holds channels
+                | key codes, rows sk..N-1, L bits           |  (N-sk) * D*L/8   i + j*D*H/8 at bit j*H)
     v_hi_off    +-------------------------------------------+
                 | value codes, rows 0..sv-1, H bits         |  sv * D*H/8
     v_lo_off    +-------------------------------------------+
@@ -42,7 +42,10 @@ multiple of 16 bytes; fp16 = quantization parameters, rounded before the codes w
                 | padding up to N * state_content_bytes     |
     page_bytes  +-------------------------------------------+
 
-Dequantization: ``k[t, c] = code * step_g[c] + mn_g[c]`` (g = the row's group), ``v[t, c] = c[c] *
+Codes are packed per row with ``quant.pack_bits`` over a channel permutation (``paged.pack_row``): byte ``i``
+holds channels ``i, i + D/m, ...`` (``m`` codes per byte), the released ZipCache code's half/quarter packing,
+so every byte column block unpacks to a contiguous channel block. Dequantization:
+``k[t, c] = code * step_g[c] + mn_g[c]`` (g = the row's group), ``v[t, c] = c[c] *
 (code * step[t] + mn[t])``. ``page_bytes = block_size * state_content_bytes`` is what a vLLM KV cache
 view ``[num_blocks, num_kv_heads, block_size, state_content_bytes]`` (uint8) allocates per (block, head), and
 what every capacity figure here counts.
@@ -283,9 +286,7 @@ def capacity_table(
 
 def format_capacity_table(rows: list[dict[str, float | int]]) -> str:
     """Markdown table of :func:`capacity_table` rows."""
-    head = (
-        "| head size | block size | page bytes | codes | params | masks | padding | bytes/token | capacity |"
-    )
+    head = "| head size | block size | page bytes | codes | params | masks | padding | bytes/token | capacity |"
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(

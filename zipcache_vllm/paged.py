@@ -36,12 +36,36 @@ from .quant import (
 from .saliency import select_salient
 
 __all__ = [
+    "pack_row",
+    "unpack_row",
     "compress_store",
     "page_order",
     "dequantize_pages",
     "decode_attention",
     "prefill_attention",
 ]
+
+
+# --------------------------------------------------------------------------------------------- packing
+def pack_row(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a row of ``D`` codes as pages store them: :func:`quant.pack_bits` over the channel order in which
+    byte ``i`` holds channels ``i, i + D/m, i + 2D/m, ...`` (``m = 8 // bits`` values per byte, value ``j`` at
+    bit ``j * bits``), the half/quarter packing of the released ZipCache code (method doc §2).
+
+    Unpacking a byte column block then yields a contiguous block of channels, so the kernels split every row
+    into four contiguous channel quarters with shifts and masks only (no interleaving shuffles).
+    """
+    m = 8 // bits
+    d = codes.shape[-1]
+    return pack_bits(codes.reshape(*codes.shape[:-1], m, d // m).transpose(-1, -2).reshape(codes.shape), bits)
+
+
+def unpack_row(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_row`: ``[..., D * bits / 8]`` bytes -> ``[..., D]`` uint8 codes."""
+    m = 8 // bits
+    vals = unpack_bits(packed, bits)
+    d = vals.shape[-1]
+    return vals.reshape(*vals.shape[:-1], d // m, m).transpose(-1, -2).reshape(vals.shape)
 
 
 # --------------------------------------------------------------------------------------------- compress
@@ -106,10 +130,10 @@ def compress_store(
         data = data.reshape(nb, h, -1)
         page[:, :, off : off + data.shape[-1]] = data
 
-    put(layout.k_hi_off, pack_bits(rows(k_hi.codes)[:, :, :sk], bh))
-    put(layout.k_lo_off, pack_bits(rows(k_lo.codes)[:, :, sk:], bl))
-    put(layout.v_hi_off, pack_bits(rows(v_hi.codes)[:, :, :sv], bh))
-    put(layout.v_lo_off, pack_bits(rows(v_lo.codes)[:, :, sv:], bl))
+    put(layout.k_hi_off, pack_row(rows(k_hi.codes)[:, :, :sk], bh))
+    put(layout.k_lo_off, pack_row(rows(k_lo.codes)[:, :, sk:], bl))
+    put(layout.v_hi_off, pack_row(rows(v_hi.codes)[:, :, :sv], bh))
+    put(layout.v_lo_off, pack_row(rows(v_lo.codes)[:, :, sv:], bl))
     kpar = torch.cat([k_hi.step, k_hi.mn, k_lo.step, k_lo.mn], dim=-1)  # [B, H, 1, 4D] fp16
     put(layout.k_param_off, _bytes(kpar))
     put(layout.v_norm_off, _bytes(c))
@@ -142,7 +166,7 @@ def dequantize_pages(
 
     def codes(off: int, rows_: int, bits: int) -> torch.Tensor:
         raw = page[..., off : off + rows_ * d * bits // 8].reshape(nb, h, rows_, d * bits // 8)
-        return unpack_bits(raw, bits).float()
+        return unpack_row(raw, bits).float()
 
     kp = _f16(page, layout.k_param_off, 4 * d).reshape(nb, h, 4, 1, d)
     k = torch.cat(
@@ -214,9 +238,7 @@ def decode_attention(
     for s in range(query.shape[0]):
         tl_ = int(tail_lens[s])
         num_pages = (int(seq_lens[s]) - tl_) // layout.block_size
-        k, v = _seq_kv(
-            kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_
-        )
+        k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
         out[s] = _attend(query[s : s + 1], k, v, None, scale)[0][0]
     return out
 
@@ -274,9 +296,7 @@ def prefill_attention(
         ql, sl, tl_ = q1 - q0, int(seq_lens[s]), int(tail_lens[s])
         ctx = sl - ql
         num_pages = (ctx - tl_) // n
-        pk, pv = _seq_kv(
-            kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_
-        )
+        pk, pv = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
         k = torch.cat([pk, key[q0:q1].float()])
         v = torch.cat([pv, value[q0:q1].float()])
         kpos = torch.arange(k.shape[0], device=query.device)  # pages first: their positions are < ctx - tl_

@@ -25,9 +25,7 @@ CASES = [
 
 def _run(layout, k, v, scores, block_ids, num_blocks):
     h = k.shape[1]
-    base = torch.randint(
-        0, 256, (num_blocks, h, layout.page_bytes), dtype=torch.uint8
-    )  # untouched bytes stay
+    base = torch.randint(0, 256, (num_blocks, h, layout.page_bytes), dtype=torch.uint8)  # untouched bytes stay
     ref = base.clone()
     paged.compress_store(k, v, scores, block_ids, ref, layout)
     got = base.to(DEVICE)

@@ -213,11 +213,14 @@ def sweep_decode(layout, pool, reps) -> tuple[dict, list]:
     args = decode_inputs(layout, pool, *SWEEP_CASE)
     base = choose_num_splits(SWEEP_CASE[0], MODEL["num_kv_heads"], args["block_table"].shape[1], DEV)
     rows = []
-    variants = [{"num_warps": w, "num_stages": 2, "max_tile_rows": r} for w in (2, 4, 8) for r in (128, 32)]
-    variants += [{"num_warps": 4, "num_stages": 3, "max_tile_rows": 128}]
-    variants += [
-        {"num_warps": 4, "num_stages": 2, "max_tile_rows": 128, "num_splits": x} for x in (base // 2, base * 2)
+    variants = [
+        {"num_warps": w, "max_tile_rows": 128, "asm_unpack": asm, "split_tiles": sp}
+        for w in (2, 4)
+        for asm in (True, False)
+        for sp in (True, False)
     ]
+    variants += [{"num_warps": 1, "max_tile_rows": 128, "asm_unpack": True, "split_tiles": False}]
+    variants += [{"num_warps": 2, "max_tile_rows": 32, "asm_unpack": True, "split_tiles": True}]
     for kw in variants:
         kw.setdefault("num_splits", base)
         try:
@@ -228,7 +231,7 @@ def sweep_decode(layout, pool, reps) -> tuple[dict, list]:
         rows.append({**kw, "time_us": us})
         print(f"  sweep {kw}: {us:.1f} us")
     best = min(rows, key=lambda r: r["time_us"])
-    return {k: best[k] for k in ("num_warps", "num_stages", "max_tile_rows")}, rows
+    return {k: best[k] for k in ("num_warps", "max_tile_rows", "asm_unpack", "split_tiles")}, rows
 
 
 def bench_decode(layout, pool, cfg, copy_gbps, reps, cases):
@@ -328,23 +331,23 @@ def prefill_case(layout, reps, n_tok):
 
 
 def bench_compress(layout, reps, num_blocks):
+    """compress_store on ``num_blocks`` blocks x 8 heads, for 8 and 16 warps per program; the faster is kept."""
     h, d = MODEL["num_kv_heads"], MODEL["head_size"]
     k = torch.randn(num_blocks * BLOCK, h, d, device=DEV, dtype=torch.bfloat16)
     v = torch.randn(num_blocks * BLOCK, h, d, device=DEV, dtype=torch.bfloat16)
     s = torch.rand(num_blocks * BLOCK, h, device=DEV)
     ids = torch.randperm(num_blocks, device=DEV, dtype=torch.int32)
     cache = torch.empty(num_blocks, h, layout.page_bytes, dtype=torch.uint8, device=DEV)
-    us = graph_time([lambda: compress_store(k, v, s, ids, cache, layout)], reps)
+    times = {w: graph_time([lambda w=w: compress_store(k, v, s, ids, cache, layout, num_warps=w)], reps)
+             for w in (8, 16)}  # fmt: skip
+    w = min(times, key=times.get)
+    us = times[w]
     moved = k.numel() * 2 * 2 + s.numel() * 4 + num_blocks * h * layout.page_bytes
     return {
-        "kernel": "compress_store",
-        "batch": num_blocks,
-        "context": BLOCK,
-        "time_us": us,
-        "tokens_per_s": num_blocks * BLOCK / us * 1e6,
-        "bytes_moved": moved,
+        "kernel": "compress_store", "batch": num_blocks, "context": BLOCK, "time_us": us, "num_warps": w,
+        "time_us_by_warps": times, "tokens_per_s": num_blocks * BLOCK / us * 1e6, "bytes_moved": moved,
         "achieved_gbps": moved / us / 1e3,
-    }
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- report

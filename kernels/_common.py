@@ -17,6 +17,28 @@ LOG2E_C = tl.constexpr(LOG2E)  # the same, readable inside @triton.jit
 LN2_C = tl.constexpr(0.6931471805599453)
 
 
+def _unpack_asm(shift: int, mask: int) -> str:
+    """PTX turning 4 packed bytes into 4 fp16 codes ``(byte >> shift) & mask`` (two f16x2 registers):
+    PRMT places each byte under an 0x64 high byte (fp16 1024 + x), AND keeps the code, SUB removes 1024."""
+    return (
+        "{ .reg .b32 t, h, k; "
+        f"shr.b32 t, $2, {shift}; mov.b32 h, 0x64646464; mov.b32 k, 0x64006400; "
+        "prmt.b32 $0, t, h, 0x5140; prmt.b32 $1, t, h, 0x7362; "
+        f"and.b32 $0, $0, {0xFF00FF00 | mask | (mask << 16)}; and.b32 $1, $1, {0xFF00FF00 | mask | (mask << 16)}; "
+        "sub.f16x2 $0, $0, k; sub.f16x2 $1, $1, k; }"
+    )
+
+
+# (bits, shift) -> asm; a global tl.constexpr so that @triton.jit code may read it
+_ASM_2_0 = tl.constexpr(_unpack_asm(0, 0x03))
+_ASM_2_2 = tl.constexpr(_unpack_asm(2, 0x03))
+_ASM_2_4 = tl.constexpr(_unpack_asm(4, 0x03))
+_ASM_2_6 = tl.constexpr(_unpack_asm(6, 0x03))
+_ASM_4_0 = tl.constexpr(_unpack_asm(0, 0x0F))
+_ASM_4_4 = tl.constexpr(_unpack_asm(4, 0x0F))
+_ASM_8_0 = tl.constexpr(_unpack_asm(0, 0xFF))
+
+
 def interpreting() -> bool:
     """True under the Triton interpreter (TRITON_INTERPRET=1): dots then run on fp32 operands, because the
     interpreter multiplies bf16 bit patterns as integers (triton issue #11584)."""
@@ -93,24 +115,37 @@ def code_operand(c, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def load_quarters(row_ptr, rmask, BITS: tl.constexpr, D: tl.constexpr, DOT_FP32: tl.constexpr):
+def _asm(b, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def load_quarters(row_ptr, rmask, BITS: tl.constexpr, D: tl.constexpr, DOT_FP32: tl.constexpr,
+                  ASM: tl.constexpr):
     """Codes of a tile of page rows as four ``[ROWS, D/4]`` channel quarters (row packing: paged.pack_row;
-    ``row_ptr [ROWS]`` points at each row's first byte)."""
+    ``row_ptr [ROWS]`` points at each row's first byte). ``ASM`` (GPU only): unpack 4 bytes per PTX sequence
+    (1.5 instructions per code) instead of per-element shifts, masks and conversions."""
     Q: tl.constexpr = D // 4
     ptr = row_ptr[:, None] + tl.arange(0, Q)[None, :]
     m = rmask[:, None]
     if BITS == 2:  # byte i: channels i, i + Q, i + 2Q, i + 3Q at bits 0, 2, 4, 6
         b = tl.load(ptr, mask=m, other=0)
+        if ASM:
+            return _asm(b, _ASM_2_0), _asm(b, _ASM_2_2), _asm(b, _ASM_2_4), _asm(b, _ASM_2_6)
         c0, c1, c2, c3 = b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6
     elif BITS == 4:  # byte i < 2Q: channels i (low nibble) and i + 2Q (high)
         b0 = tl.load(ptr, mask=m, other=0)
         b1 = tl.load(ptr + Q, mask=m, other=0)
+        if ASM:
+            return _asm(b0, _ASM_4_0), _asm(b1, _ASM_4_0), _asm(b0, _ASM_4_4), _asm(b1, _ASM_4_4)
         c0, c1, c2, c3 = b0 & 15, b1 & 15, b0 >> 4, b1 >> 4
     else:
         c0 = tl.load(ptr, mask=m, other=0)
         c1 = tl.load(ptr + Q, mask=m, other=0)
         c2 = tl.load(ptr + 2 * Q, mask=m, other=0)
         c3 = tl.load(ptr + 3 * Q, mask=m, other=0)
+        if ASM:
+            return _asm(c0, _ASM_8_0), _asm(c1, _ASM_8_0), _asm(c2, _ASM_8_0), _asm(c3, _ASM_8_0)
     return (code_operand(c0, DOT_FP32), code_operand(c1, DOT_FP32), code_operand(c2, DOT_FP32),
             code_operand(c3, DOT_FP32))
 
@@ -157,7 +192,7 @@ def attend_page_tile(
     VALID: tl.constexpr, ROWS: tl.constexpr,  # one tile of layout.attention_tiles(): ROWS rows, VALID real
     KB: tl.constexpr, K_OFF: tl.constexpr, K_PAR: tl.constexpr,  # key bits, codes and (step, mn) offsets
     VB: tl.constexpr, V_OFF: tl.constexpr, V_TOK: tl.constexpr,  # value bits, codes and per-token params
-    D: tl.constexpr, N: tl.constexpr, V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr,
+    D: tl.constexpr, N: tl.constexpr, V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr, ASM: tl.constexpr,
 ):
     """One tile of page rows, dequantization folded into q and the output (method doc §10):
 
@@ -176,7 +211,7 @@ def attend_page_tile(
             + tl.sum(f1 * tl.load(kp + D + Q).to(tl.float32)[None, :], axis=1)
             + tl.sum(f2 * tl.load(kp + D + 2 * Q).to(tl.float32)[None, :], axis=1)
             + tl.sum(f3 * tl.load(kp + D + 3 * Q).to(tl.float32)[None, :], axis=1)) * qk_scale
-    k0, k1, k2, k3 = load_quarters(cache_u8_ptr + page_off + K_OFF + r * (D * KB // 8), rmask, KB, D, DOT_FP32)
+    k0, k1, k2, k3 = load_quarters(cache_u8_ptr + page_off + K_OFF + r * (D * KB // 8), rmask, KB, D, DOT_FP32, ASM)
     s = tl.dot(dot_operand(f0 * (tl.load(kp).to(tl.float32) * qk_scale)[None, :], DOT_FP32), tl.trans(k0))
     s = tl.dot(dot_operand(f1 * (tl.load(kp + Q).to(tl.float32) * qk_scale)[None, :], DOT_FP32), tl.trans(k1), s)
     s = tl.dot(dot_operand(f2 * (tl.load(kp + 2 * Q).to(tl.float32) * qk_scale)[None, :], DOT_FP32),
@@ -190,7 +225,7 @@ def attend_page_tile(
     vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)
     pw = dot_operand(p * vstep[None, :], DOT_FP32)
     pm = tl.sum(p * vmn[None, :], axis=1)[:, None]
-    v0, v1, v2, v3 = load_quarters(cache_u8_ptr + page_off + V_OFF + r * (D * VB // 8), rmask, VB, D, DOT_FP32)
+    v0, v1, v2, v3 = load_quarters(cache_u8_ptr + page_off + V_OFF + r * (D * VB // 8), rmask, VB, D, DOT_FP32, ASM)
     cn = cache_f16_ptr + hoff + V_NORM_OFF // 2 + dq
     a0 = a0 * alpha[:, None] + (tl.dot(pw, v0) + pm) * tl.load(cn).to(tl.float32)[None, :]
     a1 = a1 * alpha[:, None] + (tl.dot(pw, v1) + pm) * tl.load(cn + Q).to(tl.float32)[None, :]
@@ -203,14 +238,14 @@ def attend_page_tile(
 def attend_page(
     q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
     TILES: tl.constexpr,  # layout.attention_tiles()
-    D: tl.constexpr, N: tl.constexpr, V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr,
+    D: tl.constexpr, N: tl.constexpr, V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr, ASM: tl.constexpr,
 ):
     """All rows of one page, tile by tile (the tiles are compile-time constants)."""
     for i in tl.static_range(len(TILES)):
         a0, a1, a2, a3, m_i, l_i = attend_page_tile(
             q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
             TILES[i][0], TILES[i][1], TILES[i][2], TILES[i][3], TILES[i][4], TILES[i][5], TILES[i][6],
-            TILES[i][7], D, N, V_NORM_OFF, DOT_FP32,
+            TILES[i][7], D, N, V_NORM_OFF, DOT_FP32, ASM,
         )
     return a0, a1, a2, a3, m_i, l_i
 

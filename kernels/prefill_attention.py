@@ -47,7 +47,7 @@ def _prefill_kernel(
     qk_scale,  # softmax scale * log2(e)
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
     N: tl.constexpr, TILES: tl.constexpr, V_NORM_OFF: tl.constexpr, TAIL_ROWS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, ASM: tl.constexpr,
 ):
     qt = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
@@ -78,7 +78,7 @@ def _prefill_kernel(
             page_off = page * stride_c_block + kvh * stride_c_head
             a0, a1, a2, a3, m_i, l_i = attend_page(
                 x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
-                TILES, D, N, V_NORM_OFF, DOT_FP32,
+                TILES, D, N, V_NORM_OFF, DOT_FP32, ASM,
             )
         # -- bf16 tail: precedes the chunk ----
         tbase = tl.load(tail_slots_ptr + seq).to(tl.int64) * stride_t_slot + kvh * stride_t_head
@@ -223,6 +223,7 @@ def prefill_attention(
             V_NORM_OFF=layout.v_norm_off,
             TAIL_ROWS=min(64, pow2(n)),
             DOT_FP32=interp,
+            ASM=not interp,
             num_warps=8 if block_q * g_pad >= 128 else 4,
             num_stages=2,
         )

@@ -177,8 +177,9 @@ def probe_scores(
     interp = interpreting()
     g = num_heads // h
     g_pad = pow2(g)
-    block_p = max(1, (16 if interp else 128) // g_pad)  # probe tokens x GQA heads = 128 tile rows on the GPU
-    block_k = 32 if interp else 128
+    # 64 x 64 tiles, 4 warps: 89 us at 4k tokens on the H200 against 134 us for 128 x 128 tiles, 8 warps
+    block_p = max(1, (16 if interp else 64) // g_pad)
+    block_k = 32 if interp else 64
     tail_tiles = triton.cdiv(n, block_k)
     grid = (tail_tiles + triton.cdiv(max(1, max_query_len), block_k), num_seqs, h)
     scale = d**-0.5 if scale is None else scale
@@ -215,6 +216,6 @@ def probe_scores(
         TAIL_TILES=tail_tiles,
         NORMALIZER=NORMALIZERS[norm],
         DOT_FP32=interp,
-        num_warps=1 if interp else 8,
+        num_warps=1 if interp else 4,
     )
     return scores, tail_scores

@@ -68,7 +68,7 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _split_rows(n: int, min_rows: int, max_rows: int) -> list[tuple[int, int]]:
+def _split_rows(n: int, min_rows: int, max_rows: int, split: bool = True) -> list[tuple[int, int]]:
     """Split ``n`` rows into (valid, padded) tiles, powers of two in [min_rows, max_rows], padding little.
 
     77 rows -> [(64, 64), (13, 16)] (80 padded instead of 128); 51 -> [(51, 64)].
@@ -82,8 +82,8 @@ def _split_rows(n: int, min_rows: int, max_rows: int) -> list[tuple[int, int]]:
         whole = max(min_rows, _pow2_at_least(n))
         lower = 1 << (n.bit_length() - 1)
         rest = n - lower
-        split = lower + (max(min_rows, _pow2_at_least(rest)) if rest else 0)
-        if lower >= min_rows and rest and split < whole and len(tiles) < first + 2:
+        pad_rest = max(min_rows, _pow2_at_least(rest)) if rest else 0
+        if split and lower >= min_rows and rest and lower + pad_rest < whole and len(tiles) < first + 2:
             tiles.append((lower, lower))
             n = rest
         else:
@@ -226,7 +226,9 @@ class PageLayout:
             regions.append((a, b, kb, k_off, k_par, vb, v_off, a))
         return regions
 
-    def attention_tiles(self, min_rows: int = 16, max_rows: int = 128) -> tuple[tuple[int, ...], ...]:
+    def attention_tiles(
+        self, min_rows: int = 16, max_rows: int = 128, split: bool = True
+    ) -> tuple[tuple[int, ...], ...]:
         """Tiles of page rows for the attention kernels, a compile-time constant.
 
         Each tile is ``(valid, rows, k_bits, k_off, k_param_off, v_bits, v_off, v_tok_off)``: ``rows`` (a
@@ -240,7 +242,7 @@ class PageLayout:
         tiles = []
         for a, b, kb, k_off, k_par, vb, v_off, _ in self.row_regions():
             start = a
-            for valid, rows in _split_rows(b - a, min_rows, max_rows):
+            for valid, rows in _split_rows(b - a, min_rows, max_rows, split):
                 tiles.append(
                     (
                         valid,

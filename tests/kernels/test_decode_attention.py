@@ -55,8 +55,16 @@ def test_bf16_output_close_to_dense_attention():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("max_tile_rows", [128, 32, 16])
-def test_tile_sizes(max_tile_rows):
-    """The tile sizes the benchmark sweeps compute the same function."""
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_tile_rows": 128, "split_tiles": False},
+        {"max_tile_rows": 32},
+        {"max_tile_rows": 16, "asm_unpack": False},
+        {"asm_unpack": False, "split_tiles": False, "num_warps": 2},
+    ],
+)
+def test_launch_options(kw):
+    """The launch options the benchmark sweeps compute the same function."""
     layout = PageLayout(128, 64)
-    _compare(layout, 2, 4, [(128 * 2 + 7, 0), (130, 0)], max_tile_rows=max_tile_rows)
+    _compare(layout, 2, 4, [(128 * 2 + 7, 0), (130, 0)], **kw)

@@ -1,0 +1,37 @@
+"""zipcache-vllm: ZipCache mixed-precision KV cache compression for vLLM.
+
+The vLLM plugin boundary is :func:`register` (entry point ``vllm.general_plugins: zipcache``). Importing this
+package has no side effects and does not import vLLM.
+"""
+
+from __future__ import annotations
+
+_REGISTERED = False
+
+CPU_BACKEND = "zipcache_vllm.backend.ZipCacheAttentionBackend"
+CUDA_BACKEND = "zipcache_vllm.backend.ZipCacheCudaAttentionBackend"
+
+
+def register() -> None:
+    """Install the ZipCache attention backend when ``ZIPCACHE_KV_CACHE_BACKEND=zipcache`` (set by
+    ``zipcache-vllm serve --kv-cache-backend zipcache``); otherwise do nothing, so vLLM stays stock.
+
+    vLLM calls this in every process (API server, EngineCore, worker), possibly more than once. On CPU the
+    backend replaces ``CPU_ATTN`` (CPU ignores ``--attention-backend CUSTOM``); on CUDA it fills vLLM's
+    ``CUSTOM`` slot, selected with ``--attention-backend CUSTOM``.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from . import envs
+
+    if not envs.enabled():
+        return
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+    else:
+        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
+    _REGISTERED = True

@@ -48,6 +48,7 @@ class StepPlan:
     tail_slots: list[int]
     tail_lens: list[int]
     new_tail_lens: list[int]
+    block_size: int
 
     @property
     def num_seqs(self) -> int:
@@ -211,4 +212,4 @@ class BlockManager:
                 self._len[slot] = t1s[s]
                 self._used_at[slot] = self.step
         self._free.extend(to_free)
-        return StepPlan(tail_slots=slots, tail_lens=t0s, new_tail_lens=t1s)
+        return StepPlan(tail_slots=slots, tail_lens=t0s, new_tail_lens=t1s, block_size=n)

@@ -89,8 +89,9 @@ def ref_step(seq: RefSeq, q, k, v, cfg: ZipCacheConfig, layout: PageLayout, laye
 class Engine:
     """What vLLM does around the backend: block allocation, block tables, slot mappings, one layer."""
 
-    def __init__(self, cfg, num_heads, num_kv_heads, layer_idx=3):
+    def __init__(self, cfg, num_heads, num_kv_heads, layer_idx=3, batched=True):
         self.cfg, self.hq, self.h, self.layer_idx = cfg, num_heads, num_kv_heads, layer_idx
+        self.batched = batched  # one-token rows in the batched torch pass (else: every row via the twin)
         self.layout = PageLayout(block_size=N, head_size=D, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
                                  salient_ratio=cfg.salient_ratio, value_salient_ratio=cfg.value_salient_ratio)
         # vLLM's view [num_blocks, H, N, C], flattened to pages as the backend does
@@ -134,7 +135,7 @@ class Engine:
         k = (torch.randn(t, self.h, D, generator=gen) * torch.linspace(0.5, 4, D)).bfloat16()
         v = torch.randn(t, self.h, D, generator=gen).bfloat16()
         plan = self.bm.plan(block_table.tolist(), ctx_lens, qlens)
-        step = prepare_step(plan, qsl, seq_lens)
+        step = prepare_step(plan, qsl, seq_lens, block_table if self.batched else None)
         out = zipcache_attention(
             q, k, v, self.kv_view.flatten(2), block_table, seq_lens, qsl, torch.tensor(slots),
             self.staging, step, self.layout, self.cfg, layer_idx=self.layer_idx, scale=self.scale,
@@ -179,8 +180,9 @@ def run(engine: Engine, schedule, seed=0):
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2), (3, 3)])  # GQA 3:1 (SmolLM2's ratio), MHA
-def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads):
-    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads)
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "twin"])
+def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads, batched):
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, batched=batched)
     run(e, [
         [("a", 37), ("b", 20)],  # a: 2 blocks + 5 staged; b: 1 block + 4
         [("b", 1), ("c", 32), ("a", 1)],  # c: exactly 2 blocks, nothing staged; rows reordered
@@ -213,3 +215,19 @@ def test_finished_request_blocks_are_reused():
 def test_single_token_prompt_and_exact_block_prompt():
     e = Engine(CONFIGS["paged"], 6, 2)
     run(e, [[("a", 1), ("b", N)], [("a", 1), ("b", 1)], [("b", 1), ("a", 1)]])
+
+
+@pytest.mark.parametrize("head_size, bits", [(64, (4, 2)), (32, (8, 4)), (128, (2, 2))])
+def test_fast_cpu_dequantize_is_bit_exact(head_size, bits):
+    from zipcache_vllm.attention import dequantize_pages_cpu
+
+    lay = PageLayout(block_size=32, head_size=head_size, bits_high=bits[0], bits_low=bits[1], salient_ratio=0.6)
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(5 * 32, 3, head_size, generator=gen).bfloat16()
+    v = torch.randn(5 * 32, 3, head_size, generator=gen).bfloat16()
+    cache = torch.zeros(7, 3, lay.page_bytes, dtype=torch.uint8)
+    paged.compress_store(k, v, torch.rand(5 * 32, 3, generator=gen), torch.tensor([6, 1, 3, 2, 5]), cache, lay)
+    ids = torch.tensor([3, 6, 5])
+    want = paged.dequantize_pages(cache, ids, lay, order="page")
+    got = dequantize_pages_cpu(cache, ids, lay)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])

@@ -1,0 +1,282 @@
+"""The vLLM seam: a ZipCache attention backend whose paged KV blocks are compressed pages.
+
+* :class:`ZipCacheAttentionBackend` (CPU; keeps the name ``CPU_ATTN``, over which ``register()`` installs it)
+  declares the compressed page in :meth:`customize_spec`, so vLLM's own memory accounting grants the extra
+  blocks, and stores K/V inside ``forward`` (``forward_includes_kv_cache_update``: probe scores need Q).
+* :class:`ZipCacheMetadataBuilder` plans the bf16 staging of each step once (:mod:`.block_manager`).
+* :class:`ZipCacheAttentionImpl.forward` only adapts vLLM's metadata and calls
+  :func:`zipcache_vllm.attention.zipcache_attention`.
+
+CUDA graphs: not supported (``AttentionCGSupport.NEVER``): a step plans staging slots in Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from . import envs
+from .attention import Staging, Step, prepare_step, zipcache_attention
+from .block_manager import BlockManager
+from .config import Granularity, KeyScheme, Selection, ZipCacheConfig
+from .layout import PageLayout
+
+logger = logging.getLogger("vllm.zipcache")
+
+_state: dict = {}  # per process: the resolved config (stashed by the first impl for customize_spec), logs done
+
+
+# ------------------------------------------------------------------------------------------------- config
+def resolve_config(block_size: int, additional: dict | None = None) -> ZipCacheConfig:
+    """The env config, then ``additional_config["zipcache"]``, fitted to vLLM's paged semantics."""
+    section = (additional or {}).get("zipcache") or {}
+    if not isinstance(section, dict):
+        raise ValueError("additional_config 'zipcache' must be a mapping of ZipCacheConfig keys")
+    cfg = envs.load_config(section)
+    if cfg.key_scheme is not KeyScheme.CHANNELWISE:
+        raise ValueError("ZipCache in vLLM stores keys channelwise (ZC-3); key_scheme=cst is not supported")
+    paged = {"granularity": Granularity.BLOCK, "selection": Selection.QUOTA, "block_size": block_size}
+    changed = {k: v for k, v in paged.items() if getattr(cfg, k) != v}
+    if changed and "coerced" not in _state:
+        _state["coerced"] = True
+        logger.warning(
+            "ZipCache in vLLM compresses each complete block of %d tokens with a per-block salient quota; "
+            "config values %s replaced by %s",
+            block_size,
+            {k: getattr(cfg, k).value if hasattr(getattr(cfg, k), "value") else getattr(cfg, k) for k in changed},
+            {k: v.value if hasattr(v, "value") else v for k, v in changed.items()},
+        )
+    return cfg.replace(**paged)
+
+
+def num_staging_slots(vllm_config: VllmConfig) -> int:
+    """Incomplete blocks held at once: at most one per running sequence, plus room for stale slots."""
+    explicit = envs.staging_slots()
+    if explicit is not None:
+        return explicit
+    max_seqs = vllm_config.scheduler_config.max_num_seqs
+    return max_seqs + max(4, max_seqs // 8)
+
+
+def _layer_index(layer_name: str) -> int:
+    found = re.findall(r"\.(\d+)\.", f".{layer_name}.")
+    return int(found[0]) if found else 0
+
+
+# ------------------------------------------------------------------------------------------------ backend
+class ZipCacheAttentionBackend(CPUAttentionBackend):
+    forward_includes_kv_cache_update: bool = True
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 128, 256]  # the page layout needs multiples of 16; the Triton tiles powers of two
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type[ZipCacheAttentionImpl]:
+        return ZipCacheAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[ZipCacheMetadataBuilder]:
+        return ZipCacheMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Declare the compressed page: uint8, ``layout.state_content_bytes`` per (KV head, token)."""
+        if spec.state_content_bytes is not None:
+            return spec
+        if spec.head_size_v != spec.head_size:
+            raise ValueError("ZipCache needs equal key and value head sizes")
+        cfg = _state.get("config") or resolve_config(spec.block_size)
+        layout = PageLayout.from_config(cfg.replace(block_size=spec.block_size), spec.head_size)
+        new = replace(spec, dtype=torch.uint8, state_content_bytes=layout.state_content_bytes)
+        if "spec_logged" not in _state:
+            _state["spec_logged"] = True
+            bf16 = spec.page_size_bytes
+            logger.info(
+                "ZipCache layout: %d-token blocks, %d/%d bits, %d/%d salient rows (K/V); %d bytes per (block, "
+                "KV head) = %.2f bytes/token/head vs %d in bf16 -> %.2fx capacity; page_size_bytes %d -> %d",
+                layout.block_size, layout.bits_high, layout.bits_low, layout.num_salient_k,
+                layout.num_salient_v, layout.page_bytes, layout.bytes_per_token, 4 * layout.head_size,
+                bf16 / new.page_size_bytes, bf16, new.page_size_bytes,
+            )
+        return new
+
+
+class ZipCacheCudaAttentionBackend(ZipCacheAttentionBackend):
+    """The same backend in vLLM's CUSTOM slot (CUDA hosts: ``--attention-backend CUSTOM``). Untested here."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+@dataclass
+class ZipCacheMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: torch.Tensor
+    max_seq_len: int
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    step: Step
+    causal: bool = True
+
+
+class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_manager = BlockManager(num_staging_slots(vllm_config), kv_cache_spec.block_size)
+        self.batched_decode = device.type == "cpu"  # the torch path batches one-token rows
+
+    def cpu_block_table(self, cm: CommonAttentionMetadata, n: int) -> torch.Tensor | None:
+        return cm.block_table_tensor[:n] if self.batched_decode else None
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> ZipCacheMetadata:
+        cm = common_attn_metadata
+        n = cm.num_reqs
+        qsl = cm.query_start_loc_cpu[: n + 1]
+        seq_lens = cm.seq_lens[:n].cpu()
+        qlens = (qsl[1:] - qsl[:-1]).tolist()
+        ctx = [s - q for s, q in zip(seq_lens.tolist(), qlens, strict=True)]
+        plan = self.block_manager.plan(cm.block_table_tensor[:n].tolist(), ctx, qlens)
+        return ZipCacheMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            max_query_len=cm.max_query_len,
+            query_start_loc=cm.query_start_loc[: n + 1],
+            max_seq_len=cm.max_seq_len,
+            seq_lens=cm.seq_lens[:n],
+            block_table=cm.block_table_tensor[:n],
+            slot_mapping=cm.slot_mapping,
+            step=prepare_step(plan, qsl, seq_lens, self.cpu_block_table(cm, n), device=cm.query_start_loc.device),
+        )
+
+
+# --------------------------------------------------------------------------------------------------- impl
+class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        unsupported = {
+            "sliding-window attention": sliding_window is not None,
+            "ALiBi": alibi_slopes is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
+            f"kv_cache_dtype {kv_cache_dtype} (use auto)": kv_cache_dtype != "auto",
+            f"head size {head_size}": head_size not in ZipCacheAttentionBackend.get_supported_head_sizes(),
+        }
+        bad = [name for name, hit in unsupported.items() if hit]
+        if bad:
+            raise ValueError(
+                f"--kv-cache-backend zipcache does not support this model: {', '.join(bad)}. "
+                "Serve it without --kv-cache-backend zipcache."
+            )
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                         kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        vllm_config = get_current_vllm_config()
+        block_size = vllm_config.cache_config.block_size
+        if "config" not in _state:
+            _state["config"] = resolve_config(block_size, vllm_config.additional_config)
+        self.config: ZipCacheConfig = _state["config"]
+        self.layout = PageLayout.from_config(self.config, head_size)
+        choice = envs.kernels()
+        self.kernels = "triton" if choice == "triton" or (choice == "auto" and torch.cuda.is_available()) else "torch"
+        num_slots = num_staging_slots(vllm_config)
+        device = "cuda" if self.kernels == "triton" else "cpu"
+        self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,
+                                        dtype=vllm_config.model_config.dtype, device=device)
+        _reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
+        self.layer_idx: int | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None) -> torch.Tensor:
+        """NOTE: runs eagerly for every layer and step; keep Python here minimal (the plan is built once).
+
+        query ``[num_tokens, num_heads, head_size]``, key/value ``[num_tokens, num_kv_heads, head_size]``,
+        kv_cache uint8 ``[num_blocks, num_kv_heads, block_size, state_content_bytes]``, output like query.
+        """
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the ZipCache backend")
+        if attn_metadata is None:  # profiling / warm-up
+            return output
+        if self.layer_idx is None:
+            self.layer_idx = _layer_index(getattr(layer, "layer_name", ""))
+        md: ZipCacheMetadata = attn_metadata
+        zipcache_attention(
+            query, key, value, kv_cache.flatten(2), md.block_table, md.seq_lens, md.query_start_loc,
+            md.slot_mapping, self.staging, md.step, self.layout, self.config, layer_idx=self.layer_idx,
+            scale=self.scale, out=output, kernels=self.kernels,
+        )
+        return output
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        raise RuntimeError("the ZipCache backend stores K/V inside forward (forward_includes_kv_cache_update)")
+
+
+def _reserve_staging(vllm_config: VllmConfig, num_slots, block_size, num_kv_heads, head_size) -> None:
+    """Count the staging of all layers in vLLM's KV budget, once per process.
+
+    An explicit KV size (``VLLM_CPU_KVCACHE_SPACE``, ``--kv-cache-memory-bytes``) is handed to the KV cache
+    as is, so the staging is taken out of it here; otherwise vLLM measures this memory as non-KV usage.
+    """
+    if "reserved" in _state:
+        return
+    _state["reserved"] = True
+    layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    per_slot = Staging.bytes_per_slot(block_size, num_kv_heads, head_size, vllm_config.model_config.dtype)
+    total = num_slots * layers * per_slot
+    cache = vllm_config.cache_config
+    budget = cache.kv_cache_memory_bytes
+    if budget is not None:
+        if total >= budget:
+            raise ValueError(
+                f"ZipCache bf16 staging ({total / 2**20:.0f} MiB for {num_slots} slots) does not fit the KV cache "
+                f"budget ({budget / 2**20:.0f} MiB): lower --max-num-seqs or ZIPCACHE_STAGING_SLOTS"
+            )
+        cache.kv_cache_memory_bytes = budget - total
+    logger.info(
+        "ZipCache bf16 staging: %d slots x %d layers x %d bytes = %.1f MiB%s",
+        num_slots, layers, per_slot, total / 2**20,
+        "" if budget is None else f", taken from the KV cache budget ({budget / 2**30:.3f} -> "
+        f"{(budget - total) / 2**30:.3f} GiB)",
+    )

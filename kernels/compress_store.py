@@ -1,8 +1,9 @@
 """Compress complete blocks into mixed-precision pages: saliency ranking, ZC-3 keys, ZC-2 values, packing.
 
 Twin: ``zipcache_vllm.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
-One program per (block, KV head). Bit-exactness rests on the conventions of ``zipcache_vllm/quant.py``:
-float32 min/max, IEEE division and square root (``div_rn`` / ``sqrt_rn``), parameters rounded to fp16
+One program per (block, KV head, K or V); one program per precision group measured slower on the H200
+(134 us against 111 us for the 32 blocks x 8 heads of a 4k prompt). Bit-exactness rests on the conventions
+of ``zipcache_vllm/quant.py``: float32 min/max, IEEE division and square root (``div_rn`` / ``sqrt_rn``), parameters rounded to fp16
 before the codes, round-half-to-even, and no fused multiply-add (the kernel is launched with fp fusion off).
 """
 
@@ -168,24 +169,68 @@ def _compress_store_kernel(
     tier = (rank >= SK).to(tl.int32) + (rank >= SV).to(tl.int32)
     before = (tier[None, :] < tier[:, None]) | ((tier[None, :] == tier[:, None]) & later)
     row = tl.sum((before & tv[None, :]).to(tl.int32), axis=1)
-    # one program per group: more programs in flight hide the latency of the reductions (111 us -> see
-    # docs/performance.md for the measured effect at 4k tokens on the H200)
-    grp = tl.program_id(2)
-    kx = key_ptr + head * stride_x_head
-    vx = value_ptr + head * stride_x_head
-    if grp == 0:  # salient keys (ZC-3)
-        _store_key_group(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                         BH, D, K_HI_OFF, K_PAR_OFF)  # fmt: skip
-    elif grp == 1:  # regular keys
-        _store_key_group(kx, stride_x_tok, tok, tv, tv & ~ksal, row - SK, cache_u8_ptr, cache_f16_ptr, page_off,
-                         BL, D, K_LO_OFF, K_PAR_OFF + 4 * D)  # fmt: skip
-    elif grp == 2:  # salient values (ZC-2) and the normalizer
-        _store_value_group(vx, stride_x_tok, tok, tv, vsal, row, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                           BH, D, N, V_HI_OFF, V_NORM_OFF, V_TOK_OFF, True)  # fmt: skip
-    else:  # regular values, and the bitmaps
-        _store_value_group(vx, stride_x_tok, tok, tv, tv & ~vsal, row, row - SV, cache_u8_ptr, cache_f16_ptr,
-                           page_off, BL, D, N, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, False)  # fmt: skip
+    if tl.program_id(2) == 0:  # -- keys: one group per precision ----
+        _store_keys(
+            key_ptr + head * stride_x_head,
+            stride_x_tok,
+            tok,
+            tv,
+            ksal,
+            row,
+            cache_u8_ptr,
+            cache_f16_ptr,
+            page_off,
+            BH,
+            BL,
+            D,
+            SK,
+            K_HI_OFF,
+            K_LO_OFF,
+            K_PAR_OFF,
+        )
+    else:  # -- values, and the bitmaps ----
+        _store_values(
+            value_ptr + head * stride_x_head,
+            stride_x_tok,
+            tok,
+            tv,
+            vsal,
+            row,
+            cache_u8_ptr,
+            cache_f16_ptr,
+            page_off,
+            BH,
+            BL,
+            D,
+            N,
+            SV,
+            V_HI_OFF,
+            V_LO_OFF,
+            V_NORM_OFF,
+            V_TOK_OFF,
+        )
         _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
+
+
+@triton.jit
+def _store_keys(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                BH: tl.constexpr, BL: tl.constexpr, D: tl.constexpr, SK: tl.constexpr,
+                K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr):  # fmt: skip
+    _store_key_group(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                     BH, D, K_HI_OFF, K_PAR_OFF)  # fmt: skip
+    _store_key_group(kx, stride_x_tok, tok, tv, tv & ~ksal, row - SK, cache_u8_ptr, cache_f16_ptr, page_off,
+                     BL, D, K_LO_OFF, K_PAR_OFF + 4 * D)  # fmt: skip
+
+
+@triton.jit
+def _store_values(vx, stride_x_tok, tok, tv, vsal, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                  BH: tl.constexpr, BL: tl.constexpr, D: tl.constexpr, N: tl.constexpr, SV: tl.constexpr,
+                  V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
+                  V_TOK_OFF: tl.constexpr):  # fmt: skip
+    _store_value_group(vx, stride_x_tok, tok, tv, vsal, row, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                       BH, D, N, V_HI_OFF, V_NORM_OFF, V_TOK_OFF, True)  # fmt: skip
+    _store_value_group(vx, stride_x_tok, tok, tv, tv & ~vsal, row, row - SV, cache_u8_ptr, cache_f16_ptr,
+                       page_off, BL, D, N, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, False)  # fmt: skip
 
 
 @triton.jit
@@ -219,7 +264,7 @@ def compress_store(
     block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
     layout : ``zipcache_vllm.layout.PageLayout`` (read, not imported).
-    num_warps : per program (one program per block, head and precision group).
+    num_warps : per program (one program per block, head and K or V).
 
     Example
     -------
@@ -243,7 +288,7 @@ def compress_store(
     check_cache(kv_cache, layout, h, dev)
     if nb == 0:
         return
-    _compress_store_kernel[(nb, h, 4)](
+    _compress_store_kernel[(nb, h, 2)](
         key_ptr=key,
         value_ptr=value,
         stride_x_tok=key.stride(0),

@@ -66,15 +66,11 @@ def test_from_config_and_table():
     lay = PageLayout.from_config(cfg, 128)
     assert (lay.block_size, lay.num_salient_k, lay.num_salient_v) == (64, 45, 20)
     rows = capacity_table()
-    assert [(r["head_size"], r["block_size"]) for r in rows] == [
-        (d, n) for d in (64, 128) for n in (16, 32, 64, 128)
-    ]
+    assert [(r["head_size"], r["block_size"]) for r in rows] == [(d, n) for d in (64, 128) for n in (16, 32, 64, 128)]
     assert "4.38x" in format_capacity_table(rows)
 
 
-@pytest.mark.parametrize(
-    "kw", [dict(block_size=12), dict(head_size=40), dict(bits_low=3), dict(salient_ratio=1.5)]
-)
+@pytest.mark.parametrize("kw", [dict(block_size=12), dict(head_size=40), dict(bits_low=3), dict(salient_ratio=1.5)])
 def test_rejects_bad_layouts(kw):
     args = dict(block_size=16, head_size=64) | kw
     with pytest.raises(ValueError):

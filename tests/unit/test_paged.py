@@ -70,9 +70,7 @@ def test_decode_twin_is_sdpa_on_dequantized_cache():
     q = torch.randn(3, h * g, 64)
     out = paged.decode_attention(q, cache, lay, bt, seq_lens, tk, tv, ts, tails)
     for i, (dk, dv) in enumerate(dense):
-        ref = F.scaled_dot_product_attention(
-            q[i].unsqueeze(1), dk.transpose(0, 1), dv.transpose(0, 1), enable_gqa=True
-        )
+        ref = F.scaled_dot_product_attention(q[i].unsqueeze(1), dk.transpose(0, 1), dv.transpose(0, 1), enable_gqa=True)
         torch.testing.assert_close(out[i], ref.squeeze(1), atol=1e-5, rtol=1e-5)
 
 
@@ -101,9 +99,7 @@ def test_prefill_twin_scores_are_token_saliency():
             torch.tensor([0, probes.numel()], dtype=torch.int32),
             norm,
         )
-        ref = saliency.token_saliency(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], normalizer=norm, probes=probes
-        )
+        ref = saliency.token_saliency(q.transpose(0, 1)[None], k.transpose(0, 1)[None], normalizer=norm, probes=probes)
         torch.testing.assert_close(sc.T, ref[0], atol=1e-6, rtol=1e-5)
         assert not tsc.any()
     causal = F.scaled_dot_product_attention(

@@ -10,6 +10,7 @@ _REGISTERED = False
 
 CPU_BACKEND = "zipcache_vllm.backend.ZipCacheAttentionBackend"
 CUDA_BACKEND = "zipcache_vllm.backend.ZipCacheCudaAttentionBackend"
+MLA_REFUSAL = "zipcache_vllm.backend.ZipCacheRefusesMLA"
 
 
 def register() -> None:
@@ -18,7 +19,8 @@ def register() -> None:
 
     vLLM calls this in every process (API server, EngineCore, worker), possibly more than once. On CPU the
     backend replaces ``CPU_ATTN`` (CPU ignores ``--attention-backend CUSTOM``); on CUDA it fills vLLM's
-    ``CUSTOM`` slot, selected with ``--attention-backend CUSTOM``.
+    ``CUSTOM`` slot, selected with ``--attention-backend CUSTOM``. MLA backends are replaced by one that stops
+    start-up with the reason (ZipCache pages hold K/V, not MLA latents).
     """
     global _REGISTERED
     if _REGISTERED:
@@ -34,4 +36,8 @@ def register() -> None:
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
     else:
         register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
+    # MLA models cache a latent, not K/V pages: their backends are replaced by one that fails at start-up
+    for member in AttentionBackendEnum:
+        if member.value and ".mla." in member.value:
+            register_backend(member, MLA_REFUSAL)
     _REGISTERED = True

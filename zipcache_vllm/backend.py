@@ -132,6 +132,20 @@ class ZipCacheCudaAttentionBackend(ZipCacheAttentionBackend):
         return "CUSTOM"
 
 
+class _Refuse(type):
+    def __getattribute__(cls, name):
+        if name.startswith("__"):
+            return super().__getattribute__(name)
+        raise ValueError(
+            "--kv-cache-backend zipcache does not support MLA models (their cache holds a compressed latent, "
+            "not K/V pages). Serve this model without --kv-cache-backend zipcache."
+        )
+
+
+class ZipCacheRefusesMLA(metaclass=_Refuse):
+    """Installed over vLLM's MLA backends while ZipCache is on: any use stops start-up with the reason."""
+
+
 # ----------------------------------------------------------------------------------------------- metadata
 @dataclass
 class ZipCacheMetadata:
@@ -180,6 +194,28 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
 
 
 # --------------------------------------------------------------------------------------------------- impl
+def check_supported(head_size, alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,
+                    attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None, sinks=None) -> None:
+    """Refuse, at start-up and with the reason, what the compressed pages cannot represent."""
+    unsupported = {
+        "sliding-window attention": sliding_window is not None,
+        "ALiBi": alibi_slopes is not None,
+        "logits soft-capping": bool(logits_soft_cap),
+        "attention sinks": sinks is not None,
+        f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+        "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
+        f"kv_cache_dtype {kv_cache_dtype} (use auto)": kv_cache_dtype != "auto",
+        f"head size {head_size} (supported: {ZipCacheAttentionBackend.get_supported_head_sizes()})":
+            head_size not in ZipCacheAttentionBackend.get_supported_head_sizes(),
+    }
+    bad = [name for name, hit in unsupported.items() if hit]
+    if bad:
+        raise ValueError(
+            f"--kv-cache-backend zipcache does not support this model: {', '.join(bad)}. "
+            "Serve it without --kv-cache-backend zipcache."
+        )
+
+
 class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
     def __init__(
         self,
@@ -195,22 +231,8 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         kv_sharing_target_layer_name: str | None = None,
         sinks: torch.Tensor | None = None,
     ) -> None:
-        unsupported = {
-            "sliding-window attention": sliding_window is not None,
-            "ALiBi": alibi_slopes is not None,
-            "logits soft-capping": bool(logits_soft_cap),
-            "attention sinks": sinks is not None,
-            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
-            "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
-            f"kv_cache_dtype {kv_cache_dtype} (use auto)": kv_cache_dtype != "auto",
-            f"head size {head_size}": head_size not in ZipCacheAttentionBackend.get_supported_head_sizes(),
-        }
-        bad = [name for name, hit in unsupported.items() if hit]
-        if bad:
-            raise ValueError(
-                f"--kv-cache-backend zipcache does not support this model: {', '.join(bad)}. "
-                "Serve it without --kv-cache-backend zipcache."
-            )
+        check_supported(head_size, alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
+                        kv_sharing_target_layer_name, sinks)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         vllm_config = get_current_vllm_config()

@@ -1,0 +1,96 @@
+"""register(), the spec hook and the start-up refusals, inside this process (vLLM imported, no server)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+
+import pytest
+import torch
+
+import zipcache_vllm
+from zipcache_vllm import envs
+
+vllm = pytest.importorskip("vllm")
+from vllm.v1.attention.backends import registry  # noqa: E402
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """Run register() against a copy of vLLM's override table; restore both afterwards."""
+    monkeypatch.setattr(registry, "_ATTN_OVERRIDES", dict(registry._ATTN_OVERRIDES))
+    monkeypatch.setattr(zipcache_vllm, "_REGISTERED", False)
+    monkeypatch.delenv(envs.KV_CACHE_BACKEND, raising=False)
+    monkeypatch.delenv(envs.CONFIG_OVERRIDES, raising=False)
+    monkeypatch.delenv(envs.CONFIG, raising=False)
+    yield monkeypatch
+
+
+def test_entry_point_is_declared():
+    eps = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "zipcache"]
+    assert eps and eps[0].value == "zipcache_vllm:register"
+
+
+def test_without_the_flag_vllm_stays_stock(clean_registry):
+    stock = AttentionBackendEnum.CPU_ATTN.get_path()
+    zipcache_vllm.register()
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == stock
+    assert not zipcache_vllm._REGISTERED
+
+
+def test_register_is_idempotent_and_overrides_cpu_attn(clean_registry):
+    clean_registry.setenv(envs.KV_CACHE_BACKEND, "zipcache")
+    zipcache_vllm.register()
+    zipcache_vllm.register()
+    cls = AttentionBackendEnum.CPU_ATTN.get_class()
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == zipcache_vllm.CPU_BACKEND
+    assert cls.get_name() == "CPU_ATTN" and cls.forward_includes_kv_cache_update
+    with pytest.raises(ValueError, match="MLA"):
+        AttentionBackendEnum.CPU_MLA.get_class().get_name()
+
+
+def test_customize_spec_declares_the_compressed_page(clean_registry):
+    clean_registry.setenv(envs.KV_CACHE_BACKEND, "zipcache")
+    from zipcache_vllm.backend import ZipCacheAttentionBackend
+    from zipcache_vllm.layout import PageLayout
+
+    spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+    new = ZipCacheAttentionBackend.customize_spec(spec)
+    lay = PageLayout(block_size=128, head_size=64)
+    assert new.dtype == torch.uint8 and new.state_content_bytes == lay.state_content_bytes
+    assert new.page_size_bytes == 3 * lay.page_bytes  # one page per KV head
+    assert spec.page_size_bytes / new.page_size_bytes == pytest.approx(lay.capacity_vs_bf16)
+    assert ZipCacheAttentionBackend.customize_spec(new) is new  # already packed: unchanged
+
+
+def test_config_is_fitted_to_paged_semantics(clean_registry):
+    from zipcache_vllm.backend import resolve_config
+
+    clean_registry.setenv(envs.CONFIG, "default")  # the paper's segment setting
+    cfg = resolve_config(64, {"zipcache": {"salient_ratio": 0.5}})
+    assert (cfg.granularity.value, cfg.selection.value, cfg.block_size, cfg.salient_ratio) == (
+        "block", "quota", 64, 0.5)
+    with pytest.raises(ValueError, match="cst"):
+        resolve_config(64, {"zipcache": {"key_scheme": "cst"}})
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_config(64, {"zipcache": {"bogus": 1}})
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"sliding_window": 4096}, "sliding-window"),
+        ({"head_size": 80}, "head size 80"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype fp8"),
+        ({"sinks": torch.zeros(3)}, "sinks"),
+        ({"attn_type": "encoder_only"}, "attention type"),
+    ],
+)
+def test_unsupported_models_are_refused_with_the_reason(kwargs, reason):
+    from zipcache_vllm.backend import check_supported
+
+    kwargs = {"head_size": 64, **kwargs}
+    with pytest.raises(ValueError, match=reason):
+        check_supported(**kwargs)
+    check_supported(64)

@@ -1,0 +1,12 @@
+"""Triton kernels over ZipCache pages (importable only as ``zipcache_vllm.kernels``; torch + triton only).
+
+Each launcher validates, allocates and launches; its plain-torch twin of the same name is in
+``zipcache_vllm.paged``.
+"""
+
+from .compress_store import compress_store
+from .decode_attention import decode_attention
+from .prefill_attention import prefill_attention
+from .probe_scores import probe_scores
+
+__all__ = ["compress_store", "decode_attention", "prefill_attention", "probe_scores"]

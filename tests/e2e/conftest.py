@@ -48,15 +48,16 @@ class Server:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def client(self, **kw):
+    def client(self, timeout: float = 600, **kw):
         import openai
 
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", timeout=600, max_retries=0, **kw)
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", timeout=timeout, max_retries=0, **kw)
 
-    def async_client(self, **kw):
+    def async_client(self, timeout: float = 600, **kw):
         import openai
 
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="none", timeout=600, max_retries=0, **kw)
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="none", timeout=timeout, max_retries=0,
+                                  **kw)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -85,7 +86,8 @@ def model_dir() -> str:
 
 
 @contextlib.contextmanager
-def serve(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "server"):
+def serve(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "server",
+          max_model_len: int = 2048):
     """Start ``zipcache-vllm serve <bundled model> <args>``; yield a :class:`Server`; stop it by PID."""
     if not SCRIPT.exists():
         pytest.skip("zipcache-vllm console script not installed (pip install -e .)")
@@ -103,7 +105,7 @@ def serve(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, name: st
     }
     cmd = [
         str(SCRIPT), "serve", model_dir(), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-        "--served-model-name", SERVED_NAME, "--enforce-eager", "--max-model-len", "2048", *args,
+        "--served-model-name", SERVED_NAME, "--enforce-eager", "--max-model-len", str(max_model_len), *args,
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
@@ -155,3 +157,9 @@ def zipcache_server(e2e_tmp):
 def stock_server(e2e_tmp):
     with serve(e2e_tmp, *COMMON_ARGS, name="stock") as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """The :func:`serve` context manager, for modules that need a server of their own."""
+    return serve

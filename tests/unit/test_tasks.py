@@ -36,9 +36,10 @@ def test_fact_deterministic_per_seed(tok):
     assert [t["prompt"] for t in a] != [t["prompt"] for t in T.make_fact_tasks(tok, 4, 15, seed=8)]
 
 
-@pytest.mark.parametrize("context_tokens", [256, 1024, 2048])
-def test_passkey_answer_placement_and_length(tok, context_tokens):
-    tasks = T.make_passkey_tasks(tok, 5, context_tokens, seed=0)
+@pytest.mark.parametrize(("filler", "context_tokens"),
+                         [("simple", 256), ("simple", 512), ("simple", 2048), ("varied", 1024)])
+def test_passkey_answer_placement_and_length(tok, filler, context_tokens):
+    tasks = T.make_passkey_tasks(tok, 5, context_tokens, seed=0, filler=filler)
     assert [t["depth"] for t in tasks] == [0.0, 0.25, 0.5, 0.75, 1.0]
     positions = []
     for t in tasks:
@@ -51,16 +52,25 @@ def test_passkey_answer_placement_and_length(tok, context_tokens):
         assert _user_message(prompt).endswith(T.PASSKEY_QUESTION)
         assert t["prompt_tokens"] == T.count_tokens(tok, prompt)
         assert abs(t["prompt_tokens"] - context_tokens) <= 0.1 * context_tokens
-        assert t["context_tokens"] == context_tokens
+        assert t["context_tokens"] == context_tokens and t["filler"] == filler
         haystack = _user_message(prompt).split("\n\n")[1]
         positions.append(haystack.index(needle) / max(1, len(haystack) - len(needle)))
     assert positions[0] == 0.0 and positions[-1] == 1.0
     assert positions == sorted(positions)
 
 
-def test_passkey_too_short_context_raises(tok):
+def test_passkey_bad_arguments_raise(tok):
     with pytest.raises(ValueError):
-        T.make_passkey_tasks(tok, 1, 20)
+        T.make_passkey_tasks(tok, 1, 20)  # shorter than the fixed overhead
+    with pytest.raises(ValueError):
+        T.make_passkey_tasks(tok, 1, 512, filler="nope")
+
+
+def test_filler_sentences_are_neutral():
+    for sentences in T.FILLERS.values():
+        assert len(set(sentences)) == len(sentences) > 1
+        for s in sentences:
+            assert not re.search(r"\d|pass ?key|register", s, re.I)
 
 
 @pytest.mark.parametrize("num_lines", [1, 10, 40])

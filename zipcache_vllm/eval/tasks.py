@@ -13,7 +13,8 @@ CLI::
 
     python -m zipcache_vllm.eval.tasks passkey --n 30 --context-tokens 1024 --seed 0 --output passkey.jsonl
     python -m zipcache_vllm.eval.tasks fact --n 30 --num-lines 20 --seed 0 --output fact.jsonl
-    python -m zipcache_vllm.eval.tasks calibrate --kind passkey --lengths 512 1024 --n 20 --seed 0
+    python -m zipcache_vllm.eval.tasks calibrate --kind passkey --sizes 512 1024 --n 20 --seed 0
+    python -m zipcache_vllm.eval.tasks evaluate --input data/retrieval_passkey.jsonl
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 # Neutral, digit-free filler sentences (written for this project). None mentions keys, numbers or registers.
-FILLER_SENTENCES: tuple[str, ...] = (
+# "simple": short plain statements in the spirit of the original passkey test (the needle stands out);
+# "varied": small narrative sentences (harder: the bundled model tends to answer from the story instead).
+SIMPLE_FILLER: tuple[str, ...] = (
+    "The grass is green.", "The sky is blue.", "The sun is warm.", "The sea is calm.", "The road is long.",
+    "The night is quiet.", "The snow is white.", "The wind is cold.", "The hills are far away.",
+    "The trees are tall.", "The river is wide.", "The stones are grey.",
+)
+VARIED_FILLER: tuple[str, ...] = (
     "The grass is green and the sky is blue.",
     "A gentle wind moved through the tall trees at the edge of the field.",
     "The river ran slowly past the old stone mill.",
@@ -71,6 +79,7 @@ FILLER_SENTENCES: tuple[str, ...] = (
     "The students walked together to the lecture hall.",
     "Smoke rose from the chimneys of the cottages on the hill.",
 )
+FILLERS: dict[str, tuple[str, ...]] = {"simple": SIMPLE_FILLER, "varied": VARIED_FILLER}
 
 ADJECTIVES: tuple[str, ...] = (
     "amber", "brave", "calm", "dusty", "eager", "fancy", "gentle", "happy", "icy", "jolly",
@@ -128,18 +137,22 @@ def _passkey_message(before: Sequence[str], needle: str, after: Sequence[str]) -
     return f"{PASSKEY_INTRO}\n\n{haystack}\n\n{PASSKEY_QUESTION}"
 
 
-def make_passkey_tasks(tokenizer: Any, n: int, context_tokens: int, seed: int = 0) -> list[dict]:
+def make_passkey_tasks(tokenizer: Any, n: int, context_tokens: int, seed: int = 0,
+                       filler: str = "simple") -> list[dict]:
     """``n`` passkey tasks of about ``context_tokens`` prompt tokens, needle depth spread from 0% to 100%.
 
-    The haystack is drawn (seeded) from :data:`FILLER_SENTENCES`; the needle is
+    The haystack is drawn (seeded) from the sentences of ``FILLERS[filler]``; the needle is
     ``"The pass key is 48213. Remember it. 48213 is the pass key."`` with a random 5-digit key, inserted at
     the sentence boundary nearest to ``depth`` of the haystack. The prompt length is matched to within one
     filler sentence of ``context_tokens``.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
+    if filler not in FILLERS:
+        raise ValueError(f"filler must be one of {sorted(FILLERS)}, got {filler!r}")
+    sentences = FILLERS[filler]
     rng = random.Random(seed)
-    sentence_tokens = {s: count_tokens(tokenizer, " " + s) for s in FILLER_SENTENCES}
+    sentence_tokens = {s: count_tokens(tokenizer, " " + s) for s in sentences}
     tasks = []
     for i, depth in enumerate(_depths(n)):
         key = str(rng.randint(10000, 99999))
@@ -148,19 +161,19 @@ def make_passkey_tasks(tokenizer: Any, n: int, context_tokens: int, seed: int = 
         budget = context_tokens - overhead
         if budget < 0:
             raise ValueError(f"context_tokens={context_tokens} is below the overhead ({overhead} tokens)")
-        filler: list[str] = []
+        hay: list[str] = []
         total = 0
         while True:
-            s = rng.choice(FILLER_SENTENCES)
-            while filler and s == filler[-1]:
-                s = rng.choice(FILLER_SENTENCES)
+            s = rng.choice(sentences)
+            while hay and s == hay[-1]:
+                s = rng.choice(sentences)
             # stop at the sentence boundary closest to the budget
             if total + sentence_tokens[s] - budget > budget - total:
                 break
-            filler.append(s)
+            hay.append(s)
             total += sentence_tokens[s]
-        cut = round(depth * len(filler))
-        prompt = chat_prompt(tokenizer, _passkey_message(filler[:cut], needle, filler[cut:]))
+        cut = round(depth * len(hay))
+        prompt = chat_prompt(tokenizer, _passkey_message(hay[:cut], needle, hay[cut:]))
         tasks.append({
             "prompt": prompt,
             "answer": key,
@@ -169,6 +182,7 @@ def make_passkey_tasks(tokenizer: Any, n: int, context_tokens: int, seed: int = 
             "index": i,
             "depth": depth,
             "context_tokens": context_tokens,
+            "filler": filler,
             "prompt_tokens": count_tokens(tokenizer, prompt),
         })
     return tasks
@@ -268,35 +282,38 @@ def generate_hf(tasks: Sequence[dict], model: str | None = None, dtype: str = "b
     return outs
 
 
-def make_tasks(tokenizer: Any, kind: str, n: int, size: int, seed: int = 0) -> list[dict]:
+def make_tasks(tokenizer: Any, kind: str, n: int, size: int, seed: int = 0, filler: str = "simple") -> list[dict]:
     """``kind`` is ``passkey`` (``size`` = context tokens) or ``fact`` (``size`` = number of lines)."""
     if kind == "passkey":
-        return make_passkey_tasks(tokenizer, n, size, seed)
+        return make_passkey_tasks(tokenizer, n, size, seed, filler)
     if kind == "fact":
         return make_fact_tasks(tokenizer, n, size, seed)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
 def calibrate(kind: str, sizes: Sequence[int], n: int, seed: int = 0, model: str | None = None,
-              dtype: str = "bfloat16", max_new_tokens: int = 20, threads: int | None = 1) -> list[dict]:
+              dtype: str = "bfloat16", max_new_tokens: int = 20, threads: int | None = 1,
+              filler: str = "simple") -> list[dict]:
     """Accuracy of the model on ``n`` tasks of each size; prints a markdown table row per size."""
     tok = load_tokenizer(model)
     rows = []
     for size in sizes:
-        tasks = make_tasks(tok, kind, n, size, seed)
+        tasks = make_tasks(tok, kind, n, size, seed, filler)
         t0 = time.time()
         outs = generate_hf(tasks, model, dtype, max_new_tokens, threads)
         secs = time.time() - t0
         hits = [is_correct(t["answer"], o) for t, o in zip(tasks, outs, strict=True)]
         row = {
             "kind": kind, "size": size, "n": n, "seed": seed, "dtype": dtype,
+            "filler": filler if kind == "passkey" else None,
             "mean_prompt_tokens": sum(t["prompt_tokens"] for t in tasks) / n,
             "accuracy": sum(hits) / n, "seconds": secs,
             "misses": [{"answer": t["answer"], "depth": t["depth"], "output": o}
                        for t, o, h in zip(tasks, outs, hits, strict=True) if not h],
         }
         rows.append(row)
-        print(f"| {kind} | {size} | {row['mean_prompt_tokens']:.0f} | {n} | {sum(hits)}/{n} "
+        label = f"{kind} ({filler})" if kind == "passkey" else kind
+        print(f"| {label} | {size} | {row['mean_prompt_tokens']:.0f} | {n} | {sum(hits)}/{n} "
               f"| {row['accuracy']:.0%} | {secs:.0f} s |", flush=True)
     return rows
 
@@ -307,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     pk = sub.add_parser("passkey", help="passkey retrieval tasks")
     pk.add_argument("--context-tokens", type=int, required=True, help="target prompt length in tokens")
+    pk.add_argument("--filler", choices=sorted(FILLERS), default="simple", help="haystack sentences")
     fa = sub.add_parser("fact", help="LongEval-style line retrieval tasks")
     fa.add_argument("--num-lines", type=int, required=True)
     for sp in (pk, fa):
@@ -324,20 +342,35 @@ def main(argv: list[str] | None = None) -> None:
     ca.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ca.add_argument("--max-new-tokens", type=int, default=20)
     ca.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    ca.add_argument("--filler", choices=sorted(FILLERS), default="simple", help="passkey haystack sentences")
     ca.add_argument("--output", default=None, help="optional json file for the rows (with misses)")
+    ev = sub.add_parser("evaluate", help="greedy accuracy of a model (transformers, DynamicCache) on a jsonl")
+    ev.add_argument("--input", required=True)
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ev.add_argument("--max-new-tokens", type=int, default=20)
+    ev.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     args = p.parse_args(argv)
 
+    if args.cmd == "evaluate":
+        tasks = read_jsonl(args.input)
+        t0 = time.time()
+        outs = generate_hf(tasks, args.model, args.dtype, args.max_new_tokens, args.threads)
+        hits = sum(is_correct(t["answer"], o) for t, o in zip(tasks, outs, strict=True))
+        print(f"{args.input}: {hits}/{len(tasks)} correct ({hits / len(tasks):.0%}), {args.dtype}, "
+              f"{time.time() - t0:.0f} s")
+        return
     if args.cmd == "calibrate":
         print("| kind | size | mean prompt tokens | n | correct | accuracy | time |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         rows = calibrate(args.kind, args.sizes, args.n, args.seed, args.model, args.dtype,
-                         args.max_new_tokens, args.threads)
+                         args.max_new_tokens, args.threads, args.filler)
         if args.output:
             Path(args.output).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         return
     tok = load_tokenizer(args.model)
     size = args.context_tokens if args.cmd == "passkey" else args.num_lines
-    tasks = make_tasks(tok, args.cmd, args.n, size, args.seed)
+    tasks = make_tasks(tok, args.cmd, args.n, size, args.seed, getattr(args, "filler", "simple"))
     write_jsonl(tasks, args.output)
     lens = [t["prompt_tokens"] for t in tasks]
     print(f"wrote {len(tasks)} {args.cmd} tasks to {args.output} (prompt tokens {min(lens)}..{max(lens)})",

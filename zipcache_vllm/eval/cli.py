@@ -203,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     results = args.func(args)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     _write(args, {"command": args.command, "settings": settings, "seconds": round(time.time() - t0, 1),
-                  "results": results})
+                  "git_commit": _git_commit(), "torch": torch.__version__, "results": results})
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import threading
@@ -102,7 +103,7 @@ def decode_with_lse(query, kv_cache, layout, block_table, seq_lens, tail_key, ta
         part_o_ptr=part_o, part_lse_ptr=part_lse,
         qk_scale=scale * LOG2E,
         NUM_SPLITS=splits, G=g, G_PAD=max(16, dk.pow2(g)), D=d, N=n,
-        TILES=layout.attention_tiles(max_rows=128, split=True),
+        TILES=_tiles(layout),
         V_NORM_OFF=layout.v_norm_off, TAIL_ROWS=min(64, dk.pow2(n)), DOT_FP32=interp, ASM=not interp,
         num_warps=2, num_stages=2,
     )
@@ -112,6 +113,11 @@ def decode_with_lse(query, kv_cache, layout, block_table, seq_lens, tail_key, ta
     )
     lse = torch.logsumexp(part_lse.view(b, hq, splits) * LN2, dim=-1)
     return out, lse
+
+
+@functools.lru_cache(maxsize=16)
+def _tiles(layout: PageLayout) -> tuple:
+    return layout.attention_tiles(max_rows=128, split=True)  # the launcher's defaults
 
 
 def _flash_with_lse(query, key, value, scale):
@@ -125,12 +131,12 @@ def _flash_with_lse(query, key, value, scale):
     key, value = key.to(query.dtype), value.to(query.dtype)
     try:
         res = fn(query, key, value, 0.0, True, False, scale=scale)
-    except RuntimeError:  # a build without native GQA in the flash op: expand the KV heads
+    except Exception:  # a build without native GQA in the flash op: expand the KV heads
         g = query.shape[1] // key.shape[1]
         try:
             res = fn(query, key.repeat_interleave(g, 1), value.repeat_interleave(g, 1), 0.0, True, False,
                      scale=scale)
-        except RuntimeError:
+        except Exception:
             return None
     return res[0].transpose(1, 2), res[1][..., : query.shape[2]].float()
 

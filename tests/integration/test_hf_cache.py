@@ -32,7 +32,8 @@ def prompt_ids(m):
 
 @pytest.fixture(scope="module")
 def text_ids(m):
-    text = (quant.__file__ and open(quant.__file__).read()) * 3
+    with open(quant.__file__) as f:
+        text = f.read() * 3
     return m.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :320]
 
 

@@ -17,9 +17,13 @@ prompts of ``--contexts`` tokens (4096 and 32768, random ids):
 
 Per case: one prefill (CUDA events; ``logits_to_keep=1``), then ``--warmup`` + ``--steps`` single-token decode
 steps fed with the same fixed random tokens for every cache (CUDA events around each ``model(...)`` call;
-median), ``torch.cuda.max_memory_allocated`` over prefill and over decode, the cache's own bytes, and the
-cosine similarity of the first decode step's logits with ``dynamic``'s. A ``floor`` row (dynamic cache, 128
-context) gives the step time without attention cost (weights, norms, lm_head, launch overhead).
+median over ``--rounds`` rounds, the cache order reversed every round), the host time to issue one step (no
+sync: when it equals the step time, the step is bound by Python/launch overhead, not by the GPU),
+``torch.cuda.max_memory_allocated`` over prefill and over decode, the cache's own bytes, and the cosine
+similarity of the first decode step's logits with ``dynamic``'s (random weights over many layers amplify any
+perturbation: a loose figure) and, at ``--ref-contexts``, with ``hf_cache.ZipCache`` (the torch reference of the
+same semantics: this one should be close to 1). A ``floor`` row (dynamic cache, 128 context) gives the step
+time without attention cost (weights, norms, lm_head, launch overhead).
 
 Writes JSON (``--out``), prints one Markdown table last. ``--tiny`` runs a miniature on CPU (smoke test).
 """
@@ -42,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from zipcache_vllm import hf_paged  # noqa: E402
+from zipcache_vllm import hf_cache, hf_paged  # noqa: E402
 from zipcache_vllm.config import ZipCacheConfig  # noqa: E402
 
 GiB = 1024**3
@@ -150,6 +154,8 @@ def run_case(model, cfg, kind: str, ids, feed, warmup: int, device, reference=No
         cache, impl = DynamicCache(), "sdpa"
     elif kind == "quanto":
         cache, impl = make_quanto(cfg), "sdpa"
+    elif kind == "zipcache_ref":  # the torch reference cache with the same semantics (correctness check)
+        cache, impl = hf_cache.ZipCache(ZipCacheConfig.load("paged"), model_config=cfg), hf_cache.ATTN_IMPLEMENTATION
     elif kind == "zipcache":
         cache = hf_paged.PagedZipCache(ZipCacheConfig.load("paged"), model_config=cfg,
                                        reserve_len=n + feed.shape[0] + 1)
@@ -169,21 +175,26 @@ def run_case(model, cfg, kind: str, ids, feed, warmup: int, device, reference=No
             rec["peak_prefill_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 3)
             torch.cuda.reset_peak_memory_stats()
         del out
-        marks, first = [], None
-        w0 = time.perf_counter()
+        marks, host, first = [], [], None
         for i in range(feed.shape[0]):
+            h0 = time.perf_counter()
             a = tm.mark()
             out = model(input_ids=feed[i], past_key_values=cache, use_cache=True)
             marks.append((a, tm.mark()))
+            host.append((time.perf_counter() - h0) * 1e3)
             if i == 0:
                 first = out.logits[:, -1].float()
+        w0 = time.perf_counter()
         tm.sync()
-        wall = (time.perf_counter() - w0) * 1e3 / feed.shape[0]
+        drain = (time.perf_counter() - w0) * 1e3
     times = [tm.ms(a, c) for a, c in marks[warmup:]]
+    rec["times_ms"] = [round(x, 3) for x in times]
+    rec["host_ms"] = [round(x, 3) for x in host[warmup:]]
     rec["decode_ms"] = round(statistics.median(times), 3)
     rec["decode_ms_min"] = round(min(times), 3)
     rec["decode_ms_max"] = round(max(times), 3)
-    rec["decode_wall_ms_mean"] = round(wall, 3)
+    rec["cpu_issue_ms"] = round(statistics.median(rec["host_ms"]), 3)  # host time to issue one step
+    rec["drain_ms"] = round(drain, 2)  # GPU work still queued when the host finished issuing
     rec["steps"] = len(times)
     if cuda:
         rec["peak_decode_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 3)
@@ -199,6 +210,26 @@ def run_case(model, cfg, kind: str, ids, feed, warmup: int, device, reference=No
     return rec, first
 
 
+def merge_rounds(recs: list[dict]) -> dict:
+    """One record per case: median over the steps of every round; per-round medians kept."""
+    out = dict(recs[0])
+    times = [t for r in recs for t in r["times_ms"]]
+    host = [t for r in recs for t in r["host_ms"]]
+    out["times_ms"], out["host_ms"] = times, host
+    out["decode_ms"] = round(statistics.median(times), 3)
+    out["decode_ms_min"], out["decode_ms_max"] = min(times), max(times)
+    out["decode_ms_rounds"] = [r["decode_ms"] for r in recs]
+    out["cpu_issue_ms"] = round(statistics.median(host), 3)
+    out["cpu_issue_ms_rounds"] = [r["cpu_issue_ms"] for r in recs]
+    out["prefill_ms_rounds"] = [r["prefill_ms"] for r in recs]
+    out["prefill_ms"] = round(statistics.median(out["prefill_ms_rounds"]), 2)
+    out["steps"] = len(times)
+    for k in ("peak_prefill_gib", "peak_decode_gib"):
+        if k in out:
+            out[k] = max(r[k] for r in recs)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
@@ -207,6 +238,9 @@ def main(argv=None) -> None:
     p.add_argument("--caches", nargs="+", default=["dynamic", "quanto", "zipcache"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="repeat every case, cache order reversed each round")
+    p.add_argument("--ref-contexts", type=int, nargs="*", default=[4096],
+                   help="contexts where hf_cache.ZipCache (same semantics, torch) also runs once, as a check")
     p.add_argument("--commit", default="?")
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="miniature model on CPU (smoke test)")
@@ -259,24 +293,44 @@ def main(argv=None) -> None:
         info["zipcache_warmup_s"] = round(time.perf_counter() - t, 1)
     feed = torch.randint(0, v, (args.warmup + args.steps, args.batch, 1), generator=gen).to(device)
     floor_ids = torch.randint(0, v, (args.batch, 128), generator=gen).to(device)
+    run_case(model, cfg, "floor", floor_ids, feed, args.warmup, device)  # warms the host and the GPU clocks
     rec, _ = run_case(model, cfg, "floor", floor_ids, feed, args.warmup, device)
     info["records"].append(rec)
     print(json.dumps(rec), flush=True)
     for n in args.contexts:
         ids = torch.randint(0, v, (args.batch, n), generator=gen).to(device)
-        ref = None
-        for kind in args.caches:
+        ref, runs, firsts = None, {k: [] for k in args.caches}, {}
+        if n in args.ref_contexts and "zipcache" in args.caches:
             try:
-                rec, first = run_case(model, cfg, kind, ids, feed, args.warmup, device, reference=ref)
-            except Exception as e:  # e.g. out of memory: recorded, the run goes on
-                info["errors"].append(f"{kind} @ {n}: {type(e).__name__}: {str(e)[:300]}")
-                print("ERROR", info["errors"][-1], flush=True)
-                continue
-            if kind == "dynamic":
-                ref = first
-            info["records"].append(rec)
-            print(json.dumps(rec), flush=True)
-            save()
+                rec, firsts["zipcache_ref"] = run_case(model, cfg, "zipcache_ref", ids, feed, args.warmup, device)
+                runs["zipcache_ref"] = [rec]
+                print(json.dumps({k: x for k, x in rec.items() if k not in ("times_ms", "host_ms")}), flush=True)
+            except Exception as e:
+                info["errors"].append(f"zipcache_ref @ {n}: {type(e).__name__}: {str(e)[:300]}")
+        for r in range(args.rounds):
+            for kind in args.caches if r % 2 == 0 else args.caches[::-1]:
+                try:
+                    rec, first = run_case(model, cfg, kind, ids, feed, args.warmup, device,
+                                          reference=None if kind == "dynamic" else ref)
+                except Exception as e:  # e.g. out of memory: recorded, the run goes on
+                    info["errors"].append(f"{kind} @ {n} round {r}: {type(e).__name__}: {str(e)[:300]}")
+                    print("ERROR", info["errors"][-1], flush=True)
+                    continue
+                if kind == "dynamic" and ref is None:
+                    ref = first
+                firsts.setdefault(kind, first)
+                runs[kind].append(rec)
+                print(json.dumps({k: x for k, x in rec.items() if k not in ("times_ms", "host_ms")}), flush=True)
+        for kind in runs:
+            if runs[kind]:
+                rec = merge_rounds(runs[kind])
+                if kind == "zipcache" and "zipcache_ref" in firsts:
+                    cos = torch.nn.functional.cosine_similarity(firsts["zipcache"], firsts["zipcache_ref"], dim=-1)
+                    rec["logits_cos_vs_zipcache_ref"] = round(cos.mean().item(), 5)
+                    agree = firsts["zipcache"].argmax(-1) == firsts["zipcache_ref"].argmax(-1)
+                    rec["top1_vs_zipcache_ref"] = round(agree.float().mean().item(), 3)
+                info["records"].append(rec)
+        save()
     for rec in info["records"]:
         dyn = [r for r in info["records"] if r["cache"] == "dynamic" and r["context"] == rec["context"]]
         if dyn:
@@ -289,15 +343,19 @@ def format_table(info: dict) -> str:
     lines = [
         (f"{info['gpu']}, {info['model']['layers']} layers of LLaMA3-8B shape, batch {info['batch']}, "
          f"commit {info['commit']}, {info['date']}"),
-        ("| context | cache | decode step ms (median) | vs DynamicCache | prefill ms | KV cache GiB | "
-         "peak GiB prefill | peak GiB decode | logits cos vs dynamic |"),
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| context | cache | decode step ms (median; per round) | vs DynamicCache | host ms to issue a step | "
+         "prefill ms | KV cache GiB | peak GiB prefill | peak GiB decode | logits cos vs dynamic | "
+         "logits cos vs zipcache_ref |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in info["records"]:
+        rounds = r.get("decode_ms_rounds", [r["decode_ms"]])
         lines.append(
-            f"| {r['context']} | {r['cache']} | {r['decode_ms']:.2f} | {r.get('speedup_vs_dynamic', '-')} | "
+            f"| {r['context']} | {r['cache']} | {r['decode_ms']:.2f} ({', '.join(map(str, rounds))}) | "
+            f"{r.get('speedup_vs_dynamic', '-')} | {r['cpu_issue_ms']:.1f} | "
             f"{r['prefill_ms']:.0f} | {r['kv_gib']:.2f} | {r.get('peak_prefill_gib', '-')} | "
-            f"{r.get('peak_decode_gib', '-')} | {r.get('logits_cos_vs_dynamic', '-')} |"
+            f"{r.get('peak_decode_gib', '-')} | {r.get('logits_cos_vs_dynamic', '-')} | "
+            f"{r.get('logits_cos_vs_zipcache_ref', '-')} |"
         )
     for e in info["errors"]:
         lines.append(f"error: {e}")

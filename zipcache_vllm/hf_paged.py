@@ -70,8 +70,19 @@ __all__ = ["ATTN_IMPLEMENTATION", "PagedLayer", "PagedZipCache", "decode_with_ls
 
 
 # --------------------------------------------------------------------------------------------- kernels
+_MODULES: dict[str, object] = {}
+
+
+def _kernel_module(name: str):
+    """``zipcache_vllm.kernels.<name>`` as a module (the package re-exports functions of the same names)."""
+    mod = _MODULES.get(name)
+    if mod is None:
+        mod = _MODULES[name] = importlib.import_module(f"{__package__}.kernels.{name}")
+    return mod
+
+
 def decode_with_lse(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels/decode_attention`` with the row log-sum-exp the saliency update needs.
 
     The public launcher returns the output only; this one launches the same ``_decode_kernel`` (same
@@ -79,15 +90,15 @@ def decode_with_lse(query, kv_cache, layout, block_table, seq_lens, tail_key, ta
     logits) and merges it here: ``lse = ln sum_s 2^(lse_s)``. Returns ``out [num_seqs, num_heads, head_size]``
     (dtype of ``query``) and fp32 ``lse [num_seqs, num_heads]`` (natural log of sum exp(scale * q.k)).
     """
-    dk = importlib.import_module(__package__ + ".kernels.decode_attention")  # the module, not its function
-
+    dk = _kernel_module("decode_attention")
     b, hq, d = query.shape
     h = tail_key.shape[2]
     g = hq // h
     n = layout.block_size
     dev = query.device
     interp = dk.interpreting()
-    splits = max(2, dk.choose_num_splits(b, h, block_table.shape[1], dev))
+    if splits is None:
+        splits = max(2, dk.choose_num_splits(b, h, block_table.shape[1], dev))
     out = torch.empty_like(query)
     part_o = torch.empty(b * hq * splits * d, dtype=torch.float32, device=dev)
     part_lse = torch.empty(b * hq * splits, dtype=torch.float32, device=dev)
@@ -113,6 +124,35 @@ def decode_with_lse(query, kv_cache, layout, block_table, seq_lens, tail_key, ta
     )
     lse = torch.logsumexp(part_lse.view(b, hq, splits) * LN2, dim=-1)
     return out, lse
+
+
+def decode_probe_scores(query, lse, key, tail_key, meta: dict, own_out, tail_out, scale: float) -> None:
+    """``kernels/probe_scores`` for a decode step, launched directly (no checks, no allocation): the query is
+    the probe of its own one-token chunk ``key [b, h, d]``. Writes the token's own mass into ``own_out [b, h]``
+    (head stride 1) and the mass of tail token ``j < tail_lens_before`` into ``tail_out [b, N, h]`` (raw sums;
+    rows past the tail are left as they are)."""
+    pk = _kernel_module("probe_scores")
+    b, hq, d = query.shape
+    h, n = key.shape[1], tail_key.shape[1]
+    g = hq // h
+    interp = pk.interpreting()
+    g_pad = pk.pow2(g)
+    block_k = 32 if interp else 64
+    tail_tiles = -(-n // block_k)
+    pk._probe_kernel[(tail_tiles + 1, b, h)](
+        q_ptr=query, stride_q_tok=query.stride(0), stride_q_head=query.stride(1),
+        lse_ptr=lse, stride_lse_tok=lse.stride(0),
+        k_ptr=key, stride_k_tok=key.stride(0), stride_k_head=key.stride(1),
+        tk_ptr=tail_key, stride_t_slot=tail_key.stride(0), stride_t_tok=tail_key.stride(1),
+        stride_t_head=tail_key.stride(2),
+        query_start_loc_ptr=meta["qsl"], seq_lens_ptr=meta["seq_lens"], tail_lens_ptr=meta["tail_lens_before"],
+        tail_slots_ptr=meta["slots"], probe_idx_ptr=meta["probe_idx"], probe_start_loc_ptr=meta["qsl"],
+        scores_ptr=own_out, stride_sc_tok=own_out.stride(0),
+        tail_scores_ptr=tail_out, stride_ts_seq=tail_out.stride(0), stride_ts_tok=tail_out.stride(1),
+        qk_scale=scale * LOG2E, G=g, G_PAD=g_pad, BLOCK_P=max(1, (16 if interp else 64) // g_pad),
+        BLOCK_K=block_k, D=d, TAIL_TILES=tail_tiles, NORMALIZER=0, DOT_FP32=interp,
+        num_warps=1 if interp else 4,
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -287,36 +327,30 @@ class PagedLayer(CacheLayerMixin):
 
     def _decode(self, query, k, v, scale):
         c = self.cache
-        b, hq, _, d = query.shape
         t = self.tail_len
         self.tail_key[:, t] = k[:, :, 0]
         self.tail_value[:, t] = v[:, :, 0]
         q = query[:, :, 0]
-        seq_len = self.num_pages * c.layout.block_size + t + 1
+        # invariant: score_sum / score_count rows at and past the tail are 0
         if c.use_triton:
-            from .kernels.probe_scores import probe_scores
-
-            m = c.step_meta(seq_len, t)
-            bt = c.block_table[:, : max(1, self.num_pages)]
-            out, lse = decode_with_lse(q, self.pages, c.layout, bt, m["seq_lens"], self.tail_key, self.tail_value,
-                                       c.slots, m["tail_lens_after"], scale)
-            # the query as the probe of its own one-token chunk; the tail (without it) gets its mass
-            own, tail = probe_scores(q, lse, k[:, :, 0], self.tail_key, m["qsl"], m["seq_lens"], c.slots,
-                                     m["tail_lens_before"], m["probe_idx"], m["qsl"], 1, normalizer=None,
-                                     scale=scale)
+            m = c.step_meta(self.num_pages, t)
+            out, lse = decode_with_lse(q, self.pages, c.layout, m["block_table"], m["seq_lens"], self.tail_key,
+                                       self.tail_value, c.slots, m["tail_lens_after"], scale, splits=m["splits"])
+            scratch = c.scratch(self.score_sum)
+            # own mass straight into score_sum[:, t]; the tail's (without the token) into scratch
+            decode_probe_scores(q, lse, k[:, :, 0], self.tail_key, m, self.score_sum[:, t], scratch, scale)
             if t:
-                self.score_sum[:, :t] += tail[:, :t]
-            self.score_sum[:, t] = own
+                self.score_sum[:, :t] += scratch[:, :t]
         else:
             out, mass = self._twin_decode(q, t + 1, scale)
             self.score_sum[:, : t + 1] += mass
-            self.score_sum[:, t] = mass[:, t]
-        self.score_count[:t] += 1.0
-        self.score_count[t] = 1.0
+        self.score_count[: t + 1] += 1.0
         self.tail_len = t + 1
         if self.tail_len == c.layout.block_size:
             self._compress(self.tail_key, self.tail_value, self.score_sum, self.score_count, 1)
             self.tail_len = 0
+            self.score_sum.zero_()
+            self.score_count.zero_()
         return out.to(query.dtype).unsqueeze(1)
 
     def _twin_decode(self, q, tail_len, scale):
@@ -415,11 +449,14 @@ class PagedLayer(CacheLayerMixin):
         m = nc * n_blk
         self._compress(kn[:, :m], vn[:, :m], sums[:, :m], counts[:m], nc)
         rest = total - m
+        sums, counts = sums[:, m:].clone(), counts[m:].clone()  # they may be views of score_sum / score_count
+        self.score_sum.zero_()
+        self.score_count.zero_()
         if rest:
             self.tail_key[:, :rest] = kn[:, m:]
             self.tail_value[:, :rest] = vn[:, m:]
-            self.score_sum[:, :rest] = sums[:, m:]
-            self.score_count[:rest] = counts[m:]
+            self.score_sum[:, :rest] = sums
+            self.score_count[:rest] = counts
         self.tail_len = rest
 
     def _compress(self, kn, vn, sums, counts, nc: int) -> None:
@@ -494,6 +531,8 @@ class PagedZipCache(Cache):
         self.slots = None  # int32 [batch]: tail slot of each row (the row itself)
         self._meta_key = None
         self._meta = {}
+        self._scratch = None
+        self._num_kv_heads = 0
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
 
     # -- shared state ---------------------------------------------------------------------------------------
@@ -503,6 +542,7 @@ class PagedZipCache(Cache):
                 raise ValueError("all layers must have the same batch size and head size")
             return
         self.layout = PageLayout.from_config(self.config, head_size)
+        self._num_kv_heads = num_kv_heads
         dev = torch.device(device)
         self.use_triton = self.kernels == "triton" or (self.kernels == "auto" and dev.type == "cuda")
         if self.use_triton:
@@ -525,21 +565,34 @@ class PagedZipCache(Cache):
                             + self.slots.view(-1, 1)).contiguous()
         self.capacity = cap
 
-    def step_meta(self, seq_len: int, tail_before: int) -> dict[str, torch.Tensor]:
-        """Device metadata of a decode step, built once and shared by all layers."""
-        key = (seq_len, tail_before)
+    def step_meta(self, num_pages: int, tail_before: int) -> dict:
+        """Device metadata of a decode step (``num_pages`` complete blocks and ``tail_before`` tail tokens per row
+        before the new one), built once and shared by all layers."""
+        key = (num_pages, tail_before, self.capacity)
         if key != self._meta_key:
             b, dev = self.slots.numel(), self.slots.device
             full = lambda x: torch.full((b,), x, dtype=torch.int32, device=dev)  # noqa: E731
+            cols = max(1, num_pages)
+            dk = _kernel_module("decode_attention")
             self._meta = {
-                "seq_lens": full(seq_len),
+                "seq_lens": full(num_pages * self.layout.block_size + tail_before + 1),
                 "tail_lens_before": full(tail_before),
                 "tail_lens_after": full(tail_before + 1),
                 "qsl": torch.arange(b + 1, dtype=torch.int32, device=dev),
                 "probe_idx": torch.zeros(b, dtype=torch.int32, device=dev),
+                "slots": self.slots,
+                "block_table": self.block_table[:, :cols],
+                "splits": max(2, dk.choose_num_splits(b, self._num_kv_heads, cols, dev)),
             }
             self._meta_key = key
         return self._meta
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A reusable fp32 buffer shaped like ``like`` (consumed in stream order before the next layer's use)."""
+        buf = self._scratch
+        if buf is None or buf.shape != like.shape:
+            buf = self._scratch = torch.empty_like(like)
+        return buf
 
     # -- transformers protocol -------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -18,7 +18,8 @@ done
 # passkey --n 12 --context-tokens 512 --seed 1 --output data/retrieval_passkey_n12.jsonl)
 $PY -m zipcache_vllm.eval retrieval --tasks-file data/retrieval_passkey_n12.jsonl --methods "$ALL" \
     --output $OUT/retrieval_passkey.json
-$PY -m zipcache_vllm.eval agreement --prompts-file data/agreement_prompts.jsonl --max-prompts 8 \
+# the 7 prompts of >= 256 tokens (350-564): shorter prompts stay entirely in KIVI's / paged ZipCache's bf16 window
+$PY -m zipcache_vllm.eval agreement --prompts-file data/agreement_prompts.jsonl --min-prompt-tokens 256 \
     --max-new-tokens 16 --methods "$ALL" --output $OUT/agreement.json
 $PY -m zipcache_vllm.eval sweep --text-file data/prose.txt --max-windows 2 --ratios 0.2,0.6,1.0 \
     --families zipcache,zipcache-paged --baselines bf16,int4,int2,kivi2 --plot docs/sweep.png \

@@ -112,7 +112,10 @@ def cmd_agreement(args) -> dict:
     rows = _read_jsonl(args.prompts_file, ("prompt",))
     m = H.load_model(args.model, args.dtype)
     prompts = [m.tokenizer(r["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-               for r in rows[: args.max_prompts]]
+               for r in rows]
+    prompts = [p for p in prompts if len(p) >= args.min_prompt_tokens][: args.max_prompts]
+    if not prompts:
+        raise SystemExit(f"zipcache-eval: no prompt of {args.prompts_file} has >= {args.min_prompt_tokens} tokens")
     refs = H.references(m, prompts, args.max_new_tokens)
     results = {meth.spec: {**H.agreement(m, meth, prompts, refs), "settings": meth.describe()} for meth in methods}
     print_table(results, f"greedy agreement / KL vs bf16 over {args.max_new_tokens} generated tokens, "
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts-file", required=True, help='JSONL, lines {"prompt": raw chat-formatted string}')
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--max-prompts", type=int, default=1000)
+    s.add_argument("--min-prompt-tokens", type=int, default=0,
+                   help="skip shorter prompts (methods with a bf16 residual keep short prompts uncompressed)")
     s.add_argument("--methods", default=DEFAULT_METHODS, help=methods_help)
     s.set_defaults(func=cmd_agreement)
 

@@ -22,12 +22,12 @@ def fmt(v, spec=".3f") -> str:
 def main_table(d: Path) -> str:
     ppl = {c: load(d, f"perplexity_{c}") for c in ("prose", "code")}
     agr = load(d, "agreement")
-    ret = {k: load(d, f"retrieval_{k}") for k in ("passkey", "fact")}
+    ret = {k: load(d, f"retrieval_{k}") for k in ("passkey",)}
     methods = list(ppl["prose"] or ppl["code"] or agr)
     base = {c: (ppl[c].get("bf16") or {}).get("perplexity") for c in ppl}
-    head = ("| method | ppl prose (× bf16) | ppl code (× bf16) | top-1 agreement | KL | passkey acc | fact acc | "
+    head = ("| method | ppl prose (× bf16) | ppl code (× bf16) | top-1 agreement | KL | passkey acc | "
             "bytes/token | bits/value | measured ratio | ZC-4 ratio |")
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 10]
     for m in methods:
         cells = [f"`{m}`"]
         for c in ("prose", "code"):
@@ -38,7 +38,7 @@ def main_table(d: Path) -> str:
                 cells.append("–")
         a = agr.get(m, {})
         cells += [fmt(a.get("agreement")), fmt(a.get("kl"), ".4f")]
-        cells += [fmt(ret[k].get(m, {}).get("accuracy"), ".2f") for k in ("passkey", "fact")]
+        cells += [fmt(ret[k].get(m, {}).get("accuracy"), ".2f") for k in ("passkey",)]
         r = ppl["prose"].get(m) or {}
         cells += [fmt(r.get("bytes_per_token"), ".0f"), fmt(r.get("bits_per_value"), ".2f"),
                   fmt(r.get("compression_ratio"), ".2f") + "×", fmt(r.get("paper_ratio"), ".2f")]
@@ -58,11 +58,11 @@ def bytes_table(d: Path) -> str:
     return "\n".join(rows)
 
 
-def simple_table(d: Path, name: str, base_key: str = "bf16") -> str:
+def simple_table(d: Path, name: str, base: float | None = None) -> str:
     res = load(d, name)
     if not res:
         return f"(no {name}.json)"
-    base = (res.get(base_key) or {}).get("perplexity")
+    base = base or (res.get("bf16") or {}).get("perplexity")
     rows = ["| method | perplexity | × bf16 | bits/value | measured ratio |", "|---|---|---|---|---|"]
     for m, r in res.items():
         rel = f"{r['perplexity'] / base:.3f}" if base else "–"
@@ -77,8 +77,8 @@ def main() -> None:
     print(main_table(d))
     print("\n## Bytes per token (prose, 1,024-token context)\n")
     print(bytes_table(d))
-    print("\n## Ablations (prose)\n")
-    print(simple_table(d, "ablation_prose", base_key="__none__"))
+    print("\n## Ablations (prose; × bf16 uses the sweep's bf16 row, the same 2 windows)\n")
+    print(simple_table(d, "ablation_prose", base=(load(d, "sweep_prose").get("bf16") or {}).get("perplexity")))
     print("\n## Sweep (prose)\n")
     print(simple_table(d, "sweep_prose"))
 

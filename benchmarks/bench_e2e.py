@@ -107,7 +107,7 @@ def _tensor_bytes(t) -> int:
 
 
 def cache_bytes(cache) -> int:
-    if isinstance(cache, hf_paged.PagedZipCache):
+    if isinstance(cache, (hf_paged.PagedZipCache, hf_cache.CompressedCache)):
         return cache.nbytes()["total"]
     total = 0
     for layer in cache.layers:

@@ -81,6 +81,10 @@ class DecodeIndex:
     new_pos: torch.Tensor  # int64 [R]
     simple: torch.Tensor  # int64: rows whose block does not complete (vectorized staging update)
     simple_tail: torch.Tensor  # int64: their tail tokens (indices into tail_*)
+    simple_seqs: frozenset = frozenset()  # batch indices of the simple rows
+    tail_flat: torch.Tensor | None = None  # int64 [Rt]: slot * block_size + row, into flattened staging
+    new_flat: torch.Tensor | None = None  # int64 [len(simple)]: where each simple row's token is staged
+    other_tail: torch.Tensor | None = None  # int64: tail tokens of the rows whose block completes
 
 
 @dataclass
@@ -153,6 +157,10 @@ def _decode_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Dec
             simple.append(i)
             simple_tail += range(first, first + t0)
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    simple_set = set(simple)
+    tail_flat = long(t_slot) * n + long(t_row)
+    new_flat = long([plan.tail_slots[rows[i]] * n + plan.tail_lens[rows[i]] for i in simple])
+    other_tail = long([j for j in range(len(t_slot)) if rows.index(t_seq[j]) not in simple_set])
     return DecodeIndex(
         seqs=long(rows),
         tokens=long([qsl[s] for s in rows]),
@@ -167,6 +175,10 @@ def _decode_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Dec
         new_pos=long(new_pos),
         simple=long(simple),
         simple_tail=long(simple_tail),
+        simple_seqs=frozenset(rows[i] for i in simple),
+        tail_flat=tail_flat,
+        new_flat=new_flat,
+        other_tail=other_tail,
     )
 
 
@@ -298,7 +310,10 @@ def zipcache_attention(
     dec_tail = None
     if not is_kernel and step.decode is not None:
         dec_tail = _decode_attend(q, k, kv_cache, staging, step.decode, layout, scale, out, sums, v)
-        tail_sums[step.decode.tail_seq, step.decode.tail_row] = dec_tail
+        d = step.decode
+        if d.other_tail.numel():  # rows whose block completes read their tail scores in _store
+            j = d.other_tail
+            tail_sums[d.tail_seq[j], d.tail_row[j]] = dec_tail[j]
     _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, step, probes, layout, config,
            compress, vectorized=not is_kernel)
     return out
@@ -384,22 +399,23 @@ def _decode_attend(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, 
     vv = torch.zeros(r * w, h, dim, dtype=torch.float32)
     if d.page_ids.numel():
         pk, pv = dequantize_pages_cpu(kv_cache, d.page_ids, layout)  # any row order is fine
-        kk[d.page_pos] = pk.reshape(-1, h, dim)
-        vv[d.page_pos] = pv.reshape(-1, h, dim)
-    if d.tail_slot.numel():
-        kk[d.tail_pos] = staging.key[d.tail_slot, d.tail_row].float()
-        vv[d.tail_pos] = staging.value[d.tail_slot, d.tail_row].float()
-    kk[d.new_pos] = k[d.tokens].float()
-    vv[d.new_pos] = v[d.tokens].float()
+        kk.index_copy_(0, d.page_pos, pk.reshape(-1, h, dim))
+        vv.index_copy_(0, d.page_pos, pv.reshape(-1, h, dim))
+    if d.tail_flat.numel():
+        kk.index_copy_(0, d.tail_pos, staging.key.view(-1, h, dim).index_select(0, d.tail_flat).float())
+        vv.index_copy_(0, d.tail_pos, staging.value.view(-1, h, dim).index_select(0, d.tail_flat).float())
+    kk.index_copy_(0, d.new_pos, k.index_select(0, d.tokens).float())
+    vv.index_copy_(0, d.new_pos, v.index_select(0, d.tokens).float())
     kk, vv = kk.view(r, w, h, dim), vv.view(r, w, h, dim)
-    qq = q[d.tokens].float().view(r, h, g, dim)
+    qq = q.index_select(0, d.tokens).float().view(r, h, g, dim)
     logits = torch.einsum("rhgd,rwhd->rhgw", qq, kk) * scale
     logits.masked_fill_(~d.valid.view(r, 1, 1, w), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    out[d.tokens] = torch.einsum("rhgw,rwhd->rhgd", probs, vv).reshape(r, h * g, dim).to(out.dtype)
+    o = torch.einsum("rhgw,rwhd->rhgd", probs, vv).reshape(r, h * g, dim).to(out.dtype)
+    out.index_copy_(0, d.tokens, o)
     col = probs.sum(dim=2).permute(0, 2, 1).reshape(r * w, h)  # probe = the row's own query
-    sums[d.tokens] = col[d.new_pos]
-    return col[d.tail_pos]
+    sums.index_copy_(0, d.tokens, col.index_select(0, d.new_pos))
+    return col.index_select(0, d.tail_pos)
 
 
 def _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, step, probes, layout, config,
@@ -409,7 +425,7 @@ def _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, ste
     n = layout.block_size
     plan = step.plan
     d = step.decode if vectorized else None
-    skip = set(d.seqs[d.simple].tolist()) if d is not None and d.simple.numel() else set()
+    skip = d.simple_seqs if d is not None else frozenset()
     blk_k, blk_v, blk_s, blk_ids = [], [], [], []
     writes = []
     one = torch.zeros(1, dtype=torch.int32)
@@ -468,15 +484,14 @@ def _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, ste
             staging.score_count[slot, :t1] = count[t0 + ql - t1 :]
     if skip:
         # one-token rows whose block stays incomplete: append the token, add this query's mass to the tail
-        rows = d.simple
-        seq = d.seqs[rows]
-        slot, row, tok = step.tail_slots[seq].long(), step.tail_lens[seq].long(), d.tokens[rows]
-        staging.key[slot, row] = k[tok].to(staging.key.dtype)
-        staging.value[slot, row] = v[tok].to(staging.value.dtype)
-        staging.score_sum[slot, row] = sums[tok]
-        staging.score_count[slot, row] = 1.0
+        h, dim = k.shape[1], k.shape[2]
+        tok, flat = d.tokens.index_select(0, d.simple), d.new_flat
+        staging.key.view(-1, h, dim).index_copy_(0, flat, k.index_select(0, tok).to(staging.key.dtype))
+        staging.value.view(-1, h, dim).index_copy_(0, flat, v.index_select(0, tok).to(staging.value.dtype))
+        staging.score_sum.view(-1, h).index_copy_(0, flat, sums.index_select(0, tok))
+        staging.score_count.view(-1).index_fill_(0, flat, 1.0)
         j = d.simple_tail
         if j.numel():
-            ts, tr = d.tail_slot[j], d.tail_row[j]
-            staging.score_sum[ts, tr] += dec_tail[j]
-            staging.score_count[ts, tr] += 1.0
+            tflat = d.tail_flat.index_select(0, j)
+            staging.score_sum.view(-1, h).index_add_(0, tflat, dec_tail.index_select(0, j))
+            staging.score_count.view(-1).index_add_(0, tflat, torch.ones(j.numel()))

@@ -145,3 +145,13 @@ def test_kv_capacity_vs_stock_bf16(zipcache_server, stock_server):
           f"(layout {layout_ratio:.2f}x, {kv_share:.1%} of the budget left after staging)")
     assert ratio == pytest.approx(layout_ratio * kv_share, rel=0.02)
     assert ratio >= 3.9  # SmolLM2 (head size 64): 4.20x layout bound, minus 16+4 staging slots (5.6 %)
+
+
+def test_metrics_expose_the_compression_figures(zipcache_server):
+    import importlib.metadata as md
+
+    if not any(e.name == "zipcache" for e in md.entry_points(group="vllm.stat_logger_plugins")):
+        pytest.skip("pyproject.toml does not declare the vllm.stat_logger_plugins entry point (zipcache_vllm.metrics)")
+    text = zipcache_server.get("/metrics")
+    for name in ("bits_per_value", "salient_ratio", "capacity_ratio_vs_bf16", "kv_cache_tokens"):
+        assert re.search(rf"^zipcache:{name}\S* [\d.e+]+$", text, re.M), name

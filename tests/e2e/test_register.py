@@ -94,3 +94,27 @@ def test_unsupported_models_are_refused_with_the_reason(kwargs, reason):
     with pytest.raises(ValueError, match=reason):
         check_supported(**kwargs)
     check_supported(64)
+
+
+def test_stat_logger_publishes_the_compression_figures(clean_registry):
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from zipcache_vllm.metrics import ZipCacheStatLogger
+
+    clean_registry.setenv(envs.KV_CACHE_BACKEND, "zipcache")
+    cfg = SimpleNamespace(
+        cache_config=SimpleNamespace(block_size=128, num_gpu_blocks=100),
+        model_config=SimpleNamespace(get_head_size=lambda: 64),
+        scheduler_config=SimpleNamespace(max_num_seqs=16),
+        additional_config={},
+    )
+    stat = ZipCacheStatLogger(cfg)
+    stat.log_engine_initialized()
+    value = REGISTRY.get_sample_value
+    assert value("zipcache:capacity_ratio_vs_bf16") == pytest.approx(4.197, abs=1e-3)
+    assert value("zipcache:bits_per_value") == pytest.approx(7808 * 8 / (128 * 128))
+    assert (value("zipcache:bits_high"), value("zipcache:bits_low")) == (4, 2)
+    assert value("zipcache:salient_ratio") == pytest.approx(77 / 128)
+    assert value("zipcache:kv_cache_tokens") == 12800 and value("zipcache:staging_slots") == 20

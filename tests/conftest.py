@@ -1,9 +1,17 @@
-"""Shared test setup: every test starts from the same global RNG state."""
+"""Shared test setup: every test starts from the same global RNG state.
 
+Triton decides at ``@triton.jit`` decoration time whether kernels run in the interpreter, so the variable is
+set here, before any test module (some import ``zipcache_vllm.kernels`` at collection) loads triton.
+"""
+
+import os
 import random
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

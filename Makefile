@@ -31,3 +31,14 @@ accuracy: setup
 
 clean:
 	rm -rf out .pytest_cache
+
+## Serve the bundled SmolLM2-135M-Instruct with the ZipCache KV cache on 127.0.0.1:8000 (OpenAI-compatible).
+## 32 concurrent sequences: each holds one bf16 staging slot (3 MB on SmolLM2), paid out of the 1 GiB KV budget.
+SERVE_ARGS ?= --max-num-seqs 32
+.PHONY: serve
+serve: setup
+	VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
+	VLLM_CPU_OMP_THREADS_BIND=$${VLLM_CPU_OMP_THREADS_BIND:-0-$$(($$(nproc) - 1))} \
+	.venv/bin/zipcache-vllm serve "$$($(PY) -m zipcache_vllm.models | tail -1)" --kv-cache-backend zipcache \
+	    --host 127.0.0.1 --port 8000 --dtype bfloat16 --served-model-name smollm2 --enforce-eager \
+	    --max-model-len 2048 $(SERVE_ARGS)

@@ -269,7 +269,8 @@ def zipcache_attention(
     num_tokens = step.query_start[-1]
     attend, compress, is_kernel = _ops(kernels)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = query[:num_tokens], key[:num_tokens], value[:num_tokens]
+    # new tokens are bf16 from the start, as the reference cache's window (identity for bf16 models)
+    q, k, v = query[:num_tokens], key[:num_tokens].to(staging.key.dtype), value[:num_tokens].to(staging.value.dtype)
     if out is None:
         out = torch.empty_like(query)
     # the torch path batches one-token rows separately; the kernels take every sequence as a chunk

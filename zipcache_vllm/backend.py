@@ -246,7 +246,7 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         num_slots = num_staging_slots(vllm_config)
         device = "cuda" if self.kernels == "triton" else "cpu"
         self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,
-                                        dtype=vllm_config.model_config.dtype, device=device)
+                                        dtype=torch.bfloat16, device=device)
         _reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
         self.layer_idx: int | None = None
 
@@ -285,7 +285,7 @@ def _reserve_staging(vllm_config: VllmConfig, num_slots, block_size, num_kv_head
         return
     _state["reserved"] = True
     layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-    per_slot = Staging.bytes_per_slot(block_size, num_kv_heads, head_size, vllm_config.model_config.dtype)
+    per_slot = Staging.bytes_per_slot(block_size, num_kv_heads, head_size, torch.bfloat16)
     total = num_slots * layers * per_slot
     cache = vllm_config.cache_config
     budget = cache.kv_cache_memory_bytes

@@ -87,7 +87,7 @@ def model_dir() -> str:
 
 @contextlib.contextmanager
 def serve(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "server",
-          max_model_len: int = 2048):
+          max_model_len: int = 2048, model: str | None = None, dtype: str = "bfloat16"):
     """Start ``zipcache-vllm serve <bundled model> <args>``; yield a :class:`Server`; stop it by PID."""
     if not SCRIPT.exists():
         pytest.skip("zipcache-vllm console script not installed (pip install -e .)")
@@ -104,7 +104,7 @@ def serve(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, name: st
         **(env or {}),
     }
     cmd = [
-        str(SCRIPT), "serve", model_dir(), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+        str(SCRIPT), "serve", model or model_dir(), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
         "--served-model-name", SERVED_NAME, "--enforce-eager", "--max-model-len", str(max_model_len), *args,
     ]
     with log.open("wb") as out:

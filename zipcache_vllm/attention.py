@@ -221,7 +221,7 @@ def _ops(kernels: str):
     if kernels == "triton":
         from .kernels import compress_store, prefill_attention
 
-        return prefill_attention.prefill_attention, compress_store.compress_store, True
+        return prefill_attention, compress_store, True
     from . import paged
 
     return paged.prefill_attention, paged.compress_store, False

@@ -82,6 +82,7 @@ def test_config_is_fitted_to_paged_semantics(clean_registry):
     [
         ({"sliding_window": 4096}, "sliding-window"),
         ({"head_size": 80}, "head size 80"),
+        ({"head_size": 32}, "head size 32"),
         ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype fp8"),
         ({"sinks": torch.zeros(3)}, "sinks"),
         ({"attn_type": "encoder_only"}, "attention type"),

@@ -9,6 +9,7 @@ request's blocks reused by a new one.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -28,11 +29,11 @@ NUM_BLOCKS, NUM_SLOTS = 40, 6
 class RefSeq:
     """One sequence of the dense reference."""
 
-    def __init__(self, num_kv_heads: int):
-        self.k = torch.zeros(0, num_kv_heads, D)  # bf16 values as fp32, token order
-        self.v = torch.zeros(0, num_kv_heads, D)
-        self.ck = torch.zeros(0, num_kv_heads, D)  # dequantized complete blocks, token order
-        self.cv = torch.zeros(0, num_kv_heads, D)
+    def __init__(self, num_kv_heads: int, head_size: int = D):
+        self.k = torch.zeros(0, num_kv_heads, head_size)  # bf16 values as fp32, token order
+        self.v = torch.zeros(0, num_kv_heads, head_size)
+        self.ck = torch.zeros(0, num_kv_heads, head_size)  # dequantized complete blocks, token order
+        self.cv = torch.zeros(0, num_kv_heads, head_size)
         self.ssum = torch.zeros(0, num_kv_heads)
         self.scnt = torch.zeros(0)
 
@@ -71,14 +72,15 @@ def ref_step(seq: RefSeq, q, k, v, cfg: ZipCacheConfig, layout: PageLayout, laye
         seq.scnt[c:] += ((ctx + probes).view(-1, 1) >= pos.view(1, -1)).sum(0).float()
     else:
         seq.scnt[c:] += (ctx + ql - torch.clamp(pos, min=ctx)).float()
-    while len(seq) - seq.ck.shape[0] >= N:
+    n = layout.block_size
+    while len(seq) - seq.ck.shape[0] >= n:
         a = seq.ck.shape[0]
-        s = seq.ssum[a : a + N]
+        s = seq.ssum[a : a + n]
         if cfg.saliency is not Saliency.ACCUMULATED:
-            s = s / seq.scnt[a : a + N].clamp(min=1).unsqueeze(-1)
+            s = s / seq.scnt[a : a + n].clamp(min=1).unsqueeze(-1)
         cache = torch.zeros(1, h, layout.page_bytes, dtype=torch.uint8)
         paged.compress_store(
-            seq.k[a : a + N].bfloat16(), seq.v[a : a + N].bfloat16(), s, torch.tensor([0]), cache, layout
+            seq.k[a : a + n].bfloat16(), seq.v[a : a + n].bfloat16(), s, torch.tensor([0]), cache, layout
         )
         dk, dv = paged.dequantize_pages(cache, torch.tensor([0]), layout)
         seq.ck = torch.cat([seq.ck, dk[0]])
@@ -89,21 +91,25 @@ def ref_step(seq: RefSeq, q, k, v, cfg: ZipCacheConfig, layout: PageLayout, laye
 class Engine:
     """What vLLM does around the backend: block allocation, block tables, slot mappings, one layer."""
 
-    def __init__(self, cfg, num_heads, num_kv_heads, layer_idx=3, batched=True):
+    def __init__(self, cfg, num_heads, num_kv_heads, layer_idx=3, batched=True, kernels="torch", device="cpu",
+                 head_size=D):
         self.cfg, self.hq, self.h, self.layer_idx = cfg, num_heads, num_kv_heads, layer_idx
+        self.d = head_size
         self.batched = batched  # one-token rows in the batched torch pass (else: every row via the twin)
-        self.layout = PageLayout(block_size=N, head_size=D, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
+        self.kernels = kernels  # "triton": the Triton kernels (CUDA, or the interpreter on CPU)
+        self.dev = torch.device(device)
+        self.layout = PageLayout(block_size=N, head_size=head_size, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
                                  salient_ratio=cfg.salient_ratio, value_salient_ratio=cfg.value_salient_ratio)
         # vLLM's view [num_blocks, H, N, C], flattened to pages as the backend does
         c = self.layout.page_bytes // N
-        self.kv_view = torch.zeros(NUM_BLOCKS, num_kv_heads, N, c, dtype=torch.uint8)
-        self.staging = Staging.allocate(NUM_SLOTS, N, num_kv_heads, D)
+        self.kv_view = torch.zeros(NUM_BLOCKS, num_kv_heads, N, c, dtype=torch.uint8, device=self.dev)
+        self.staging = Staging.allocate(NUM_SLOTS, N, num_kv_heads, head_size, device=self.dev)
         self.bm = BlockManager(NUM_SLOTS, N)
         self.free = list(range(1, NUM_BLOCKS))  # block 0 is vLLM's null block
         random.Random(0).shuffle(self.free)
         self.blocks: dict[str, list[int]] = {}
         self.ref: dict[str, RefSeq] = {}
-        self.scale = D**-0.5
+        self.scale = head_size**-0.5
 
     def finish(self, name):
         self.free.extend(self.blocks.pop(name))
@@ -114,7 +120,7 @@ class Engine:
         rows, ctx_lens, qlens, slots = [], [], [], []
         for name, ql in work:
             if name not in self.ref:
-                self.ref[name], self.blocks[name] = RefSeq(self.h), []
+                self.ref[name], self.blocks[name] = RefSeq(self.h, self.d), []
             ctx = len(self.ref[name])
             need = -(-(ctx + ql) // N)
             while len(self.blocks[name]) < need:
@@ -131,16 +137,19 @@ class Engine:
         qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
         seq_lens = torch.tensor([c + q for c, q in zip(ctx_lens, qlens, strict=True)], dtype=torch.int32)
         t = int(qsl[-1])
-        q = torch.randn(t, self.hq, D, generator=gen).bfloat16()
-        k = (torch.randn(t, self.h, D, generator=gen) * torch.linspace(0.5, 4, D)).bfloat16()
-        v = torch.randn(t, self.h, D, generator=gen).bfloat16()
+        d = self.d
+        q = torch.randn(t, self.hq, d, generator=gen).bfloat16()
+        k = (torch.randn(t, self.h, d, generator=gen) * torch.linspace(0.5, 4, d)).bfloat16()
+        v = torch.randn(t, self.h, d, generator=gen).bfloat16()
         plan = self.bm.plan(block_table.tolist(), ctx_lens, qlens)
-        step = prepare_step(plan, qsl, seq_lens, block_table if self.batched else None)
+        dev = self.dev
+        step = prepare_step(plan, qsl.to(dev), seq_lens, block_table if self.batched and dev.type == "cpu" else None)
         out = zipcache_attention(
-            q, k, v, self.kv_view.flatten(2), block_table, seq_lens, qsl, torch.tensor(slots),
-            self.staging, step, self.layout, self.cfg, layer_idx=self.layer_idx, scale=self.scale,
-            out=torch.empty(t, self.hq, D, dtype=torch.float32),
-        )
+            q.to(dev), k.to(dev), v.to(dev), self.kv_view.flatten(2), block_table.to(dev), seq_lens.to(dev),
+            qsl.to(dev), torch.tensor(slots, device=dev), self.staging, step, self.layout, self.cfg,
+            layer_idx=self.layer_idx, scale=self.scale, out=torch.empty(t, self.hq, d, dtype=torch.float32, device=dev),
+            kernels=self.kernels,
+        ).cpu()
         ref = torch.cat([
             ref_step(self.ref[name], q[qsl[i]:qsl[i + 1]], k[qsl[i]:qsl[i + 1]], v[qsl[i]:qsl[i + 1]],
                      self.cfg, self.layout, self.layer_idx, self.scale)
@@ -148,18 +157,22 @@ class Engine:
         ])
         return out, ref
 
-    def check_pages(self, name):
-        """The pages of a sequence's complete blocks dequantize to the reference's blocks."""
+    def check_pages(self, name, max_mismatch=0.0):
+        """The pages of a sequence's complete blocks dequantize to the reference's blocks (with the kernels:
+        all but ``max_mismatch`` of the values, as fp32 probe sums in another order can flip a near-tie)."""
         seq = self.ref[name]
         nb = seq.ck.shape[0] // N
         if nb == 0:
             return
         ids = torch.tensor(self.blocks[name][:nb])
-        dk, dv = paged.dequantize_pages(self.kv_view.flatten(2), ids, self.layout)
-        torch.testing.assert_close(dk.reshape(-1, self.h, D), seq.ck, atol=1e-5, rtol=1e-5,
-                                   msg=f"keys of {name}")
-        torch.testing.assert_close(dv.reshape(-1, self.h, D), seq.cv, atol=1e-5, rtol=1e-5,
-                                   msg=f"values of {name}")
+        dk, dv = paged.dequantize_pages(self.kv_view.flatten(2).cpu(), ids, self.layout)
+        for got, want, what in ((dk, seq.ck, "keys"), (dv, seq.cv, "values")):
+            got = got.reshape(-1, self.h, self.d)
+            if max_mismatch:
+                bad = ((got - want).abs() > 1e-3 * (1 + want.abs())).float().mean().item()
+                assert bad <= max_mismatch, f"{what} of {name}: {bad:.2%} differ"
+            else:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{what} of {name}")
 
 
 CONFIGS = {
@@ -169,13 +182,13 @@ CONFIGS = {
 }
 
 
-def run(engine: Engine, schedule, seed=0):
+def run(engine: Engine, schedule, seed=0, atol=2e-4, rtol=1e-4, max_mismatch=0.0):
     gen = torch.Generator().manual_seed(seed)
     for work in schedule:
         out, ref = engine.step(work, gen)
-        torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4, msg=f"step {work}")
+        torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=f"step {work}")
     for name in engine.ref:
-        engine.check_pages(name)
+        engine.check_pages(name, max_mismatch)
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
@@ -231,3 +244,22 @@ def test_fast_cpu_dequantize_is_bit_exact(head_size, bits):
     want = paged.dequantize_pages(cache, ids, lay, order="page")
     got = dequantize_pages_cpu(cache, ids, lay)
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.interpret
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a CUDA device or TRITON_INTERPRET=1 (set by tests/kernels when collected)")
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2)])  # GQA 3:1; one case (the interpreter is slow)
+def test_triton_path(num_heads, num_kv_heads):
+    """The same batches through the Triton kernels (CUDA: fp16 tensor-core dots, so a looser tolerance), at
+    SmolLM2's head size (the kernels take 64 and 128)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    e = Engine(CONFIGS["paged"], num_heads, num_kv_heads, kernels="triton", device=device, head_size=64)
+    run(e, [
+        [("a", 37), ("b", 20)],
+        [("b", 1), ("c", 32), ("a", 1)],
+        *[[("a", 1), ("b", 1), ("c", 1)] for _ in range(12)],
+        [("a", 20), ("b", 1)],  # a chunk over pages and a tail, completing a block mid-chunk
+        [("b", 1), ("a", 1), ("c", 1)],
+    ], atol=2e-2, rtol=2e-2, max_mismatch=0.02)

@@ -71,7 +71,7 @@ class DecodeIndex:
     seqs: torch.Tensor  # int64 [R]
     tokens: torch.Tensor  # int64 [R], token index of each row's query
     width: int
-    valid: torch.Tensor  # bool [R, width]
+    invalid: torch.Tensor  # bool [R, 1, 1, width]: padding
     page_ids: torch.Tensor  # int64 [P], pages of all rows
     page_pos: torch.Tensor  # int64 [P * block_size]
     tail_slot: torch.Tensor  # int64 [Rt], staging slot and row of every tail token of every row
@@ -165,7 +165,7 @@ def _decode_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Dec
         seqs=long(rows),
         tokens=long([qsl[s] for s in rows]),
         width=width,
-        valid=torch.arange(width).view(1, -1) < long(lens).view(-1, 1),
+        invalid=(torch.arange(width).view(1, -1) >= long(lens).view(-1, 1)).view(-1, 1, 1, width),
         page_ids=torch.cat(page_ids) if page_ids else long([]),
         page_pos=torch.cat(page_pos) if page_pos else long([]),
         tail_slot=long(t_slot),
@@ -392,29 +392,51 @@ def dequantize_pages_cpu(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout
 
 def _decode_attend(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, sums, v) -> torch.Tensor:
     """One-token rows in one batched pass over padded keys (pages, tails, the new token). Writes ``out`` and
-    the rows' own scores into ``sums``; returns the tails' scores ``[num_tail_tokens, num_kv_heads]``."""
+    the rows' own scores into ``sums``; returns the tails' scores ``[num_tail_tokens, num_kv_heads]``.
+
+    NOTE: runs per layer and step; every torch call costs tens of microseconds in a busy worker, so the op
+    count matters more than the flops here (one row: no padding and no scatter)."""
     r, w = d.seqs.numel(), d.width
     h, dim = k.shape[1], k.shape[2]
     g = q.shape[1] // h
-    kk = torch.zeros(r * w, h, dim, dtype=torch.float32)
-    vv = torch.zeros(r * w, h, dim, dtype=torch.float32)
+    pk = pv = None
     if d.page_ids.numel():
         pk, pv = dequantize_pages_cpu(kv_cache, d.page_ids, layout)  # any row order is fine
-        kk.index_copy_(0, d.page_pos, pk.reshape(-1, h, dim))
-        vv.index_copy_(0, d.page_pos, pv.reshape(-1, h, dim))
+        pk, pv = pk.reshape(-1, h, dim), pv.reshape(-1, h, dim)
+    if r == 1:
+        tok = d.tokens[:1]
+        parts_k = [] if pk is None else [pk]
+        parts_v = [] if pv is None else [pv]
+        if d.tail_flat.numel():
+            parts_k.append(staging.key.view(-1, h, dim).index_select(0, d.tail_flat).float())
+            parts_v.append(staging.value.view(-1, h, dim).index_select(0, d.tail_flat).float())
+        parts_k.append(k.index_select(0, tok).float())
+        parts_v.append(v.index_select(0, tok).float())
+        kk = torch.cat(parts_k) if len(parts_k) > 1 else parts_k[0]  # [L, h, dim]
+        vv = torch.cat(parts_v) if len(parts_v) > 1 else parts_v[0]
+        qq = q.index_select(0, tok).float().view(h, g, dim)
+        probs = torch.softmax(torch.matmul(qq, kk.permute(1, 2, 0)) * scale, dim=-1)  # [h, g, L]
+        out.index_copy_(0, tok, torch.matmul(probs, vv.transpose(0, 1)).view(1, h * g, dim).to(out.dtype))
+        col = probs.sum(dim=1).t()  # [L, h]; the probe is the row's own query
+        sums.index_copy_(0, tok, col[-1:])
+        return col.index_select(0, d.tail_pos)
+    kk = torch.zeros(r * w, h, dim, dtype=torch.float32)
+    vv = torch.zeros(r * w, h, dim, dtype=torch.float32)
+    if pk is not None:
+        kk.index_copy_(0, d.page_pos, pk)
+        vv.index_copy_(0, d.page_pos, pv)
     if d.tail_flat.numel():
         kk.index_copy_(0, d.tail_pos, staging.key.view(-1, h, dim).index_select(0, d.tail_flat).float())
         vv.index_copy_(0, d.tail_pos, staging.value.view(-1, h, dim).index_select(0, d.tail_flat).float())
     kk.index_copy_(0, d.new_pos, k.index_select(0, d.tokens).float())
     vv.index_copy_(0, d.new_pos, v.index_select(0, d.tokens).float())
-    kk, vv = kk.view(r, w, h, dim), vv.view(r, w, h, dim)
     qq = q.index_select(0, d.tokens).float().view(r, h, g, dim)
-    logits = torch.einsum("rhgd,rwhd->rhgw", qq, kk) * scale
-    logits.masked_fill_(~d.valid.view(r, 1, 1, w), float("-inf"))
+    logits = torch.matmul(qq, kk.view(r, w, h, dim).permute(0, 2, 3, 1)) * scale  # [r, h, g, w]
+    logits.masked_fill_(d.invalid, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    o = torch.einsum("rhgw,rwhd->rhgd", probs, vv).reshape(r, h * g, dim).to(out.dtype)
-    out.index_copy_(0, d.tokens, o)
-    col = probs.sum(dim=2).permute(0, 2, 1).reshape(r * w, h)  # probe = the row's own query
+    o = torch.matmul(probs, vv.view(r, w, h, dim).transpose(1, 2)).view(r, h * g, dim)  # [r, h, g, dim]
+    out.index_copy_(0, d.tokens, o.to(out.dtype))
+    col = probs.sum(dim=2).transpose(1, 2).reshape(r * w, h)  # the probe is the row's own query
     sums.index_copy_(0, d.tokens, col.index_select(0, d.new_pos))
     return col.index_select(0, d.tail_pos)
 

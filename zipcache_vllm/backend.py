@@ -83,7 +83,7 @@ class ZipCacheAttentionBackend(CPUAttentionBackend):
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return [64, 128]  # what the Triton kernels are tested at (64: compile error on H200 at 32); layout: x16
+        return [64, 128]  # what the Triton kernels are tested at (32 fails to compile on an H200)
 
     @classmethod
     def supports_sliding_window(cls) -> bool:

@@ -213,6 +213,7 @@ def test_chunked_prefill_blocks_complete_mid_chunk(cfg_name):
         [("a", 20), ("b", 3)],  # tail 4 + 20 = block 1 complete mid-chunk, 8 staged
         [("b", 1), ("a", 10)],  # a: 8 + 10 -> block 2 complete, 2 staged
         *[[("a", 1), ("b", 1)] for _ in range(15)],
+        *[[("a", 1)] for _ in range(16)],  # a single row (no padding) over pages and a tail, to a full block
     ])
 
 

@@ -92,6 +92,11 @@ def prepare(argv: list[str]) -> list[str]:
             _log("ZipCache settings given without --kv-cache-backend zipcache: running stock vLLM")
         return rest
     _log(f"KV cache backend: zipcache, config {envs.config_source()} -> {cfg.to_dict()}")
+    if rest[:1] == ["serve"] and not any(a.partition("=")[0] == "--attention-backend" for a in rest):
+        import torch
+
+        if torch.cuda.is_available():  # CUDA honours vLLM's CUSTOM slot, which register() fills
+            rest += ["--attention-backend", "CUSTOM"]
     if rest[:1] == ["serve"] and not any(a.partition("=")[0] in PREFIX_FLAGS for a in rest):
         rest.append("--no-enable-prefix-caching")
         _log(

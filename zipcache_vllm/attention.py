@@ -14,7 +14,8 @@ For every sequence of a batch (lengths as in :mod:`zipcache_vllm.block_manager`)
    ``score_sum / score_count`` (ZC-6/8; ``accumulated`` saliency: the sums), never re-quantized;
 3. **stage**: the remaining ``seq_len % block_size`` tokens (and their score state) go to the sequence's slot.
 
-CPU: the plain-torch twins of :mod:`zipcache_vllm.paged`; CUDA: the Triton kernels of
+CPU: the plain-torch twins of :mod:`zipcache_vllm.paged` (``kernels="torch"``), with the decode rows read
+straight from the codes by :mod:`zipcache_vllm.cpu_kernels` (``kernels="numba"``); CUDA: the Triton kernels of
 ``zipcache_vllm.kernels`` (same contracts). No vLLM import.
 """
 
@@ -85,6 +86,9 @@ class DecodeIndex:
     tail_flat: torch.Tensor | None = None  # int64 [Rt]: slot * block_size + row, into flattened staging
     new_flat: torch.Tensor | None = None  # int64 [len(simple)]: where each simple row's token is staged
     other_tail: torch.Tensor | None = None  # int64: tail tokens of the rows whose block completes
+    page_start: torch.Tensor | None = None  # int64 [R + 1]: row i's pages are page_ids[page_start[i]:...]
+    page_row: torch.Tensor | None = None  # int64 [P]: the decode row of each page
+    tail_rowidx: torch.Tensor | None = None  # int64 [Rt]: the decode row of each tail token
 
 
 @dataclass
@@ -139,10 +143,14 @@ def _decode_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Dec
     lens = [ctx[s] + 1 for s in rows]
     width = max(lens)
     page_ids, page_pos, t_slot, t_row, t_pos, t_seq, new_pos, simple, simple_tail = ([] for _ in range(9))
+    page_start, page_row, t_rowidx = [0], [], []
     bt = block_table.cpu()
     for i, s in enumerate(rows):
         base = i * width
         pages = ctx[s] // n
+        page_start.append(page_start[-1] + pages)
+        page_row += [i] * pages
+        t_rowidx += [i] * plan.tail_lens[s]
         if pages:
             page_ids.append(bt[s, :pages].long())
             page_pos.append(torch.arange(base, base + pages * n))
@@ -179,6 +187,9 @@ def _decode_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Dec
         tail_flat=tail_flat,
         new_flat=new_flat,
         other_tail=other_tail,
+        page_start=long(page_start),
+        page_row=long(page_row),
+        tail_rowidx=long(t_rowidx),
     )
 
 
@@ -260,7 +271,7 @@ def zipcache_attention(
         :meth:`BlockManager.plan`, shared by all layers.
     layout, config : the page layout and the ZipCache settings (block granularity).
     layer_idx : seeds the probe draw (as the reference cache). scale : softmax scale (default ``D ** -0.5``).
-    out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch`` or ``triton``.
+    out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch``, ``numba`` or ``triton``.
 
     Returns
     -------
@@ -310,7 +321,8 @@ def zipcache_attention(
             out[tok], sums[tok], tail_sums[sub["seqs"]] = o.to(out.dtype), sc, tsc
     dec_tail = None
     if not is_kernel and step.decode is not None:
-        dec_tail = _decode_attend(q, k, kv_cache, staging, step.decode, layout, scale, out, sums, v)
+        decode = _decode_attend_codes if kernels == "numba" else _decode_attend
+        dec_tail = decode(q, k, kv_cache, staging, step.decode, layout, scale, out, sums, v)
         d = step.decode
         if d.other_tail.numel():  # rows whose block completes read their tail scores in _store
             j = d.other_tail
@@ -439,6 +451,49 @@ def _decode_attend(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, 
     col = probs.sum(dim=2).transpose(1, 2).reshape(r * w, h)  # the probe is the row's own query
     sums.index_copy_(0, d.tokens, col.index_select(0, d.new_pos))
     return col.index_select(0, d.tail_pos)
+
+
+def _decode_attend_codes(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, sums, v) -> torch.Tensor:
+    """:func:`_decode_attend` with the pages read as codes by :mod:`zipcache_vllm.cpu_kernels` (no fp32 copy of
+    the pages): logits ``[R, W, H, G]`` of pages (numba), tail and new token (torch); one softmax; the page part
+    of ``P @ V`` (numba) plus the tail's and the new token's (torch)."""
+    from . import cpu_kernels
+
+    r, w = d.seqs.numel(), d.width
+    h, dim = k.shape[1], k.shape[2]
+    g = q.shape[1] // h
+    qq = q.index_select(0, d.tokens).float().view(r, h, g, dim).contiguous()
+    logits = torch.full((r, w, h, g), float("-inf"))
+    flat = logits.view(r * w, h, g)
+    params = None
+    if d.page_ids.numel():
+        params = cpu_kernels.PageParams(kv_cache, d.page_ids, layout)
+        cpu_kernels.page_logits(kv_cache, d.page_ids, d.page_row, d.page_start, qq, params, layout, scale, logits)
+    has_tail = d.tail_flat.numel() > 0
+    if has_tail:
+        kt = staging.key.view(-1, h, dim).index_select(0, d.tail_flat).float()  # [Rt, h, dim]
+        qt = qq.index_select(0, d.tail_rowidx)  # [Rt, h, g, dim]
+        flat.index_copy_(0, d.tail_pos, torch.matmul(qt, kt.unsqueeze(-1)).squeeze(-1) * scale)
+    kn = k.index_select(0, d.tokens).float()
+    flat.index_copy_(0, d.new_pos, torch.matmul(qq, kn.unsqueeze(-1)).squeeze(-1) * scale)
+    probs = torch.softmax(logits, dim=1)
+    pflat = probs.view(r * w, h, g)
+    o = torch.empty(r, h, g, dim)
+    if params is not None:
+        cpu_kernels.page_values(kv_cache, d.page_ids, d.page_start, probs, params, layout, o)
+    else:
+        o.zero_()
+    pn = pflat.index_select(0, d.new_pos)  # [r, h, g]
+    o.add_(pn.unsqueeze(-1) * v.index_select(0, d.tokens).float().unsqueeze(2))
+    tail_cols = None
+    if has_tail:
+        vt = staging.value.view(-1, h, dim).index_select(0, d.tail_flat).float()
+        pt = pflat.index_select(0, d.tail_pos)  # [Rt, h, g]
+        o.index_add_(0, d.tail_rowidx, pt.unsqueeze(-1) * vt.unsqueeze(2))
+        tail_cols = pt.sum(-1)
+    out.index_copy_(0, d.tokens, o.view(r, h * g, dim).to(out.dtype))
+    sums.index_copy_(0, d.tokens, pn.sum(-1))  # the probe is the row's own query
+    return tail_cols if tail_cols is not None else torch.zeros(0, h)
 
 
 def _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, step, probes, layout, config,

@@ -28,7 +28,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from . import envs
+from . import cpu_kernels, envs
 from .attention import Staging, Step, prepare_step, zipcache_attention
 from .block_manager import BlockManager
 from .config import Granularity, KeyScheme, Selection, ZipCacheConfig
@@ -69,6 +69,23 @@ def num_staging_slots(vllm_config: VllmConfig) -> int:
         return explicit
     max_seqs = vllm_config.scheduler_config.max_num_seqs
     return max_seqs + max(4, max_seqs // 8)
+
+
+def pick_kernels(choice: str, cuda: bool) -> str:
+    """``auto``: Triton on CUDA; on CPU the numba decode over the codes when numba imports, else torch."""
+    if choice != "auto":
+        if choice == "numba" and not cpu_kernels.available():
+            raise ValueError("ZIPCACHE_KERNELS=numba needs numba (pip install 'zipcache-vllm[cpu]')")
+        return choice
+    if cuda:
+        return "triton"
+    if cpu_kernels.available():
+        return "numba"
+    if "numba_missing" not in _state:
+        _state["numba_missing"] = True
+        logger.warning("numba is not installed: the CPU decode dequantizes every page every step (slower); "
+                       "pip install numba")
+    return "torch"
 
 
 def _layer_index(layer_name: str) -> int:
@@ -241,8 +258,7 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
             _state["config"] = resolve_config(block_size, vllm_config.additional_config)
         self.config: ZipCacheConfig = _state["config"]
         self.layout = PageLayout.from_config(self.config, head_size)
-        choice = envs.kernels()
-        self.kernels = "triton" if choice == "triton" or (choice == "auto" and torch.cuda.is_available()) else "torch"
+        self.kernels = pick_kernels(envs.kernels(), torch.cuda.is_available())
         num_slots = num_staging_slots(vllm_config)
         device = "cuda" if self.kernels == "triton" else "cpu"
         self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,

@@ -12,8 +12,9 @@ variable                        default    meaning
 ``ZIPCACHE_CONFIG_OVERRIDES``   (none)     JSON object of ``ZipCacheConfig`` keys applied over the preset
 ``ZIPCACHE_STAGING_SLOTS``      (auto)     bf16 staging slots (incomplete blocks held at once); default
                                            ``max_num_seqs`` + a margin
-``ZIPCACHE_KERNELS``            ``auto``   ``torch`` (the plain-torch twins), ``triton``, or ``auto``
-                                           (Triton on CUDA, torch on CPU)
+``ZIPCACHE_KERNELS``            ``auto``   ``torch`` (the plain-torch twins), ``numba`` (CPU decode over the
+                                           codes), ``triton``, or ``auto`` (Triton on CUDA, numba on CPU
+                                           when it imports, else torch)
 =============================== ========== ===============================================================
 """
 
@@ -32,7 +33,7 @@ STAGING_SLOTS = "ZIPCACHE_STAGING_SLOTS"
 KERNELS = "ZIPCACHE_KERNELS"
 
 BACKENDS = ("auto", "zipcache")
-KERNEL_CHOICES = ("auto", "torch", "triton")
+KERNEL_CHOICES = ("auto", "torch", "numba", "triton")
 DEFAULT_CONFIG = "paged"
 
 

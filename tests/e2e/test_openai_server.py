@@ -150,8 +150,8 @@ def test_kv_capacity_vs_stock_bf16(zipcache_server, stock_server):
 def test_metrics_expose_the_compression_figures(zipcache_server):
     import importlib.metadata as md
 
-    if not any(e.name == "zipcache" for e in md.entry_points(group="vllm.stat_logger_plugins")):
-        pytest.skip("pyproject.toml does not declare the vllm.stat_logger_plugins entry point (zipcache_vllm.metrics)")
+    declared = [e.value for e in md.entry_points(group="vllm.stat_logger_plugins") if e.name == "zipcache"]
+    assert declared == ["zipcache_vllm.metrics:ZipCacheStatLogger"], "reinstall the package (pip install -e .)"
     text = zipcache_server.get("/metrics")
     for name in ("bits_per_value", "salient_ratio", "capacity_ratio_vs_bf16", "kv_cache_tokens"):
         assert re.search(rf"^zipcache:{name}\S* [\d.e+]+$", text, re.M), name

@@ -193,9 +193,12 @@ def run(engine: Engine, schedule, seed=0, atol=2e-4, rtol=1e-4, max_mismatch=0.0
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2), (3, 3)])  # GQA 3:1 (SmolLM2's ratio), MHA
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "twin"])
-def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads, batched):
-    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, batched=batched)
+@pytest.mark.parametrize("batched, kernels", [(True, "torch"), (True, "numba"), (False, "torch")],
+                         ids=["batched", "numba", "twin"])
+def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads, batched, kernels):
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, batched=batched, kernels=kernels)
     run(e, [
         [("a", 37), ("b", 20)],  # a: 2 blocks + 5 staged; b: 1 block + 4
         [("b", 1), ("c", 32), ("a", 1)],  # c: exactly 2 blocks, nothing staged; rows reordered
@@ -206,8 +209,11 @@ def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads, bat
 
 
 @pytest.mark.parametrize("cfg_name", ["paged", "probe_nnz"])
-def test_chunked_prefill_blocks_complete_mid_chunk(cfg_name):
-    e = Engine(CONFIGS[cfg_name], 6, 2)
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_chunked_prefill_blocks_complete_mid_chunk(cfg_name, kernels):
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    e = Engine(CONFIGS[cfg_name], 6, 2, kernels=kernels)
     run(e, [
         [("a", 20)],  # block 0 complete + 4 staged
         [("a", 20), ("b", 3)],  # tail 4 + 20 = block 1 complete mid-chunk, 8 staged
@@ -264,3 +270,21 @@ def test_triton_path(num_heads, num_kv_heads):
         [("a", 20), ("b", 1)],  # a chunk over pages and a tail, completing a block mid-chunk
         [("b", 1), ("a", 1), ("c", 1)],
     ], atol=2e-2, rtol=2e-2, max_mismatch=0.02)
+
+
+@pytest.mark.parametrize("head_size, bits, ratios", [(64, (8, 4), (0.6, None)), (128, (2, 2), (0.5, 0.25)),
+                                                     (32, (4, 2), (0.8, 0.2))])
+def test_numba_decode_reads_the_codes(head_size, bits, ratios):
+    """The numba decode over the codes (zipcache_vllm.cpu_kernels) against the reference, at other widths,
+    head sizes and separate key/value salient shares; odd batch shapes (one row, rows without pages)."""
+    pytest.importorskip("numba")
+    cfg = ZipCacheConfig.load("paged", block_size=N, bits_high=bits[0], bits_low=bits[1], salient_ratio=ratios[0],
+                              value_salient_ratio=ratios[1])
+    e = Engine(cfg, 4, 2, kernels="numba", head_size=head_size)
+    run(e, [
+        [("a", 35), ("b", 3)],
+        *[[("a", 1), ("b", 1)] for _ in range(14)],  # b completes its first block
+        [("c", 5)],
+        *[[("b", 1)] for _ in range(3)],  # a single row over pages and a tail
+        [("c", 1), ("a", 1), ("b", 1)],
+    ])

@@ -14,8 +14,9 @@ MLA_REFUSAL = "zipcache_vllm.backend.ZipCacheRefusesMLA"
 
 
 def register() -> None:
-    """Install the ZipCache attention backend when ``ZIPCACHE_KV_CACHE_BACKEND=zipcache`` (set by
-    ``zipcache-vllm serve --kv-cache-backend zipcache``); otherwise do nothing, so vLLM stays stock.
+    """Add ``--kv-cache-backend`` / ``--zipcache-config`` to vLLM's CLI, and install the ZipCache attention
+    backend when ``ZIPCACHE_KV_CACHE_BACKEND=zipcache`` (set by ``vllm serve --kv-cache-backend zipcache`` or
+    ``zipcache-vllm serve --kv-cache-backend zipcache``); without the flag vLLM stays stock.
 
     vLLM calls this in every process (API server, EngineCore, worker), possibly more than once. On CPU the
     backend replaces ``CPU_ATTN`` (CPU ignores ``--attention-backend CUSTOM``); on CUDA it fills vLLM's
@@ -26,7 +27,9 @@ def register() -> None:
     if _REGISTERED:
         return
     from . import envs
+    from .serve import install_cli_flags
 
+    install_cli_flags()  # `vllm serve --kv-cache-backend zipcache`; absent flags leave vLLM stock
     if not envs.enabled():
         return
     from vllm.platforms import current_platform

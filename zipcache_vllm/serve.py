@@ -13,6 +13,7 @@ wrote them, so they are not content-stable); then hands over to ``vllm.entrypoin
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -104,6 +105,64 @@ def prepare(argv: list[str]) -> list[str]:
             "so it is not content-stable under the prefix hash (pass --enable-prefix-caching to override)"
         )
     return rest
+
+
+class _FlagAction(argparse.Action):
+    """``vllm serve ... --kv-cache-backend zipcache`` / ``--zipcache-config X``: the value goes into the
+    ``ZIPCACHE_*`` environment (inherited by the EngineCore and worker processes, which call ``register()``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        os.environ[FLAGS[option_string]] = value
+        try:
+            on = envs.enabled()
+            if on:
+                envs.load_config()  # a bad preset or value stops here, before vLLM starts anything
+        except ValueError as e:
+            parser.error(str(e))
+        if not on:
+            return
+        from . import register
+
+        register()  # this process too: the API server builds the config before the engine starts
+        if getattr(namespace, "enable_prefix_caching", None) is None:  # an explicit flag (either order) wins
+            namespace.enable_prefix_caching = False
+            _log("prefix caching off: a compressed block depends on the probe tokens of the request that wrote "
+                 "it (pass --enable-prefix-caching to override)")
+        if getattr(namespace, "attention_backend", None) is None and _cuda():
+            namespace.attention_backend = "CUSTOM"  # CUDA honours vLLM's CUSTOM slot, which register() fills
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def install_cli_flags() -> None:
+    """Teach ``vllm serve`` (and every subcommand with engine arguments) ``--kv-cache-backend`` and
+    ``--zipcache-config``, through the platform hook vLLM calls on each such parser after the general plugins
+    are loaded (``AsyncEngineArgs.add_cli_args`` -> ``current_platform.pre_register_and_update(parser)``).
+    Idempotent; the flags default to absent, so stock vLLM is unchanged unless they are given."""
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    if getattr(cls, "_zipcache_flags", False):
+        return
+    original = cls.pre_register_and_update
+
+    def pre_register_and_update(klass, parser=None):
+        original(parser)
+        if parser is None or any(f in getattr(parser, "_option_string_actions", {}) for f in FLAGS):
+            return
+        parser.add_argument("--kv-cache-backend", choices=envs.BACKENDS, action=_FlagAction,
+                            default=argparse.SUPPRESS, help="zipcache: keep every paged KV block compressed "
+                            "with ZipCache (zipcache-vllm plugin); auto: stock vLLM")
+        parser.add_argument("--zipcache-config", action=_FlagAction, default=argparse.SUPPRESS,
+                            help="ZipCache tunables: a preset of the plugin's configs/ (default: paged) or a YAML "
+                            "file; single keys through --additional-config '{\"zipcache\": {...}}'")
+
+    cls.pre_register_and_update = classmethod(pre_register_and_update)
+    cls._zipcache_flags = True
 
 
 def main() -> None:

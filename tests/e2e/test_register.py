@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ def clean_registry(monkeypatch):
     monkeypatch.delenv(envs.CONFIG_OVERRIDES, raising=False)
     monkeypatch.delenv(envs.CONFIG, raising=False)
     yield monkeypatch
+    for var in (envs.KV_CACHE_BACKEND, envs.CONFIG, envs.CONFIG_OVERRIDES):  # set by the CLI flags' action
+        os.environ.pop(var, None)
 
 
 def test_entry_point_is_declared():
@@ -119,3 +122,42 @@ def test_stat_logger_publishes_the_compression_figures(clean_registry):
     assert (value("zipcache:bits_high"), value("zipcache:bits_low")) == (4, 2)
     assert value("zipcache:salient_ratio") == pytest.approx(77 / 128)
     assert value("zipcache:kv_cache_tokens") == 12800 and value("zipcache:staging_slots") == 20
+
+
+def _serve_parser():
+    """vLLM's own `vllm serve` parser, built as its CLI builds it (general plugins load inside)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    root = FlexibleArgumentParser(prog="vllm")
+    return ServeSubcommand().subparser_init(root.add_subparsers())
+
+
+def test_vllm_serve_takes_the_kv_cache_backend_flag(clean_registry):
+    """`vllm serve MODEL --kv-cache-backend zipcache`: the flag parses on vLLM's parser, exports the choice to the
+    engine processes' environment, registers the backend here and turns prefix caching off unless asked."""
+    zipcache_vllm.register()  # stock: installs only the flags
+    parser = _serve_parser()
+    stock = parser.parse_args(["some/model"])
+    assert not hasattr(stock, "kv_cache_backend") and stock.enable_prefix_caching is None
+    assert envs.KV_CACHE_BACKEND not in os.environ
+
+    args = parser.parse_args(["some/model", "--kv-cache-backend", "zipcache", "--zipcache-config", "kv4"])
+    assert os.environ[envs.KV_CACHE_BACKEND] == "zipcache" and os.environ[envs.CONFIG] == "kv4"
+    assert args.enable_prefix_caching is False
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == zipcache_vllm.CPU_BACKEND
+    args = parser.parse_args(["some/model", "--kv-cache-backend=zipcache", "--enable-prefix-caching"])
+    assert args.enable_prefix_caching is True  # an explicit flag wins, in either order
+    args = parser.parse_args(["some/model", "--enable-prefix-caching", "--kv-cache-backend", "zipcache"])
+    assert args.enable_prefix_caching is True
+
+
+def test_vllm_serve_rejects_bad_zipcache_values(clean_registry, capsys):
+    zipcache_vllm.register()
+    parser = _serve_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--kv-cache-backend", "zip"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--zipcache-config", "no-such-preset", "--kv-cache-backend", "zipcache"])
+    assert "no-such-preset" in capsys.readouterr().err

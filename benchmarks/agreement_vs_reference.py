@@ -40,6 +40,7 @@ def served(port: int, ids: list[list[int]], steps: int) -> list[list[int]]:
 
 
 def reference(hf, ids: list[list[int]], steps: int, zipcache: bool) -> list[list[int]]:
+    from zipcache_vllm import envs
     from zipcache_vllm.config import ZipCacheConfig
     from zipcache_vllm.eval import harness
     from zipcache_vllm.hf_cache import ZipCache
@@ -47,7 +48,7 @@ def reference(hf, ids: list[list[int]], steps: int, zipcache: bool) -> list[list
 
     out = []
     for p in ids:
-        cache = (ZipCache(ZipCacheConfig.load("paged"), model_config=hf.config) if zipcache
+        cache = (ZipCache(ZipCacheConfig.load(envs.DEFAULT_CONFIG), model_config=hf.config) if zipcache
                  else Method.parse("bf16").make_cache(hf.config))
         toks, _, _ = harness.decode_steps(hf, torch.tensor(p), cache, steps)
         out.append(toks.tolist())  # the EOS is kept, as vLLM's token_ids keep it

@@ -34,7 +34,7 @@ KERNELS = "ZIPCACHE_KERNELS"
 
 BACKENDS = ("auto", "zipcache")
 KERNEL_CHOICES = ("auto", "torch", "numba", "triton")
-DEFAULT_CONFIG = "paged"
+DEFAULT_CONFIG = "vllm"
 
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:

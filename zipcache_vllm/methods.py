@@ -11,6 +11,8 @@ A method spec is ``NAME`` or ``NAME:key=value,key=value`` (e.g. ``zipcache:salie
 ``zipcache-random``  ablation: salient tokens drawn at random
 ``zipcache-quota``   ``zipcache`` with a per-block quota of salient tokens (the constraint of a fixed-size page)
 ``zipcache-paged``   vLLM paged semantics: complete blocks compressed one by one, per-block statistics and quota
+``zipcache-vllm``    the vLLM plugin's default (preset ``vllm``): ``zipcache-paged`` with salient shares 0.8 (keys)
+                     and 0.2 (values)
 ``quanto-int4/int2`` transformers ``QuantizedCache`` with optimum-quanto (a peer), bf16 residual of 128
 ===================  =============================================================================================
 """
@@ -33,6 +35,7 @@ ZIPCACHE_VARIANTS: dict[str, dict[str, Any]] = {
     "zipcache-random": {"saliency": "random"},
     "zipcache-quota": {"selection": "quota"},
     "zipcache-paged": {"selection": "quota", "granularity": "block"},
+    "zipcache-vllm": {"selection": "quota", "granularity": "block", "salient_ratio": 0.8, "value_salient_ratio": 0.2},
 }
 BASELINES = ("bf16", "int8", "int4", "int2", "kivi2", "kivi4", "quanto-int4", "quanto-int2")
 ALL_METHODS = (*BASELINES[:6], *ZIPCACHE_VARIANTS, *BASELINES[6:])

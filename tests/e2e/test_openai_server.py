@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from zipcache_vllm import envs
+from zipcache_vllm.config import ZipCacheConfig
 from zipcache_vllm.layout import PageLayout
 
 MODEL = "smollm2"
@@ -137,14 +139,17 @@ def test_aborts_mid_stream_then_the_server_still_answers(zipcache_server, client
 def test_kv_capacity_vs_stock_bf16(zipcache_server, stock_server):
     """vLLM's own figure; the layout bounds it (bf16 / page bytes), the bf16 staging is paid out of it."""
     z, b = zipcache_server.kv_cache_tokens(), stock_server.kv_cache_tokens()
-    layout_ratio = PageLayout(block_size=128, head_size=64).capacity_vs_bf16
+    cfg = ZipCacheConfig.load(envs.DEFAULT_CONFIG)  # what the server runs without --zipcache-config
+    layout_ratio = PageLayout.from_config(cfg.replace(block_size=128), 64).capacity_vs_bf16
     m = re.search(r"taken from the KV cache budget \(([\d.]+) -> ([\d.]+) GiB\)", zipcache_server.log_text())
     kv_share = float(m.group(2)) / float(m.group(1))
     ratio = z / b
     print(f"\nKV capacity: zipcache {z} tokens vs bf16 {b} tokens = {ratio:.2f}x "
           f"(layout {layout_ratio:.2f}x, {kv_share:.1%} of the budget left after staging)")
     assert ratio == pytest.approx(layout_ratio * kv_share, rel=0.02)
-    assert ratio >= 3.9  # SmolLM2 (head size 64): 4.20x layout bound, minus 16+4 staging slots (5.6 %)
+    # SmolLM2 (head size 64), preset `vllm`: 4.41x layout bound, minus 16+4 staging slots (5.5 % of 1 GiB). The
+    # issue's 4.5x is out of reach here (docs/vllm-plugin.md, "Capacity"): this guards the figure we reach.
+    assert ratio >= 4.1
 
 
 def test_metrics_expose_the_compression_figures(zipcache_server):

@@ -60,7 +60,10 @@ def test_customize_spec_declares_the_compressed_page(clean_registry):
 
     spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
     new = ZipCacheAttentionBackend.customize_spec(spec)
-    lay = PageLayout(block_size=128, head_size=64)
+    from zipcache_vllm.config import ZipCacheConfig
+
+    lay = PageLayout.from_config(ZipCacheConfig.load(envs.DEFAULT_CONFIG).replace(block_size=128), 64)
+    assert lay.num_salient_k == 103 and lay.num_salient_v == 26  # the default preset: keys 0.8, values 0.2
     assert new.dtype == torch.uint8 and new.state_content_bytes == lay.state_content_bytes
     assert new.page_size_bytes == 3 * lay.page_bytes  # one page per KV head
     assert spec.page_size_bytes / new.page_size_bytes == pytest.approx(lay.capacity_vs_bf16)
@@ -108,6 +111,7 @@ def test_stat_logger_publishes_the_compression_figures(clean_registry):
     from zipcache_vllm.metrics import ZipCacheStatLogger
 
     clean_registry.setenv(envs.KV_CACHE_BACKEND, "zipcache")
+    clean_registry.setenv(envs.CONFIG, "paged")  # r = 0.6 for keys and values: 7808-byte pages
     cfg = SimpleNamespace(
         cache_config=SimpleNamespace(block_size=128, num_gpu_blocks=100),
         model_config=SimpleNamespace(get_head_size=lambda: 64),

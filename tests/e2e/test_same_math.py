@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zipcache_vllm import paged
+from zipcache_vllm import envs, paged
 from zipcache_vllm.attention import Staging, prepare_step, zipcache_attention
 from zipcache_vllm.block_manager import BlockManager
 from zipcache_vllm.config import ZipCacheConfig
@@ -78,7 +78,7 @@ def record_reference(hf, ids: list[int], steps: int):
     AttentionMaskInterface.register("zipcache_record", sdpa_mask)
     hf.model.set_attn_implementation("zipcache_record")
     try:
-        cache = hf_cache.ZipCache(ZipCacheConfig.load("paged"), model_config=hf.config)
+        cache = hf_cache.ZipCache(ZipCacheConfig.load(envs.DEFAULT_CONFIG), model_config=hf.config)
         harness.decode_steps(hf, torch.tensor(ids), cache, steps, forced=torch.full((steps,), 504))
     finally:
         hf.model.set_attn_implementation(hf_cache.ATTN_IMPLEMENTATION)
@@ -89,7 +89,7 @@ def record_reference(hf, ids: list[int], steps: int):
 def test_replay_matches_the_reference_cache_exactly(hf32, layer):
     ids = [p for p in agreement_prompts(hf32.tokenizer) if len(p) >= 300][0][:300]  # 2 blocks + 44 staged
     steps = 100  # the staged block completes at decode step 84
-    cfg = ZipCacheConfig.load("paged")
+    cfg = ZipCacheConfig.load(envs.DEFAULT_CONFIG)
     ref_cache, calls = record_reference(hf32, ids, steps)
     steps_seen = calls[layer]
     h, d = steps_seen[0][1].shape[1:]
@@ -133,7 +133,7 @@ def reference_replay(hf, ids: list[int], tokens: list[int]) -> torch.Tensor:
     from zipcache_vllm.eval import harness
     from zipcache_vllm.hf_cache import ZipCache
 
-    cache = ZipCache(ZipCacheConfig.load("paged"), model_config=hf.config)
+    cache = ZipCache(ZipCacheConfig.load(envs.DEFAULT_CONFIG), model_config=hf.config)
     _, logits, _ = harness.decode_steps(hf, torch.tensor(ids), cache, len(tokens), forced=torch.tensor(tokens))
     return torch.log_softmax(logits, dim=-1)
 

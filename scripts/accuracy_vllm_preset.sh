@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The vLLM plugin's default preset (`vllm`: keys 0.8 / values 0.2 salient) against `paged` (r = 0.6 for both) and
+# bf16, on the same windows, tasks and prompts as docs/accuracy.md. Writes docs/results/vllm_preset_*.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=docs/results
+M=bf16,zipcache-paged,zipcache-vllm
+for corpus in prose code; do
+  $PY -m zipcache_vllm.eval perplexity --threads 1 --text-file data/$corpus.txt --context-len 1024 \
+      --continuation-len 256 --max-windows 6 --methods $M --output $OUT/vllm_preset_perplexity_$corpus.json
+done
+$PY -m zipcache_vllm.eval retrieval --threads 1 --tasks-file data/retrieval_passkey_n12.jsonl --methods $M \
+    --output $OUT/vllm_preset_retrieval_passkey.json
+$PY -m zipcache_vllm.eval agreement --threads 1 --prompts-file data/agreement_prompts.jsonl --min-prompt-tokens 256 \
+    --max-new-tokens 16 --methods $M --output $OUT/vllm_preset_agreement.json

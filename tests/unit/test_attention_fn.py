@@ -177,6 +177,7 @@ class Engine:
 
 CONFIGS = {
     "paged": ZipCacheConfig.load("paged", block_size=N),
+    "vllm": ZipCacheConfig.load("vllm", block_size=N),  # the plugin's default: keys 0.8 / values 0.2 salient
     "probe_nnz": ZipCacheConfig.load("paged", block_size=N, normalizer="probe_nnz", probe_recent=0.2),
     "accumulated": ZipCacheConfig.load("paged", block_size=N, saliency="accumulated", salient_ratio=0.3),
 }
@@ -258,11 +259,12 @@ def test_fast_cpu_dequantize_is_bit_exact(head_size, bits):
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs a CUDA device or TRITON_INTERPRET=1 (set by tests/kernels when collected)")
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2)])  # GQA 3:1; one case (the interpreter is slow)
-def test_triton_path(num_heads, num_kv_heads):
+@pytest.mark.parametrize("cfg_name", ["paged", "vllm"])
+def test_triton_path(num_heads, num_kv_heads, cfg_name):
     """The same batches through the Triton kernels (CUDA: fp16 tensor-core dots, so a looser tolerance), at
     SmolLM2's head size (the kernels take 64 and 128)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    e = Engine(CONFIGS["paged"], num_heads, num_kv_heads, kernels="triton", device=device, head_size=64)
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, kernels="triton", device=device, head_size=64)
     run(e, [
         [("a", 37), ("b", 20)],
         [("b", 1), ("c", 32), ("a", 1)],

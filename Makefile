@@ -22,8 +22,11 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
 
+## ruff on the code, hadolint on every Dockerfile (docker/.hadolint.yaml: any finding fails).
+DOCKERFILES := $(filter-out %.dockerignore,$(wildcard docker/Dockerfile*))
 lint: setup
-	$(PY) -m ruff check zipcache_vllm kernels configs tests benchmarks
+	$(PY) -m ruff check zipcache_vllm kernels configs tests benchmarks docker
+	.venv/bin/hadolint --config docker/.hadolint.yaml $(DOCKERFILES)
 
 ## Regenerates every number of docs/accuracy.md (about an hour on 2 CPU cores).
 accuracy: setup

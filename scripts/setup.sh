@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One set-up for every entry point (make demo/test/serve, the CPU Docker image): creates .venv, installs the
 # package with vLLM's CPU build, applies the CPU build's known fixes, and prepares the bundled model.
-# Idempotent: a second run only re-checks. Override the interpreter with PYTHON=..., the venv with VENV=...
+# Idempotent: a second run only re-checks. Override the interpreter with PYTHON=..., the venv with VENV=..., the
+# extras with EXTRAS=... and the converted model dtypes with MODEL_DTYPES=bfloat16|float32|all (the CPU image:
+# EXTRAS=cpu MODEL_DTYPES=bfloat16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-cpu,dev,quanto}
-STAMP="$VENV/.zipcache-setup-$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+MODEL_DTYPES=${MODEL_DTYPES:-all}
+STAMP="$VENV/.zipcache-setup-$( (sha1sum pyproject.toml scripts/setup.sh; echo "$EXTRAS") | sha1sum | cut -c1-12)"
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV with $PYTHON"
@@ -35,5 +38,5 @@ if "$VENV/bin/python" -c "import importlib.util as u; exit(0 if u.find_spec('vll
         "$VENV/bin/python" -c "import vllm.engine.arg_utils"
     }
 fi
-# Convert the bundled GGUF model once (bf16 and fp32) into the user cache; prints the folder last.
-HF_HUB_OFFLINE=1 "$VENV/bin/python" -m zipcache_vllm.models --dtype all
+# Convert the bundled GGUF model once (by default bf16 and fp32) into the user cache; prints the folder last.
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m zipcache_vllm.models --dtype "$MODEL_DTYPES"

@@ -14,3 +14,17 @@ $PY -m zipcache_vllm.eval retrieval --threads 1 --tasks-file data/retrieval_pass
     --output $OUT/vllm_preset_retrieval_passkey.json
 $PY -m zipcache_vllm.eval agreement --threads 1 --prompts-file data/agreement_prompts.jsonl --min-prompt-tokens 256 \
     --max-new-tokens 16 --methods $M --output $OUT/vllm_preset_agreement.json
+# The table of docs/accuracy.md, "The plugin's preset"
+$PY - <<'PY'
+import json
+r = {k: json.load(open(f"docs/results/vllm_preset_{k}.json"))["results"]
+     for k in ("perplexity_prose", "perplexity_code", "retrieval_passkey", "agreement")}
+print("| method | prose ppl (× bf16) | code ppl (× bf16) | agreement | KL | passkey | measured ratio |")
+print("|---|---|---|---|---|---|---|")
+for m in ("bf16", "zipcache-paged", "zipcache-vllm"):
+    p, c = r["perplexity_prose"], r["perplexity_code"]
+    a, t = r["agreement"][m], r["retrieval_passkey"][m]
+    print(f"| `{m}` | {p[m]['perplexity']:.3f} ({p[m]['perplexity'] / p['bf16']['perplexity']:.3f}) | "
+          f"{c[m]['perplexity']:.3f} ({c[m]['perplexity'] / c['bf16']['perplexity']:.3f}) | {a['agreement']:.3f} | "
+          f"{a['kl']:.4f} | {round(t['accuracy'] * t['tasks'])}/{t['tasks']} | {p[m]['compression_ratio']:.2f}× |")
+PY

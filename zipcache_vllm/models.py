@@ -85,6 +85,9 @@ def convert(dtype: str = "bfloat16", force: bool = False) -> Path:
     plain.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: other users (a container's server user) must read it
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / _DONE).write_text(f"{src.name}\n{dtype}\n")

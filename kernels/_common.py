@@ -78,6 +78,64 @@ def check_cache(kv_cache: torch.Tensor, layout, num_kv_heads: int, device) -> No
     check(kv_cache.data_ptr() % 16 == 0, "kv_cache must be 16-byte aligned")
 
 
+FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_out(out: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+    """``out`` (default: a new tensor like ``query``), checked to have the shape of ``query``."""
+    if out is None:
+        out = torch.empty_like(query)
+    check_tensor(out, "out", 3, FLOATS, query.device)
+    check(out.shape == query.shape, "out must have the shape of query")
+    return out
+
+
+def check_tail(tail_key, tail_value, dtypes, block_size: int, num_kv_heads: int | None, head_size: int, device):
+    """``[num_slots, block_size, num_kv_heads, head_size]`` keys and values alike (``num_kv_heads`` None: any)."""
+    check_tensor(tail_key, "tail_key", 4, dtypes, device)
+    check_tensor(tail_value, "tail_value", 4, (tail_key.dtype,), device)
+    check(
+        tail_key.shape == tail_value.shape and tail_key.stride() == tail_value.stride(),
+        "tail_key and tail_value must match in shape and strides",
+    )
+    h = tail_key.shape[2] if num_kv_heads is None else num_kv_heads
+    want = (block_size, h, head_size)
+    check(tuple(tail_key.shape[1:]) == want, f"tail_key must be [num_slots, {', '.join(map(str, want))}]")
+
+
+def check_seq_meta(num_seqs: int, device, **tensors: torch.Tensor) -> None:
+    """Per-sequence metadata: int32 ``[num_seqs]`` each."""
+    for name, x in tensors.items():
+        check_tensor(x, name, 1, (torch.int32,), device)
+        check(x.numel() == num_seqs, f"{name} must have {num_seqs} entries")
+
+
+def cache_args(kv_cache: torch.Tensor) -> dict:
+    """Launch arguments of the pages: the same memory as uint8 and as fp16, strides in bytes."""
+    return {
+        "cache_u8_ptr": kv_cache,
+        "cache_f16_ptr": kv_cache.view(torch.float16),
+        "stride_c_block": kv_cache.stride(0),
+        "stride_c_head": kv_cache.stride(1),
+    }
+
+
+def tail_args(tail_key, tail_value, tail_slots, tail_lens) -> dict:
+    """Launch arguments of the bf16 tail ``[num_slots, block_size, num_kv_heads, head_size]`` (one set of
+    strides for keys and values; ``tail_value`` None: keys only) and its int32 ``[num_seqs]`` slots and lengths."""
+    args = {
+        "tk_ptr": tail_key,
+        "stride_t_slot": tail_key.stride(0),
+        "stride_t_tok": tail_key.stride(1),
+        "stride_t_head": tail_key.stride(2),
+        "tail_slots_ptr": tail_slots,
+        "tail_lens_ptr": tail_lens,
+    }
+    if tail_value is not None:
+        args["tv_ptr"] = tail_value
+    return args
+
+
 def pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
@@ -282,4 +340,58 @@ def attend_dense_tile(
     a2 = a2 * alpha[:, None] + _dense_dot(p, tl.load(vp + 2 * Q, mask=m, other=0.0), DOT_FP32)
     a3 = a3 * alpha[:, None] + _dense_dot(p, tl.load(vp + 3 * Q, mask=m, other=0.0), DOT_FP32)
     return a0, a1, a2, a3, m_i, l_i
+
+
+@triton.jit
+def init_state(M: tl.constexpr, D: tl.constexpr):
+    """Empty attention state of ``M`` rows: output quarters ``[M, D/4]`` fp32, row max -inf, row sum 0."""
+    return (tl.zeros([M, D // 4], dtype=tl.float32), tl.zeros([M, D // 4], dtype=tl.float32),
+            tl.zeros([M, D // 4], dtype=tl.float32), tl.zeros([M, D // 4], dtype=tl.float32),
+            tl.full([M], float("-inf"), dtype=tl.float32), tl.zeros([M], dtype=tl.float32))
+
+
+@triton.jit
+def attend_pages(
+    q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i,
+    bt_ptr,  # the sequence's block-table row (int32 page ids)
+    p_lo, p_hi,  # pages p_lo .. p_hi - 1 of the row
+    cache_u8_ptr, cache_f16_ptr, stride_c_block,
+    head_off,  # int64 byte offset of the KV head in a page (kvh * stride_c_head)
+    qk_scale, TILES: tl.constexpr, D: tl.constexpr, N: tl.constexpr, V_NORM_OFF: tl.constexpr,
+    DOT_FP32: tl.constexpr, ASM: tl.constexpr,
+):
+    """A range of a sequence's pages, page after page (all visible)."""
+    for p in range(p_lo, p_hi):
+        page = tl.load(bt_ptr + p).to(tl.int64)
+        a0, a1, a2, a3, m_i, l_i = attend_page(
+            q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr,
+            page * stride_c_block + head_off, qk_scale, TILES, D, N, V_NORM_OFF, DOT_FP32, ASM,
+        )
+    return a0, a1, a2, a3, m_i, l_i
+
+
+@triton.jit
+def attend_tail(
+    q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i,
+    tk_ptr, tv_ptr,  # first tail key / value of the sequence and KV head
+    stride_t_tok, tail_len, qk_scale, TAIL_ROWS: tl.constexpr, D: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """The ``tail_len`` bf16 tail tokens of a sequence, ``TAIL_ROWS`` at a time (all visible)."""
+    for t0 in range(0, tail_len, TAIL_ROWS):
+        t = t0 + tl.arange(0, TAIL_ROWS)
+        tmask = t < tail_len
+        a0, a1, a2, a3, m_i, l_i = attend_dense_tile(
+            q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, tk_ptr + t * stride_t_tok, tv_ptr + t * stride_t_tok,
+            tmask, tmask[None, :], qk_scale, D, DOT_FP32,
+        )
+    return a0, a1, a2, a3, m_i, l_i
+
+
+@triton.jit
+def finish_rows(a0, a1, a2, a3, l_i):
+    """Output quarters divided by the row sum, and ``log2(l_i)``; a row that saw no key (``l_i == 0``) gets
+    zeros and 0 (its log-sum-exp, base 2, is ``m_i + log2(l_i)``)."""
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    inv = 1.0 / safe_l[:, None]
+    return a0 * inv, a1 * inv, a2 * inv, a3 * inv, tl.log2(safe_l)
 # fmt: on

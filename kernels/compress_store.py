@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_cache, check_tensor, pow2
+from ._common import cache_args, check, check_cache, check_tensor, pow2
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
 _BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element of masked min/max as in quant.py
@@ -27,41 +27,32 @@ def _rint(y):
 
 
 @triton.jit
-def _store_key_group(
-    x_ptr,
-    stride_x_tok,
-    t,
-    tv,
-    member,
-    row,
-    cache_u8_ptr,
-    cache_f16_ptr,
-    page_off,
-    BITS: tl.constexpr,
-    D: tl.constexpr,
-    CODE_OFF: tl.constexpr,
-    PAR_OFF: tl.constexpr,
-):
-    """ZC-3: channelwise (step, mn) over the group's tokens; codes of the group's rows into its region."""
+def _load_group(x_ptr, stride_x_tok, t, tv, BITS: tl.constexpr, D: tl.constexpr):
+    """Rows ``t`` of one head as fp32 ``[N_PAD, PER, D/PER]`` with ``PER = 8 // BITS`` codes per byte: element
+    ``[., j, i]`` is channel ``ch[j, i]`` (value ``j`` of byte ``i``, paged.pack_row); padded rows load 0."""
+    PER: tl.constexpr = 8 // BITS
+    ch = tl.arange(0, PER)[:, None] * (D // PER) + tl.arange(0, D // PER)[None, :]
+    x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
+    return x.to(tl.float32), ch
+
+
+@triton.jit
+def _quant_params(mn, mx, BITS: tl.constexpr):
+    """fp16 ``(step, mn)`` of the range ``[mn, mx]`` on ``2^BITS`` levels (``quant.EPS`` the smallest step)."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    return tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), EPS).to(tl.float16), mn.to(tl.float16)
+
+
+@triton.jit
+def _store_codes(x, mn, step, member, row, cache_u8_ptr, page_off, BITS: tl.constexpr, D: tl.constexpr,
+                 CODE_OFF: tl.constexpr):  # fmt: skip
+    """Codes ``rint((x - mn) / step)`` clamped to ``[0, 2^BITS - 1]`` (``mn``, ``step`` fp32, broadcast to ``x``),
+    packed as :func:`_load_group` reads them; the rows of ``member`` go to page row ``row`` of the region."""
     PER: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
     i = tl.arange(0, D // PER)
     j = tl.arange(0, PER)
-    ch = j[:, None] * (D // PER) + i[None, :]  # [PER, D/PER]: channel of value j of byte i (paged.pack_row)
-    x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
-    x = x.to(tl.float32)
-    m3 = member[:, None, None]
-    mn = tl.min(tl.where(m3, x, _BIG), axis=0)
-    mx = tl.max(tl.where(m3, x, -_BIG), axis=0)
-    has = tl.sum(member.to(tl.int32), axis=0) > 0
-    mn = tl.where(has, mn, 0.0)
-    mx = tl.where(has, mx, 0.0)
-    step = tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), EPS).to(tl.float16)
-    mn16 = mn.to(tl.float16)
-    hoff = page_off // 2
-    tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + ch, step)
-    tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + D + ch, mn16)
-    y = tl.math.div_rn(x - mn16.to(tl.float32)[None, :, :], step.to(tl.float32)[None, :, :])
+    y = tl.math.div_rn(x - mn, step)
     code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
     packed = tl.sum(code << (j * BITS)[None, :, None], axis=1).to(tl.uint8)
     tl.store(
@@ -72,33 +63,28 @@ def _store_key_group(
 
 
 @triton.jit
-def _store_value_group(
-    x_ptr,
-    stride_x_tok,
-    t,
-    tv,
-    member,
-    slot,
-    row,
-    cache_u8_ptr,
-    cache_f16_ptr,
-    page_off,
-    BITS: tl.constexpr,
-    D: tl.constexpr,
-    N: tl.constexpr,
-    CODE_OFF: tl.constexpr,
-    NORM_OFF: tl.constexpr,
-    TOK_OFF: tl.constexpr,
-    STORE_NORM: tl.constexpr,
-):
+def _store_key_group(x_ptr, stride_x_tok, t, tv, member, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                     BITS: tl.constexpr, D: tl.constexpr, CODE_OFF: tl.constexpr, PAR_OFF: tl.constexpr):  # fmt: skip
+    """ZC-3: channelwise (step, mn) over the group's tokens; codes of the group's rows into its region."""
+    x, ch = _load_group(x_ptr, stride_x_tok, t, tv, BITS, D)
+    m3 = member[:, None, None]
+    mn = tl.min(tl.where(m3, x, _BIG), axis=0)
+    mx = tl.max(tl.where(m3, x, -_BIG), axis=0)
+    has = tl.sum(member.to(tl.int32), axis=0) > 0
+    step, mn16 = _quant_params(tl.where(has, mn, 0.0), tl.where(has, mx, 0.0), BITS)
+    hoff = page_off // 2
+    tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + ch, step)
+    tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + D + ch, mn16)
+    _store_codes(x, mn16.to(tl.float32)[None, :, :], step.to(tl.float32)[None, :, :], member, row, cache_u8_ptr,
+                 page_off, BITS, D, CODE_OFF)  # fmt: skip
+
+
+@triton.jit
+def _store_value_group(x_ptr, stride_x_tok, t, tv, member, slot, row, cache_u8_ptr, cache_f16_ptr, page_off,
+                       BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr, CODE_OFF: tl.constexpr,
+                       NORM_OFF: tl.constexpr, TOK_OFF: tl.constexpr, STORE_NORM: tl.constexpr):  # fmt: skip
     """ZC-2: c = sqrt(max |x|) per channel over all tokens, then per-token (step, mn) of x / c."""
-    PER: tl.constexpr = 8 // BITS
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    i = tl.arange(0, D // PER)
-    j = tl.arange(0, PER)
-    ch = j[:, None] * (D // PER) + i[None, :]
-    x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
-    x = x.to(tl.float32)
+    x, ch = _load_group(x_ptr, stride_x_tok, t, tv, BITS, D)
     amax = tl.max(tl.abs(x), axis=0)  # padded tokens load 0: neutral for max |x|
     c = tl.math.sqrt_rn(amax).to(tl.float16)
     c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
@@ -106,20 +92,11 @@ def _store_value_group(
     if STORE_NORM:
         tl.store(cache_f16_ptr + hoff + NORM_OFF // 2 + ch, c)
     xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
-    mn = tl.min(tl.min(xn, axis=2), axis=1)  # [N_PAD]
-    mx = tl.max(tl.max(xn, axis=2), axis=1)
-    step = tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), EPS).to(tl.float16)
-    mn16 = mn.to(tl.float16)
+    step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), BITS)
     tl.store(cache_f16_ptr + hoff + TOK_OFF // 2 + slot, step, mask=member)
     tl.store(cache_f16_ptr + hoff + TOK_OFF // 2 + N + slot, mn16, mask=member)
-    y = tl.math.div_rn(xn - mn16.to(tl.float32)[:, None, None], step.to(tl.float32)[:, None, None])
-    code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
-    packed = tl.sum(code << (j * BITS)[None, :, None], axis=1).to(tl.uint8)
-    tl.store(
-        cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :],
-        packed,
-        mask=member[:, None],
-    )
+    _store_codes(xn, mn16.to(tl.float32)[:, None, None], step.to(tl.float32)[:, None, None], member, row,
+                 cache_u8_ptr, page_off, BITS, D, CODE_OFF)  # fmt: skip
 
 
 @triton.jit
@@ -171,45 +148,11 @@ def _compress_store_kernel(
     before = (tier[None, :] < tier[:, None]) | ((tier[None, :] == tier[:, None]) & later)
     row = tl.sum((before & tv[None, :]).to(tl.int32), axis=1)
     if tl.program_id(2) == 0:  # -- keys: one group per precision ----
-        _store_keys(
-            key_ptr + head * stride_x_head,
-            stride_x_tok,
-            tok,
-            tv,
-            ksal,
-            row,
-            cache_u8_ptr,
-            cache_f16_ptr,
-            page_off,
-            BH,
-            BL,
-            D,
-            SK,
-            K_HI_OFF,
-            K_LO_OFF,
-            K_PAR_OFF,
-        )
+        _store_keys(key_ptr + head * stride_x_head, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr,
+                    page_off, BH, BL, D, SK, K_HI_OFF, K_LO_OFF, K_PAR_OFF)  # fmt: skip
     else:  # -- values, and the bitmaps ----
-        _store_values(
-            value_ptr + head * stride_x_head,
-            stride_x_tok,
-            tok,
-            tv,
-            vsal,
-            row,
-            cache_u8_ptr,
-            cache_f16_ptr,
-            page_off,
-            BH,
-            BL,
-            D,
-            N,
-            SV,
-            V_HI_OFF,
-            V_LO_OFF,
-            V_NORM_OFF,
-            V_TOK_OFF,
-        )
+        _store_values(value_ptr + head * stride_x_head, stride_x_tok, tok, tv, vsal, row, cache_u8_ptr, cache_f16_ptr,
+                      page_off, BH, BL, D, N, SV, V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF)  # fmt: skip
         _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
 
 
@@ -298,10 +241,7 @@ def compress_store(
         stride_s_tok=scores.stride(0),
         stride_s_head=scores.stride(1),
         block_ids_ptr=block_ids,
-        cache_u8_ptr=kv_cache,
-        cache_f16_ptr=kv_cache.view(torch.float16),
-        stride_c_block=kv_cache.stride(0),
-        stride_c_head=kv_cache.stride(1),
+        **cache_args(kv_cache),
         N=n,
         N_PAD=pow2(n),
         D=d,

@@ -14,17 +14,25 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    FLOATS,
     LOG2E,
-    attend_dense_tile,
-    attend_page,
+    attend_pages,
+    attend_tail,
+    cache_args,
     check,
     check_cache,
+    check_out,
+    check_seq_meta,
+    check_tail,
     check_tensor,
+    finish_rows,
+    init_state,
     interpreting,
     load_q,
     num_sms,
     pow2,
     store_quarters,
+    tail_args,
 )
 
 MIN_PAGES_PER_SPLIT = 2  # batch 1, 4k context: 4 pages per split took 36 us against 13 us for SDPA
@@ -61,43 +69,27 @@ def _decode_kernel(
     heads = kvh * G + g
     gmask = g < G
     q0, q1, q2, q3 = load_q(q_ptr, seq * stride_q_seq + heads * stride_q_head, gmask, D)
-    a0 = tl.zeros([G_PAD, D // 4], dtype=tl.float32)
-    a1 = tl.zeros([G_PAD, D // 4], dtype=tl.float32)
-    a2 = tl.zeros([G_PAD, D // 4], dtype=tl.float32)
-    a3 = tl.zeros([G_PAD, D // 4], dtype=tl.float32)
-    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([G_PAD], dtype=tl.float32)
-
-    for p in range(p_lo, p_hi):
-        page = tl.load(block_table_ptr + seq * stride_bt + p).to(tl.int64)
-        page_off = page * stride_c_block + kvh * stride_c_head
-        a0, a1, a2, a3, m_i, l_i = attend_page(
-            q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
-            TILES, D, N, V_NORM_OFF, DOT_FP32, ASM,
-        )
-
+    a0, a1, a2, a3, m_i, l_i = init_state(G_PAD, D)
+    a0, a1, a2, a3, m_i, l_i = attend_pages(
+        q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, block_table_ptr + seq * stride_bt, p_lo, p_hi, cache_u8_ptr,
+        cache_f16_ptr, stride_c_block, kvh * stride_c_head, qk_scale, TILES, D, N, V_NORM_OFF, DOT_FP32, ASM,
+    )
     if split == NUM_SPLITS - 1:
-        slot = tl.load(tail_slots_ptr + seq).to(tl.int64)
-        base = slot * stride_t_slot + kvh * stride_t_head
-        for t0 in range(0, tail_len, TAIL_ROWS):
-            t = t0 + tl.arange(0, TAIL_ROWS)
-            tmask = t < tail_len
-            a0, a1, a2, a3, m_i, l_i = attend_dense_tile(
-                q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, tk_ptr + base + t * stride_t_tok,
-                tv_ptr + base + t * stride_t_tok, tmask, tmask[None, :], qk_scale, D, DOT_FP32,
-            )
+        base = tl.load(tail_slots_ptr + seq).to(tl.int64) * stride_t_slot + kvh * stride_t_head
+        a0, a1, a2, a3, m_i, l_i = attend_tail(
+            q0, q1, q2, q3, a0, a1, a2, a3, m_i, l_i, tk_ptr + base, tv_ptr + base, stride_t_tok, tail_len,
+            qk_scale, TAIL_ROWS, D, DOT_FP32,
+        )
 
     if NUM_SPLITS == 1:
         inv = 1.0 / l_i[:, None]
         store_quarters(out_ptr, seq * stride_o_seq + heads * stride_o_head, gmask,
                        a0 * inv, a1 * inv, a2 * inv, a3 * inv, D)
     else:
-        nonempty = l_i > 0
-        inv = 1.0 / tl.where(nonempty, l_i, 1.0)[:, None]
-        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        o0, o1, o2, o3, log2_l = finish_rows(a0, a1, a2, a3, l_i)
         row = (seq * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + split
-        store_quarters(part_o_ptr, row * D, gmask, a0 * inv, a1 * inv, a2 * inv, a3 * inv, D)
-        tl.store(part_lse_ptr + row, lse, mask=gmask)
+        store_quarters(part_o_ptr, row * D, gmask, o0, o1, o2, o3, D)
+        tl.store(part_lse_ptr + row, tl.where(l_i > 0, m_i + log2_l, float("-inf")), mask=gmask)
 # fmt: on
 
 
@@ -178,61 +170,55 @@ def decode_attention(
     ``out [num_seqs, num_heads, head_size]``.
     """
     dev = query.device
-    floats = (torch.bfloat16, torch.float16, torch.float32)
-    check_tensor(query, "query", 3, floats, dev)
+    check_tensor(query, "query", 3, FLOATS, dev)
     num_seqs, num_heads, d = query.shape
-    n = layout.block_size
     check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
-    check_tensor(tail_key, "tail_key", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
-    check_tensor(tail_value, "tail_value", 4, (tail_key.dtype,), dev)
-    check(
-        tail_key.stride() == tail_value.stride() and tail_key.shape == tail_value.shape,
-        "tail_key and tail_value must match in shape and strides",
-    )
+    check_tail(tail_key, tail_value, FLOATS, layout.block_size, None, d, dev)
     h = tail_key.shape[2]
-    check(tail_key.shape[1] == n and tail_key.shape[3] == d, f"tail_key must be [num_slots, {n}, H, {d}]")
     check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
     check_cache(kv_cache, layout, h, dev)
     check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
-    for name, x in (("seq_lens", seq_lens), ("tail_slots", tail_slots), ("tail_lens", tail_lens)):
-        check_tensor(x, name, 1, (torch.int32,), dev)
-        check(x.numel() == num_seqs, f"{name} must have {num_seqs} entries")
+    check_seq_meta(num_seqs, dev, seq_lens=seq_lens, tail_slots=tail_slots, tail_lens=tail_lens)
     check(block_table.shape[0] == num_seqs, f"block_table must have {num_seqs} rows")
-    if out is None:
-        out = torch.empty_like(query)
-    check_tensor(out, "out", 3, floats, dev)
-    check(out.shape == query.shape, "out must have the shape of query")
+    out = check_out(out, query)
     if num_seqs == 0:
         return out
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev)
     check(num_splits >= 1 and num_splits & (num_splits - 1) == 0, "num_splits must be a power of two")
+    scale = d**-0.5 if scale is None else scale
+    tiles = layout.attention_tiles(max_rows=max_tile_rows, split=split_tiles)
+    launch_decode(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens, out,
+                  scale, num_splits, tiles, num_warps, num_stages, asm_unpack)  # fmt: skip
+    return out
+
+
+def launch_decode(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens, out,
+                  scale: float, num_splits: int, tiles: tuple, num_warps: int = 2, num_stages: int = 2,
+                  asm_unpack: bool = True) -> torch.Tensor | None:  # fmt: skip
+    """The kernels of :func:`decode_attention` on checked arguments (no checks, no host sync): ``tiles`` is
+    ``layout.attention_tiles(...)``, ``num_splits`` a power of two. Writes ``out`` and returns the per-split
+    log-sum-exp, fp32 ``[num_seqs, num_heads, num_splits]`` (base 2, of the scaled logits; -inf for an empty
+    split), or None for one split."""
+    num_seqs, num_heads, d = query.shape
+    h = tail_key.shape[2]
+    n = layout.block_size
     g = num_heads // h
     interp = interpreting()
     if num_splits > 1:
-        part_o = torch.empty(num_seqs * num_heads * num_splits * d, dtype=torch.float32, device=dev)
-        part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=dev)
+        part_o = torch.empty(num_seqs * num_heads * num_splits * d, dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=query.device)
     else:
         part_o = part_lse = out  # unused
-    scale = d**-0.5 if scale is None else scale
     _decode_kernel[(num_seqs, h, num_splits)](
         q_ptr=query,
         stride_q_seq=query.stride(0),
         stride_q_head=query.stride(1),
-        cache_u8_ptr=kv_cache,
-        cache_f16_ptr=kv_cache.view(torch.float16),
-        stride_c_block=kv_cache.stride(0),
-        stride_c_head=kv_cache.stride(1),
+        **cache_args(kv_cache),
         block_table_ptr=block_table,
         stride_bt=block_table.stride(0),
         seq_lens_ptr=seq_lens,
-        tail_lens_ptr=tail_lens,
-        tail_slots_ptr=tail_slots,
-        tk_ptr=tail_key,
-        tv_ptr=tail_value,
-        stride_t_slot=tail_key.stride(0),
-        stride_t_tok=tail_key.stride(1),
-        stride_t_head=tail_key.stride(2),
+        **tail_args(tail_key, tail_value, tail_slots, tail_lens),
         out_ptr=out,
         stride_o_seq=out.stride(0),
         stride_o_head=out.stride(1),
@@ -244,7 +230,7 @@ def decode_attention(
         G_PAD=max(16, pow2(g)),
         D=d,
         N=n,
-        TILES=layout.attention_tiles(max_rows=max_tile_rows, split=split_tiles),
+        TILES=tiles,
         V_NORM_OFF=layout.v_norm_off,
         TAIL_ROWS=min(64, pow2(n)),
         DOT_FP32=interp,
@@ -252,16 +238,17 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_splits > 1:
-        _merge_kernel[(num_seqs * num_heads,)](
-            part_o_ptr=part_o,
-            part_lse_ptr=part_lse,
-            out_ptr=out,
-            stride_o_seq=out.stride(0),
-            stride_o_head=out.stride(1),
-            num_heads=num_heads,
-            NUM_SPLITS=num_splits,
-            D=d,
-            num_warps=1 if interp else 4,
-        )
-    return out
+    if num_splits == 1:
+        return None
+    _merge_kernel[(num_seqs * num_heads,)](
+        part_o_ptr=part_o,
+        part_lse_ptr=part_lse,
+        out_ptr=out,
+        stride_o_seq=out.stride(0),
+        stride_o_head=out.stride(1),
+        num_heads=num_heads,
+        NUM_SPLITS=num_splits,
+        D=d,
+        num_warps=1 if interp else 4,
+    )
+    return part_lse.view(num_seqs, num_heads, num_splits)

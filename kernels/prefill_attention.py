@@ -15,17 +15,26 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    FLOATS,
     LN2_C,
     LOG2E,
     attend_dense_tile,
-    attend_page,
+    attend_pages,
+    attend_tail,
+    cache_args,
     check,
     check_cache,
+    check_out,
+    check_seq_meta,
+    check_tail,
     check_tensor,
+    finish_rows,
+    init_state,
     interpreting,
     load_q,
     pow2,
     store_quarters,
+    tail_args,
 )
 from .probe_scores import probe_scores
 
@@ -66,29 +75,18 @@ def _prefill_kernel(
         heads = kvh * G + g
         tok = q0 + qi
         x0, x1, x2, x3 = load_q(q_ptr, tok * stride_q_tok + heads * stride_q_head, rmask, D)
-        a0 = tl.zeros([BLOCK_Q * G_PAD, D // 4], dtype=tl.float32)
-        a1 = tl.zeros([BLOCK_Q * G_PAD, D // 4], dtype=tl.float32)
-        a2 = tl.zeros([BLOCK_Q * G_PAD, D // 4], dtype=tl.float32)
-        a3 = tl.zeros([BLOCK_Q * G_PAD, D // 4], dtype=tl.float32)
-        m_i = tl.full([BLOCK_Q * G_PAD], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_Q * G_PAD], dtype=tl.float32)
-        # -- compressed pages: all precede the chunk ----
-        for p in range(0, num_pages):
-            page = tl.load(block_table_ptr + seq * stride_bt + p).to(tl.int64)
-            page_off = page * stride_c_block + kvh * stride_c_head
-            a0, a1, a2, a3, m_i, l_i = attend_page(
-                x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, cache_u8_ptr, cache_f16_ptr, page_off, qk_scale,
-                TILES, D, N, V_NORM_OFF, DOT_FP32, ASM,
-            )
-        # -- bf16 tail: precedes the chunk ----
+        a0, a1, a2, a3, m_i, l_i = init_state(BLOCK_Q * G_PAD, D)
+        # -- compressed pages, then the bf16 tail: both precede the chunk ----
+        a0, a1, a2, a3, m_i, l_i = attend_pages(
+            x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, block_table_ptr + seq * stride_bt, 0, num_pages,
+            cache_u8_ptr, cache_f16_ptr, stride_c_block, kvh * stride_c_head, qk_scale, TILES, D, N, V_NORM_OFF,
+            DOT_FP32, ASM,
+        )
         tbase = tl.load(tail_slots_ptr + seq).to(tl.int64) * stride_t_slot + kvh * stride_t_head
-        for t0 in range(0, tail_len, TAIL_ROWS):
-            t = t0 + tl.arange(0, TAIL_ROWS)
-            tmask = t < tail_len
-            a0, a1, a2, a3, m_i, l_i = attend_dense_tile(
-                x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, tk_ptr + tbase + t * stride_t_tok,
-                tv_ptr + tbase + t * stride_t_tok, tmask, tmask[None, :], qk_scale, D, DOT_FP32,
-            )
+        a0, a1, a2, a3, m_i, l_i = attend_tail(
+            x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, tk_ptr + tbase, tv_ptr + tbase, stride_t_tok, tail_len,
+            qk_scale, TAIL_ROWS, D, DOT_FP32,
+        )
         # -- the chunk itself, causal ----
         for k0 in range(0, tl.minimum(q_len, (qt + 1) * BLOCK_Q), BLOCK_K):
             kj = k0 + tl.arange(0, BLOCK_K)
@@ -99,11 +97,9 @@ def _prefill_kernel(
                 x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, k_ptr + koff, v_ptr + koff, kmask, visible, qk_scale,
                 D, DOT_FP32,
             )
-        safe_l = tl.where(l_i > 0, l_i, 1.0)
-        inv = 1.0 / safe_l[:, None]
-        store_quarters(out_ptr, tok * stride_o_tok + heads * stride_o_head, rmask,
-                       a0 * inv, a1 * inv, a2 * inv, a3 * inv, D)
-        tl.store(lse_ptr + tok * stride_lse_tok + heads, (m_i + tl.log2(safe_l)) * LN2_C, mask=rmask)
+        o0, o1, o2, o3, log2_l = finish_rows(a0, a1, a2, a3, l_i)
+        store_quarters(out_ptr, tok * stride_o_tok + heads * stride_o_head, rmask, o0, o1, o2, o3, D)
+        tl.store(lse_ptr + tok * stride_lse_tok + heads, (m_i + log2_l) * LN2_C, mask=rmask)
 # fmt: on
 
 
@@ -147,36 +143,24 @@ def prefill_attention(
     scores : fp32 ``[num_tokens, num_kv_heads]``; tail_scores : fp32 ``[num_seqs, block_size, num_kv_heads]``.
     """
     dev = query.device
-    floats = (torch.bfloat16, torch.float16, torch.float32)
-    check_tensor(query, "query", 3, floats, dev)
+    check_tensor(query, "query", 3, FLOATS, dev)
     num_tokens, num_heads, d = query.shape
     n = layout.block_size
     check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
-    check_tensor(key, "key", 3, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(key, "key", 3, FLOATS, dev)
     check_tensor(value, "value", 3, (key.dtype,), dev)
     check(key.shape == value.shape and key.stride() == value.stride(), "key and value must match")
     h = key.shape[1]
     check(key.shape[0] == num_tokens and key.shape[2] == d, f"key must be [{num_tokens}, H, {d}]")
     check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
-    check_tensor(tail_key, "tail_key", 4, (key.dtype,), dev)
-    check_tensor(tail_value, "tail_value", 4, (key.dtype,), dev)
-    check(
-        tail_key.shape == tail_value.shape and tail_key.stride() == tail_value.stride(),
-        "tail_key and tail_value must match",
-    )
-    check(tuple(tail_key.shape[1:]) == (n, h, d), f"tail_key must be [num_slots, {n}, {h}, {d}]")
+    check_tail(tail_key, tail_value, (key.dtype,), n, h, d, dev)
     check_cache(kv_cache, layout, h, dev)
     check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
     num_seqs = seq_lens.numel()
     check_tensor(query_start_loc, "query_start_loc", 1, (torch.int32,), dev)
     check(query_start_loc.numel() == num_seqs + 1, "query_start_loc must have num_seqs + 1 entries")
-    for name, x in (("seq_lens", seq_lens), ("tail_slots", tail_slots), ("tail_lens", tail_lens)):
-        check_tensor(x, name, 1, (torch.int32,), dev)
-        check(x.numel() == num_seqs, f"{name} must have {num_seqs} entries")
-    if out is None:
-        out = torch.empty_like(query)
-    check_tensor(out, "out", 3, floats, dev)
-    check(out.shape == query.shape, "out must have the shape of query")
+    check_seq_meta(num_seqs, dev, seq_lens=seq_lens, tail_slots=tail_slots, tail_lens=tail_lens)
+    out = check_out(out, query)
     lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=dev)
     if num_seqs and max_query_len > 0:
         interp = interpreting()
@@ -192,21 +176,12 @@ def prefill_attention(
             v_ptr=value,
             stride_k_tok=key.stride(0),
             stride_k_head=key.stride(1),
-            cache_u8_ptr=kv_cache,
-            cache_f16_ptr=kv_cache.view(torch.float16),
-            stride_c_block=kv_cache.stride(0),
-            stride_c_head=kv_cache.stride(1),
+            **cache_args(kv_cache),
             block_table_ptr=block_table,
             stride_bt=block_table.stride(0),
             query_start_loc_ptr=query_start_loc,
             seq_lens_ptr=seq_lens,
-            tail_lens_ptr=tail_lens,
-            tail_slots_ptr=tail_slots,
-            tk_ptr=tail_key,
-            tv_ptr=tail_value,
-            stride_t_slot=tail_key.stride(0),
-            stride_t_tok=tail_key.stride(1),
-            stride_t_head=tail_key.stride(2),
+            **tail_args(tail_key, tail_value, tail_slots, tail_lens),
             out_ptr=out,
             stride_o_tok=out.stride(0),
             stride_o_head=out.stride(1),

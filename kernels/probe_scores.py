@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, LOG2E_C, check, check_tensor, interpreting, pow2
+from ._common import LOG2E, LOG2E_C, check, check_tensor, interpreting, pow2, tail_args
 
 NORMALIZERS = {None: 0, "accumulated": 0, "causal_count": 1, "probe_nnz": 2}
 
@@ -174,6 +174,21 @@ def probe_scores(
     tail_scores = torch.zeros(num_seqs, n, h, dtype=torch.float32, device=dev)
     if num_seqs == 0 or probe_idx.numel() == 0:
         return scores, tail_scores
+    scale = d**-0.5 if scale is None else scale
+    launch_probe(query, lse, key, tail_key, query_start_loc, seq_lens, tail_slots, tail_lens, probe_idx,
+                 probe_start_loc, max_query_len, scores, tail_scores, norm, scale)  # fmt: skip
+    return scores, tail_scores
+
+
+def launch_probe(query, lse, key, tail_key, query_start_loc, seq_lens, tail_slots, tail_lens, probe_idx,
+                 probe_start_loc, max_query_len: int, scores, tail_scores, normalizer: str | None,
+                 scale: float) -> None:  # fmt: skip
+    """The kernel of :func:`probe_scores` on checked arguments (no checks, no allocation): writes the scores of
+    the chunk's keys into ``scores [num_tokens, num_kv_heads]`` and of the tail's into ``tail_scores
+    [num_seqs, >= block_size, num_kv_heads]`` (rows past each tail are left as they are); any strides but the
+    head stride 1."""
+    num_heads, d = query.shape[1:]
+    h, n = key.shape[1], tail_key.shape[1]
     interp = interpreting()
     g = num_heads // h
     g_pad = pow2(g)
@@ -181,8 +196,7 @@ def probe_scores(
     block_p = max(1, (16 if interp else 64) // g_pad)
     block_k = 32 if interp else 64
     tail_tiles = triton.cdiv(n, block_k)
-    grid = (tail_tiles + triton.cdiv(max(1, max_query_len), block_k), num_seqs, h)
-    scale = d**-0.5 if scale is None else scale
+    grid = (tail_tiles + triton.cdiv(max(1, max_query_len), block_k), seq_lens.numel(), h)
     _probe_kernel[grid](
         q_ptr=query,
         stride_q_tok=query.stride(0),
@@ -192,14 +206,9 @@ def probe_scores(
         k_ptr=key,
         stride_k_tok=key.stride(0),
         stride_k_head=key.stride(1),
-        tk_ptr=tail_key,
-        stride_t_slot=tail_key.stride(0),
-        stride_t_tok=tail_key.stride(1),
-        stride_t_head=tail_key.stride(2),
         query_start_loc_ptr=query_start_loc,
         seq_lens_ptr=seq_lens,
-        tail_lens_ptr=tail_lens,
-        tail_slots_ptr=tail_slots,
+        **tail_args(tail_key, None, tail_slots, tail_lens),
         probe_idx_ptr=probe_idx,
         probe_start_loc_ptr=probe_start_loc,
         scores_ptr=scores,
@@ -214,8 +223,7 @@ def probe_scores(
         BLOCK_K=block_k,
         D=d,
         TAIL_TILES=tail_tiles,
-        NORMALIZER=NORMALIZERS[norm],
+        NORMALIZER=NORMALIZERS[normalizer],
         DOT_FP32=interp,
         num_warps=1 if interp else 4,
     )
-    return scores, tail_scores

@@ -23,11 +23,10 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import hf_base
 from .compressors import Compressor, Segment, ZipCacheCompressor
 from .config import Saliency, ZipCacheConfig
 from .saliency import attention_probs, column_sums, normalizer_counts, probe_positions
@@ -158,31 +157,17 @@ class CompressedLayer(CacheLayerMixin):
         return {"compressed": sum(s.nbytes for s in self.segments), "window": window, "saliency": sal}
 
 
-class CompressedCache(Cache):
+class CompressedCache(hf_base.HandshakeCache):
     """A transformers ``Cache`` holding every layer compressed by ``compressor`` (see module docstring)."""
+
+    handshake = _handshake
+    attn_implementation = ATTN_IMPLEMENTATION
+    enable_hint = "zipcache_vllm.hf_cache.enable(model)"
+    what = "compressed cache"
 
     def __init__(self, compressor: Compressor, num_layers: int):
         super().__init__(layers=[CompressedLayer(compressor, i) for i in range(num_layers)])
         self.compressor = compressor
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        pending = getattr(_handshake, "pending", None)
-        if pending is not None and pending[0] is self:
-            raise RuntimeError(
-                "the compressed cache never saw the queries of the previous layer: load the model with "
-                f"attn_implementation='{ATTN_IMPLEMENTATION}' or call zipcache_vllm.hf_cache.enable(model)"
-            )
-        out = self.layers[layer_idx].update(key_states, value_states)
-        _handshake.pending = (self, layer_idx)
-        return out
-
-    def nbytes(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for layer in self.layers:
-            for k, v in layer.nbytes().items():
-                total[k] = total.get(k, 0) + v
-        total["total"] = sum(total.values())
-        return total
 
 
 class ZipCache(CompressedCache):
@@ -200,18 +185,13 @@ def zipcache_attention(module, query, key, value, attention_mask, dropout=0.0, s
     """SDPA, then hand the queries to the compressed cache that produced ``key`` (if any)."""
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-    pending = getattr(_handshake, "pending", None)
-    if pending is not None:
-        cache, layer_idx = pending
-        _handshake.pending = None
-        if getattr(module, "layer_idx", layer_idx) != layer_idx:
-            raise RuntimeError(f"cache updated layer {layer_idx} but attention ran for layer {module.layer_idx}")
-        cache.layers[layer_idx].observe(query, key, scaling)
+    layer = hf_base.take_pending(_handshake, module)
+    if layer is not None:
+        layer.observe(query, key, scaling)
     return out, weights
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, zipcache_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # same masks as SDPA
+hf_base.register(ATTN_IMPLEMENTATION, zipcache_attention)
 
 
 def enable(model) -> None:

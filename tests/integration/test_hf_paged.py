@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from zipcache_vllm import hf_cache, hf_paged, models, paged
+from zipcache_vllm import hf_cache, hf_paged, hf_paged_attention, models, paged
 from zipcache_vllm.config import ZipCacheConfig
 from zipcache_vllm.layout import PageLayout
 
@@ -175,11 +175,11 @@ def test_cuda_flash_lse_matches_torch():
     q = torch.randn(2, 8, 300, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    res = hf_paged._flash_with_lse(q, k, v, 128**-0.5)
+    res = hf_paged_attention._flash_with_lse(q, k, v, 128**-0.5)
     assert res is not None, "flash attention with log-sum-exp unavailable: prefill falls back to torch"
     out, lse = res
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out, sdpa.transpose(1, 2), atol=2e-2, rtol=2e-2)
     pos = torch.tensor([0, 5, 150, 299])
-    torch.testing.assert_close(lse[:, :, pos], hf_paged._probe_lse(q, k, pos, 128**-0.5)[:, :, pos],
+    torch.testing.assert_close(lse[:, :, pos], hf_paged_attention._probe_lse(q, k, pos, 128**-0.5)[:, :, pos],
                                atol=2e-2, rtol=1e-3)

@@ -24,6 +24,7 @@ the tail too; the new tokens causally. Attention runs in float32 here; GQA maps 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import Normalizer, Selection
 from .layout import PageLayout
@@ -302,15 +303,22 @@ def prefill_attention(
         kpos = torch.arange(k.shape[0], device=query.device)  # pages first: their positions are < ctx - tl_
         qpos = torch.arange(ctx, sl, device=query.device)
         mask = kpos.view(1, -1) <= qpos.view(-1, 1)
-        o, probs = _attend(query[q0:q1], k, v, mask, scale)
-        out[q0:q1] = o
+        # outputs by SDPA (no [Hq, Tq, L] probability tensor), as the reference cache's attention does; 4-D
+        # inputs take torch's fused CPU kernel (3-D ones its 6x slower math path); a chunk without a prefix is
+        # plain causal attention
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (query[q0:q1].float(), k, v))
+        causal = dict(is_causal=True) if k.shape[0] == ql else dict(attn_mask=mask)
+        o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, **causal)
+        out[q0:q1] = o[0].transpose(0, 1)
         if probe_idx is None or probe_start_loc is None:
             continue
         pr = probe_idx[int(probe_start_loc[s]) : int(probe_start_loc[s + 1])].long()
         if pr.numel() == 0:
             continue
-        # bf16 keys (tail, then chunk) are the last tl_ + ql of k; positions ctx - tl_ .. sl - 1
-        col = probs[:, pr, num_pages * n :].sum(dim=1).view(h, g, -1).sum(dim=1)  # [H, tl_ + ql]
+        # the probes' full softmax rows; bf16 keys (tail, then chunk) are the last tl_ + ql of k, at positions
+        # ctx - tl_ .. sl - 1
+        probs = _attend(query[q0:q1][pr], k, v, mask[pr], scale)[1]  # [Hq, P, L]
+        col = probs[:, :, num_pages * n :].sum(dim=1).view(h, g, -1).sum(dim=1)  # [H, tl_ + ql]
         pos = torch.arange(ctx - tl_, sl, device=query.device)
         if norm is Normalizer.CAUSAL_COUNT:
             col = col / (sl - pos).float()

@@ -87,8 +87,8 @@ class DecodeIndex:
     new_flat: torch.Tensor | None = None  # int64 [len(simple)]: where each simple row's token is staged
     other_tail: torch.Tensor | None = None  # int64: tail tokens of the rows whose block completes
     page_start: torch.Tensor | None = None  # int64 [R + 1]: row i's pages are page_ids[page_start[i]:...]
-    page_row: torch.Tensor | None = None  # int64 [P]: the decode row of each page
-    tail_rowidx: torch.Tensor | None = None  # int64 [Rt]: the decode row of each tail token
+    tail_start: torch.Tensor | None = None  # int64 [R + 1]: row i's tail tokens are tail_*[tail_start[i]:...]
+    row_slot: torch.Tensor | None = None  # int64 [R]: row i's staging slot (0 when it has no tail)
 
 
 @dataclass
@@ -143,14 +143,13 @@ def _decode_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Dec
     lens = [ctx[s] + 1 for s in rows]
     width = max(lens)
     page_ids, page_pos, t_slot, t_row, t_pos, t_seq, new_pos, simple, simple_tail = ([] for _ in range(9))
-    page_start, page_row, t_rowidx = [0], [], []
+    page_start, tail_start = [0], [0]
     bt = block_table.cpu()
     for i, s in enumerate(rows):
         base = i * width
         pages = ctx[s] // n
         page_start.append(page_start[-1] + pages)
-        page_row += [i] * pages
-        t_rowidx += [i] * plan.tail_lens[s]
+        tail_start.append(tail_start[-1] + plan.tail_lens[s])
         if pages:
             page_ids.append(bt[s, :pages].long())
             page_pos.append(torch.arange(base, base + pages * n))
@@ -188,8 +187,8 @@ def _decode_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Dec
         new_flat=new_flat,
         other_tail=other_tail,
         page_start=long(page_start),
-        page_row=long(page_row),
-        tail_rowidx=long(t_rowidx),
+        tail_start=long(tail_start),
+        row_slot=long([max(plan.tail_slots[s], 0) for s in rows]),
     )
 
 
@@ -454,46 +453,23 @@ def _decode_attend(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, 
 
 
 def _decode_attend_codes(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, sums, v) -> torch.Tensor:
-    """:func:`_decode_attend` with the pages read as codes by :mod:`zipcache_vllm.cpu_kernels` (no fp32 copy of
-    the pages): logits ``[R, W, H, G]`` of pages (numba), tail and new token (torch); one softmax; the page part
-    of ``P @ V`` (numba) plus the tail's and the new token's (torch)."""
+    """:func:`_decode_attend` in one numba call per layer (:func:`zipcache_vllm.cpu_kernels.decode_rows`): the
+    pages are read as codes (no fp32 copy), the tail and the new token from their bf16 storage."""
     from . import cpu_kernels
 
-    r, w = d.seqs.numel(), d.width
+    r = d.seqs.numel()
     h, dim = k.shape[1], k.shape[2]
     g = q.shape[1] // h
-    qq = q.index_select(0, d.tokens).float().view(r, h, g, dim).contiguous()
-    logits = torch.full((r, w, h, g), float("-inf"))
-    flat = logits.view(r * w, h, g)
-    params = None
-    if d.page_ids.numel():
-        params = cpu_kernels.PageParams(kv_cache, d.page_ids, layout)
-        cpu_kernels.page_logits(kv_cache, d.page_ids, d.page_row, d.page_start, qq, params, layout, scale, logits)
-    has_tail = d.tail_flat.numel() > 0
-    if has_tail:
-        kt = staging.key.view(-1, h, dim).index_select(0, d.tail_flat).float()  # [Rt, h, dim]
-        qt = qq.index_select(0, d.tail_rowidx)  # [Rt, h, g, dim]
-        flat.index_copy_(0, d.tail_pos, torch.matmul(qt, kt.unsqueeze(-1)).squeeze(-1) * scale)
-    kn = k.index_select(0, d.tokens).float()
-    flat.index_copy_(0, d.new_pos, torch.matmul(qq, kn.unsqueeze(-1)).squeeze(-1) * scale)
-    probs = torch.softmax(logits, dim=1)
-    pflat = probs.view(r * w, h, g)
+    qq = q.index_select(0, d.tokens).float().view(r, h, g, dim)
+    params = cpu_kernels.PageParams(kv_cache, d.page_ids, layout)
     o = torch.empty(r, h, g, dim)
-    if params is not None:
-        cpu_kernels.page_values(kv_cache, d.page_ids, d.page_start, probs, params, layout, o)
-    else:
-        o.zero_()
-    pn = pflat.index_select(0, d.new_pos)  # [r, h, g]
-    o.add_(pn.unsqueeze(-1) * v.index_select(0, d.tokens).float().unsqueeze(2))
-    tail_cols = None
-    if has_tail:
-        vt = staging.value.view(-1, h, dim).index_select(0, d.tail_flat).float()
-        pt = pflat.index_select(0, d.tail_pos)  # [Rt, h, g]
-        o.index_add_(0, d.tail_rowidx, pt.unsqueeze(-1) * vt.unsqueeze(2))
-        tail_cols = pt.sum(-1)
+    new_cols = torch.empty(r, h)
+    tail_cols = torch.empty(d.tail_flat.numel(), h)
+    cpu_kernels.decode_rows(kv_cache, d.page_ids, d.page_start, params, qq, staging.key, staging.value, d.row_slot,
+                            d.tail_start, k, v, d.tokens, layout, scale, o, new_cols, tail_cols)
     out.index_copy_(0, d.tokens, o.view(r, h * g, dim).to(out.dtype))
-    sums.index_copy_(0, d.tokens, pn.sum(-1))  # the probe is the row's own query
-    return tail_cols if tail_cols is not None else torch.zeros(0, h)
+    sums.index_copy_(0, d.tokens, new_cols)  # the probe is the row's own query
+    return tail_cols
 
 
 def _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, step, probes, layout, config,

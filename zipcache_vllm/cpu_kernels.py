@@ -1,20 +1,22 @@
-"""CPU kernels (numba) for the decode step: attention read straight from the compressed pages.
+"""CPU kernel (numba) for the decode step: attention read straight from the compressed pages.
 
 The torch path (:func:`zipcache_vllm.attention._decode_attend` with ``kernels="torch"``) dequantizes every page
-of every row into fp32 keys/values for every layer and step; on a 2-core CPU that costs ~6 ns per value and
-grows with the context. These two loops read the codes where they lie and fold the quantization parameters
-into the query and the probabilities (the same algebra as the Triton decode kernel):
+of every row into fp32 keys/values for every layer and step, then runs a dozen torch ops; in a busy vLLM CPU
+worker both the bytes and the op count cost. :func:`decode_rows` does a whole layer's decode rows in one call
+and reads the codes where they lie, with the quantization parameters folded into the query and the
+probabilities (the algebra of the Triton decode kernel):
 
 * keys, channelwise per precision group g (ZC-3): ``q . k_t = sum_c (q_c step_g[c]) code_t[c] + q . mn_g``;
-* values, CST (ZC-2): ``sum_t p_t v_t = norm * (sum_t (p_t step_t) code_t + sum_t p_t mn_t)``.
+* values, CST (ZC-2): ``sum_t p_t v_t = norm * (sum_t (p_t step_t) code_t + sum_t p_t mn_t)``;
 
-Layout and packing: :mod:`zipcache_vllm.layout` (byte ``i`` of a row holds channels ``i + j * D / m`` at bit
-``j * bits``, ``m = 8 // bits``). The fp16 page parameters are widened to fp32 by torch before the call (a few
-hundred bytes per page). Results equal the torch twin up to fp32 summation order (tests/unit/test_attention_fn.py).
+then the bf16 tail and the row's own new token, one softmax per query head, and the probability each bf16
+key received (the saliency the block manager accumulates). Layout and packing: :mod:`zipcache_vllm.layout`
+(byte ``i`` of a row holds channels ``i + j * D / m`` at bit ``j * bits``, ``m = 8 // bits``). The fp16 page
+parameters are widened to fp32 by torch before the call (a few hundred bytes per page). Results equal the
+torch twin up to fp32 summation order (tests/unit/test_attention_fn.py).
 
 No vLLM import; numba is optional (the ``cpu`` extra installs it): :func:`available` says whether it imports.
-Each loop runs its (page, head) or (row, head) items in parallel (numba's ``workqueue`` threads, not a second
-OpenMP runtime); torch and numba never run at the same time.
+One thread: the vLLM CPU worker's OpenMP threads stay with torch (benchmarks/bench_cpu_decode.py).
 """
 
 from __future__ import annotations
@@ -26,13 +28,8 @@ from .layout import PageLayout
 
 try:  # numba is an optional dependency: without it the torch path runs
     import numba
-    from numba import prange
-
-    if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"  # no second OpenMP runtime next to torch's
 except ImportError:  # pragma: no cover - exercised on machines without numba
     numba = None
-    prange = range
 
 
 def available() -> bool:
@@ -65,86 +62,142 @@ def _unpack_rows(pg, off, row0, rows, bits, buf):
         _unpack_bits(pg, off, row0, rows, 8, buf)
 
 
-def _page_logits(pages, page_ids, page_row, page_start, q, k_params, scale, n, sk, k_hi_off, k_lo_off, bits_high,
-                 bits_low, logits):
-    """logits ``[R, W, H, G]`` (page order at positions ``p * n + row`` of each row) from q ``[R, H, G, D]``.
+def _bf16_row(src, dst, bits):
+    """bf16 values (their int16 bit patterns) ``src [D]`` -> fp32 ``dst [D]`` (``bits``: uint32 scratch)."""
+    for c in range(src.shape[0]):
+        bits[c] = np.uint32(np.uint16(src[c])) << np.uint32(16)
+    dst[:] = bits.view(np.float32)
 
-    Page ``j`` (``page_ids[j]``) belongs to row ``page_row[j]``, whose pages start at ``page_start[row]``;
-    ``k_params [P, H, 4, D]``: step_hi, mn_hi, step_lo, mn_lo. One (page, head) per parallel iteration."""
-    num_kv_heads, g, d = q.shape[1], q.shape[2], q.shape[3]
-    for jh in prange(page_ids.shape[0] * num_kv_heads):
-        j = jh // num_kv_heads
-        h = jh % num_kv_heads
-        r = page_row[j]
-        base = (j - page_start[r]) * n
-        buf = np.empty((n, d), dtype=np.float32)
-        qs = np.empty((g, d), dtype=np.float32)
-        bias = np.empty(g, dtype=np.float32)
-        pg = pages[page_ids[j], h]
-        _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
-        _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
-        for part in range(2):
-            step = k_params[j, h, 2 * part]
-            mn = k_params[j, h, 2 * part + 1]
-            for gi in range(g):
-                acc = np.float32(0.0)
-                for c in range(d):
-                    qs[gi, c] = q[r, h, gi, c] * step[c]
-                    acc += q[r, h, gi, c] * mn[c]
-                bias[gi] = acc
-            lo, hi = (0, sk) if part == 0 else (sk, n)
-            for t in range(lo, hi):
-                row = buf[t]
+
+def _decode_rows(pages, page_ids, page_start, k_params, v_norm, v_tok, q, tail_key, tail_value, tail_slot,
+                 tail_start, new_key, new_value, tokens, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off,
+                 bits_high, bits_low, out, new_cols, tail_cols):
+    """One decode query per row over its pages (codes), its bf16 tail and its own new token, in one pass.
+
+    Row ``r`` (query ``q[r] [H, G, D]`` fp32) reads the pages ``page_ids[page_start[r]:page_start[r + 1]]``
+    (parameters ``k_params [P, H, 4, D]``, ``v_norm [P, H, D]``, ``v_tok [P, H, 2, n]``), the
+    ``tail_start[r + 1] - tail_start[r]`` tokens of staging slot ``tail_slot[r]`` (``tail_key/value
+    [slots, n, H, D]`` as int16 bf16 bits) and the token ``tokens[r]`` of ``new_key/value [T, H, D]`` (int16
+    bf16 bits). Writes ``out [R, H, G, D]`` and the probability each bf16 key received, summed over the query
+    heads of its group: ``new_cols [R, H]``, ``tail_cols [tail_start[R], H]``."""
+    num_rows, num_kv_heads, g, d = q.shape
+    width = 1
+    for r in range(num_rows):
+        width = max(width, (page_start[r + 1] - page_start[r]) * n + tail_start[r + 1] - tail_start[r] + 1)
+    buf = np.empty((n, d), dtype=np.float32)
+    kv = np.empty(d, dtype=np.float32)
+    bits = np.empty(d, dtype=np.uint32)
+    qs = np.empty((g, d), dtype=np.float32)
+    bias = np.empty(g, dtype=np.float32)
+    probs = np.empty((g, width), dtype=np.float32)
+    acc = np.empty((g, d), dtype=np.float32)
+    bsum = np.empty(g, dtype=np.float32)
+    for r in range(num_rows):
+        num_pages = page_start[r + 1] - page_start[r]
+        tl = tail_start[r + 1] - tail_start[r]
+        wp = num_pages * n
+        length = wp + tl + 1
+        for h in range(num_kv_heads):
+            qr = q[r, h]
+            # logits: pages (codes; step and min folded into the query), tail, the new token
+            for p in range(num_pages):
+                j = page_start[r] + p
+                pg = pages[page_ids[j], h]
+                _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
+                _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
+                for part in range(2):
+                    step = k_params[j, h, 2 * part]
+                    mn = k_params[j, h, 2 * part + 1]
+                    for gi in range(g):
+                        a = np.float32(0.0)
+                        for c in range(d):
+                            qs[gi, c] = qr[gi, c] * step[c]
+                            a += qr[gi, c] * mn[c]
+                        bias[gi] = a
+                    lo, hi = (0, sk) if part == 0 else (sk, n)
+                    for t in range(lo, hi):
+                        row = buf[t]
+                        for gi in range(g):
+                            qrow = qs[gi]
+                            a = np.float32(0.0)
+                            for c in range(d):
+                                a += qrow[c] * row[c]
+                            probs[gi, p * n + t] = (a + bias[gi]) * scale
+            for t in range(tl + 1):
+                if t < tl:
+                    _bf16_row(tail_key[tail_slot[r], t, h], kv, bits)
+                else:
+                    _bf16_row(new_key[tokens[r], h], kv, bits)
                 for gi in range(g):
-                    qrow = qs[gi]
-                    acc = np.float32(0.0)
+                    qrow = qr[gi]
+                    a = np.float32(0.0)
                     for c in range(d):
-                        acc += qrow[c] * row[c]
-                    logits[r, base + t, h, gi] = (acc + bias[gi]) * scale
-
-
-def _page_values(pages, page_ids, page_start, probs, v_norm, v_tok, n, sv, v_hi_off, v_lo_off, bits_high,
-                 bits_low, out):
-    """out ``[R, H, G, D]`` = sum over the page rows of ``probs [R, W, H, G]`` times the dequantized values.
-
-    ``v_norm [P, H, D]``, ``v_tok [P, H, 2, n]`` (step, mn per page row). One (row, head) per parallel
-    iteration."""
-    num_rows, num_kv_heads, g, d = out.shape
-    for rh in prange(num_rows * num_kv_heads):
-        r = rh // num_kv_heads
-        h = rh % num_kv_heads
-        buf = np.empty((n, d), dtype=np.float32)
-        acc = np.empty((g, d), dtype=np.float32)
-        bsum = np.empty(g, dtype=np.float32)
-        out[r, h] = 0.0
-        for j in range(page_start[r], page_start[r + 1]):
-            base = (j - page_start[r]) * n
-            pg = pages[page_ids[j], h]
-            _unpack_rows(pg, v_hi_off, 0, sv, bits_high, buf)
-            _unpack_rows(pg, v_lo_off, sv, n - sv, bits_low, buf)
+                        a += qrow[c] * kv[c]
+                    probs[gi, wp + t] = a * scale
+            # softmax over the row
+            for gi in range(g):
+                m = probs[gi, 0]
+                for x in range(1, length):
+                    m = max(m, probs[gi, x])
+                total = np.float32(0.0)
+                for x in range(length):
+                    e = np.exp(probs[gi, x] - m)
+                    probs[gi, x] = e
+                    total += e
+                inv = np.float32(1.0) / total
+                for x in range(length):
+                    probs[gi, x] *= inv
+            # P @ V: pages (codes; norm, step and min folded into the weights), tail, the new token
             acc[:] = 0.0
-            bsum[:] = 0.0
-            for t in range(n):
-                step = v_tok[j, h, 0, t]
-                mn = v_tok[j, h, 1, t]
-                row = buf[t]
+            for p in range(num_pages):
+                j = page_start[r] + p
+                pg = pages[page_ids[j], h]
+                _unpack_rows(pg, v_hi_off, 0, sv, bits_high, buf)
+                _unpack_rows(pg, v_lo_off, sv, n - sv, bits_low, buf)
+                bsum[:] = 0.0
+                part_acc = qs  # reuse as the page's partial sum
+                part_acc[:] = 0.0
+                for t in range(n):
+                    step = v_tok[j, h, 0, t]
+                    mn = v_tok[j, h, 1, t]
+                    row = buf[t]
+                    for gi in range(g):
+                        w = probs[gi, p * n + t]
+                        bsum[gi] += w * mn
+                        ws = w * step
+                        arow = part_acc[gi]
+                        for c in range(d):
+                            arow[c] += ws * row[c]
+                norm = v_norm[j, h]
                 for gi in range(g):
-                    w = probs[r, base + t, h, gi]
-                    bsum[gi] += w * mn
-                    ws = w * step
+                    for c in range(d):
+                        acc[gi, c] += norm[c] * (part_acc[gi, c] + bsum[gi])
+            for t in range(tl + 1):
+                if t < tl:
+                    _bf16_row(tail_value[tail_slot[r], t, h], kv, bits)
+                else:
+                    _bf16_row(new_value[tokens[r], h], kv, bits)
+                col = np.float32(0.0)
+                for gi in range(g):
+                    w = probs[gi, wp + t]
+                    col += w
                     arow = acc[gi]
                     for c in range(d):
-                        arow[c] += ws * row[c]
+                        arow[c] += w * kv[c]
+                if t < tl:
+                    tail_cols[tail_start[r] + t, h] = col
+                else:
+                    new_cols[r, h] = col
             for gi in range(g):
                 for c in range(d):
-                    out[r, h, gi, c] += v_norm[j, h, c] * (acc[gi, c] + bsum[gi])
+                    out[r, h, gi, c] = acc[gi, c]
 
 
 if numba is not None:
     _unpack_bits = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_bits)
     _unpack_rows = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_rows)
-    _page_logits = numba.njit(cache=True, fastmath=True)(_page_logits)
-    _page_values = numba.njit(cache=True, fastmath=True)(_page_values)
+    _bf16_row = numba.njit(cache=True, inline="always")(_bf16_row)
+    _decode_rows = numba.njit(cache=True, fastmath=True)(_decode_rows)
 
 
 def _f16(pages: torch.Tensor, off: int, count: int) -> torch.Tensor:
@@ -156,28 +209,22 @@ class PageParams:
 
     def __init__(self, kv_cache: torch.Tensor, page_ids: torch.Tensor, layout: PageLayout):
         n, d = layout.block_size, layout.head_size
-        sel = kv_cache.index_select(0, page_ids)
+        sel = kv_cache.index_select(0, page_ids)  # also for no pages: [0, H, page bytes]
         p, h = sel.shape[:2]
         self.k = _f16(sel, layout.k_param_off, 4 * d).view(p, h, 4, d)
         self.v_norm = _f16(sel, layout.v_norm_off, d).view(p, h, d)
         self.v_tok = _f16(sel, layout.v_tok_off, 2 * n).view(p, h, 2, n)
 
 
-def page_logits(kv_cache, page_ids, page_row, page_start, q, params: PageParams, layout: PageLayout, scale: float,
-                logits: torch.Tensor) -> None:
-    """Write the scaled logits of every page row of every decode row into ``logits [R, W, H, G]`` (fp32)."""
-    _page_logits(
-        kv_cache.numpy(), page_ids.numpy(), page_row.numpy(), page_start.numpy(), q.numpy(), params.k.numpy(),
-        np.float32(scale), layout.block_size, layout.num_salient_k, layout.k_hi_off, layout.k_lo_off,
-        layout.bits_high, layout.bits_low, logits.numpy(),
-    )
-
-
-def page_values(kv_cache, page_ids, page_start, probs, params: PageParams, layout: PageLayout,
-                out: torch.Tensor) -> None:
-    """``out [R, H, G, D]`` = the page part of ``probs @ V`` (fp32), from ``probs [R, W, H, G]``."""
-    _page_values(
-        kv_cache.numpy(), page_ids.numpy(), page_start.numpy(), probs.numpy(), params.v_norm.numpy(),
-        params.v_tok.numpy(), layout.block_size, layout.num_salient_v, layout.v_hi_off, layout.v_lo_off,
-        layout.bits_high, layout.bits_low, out.numpy(),
+def decode_rows(kv_cache, page_ids, page_start, params: PageParams, q, staging_key, staging_value, tail_slot,
+                tail_start, key, value, tokens, layout: PageLayout, scale: float, out, new_cols, tail_cols) -> None:
+    """:func:`_decode_rows` on torch tensors (CPU; bf16 staging and new keys/values, fp32 ``q`` and outputs)."""
+    _decode_rows(
+        kv_cache.numpy(), page_ids.numpy(), page_start.numpy(), params.k.numpy(), params.v_norm.numpy(),
+        params.v_tok.numpy(), q.numpy(), staging_key.view(torch.int16).numpy(),
+        staging_value.view(torch.int16).numpy(), tail_slot.numpy(), tail_start.numpy(),
+        key.view(torch.int16).numpy(), value.view(torch.int16).numpy(), tokens.numpy(), np.float32(scale),
+        layout.block_size, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off, layout.k_lo_off,
+        layout.v_hi_off, layout.v_lo_off, layout.bits_high, layout.bits_low, out.numpy(), new_cols.numpy(),
+        tail_cols.numpy(),
     )

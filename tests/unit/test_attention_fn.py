@@ -290,3 +290,20 @@ def test_numba_decode_reads_the_codes(head_size, bits, ratios):
         *[[("b", 1)] for _ in range(3)],  # a single row over pages and a tail
         [("c", 1), ("a", 1), ("b", 1)],
     ])
+
+
+def test_numba_decode_keeps_the_same_saliency_state_as_torch():
+    """Step by step, the numba path leaves the same staged scores (the probability each bf16 token received)
+    and the same pages as the batched torch path: outputs alone would not see a wrong score while the salient
+    ranking stays the same."""
+    pytest.importorskip("numba")
+    engines = [Engine(CONFIGS["vllm"], 6, 2, kernels=kern) for kern in ("torch", "numba")]
+    schedule = [[("a", 37), ("b", 20)], *[[("a", 1), ("b", 1)] for _ in range(14)], [("b", 1)], [("a", 1)]]
+    gens = [torch.Generator().manual_seed(0) for _ in engines]
+    for work in schedule:
+        outs = [e.step(work, gen)[0] for e, gen in zip(engines, gens, strict=True)]
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        a, b = (e.staging for e in engines)
+        torch.testing.assert_close(b.score_sum, a.score_sum, atol=1e-6, rtol=1e-5, msg=f"scores after {work}")
+        assert torch.equal(b.score_count, a.score_count)
+        assert torch.equal(engines[1].kv_view, engines[0].kv_view)

@@ -461,11 +461,10 @@ def _decode_attend_codes(q, k, kv_cache, staging, d: DecodeIndex, layout, scale,
     h, dim = k.shape[1], k.shape[2]
     g = q.shape[1] // h
     qq = q.index_select(0, d.tokens).float().view(r, h, g, dim)
-    params = cpu_kernels.PageParams(kv_cache, d.page_ids, layout)
     o = torch.empty(r, h, g, dim)
     new_cols = torch.empty(r, h)
     tail_cols = torch.empty(d.tail_flat.numel(), h)
-    cpu_kernels.decode_rows(kv_cache, d.page_ids, d.page_start, params, qq, staging.key, staging.value, d.row_slot,
+    cpu_kernels.decode_rows(kv_cache, d.page_ids, d.page_start, qq, staging.key, staging.value, d.row_slot,
                             d.tail_start, k, v, d.tokens, layout, scale, o, new_cols, tail_cols)
     out.index_copy_(0, d.tokens, o.view(r, h * g, dim).to(out.dtype))
     sums.index_copy_(0, d.tokens, new_cols)  # the probe is the row's own query

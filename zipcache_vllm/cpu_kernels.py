@@ -12,7 +12,7 @@ probabilities (the algebra of the Triton decode kernel):
 then the bf16 tail and the row's own new token, one softmax per query head, and the probability each bf16
 key received (the saliency the block manager accumulates). Layout and packing: :mod:`zipcache_vllm.layout`
 (byte ``i`` of a row holds channels ``i + j * D / m`` at bit ``j * bits``, ``m = 8 // bits``). The fp16 page
-parameters are widened to fp32 by torch before the call (a few hundred bytes per page). Results equal the
+parameters are widened to fp32 inside (bit by bit: numba has no float16). Results equal the
 torch twin up to fp32 summation order (tests/unit/test_attention_fn.py).
 
 No vLLM import; numba is optional (the ``cpu`` extra installs it): :func:`available` says whether it imports.
@@ -69,13 +69,30 @@ def _bf16_row(src, dst, bits):
     dst[:] = bits.view(np.float32)
 
 
-def _decode_rows(pages, page_ids, page_start, k_params, v_norm, v_tok, q, tail_key, tail_value, tail_slot,
-                 tail_start, new_key, new_value, tokens, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off,
-                 bits_high, bits_low, out, new_cols, tail_cols):
+def _f16(pg, off, count, dst):
+    """``count`` fp16 values at byte ``off`` of ``pg`` (little-endian) -> fp32 ``dst`` (exact; numba has no
+    float16 type): subnormals, infinities and NaN included."""
+    for i in range(count):
+        h = np.uint32(pg[off + 2 * i]) | (np.uint32(pg[off + 2 * i + 1]) << np.uint32(8))
+        sign = np.float32(-1.0) if h & np.uint32(0x8000) else np.float32(1.0)
+        e = (h >> np.uint32(10)) & np.uint32(0x1F)
+        m = h & np.uint32(0x3FF)
+        if e == 0:
+            dst[i] = sign * np.float32(m) * np.float32(2.0**-24)
+        elif e == 31:
+            dst[i] = sign * np.float32(np.inf) if m == 0 else np.float32(np.nan)
+        else:
+            dst[i] = sign * (np.float32(1.0) + np.float32(m) * np.float32(2.0**-10)) * np.float32(2.0) ** (
+                np.int32(e) - np.int32(15))
+
+
+def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key, new_value,
+                 tokens, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off,
+                 v_tok_off, bits_high, bits_low, out, new_cols, tail_cols):
     """One decode query per row over its pages (codes), its bf16 tail and its own new token, in one pass.
 
     Row ``r`` (query ``q[r] [H, G, D]`` fp32) reads the pages ``page_ids[page_start[r]:page_start[r + 1]]``
-    (parameters ``k_params [P, H, 4, D]``, ``v_norm [P, H, D]``, ``v_tok [P, H, 2, n]``), the
+    (codes and fp16 parameters at the layout's offsets), the
     ``tail_start[r + 1] - tail_start[r]`` tokens of staging slot ``tail_slot[r]`` (``tail_key/value
     [slots, n, H, D]`` as int16 bf16 bits) and the token ``tokens[r]`` of ``new_key/value [T, H, D]`` (int16
     bf16 bits). Writes ``out [R, H, G, D]`` and the probability each bf16 key received, summed over the query
@@ -92,6 +109,9 @@ def _decode_rows(pages, page_ids, page_start, k_params, v_norm, v_tok, q, tail_k
     probs = np.empty((g, width), dtype=np.float32)
     acc = np.empty((g, d), dtype=np.float32)
     bsum = np.empty(g, dtype=np.float32)
+    kp = np.empty((4, d), dtype=np.float32)  # step_hi, mn_hi, step_lo, mn_lo
+    norm = np.empty(d, dtype=np.float32)
+    vt = np.empty((2, n), dtype=np.float32)  # value step, mn per page row
     for r in range(num_rows):
         num_pages = page_start[r + 1] - page_start[r]
         tl = tail_start[r + 1] - tail_start[r]
@@ -105,9 +125,11 @@ def _decode_rows(pages, page_ids, page_start, k_params, v_norm, v_tok, q, tail_k
                 pg = pages[page_ids[j], h]
                 _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
                 _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
+                for i in range(4):
+                    _f16(pg, k_param_off + 2 * d * i, d, kp[i])
                 for part in range(2):
-                    step = k_params[j, h, 2 * part]
-                    mn = k_params[j, h, 2 * part + 1]
+                    step = kp[2 * part]
+                    mn = kp[2 * part + 1]
                     for gi in range(g):
                         a = np.float32(0.0)
                         for c in range(d):
@@ -154,12 +176,15 @@ def _decode_rows(pages, page_ids, page_start, k_params, v_norm, v_tok, q, tail_k
                 pg = pages[page_ids[j], h]
                 _unpack_rows(pg, v_hi_off, 0, sv, bits_high, buf)
                 _unpack_rows(pg, v_lo_off, sv, n - sv, bits_low, buf)
+                _f16(pg, v_norm_off, d, norm)
+                _f16(pg, v_tok_off, n, vt[0])
+                _f16(pg, v_tok_off + 2 * n, n, vt[1])
                 bsum[:] = 0.0
                 part_acc = qs  # reuse as the page's partial sum
                 part_acc[:] = 0.0
                 for t in range(n):
-                    step = v_tok[j, h, 0, t]
-                    mn = v_tok[j, h, 1, t]
+                    step = vt[0, t]
+                    mn = vt[1, t]
                     row = buf[t]
                     for gi in range(g):
                         w = probs[gi, p * n + t]
@@ -168,7 +193,6 @@ def _decode_rows(pages, page_ids, page_start, k_params, v_norm, v_tok, q, tail_k
                         arow = part_acc[gi]
                         for c in range(d):
                             arow[c] += ws * row[c]
-                norm = v_norm[j, h]
                 for gi in range(g):
                     for c in range(d):
                         acc[gi, c] += norm[c] * (part_acc[gi, c] + bsum[gi])
@@ -197,34 +221,19 @@ if numba is not None:
     _unpack_bits = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_bits)
     _unpack_rows = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_rows)
     _bf16_row = numba.njit(cache=True, inline="always")(_bf16_row)
+    _f16 = numba.njit(cache=True, inline="always")(_f16)
     _decode_rows = numba.njit(cache=True, fastmath=True)(_decode_rows)
 
 
-def _f16(pages: torch.Tensor, off: int, count: int) -> torch.Tensor:
-    return pages[..., off : off + 2 * count].contiguous().view(torch.float16).float()
-
-
-class PageParams:
-    """The fp32 parameters of the pages a step reads (gathered once per layer)."""
-
-    def __init__(self, kv_cache: torch.Tensor, page_ids: torch.Tensor, layout: PageLayout):
-        n, d = layout.block_size, layout.head_size
-        sel = kv_cache.index_select(0, page_ids)  # also for no pages: [0, H, page bytes]
-        p, h = sel.shape[:2]
-        self.k = _f16(sel, layout.k_param_off, 4 * d).view(p, h, 4, d)
-        self.v_norm = _f16(sel, layout.v_norm_off, d).view(p, h, d)
-        self.v_tok = _f16(sel, layout.v_tok_off, 2 * n).view(p, h, 2, n)
-
-
-def decode_rows(kv_cache, page_ids, page_start, params: PageParams, q, staging_key, staging_value, tail_slot,
-                tail_start, key, value, tokens, layout: PageLayout, scale: float, out, new_cols, tail_cols) -> None:
-    """:func:`_decode_rows` on torch tensors (CPU; bf16 staging and new keys/values, fp32 ``q`` and outputs)."""
+def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, tail_slot, tail_start, key, value,
+                tokens, layout: PageLayout, scale: float, out, new_cols, tail_cols) -> None:
+    """:func:`_decode_rows` on torch tensors (CPU; uint8 pages, bf16 staging and new keys/values, fp32 ``q`` and
+    outputs)."""
     _decode_rows(
-        kv_cache.numpy(), page_ids.numpy(), page_start.numpy(), params.k.numpy(), params.v_norm.numpy(),
-        params.v_tok.numpy(), q.numpy(), staging_key.view(torch.int16).numpy(),
+        kv_cache.numpy(), page_ids.numpy(), page_start.numpy(), q.numpy(), staging_key.view(torch.int16).numpy(),
         staging_value.view(torch.int16).numpy(), tail_slot.numpy(), tail_start.numpy(),
         key.view(torch.int16).numpy(), value.view(torch.int16).numpy(), tokens.numpy(), np.float32(scale),
         layout.block_size, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off, layout.k_lo_off,
-        layout.v_hi_off, layout.v_lo_off, layout.bits_high, layout.bits_low, out.numpy(), new_cols.numpy(),
-        tail_cols.numpy(),
+        layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
+        layout.bits_high, layout.bits_low, out.numpy(), new_cols.numpy(), tail_cols.numpy(),
     )

@@ -1,0 +1,30 @@
+"""Pieces of the numba CPU decode (zipcache_vllm.cpu_kernels); the whole step is tested against the torch path
+and the reference in test_attention_fn.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+numba = pytest.importorskip("numba")
+from zipcache_vllm import cpu_kernels  # noqa: E402
+
+
+def test_fp16_to_fp32_is_exact_for_every_bit_pattern():
+    """Page parameters are fp16 (numba has none): all 65,536 patterns, subnormals, infinities and NaN."""
+    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    want = patterns.view(torch.float16).float().numpy()
+    raw = patterns.numpy().view(np.uint8).copy()
+    got = np.empty(65536, dtype=np.float32)
+    cpu_kernels._f16(raw, 0, 65536, got)
+    np.testing.assert_array_equal(got, want)  # NaN == NaN here; -0.0 vs 0.0 below
+    number = ~np.isnan(want)  # a NaN's sign does not matter (quantization parameters are checked finite)
+    assert np.array_equal(np.signbit(got[number]), np.signbit(want[number]))
+
+
+def test_bf16_rows_widen_exactly():
+    x = torch.randn(64, dtype=torch.float32).bfloat16()
+    dst = np.empty(64, dtype=np.float32)
+    cpu_kernels._bf16_row(x.view(torch.int16).numpy(), dst, np.empty(64, dtype=np.uint32))
+    np.testing.assert_array_equal(dst, x.float().numpy())

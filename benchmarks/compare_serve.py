@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serve import one, prompt  # noqa: E402
+
+from zipcache_vllm.launch import stop_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "zipcache-vllm"
@@ -63,15 +64,7 @@ def server(backend: str, max_num_seqs: int, log_path: Path):
                 time.sleep(1)
         yield port
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
 
 
 async def batch(port: int, streams: int, words: int, max_tokens: int) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from zipcache_vllm.launch import stop_server
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "zipcache-vllm"
@@ -125,16 +126,7 @@ def serve(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, name: st
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the API server (its EngineCore and worker follow), then SIGKILL its process group if needed."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this server's own session only
+    stop_server(proc)
 
 
 @pytest.fixture(scope="session")

@@ -70,20 +70,23 @@ def _bf16_row(src, dst, bits):
 
 
 def _f16(pg, off, count, dst):
-    """``count`` fp16 values at byte ``off`` of ``pg`` (little-endian) -> fp32 ``dst`` (exact; numba has no
-    float16 type): subnormals, infinities and NaN included."""
+    """``count`` fp16 values at byte ``off`` of ``pg`` (little-endian, 2-byte aligned) -> fp32 ``dst``, exact
+    (numba has no float16 type): the bits are rebiased branch-free; subnormals, infinities and NaN included."""
+    half = pg[off : off + 2 * count].view(np.uint16)
+    out = dst.view(np.uint32)
     for i in range(count):
-        h = np.uint32(pg[off + 2 * i]) | (np.uint32(pg[off + 2 * i + 1]) << np.uint32(8))
-        sign = np.float32(-1.0) if h & np.uint32(0x8000) else np.float32(1.0)
-        e = (h >> np.uint32(10)) & np.uint32(0x1F)
+        h = np.uint32(half[i])
+        e = h & np.uint32(0x7C00)
         m = h & np.uint32(0x3FF)
-        if e == 0:
-            dst[i] = sign * np.float32(m) * np.float32(2.0**-24)
-        elif e == 31:
-            dst[i] = sign * np.float32(np.inf) if m == 0 else np.float32(np.nan)
-        else:
-            dst[i] = sign * (np.float32(1.0) + np.float32(m) * np.float32(2.0**-10)) * np.float32(2.0) ** (
-                np.int32(e) - np.int32(15))
+        s = (h & np.uint32(0x8000)) << np.uint32(16)
+        normal = s | ((e + np.uint32(0x1C000)) << np.uint32(13)) | (m << np.uint32(13))
+        special = s | np.uint32(0x7F800000) | (m << np.uint32(13))
+        out[i] = special if e == np.uint32(0x7C00) else normal
+    for i in range(count):
+        h = np.uint32(half[i])
+        if h & np.uint32(0x7C00) == 0:  # zero or subnormal: m * 2**-24
+            v = np.float32(h & np.uint32(0x3FF)) * np.float32(2.0**-24)
+            dst[i] = -v if h & np.uint32(0x8000) else v
 
 
 def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key, new_value,

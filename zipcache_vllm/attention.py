@@ -465,7 +465,8 @@ def _decode_attend_codes(q, k, kv_cache, staging, d: DecodeIndex, layout, scale,
     new_cols = torch.empty(r, h)
     tail_cols = torch.empty(d.tail_flat.numel(), h)
     cpu_kernels.decode_rows(kv_cache, d.page_ids, d.page_start, qq, staging.key, staging.value, d.row_slot,
-                            d.tail_start, k, v, d.tokens, layout, scale, o, new_cols, tail_cols)
+                            d.tail_start, k.index_select(0, d.tokens), v.index_select(0, d.tokens), layout, scale,
+                            o, new_cols, tail_cols)
     out.index_copy_(0, d.tokens, o.view(r, h * g, dim).to(out.dtype))
     sums.index_copy_(0, d.tokens, new_cols)  # the probe is the row's own query
     return tail_cols

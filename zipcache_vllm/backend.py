@@ -259,6 +259,9 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         self.config: ZipCacheConfig = _state["config"]
         self.layout = PageLayout.from_config(self.config, head_size)
         self.kernels = pick_kernels(envs.kernels(), torch.cuda.is_available())
+        if self.kernels == "numba" and "numba_ready" not in _state:
+            _state["numba_ready"] = True
+            cpu_kernels.warmup(self.layout, num_kv_heads, num_heads // num_kv_heads)  # compile before requests
         num_slots = num_staging_slots(vllm_config)
         device = "cuda" if self.kernels == "triton" else "cpu"
         self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,

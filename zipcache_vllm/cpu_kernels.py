@@ -90,15 +90,15 @@ def _f16(pg, off, count, dst):
 
 
 def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key, new_value,
-                 tokens, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off,
-                 v_tok_off, bits_high, bits_low, out, new_cols, tail_cols):
+                 scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off,
+                 bits_high, bits_low, out, new_cols, tail_cols):
     """One decode query per row over its pages (codes), its bf16 tail and its own new token, in one pass.
 
     Row ``r`` (query ``q[r] [H, G, D]`` fp32) reads the pages ``page_ids[page_start[r]:page_start[r + 1]]``
     (codes and fp16 parameters at the layout's offsets), the
     ``tail_start[r + 1] - tail_start[r]`` tokens of staging slot ``tail_slot[r]`` (``tail_key/value
-    [slots, n, H, D]`` as int16 bf16 bits) and the token ``tokens[r]`` of ``new_key/value [T, H, D]`` (int16
-    bf16 bits). Writes ``out [R, H, G, D]`` and the probability each bf16 key received, summed over the query
+    [slots, n, H, D]`` as int16 bf16 bits) and its own new token ``new_key/value[r] [H, D]`` (int16 bf16
+    bits). Writes ``out [R, H, G, D]`` and the probability each bf16 key received, summed over the query
     heads of its group: ``new_cols [R, H]``, ``tail_cols [tail_start[R], H]``."""
     num_rows, num_kv_heads, g, d = q.shape
     width = 1
@@ -152,7 +152,7 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
                 if t < tl:
                     _bf16_row(tail_key[tail_slot[r], t, h], kv, bits)
                 else:
-                    _bf16_row(new_key[tokens[r], h], kv, bits)
+                    _bf16_row(new_key[r, h], kv, bits)
                 for gi in range(g):
                     qrow = qr[gi]
                     a = np.float32(0.0)
@@ -203,7 +203,7 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
                 if t < tl:
                     _bf16_row(tail_value[tail_slot[r], t, h], kv, bits)
                 else:
-                    _bf16_row(new_value[tokens[r], h], kv, bits)
+                    _bf16_row(new_value[r, h], kv, bits)
                 col = np.float32(0.0)
                 for gi in range(g):
                     w = probs[gi, wp + t]
@@ -228,15 +228,30 @@ if numba is not None:
     _decode_rows = numba.njit(cache=True, fastmath=True)(_decode_rows)
 
 
-def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, tail_slot, tail_start, key, value,
-                tokens, layout: PageLayout, scale: float, out, new_cols, tail_cols) -> None:
-    """:func:`_decode_rows` on torch tensors (CPU; uint8 pages, bf16 staging and new keys/values, fp32 ``q`` and
-    outputs)."""
+def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, tail_slot, tail_start, key_rows,
+                value_rows, layout: PageLayout, scale: float, out, new_cols, tail_cols) -> None:
+    """:func:`_decode_rows` on torch tensors (CPU): uint8 pages, bf16 staging, each row's new key/value
+    ``[R, H, D]`` bf16, fp32 ``q`` and outputs. All arrays C-contiguous: one compiled signature."""
     _decode_rows(
         kv_cache.numpy(), page_ids.numpy(), page_start.numpy(), q.numpy(), staging_key.view(torch.int16).numpy(),
         staging_value.view(torch.int16).numpy(), tail_slot.numpy(), tail_start.numpy(),
-        key.view(torch.int16).numpy(), value.view(torch.int16).numpy(), tokens.numpy(), np.float32(scale),
-        layout.block_size, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off, layout.k_lo_off,
-        layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
+        key_rows.contiguous().view(torch.int16).numpy(), value_rows.contiguous().view(torch.int16).numpy(),
+        np.float32(scale), layout.block_size, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off,
+        layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
         layout.bits_high, layout.bits_low, out.numpy(), new_cols.numpy(), tail_cols.numpy(),
     )
+
+
+def warmup(layout: PageLayout, num_kv_heads: int, num_queries_per_kv: int) -> None:
+    """Compile (or load from numba's cache) :func:`_decode_rows` before the first request: one row over one
+    all-zero page and a one-token tail. ~10 s the first time on a 2-core CPU, well under 1 s from the cache."""
+    h, g, d, n = num_kv_heads, num_queries_per_kv, layout.head_size, layout.block_size
+
+    def z(*shape, dtype=torch.float32):  # explicit dtypes: vLLM builds layers under a bf16 default dtype
+        return torch.zeros(shape, dtype=dtype, device="cpu")
+
+    idx = lambda *x: torch.tensor(x, dtype=torch.int64, device="cpu")  # noqa: E731
+    bf16 = torch.bfloat16
+    decode_rows(z(2, h, layout.page_bytes, dtype=torch.uint8), idx(1), idx(0, 1), z(1, h, g, d),
+                z(1, n, h, d, dtype=bf16), z(1, n, h, d, dtype=bf16), idx(0), idx(0, 1), z(1, h, d, dtype=bf16),
+                z(1, h, d, dtype=bf16), layout, 1.0, z(1, h, g, d), z(1, h), z(1, h))

@@ -28,3 +28,18 @@ def test_bf16_rows_widen_exactly():
     dst = np.empty(64, dtype=np.float32)
     cpu_kernels._bf16_row(x.view(torch.int16).numpy(), dst, np.empty(64, dtype=np.uint32))
     np.testing.assert_array_equal(dst, x.float().numpy())
+
+
+def test_warmup_compiles_the_signature_the_step_uses():
+    """The backend compiles the kernel at start-up; the step must then hit the same signature (no second
+    compile in the first request): both pass C-contiguous arrays of the same dtypes."""
+    from zipcache_vllm.config import ZipCacheConfig
+    from zipcache_vllm.layout import PageLayout
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # as while vLLM builds the model's layers
+    try:
+        cpu_kernels.warmup(PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=16), 32), 2, 3)
+    finally:
+        torch.set_default_dtype(default)
+    assert len(cpu_kernels._decode_rows.signatures) == 1

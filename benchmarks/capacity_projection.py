@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from zipcache_vllm.attention import Staging
+from zipcache_vllm.block_manager import default_num_slots
 from zipcache_vllm.config import ZipCacheConfig
 from zipcache_vllm.layout import PageLayout
 
@@ -31,7 +32,7 @@ def tokens(model: str, kv_gib: float, max_num_seqs: int, preset: str | None, blo
         return budget // per_block * block_size
     cfg = ZipCacheConfig.load(preset).replace(block_size=block_size)
     lay = PageLayout.from_config(cfg, d)
-    slots = max_num_seqs + max(4, max_num_seqs // 8)
+    slots = default_num_slots(max_num_seqs)
     budget -= slots * layers * Staging.bytes_per_slot(block_size, h, d)
     per_block = layers * h * block_size * lay.state_content_bytes
     return max(budget, 0) // per_block * block_size

@@ -30,7 +30,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import cpu_kernels, envs
 from .attention import Staging, Step, prepare_step, zipcache_attention
-from .block_manager import BlockManager
+from .block_manager import BlockManager, default_num_slots
 from .config import Granularity, KeyScheme, Selection, ZipCacheConfig
 from .layout import PageLayout
 
@@ -67,8 +67,7 @@ def num_staging_slots(vllm_config: VllmConfig) -> int:
     explicit = envs.staging_slots()
     if explicit is not None:
         return explicit
-    max_seqs = vllm_config.scheduler_config.max_num_seqs
-    return max_seqs + max(4, max_seqs // 8)
+    return default_num_slots(vllm_config.scheduler_config.max_num_seqs)
 
 
 def pick_kernels(choice: str, cuda: bool) -> str:

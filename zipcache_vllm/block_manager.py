@@ -33,6 +33,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+def default_num_slots(max_num_seqs: int) -> int:
+    """Staging slots for ``max_num_seqs`` running sequences: one each, plus room for stale slots."""
+    return max_num_seqs + max(4, max_num_seqs // 8)
+
+
 class StagingError(RuntimeError):
     """The staging state cannot serve a step (pool exhausted by live sequences, or a tail was lost)."""
 

@@ -8,7 +8,7 @@ the one place where vLLM asks the backend for its page size (``customize_spec``,
 variable                        default    meaning
 =============================== ========== ===============================================================
 ``ZIPCACHE_KV_CACHE_BACKEND``   ``auto``   ``zipcache`` selects the compressed KV cache; ``auto`` = stock vLLM
-``ZIPCACHE_CONFIG``             ``paged``  preset name (``configs/*.yaml``) or path of a YAML file
+``ZIPCACHE_CONFIG``             ``vllm``   preset name (``configs/*.yaml``) or path of a YAML file
 ``ZIPCACHE_CONFIG_OVERRIDES``   (none)     JSON object of ``ZipCacheConfig`` keys applied over the preset
 ``ZIPCACHE_STAGING_SLOTS``      (auto)     bf16 staging slots (incomplete blocks held at once); default
                                            ``max_num_seqs`` + a margin

@@ -22,10 +22,12 @@ from . import envs
 
 FLAGS = {"--kv-cache-backend": envs.KV_CACHE_BACKEND, "--zipcache-config": envs.CONFIG}
 PREFIX_FLAGS = ("--enable-prefix-caching", "--no-enable-prefix-caching")
+PREFIX_OFF = ("prefix caching off: a compressed block depends on the probe tokens of the request that wrote it, so it "
+              "is not content-stable under the prefix hash (pass --enable-prefix-caching to override)")
 HELP = """\
 zipcache-vllm: vLLM's CLI with the ZipCache KV cache plugin. Extra flags:
   --kv-cache-backend {auto,zipcache}   zipcache = keep every paged KV block compressed (default: auto = stock)
-  --zipcache-config PRESET_OR_PATH     ZipCache tunables: a preset of configs/ (default: paged) or a YAML file
+  --zipcache-config PRESET_OR_PATH     ZipCache tunables: a preset of configs/ (default: vllm) or a YAML file
   --additional-config '{"zipcache": {KEY: VALUE, ...}}'   ZipCacheConfig keys over the preset
 """
 
@@ -93,17 +95,11 @@ def prepare(argv: list[str]) -> list[str]:
             _log("ZipCache settings given without --kv-cache-backend zipcache: running stock vLLM")
         return rest
     _log(f"KV cache backend: zipcache, config {envs.config_source()} -> {cfg.to_dict()}")
-    if rest[:1] == ["serve"] and not any(a.partition("=")[0] == "--attention-backend" for a in rest):
-        import torch
-
-        if torch.cuda.is_available():  # CUDA honours vLLM's CUSTOM slot, which register() fills
-            rest += ["--attention-backend", "CUSTOM"]
+    if rest[:1] == ["serve"] and not any(a.partition("=")[0] == "--attention-backend" for a in rest) and _cuda():
+        rest += ["--attention-backend", "CUSTOM"]
     if rest[:1] == ["serve"] and not any(a.partition("=")[0] in PREFIX_FLAGS for a in rest):
         rest.append("--no-enable-prefix-caching")
-        _log(
-            "prefix caching off: a compressed block depends on the probe tokens of the request that wrote it, "
-            "so it is not content-stable under the prefix hash (pass --enable-prefix-caching to override)"
-        )
+        _log(PREFIX_OFF)
     return rest
 
 
@@ -126,13 +122,13 @@ class _FlagAction(argparse.Action):
         register()  # this process too: the API server builds the config before the engine starts
         if getattr(namespace, "enable_prefix_caching", None) is None:  # an explicit flag (either order) wins
             namespace.enable_prefix_caching = False
-            _log("prefix caching off: a compressed block depends on the probe tokens of the request that wrote "
-                 "it (pass --enable-prefix-caching to override)")
+            _log(PREFIX_OFF)
         if getattr(namespace, "attention_backend", None) is None and _cuda():
             namespace.attention_backend = "CUSTOM"  # CUDA honours vLLM's CUSTOM slot, which register() fills
 
 
 def _cuda() -> bool:
+    """CUDA honours vLLM's CUSTOM attention slot, which register() fills (CPU ignores it)."""
     import torch
 
     return torch.cuda.is_available()
@@ -158,7 +154,7 @@ def install_cli_flags() -> None:
                             default=argparse.SUPPRESS, help="zipcache: keep every paged KV block compressed "
                             "with ZipCache (zipcache-vllm plugin); auto: stock vLLM")
         parser.add_argument("--zipcache-config", action=_FlagAction, default=argparse.SUPPRESS,
-                            help="ZipCache tunables: a preset of the plugin's configs/ (default: paged) or a YAML "
+                            help=f"ZipCache tunables: a preset of configs/ (default: {envs.DEFAULT_CONFIG}) or a YAML "
                             "file; single keys through --additional-config '{\"zipcache\": {...}}'")
 
     cls.pre_register_and_update = classmethod(pre_register_and_update)

@@ -204,15 +204,20 @@ def _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, t
     return k, v
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
-    """q [Tq, Hq, D], k/v [L, H, D], mask [Tq, L] (True = visible) -> out [Tq, Hq, D], probs [Hq, Tq, L]."""
+def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [Tq, Hq, D], k [L, H, D], mask [Tq, L] (True = visible) -> softmax rows [Hq, Tq, L] (fp32)."""
     g = q.shape[1] // k.shape[1]
     kk = k.float().repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, L, D]
-    vv = v.float().repeat_interleave(g, dim=1).transpose(0, 1)
     logits = torch.matmul(q.float().transpose(0, 1), kk.transpose(1, 2)) * scale  # [Hq, Tq, L]
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """q [Tq, Hq, D], k/v [L, H, D], mask [Tq, L] (True = visible) -> out [Tq, Hq, D], probs [Hq, Tq, L]."""
+    probs = _probs(q, k, mask, scale)
+    vv = v.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(0, 1)
     return torch.matmul(probs, vv).transpose(0, 1), probs
 
 
@@ -317,7 +322,7 @@ def prefill_attention(
             continue
         # the probes' full softmax rows; bf16 keys (tail, then chunk) are the last tl_ + ql of k, at positions
         # ctx - tl_ .. sl - 1
-        probs = _attend(query[q0:q1][pr], k, v, mask[pr], scale)[1]  # [Hq, P, L]
+        probs = _probs(query[q0:q1][pr], k, mask[pr], scale)  # [Hq, P, L]
         col = probs[:, :, num_pages * n :].sum(dim=1).view(h, g, -1).sum(dim=1)  # [H, tl_ + ql]
         pos = torch.arange(ctx - tl_, sl, device=query.device)
         if norm is Normalizer.CAUSAL_COUNT:

@@ -15,7 +15,8 @@ import time
 import torch
 
 from zipcache_vllm import paged
-from zipcache_vllm.attention import Staging, _decode_attend, _decode_attend_codes, prepare_step
+from zipcache_vllm.attention import Staging, prepare_step
+from zipcache_vllm.batched_decode import decode_attend, decode_attend_codes
 from zipcache_vllm.block_manager import BlockManager
 from zipcache_vllm.config import ZipCacheConfig
 from zipcache_vllm.layout import PageLayout
@@ -55,7 +56,7 @@ def case(rows: int, context: int, repeats: int) -> dict:
     v1 = torch.randn(rows, H, D, generator=gen).bfloat16()
     result = {"rows": rows, "context": context}
     outs = {}
-    for name, fn in (("torch", _decode_attend), ("numba", _decode_attend_codes)):
+    for name, fn in (("torch", decode_attend), ("numba", decode_attend_codes)):
         out = torch.empty(rows, H * G, D)
         sums = torch.zeros(rows, H)
         fn(q, k1, cache, staging, step.decode, lay, D**-0.5, out, sums, v1)  # warm-up (numba compiles once)

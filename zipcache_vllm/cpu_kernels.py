@@ -1,6 +1,6 @@
 """CPU kernel (numba) for the decode step: attention read straight from the compressed pages.
 
-The torch path (:func:`zipcache_vllm.attention._decode_attend` with ``kernels="torch"``) dequantizes every page
+The torch path (:func:`zipcache_vllm.batched_decode.decode_attend` with ``kernels="torch"``) dequantizes every page
 of every row into fp32 keys/values for every layer and step, then runs a dozen torch ops; in a busy vLLM CPU
 worker both the bytes and the op count cost. :func:`decode_rows` does a whole layer's decode rows in one call
 and reads the codes where they lie, with the quantization parameters folded into the query and the

@@ -240,7 +240,7 @@ def test_single_token_prompt_and_exact_block_prompt():
 
 @pytest.mark.parametrize("head_size, bits", [(64, (4, 2)), (32, (8, 4)), (128, (2, 2))])
 def test_fast_cpu_dequantize_is_bit_exact(head_size, bits):
-    from zipcache_vllm.attention import dequantize_pages_cpu
+    from zipcache_vllm.batched_decode import dequantize_pages_cpu
 
     lay = PageLayout(block_size=32, head_size=head_size, bits_high=bits[0], bits_low=bits[1], salient_ratio=0.6)
     gen = torch.Generator().manual_seed(0)

@@ -3,6 +3,8 @@
 * :class:`ZipCacheAttentionBackend` (CPU; keeps the name ``CPU_ATTN``, over which ``register()`` installs it)
   declares the compressed page in :meth:`customize_spec`, so vLLM's own memory accounting grants the extra
   blocks, and stores K/V inside ``forward`` (``forward_includes_kv_cache_update``: probe scores need Q).
+* Settings derived from vLLM's config (the fitted ZipCache config, staging pool, kernels) live in
+  :mod:`.plugin_settings`.
 * :class:`ZipCacheMetadataBuilder` plans the bf16 staging of each step once (:mod:`.block_manager`).
 * :class:`ZipCacheAttentionImpl.forward` only adapts vLLM's metadata and calls
   :func:`zipcache_vllm.attention.zipcache_attention`.
@@ -30,61 +32,14 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import cpu_kernels, envs
 from .attention import Staging, Step, prepare_step, zipcache_attention
-from .block_manager import BlockManager, default_num_slots
-from .config import Granularity, KeyScheme, Selection, ZipCacheConfig
+from .block_manager import BlockManager
+from .config import ZipCacheConfig
 from .layout import PageLayout
+from .plugin_settings import num_staging_slots, pick_kernels, reserve_staging, resolve_config
 
 logger = logging.getLogger("vllm.zipcache")
 
 _state: dict = {}  # per process: the resolved config (stashed by the first impl for customize_spec), logs done
-
-
-# ------------------------------------------------------------------------------------------------- config
-def resolve_config(block_size: int, additional: dict | None = None) -> ZipCacheConfig:
-    """The env config, then ``additional_config["zipcache"]``, fitted to vLLM's paged semantics."""
-    section = (additional or {}).get("zipcache") or {}
-    if not isinstance(section, dict):
-        raise ValueError("additional_config 'zipcache' must be a mapping of ZipCacheConfig keys")
-    cfg = envs.load_config(section)
-    if cfg.key_scheme is not KeyScheme.CHANNELWISE:
-        raise ValueError("ZipCache in vLLM stores keys channelwise (ZC-3); key_scheme=cst is not supported")
-    paged = {"granularity": Granularity.BLOCK, "selection": Selection.QUOTA, "block_size": block_size}
-    changed = {k: v for k, v in paged.items() if getattr(cfg, k) != v}
-    if changed and "coerced" not in _state:
-        _state["coerced"] = True
-        logger.warning(
-            "ZipCache in vLLM compresses each complete block of %d tokens with a per-block salient quota; "
-            "config values %s replaced by %s",
-            block_size,
-            {k: getattr(cfg, k).value if hasattr(getattr(cfg, k), "value") else getattr(cfg, k) for k in changed},
-            {k: v.value if hasattr(v, "value") else v for k, v in changed.items()},
-        )
-    return cfg.replace(**paged)
-
-
-def num_staging_slots(vllm_config: VllmConfig) -> int:
-    """Incomplete blocks held at once: at most one per running sequence, plus room for stale slots."""
-    explicit = envs.staging_slots()
-    if explicit is not None:
-        return explicit
-    return default_num_slots(vllm_config.scheduler_config.max_num_seqs)
-
-
-def pick_kernels(choice: str, cuda: bool) -> str:
-    """``auto``: Triton on CUDA; on CPU the numba decode over the codes when numba imports, else torch."""
-    if choice != "auto":
-        if choice == "numba" and not cpu_kernels.available():
-            raise ValueError("ZIPCACHE_KERNELS=numba needs numba (pip install 'zipcache-vllm[cpu]')")
-        return choice
-    if cuda:
-        return "triton"
-    if cpu_kernels.available():
-        return "numba"
-    if "numba_missing" not in _state:
-        _state["numba_missing"] = True
-        logger.warning("numba is not installed: the CPU decode dequantizes every page every step (slower); "
-                       "pip install numba")
-    return "torch"
 
 
 def _layer_index(layer_name: str) -> int:
@@ -265,7 +220,7 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         device = "cuda" if self.kernels == "triton" else "cpu"
         self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,
                                         dtype=torch.bfloat16, device=device)
-        _reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
+        reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
         self.layer_idx: int | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -291,32 +246,3 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         raise RuntimeError("the ZipCache backend stores K/V inside forward (forward_includes_kv_cache_update)")
-
-
-def _reserve_staging(vllm_config: VllmConfig, num_slots, block_size, num_kv_heads, head_size) -> None:
-    """Count the staging of all layers in vLLM's KV budget, once per process.
-
-    An explicit KV size (``VLLM_CPU_KVCACHE_SPACE``, ``--kv-cache-memory-bytes``) is handed to the KV cache
-    as is, so the staging is taken out of it here; otherwise vLLM measures this memory as non-KV usage.
-    """
-    if "reserved" in _state:
-        return
-    _state["reserved"] = True
-    layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-    per_slot = Staging.bytes_per_slot(block_size, num_kv_heads, head_size, torch.bfloat16)
-    total = num_slots * layers * per_slot
-    cache = vllm_config.cache_config
-    budget = cache.kv_cache_memory_bytes
-    if budget is not None:
-        if total >= budget:
-            raise ValueError(
-                f"ZipCache bf16 staging ({total / 2**20:.0f} MiB for {num_slots} slots) does not fit the KV cache "
-                f"budget ({budget / 2**20:.0f} MiB): lower --max-num-seqs or ZIPCACHE_STAGING_SLOTS"
-            )
-        cache.kv_cache_memory_bytes = budget - total
-    logger.info(
-        "ZipCache bf16 staging: %d slots x %d layers x %d bytes = %.1f MiB%s",
-        num_slots, layers, per_slot, total / 2**20,
-        "" if budget is None else f", taken from the KV cache budget ({budget / 2**30:.3f} -> "
-        f"{(budget - total) / 2**30:.3f} GiB)",
-    )

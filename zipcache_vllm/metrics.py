@@ -43,7 +43,7 @@ def _gauge(name: str) -> Gauge:
 
 def figures(vllm_config) -> dict[str, float]:
     """The compression figures of this server's config (vLLM config in, plain numbers out)."""
-    from .backend import num_staging_slots, resolve_config
+    from .plugin_settings import num_staging_slots, resolve_config
 
     block_size = vllm_config.cache_config.block_size
     cfg = resolve_config(block_size, vllm_config.additional_config)

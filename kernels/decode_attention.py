@@ -13,11 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attend import attend_pages, attend_tail, finish_rows, init_state
 from ._common import (
     FLOATS,
     LOG2E,
-    attend_pages,
-    attend_tail,
     cache_args,
     check,
     check_cache,
@@ -25,8 +24,6 @@ from ._common import (
     check_seq_meta,
     check_tail,
     check_tensor,
-    finish_rows,
-    init_state,
     interpreting,
     load_q,
     num_sms,

@@ -14,13 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attend import attend_dense_tile, attend_pages, attend_tail, finish_rows, init_state
 from ._common import (
     FLOATS,
     LN2_C,
     LOG2E,
-    attend_dense_tile,
-    attend_pages,
-    attend_tail,
     cache_args,
     check,
     check_cache,
@@ -28,8 +26,6 @@ from ._common import (
     check_seq_meta,
     check_tail,
     check_tensor,
-    finish_rows,
-    init_state,
     interpreting,
     load_q,
     pow2,

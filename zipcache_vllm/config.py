@@ -40,7 +40,7 @@ class Saliency(str, enum.Enum):
 
 class Selection(str, enum.Enum):
     GLOBAL = "global"  # top-k per (layer, KV head) over the segment, as in the paper
-    QUOTA = "quota"  # top ceil(r * block_size) per block: the constraint of a fixed-size page
+    QUOTA = "quota"  # top quota_count(block_size, r) per block: the constraint of a fixed-size page
 
 
 class Granularity(str, enum.Enum):
@@ -67,6 +67,26 @@ _ENUMS = {
 def salient_count(n: int, salient_ratio: float) -> int:
     """Number of salient tokens among ``n``: ceil(r * n), robust to float noise (0.6 * 10 -> 6, not 7)."""
     return min(n, max(0, math.ceil(salient_ratio * n - 1e-6)))
+
+
+QUOTA_ROWS = 16  # page layout v2: per-block quotas are multiples of this many rows (one 16-row kernel tile)
+
+
+def quota_count(n: int, salient_ratio: float) -> int:
+    """Per-block salient quota of a block (page) of ``n`` tokens, page layout v2.
+
+    If ``n`` is a multiple of 16: the multiple of 16 nearest to ``r * n``, ties upward
+    (``16 * floor(r * n / 16 + 0.5)``, robust to float noise like :func:`salient_count`), clipped to
+    ``[0, n]``, so every 16-row tile of a page holds rows of one key and one value bit width. Otherwise the
+    old rule, ``ceil(r * n)`` (:func:`salient_count`): partial blocks and odd block sizes.
+
+    n = 128: r = 0.6 -> 80 (ceil: 77), 0.8 -> 96 (103), 0.2 -> 32 (26), 1.0 -> 128, 0.0 -> 0; n = 24: 0.6 -> 15.
+    The global selection (the paper's top ``ceil(r * l)`` per segment) keeps :func:`salient_count`.
+    """
+    if n % QUOTA_ROWS:
+        return salient_count(n, salient_ratio)
+    tiles = math.floor((salient_ratio * n + 1e-6) / QUOTA_ROWS + 0.5)
+    return min(n, max(0, QUOTA_ROWS * tiles))
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,13 @@ block's tokens, then per-token ``(step, mn)``). The tokens of a page are stored 
 order: attention after RoPE does not depend on the order of complete, fully visible blocks, so the salient
 rows of keys and values can each sit in one contiguous region.
 
-Page order. Let ``sk = salient_count(block_size, salient_ratio)`` and ``sv = salient_count(block_size,
-value_salient_ratio)``. Both salient sets are the top tokens of the same scores (ties to the earlier token),
+Page layout v2: quotas in multiples of 16 rows so every 16-row tile has one key and one value bit width;
+rows are still packed with ``paged.pack_row``. The per-block quotas are ``sk = quota_count(block_size,
+salient_ratio)`` and ``sv = quota_count(block_size, value_salient_ratio)`` (config.py): the multiple of 16
+nearest to ``r * block_size`` (ties upward) when ``block_size`` is a multiple of 16, else ``ceil(r *
+block_size)``. At block 128: r = 0.6 -> 80 rows (v1: 77), keys 0.8 -> 96 (103), values 0.2 -> 32 (26).
+
+Page order. Both salient sets are the top tokens of the same scores (ties to the earlier token),
 so one contains the other. Tokens are sorted into three tiers, each in ascending token position:
 
 * tier A: salient for keys and values (the top ``min(sk, sv)``),
@@ -55,7 +60,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ZipCacheConfig, salient_count
+from .config import ZipCacheConfig, quota_count
 
 ALIGN = 16  # bytes: every region starts 16-byte aligned so kernels issue 16-byte vector loads
 
@@ -101,13 +106,20 @@ class PageLayout:
     block_size, head_size : tokens per page, channels per head (``block_size`` a multiple of 8,
         ``head_size`` a multiple of 16).
     bits_high, bits_low : code widths of salient and regular rows (2, 4 or 8).
-    salient_ratio : share of salient key rows; ``value_salient_ratio`` the same for values (None: same).
+    salient_ratio : share of salient key rows; ``value_salient_ratio`` the same for values (None: same); the
+        rows per page are ``config.quota_count(block_size, ratio)``.
+
+    Page layout v2: quotas in multiples of 16 rows so every 16-row tile has one key and one value bit width;
+    rows are still packed with ``paged.pack_row``.
 
     Example
     -------
     >>> lay = PageLayout(block_size=128, head_size=128)
     >>> lay.num_salient_k, lay.page_bytes, round(lay.capacity_vs_bf16, 2)
-    (77, 14976, 4.38)
+    (80, 15232, 4.3)
+    >>> lay = PageLayout(block_size=128, head_size=128, salient_ratio=0.8, value_salient_ratio=0.2)
+    >>> lay.num_salient_k, lay.num_salient_v, lay.page_bytes, round(lay.capacity_vs_bf16, 2)
+    (96, 32, 14208, 4.61)
     """
 
     block_size: int
@@ -143,7 +155,7 @@ class PageLayout:
         for name, r in (("salient_ratio", self.salient_ratio), ("value_salient_ratio", rv)):
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {r}")
-        sk, sv = salient_count(n, self.salient_ratio), salient_count(n, rv)
+        sk, sv = quota_count(n, self.salient_ratio), quota_count(n, rv)
         sizes = [
             ("k_hi_off", sk * d * bh // 8),
             ("k_lo_off", (n - sk) * d * bl // 8),

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .config import Normalizer, Saliency, Selection, salient_count
+from .config import Normalizer, Saliency, Selection, quota_count, salient_count
 
 
 def probe_positions(
@@ -120,9 +120,10 @@ def select_salient(
 ) -> torch.Tensor:
     """Boolean salient mask ``[..., l]`` from scores ``[..., l]``.
 
-    ``global``: the top ``ceil(r * l)`` tokens along the last dim. ``quota``: in each block of ``block_size``
-    consecutive tokens (the last may be partial, n tokens), the top ``ceil(r * n)``. Ties go to the earlier
-    token (stable descending sort): kernels must use the same rule.
+    ``global``: the top ``ceil(r * l)`` tokens along the last dim (the paper's selection, :func:`salient_count`).
+    ``quota``: in each block of ``block_size`` consecutive tokens (the last may be partial, n tokens), the top
+    ``quota_count(n, r)``: a multiple of 16 when ``n`` is one (page layout v2), else ``ceil(r * n)``. Ties go
+    to the earlier token (stable descending sort): kernels must use the same rule.
     """
     l = scores.shape[-1]
     if Selection(selection) is Selection.GLOBAL:
@@ -130,7 +131,7 @@ def select_salient(
     masks = []
     for start in range(0, l, block_size):
         chunk = scores[..., start : start + block_size]
-        masks.append(_top_mask(chunk, salient_count(chunk.shape[-1], salient_ratio)))
+        masks.append(_top_mask(chunk, quota_count(chunk.shape[-1], salient_ratio)))
     return torch.cat(masks, dim=-1) if masks else torch.zeros_like(scores, dtype=torch.bool)
 
 

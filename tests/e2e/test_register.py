@@ -63,7 +63,7 @@ def test_customize_spec_declares_the_compressed_page(clean_registry):
     from zipcache_vllm.config import ZipCacheConfig
 
     lay = PageLayout.from_config(ZipCacheConfig.load(envs.DEFAULT_CONFIG).replace(block_size=128), 64)
-    assert lay.num_salient_k == 103 and lay.num_salient_v == 26  # the default preset: keys 0.8, values 0.2
+    assert lay.num_salient_k == 96 and lay.num_salient_v == 32  # the default preset: keys 0.8, values 0.2 (v2)
     assert new.dtype == torch.uint8 and new.state_content_bytes == lay.state_content_bytes
     assert new.page_size_bytes == 3 * lay.page_bytes  # one page per KV head
     assert spec.page_size_bytes / new.page_size_bytes == pytest.approx(lay.capacity_vs_bf16)
@@ -111,7 +111,7 @@ def test_stat_logger_publishes_the_compression_figures(clean_registry):
     from zipcache_vllm.metrics import ZipCacheStatLogger
 
     clean_registry.setenv(envs.KV_CACHE_BACKEND, "zipcache")
-    clean_registry.setenv(envs.CONFIG, "paged")  # r = 0.6 for keys and values: 7808-byte pages
+    clean_registry.setenv(envs.CONFIG, "paged")  # r = 0.6 for keys and values: 80 rows, 7936-byte pages (v2)
     cfg = SimpleNamespace(
         cache_config=SimpleNamespace(block_size=128, num_gpu_blocks=100),
         model_config=SimpleNamespace(get_head_size=lambda: 64),
@@ -121,10 +121,10 @@ def test_stat_logger_publishes_the_compression_figures(clean_registry):
     stat = ZipCacheStatLogger(cfg)
     stat.log_engine_initialized()
     value = REGISTRY.get_sample_value
-    assert value("zipcache:capacity_ratio_vs_bf16") == pytest.approx(4.197, abs=1e-3)
-    assert value("zipcache:bits_per_value") == pytest.approx(7808 * 8 / (128 * 128))
+    assert value("zipcache:capacity_ratio_vs_bf16") == pytest.approx(4.129, abs=1e-3)  # 256 / 62
+    assert value("zipcache:bits_per_value") == pytest.approx(7936 * 8 / (128 * 128))
     assert (value("zipcache:bits_high"), value("zipcache:bits_low")) == (4, 2)
-    assert value("zipcache:salient_ratio") == pytest.approx(77 / 128)
+    assert value("zipcache:salient_ratio") == pytest.approx(80 / 128)
     assert value("zipcache:kv_cache_tokens") == 12800 and value("zipcache:staging_slots") == 20
 
 

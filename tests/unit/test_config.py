@@ -15,6 +15,7 @@ from zipcache_vllm.config import (
     Saliency,
     Selection,
     ZipCacheConfig,
+    quota_count,
     salient_count,
 )
 
@@ -263,6 +264,39 @@ def test_salient_count():
     assert salient_count(10, 0.0) == 0
     assert salient_count(10, 1.0) == 10
     assert salient_count(0, 0.6) == 0
+
+
+def test_quota_count_multiples_of_16():
+    """Page layout v2: the multiple of 16 nearest to r * n (ties upward) when 16 divides n, clipped to [0, n]."""
+    assert quota_count(128, 0.6) == 80  # 76.8 (ceil: 77)
+    assert quota_count(128, 0.8) == 96  # 102.4 (ceil: 103)
+    assert quota_count(128, 0.2) == 32  # 25.6 (ceil: 26)
+    assert quota_count(128, 1.0) == 128
+    assert quota_count(128, 0.0) == 0
+    assert quota_count(128, 0.5) == 64
+    assert quota_count(16, 0.5) == 16  # 8 = half a tile: ties go up
+    assert quota_count(16, 0.49) == 0
+    assert quota_count(16, 0.6) == 16
+    assert quota_count(64, 0.7) == 48 and quota_count(64, 0.3) == 16  # 44.8, 19.2
+    assert quota_count(80, 0.3) == 32  # 24 = 1.5 tiles exactly: up
+    assert quota_count(80, 1 - 0.7) == 32  # 0.30000000000000004 * 80: the same tie, float noise above it
+    assert quota_count(80, 1 - 0.9) == 16  # 0.09999999999999998 * 80 = 7.999999999999998: still the tie, up
+    assert quota_count(256, 0.55) == 144 and quota_count(256, 0.45) == 112
+    assert quota_count(0, 0.6) == 0
+    for n in (16, 32, 48, 128, 256):
+        assert all(quota_count(n, r / 100) % 16 == 0 and 0 <= quota_count(n, r / 100) <= n for r in range(101))
+
+
+def test_quota_count_other_sizes_keep_ceil():
+    """n not a multiple of 16 (partial blocks, odd block sizes): the old rule, ceil(r * n) = salient_count."""
+    assert quota_count(24, 0.6) == 15  # ceil(14.4)
+    assert quota_count(8, 0.6) == 5
+    assert quota_count(10, 0.6) == 6  # float noise: not 7
+    assert quota_count(100, 0.07) == 7
+    assert quota_count(6, 0.6) == 4
+    assert quota_count(7, 1.0) == 7 and quota_count(7, 0.0) == 0
+    for n in (1, 7, 8, 24, 40, 100, 127, 129):
+        assert all(quota_count(n, r / 100) == salient_count(n, r / 100) for r in range(101))
 
 
 # ------------------------------------------------------------------------------------------- load / presets

@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from zipcache_vllm.config import Normalizer, Saliency, Selection, salient_count
+from zipcache_vllm.config import Normalizer, Saliency, Selection, quota_count, salient_count
 from zipcache_vllm.saliency import (
     attention_probs,
     column_sums,
@@ -374,14 +374,27 @@ def test_quota_selection_per_block(seq_len, block_size, r):
     for start in range(0, seq_len, block_size):
         blk_mask, blk_scores = mask[:, start : start + block_size], scores[:, start : start + block_size]
         n = blk_mask.shape[-1]  # the last block may be partial
-        assert (blk_mask.sum(-1) == math.ceil(r * n - 1e-6)).all(), f"block at {start} (n={n})"
-        assert (blk_mask == select_salient(blk_scores, r)).all(), f"block at {start}: not the block's top-k"
+        k = quota_count(n, r)  # layout v2: a multiple of 16 for full blocks, ceil(r * n) for the partial one
+        assert k % 16 == 0 if n % 16 == 0 else k == math.ceil(r * n - 1e-6)
+        assert (blk_mask.sum(-1) == k).all(), f"block at {start} (n={n})"
+        if 0 < k < n:  # the block's top-k scores
+            lowest_salient = torch.where(blk_mask, blk_scores, torch.inf).amin(-1)
+            highest_regular = torch.where(blk_mask, -torch.inf, blk_scores).amax(-1)
+            assert (lowest_salient > highest_regular).all(), f"block at {start}: not the block's top-k"
 
 
 def test_quota_partial_last_block_example():
-    # block 16, l = 54: blocks of 16, 16, 16, 6; r = 0.6 -> 10, 10, 10, ceil(3.6) = 4
+    # block 16, l = 54: blocks of 16, 16, 16, 6; r = 0.6 -> 16, 16, 16 (9.6 rounds to 16), ceil(3.6) = 4
     mask = select_salient(torch.rand(54), 0.6, "quota", block_size=16)
-    assert [int(mask[s : s + 16].sum()) for s in range(0, 54, 16)] == [10, 10, 10, 4]
+    assert [int(mask[s : s + 16].sum()) for s in range(0, 54, 16)] == [16, 16, 16, 4]
+    # block 32, l = 86: blocks of 32, 32, 22; r = 0.6 -> 16, 16 (19.2 rounds to 16), ceil(13.2) = 14
+    mask = select_salient(torch.rand(86), 0.6, "quota", block_size=32)
+    assert [int(mask[s : s + 32].sum()) for s in range(0, 86, 32)] == [16, 16, 14]
+    # block 128 (vLLM pages): keys 0.8 -> 96, values 0.2 -> 32, r = 0.6 -> 80 (v1: 103, 26, 77)
+    scores = torch.rand(256)
+    assert [int(select_salient(scores, r, "quota", block_size=128)[:128].sum()) for r in (0.8, 0.2, 0.6)] == [96, 32, 80]
+    # the global selection keeps the paper's ceil(r * l)
+    assert int(select_salient(scores[:128], 0.6).sum()) == 77
 
 
 def test_ties_go_to_the_earlier_token():
@@ -392,12 +405,12 @@ def test_ties_go_to_the_earlier_token():
 
 @pytest.mark.parametrize("selection", list(Selection))
 def test_all_equal_scores_select_a_prefix(selection):
-    mask = select_salient(torch.zeros(3, 40), 0.6, selection, block_size=16)
+    mask = select_salient(torch.zeros(3, 72), 0.6, selection, block_size=32)
     if selection is Selection.GLOBAL:
-        expected = torch.arange(40) < 24
-    else:  # blocks 0-15, 16-31, 32-39: first 10, 10, 5 of each
-        i = torch.arange(40)
-        expected = (i % 16) < torch.where(i < 32, 10, 5)
+        expected = torch.arange(72) < 44  # ceil(43.2)
+    else:  # blocks 0-31, 32-63, 64-71: first 16, 16 (19.2 rounds to 16), ceil(4.8) = 5 of each
+        i = torch.arange(72)
+        expected = (i % 32) < torch.where(i < 64, 16, 5)
     assert (mask == expected).all(), f"ties must go to the earliest tokens, got {mask[0].int().tolist()}"
 
 

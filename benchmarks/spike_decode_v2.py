@@ -1,0 +1,85 @@
+"""Decode v2 spike (one device call): correctness at benchmark shapes and side-by-side times.
+
+    PYTHONPATH=. python benchmarks/spike_decode_v2.py [--cases 16x32768,64x4096,1x4096] [--splits 0,8,16,32]
+
+v2 (Gluon) vs v1 (plain Triton) vs bf16 SDPA vs the page-gather roofline, LLaMA3-8B geometry, block 128,
+presets vllm (keys 0.8 / values 0.2) and r0.6. Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from zipcache_vllm.kernels import decode_v2
+from zipcache_vllm.kernels.decode_attention import decode_attention
+
+from benchmarks.bench_kernels import (
+    BLOCK,
+    DEV,
+    MODEL,
+    copies_for,
+    decode_bytes,
+    decode_inputs,
+    graph_time,
+    page_pool,
+    sdpa_inputs,
+    time_sdpa,
+)  # fmt: skip
+from benchmarks.page_gather import gather_bytes, page_gather
+from zipcache_vllm import paged
+from zipcache_vllm.layout import PageLayout
+
+PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="16x32768,64x4096,1x4096")
+    ap.add_argument("--splits", default="0")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--presets", default="vllm,r0.6")
+    ap.add_argument("--chunks", default="32,64")
+    a = ap.parse_args()
+    cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
+    rows = []
+    for name in a.presets.split(","):
+        r, rv = PRESETS[name]
+        layout = PageLayout(BLOCK, MODEL["head_size"], salient_ratio=r, value_salient_ratio=rv)
+        pool = page_pool(layout, 1024)
+        args = decode_inputs(layout, pool, 2, 4096)
+        ref = paged.decode_attention(**args)
+        out = decode_v2.decode_attention_v2(**args, out=torch.empty(args["query"].shape, device=DEV))
+        rel = ((out - ref).norm() / ref.norm()).item()
+        print(f"{name}: page_bytes {layout.page_bytes} chunks {decode_v2.chunks(layout)} rel_err v2 {rel:.2e}")
+        for batch, ctx in cases:
+            h = MODEL["num_kv_heads"]
+            nbytes = decode_bytes(layout, batch, ctx)
+            base_bytes = batch * (ctx + 64) * h * MODEL["head_size"] * 4
+            base_us, backend = time_sdpa(lambda b=batch, c=ctx: sdpa_inputs(b, c), base_bytes, a.reps)
+            sets = [decode_inputs(layout, pool, batch, ctx) for _ in range(copies_for(nbytes))]
+            v1_us = graph_time([lambda s=s: decode_attention(**s) for s in sets], a.reps)
+            auto = decode_v2.choose_num_splits(batch, h, ctx // BLOCK, DEV)
+            for sp in [int(x) or auto for x in a.splits.split(",")]:
+                g_us = graph_time([lambda s=s, sp=sp, lay=layout, n=ctx // BLOCK: page_gather(
+                    s["kv_cache"], lay, s["block_table"], n, sp) for s in sets], a.reps)
+                gb = gather_bytes(layout, batch, h, ctx // BLOCK)
+                for mc in map(int, a.chunks.split(",")):
+                    v2_us = graph_time([lambda s=s, sp=sp, mc=mc: decode_v2.decode_attention_v2(
+                        **s, num_splits=sp, max_chunk=mc) for s in sets], a.reps)
+                    row = (name, batch, ctx, f"{sp}/{mc}", v2_us, v1_us, base_us, backend, nbytes / v2_us / 1e3,
+                           gb / g_us / 1e3)
+                    rows.append(row)
+                    print(row, flush=True)
+            del sets
+            torch.cuda.empty_cache()
+    print("\n| preset | batch | ctx | splits/chunk | v2 us | v1 us | sdpa us | v2/sdpa speedup | v2 GB/s "
+          "| gather GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, b, c, sp, v2u, v1u, bu, be, gbs, ggb in rows:
+        print(f"| {n} | {b} | {c} | {sp} | {v2u:.1f} | {v1u:.1f} | {bu:.1f} ({be}) | {bu / v2u:.2f}x | {gbs:.0f} "
+              f"| {ggb:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,677 @@
+"""Decode attention v2 over mixed-precision pages (Hopper/Ampere tensor cores, written in Gluon).
+
+Twin: ``zipcache_vllm.paged.decode_attention``. Same arguments as ``decode_attention`` (v1), plus the row
+log-sum-exp the saliency update needs; one launch per layer and step (split-K partials are merged in the
+kernel by the last program of each (sequence, KV head), through a self-resetting counter).
+
+Why a second kernel. v1 (plain Triton) puts the ``G`` query heads of a KV head on the 16 MMA rows and
+unpacks codes into a blocked layout that Triton then moves through shared memory into the tensor-core operand
+layout; at batch 16 / 32k it ran at 0.89x bf16 SDPA while reading 4.4x fewer bytes. v2:
+
+* **swap A/B**: page rows (tokens) are the M dimension of ``mma.m16n8k16``, the query heads the N = 8
+  dimension (``S^T = K q'^T``, ``O^T = V^T P^T``), so 4 query heads waste half of N instead of 3/4 of M;
+* **codes straight into operand registers**: a lane loads exactly the bytes its A fragment needs from the
+  row-packed page (``paged.pack_row``) and turns them into fp16 pairs with ``lop3`` + one ``sub``/``fma``
+  per pair (inline PTX), no shared memory on the operand path. The row packing puts channels ``i, i + D/m,
+  ...`` into one byte, so a lane's fragment holds a fixed *permutation* of the channels: q, the key
+  parameters and the value normalizer are read through the same permutation (``key_channel``, ``value_channel``);
+* layout v2 quotas (multiples of 16 rows) make every 16-row tile one key width and one value width;
+* per-chunk online softmax with lazy rescaling (only when a row max grows by more than 2^8).
+
+Pages need ``bits_high, bits_low`` in {2, 4}, ``head_size`` 64 or 128, salient quotas in multiples of 16
+(:func:`supported`); other layouts use v1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from ._common import (
+    FLOATS,
+    LOG2E,
+    check,
+    check_cache,
+    check_out,
+    check_seq_meta,
+    check_tail,
+    check_tensor,
+    num_sms,
+    pow2,
+)
+
+MAX_CHUNK = 64  # page rows per chunk (the softmax/rescale step)
+TAIL_CHUNK = 32  # bf16 tail rows per step
+PROGRAMS_PER_SM = 16  # one-warp programs; the split count aims at about this many per SM
+MIN_PAGES_PER_SPLIT = 1
+RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
+
+
+# --------------------------------------------------------------------------------------------- channel maps
+# A lane of mma.m16n8k16 holds rows (g, g + 8) and k-columns (2t, 2t + 1, 2t + 8, 2t + 9) of each 16 x 16
+# A tile (g = lane // 4, t = lane % 4). Codes are unpacked into "planes" of 16 columns; plane j, column kk
+# (keys) or plane j, row m (values) is one channel of the head, given by these maps.
+def key_channel(bits: int, d: int, j: int, kk: int) -> int:
+    """Channel of column ``kk`` of key plane ``j`` (the A operand ``K [rows, D]``, tokens on M)."""
+    t, p, h = (kk % 8) // 2, kk % 2, kk // 8
+    if bits == 4:
+        return t * (d // 8) + 4 * (j // 2) + (j % 2) + 2 * p + (d // 2) * h
+    return t * (d // 16) + 4 * (j // 4) + h + 2 * p + (d // 4) * (j % 4)
+
+
+def value_channel(bits: int, d: int, j: int, m: int) -> int:
+    """Channel of row ``m`` of value plane ``j`` (the A operand ``V^T [D, rows]``, channels on M)."""
+    lbv = d * bits // 64  # bytes of one page row a lane reads
+    g, mh = m % 8, m // 8
+    if bits == 4:
+        return g * lbv + j + (d // 2) * mh
+    return g * lbv + (j % lbv) + (d // 4) * (2 * mh + j // lbv)
+
+
+# --------------------------------------------------------------------------------------------- unpack PTX
+def _magic(shift: int) -> int:
+    """fp16 bits of 2^(10 - shift): OR-ed above a code whose lowest bit sits at mantissa bit ``shift``, the
+    pair reads ``2^(10 - shift) + code`` exactly (the offset is taken out after the MMA, see FIELD_OFFSET)."""
+    return (25 - shift) << 10
+
+
+def _extract(dst: str, src: str, bits: int, field: int) -> str:
+    """fp16 pair ``offset + code`` of the code at ``field`` (in units of ``bits``) of both 16-bit halves of
+    ``src``: one ``lop3`` ((src & mask) | magic)."""
+    mask = ((1 << bits) - 1) << (field * bits)
+    return f"lop3.b32 {dst}, {src}, {mask * 0x10001:#x}, {_magic(field * bits) * 0x10001:#x}, 0xEA; "
+
+
+_PRELUDE = ".reg .b32 x<8>, y<8>; "
+
+
+def key_unpack_asm(bits: int, d: int) -> tuple[str, str, int]:
+    """(PTX, constraints, input registers) turning a lane's key bytes of one 16-row tile into ``D/16`` fp16
+    A-fragments (4 registers each). Input register ``q``: row ``g + 8 (q % 2)``, word ``q // 2`` of the
+    lane's ``D bits / 32`` bytes of that row (``_key_offsets``)."""
+    planes, nin = d // 16, d * bits // 64
+    out = []
+    body = ""
+    shifted = set()
+    for j in range(planes):
+        for r in range(4):  # r = mh + 2 h: (row g | g + 8) x (columns 2t.. | 2t + 8..)
+            mh, h = r % 2, r // 2
+            if bits == 4:
+                q, sigma, field = mh + 2 * (j // 2), j % 2, h
+            else:
+                q, sigma, field = mh + 2 * (j // 4), h, j % 4
+            src = f"${4 * planes + q}"
+            if sigma:
+                if q not in shifted:
+                    body += f"shr.b32 y{q}, {src}, 8; "
+                    shifted.add(q)
+                src = f"y{q}"
+            dst = f"${4 * j + r}"
+            body += _extract(dst, src, bits, field)
+            out.append(dst)
+    cons = ",".join(["=r"] * (4 * planes) + ["r"] * nin)
+    return "{ " + _PRELUDE + body + "}", cons, nin
+
+
+def value_unpack_asm(bits: int, d: int) -> tuple[str, str, int]:
+    """(PTX, constraints, input registers) turning a lane's value bytes of one 16-token step into ``D/16``
+    fp16 A-fragments of ``V^T`` (4 registers each; a register pairs tokens ``2t, 2t + 1`` of one channel).
+    Input registers as ``_value_offsets`` loads them (``value_es`` bytes per element)."""
+    planes, lbv = d // 16, d * bits // 64
+    es = lbv // 2
+    nin = lbv
+    body = ""
+    paired: dict = {}
+
+    def pw(i: int, h: int) -> str:  # the register holding lane bytes 2i, 2i + 1 of tokens (2t, 2t + 1) + 8h
+        key = (i, h)
+        if key in paired:
+            return paired[key]
+        if es == 4:  # whole words of each row: interleave the two rows' bytes
+            w, y = i // 2, i % 2
+            a, b = f"${4 * planes + 2 * w + 4 * h}", f"${4 * planes + 2 * w + 4 * h + 1}"
+            name = f"x{len(paired)}"
+            body_ = f"prmt.b32 {name}, {a}, {b}, {0x7632 if y else 0x5410:#x}; "
+        else:
+            name = f"${4 * planes + (i + 2 * h if es == 2 else h)}"
+            body_ = ""
+        paired[key] = name
+        nonlocal body
+        body += body_
+        return name
+
+    shifted: dict = {}
+    for j in range(planes):
+        for r in range(4):  # r = mh + 2 h: (channel row g | g + 8) x (tokens 2t.. | 2t + 8..)
+            mh, h = r % 2, r // 2
+            if bits == 4:
+                bb, field = j, mh
+            else:
+                bb, field = j % lbv, (j // lbv) + 2 * mh
+            src = pw(bb // 2, h)
+            if bb % 2:
+                if src not in shifted:
+                    shifted[src] = f"y{len(shifted)}"
+                    body += f"shr.b32 {shifted[src]}, {src}, 8; "
+                src = shifted[src]
+            body += _extract(f"${4 * j + r}", src, bits, field)
+    cons = ",".join(["=r"] * (4 * planes) + ["r"] * nin)
+    return "{ " + _PRELUDE + body + "}", cons, nin
+
+
+
+# --------------------------------------------------------------------------------------------- chunks
+def chunks(layout, max_rows: int = MAX_CHUNK) -> tuple:
+    """Compile-time tiles of page rows: ``(start, rows, k_hi, k_off, v_hi, v_off)`` with one key group and one
+    value group each (``*_hi``: 1 for the salient rows), ``rows`` a power of two in [16, max_rows]; byte offsets
+    of the first row's codes."""
+    n, d = layout.block_size, layout.head_size
+    sk, sv = layout.num_salient_k, layout.num_salient_v
+    cuts = sorted({0, sk, sv, n})
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        start = a
+        while start < b:
+            rows = min(max_rows, 1 << ((b - start).bit_length() - 1))
+            kb = layout.bits_high if start < sk else layout.bits_low
+            vb = layout.bits_high if start < sv else layout.bits_low
+            k_off = (layout.k_hi_off + start * d * kb // 8) if start < sk else (
+                layout.k_lo_off + (start - sk) * d * kb // 8)
+            v_off = (layout.v_hi_off + start * d * vb // 8) if start < sv else (
+                layout.v_lo_off + (start - sv) * d * vb // 8)
+            out.append((start, rows, int(start < sk), k_off, int(start < sv), v_off))
+            start += rows
+    return tuple(out)
+
+
+def supported(layout) -> bool:
+    """Whether v2 reads this page layout (else use v1)."""
+    return (
+        layout.bits_high in (2, 4)
+        and layout.bits_low in (2, 4)
+        and layout.head_size in (64, 128)
+        and layout.block_size % 16 == 0
+        and layout.num_salient_k % 16 == 0
+        and layout.num_salient_v % 16 == 0
+    )
+
+
+# --------------------------------------------------------------------------------------------- jit helpers
+@gluon.jit
+def _key_map(BITS: gl.constexpr, D: gl.constexpr, layout: gl.constexpr):
+    """``key_channel`` of plane ``i // 16``, column ``i % 16`` for ``i`` in [0, D), in ``layout``."""
+    i = gl.arange(0, D, layout=layout)
+    j = i // 16
+    kk = i % 16
+    t = (kk % 8) // 2
+    if BITS == 4:
+        ch = t * (D // 8) + 4 * (j // 2) + (j % 2) + 2 * (kk % 2) + (D // 2) * (kk // 8)
+    else:
+        ch = t * (D // 16) + 4 * (j // 4) + (kk // 8) + 2 * (kk % 2) + (D // 4) * (j % 4)
+    return ch
+
+
+@gluon.jit
+def _value_map(BITS: gl.constexpr, D: gl.constexpr, layout: gl.constexpr):
+    """``value_channel`` of plane ``i // 16``, row ``i % 16`` for ``i`` in [0, D), in ``layout``."""
+    LBV: gl.constexpr = D * BITS // 64
+    i = gl.arange(0, D, layout=layout)
+    j = i // 16
+    m = i % 16
+    if BITS == 4:
+        ch = (m % 8) * LBV + j + (D // 2) * (m // 8)
+    else:
+        ch = (m % 8) * LBV + (j % LBV) + (D // 4) * (2 * (m // 8) + j // LBV)
+    return ch
+
+
+@gluon.jit
+def _key_field_offset(BITS: gl.constexpr, D: gl.constexpr, layout: gl.constexpr):
+    """fp32 ``2^(10 - shift)`` that the unpacked key code of plane ``i // 16``, column ``i % 16`` carries."""
+    i = gl.arange(0, D, layout=layout)
+    if BITS == 4:  # noqa: SIM108 (constexpr branches)
+        sh = 4 * ((i % 16) // 8)
+    else:
+        sh = 2 * ((i // 16) % 4)
+    return gl.exp2((10 - sh).to(gl.float32))
+
+
+@gluon.jit
+def _value_field_offset(BITS: gl.constexpr, D: gl.constexpr, layout: gl.constexpr):
+    """fp32 ``2^(10 - shift)`` that the unpacked value code of plane ``i // 16``, row ``i % 16`` carries."""
+    LBV: gl.constexpr = D * BITS // 64
+    i = gl.arange(0, D, layout=layout)
+    mh = (i % 16) // 8
+    if BITS == 4:  # noqa: SIM108 (constexpr branches)
+        sh = 4 * mh
+    else:
+        sh = 2 * ((i // 16) // LBV + 2 * mh)
+    return gl.exp2((10 - sh).to(gl.float32))
+
+
+@gluon.jit
+def _tile_rows(x, ROWS: gl.constexpr, MMA: gl.constexpr):
+    """``x [16, NP]`` (MMA layout, all rows equal or not) repeated to ``[ROWS, NP]``: register copies only."""
+    if ROWS == 16:
+        res = x
+    else:
+        y = _tile_rows(x, ROWS // 2, MMA)
+        z = gl.join(y, y)  # [R, NP, 2]
+        res = gl.convert_layout(gl.reshape(gl.permute(z, (2, 0, 1)), (ROWS, x.shape[1])), MMA, assert_trivial=True)
+    return res
+
+
+@gluon.jit
+def _join_planes(planes, P: gl.constexpr, AXIS: gl.constexpr):
+    """``P`` (4 or 8) tensors ``[R, C]`` -> one tensor with plane ``j`` at rows (AXIS 0) or columns (AXIS 1)
+    ``16 j ..``: joins and a register permutation only."""
+    a = gl.join(planes[0], planes[1])
+    b = gl.join(planes[2], planes[3])
+    x = gl.join(a, b)  # [R, C, 2, 2]: plane = b0 + 2 b1
+    if P == 8:
+        c = gl.join(planes[4], planes[5])
+        e = gl.join(planes[6], planes[7])
+        z = gl.join(x, gl.join(c, e))  # [R, C, 2, 2, 2]
+        if AXIS == 1:
+            res = gl.reshape(gl.permute(z, (0, 4, 3, 2, 1)), (z.shape[0], 8 * z.shape[1]))
+        else:
+            res = gl.reshape(gl.permute(z, (4, 3, 2, 0, 1)), (8 * z.shape[0], z.shape[1]))
+    else:
+        if AXIS == 1:
+            res = gl.reshape(gl.permute(x, (0, 3, 2, 1)), (x.shape[0], 4 * x.shape[1]))
+        else:
+            res = gl.reshape(gl.permute(x, (3, 2, 0, 1)), (4 * x.shape[0], x.shape[1]))
+    return res
+
+
+@gluon.jit
+def _key_offsets(ROWS: gl.constexpr, RB: gl.constexpr, LB: gl.constexpr, ES: gl.constexpr, A: gl.constexpr):
+    """Byte offsets ``[ROWS, 16]`` (A layout) of the key elements a lane loads for ``key_unpack_asm``."""
+    m = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A))[:, None]
+    kk = gl.arange(0, 16, layout=gl.SliceLayout(0, A))[None, :]
+    t = (kk % 8) // 2
+    p = kk % 2
+    h = kk // 8
+    mh = (m % 16) // 8
+    base = (m // 16) * 16 + (m % 8)
+    if ES == 4:
+        off = (base + 8 * p) * RB + t * LB + 4 * (mh + 2 * h)
+    elif ES == 2:
+        off = m * RB + t * LB + 4 * h + 2 * p
+    else:
+        off = (base + 8 * h) * RB + t * LB + p + 2 * mh
+    return off
+
+
+@gluon.jit
+def _value_offsets(ROWS: gl.constexpr, RB: gl.constexpr, LBV: gl.constexpr, ES: gl.constexpr,
+                   A: gl.constexpr):  # fmt: skip
+    """Byte offsets ``[16, ROWS]`` (A layout of ``V^T``) of the value elements for ``value_unpack_asm``."""
+    m = gl.arange(0, 16, layout=gl.SliceLayout(1, A))[:, None]
+    k = gl.arange(0, ROWS, layout=gl.SliceLayout(0, A))[None, :]
+    g = m % 8
+    mh = m // 8
+    if ES == 1:
+        off = ((k // 16) * 16 + 2 * ((k % 8) // 2) + mh + 8 * ((k % 16) // 8)) * RB + g * LBV + k % 2
+    else:
+        off = k * RB + g * LBV + ES * mh
+    return off
+
+
+@gluon.jit
+def _unpack(ptr, offs, ASM: gl.constexpr, CONS: gl.constexpr, ES: gl.constexpr, P: gl.constexpr,
+            AXIS: gl.constexpr, A: gl.constexpr):  # fmt: skip
+    w = gl.load((ptr + offs).to(gl.pointer_type(_elem_type(ES))))
+    if P == 8:
+        planes = gl.inline_asm_elementwise(ASM, CONS, [w], dtype=(gl.float16,) * 8, is_pure=True, pack=8)
+    else:
+        planes = gl.inline_asm_elementwise(ASM, CONS, [w], dtype=(gl.float16,) * 4, is_pure=True, pack=8)
+    return gl.convert_layout(_join_planes(planes, P, AXIS), A, assert_trivial=True)
+
+
+@gluon.constexpr_function
+def _elem_type(es):
+    return {4: gl.int32, 2: gl.int16, 1: gl.int8}[es]
+
+
+@gluon.jit
+def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE: gl.constexpr):
+    """Lazy online softmax over a chunk ``s [rows, NP]`` (log2 domain): rescale the state only when a column
+    max exceeds the reference by more than ``RESCALE``. Returns (p, m_ref, l_i, o_hi, o_lo)."""
+    c_max = gl.max(s, axis=0)
+    if gl.max(c_max - m_ref, axis=0) > RESCALE:
+        m_new = gl.maximum(m_ref, c_max)
+        alpha = gl.exp2(m_ref - m_new)
+        l_i = l_i * alpha
+        o_hi = o_hi * alpha[None, :]
+        o_lo = o_lo * alpha[None, :]
+        m_ref = m_new
+    p = gl.exp2(s - m_ref[None, :])
+    return p, m_ref, l_i + gl.sum(p, axis=0), o_hi, o_lo
+
+
+# fmt: off
+@gluon.jit
+def _page_chunk(
+    base, f16, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
+    START: gl.constexpr, ROWS: gl.constexpr, K_HI: gl.constexpr, K_OFF: gl.constexpr, V_HI: gl.constexpr,
+    V_OFF: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
+    NP: gl.constexpr, V_TOK: gl.constexpr, K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr,
+    K_CONS_L: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
+    V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
+):
+    """Rows ``START .. START + ROWS`` of one page (one key group, one value group)."""
+    P: gl.constexpr = D // 16
+    # scores S^T [ROWS, NP] = (offset + K codes) @ q'^T + (bias - offset term), accumulated from the bias
+    if K_HI:
+        KES: gl.constexpr = D * BH // 128
+        kc = _unpack(base + K_OFF, _key_offsets(ROWS, D * BH // 8, D * BH // 32, KES, A), K_ASM_H, K_CONS_H,
+                     KES, P, 1, A)
+        s = mma_v2(kc, qp_h, _tile_rows(bias_h, ROWS, MMA))
+    else:
+        KES: gl.constexpr = D * BL // 128
+        kc = _unpack(base + K_OFF, _key_offsets(ROWS, D * BL // 8, D * BL // 32, KES, A), K_ASM_L, K_CONS_L,
+                     KES, P, 1, A)
+        s = mma_v2(kc, qp_l, _tile_rows(bias_l, ROWS, MMA))
+    p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE)
+    # values: P' = p * step_t (fp16 B operand); u = V^T P' + sum_t p_t mn_t, the code offsets taken out through
+    # the sum of P' (as rounded); O^T += c * u
+    r_c = gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
+    vstep = gl.load(f16 + (V_TOK // 2 + START) + r_c).to(gl.float32)
+    vmn = gl.load(f16 + (V_TOK // 2 + N + START) + r_c).to(gl.float32)
+    pmin = gl.sum(p * vmn[:, None], axis=0)
+    pb = gl.convert_layout((p * vstep[:, None]).to(gl.float16), B)
+    # sum_t P'[t] exactly as the MMA sees it, on every row (an MMA with a ones operand: no shuffles)
+    psum = _tile_rows(mma_v2(gl.full([16, ROWS], 1.0, gl.float16, A), pb, gl.zeros([16, NP], gl.float32, MMA)),
+                      D, MMA)
+    if V_HI:
+        VES: gl.constexpr = D * BH // 128
+        vc = _unpack(base + V_OFF, _value_offsets(ROWS, D * BH // 8, D * BH // 64, VES, A), V_ASM_H, V_CONS_H,
+                     VES, P, 0, A)
+        u = mma_v2(vc, pb, pmin[None, :] - voff_h[:, None] * psum)
+        o_hi = o_hi + cn_h[:, None] * u
+    else:
+        VES: gl.constexpr = D * BL // 128
+        vc = _unpack(base + V_OFF, _value_offsets(ROWS, D * BL // 8, D * BL // 64, VES, A), V_ASM_L, V_CONS_L,
+                     VES, P, 0, A)
+        u = mma_v2(vc, pb, pmin[None, :] - voff_l[:, None] * psum)
+        o_lo = o_lo + cn_l[:, None] * u
+    return m_ref, l_i, o_hi, o_lo
+
+
+@gluon.jit
+def _page_bias(f16, q, qp, MN_OFF: gl.constexpr, BITS: gl.constexpr, D: gl.constexpr, NP: gl.constexpr,
+               kmap, MMA: gl.constexpr, A: gl.constexpr):
+    """``sum_c q_c mn_c - sum_c' offset_c' q'_c'`` per query head ([NP], columns of the MMA layout): two MMAs
+    with the row vectors ``mn`` and ``-offset`` on all 16 rows of A."""
+    mn = gl.convert_layout(gl.load(f16 + MN_OFF + kmap), gl.SliceLayout(0, A))
+    neg_off = -_key_field_offset(BITS, D, gl.SliceLayout(0, A)).to(gl.float16)
+    zero_a = gl.zeros([16, D], gl.float16, A)
+    acc = mma_v2(gl.broadcast(neg_off[None, :], zero_a)[0], qp, gl.zeros([16, NP], gl.float32, layout=MMA))
+    acc = mma_v2(gl.broadcast(mn[None, :], zero_a)[0], q, acc)
+    return acc  # [16, NP]: every row holds the same sums
+
+
+@gluon.jit
+def _decode_v2_kernel(
+    q_ptr, stride_q_seq, stride_q_head,
+    cache_ptr, stride_c_block, stride_c_head,  # uint8 pages; strides in bytes
+    block_table_ptr, stride_bt,
+    seq_lens_ptr, tail_lens_ptr, tail_slots_ptr,
+    tk_ptr, tv_ptr, stride_t_slot, stride_t_tok, stride_t_head,
+    out_ptr, stride_o_seq, stride_o_head,
+    lse_ptr,  # fp32 [num_seqs, num_heads] natural-log log-sum-exp (written when WRITE_LSE)
+    part_o_ptr, part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, D], [num_seqs, num_heads, NUM_SPLITS]
+    counter_ptr,  # int32 [num_seqs * num_kv_heads], zero between launches
+    qk_scale, num_kv_heads,
+    NUM_SPLITS: gl.constexpr, G: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
+    CHUNKS: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr,
+    K_PAR: gl.constexpr, V_NORM: gl.constexpr, V_TOK: gl.constexpr,
+    K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr, K_CONS_L: gl.constexpr,
+    V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr, V_CONS_L: gl.constexpr,
+    TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, RESCALE: gl.constexpr, SPLIT_PAD: gl.constexpr,
+):
+    """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
+    ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    COL_B: gl.constexpr = gl.SliceLayout(0, B)
+    ROW_B: gl.constexpr = gl.SliceLayout(1, B)
+    COL_C: gl.constexpr = gl.SliceLayout(0, MMA)
+    ROW_C: gl.constexpr = gl.SliceLayout(1, MMA)
+
+    seq = gl.program_id(0).to(gl.int64)
+    kvh = gl.program_id(1)
+    split = gl.program_id(2)
+    seq_len = gl.load(seq_lens_ptr + seq)
+    tail_len = gl.load(tail_lens_ptr + seq)
+    num_pages = (seq_len - tail_len) // N
+    if NUM_SPLITS == 1:
+        p_lo = 0
+        p_hi = num_pages
+    else:
+        per_split = gl.cdiv(num_pages, NUM_SPLITS - 1)
+        p_lo = gl.minimum(num_pages, split * per_split)
+        p_hi = gl.minimum(num_pages, p_lo + per_split)
+
+    # -- the query in the key maps, scaled (fp16, B layout [D, NP]) ----
+    n_b = gl.arange(0, NP, layout=COL_B)
+    q_row = q_ptr + seq * stride_q_seq + (kvh * G + n_b)[None, :] * stride_q_head
+    kmap_h = _key_map(BH, D, ROW_B)
+    kmap_l = _key_map(BL, D, ROW_B)
+    qmask = (n_b < G)[None, :]
+    q_h = (gl.load(q_row + kmap_h[:, None], mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(gl.float16)
+    q_l = (gl.load(q_row + kmap_l[:, None], mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(gl.float16)
+    vmap_h = _value_map(BH, D, ROW_C)
+    vmap_l = _value_map(BL, D, ROW_C)
+    voff_h = _value_field_offset(BH, D, ROW_C)
+    voff_l = _value_field_offset(BL, D, ROW_C)
+
+    m_ref = gl.full([NP], float("-inf"), gl.float32, layout=COL_C)
+    l_i = gl.zeros([NP], gl.float32, layout=COL_C)
+    o_hi = gl.zeros([D, NP], gl.float32, layout=MMA)
+    o_lo = gl.zeros([D, NP], gl.float32, layout=MMA)
+
+    bt_row = block_table_ptr + seq * stride_bt
+    for pg in range(p_lo, p_hi):
+        page = gl.load(bt_row + pg).to(gl.int64)
+        base = cache_ptr + page * stride_c_block + kvh * stride_c_head
+        f16 = base.to(gl.pointer_type(gl.float16))
+        # key parameters: q' = q * step (fp16), the bias of each group
+        qp_h = q_h * gl.load(f16 + (K_PAR // 2) + kmap_h)[:, None]
+        qp_l = q_l * gl.load(f16 + (K_PAR // 2 + 2 * D) + kmap_l)[:, None]
+        bias_h = _page_bias(f16, q_h, qp_h, K_PAR // 2 + D, BH, D, NP, kmap_h, MMA, A)
+        bias_l = _page_bias(f16, q_l, qp_l, K_PAR // 2 + 3 * D, BL, D, NP, kmap_l, MMA, A)
+        cn_h = gl.load(f16 + (V_NORM // 2) + vmap_h).to(gl.float32)
+        cn_l = gl.load(f16 + (V_NORM // 2) + vmap_l).to(gl.float32)
+        for ci in gl.static_range(len(CHUNKS)):
+            m_ref, l_i, o_hi, o_lo = _page_chunk(
+                base, f16, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
+                CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3], CHUNKS[ci][4], CHUNKS[ci][5],
+                BH, BL, D, N, NP, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L,
+                V_CONS_L, RESCALE, MMA, A, B,
+            )
+
+    # -- the bf16 tail (the last split): keys in the high key map, values in the high value map ----
+    if split == NUM_SPLITS - 1:
+        t_base = gl.load(tail_slots_ptr + seq).to(gl.int64) * stride_t_slot + kvh * stride_t_head
+        rk = gl.arange(0, TAIL, layout=gl.SliceLayout(1, A))
+        kmap_a = _key_map(BH, D, gl.SliceLayout(0, A))
+        rv = gl.arange(0, TAIL, layout=gl.SliceLayout(0, A))
+        vmap_a = _value_map(BH, D, gl.SliceLayout(1, A))
+        r_c = gl.arange(0, TAIL, layout=ROW_C)
+        for t0 in range(0, tail_len, TAIL):
+            kt = gl.load(tk_ptr + t_base + (t0 + rk)[:, None] * stride_t_tok + kmap_a[None, :],
+                         mask=(t0 + rk < tail_len)[:, None], other=0.0).to(gl.float16)
+            s = mma_v2(kt, q_h, gl.zeros([TAIL, NP], gl.float32, MMA))
+            s = gl.where((t0 + r_c < tail_len)[:, None], s, float("-inf"))
+            p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE)
+            vt = gl.load(tv_ptr + t_base + (t0 + rv)[None, :] * stride_t_tok + vmap_a[:, None],
+                         mask=(t0 + rv < tail_len)[None, :], other=0.0).to(gl.float16)
+            o_hi = mma_v2(vt, gl.convert_layout(p.to(gl.float16), B), o_hi)
+
+    # -- combine the two value maps through this program's partial row, then finish or merge ----
+    n_c = gl.arange(0, NP, layout=COL_C)
+    heads_c = kvh * G + n_c
+    hmask = (n_c < G)[None, :]
+    row = (seq * (G * num_kv_heads) + heads_c) * NUM_SPLITS + split  # [NP]
+    part = part_o_ptr + row[None, :] * D
+    gl.store(part + vmap_h[:, None], o_hi, mask=hmask)
+    gl.thread_barrier()
+    safe_l = gl.where(l_i > 0, l_i, 1.0)
+    o = (gl.load(part + vmap_l[:, None], mask=hmask, other=0.0) + o_lo) / safe_l[None, :]
+    lse2 = gl.where(l_i > 0, m_ref + gl.log2(safe_l), float("-inf"))  # base 2, of the scaled logits
+    if NUM_SPLITS == 1:
+        dst = out_ptr + seq * stride_o_seq + heads_c[None, :] * stride_o_head + vmap_l[:, None]
+        gl.store(dst, o.to(out_ptr.dtype.element_ty), mask=hmask)
+        if WRITE_LSE:
+            gl.store(lse_ptr + seq * (G * num_kv_heads) + heads_c, lse2 * 0.6931471805599453, mask=n_c < G)
+    else:
+        gl.store(part + vmap_l[:, None], o, mask=hmask)
+        gl.store(part_lse_ptr + row, lse2, mask=n_c < G)
+        gl.thread_barrier()
+        done = gl.atomic_add(counter_ptr + seq * num_kv_heads + kvh, 1, sem="acq_rel", scope="gpu")
+        if done == NUM_SPLITS - 1:  # the last program of this (sequence, KV head) merges the splits
+            gl.store(counter_ptr + seq * num_kv_heads + kvh, 0)
+            ML: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0])
+            sp = gl.arange(0, SPLIT_PAD, layout=gl.SliceLayout(1, ML))
+            dk = gl.arange(0, D, layout=gl.SliceLayout(0, ML))
+            for hh in range(G):
+                hrow = (seq * (G * num_kv_heads) + kvh * G + hh) * NUM_SPLITS
+                lse_s = gl.load(part_lse_ptr + hrow + sp, mask=sp < NUM_SPLITS, other=float("-inf"),
+                                volatile=True)
+                mx = gl.max(lse_s, axis=0)
+                mx = gl.where(mx == float("-inf"), 0.0, mx)
+                w = gl.exp2(lse_s - mx)
+                parts = gl.load(part_o_ptr + (hrow + sp)[:, None] * D + dk[None, :],
+                                mask=(sp < NUM_SPLITS)[:, None], other=0.0, volatile=True)
+                tot = gl.sum(w, axis=0)
+                res = gl.sum(parts * w[:, None], axis=0) / gl.where(tot > 0, tot, 1.0)
+                gl.store(out_ptr + seq * stride_o_seq + (kvh * G + hh) * stride_o_head + dk,
+                         res.to(out_ptr.dtype.element_ty))
+                if WRITE_LSE:
+                    gl.store(lse_ptr + seq * (G * num_kv_heads) + kvh * G + hh,
+                             (mx + gl.log2(gl.where(tot > 0, tot, 1.0))) * 0.6931471805599453
+                             + gl.where(tot > 0, 0.0, float("-inf")))
+# fmt: on
+
+
+# --------------------------------------------------------------------------------------------- launcher
+_COUNTERS: dict = {}
+
+
+def _counter(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters that the kernel resets itself (valid across CUDA-graph replays)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head) from shapes only (no host sync): page splits of at least
+    MIN_PAGES_PER_SPLIT pages, about PROGRAMS_PER_SM one-warp programs per SM, plus one for the bf16 tail."""
+    if max_blocks == 0:
+        return 1
+    programs = max(1, num_seqs * num_kv_heads)
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms(device), programs)
+    most = max(1, max_blocks // MIN_PAGES_PER_SPLIT)
+    return 1 + max(1, min(want - 1, most, 63))
+
+
+@functools.lru_cache(maxsize=64)
+def _constexprs(layout, max_chunk: int = MAX_CHUNK) -> dict:
+    d, bh, bl = layout.head_size, layout.bits_high, layout.bits_low
+    kh, kch, _ = key_unpack_asm(bh, d)
+    kl, kcl, _ = key_unpack_asm(bl, d)
+    vh, vch, _ = value_unpack_asm(bh, d)
+    vl, vcl, _ = value_unpack_asm(bl, d)
+    return {
+        "D": d, "N": layout.block_size, "CHUNKS": chunks(layout, max_chunk), "BH": bh, "BL": bl,
+        "K_PAR": layout.k_param_off, "V_NORM": layout.v_norm_off, "V_TOK": layout.v_tok_off,
+        "K_ASM_H": kh, "K_CONS_H": kch, "K_ASM_L": kl, "K_CONS_L": kcl,
+        "V_ASM_H": vh, "V_CONS_H": vch, "V_ASM_L": vl, "V_CONS_L": vcl,
+    }  # fmt: skip
+
+
+def decode_attention_v2(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    tail_slots: torch.Tensor,
+    tail_lens: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_chunk: int = MAX_CHUNK,
+) -> torch.Tensor:
+    """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
+
+    Arguments as ``decode_attention`` (v1). ``lse``: optional fp32 ``[num_seqs, num_heads]`` that receives
+    the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). Returns ``out``.
+    """
+    dev = query.device
+    check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
+    check(supported(layout), f"layout not supported by v2 (use v1): {layout}")
+    check_tensor(query, "query", 3, FLOATS, dev)
+    num_seqs, num_heads, d = query.shape
+    check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
+    check_tail(tail_key, tail_value, (torch.bfloat16, torch.float16), layout.block_size, None, d, dev)
+    h = tail_key.shape[2]
+    check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
+    check(num_heads // h <= 16, "v2 takes at most 16 query heads per KV head")
+    check_cache(kv_cache, layout, h, dev)
+    check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
+    check_seq_meta(num_seqs, dev, seq_lens=seq_lens, tail_slots=tail_slots, tail_lens=tail_lens)
+    check(block_table.shape[0] == num_seqs, f"block_table must have {num_seqs} rows")
+    out = check_out(out, query)
+    if lse is not None:
+        check_tensor(lse, "lse", 2, (torch.float32,), dev)
+        check(tuple(lse.shape) == (num_seqs, num_heads) and lse.is_contiguous(), "lse must be [num_seqs, num_heads]")
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev)
+    check(num_splits >= 1, "num_splits must be >= 1")
+    scale = d**-0.5 if scale is None else scale
+    launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
+                     out, lse, scale, num_splits, max_chunk)  # fmt: skip
+    return out
+
+
+def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
+                     out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK) -> None:  # fmt: skip
+    """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
+    num_seqs, num_heads, d = query.shape
+    h = tail_key.shape[2]
+    g = num_heads // h
+    dev = query.device
+    part_o = torch.empty(num_seqs * num_heads * num_splits * d, dtype=torch.float32, device=dev)
+    part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=dev)
+    _decode_v2_kernel[(num_seqs, h, num_splits)](
+        query, query.stride(0), query.stride(1),
+        kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+        block_table, block_table.stride(0),
+        seq_lens, tail_lens, tail_slots,
+        tail_key, tail_value, tail_key.stride(0), tail_key.stride(1), tail_key.stride(2),
+        out, out.stride(0), out.stride(1),
+        part_lse if lse is None else lse,
+        part_o, part_lse,
+        _counter(num_seqs * h, dev),
+        scale * LOG2E, h,
+        NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
+        WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, SPLIT_PAD=pow2(num_splits),
+        **_constexprs(layout, max_chunk),
+        num_warps=1,
+    )  # fmt: skip

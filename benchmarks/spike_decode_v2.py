@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--splits", default="0")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--presets", default="vllm,r0.6")
-    ap.add_argument("--chunks", default="32,64")
+    ap.add_argument("--chunks", default="64")
+    ap.add_argument("--prefetch", default="0,2")
     a = ap.parse_args()
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
     rows = []
@@ -64,16 +65,16 @@ def main() -> None:
                 g_us = graph_time([lambda s=s, sp=sp, lay=layout, n=ctx // BLOCK: page_gather(
                     s["kv_cache"], lay, s["block_table"], n, sp) for s in sets], a.reps)
                 gb = gather_bytes(layout, batch, h, ctx // BLOCK)
-                for mc in map(int, a.chunks.split(",")):
-                    v2_us = graph_time([lambda s=s, sp=sp, mc=mc: decode_v2.decode_attention_v2(
-                        **s, num_splits=sp, max_chunk=mc) for s in sets], a.reps)
-                    row = (name, batch, ctx, f"{sp}/{mc}", v2_us, v1_us, base_us, backend, nbytes / v2_us / 1e3,
+                for mc, pf in [(int(m), int(f)) for m in a.chunks.split(",") for f in a.prefetch.split(",")]:
+                    v2_us = graph_time([lambda s=s, sp=sp, mc=mc, pf=pf: decode_v2.decode_attention_v2(
+                        **s, num_splits=sp, max_chunk=mc, prefetch=pf) for s in sets], a.reps)
+                    row = (name, batch, ctx, f"{sp}/{mc}/{pf}", v2_us, v1_us, base_us, backend, nbytes / v2_us / 1e3,
                            gb / g_us / 1e3)
                     rows.append(row)
                     print(row, flush=True)
             del sets
             torch.cuda.empty_cache()
-    print("\n| preset | batch | ctx | splits/chunk | v2 us | v1 us | sdpa us | v2/sdpa speedup | v2 GB/s "
+    print("\n| preset | batch | ctx | splits/chunk/prefetch | v2 us | v1 us | sdpa us | v2/sdpa speedup | v2 GB/s "
           "| gather GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, b, c, sp, v2u, v1u, bu, be, gbs, ggb in rows:

@@ -49,6 +49,7 @@ MAX_CHUNK = 64  # page rows per chunk (the softmax/rescale step)
 TAIL_CHUNK = 32  # bf16 tail rows per step
 PROGRAMS_PER_SM = 16  # one-warp programs; the split count aims at about this many per SM
 MIN_PAGES_PER_SPLIT = 1
+PREFETCH_PAGES = 0  # pages ahead a program asks L2 to fetch; 1, 2, 4 measured slower on the H200 (spike)
 RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
 
 
@@ -71,6 +72,42 @@ def value_channel(bits: int, d: int, j: int, m: int) -> int:
     if bits == 4:
         return g * lbv + j + (d // 2) * mh
     return g * lbv + (j % lbv) + (d // 4) * (2 * mh + j // lbv)
+
+
+def param_load_plan(kind: str, bits: int, d: int) -> tuple:
+    """How a lane loads the per-channel page parameters it needs (key step/mn in the key map, value normalizer
+    in the value map) with wide loads: a ``[NO, NL, RUN]`` tensor in channel order (``RUN`` contiguous
+    channels per register run, ``NL`` lanes: t for keys, g for values, the other lanes broadcast), then a
+    reshape into bits, a permutation and a reshape into the map order, which moves no data.
+
+    Returns ``(layout, NO, NL, RUN, OS, split_shape, perm)``; channel = ``OS * o + RUN * lane + r``."""
+    lb = lambda n: n.bit_length() - 1  # noqa: E731
+    if kind == "key":
+        nl, lane_bits = 4, ["t0", "t1"]
+        target = ["p", "t0", "t1", "h"] + [f"j{i}" for i in range(lb(d // 16))]
+        if bits == 4:
+            no, run, os_ = 2, d // 8, d // 2
+            r_bits, o_bits = ["j0", "p"] + [f"j{i}" for i in range(1, lb(d // 16))], ["h"]
+        else:
+            no, run, os_ = 4, d // 16, d // 4
+            r_bits, o_bits = ["h", "p"] + (["j2"] if d == 128 else []), ["j0", "j1"]
+        lanes = [[0, 1, 0], [0, 2, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    else:
+        nl, lane_bits = 8, ["g0", "g1", "g2"]
+        target = ["g0", "g1", "g2", "mh"] + [f"j{i}" for i in range(lb(d // 16))]
+        if bits == 4:
+            no, run, os_ = 2, d // 16, d // 2
+            r_bits, o_bits = [f"j{i}" for i in range(lb(run))], ["mh"]
+        else:
+            no, run, os_ = 4, d // 32, d // 4
+            r_bits, o_bits = [f"j{i}" for i in range(lb(run))], [f"j{lb(run)}", "mh"]
+        lanes = [[0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+    regs = [[0, 0, 1 << k] for k in range(lb(run))] + [[1 << k, 0, 0] for k in range(lb(no))]
+    layout = gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=[], block_bases=[],
+                                        shape=[no, nl, run])
+    dims = o_bits[::-1] + lane_bits[::-1] + r_bits[::-1]  # the bit dims after the reshape, most significant first
+    perm = tuple(dims.index(b) for b in target[::-1])
+    return layout, no, nl, run, os_, (2,) * len(dims), perm
 
 
 # --------------------------------------------------------------------------------------------- unpack PTX
@@ -267,6 +304,25 @@ def _tile_rows(x, ROWS: gl.constexpr, MMA: gl.constexpr):
 
 
 @gluon.jit
+def _load_params(ptr, PLAN: gl.constexpr, D: gl.constexpr, TARGET: gl.constexpr):
+    """fp16 ``[D]`` page parameters in map order (``TARGET`` layout), loaded as ``param_load_plan`` says."""
+    L: gl.constexpr = PLAN[0]
+    o = gl.arange(0, PLAN[1], layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))
+    ln = gl.arange(0, PLAN[2], layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
+    r = gl.arange(0, PLAN[3], layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+    x = gl.load(ptr + (o[:, None, None] * PLAN[4] + ln[None, :, None] * PLAN[3] + r[None, None, :]))
+    x = gl.reshape(gl.permute(gl.reshape(x, PLAN[5]), PLAN[6]), [D])
+    return gl.convert_layout(x, TARGET, assert_trivial=True)
+
+
+@gluon.jit
+def _prefetch_l2(page_ptr, lane, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr):
+    """``cp.async.bulk.prefetch.L2`` of the page's codes and parameters (``PF_BYTES``): one bulk request, the
+    same address in every lane (a uniform operand: no per-lane loop)."""
+    gl.inline_asm_elementwise(PF_ASM, "=r,l", [page_ptr + lane * 0], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _join_planes(planes, P: gl.constexpr, AXIS: gl.constexpr):
     """``P`` (4 or 8) tensors ``[R, C]`` -> one tensor with plane ``j`` at rows (AXIS 0) or columns (AXIS 1)
     ``16 j ..``: joins and a register permutation only."""
@@ -405,11 +461,11 @@ def _page_chunk(
 
 
 @gluon.jit
-def _page_bias(f16, q, qp, MN_OFF: gl.constexpr, BITS: gl.constexpr, D: gl.constexpr, NP: gl.constexpr,
-               kmap, MMA: gl.constexpr, A: gl.constexpr):
+def _page_bias(mn_ptr, q, qp, PLAN: gl.constexpr, BITS: gl.constexpr, D: gl.constexpr, NP: gl.constexpr,
+               MMA: gl.constexpr, A: gl.constexpr, ROW_B: gl.constexpr):
     """``sum_c q_c mn_c - sum_c' offset_c' q'_c'`` per query head ([NP], columns of the MMA layout): two MMAs
     with the row vectors ``mn`` and ``-offset`` on all 16 rows of A."""
-    mn = gl.convert_layout(gl.load(f16 + MN_OFF + kmap), gl.SliceLayout(0, A))
+    mn = gl.convert_layout(_load_params(mn_ptr, PLAN, D, ROW_B), gl.SliceLayout(0, A))
     neg_off = -_key_field_offset(BITS, D, gl.SliceLayout(0, A)).to(gl.float16)
     zero_a = gl.zeros([16, D], gl.float16, A)
     acc = mma_v2(gl.broadcast(neg_off[None, :], zero_a)[0], qp, gl.zeros([16, NP], gl.float32, layout=MMA))
@@ -435,6 +491,8 @@ def _decode_v2_kernel(
     K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr, K_CONS_L: gl.constexpr,
     V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr, V_CONS_L: gl.constexpr,
     TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, RESCALE: gl.constexpr, SPLIT_PAD: gl.constexpr,
+    KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
+    PREFETCH: gl.constexpr, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
     ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone."""
@@ -479,17 +537,26 @@ def _decode_v2_kernel(
     o_lo = gl.zeros([D, NP], gl.float32, layout=MMA)
 
     bt_row = block_table_ptr + seq * stride_bt
+    PF: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    lane = gl.arange(0, 32, layout=PF)
+    for pg in gl.static_range(PREFETCH):  # the first pages, into L2
+        if p_lo + pg < p_hi:
+            _prefetch_l2(cache_ptr + gl.load(bt_row + p_lo + pg).to(gl.int64) * stride_c_block
+                         + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
     for pg in range(p_lo, p_hi):
         page = gl.load(bt_row + pg).to(gl.int64)
         base = cache_ptr + page * stride_c_block + kvh * stride_c_head
+        if pg + PREFETCH < p_hi:  # a page a few steps ahead, into L2 (no registers held)
+            _prefetch_l2(cache_ptr + gl.load(bt_row + pg + PREFETCH).to(gl.int64) * stride_c_block
+                         + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
         f16 = base.to(gl.pointer_type(gl.float16))
         # key parameters: q' = q * step (fp16), the bias of each group
-        qp_h = q_h * gl.load(f16 + (K_PAR // 2) + kmap_h)[:, None]
-        qp_l = q_l * gl.load(f16 + (K_PAR // 2 + 2 * D) + kmap_l)[:, None]
-        bias_h = _page_bias(f16, q_h, qp_h, K_PAR // 2 + D, BH, D, NP, kmap_h, MMA, A)
-        bias_l = _page_bias(f16, q_l, qp_l, K_PAR // 2 + 3 * D, BL, D, NP, kmap_l, MMA, A)
-        cn_h = gl.load(f16 + (V_NORM // 2) + vmap_h).to(gl.float32)
-        cn_l = gl.load(f16 + (V_NORM // 2) + vmap_l).to(gl.float32)
+        qp_h = q_h * _load_params(f16 + (K_PAR // 2), KP_H, D, ROW_B)[:, None]
+        qp_l = q_l * _load_params(f16 + (K_PAR // 2 + 2 * D), KP_L, D, ROW_B)[:, None]
+        bias_h = _page_bias(f16 + (K_PAR // 2 + D), q_h, qp_h, KP_H, BH, D, NP, MMA, A, ROW_B)
+        bias_l = _page_bias(f16 + (K_PAR // 2 + 3 * D), q_l, qp_l, KP_L, BL, D, NP, MMA, A, ROW_B)
+        cn_h = _load_params(f16 + (V_NORM // 2), VP_H, D, ROW_C).to(gl.float32)
+        cn_l = _load_params(f16 + (V_NORM // 2), VP_L, D, ROW_C).to(gl.float32)
         for ci in gl.static_range(len(CHUNKS)):
             m_ref, l_i, o_hi, o_lo = _page_chunk(
                 base, f16, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
@@ -597,7 +664,15 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK) -> dict:
         "K_PAR": layout.k_param_off, "V_NORM": layout.v_norm_off, "V_TOK": layout.v_tok_off,
         "K_ASM_H": kh, "K_CONS_H": kch, "K_ASM_L": kl, "K_CONS_L": kcl,
         "V_ASM_H": vh, "V_CONS_H": vch, "V_ASM_L": vl, "V_CONS_L": vcl,
+        "KP_H": param_load_plan("key", bh, d), "KP_L": param_load_plan("key", bl, d),
+        "VP_H": param_load_plan("value", bh, d), "VP_L": param_load_plan("value", bl, d),
+        "PF_BYTES": _pf_bytes(layout),  # codes + parameters, a multiple of 16 bytes
+        "PF_ASM": f"cp.async.bulk.prefetch.L2.global [$1], {_pf_bytes(layout)}; mov.u32 $0, 0;",
     }  # fmt: skip
+
+
+def _pf_bytes(layout) -> int:
+    return -(-layout.mask_off // 16) * 16
 
 
 def decode_attention_v2(
@@ -615,6 +690,7 @@ def decode_attention_v2(
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_chunk: int = MAX_CHUNK,
+    prefetch: int = PREFETCH_PAGES,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
@@ -646,12 +722,13 @@ def decode_attention_v2(
     check(num_splits >= 1, "num_splits must be >= 1")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                     out, lse, scale, num_splits, max_chunk)  # fmt: skip
+                     out, lse, scale, num_splits, max_chunk, prefetch)  # fmt: skip
     return out
 
 
 def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                     out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK) -> None:  # fmt: skip
+                     out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK,
+                     prefetch: int = PREFETCH_PAGES) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
@@ -672,6 +749,6 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         scale * LOG2E, h,
         NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, SPLIT_PAD=pow2(num_splits),
-        **_constexprs(layout, max_chunk),
+        **_constexprs(layout, max_chunk), PREFETCH=prefetch,
         num_warps=1,
     )  # fmt: skip

@@ -6,7 +6,8 @@ they use (Triton on CUDA, the plain-torch twins of :mod:`zipcache_vllm.paged` on
   per layer exactly as :mod:`hf_cache` does) by ``kernels/probe_scores`` on CUDA, the twin
   (``paged.prefill_attention``) on CPU; complete blocks compressed into pages (``compress_store``), the rest
   staged in the tail with its running sums and counts;
-* **decode (one token)**: the token is staged, then ``kernels/decode_attention`` attends over pages + tail (on
+* **decode (one token)**: the token is staged, then ``kernels/decode_v2`` (or v1 ``kernels/decode_attention`` for
+  layouts v2 does not read) attends over pages + tail (on
   CPU: ``paged.dequantize_pages`` + fp32 attention, i.e. ``paged.decode_attention``); the query's own
   attention mass on the tail tokens (``probe_scores`` with the row's log-sum-exp from the decode splits) is
   added to their running sums, as the reference cache does; a tail that becomes a complete block is
@@ -46,13 +47,22 @@ def kernel_module(name: str):
 
 def decode_with_lse(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                     scale: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kernels/decode_attention`` with the row log-sum-exp the saliency update needs.
+    """Decode attention with the row log-sum-exp the saliency update needs: ``out [num_seqs, num_heads,
+    head_size]`` (dtype of ``query``) and fp32 ``lse [num_seqs, num_heads]`` (natural log of sum exp(scale *
+    q.k)).
 
-    The public launcher returns the output only; this one launches the same kernels (same defaults, no checks)
-    with at least two splits, keeps the per-split log-sum-exp (base 2, of the scaled logits) and merges it
-    here: ``lse = ln sum_s 2^(lse_s)``. Returns ``out [num_seqs, num_heads, head_size]`` (dtype of ``query``)
-    and fp32 ``lse [num_seqs, num_heads]`` (natural log of sum exp(scale * q.k)).
+    ``kernels/decode_v2`` (tensor cores, one launch, lse from the kernel) where it reads the layout
+    (``decode_v2.supported``: 4/2-bit codes, head size 64/128, quotas in multiples of 16), else
+    ``kernels/decode_attention`` (v1) with at least two splits, its per-split log-sum-exp merged here.
     """
+    v2 = kernel_module("decode_v2")
+    if v2.supported(layout) and query.shape[1] // tail_key.shape[2] <= 16:
+        out = torch.empty_like(query)
+        lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+        v2.launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
+                            tail_lens, out, lse, scale, v2.choose_num_splits(query.shape[0], tail_key.shape[2],
+                                                                             block_table.shape[1], query.device))
+        return out, lse
     dk = kernel_module("decode_attention")
     if splits is None:
         splits = max(2, dk.choose_num_splits(query.shape[0], tail_key.shape[2], block_table.shape[1], query.device))

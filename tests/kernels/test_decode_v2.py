@@ -94,6 +94,13 @@ def test_splits(num_splits):
 
 
 @gpu
+@pytest.mark.parametrize("prefetch, max_chunk", [(0, 16), (1, 32), (4, 64)])
+def test_launch_options(prefetch, max_chunk):
+    """L2 prefetch depth and chunk size change the schedule, not the function."""
+    _compare(_layout(128, 128, "r0.6"), 2, 4, [(128 * 5 + 9, 0), (128, 0)], prefetch=prefetch, max_chunk=max_chunk)
+
+
+@gpu
 def test_graph_replay_matches_eager():
     """Captured once, replayed with new lengths and tails: equal to eager calls (counters reset themselves)."""
     layout = _layout(128, 128, "vllm")

@@ -1,0 +1,78 @@
+"""SASS of decode v2 without a GPU: compile for sm_90 with Triton's bundled ptxas, print register use and the
+instruction histogram of the page loop (the code between the first backward branch's target and the branch).
+
+    python benchmarks/sass_decode_v2.py [--ratio 0.8 --value-ratio 0.2 --head-size 128 --g 4 --splits 4]
+
+Needs triton 3.6 (the H200's version; ``pip install triton==3.6.0`` in a scratch venv) and this repository's
+``kernels/`` importable as ``zipcache_vllm.kernels`` (editable install or a link). Pointer arguments are
+declared 16-byte aligned, as Triton specializes them at launch (otherwise loads are not vectorized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from zipcache_vllm.kernels import decode_v2
+
+from zipcache_vllm.layout import PageLayout
+
+ALIGNED = ("stride_c_block", "stride_c_head", "stride_t_slot", "stride_t_tok", "stride_q_seq", "stride_o_seq")
+TYPES = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32",
+         "tail_lens_ptr": "*i32", "tail_slots_ptr": "*i32", "tk_ptr": "*bf16", "tv_ptr": "*bf16", "out_ptr": "*bf16",
+         "lse_ptr": "*fp32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "counter_ptr": "*i32",
+         "qk_scale": "fp32"}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ratio", type=float, default=0.8)
+    ap.add_argument("--value-ratio", type=float, default=0.2)
+    ap.add_argument("--head-size", type=int, default=128)
+    ap.add_argument("--g", type=int, default=4)
+    ap.add_argument("--splits", type=int, default=4)
+    ap.add_argument("--max-chunk", type=int, default=decode_v2.MAX_CHUNK)
+    a = ap.parse_args()
+    layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=a.value_ratio)
+    fn = decode_v2._decode_v2_kernel
+    ce = dict(decode_v2._constexprs(layout, a.max_chunk))
+    ce.update(NUM_SPLITS=a.splits, G=a.g, NP=max(8, triton.next_power_of_2(a.g)), TAIL=decode_v2.TAIL_CHUNK,
+              WRITE_LSE=True, RESCALE=decode_v2.RESCALE_LOG2, SPLIT_PAD=triton.next_power_of_2(a.splits),
+              PREFETCH=decode_v2.PREFETCH_PAGES)  # fmt: skip
+    sig = {n: "constexpr" if n in ce else TYPES.get(n, "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
+             if sig[n] != "constexpr" and (n.endswith("_ptr") or n in ALIGNED)}  # fmt: skip
+    c = triton.compile(GluonASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 1})  # fmt: skip
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(c.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(c.asm["cubin"])
+        info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin + "2"],
+                              capture_output=True, text=True).stderr  # fmt: skip
+        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-sass", cubin], capture_output=True,
+                              text=True).stdout  # fmt: skip
+    print(f"layout {layout.num_salient_k}/{layout.num_salient_v} rows, chunks {decode_v2.chunks(layout, a.max_chunk)}")
+    print("\n".join(line for line in info.splitlines() if "registers" in line))
+    ins = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()
+           if (m := re.search(r"/\*([0-9a-f]{4,5})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", line))]
+    loops = [(int(t.group(1), 16), addr) for addr, op, line in ins
+             if op == "BRA" and (t := re.search(r"BRA 0x([0-9a-f]+)", line)) and int(t.group(1), 16) < addr]
+    lo, hi = max(loops, key=lambda r: r[1] - r[0])  # the page loop: the longest backward branch
+    ops = collections.Counter(op for addr, op, _ in ins if lo <= addr <= hi)
+    print(f"page loop {lo:#x}..{hi:#x}: {sum(ops.values())} instructions per (page, KV head) per warp")
+    print(", ".join(f"{k} {v}" for k, v in ops.most_common(40)))
+
+
+if __name__ == "__main__":
+    main()

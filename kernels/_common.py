@@ -104,6 +104,24 @@ def check_tail(tail_key, tail_value, dtypes, block_size: int, num_kv_heads: int 
     check(tuple(tail_key.shape[1:]) == want, f"tail_key must be [num_slots, {', '.join(map(str, want))}]")
 
 
+def check_decode_inputs(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
+                        tail_lens, out, tail_dtypes=FLOATS) -> tuple[torch.Tensor, int]:
+    """The shared argument checks of the decode launchers (v1 and v2): returns ``(out, num_kv_heads)``, ``out``
+    allocated like ``query`` when None."""
+    dev = query.device
+    check_tensor(query, "query", 3, FLOATS, dev)
+    num_seqs, num_heads, d = query.shape
+    check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
+    check_tail(tail_key, tail_value, tail_dtypes, layout.block_size, None, d, dev)
+    h = tail_key.shape[2]
+    check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
+    check_cache(kv_cache, layout, h, dev)
+    check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
+    check_seq_meta(num_seqs, dev, seq_lens=seq_lens, tail_slots=tail_slots, tail_lens=tail_lens)
+    check(block_table.shape[0] == num_seqs, f"block_table must have {num_seqs} rows")
+    return check_out(out, query), h
+
+
 def check_seq_meta(num_seqs: int, device, **tensors: torch.Tensor) -> None:
     """Per-sequence metadata: int32 ``[num_seqs]`` each."""
     for name, x in tensors.items():

@@ -15,15 +15,10 @@ import triton.language as tl
 
 from ._attend import attend_pages, attend_tail, finish_rows, init_state
 from ._common import (
-    FLOATS,
     LOG2E,
     cache_args,
     check,
-    check_cache,
-    check_out,
-    check_seq_meta,
-    check_tail,
-    check_tensor,
+    check_decode_inputs,
     interpreting,
     load_q,
     num_sms,
@@ -167,17 +162,9 @@ def decode_attention(
     ``out [num_seqs, num_heads, head_size]``.
     """
     dev = query.device
-    check_tensor(query, "query", 3, FLOATS, dev)
+    out, h = check_decode_inputs(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
+                                 tail_lens, out)
     num_seqs, num_heads, d = query.shape
-    check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
-    check_tail(tail_key, tail_value, FLOATS, layout.block_size, None, d, dev)
-    h = tail_key.shape[2]
-    check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
-    check_cache(kv_cache, layout, h, dev)
-    check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
-    check_seq_meta(num_seqs, dev, seq_lens=seq_lens, tail_slots=tail_slots, tail_lens=tail_lens)
-    check(block_table.shape[0] == num_seqs, f"block_table must have {num_seqs} rows")
-    out = check_out(out, query)
     if num_seqs == 0:
         return out
     if num_splits is None:

@@ -33,13 +33,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ._common import (
-    FLOATS,
     LOG2E,
     check,
-    check_cache,
-    check_out,
-    check_seq_meta,
-    check_tail,
+    check_decode_inputs,
     check_tensor,
     num_sms,
     pow2,
@@ -700,18 +696,10 @@ def decode_attention_v2(
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
     check(supported(layout), f"layout not supported by v2 (use v1): {layout}")
-    check_tensor(query, "query", 3, FLOATS, dev)
+    out, h = check_decode_inputs(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
+                                 tail_lens, out, (torch.bfloat16, torch.float16))
     num_seqs, num_heads, d = query.shape
-    check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
-    check_tail(tail_key, tail_value, (torch.bfloat16, torch.float16), layout.block_size, None, d, dev)
-    h = tail_key.shape[2]
-    check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
     check(num_heads // h <= 16, "v2 takes at most 16 query heads per KV head")
-    check_cache(kv_cache, layout, h, dev)
-    check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
-    check_seq_meta(num_seqs, dev, seq_lens=seq_lens, tail_slots=tail_slots, tail_lens=tail_lens)
-    check(block_table.shape[0] == num_seqs, f"block_table must have {num_seqs} rows")
-    out = check_out(out, query)
     if lse is not None:
         check_tensor(lse, "lse", 2, (torch.float32,), dev)
         check(tuple(lse.shape) == (num_seqs, num_heads) and lse.is_contiguous(), "lse must be [num_seqs, num_heads]")

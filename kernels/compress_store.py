@@ -106,9 +106,13 @@ def _compress_store_kernel(
     stride_x_tok,
     stride_x_head,  # same strides for key and value (checked by the launcher)
     scores_ptr,
+    stride_s_blk,
     stride_s_tok,
-    stride_s_head,  # [num_new_blocks * N, H] float
-    block_ids_ptr,  # [num_new_blocks] int
+    stride_s_head,  # score of token t of block b, head h: scores_ptr[b * stride_s_blk + t * stride_s_tok + h * ...]
+    count_ptr,
+    stride_cnt_blk,  # NORMALIZE: the score is divided by max(count[b * stride_cnt_blk + t], 1) (IEEE division)
+    block_ids_ptr,  # [num_new_blocks] int; a negative id: nothing to write (fixed-size work lists)
+    src_ptr,  # FROM_SLOTS: int [num_new_blocks], the staging slot holding block i (its K/V rows and scores)
     cache_u8_ptr,
     cache_f16_ptr,  # kv_cache as uint8 and as fp16
     stride_c_block,
@@ -128,16 +132,27 @@ def _compress_store_kernel(
     V_NORM_OFF: tl.constexpr,
     V_TOK_OFF: tl.constexpr,
     MASK_OFF: tl.constexpr,
+    FROM_SLOTS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     blk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     page = tl.load(block_ids_ptr + blk).to(tl.int64)
+    if page < 0:
+        return
     page_off = page * stride_c_block + head * stride_c_head
+    src = blk
+    if FROM_SLOTS:
+        src = tl.load(src_ptr + blk).to(tl.int64)
     t = tl.arange(0, N_PAD)
     tv = t < N
-    tok = blk * N + t
+    tok = src * N + t
     # -- rank: tokens with a larger score, or an equal score and a smaller index (stable descending sort) ----
-    s = tl.load(scores_ptr + tok * stride_s_tok + head * stride_s_head, mask=tv, other=0.0).to(tl.float32)
+    s = tl.load(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, mask=tv, other=0.0)
+    s = s.to(tl.float32)
+    if NORMALIZE:
+        cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
+        s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
     later = t[None, :] < t[:, None]  # [t, u]: u comes before t
     ahead = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & later)
     rank = tl.sum((ahead & tv[None, :]).to(tl.int32), axis=1)
@@ -232,15 +247,75 @@ def compress_store(
     check_cache(kv_cache, layout, h, dev)
     if nb == 0:
         return
-    _compress_store_kernel[(nb, h, 2)](
+    _launch(key, value, scores, scores.stride(0) * n, scores.stride(0), scores.stride(1), None, 0, block_ids,
+            None, kv_cache, layout, num_warps)
+
+
+def compress_slots(
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    scores: torch.Tensor,
+    score_count: torch.Tensor | None,
+    slots: torch.Tensor,
+    block_ids: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout,
+    num_warps: int = 16,
+) -> None:
+    """:func:`compress_store` of blocks that wait complete in bf16 staging slots, for a fixed-size work list
+    (graph-capturable: no host sync, no data-dependent shapes).
+
+    Entry ``i`` compresses slot ``slots[i]`` (``tail_key / tail_value [num_slots, block_size, num_kv_heads,
+    head_size]``) into page ``block_ids[i]``; entries with a negative block id do nothing. Scores: ``scores
+    [num_slots, block_size, num_kv_heads]`` fp32, divided by ``max(score_count[slot, t], 1)`` (``score_count
+    [num_slots, block_size]``, IEEE division as the twin's) unless ``score_count`` is None; a scores tensor
+    with slot stride 0 gives every block the same scores (the random-saliency ablation).
+
+    Twin: ``zipcache_vllm.paged.compress_slots``.
+    """
+    n, d = layout.block_size, layout.head_size
+    dev = tail_key.device
+    check_tensor(tail_key, "tail_key", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(tail_value, "tail_value", 4, (tail_key.dtype,), dev)
+    check(tail_key.is_contiguous() and tail_value.is_contiguous() and tail_key.shape == tail_value.shape,
+          "tail_key and tail_value must be contiguous and of one shape")
+    check(tuple(tail_key.shape[1:]) == (n, kv_cache.shape[1], d),
+          f"tail_key must be [num_slots, {n}, {kv_cache.shape[1]}, {d}], got {tuple(tail_key.shape)}")
+    h = tail_key.shape[2]
+    check_tensor(scores, "scores", 3, (torch.float32,), dev)
+    check(tuple(scores.shape[1:]) == (n, h), f"scores must be [num_slots, {n}, {h}], got {tuple(scores.shape)}")
+    if score_count is not None:
+        check_tensor(score_count, "score_count", 2, (torch.float32,), dev)
+        check(score_count.shape[1] == n, f"score_count must be [num_slots, {n}]")
+    check_tensor(slots, "slots", 1, (torch.int32, torch.int64), dev)
+    check_tensor(block_ids, "block_ids", 1, (torch.int32, torch.int64), dev)
+    check(slots.numel() == block_ids.numel(), "slots and block_ids must have one entry per block")
+    check_cache(kv_cache, layout, h, dev)
+    if block_ids.numel() == 0:
+        return
+    key = tail_key.view(-1, h, d)
+    _launch(key, tail_value.view(-1, h, d), scores, scores.stride(0), scores.stride(1), scores.stride(2),
+            score_count, 0 if score_count is None else score_count.stride(0), block_ids, slots, kv_cache, layout,
+            num_warps)
+
+
+def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
+            slots, kv_cache, layout, num_warps) -> None:  # fmt: skip
+    n, d = layout.block_size, layout.head_size
+    h = key.shape[1]
+    _compress_store_kernel[(block_ids.numel(), h, 2)](
         key_ptr=key,
         value_ptr=value,
         stride_x_tok=key.stride(0),
         stride_x_head=key.stride(1),
         scores_ptr=scores,
-        stride_s_tok=scores.stride(0),
-        stride_s_head=scores.stride(1),
+        stride_s_blk=stride_s_blk,
+        stride_s_tok=stride_s_tok,
+        stride_s_head=stride_s_head,
+        count_ptr=scores if score_count is None else score_count,
+        stride_cnt_blk=stride_cnt_blk,
         block_ids_ptr=block_ids,
+        src_ptr=block_ids if slots is None else slots,
         **cache_args(kv_cache),
         N=n,
         N_PAD=pow2(n),
@@ -257,6 +332,8 @@ def compress_store(
         V_NORM_OFF=layout.v_norm_off,
         V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off,
+        FROM_SLOTS=slots is not None,
+        NORMALIZE=score_count is not None,
         num_warps=num_warps,
         enable_fp_fusion=False,
     )

@@ -30,37 +30,13 @@ import torch
 from . import batched_decode
 from .block_manager import StepPlan
 from .config import Normalizer, Saliency, ZipCacheConfig
+from .engine.decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores
+from .engine.ops import decode_ops
+from .engine.staging import Staging
 from .layout import PageLayout
 from .saliency import probe_positions
 
 PROBE_SEED_STRIDE = 1_000_003  # seed of layer i: probe_seed * stride + i (hf_cache.CompressedLayer)
-
-
-@dataclass
-class Staging:
-    """bf16 staging of one layer: ``key, value [num_slots, block_size, num_kv_heads, head_size]``, and the
-    saliency state of each staged token, ``score_sum [num_slots, block_size, num_kv_heads]`` and
-    ``score_count [num_slots, block_size]`` (fp32)."""
-
-    key: torch.Tensor
-    value: torch.Tensor
-    score_sum: torch.Tensor
-    score_count: torch.Tensor
-
-    @classmethod
-    def allocate(cls, num_slots, block_size, num_kv_heads, head_size, dtype=torch.bfloat16, device="cpu"):
-        kv = (num_slots, block_size, num_kv_heads, head_size)
-        return cls(
-            key=torch.zeros(kv, dtype=dtype, device=device),
-            value=torch.zeros(kv, dtype=dtype, device=device),
-            score_sum=torch.zeros(num_slots, block_size, num_kv_heads, dtype=torch.float32, device=device),
-            score_count=torch.zeros(num_slots, block_size, dtype=torch.float32, device=device),
-        )
-
-    @staticmethod
-    def bytes_per_slot(block_size, num_kv_heads, head_size, dtype=torch.bfloat16) -> int:
-        elt = torch.empty(0, dtype=dtype).element_size()
-        return block_size * (2 * num_kv_heads * head_size * elt + 4 * num_kv_heads + 4)
 
 
 @dataclass
@@ -75,7 +51,9 @@ class Step:
     tail_slots: torch.Tensor  # int32 [num_seqs], -1 replaced by 0 (kernels index it; tail_lens is 0 there)
     tail_lens: torch.Tensor  # int32 [num_seqs]
     decode: batched_decode.DecodeIndex | None = None  # one-token rows (torch path), None when there are none
-    others: list[int] | None = None  # sequences with query_len != 1
+    others: list[int] | None = None  # sequences not in `decode` / `decode_rows`
+    decode_rows: DecodeRows | None = None  # the leading one-token rows, for the engine's decode step
+    num_decode_rows: int = 0  # real rows among them (the rest are vLLM's graph padding)
 
 
 def prepare_step(
@@ -84,9 +62,17 @@ def prepare_step(
     seq_lens: torch.Tensor,
     block_table: torch.Tensor | None = None,
     device=None,
+    decode_batch: DecodeBatch | None = None,
+    block_table_rows=None,
+    device_block_table: torch.Tensor | None = None,
 ) -> Step:
     """Build the :class:`Step` of a plan (``query_start_loc``, ``seq_lens`` on any device). With
-    ``block_table``, also the :class:`DecodeIndex` of the batched torch path."""
+    ``block_table``, also the :class:`DecodeIndex` of the batched torch path.
+
+    With ``decode_batch`` (and the host ``block_table_rows`` and ``device_block_table``), the leading one-token
+    rows (vLLM puts decodes first) go to the engine's decode step: their metadata is written into the batch's
+    persistent buffers. A batch of decodes only keeps vLLM's padding rows (query length 0) as dummy rows, so
+    that a captured graph of that size replays it."""
     qsl = [int(x) for x in query_start_loc.tolist()]
     sl = [int(x) for x in seq_lens.tolist()]
     num_seqs = plan.num_seqs
@@ -102,7 +88,16 @@ def prepare_step(
         tail_slots=torch.tensor([max(x, 0) for x in plan.tail_slots], dtype=torch.int32, device=device),
         tail_lens=torch.tensor(plan.tail_lens, dtype=torch.int32, device=device),
     )
-    if block_table is not None:
+    if decode_batch is not None:
+        lead = 0
+        while lead < num_seqs and qlens[lead] == 1:
+            lead += 1
+        step.others = [s for s in range(lead, num_seqs) if qlens[s] > 0]
+        padded = lead if step.others else num_seqs
+        decode_batch.fill(*decode_rows_of_plan(plan, range(lead), sl, block_table_rows), num_rows=padded)
+        step.decode_rows = decode_batch.rows(device_block_table, padded)
+        step.num_decode_rows = lead
+    elif block_table is not None:
         rows = [s for s in range(num_seqs) if qlens[s] == 1]
         step.others = [s for s in range(num_seqs) if qlens[s] != 1]
         if rows:
@@ -197,12 +192,21 @@ def zipcache_attention(
     num_tokens = step.query_start[-1]
     attend, compress, is_kernel = _ops(kernels)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    # new tokens are bf16 from the start, as the reference cache's window (identity for bf16 models)
-    q, k, v = query[:num_tokens], key[:num_tokens].to(staging.key.dtype), value[:num_tokens].to(staging.value.dtype)
     if out is None:
         out = torch.empty_like(query)
+    if step.decode_rows is not None:  # the leading one-token rows: the engine's decode step (graph-capturable)
+        random = fixed_scores(config.saliency, config.probe_seed, layout.block_size, key.shape[1], query.device)
+        decode_step(query, key, value, kv_cache, staging, step.decode_rows, layout, decode_ops(kernels),
+                    config.saliency, scale, out, random)
+        if not step.others:
+            return out
+    # new tokens are bf16 from the start, as the reference cache's window (identity for bf16 models)
+    q, k, v = query[:num_tokens], key[:num_tokens].to(staging.key.dtype), value[:num_tokens].to(staging.value.dtype)
     # the torch path batches one-token rows separately; the kernels take every sequence as a chunk
-    seqs = list(range(step.plan.num_seqs)) if is_kernel or step.others is None else step.others
+    if step.decode_rows is not None or (not is_kernel and step.others is not None):
+        seqs = step.others
+    else:
+        seqs = list(range(step.plan.num_seqs))
     h, n = key.shape[1], layout.block_size
     sums = torch.zeros(num_tokens, h, dtype=torch.float32, device=query.device)
     tail_sums = torch.zeros(step.plan.num_seqs, n, h, dtype=torch.float32, device=query.device)
@@ -288,12 +292,13 @@ def _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, ste
     plan = step.plan
     d = step.decode if vectorized else None
     skip = d.simple_seqs if d is not None else frozenset()
+    done = range(step.num_decode_rows) if step.decode_rows is not None else range(0)  # stored by decode_step
     blk_k, blk_v, blk_s, blk_ids = [], [], [], []
     writes = []
     one = torch.zeros(1, dtype=torch.int32)
     for s in range(plan.num_seqs):
         ql = step.query_lens[s]
-        if ql == 0 or s in skip:
+        if ql == 0 or s in skip or s in done:
             continue
         q0, ctx = step.query_start[s], step.context_lens[s]
         t0, t1, slot = plan.tail_lens[s], plan.new_tail_lens[s], plan.tail_slots[s]

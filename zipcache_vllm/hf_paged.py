@@ -7,7 +7,7 @@ the plain-torch twins of :mod:`zipcache_vllm.paged` on CPU). Per layer::
     pages   uint8 [num_blocks, num_kv_heads, page_bytes]      every complete block of block_size tokens,
                                                                compressed once (per-block salient quota)
     tail    bf16  [batch, block_size, num_kv_heads, head_size] the tokens of the incomplete last block,
-            + fp32 running saliency (score_sum [batch, block_size, num_kv_heads], score_count [block_size])
+            + fp32 running saliency (score_sum [batch, block_size, num_kv_heads], score_count [batch, block_size])
 
 Row ``r`` of the batch owns pages ``j * batch + r`` (block ``j``), listed in ``block_table [batch, capacity]``;
 the table is shared by all layers (they complete blocks at the same steps). Capacity grows by doubling, or is
@@ -39,14 +39,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import hf_base, paged
 from .config import Granularity, KeyScheme, Saliency, Selection, ZipCacheConfig
-from .hf_paged_attention import PagedAttention, decode_with_lse, kernel_module
+from .engine.decode import DecodeBatch
+from .hf_paged_attention import PagedAttention
 from .layout import PageLayout
 
 STORE_DTYPE = torch.bfloat16
 ATTN_IMPLEMENTATION = "zipcache_paged"
 _handshake = threading.local()
 
-__all__ = ["ATTN_IMPLEMENTATION", "PagedLayer", "PagedZipCache", "decode_with_lse", "enable", "paged_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "PagedLayer", "PagedZipCache", "enable", "paged_attention"]
 
 
 def _check_config(cfg: ZipCacheConfig) -> None:
@@ -70,7 +71,7 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         self.pages = None  # uint8 [capacity * batch, num_kv_heads, page_bytes]
         self.tail_key = self.tail_value = None  # bf16 [batch, block_size, num_kv_heads, head_size]
         self.score_sum = None  # fp32 [batch, block_size, num_kv_heads]: attention mass received (tail)
-        self.score_count = None  # fp32 [block_size]: queries (probes) that contributed to it
+        self.score_count = None  # fp32 [batch, block_size]: queries (probes) that contributed to it
         self.num_pages = 0  # complete blocks per batch row
         self.tail_len = 0
         self.length = 0  # tokens, including those of an update not yet attended
@@ -86,7 +87,7 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         self.tail_key = torch.zeros(b, n, h, d, dtype=STORE_DTYPE, device=self.device)
         self.tail_value = torch.zeros_like(self.tail_key)
         self.score_sum = torch.zeros(b, n, h, dtype=torch.float32, device=self.device)
-        self.score_count = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.score_count = torch.zeros(b, n, dtype=torch.float32, device=self.device)
         self.pages = torch.zeros(c.capacity * b, h, c.layout.page_bytes, dtype=torch.uint8, device=self.device)
         self.is_initialized = True
 
@@ -121,7 +122,8 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         """Append new tokens ``k, v [b, h, n, d]`` (bf16) with their saliency state to the tail; compress every
         block that completes."""
         n_blk = self.cache.layout.block_size
-        n = k.shape[2]
+        b, _, n, _ = k.shape
+        counts = counts.expand(b, n) if counts.dim() == 1 else counts
         t0 = self.tail_len
         total = t0 + n
         kn, vn = k.transpose(1, 2), v.transpose(1, 2)  # [b, n, h, d]
@@ -130,29 +132,27 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
             self.tail_key[:, t0:total] = kn
             self.tail_value[:, t0:total] = vn
             self.score_sum[:, t0:total] = sums
-            self.score_count[t0:total] = counts
+            self.score_count[:, t0:total] = counts
             self.tail_len = total
             return
         if t0:
             kn = torch.cat([self.tail_key[:, :t0], kn], 1)
             vn = torch.cat([self.tail_value[:, :t0], vn], 1)
             sums = torch.cat([self.score_sum[:, :t0], sums], 1)
-            counts = torch.cat([self.score_count[:t0], counts])
+            counts = torch.cat([self.score_count[:, :t0], counts], 1)
         m = nc * n_blk
-        self._compress(kn[:, :m], vn[:, :m], sums[:, :m], counts[:m], nc)
+        self._compress(kn[:, :m], vn[:, :m], sums[:, :m], counts[:, :m], nc)
         rest = total - m
-        sums, counts = sums[:, m:].clone(), counts[m:].clone()  # they may be views of score_sum / score_count
-        self.score_sum.zero_()
-        self.score_count.zero_()
-        if rest:
+        sums, counts = sums[:, m:].clone(), counts[:, m:].clone()  # they may be views of score_sum / score_count
+        if rest:  # rows past the tail are never read before they are written
             self.tail_key[:, :rest] = kn[:, m:]
             self.tail_value[:, :rest] = vn[:, m:]
             self.score_sum[:, :rest] = sums
-            self.score_count[:rest] = counts
+            self.score_count[:, :rest] = counts
         self.tail_len = rest
 
     def _compress(self, kn, vn, sums, counts, nc: int) -> None:
-        """Compress ``nc`` complete blocks per row (``kn, vn [b, nc * N, h, d]``) into pages."""
+        """Compress ``nc`` complete blocks per row (``kn, vn [b, nc * N, h, d]``, ``counts [b, nc * N]``)."""
         c = self.cache
         cfg = c.config
         n = c.layout.block_size
@@ -160,13 +160,11 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         c._ensure_capacity(self.num_pages + nc)
         self._ensure_pages()
         if cfg.saliency is Saliency.RANDOM:  # the ablation, drawn as ZipCacheCompressor does for each segment
-            draws = [torch.rand((b, h, n), generator=torch.Generator().manual_seed(cfg.probe_seed + n))
-                     for _ in range(nc)]
-            scores = torch.cat(draws, 2).transpose(1, 2).to(kn.device)
+            scores = c.random_scores(b, h, kn.device).repeat(1, nc, 1)
         elif cfg.saliency is Saliency.ACCUMULATED:
             scores = sums
         else:
-            scores = sums / counts.clamp(min=1.0).view(1, -1, 1)
+            scores = sums / counts.clamp(min=1.0).unsqueeze(-1)
         ids = c.block_table[:, self.num_pages : self.num_pages + nc].reshape(-1).contiguous()
         c.compress_store(kn.reshape(b * nc * n, h, d), vn.reshape(b * nc * n, h, d),
                          scores.reshape(b * nc * n, h).float().contiguous(), ids, self.pages, c.layout)
@@ -227,8 +225,8 @@ class PagedZipCache(hf_base.HandshakeCache):
         self.block_table = None  # int32 [batch, capacity]: block j of row r is page j * batch + r
         self.slots = None  # int32 [batch]: tail slot of each row (the row itself)
         self._meta_key = None
-        self._meta = {}
-        self._scratch = None
+        self._decode: DecodeBatch | None = None
+        self._random = None
         self._num_kv_heads = 0
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
 
@@ -262,34 +260,33 @@ class PagedZipCache(hf_base.HandshakeCache):
                             + self.slots.view(-1, 1)).contiguous()
         self.capacity = cap
 
-    def step_meta(self, num_pages: int, tail_before: int) -> dict:
-        """Device metadata of a decode step (``num_pages`` complete blocks and ``tail_before`` tail tokens per row
-        before the new one), built once and shared by all layers."""
+    def decode_rows(self, num_pages: int, tail_before: int):
+        """The :class:`~zipcache_vllm.engine.decode.DecodeRows` of a decode step (``num_pages`` complete blocks
+        and ``tail_before`` tail tokens per row before the new one; row ``r`` stages in slot ``r``), filled once
+        and shared by all layers."""
         key = (num_pages, tail_before, self.capacity)
+        b, n = self.slots.numel(), self.layout.block_size
+        if self._decode is None:
+            self._decode = DecodeBatch(b, n, dummy_slot=0, device=self.slots.device)
         if key != self._meta_key:
-            b, dev = self.slots.numel(), self.slots.device
-            full = lambda x: torch.full((b,), x, dtype=torch.int32, device=dev)  # noqa: E731
-            cols = max(1, num_pages)
-            dk = kernel_module("decode_attention")
-            self._meta = {
-                "seq_lens": full(num_pages * self.layout.block_size + tail_before + 1),
-                "tail_lens_before": full(tail_before),
-                "tail_lens_after": full(tail_before + 1),
-                "qsl": torch.arange(b + 1, dtype=torch.int32, device=dev),
-                "probe_idx": torch.zeros(b, dtype=torch.int32, device=dev),
-                "slots": self.slots,
-                "block_table": self.block_table[:, :cols],
-                "splits": max(2, dk.choose_num_splits(b, self._num_kv_heads, cols, dev)),
-            }
+            done = tail_before + 1 == n
+            self._decode.fill(
+                slots=range(b),
+                tail_lens=[tail_before] * b,
+                seq_lens=[num_pages * n + tail_before + 1] * b,
+                block_ids=[num_pages * b + r for r in range(b)] if done else [-1] * b,  # page of block j: j * b + r
+            )
             self._meta_key = key
-        return self._meta
+        return self._decode.rows(self.block_table[:, : max(1, num_pages)])
 
-    def scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """A reusable fp32 buffer shaped like ``like`` (consumed in stream order before the next layer's use)."""
-        buf = self._scratch
-        if buf is None or buf.shape != like.shape:
-            buf = self._scratch = torch.empty_like(like)
-        return buf
+    def random_scores(self, batch: int, num_kv_heads: int, device) -> torch.Tensor:
+        """The random-saliency ablation's scores of one block ``[batch, block_size, num_kv_heads]`` (row ``r``
+        draws its own; every block the same draw, as ZipCacheCompressor does for each segment)."""
+        if self._random is None:
+            n = self.layout.block_size
+            gen = torch.Generator().manual_seed(self.config.probe_seed + n)
+            self._random = torch.rand((batch, num_kv_heads, n), generator=gen).transpose(1, 2).contiguous().to(device)
+        return self._random
 
 
 def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

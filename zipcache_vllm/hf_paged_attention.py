@@ -6,87 +6,28 @@ they use (Triton on CUDA, the plain-torch twins of :mod:`zipcache_vllm.paged` on
   per layer exactly as :mod:`hf_cache` does) by ``kernels/probe_scores`` on CUDA, the twin
   (``paged.prefill_attention``) on CPU; complete blocks compressed into pages (``compress_store``), the rest
   staged in the tail with its running sums and counts;
-* **decode (one token)**: the token is staged, then ``kernels/decode_v2`` (or v1 ``kernels/decode_attention`` for
-  layouts v2 does not read) attends over pages + tail (on
-  CPU: ``paged.dequantize_pages`` + fp32 attention, i.e. ``paged.decode_attention``); the query's own
-  attention mass on the tail tokens (``probe_scores`` with the row's log-sum-exp from the decode splits) is
-  added to their running sums, as the reference cache does; a tail that becomes a complete block is
-  compressed (``score_sum / score_count``);
+* **decode (one token)**: the paged engine's decode step (:mod:`zipcache_vllm.engine.decode`, the one the vLLM
+  backend runs): the token is staged, ``kernels/decode_v2`` (or v1 for layouts v2 does not read) attends over
+  pages + tail, the query's own attention mass on the tail tokens (``probe_scores`` on the row's
+  log-sum-exp) is added to their running sums, as the reference cache does, and a tail that becomes a
+  complete block is compressed (``score_sum / score_count``); on CPU the torch twins of the same operations;
 * **later chunks (several tokens)**: ``kernels/prefill_attention`` (twin on CPU) over pages + tail + the
   chunk, probe rows of the chunk for saliency (as the vLLM backend, :mod:`zipcache_vllm.attention`).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import math
-
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import paged
-from .config import Normalizer
-from .layout import PageLayout
+from .config import Normalizer, Saliency
+from .engine.decode import decode_step
+from .engine.ops import decode_ops
+from .engine.staging import Staging
 from .saliency import normalizer_counts, probe_positions
 
 PROBE_SEED_STRIDE = 1_000_003  # probe draw of layer i: seed probe_seed * stride + i (as hf_cache)
-LN2 = math.log(2.0)
-
-_MODULES: dict[str, object] = {}
-
-
-def kernel_module(name: str):
-    """``zipcache_vllm.kernels.<name>`` as a module, imported on first use (the package re-exports functions of
-    the same names)."""
-    mod = _MODULES.get(name)
-    if mod is None:
-        mod = _MODULES[name] = importlib.import_module(f"{__package__}.kernels.{name}")
-    return mod
-
-
-def decode_with_lse(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                    scale: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention with the row log-sum-exp the saliency update needs: ``out [num_seqs, num_heads,
-    head_size]`` (dtype of ``query``) and fp32 ``lse [num_seqs, num_heads]`` (natural log of sum exp(scale *
-    q.k)).
-
-    ``kernels/decode_v2`` (tensor cores, one launch, lse from the kernel) where it reads the layout
-    (``decode_v2.supported``: 4/2-bit codes, head size 64/128, quotas in multiples of 16), else
-    ``kernels/decode_attention`` (v1) with at least two splits, its per-split log-sum-exp merged here.
-    """
-    v2 = kernel_module("decode_v2")
-    if v2.supported(layout) and query.shape[1] // tail_key.shape[2] <= 16:
-        out = torch.empty_like(query)
-        lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
-        v2.launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
-                            tail_lens, out, lse, scale, v2.choose_num_splits(query.shape[0], tail_key.shape[2],
-                                                                             block_table.shape[1], query.device))
-        return out, lse
-    dk = kernel_module("decode_attention")
-    if splits is None:
-        splits = max(2, dk.choose_num_splits(query.shape[0], tail_key.shape[2], block_table.shape[1], query.device))
-    out = torch.empty_like(query)
-    part_lse = dk.launch_decode(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
-                                tail_lens, out, scale, splits, _tiles(layout))
-    return out, torch.logsumexp(part_lse * LN2, dim=-1)
-
-
-def decode_probe_scores(query, lse, key, tail_key, meta: dict, own_out, tail_out, scale: float) -> None:
-    """``kernels/probe_scores`` for a decode step, launched directly (no checks, no allocation): the query is
-    the probe of its own one-token chunk ``key [b, h, d]``. Writes the token's own mass into ``own_out [b, h]``
-    (head stride 1) and the mass of tail token ``j < tail_lens_before`` into ``tail_out [b, N, h]`` (raw sums;
-    rows past the tail are left as they are)."""
-    kernel_module("probe_scores").launch_probe(
-        query, lse, key, tail_key, meta["qsl"], meta["seq_lens"], meta["slots"], meta["tail_lens_before"],
-        meta["probe_idx"], meta["qsl"], 1, own_out, tail_out, None, scale,
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _tiles(layout: PageLayout) -> tuple:
-    return layout.attention_tiles(max_rows=128, split=True)  # the launcher's defaults
-
 
 def _flash_with_lse(query, key, value, scale):
     """Causal flash attention with the log-sum-exp of every row: ``out [b, L, hq, d]``, fp32 ``lse [b, hq, L]``.
@@ -189,54 +130,26 @@ class PagedAttention:
         return out
 
     def _decode(self, query, k, v, scale):
+        """One token per row: the engine's decode step (:func:`zipcache_vllm.engine.decode.decode_step`), row
+        ``r`` staging in slot ``r``; a block that completes is compressed inside the step."""
         c = self.cache
         t = self.tail_len
-        self.tail_key[:, t] = k[:, :, 0]
-        self.tail_value[:, t] = v[:, :, 0]
-        q = query[:, :, 0]
-        # invariant: score_sum / score_count rows at and past the tail are 0
-        if c.use_triton:
-            m = c.step_meta(self.num_pages, t)
-            out, lse = decode_with_lse(q, self.pages, c.layout, m["block_table"], m["seq_lens"], self.tail_key,
-                                       self.tail_value, c.slots, m["tail_lens_after"], scale, splits=m["splits"])
-            scratch = c.scratch(self.score_sum)
-            # own mass straight into score_sum[:, t]; the tail's (without the token) into scratch
-            decode_probe_scores(q, lse, k[:, :, 0], self.tail_key, m, self.score_sum[:, t], scratch, scale)
-            if t:
-                self.score_sum[:, :t] += scratch[:, :t]
-        else:
-            out, mass = self._twin_decode(q, t + 1, scale)
-            self.score_sum[:, : t + 1] += mass
-        self.score_count[: t + 1] += 1.0
+        if t + 1 == c.layout.block_size:
+            c._ensure_capacity(self.num_pages + 1)
+            self._ensure_pages()
+        rows = c.decode_rows(self.num_pages, t)
+        staging = Staging(self.tail_key, self.tail_value, self.score_sum, self.score_count)
+        b, hq, _, d = query.shape
+        h = k.shape[1]
+        out = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
+        random = c.random_scores(b, h, query.device) if c.config.saliency is Saliency.RANDOM else None
+        decode_step(query[:, :, 0], k[:, :, 0], v[:, :, 0], self.pages, staging, rows, c.layout,
+                    decode_ops("triton" if c.use_triton else "torch"), c.config.saliency, scale, out, random)
         self.tail_len = t + 1
         if self.tail_len == c.layout.block_size:
-            self._compress(self.tail_key, self.tail_value, self.score_sum, self.score_count, 1)
+            self.num_pages += 1
             self.tail_len = 0
-            self.score_sum.zero_()
-            self.score_count.zero_()
-        return out.to(query.dtype).unsqueeze(1)
-
-    def _twin_decode(self, q, tail_len, scale):
-        """CPU: ``paged.decode_attention`` (dequantized pages + bf16 tail, fp32), also returning the mass each
-        tail token receives ``[b, tail_len, num_kv_heads]``."""
-        c = self.cache
-        b, hq, d = q.shape
-        h = self.tail_key.shape[2]
-        g = hq // h
-        n = c.layout.block_size
-        keys = [self.tail_key[:, :tail_len].float()]
-        vals = [self.tail_value[:, :tail_len].float()]
-        if self.num_pages:
-            ids = c.block_table[:, : self.num_pages].reshape(-1)
-            pk, pv = paged.dequantize_pages(self.pages, ids, c.layout, order="page")  # [b * P, N, h, d]
-            keys.insert(0, pk.view(b, self.num_pages * n, h, d))
-            vals.insert(0, pv.view(b, self.num_pages * n, h, d))
-        kk, vv = torch.cat(keys, 1), torch.cat(vals, 1)
-        logits = torch.einsum("bhgd,blhd->bhgl", q.float().view(b, h, g, d), kk) * scale
-        probs = torch.softmax(logits, dim=-1)
-        out = torch.einsum("bhgl,blhd->bhgd", probs, vv).reshape(b, hq, d)
-        mass = probs[..., kk.shape[1] - tail_len :].sum(dim=2).transpose(1, 2)
-        return out, mass
+        return out.unsqueeze(1)
 
     def _chunk(self, query, k, v, scale):
         """Several new tokens over pages + tail + themselves (causal): the prefill-attention kernel or twin."""

@@ -40,9 +40,12 @@ __all__ = [
     "pack_row",
     "unpack_row",
     "compress_store",
+    "compress_slots",
     "page_order",
     "dequantize_pages",
     "decode_attention",
+    "decode_with_probes",
+    "update_decode_saliency",
     "prefill_attention",
 ]
 
@@ -146,6 +149,35 @@ def compress_store(
     kv_cache[block_ids.long(), :, : layout.page_bytes] = page
 
 
+def compress_slots(
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    scores: torch.Tensor,
+    score_count: torch.Tensor | None,
+    slots: torch.Tensor,
+    block_ids: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: PageLayout,
+) -> None:
+    """:func:`compress_store` of complete blocks waiting in staging slots, from a fixed-size work list.
+
+    Entry ``i`` compresses slot ``slots[i]`` of ``tail_key / tail_value [num_slots, block_size, num_kv_heads,
+    head_size]`` into page ``block_ids[i]``; a negative block id means nothing to do. The score of token ``t``
+    is ``scores[slot, t] / max(score_count[slot, t], 1)`` (``scores [num_slots or 1, block_size,
+    num_kv_heads]``; a first dim of 1 gives every block the same scores; ``score_count`` None: no division).
+    """
+    keep = (block_ids >= 0).nonzero().flatten()
+    if keep.numel() == 0:
+        return
+    src = slots[keep].long()
+    h, d = tail_key.shape[2], tail_key.shape[3]
+    sc = scores.expand(tail_key.shape[0], -1, -1)[src]
+    if score_count is not None:
+        sc = sc / score_count[src].clamp(min=1.0).unsqueeze(-1)
+    compress_store(tail_key[src].reshape(-1, h, d), tail_value[src].reshape(-1, h, d), sc.reshape(-1, h),
+                   block_ids[keep], kv_cache, layout)
+
+
 # --------------------------------------------------------------------------------------------- dequantize
 def _f16(page: torch.Tensor, off: int, count: int) -> torch.Tensor:
     return page[..., off : off + 2 * count].contiguous().view(torch.float16).float()
@@ -247,6 +279,53 @@ def decode_attention(
         k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
         out[s] = _attend(query[s : s + 1], k, v, None, scale)[0][0]
     return out
+
+
+def decode_with_probes(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: PageLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    tail_slots: torch.Tensor,
+    tail_lens: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`decode_attention` whose query is also the probe of its own token (the last tail row): returns
+    ``out [num_seqs, num_heads, head_size]`` fp32, ``own [num_seqs, num_kv_heads]`` (the mass the query gives
+    its own token, summed over the query heads of the GQA group) and ``tail_mass [num_seqs, block_size,
+    num_kv_heads]`` (the mass of each earlier tail row; 0 past them). Twin of the decode kernel followed by
+    ``kernels/probe_scores`` on the row's log-sum-exp."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    num_seqs, hq, d = query.shape
+    h, n = tail_key.shape[2], layout.block_size
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    own = torch.zeros(num_seqs, h, dtype=torch.float32, device=query.device)
+    tail_mass = torch.zeros(num_seqs, n, h, dtype=torch.float32, device=query.device)
+    for s in range(num_seqs):
+        tl_ = int(tail_lens[s])
+        num_pages = (int(seq_lens[s]) - tl_) // n
+        k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
+        o, probs = _attend(query[s : s + 1], k, v, None, scale)  # probs [hq, 1, L]
+        out[s] = o[0]
+        col = probs[:, 0, num_pages * n :].view(h, hq // h, -1).sum(dim=1).T  # [tl_, h]
+        own[s] = col[-1]
+        tail_mass[s, : tl_ - 1] = col[:-1]
+    return out, own, tail_mass
+
+
+def update_decode_saliency(score_sum, score_count, slots, tail_lens, own, tail_mass) -> None:
+    """Twin of ``kernels/decode_saliency.update_decode_saliency``: for each decode row, tail tokens
+    ``j < t0 = tail_lens[r]`` of slot ``slots[r]`` gain ``tail_mass[r, j]`` and a count of one; row ``t0`` (the
+    new token) becomes ``own[r]`` with count 1; later rows are left as they are."""
+    for r in range(own.shape[0]):
+        slot, t0 = int(slots[r]), int(tail_lens[r])
+        score_sum[slot, :t0] += tail_mass[r, :t0]
+        score_count[slot, :t0] += 1.0
+        score_sum[slot, t0] = own[r]
+        score_count[slot, t0] = 1.0
 
 
 def prefill_attention(

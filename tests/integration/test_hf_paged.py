@@ -126,7 +126,8 @@ def test_tiny_cpu_matches_reference_across_blocks_and_chunks():
 
 
 def test_tiny_cpu_decode_path_is_the_twin():
-    """The CPU decode path (dequantized pages + tail, fp32) equals paged.decode_attention."""
+    """The CPU decode path (the engine's step on the torch twins) attends as paged.decode_attention and hands out
+    the query's whole probability mass: pages + earlier tail rows + its own token = one per query head."""
     model = _tiny("cpu", torch.float32)
     cache = hf_paged.PagedZipCache(CFG16, model_config=model.config, kernels="torch")
     model.set_attn_implementation(hf_paged.ATTN_IMPLEMENTATION)
@@ -134,13 +135,16 @@ def test_tiny_cpu_decode_path_is_the_twin():
         model(input_ids=torch.randint(0, 300, (3, 40)), past_key_values=cache)
     layer, c = cache.layers[0], cache
     q = torch.randn(3, 8, 32)
-    out, mass = layer._twin_decode(q, layer.tail_len, 32**-0.5)
     n = layer.num_pages * 16 + layer.tail_len
     full = lambda x: torch.full((3,), x, dtype=torch.int32)  # noqa: E731
-    twin = paged.decode_attention(q, layer.pages, c.layout, c.block_table[:, : layer.num_pages], full(n),
-                                  layer.tail_key, layer.tail_value, c.slots, full(layer.tail_len), scale=32**-0.5)
-    torch.testing.assert_close(out, twin, atol=1e-5, rtol=1e-5)
-    assert mass.shape == (3, layer.tail_len, 2) and (mass > 0).all()
+    args = (q, layer.pages, c.layout, c.block_table[:, : layer.num_pages], full(n), layer.tail_key,
+            layer.tail_value, c.slots, full(layer.tail_len))
+    out, own, tail = paged.decode_with_probes(*args, scale=32**-0.5)
+    torch.testing.assert_close(out, paged.decode_attention(*args, scale=32**-0.5), atol=1e-5, rtol=1e-5)
+    t = layer.tail_len
+    assert own.shape == (3, 2) and tail.shape == (3, 16, 2) and (tail[:, : t - 1] > 0).all()
+    assert (tail[:, t - 1 :] == 0).all() and (own > 0).all()
+    assert (own + tail.sum(1) < 4.0 + 1e-5).all()  # 4 query heads per KV head; pages take the rest
 
 
 def test_config_and_hookup_errors():

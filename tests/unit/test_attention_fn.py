@@ -19,6 +19,7 @@ from zipcache_vllm import paged
 from zipcache_vllm.attention import PROBE_SEED_STRIDE, Staging, prepare_step, zipcache_attention
 from zipcache_vllm.block_manager import BlockManager
 from zipcache_vllm.config import Normalizer, Saliency, ZipCacheConfig
+from zipcache_vllm.engine.decode import DecodeBatch
 from zipcache_vllm.layout import PageLayout
 from zipcache_vllm.saliency import probe_positions
 
@@ -76,7 +77,9 @@ def ref_step(seq: RefSeq, q, k, v, cfg: ZipCacheConfig, layout: PageLayout, laye
     while len(seq) - seq.ck.shape[0] >= n:
         a = seq.ck.shape[0]
         s = seq.ssum[a : a + n]
-        if cfg.saliency is not Saliency.ACCUMULATED:
+        if cfg.saliency is Saliency.RANDOM:  # the ablation: one draw, the same for every block
+            s = torch.rand((1, h, n), generator=torch.Generator().manual_seed(cfg.probe_seed + n))[0].T
+        elif cfg.saliency is not Saliency.ACCUMULATED:
             s = s / seq.scnt[a : a + n].clamp(min=1).unsqueeze(-1)
         cache = torch.zeros(1, h, layout.page_bytes, dtype=torch.uint8)
         paged.compress_store(
@@ -92,7 +95,7 @@ class Engine:
     """What vLLM does around the backend: block allocation, block tables, slot mappings, one layer."""
 
     def __init__(self, cfg, num_heads, num_kv_heads, layer_idx=3, batched=True, kernels="torch", device="cpu",
-                 head_size=D):
+                 head_size=D, engine_decode=False):
         self.cfg, self.hq, self.h, self.layer_idx = cfg, num_heads, num_kv_heads, layer_idx
         self.d = head_size
         self.batched = batched  # one-token rows in the batched torch pass (else: every row via the twin)
@@ -103,7 +106,10 @@ class Engine:
         # vLLM's view [num_blocks, H, N, C], flattened to pages as the backend does
         c = self.layout.page_bytes // N
         self.kv_view = torch.zeros(NUM_BLOCKS, num_kv_heads, N, c, dtype=torch.uint8, device=self.dev)
-        self.staging = Staging.allocate(NUM_SLOTS, N, num_kv_heads, head_size, device=self.dev)
+        # engine_decode: leading one-token rows through the engine's decode step (as the CUDA backend runs them),
+        # with one more staging slot for padded rows
+        self.decode_batch = DecodeBatch(8, N, NUM_SLOTS, self.dev) if engine_decode else None
+        self.staging = Staging.allocate(NUM_SLOTS + engine_decode, N, num_kv_heads, head_size, device=self.dev)
         self.bm = BlockManager(NUM_SLOTS, N)
         self.free = list(range(1, NUM_BLOCKS))  # block 0 is vLLM's null block
         random.Random(0).shuffle(self.free)
@@ -143,7 +149,9 @@ class Engine:
         v = torch.randn(t, self.h, d, generator=gen).bfloat16()
         plan = self.bm.plan(block_table.tolist(), ctx_lens, qlens)
         dev = self.dev
-        step = prepare_step(plan, qsl.to(dev), seq_lens, block_table if self.batched and dev.type == "cpu" else None)
+        step = prepare_step(plan, qsl.to(dev), seq_lens, block_table if self.batched and dev.type == "cpu" else None,
+                            decode_batch=self.decode_batch, block_table_rows=block_table.tolist(),
+                            device_block_table=block_table.to(dev))
         out = zipcache_attention(
             q.to(dev), k.to(dev), v.to(dev), self.kv_view.flatten(2), block_table.to(dev), seq_lens.to(dev),
             qsl.to(dev), torch.tensor(slots, device=dev), self.staging, step, self.layout, self.cfg,
@@ -180,6 +188,7 @@ CONFIGS = {
     "vllm": ZipCacheConfig.load("vllm", block_size=N),  # the plugin's default: keys 0.8 / values 0.2 salient
     "probe_nnz": ZipCacheConfig.load("paged", block_size=N, normalizer="probe_nnz", probe_recent=0.2),
     "accumulated": ZipCacheConfig.load("paged", block_size=N, saliency="accumulated", salient_ratio=0.3),
+    "random": ZipCacheConfig.load("paged", block_size=N, saliency="random"),
 }
 
 
@@ -194,12 +203,13 @@ def run(engine: Engine, schedule, seed=0, atol=2e-4, rtol=1e-4, max_mismatch=0.0
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2), (3, 3)])  # GQA 3:1 (SmolLM2's ratio), MHA
-@pytest.mark.parametrize("batched, kernels", [(True, "torch"), (True, "numba"), (False, "torch")],
-                         ids=["batched", "numba", "twin"])
-def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads, batched, kernels):
+@pytest.mark.parametrize("batched, kernels, engine", [(True, "torch", False), (True, "numba", False),
+                                                     (False, "torch", False), (False, "torch", True)],
+                         ids=["batched", "numba", "twin", "engine"])
+def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads, batched, kernels, engine):
     if kernels == "numba":
         pytest.importorskip("numba")
-    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, batched=batched, kernels=kernels)
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, batched=batched, kernels=kernels, engine_decode=engine)
     run(e, [
         [("a", 37), ("b", 20)],  # a: 2 blocks + 5 staged; b: 1 block + 4
         [("b", 1), ("c", 32), ("a", 1)],  # c: exactly 2 blocks, nothing staged; rows reordered
@@ -259,12 +269,14 @@ def test_fast_cpu_dequantize_is_bit_exact(head_size, bits):
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs a CUDA device or TRITON_INTERPRET=1 (set by tests/kernels when collected)")
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2)])  # GQA 3:1; one case (the interpreter is slow)
-@pytest.mark.parametrize("cfg_name", ["paged", "vllm"])
-def test_triton_path(num_heads, num_kv_heads, cfg_name):
+@pytest.mark.parametrize("cfg_name, engine", [("paged", False), ("vllm", False), ("vllm", True)])
+def test_triton_path(num_heads, num_kv_heads, cfg_name, engine):
     """The same batches through the Triton kernels (CUDA: fp16 tensor-core dots, so a looser tolerance), at
-    SmolLM2's head size (the kernels take 64 and 128)."""
+    SmolLM2's head size (the kernels take 64 and 128); ``engine``: decode rows through the engine's decode step
+    (the CUDA backend's path: decode kernel, probe scores, saliency update, compress from the slots)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, kernels="triton", device=device, head_size=64)
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, kernels="triton", device=device, head_size=64,
+               engine_decode=engine)
     run(e, [
         [("a", 37), ("b", 20)],
         [("b", 1), ("c", 32), ("a", 1)],

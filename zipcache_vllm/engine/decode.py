@@ -1,0 +1,187 @@
+"""The decode step of the paged engine: one query token per row, for one layer, as kernel launches only.
+
+Per layer (``R`` rows, every tensor shape fixed by ``R``; nothing reads the device from the host)::
+
+    stage     the new token's K/V into its slot at row t0 (index_copy at slot * N + t0)
+    attend    pages + tail (t0 + 1 rows) -> out, and the row's probe masses (own token, earlier tail rows)
+    saliency  tail rows j < t0 gain their mass and a count; row t0 starts with its own (one launch)
+    compress  every row whose block completes (t0 + 1 == N) writes its page from the slot; a fixed-size work
+              list, entries of other rows are -1 and do nothing
+
+All per-step metadata lives in :class:`DecodeBatch`: persistent device buffers filled once per step on the host
+(:meth:`DecodeBatch.fill`, one copy) and read by every layer, so a captured CUDA graph replays with the new
+step's values. Rows past the real ones (vLLM pads a graph's batch) point at a reserved dummy slot, attend one
+token and compress nothing. The vLLM backend and the transformers paged cache both call :func:`decode_step`.
+No vLLM import.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Saliency
+from ..layout import PageLayout
+from .ops import DecodeOps
+from .staging import Staging
+
+FIELDS = ("slots", "tail_lens", "tail_lens_after", "seq_lens", "block_ids", "new_flat")
+
+
+@dataclass
+class DecodeRows:
+    """The first ``R`` rows of a :class:`DecodeBatch` (views) and the block table of those rows."""
+
+    slots: torch.Tensor  # int32 [R]: staging slot
+    tail_lens: torch.Tensor  # int32 [R]: tail tokens before the step (t0)
+    tail_lens_after: torch.Tensor  # int32 [R]: t0 + 1 (the decode kernels read the new token from the tail)
+    seq_lens: torch.Tensor  # int32 [R]
+    block_ids: torch.Tensor  # int32 [R]: page of the block that completes this step, else -1
+    new_flat: torch.Tensor  # int32 [R]: slot * block_size + t0, where the new token is staged
+    query_start_loc: torch.Tensor  # int32 [R + 1] = arange: one query (and one probe) per row
+    probe_idx: torch.Tensor  # int32 [R] = 0: the probe is the row's own query
+    block_table: torch.Tensor  # int32 [R, max_blocks]
+
+    @property
+    def num_rows(self) -> int:
+        return self.slots.numel()
+
+
+class DecodeBatch:
+    """Persistent metadata of the decode rows of a step (module docstring).
+
+    Parameters
+    ----------
+    max_rows : the most decode rows a step may have (vLLM's ``max_num_seqs``, or a captured batch size).
+    block_size : tokens per block. dummy_slot : a staging slot no sequence uses (padded rows write there).
+    device : where the kernels run.
+    """
+
+    def __init__(self, max_rows: int, block_size: int, dummy_slot: int, device):
+        self.max_rows, self.block_size, self.dummy_slot = max_rows, block_size, dummy_slot
+        self.device = torch.device(device)
+        nf = len(FIELDS)
+        self._dev = torch.zeros(nf, max_rows, dtype=torch.int32, device=self.device)
+        pin = self.device.type == "cuda"
+        # two host buffers used in turn: the copy of step i may still be in flight while step i + 1 is filled
+        self._host = [torch.zeros(nf, max_rows, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._events = [None, None]
+        self._turn = 0
+        self.query_start_loc = torch.arange(max_rows + 1, dtype=torch.int32, device=self.device)
+        self.probe_idx = torch.zeros(max_rows, dtype=torch.int32, device=self.device)
+        self.num_rows = 0
+        self.num_real = 0
+        self.fill([], [], [], [], max_rows)  # every row a padded row: a graph captured before any step is safe
+
+    def field(self, name: str) -> torch.Tensor:
+        return self._dev[FIELDS.index(name)]
+
+    def fill(self, slots, tail_lens, seq_lens, block_ids, num_rows: int | None = None) -> None:
+        """Host lists of the real rows (slot, t0, seq_len and the completing block id or -1 of each), padded
+        with dummy rows up to ``num_rows`` (default: the real rows). One host-to-device copy."""
+        real = len(slots)
+        num_rows = real if num_rows is None else num_rows
+        if not real <= num_rows <= self.max_rows:
+            raise ValueError(f"{real} decode rows padded to {num_rows} do not fit DecodeBatch({self.max_rows})")
+        n = self.block_size
+        host = self._host[self._turn]
+        if self._events[self._turn] is not None:
+            self._events[self._turn].synchronize()  # the copy that last read this buffer (two steps ago)
+        pad = num_rows - real
+        cols = {
+            "slots": list(slots) + [self.dummy_slot] * pad,
+            "tail_lens": list(tail_lens) + [0] * pad,
+            "tail_lens_after": [t + 1 for t in tail_lens] + [1] * pad,
+            "seq_lens": list(seq_lens) + [1] * pad,
+            "block_ids": list(block_ids) + [-1] * pad,
+            "new_flat": [s * n + t for s, t in zip(slots, tail_lens, strict=True)] + [self.dummy_slot * n] * pad,
+        }
+        if num_rows:
+            for i, name in enumerate(FIELDS):
+                host[i, :num_rows] = torch.tensor(cols[name], dtype=torch.int32)
+            self._dev[:, :num_rows].copy_(host[:, :num_rows], non_blocking=True)
+        if self.device.type == "cuda":
+            ev = self._events[self._turn] = torch.cuda.Event()
+            ev.record()
+        self._turn ^= 1
+        self.num_rows, self.num_real = num_rows, real
+
+    def rows(self, block_table: torch.Tensor, num_rows: int | None = None) -> DecodeRows:
+        """Views of the first ``num_rows`` rows (default: this step's), with ``block_table[:num_rows]``."""
+        r = self.num_rows if num_rows is None else num_rows
+        f = {name: self._dev[i, :r] for i, name in enumerate(FIELDS)}
+        return DecodeRows(**f, query_start_loc=self.query_start_loc[: r + 1], probe_idx=self.probe_idx[:r],
+                          block_table=block_table[:r])
+
+
+def decode_rows_of_plan(plan, rows, seq_lens, block_table) -> tuple[list, list, list, list]:
+    """Host lists for :meth:`DecodeBatch.fill` from a :class:`~zipcache_vllm.block_manager.StepPlan`: the rows
+    ``rows`` (batch indices of one-token queries), their ``seq_lens`` (host ints, the new token included) and
+    ``block_table`` rows (host lists)."""
+    n = plan.block_size
+    slots, t0s, sls, blocks = [], [], [], []
+    for s in rows:
+        t0, sl = plan.tail_lens[s], int(seq_lens[s])
+        slots.append(plan.tail_slots[s])
+        t0s.append(t0)
+        sls.append(sl)
+        blocks.append(int(block_table[s][(sl - 1) // n]) if t0 + 1 == n else -1)
+    return slots, t0s, sls, blocks
+
+
+@functools.lru_cache(maxsize=16)
+def fixed_scores(saliency: Saliency, probe_seed: int, block_size: int, num_kv_heads: int, device):
+    """The scores of the random-saliency ablation (the same draw for every block, as the prefill path draws
+    them), shaped ``[1, block_size, num_kv_heads]``; None for probe saliency."""
+    if saliency is not Saliency.RANDOM:
+        return None
+    gen = torch.Generator().manual_seed(probe_seed + block_size)
+    return torch.rand((1, num_kv_heads, block_size), generator=gen)[0].T.unsqueeze(0).contiguous().to(device)
+
+
+def decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    staging: Staging,
+    rows: DecodeRows,
+    layout: PageLayout,
+    ops: DecodeOps,
+    saliency: Saliency,
+    scale: float,
+    out: torch.Tensor,
+    random_scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer's decode step for ``rows.num_rows`` rows (query row ``i`` = decode row ``i``).
+
+    Parameters
+    ----------
+    query : ``[>= R, num_heads, head_size]``; key, value : ``[>= R, num_kv_heads, head_size]`` (post-RoPE).
+    kv_cache : ``uint8 [num_blocks, num_kv_heads, >= page_bytes]``; staging : this layer's :class:`Staging`.
+    rows : :meth:`DecodeBatch.rows` of this step. ops : :func:`~zipcache_vllm.engine.ops.decode_ops`.
+    saliency : how completed blocks are scored (probe scores divided by counts, accumulated sums, or the
+        random ablation with ``random_scores`` from :func:`fixed_scores`).
+    out : ``[>= R, num_heads, head_size]``, rows ``:R`` written.
+    """
+    r = rows.num_rows
+    if r == 0:
+        return out
+    h, d = key.shape[1], key.shape[2]
+    q, k, v = query[:r], key[:r].to(staging.key.dtype), value[:r].to(staging.value.dtype)
+    flat = rows.new_flat.long()
+    staging.key.view(-1, h, d).index_copy_(0, flat, k)
+    staging.value.view(-1, h, d).index_copy_(0, flat, v)
+    own = torch.empty(r, h, dtype=torch.float32, device=query.device)
+    tail_mass = torch.empty(r, layout.block_size, h, dtype=torch.float32, device=query.device)
+    ops.attend(q, k, kv_cache, layout, rows, staging, scale, out[:r], own, tail_mass)
+    ops.update_saliency(staging.score_sum, staging.score_count, rows.slots, rows.tail_lens, own, tail_mass)
+    if saliency is Saliency.RANDOM:
+        scores, count = random_scores.expand(staging.key.shape[0], -1, -1), None
+    else:
+        scores = staging.score_sum
+        count = staging.score_count if saliency is not Saliency.ACCUMULATED else None
+    ops.compress_slots(staging.key, staging.value, scores, count, rows.slots, rows.block_ids, kv_cache, layout)
+    return out

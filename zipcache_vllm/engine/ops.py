@@ -1,0 +1,94 @@
+"""The kernel operations of the paged engine, chosen once per process: Triton on CUDA, the plain-torch twins of
+:mod:`zipcache_vllm.paged` elsewhere (the spec the kernels are tested against).
+
+Every entry has one signature for both families, so the engine step (:mod:`zipcache_vllm.engine.decode`) is
+written once. The Triton entries launch without host synchronisation or data-dependent shapes: a decode step
+built from them can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import paged
+
+LN2 = 0.6931471805599453
+
+
+def kernel_module(name: str):
+    """``zipcache_vllm.kernels.<name>`` (the top-level ``kernels/`` folder, installed under that name)."""
+    return importlib.import_module(f"zipcache_vllm.kernels.{name}")
+
+
+@dataclass(frozen=True)
+class DecodeOps:
+    """``attend(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass)``: decode attention of
+    each row over its pages and tail (the new token staged at row ``t0``), writing ``out`` and the row's probe
+    masses (``own [R, H]``, ``tail_mass [R, N, H]`` read for ``j < t0``); ``update_saliency`` and
+    ``compress_slots`` as in :mod:`zipcache_vllm.paged`."""
+
+    name: str
+    attend: Callable
+    update_saliency: Callable
+    compress_slots: Callable
+
+
+def _attend_torch(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass) -> None:
+    o, own_, tail_ = paged.decode_with_probes(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key,
+                                              staging.value, rows.slots, rows.tail_lens_after, scale)
+    out.copy_(o)
+    own.copy_(own_)
+    tail_mass.copy_(tail_)
+
+
+@functools.lru_cache(maxsize=16)
+def _v1_tiles(layout) -> tuple:
+    return layout.attention_tiles(max_rows=128, split=True)
+
+
+def _attend_triton(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass) -> None:
+    num_rows, num_heads, _ = query.shape
+    h = staging.key.shape[2]
+    v2 = kernel_module("decode_v2")
+    width = rows.block_table.shape[1]
+    if query.device.type == "cuda" and v2.supported(layout) and num_heads // h <= 16:  # v2 is Gluon: no interpreter
+        lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=query.device)
+        splits = v2.choose_num_splits(num_rows, h, width, query.device)
+        v2.launch_decode_v2(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key, staging.value,
+                            rows.slots, rows.tail_lens_after, out, lse, scale, splits)
+    else:  # layouts v2 does not read (8-bit codes, head size 256, quotas off the 16-row grid): v1, lse merged here
+        v1 = kernel_module("decode_attention")
+        splits = max(2, v1.choose_num_splits(num_rows, h, width, query.device))
+        part = v1.launch_decode(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key,
+                                staging.value, rows.slots, rows.tail_lens_after, out, scale, splits, _v1_tiles(layout))
+        lse = torch.logsumexp(part * LN2, dim=-1)
+    kernel_module("probe_scores").launch_probe(
+        query, lse, key, staging.key, rows.query_start_loc, rows.seq_lens, rows.slots, rows.tail_lens,
+        rows.probe_idx, rows.query_start_loc, 1, own, tail_mass, None, scale,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def decode_ops(kernels: str) -> DecodeOps:
+    """The decode operations of a kernel family: ``triton`` (CUDA, or the interpreter) or ``torch`` (twins;
+    ``numba`` hosts use the twins for this step)."""
+    if kernels == "triton":
+        return DecodeOps(
+            name="triton",
+            attend=_attend_triton,
+            update_saliency=kernel_module("decode_saliency").update_decode_saliency,
+            compress_slots=kernel_module("compress_store").compress_slots,
+        )
+    if kernels in ("torch", "numba"):
+        return DecodeOps(
+            name="torch",
+            attend=_attend_torch,
+            update_saliency=paged.update_decode_saliency,
+            compress_slots=paged.compress_slots,
+        )
+    raise ValueError(f"kernels must be triton, torch or numba, got {kernels!r}")

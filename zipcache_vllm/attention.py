@@ -48,8 +48,8 @@ class Step:
     query_lens: list[int]
     context_lens: list[int]
     max_query_len: int
-    tail_slots: torch.Tensor  # int32 [num_seqs], -1 replaced by 0 (kernels index it; tail_lens is 0 there)
-    tail_lens: torch.Tensor  # int32 [num_seqs]
+    tail_slots: torch.Tensor | None = None  # int32 [num_seqs], -1 replaced by 0 (kernels index it; tail_lens 0)
+    tail_lens: torch.Tensor | None = None  # int32 [num_seqs] (both None when every row is an engine decode row)
     decode: batched_decode.DecodeIndex | None = None  # one-token rows (torch path), None when there are none
     others: list[int] | None = None  # sequences not in `decode` / `decode_rows`
     decode_rows: DecodeRows | None = None  # the leading one-token rows, for the engine's decode step
@@ -85,8 +85,6 @@ def prepare_step(
         query_lens=qlens,
         context_lens=ctx,
         max_query_len=max(qlens, default=0),
-        tail_slots=torch.tensor([max(x, 0) for x in plan.tail_slots], dtype=torch.int32, device=device),
-        tail_lens=torch.tensor(plan.tail_lens, dtype=torch.int32, device=device),
     )
     if decode_batch is not None:
         lead = 0
@@ -97,7 +95,10 @@ def prepare_step(
         decode_batch.fill(*decode_rows_of_plan(plan, range(lead), sl, block_table_rows), num_rows=padded)
         step.decode_rows = decode_batch.rows(device_block_table, padded)
         step.num_decode_rows = lead
-    elif block_table is not None:
+    if step.decode_rows is None or step.others:  # metadata of the rows attended as chunks
+        step.tail_slots = torch.tensor([max(x, 0) for x in plan.tail_slots], dtype=torch.int32, device=device)
+        step.tail_lens = torch.tensor(plan.tail_lens, dtype=torch.int32, device=device)
+    if decode_batch is None and block_table is not None:
         rows = [s for s in range(num_seqs) if qlens[s] == 1]
         step.others = [s for s in range(num_seqs) if qlens[s] != 1]
         if rows:

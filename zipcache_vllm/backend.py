@@ -9,7 +9,9 @@
 * :class:`ZipCacheAttentionImpl.forward` only adapts vLLM's metadata and calls
   :func:`zipcache_vllm.attention.zipcache_attention`.
 
-CUDA graphs: not supported (``AttentionCGSupport.NEVER``): a step plans staging slots in Python.
+CUDA graphs: on CUDA (:class:`ZipCacheCudaMetadataBuilder`) single-token decode batches are captured
+(``UNIFORM_SINGLE_TOKEN_DECODE``): the staging plan and the decode rows' metadata are built once per step in the
+builder, into persistent buffers, and the per-layer forward only launches kernels. CPU runs eagerly.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import cpu_kernels, envs
-from .attention import Staging, Step, prepare_step, zipcache_attention
-from .block_manager import BlockManager
+from .attention import Staging, Step, zipcache_attention
 from .config import ZipCacheConfig
+from .engine.builder import StepBuilder
 from .layout import PageLayout
 from .plugin_settings import num_staging_slots, pick_kernels, reserve_staging, resolve_config
 
@@ -96,11 +98,17 @@ class ZipCacheAttentionBackend(CPUAttentionBackend):
 
 
 class ZipCacheCudaAttentionBackend(ZipCacheAttentionBackend):
-    """The same backend in vLLM's CUSTOM slot (CUDA hosts: ``--attention-backend CUSTOM``). Untested here."""
+    """The same backend in vLLM's CUSTOM slot (CUDA hosts: ``--attention-backend CUSTOM``), with the CUDA
+    metadata builder (decode steps as CUDA graphs). No GPU vLLM run was possible here (docs/vllm-plugin.md):
+    its builder and forward are tested on CPU through vLLM's API, the captured step on an H200 without vLLM."""
 
     @staticmethod
     def get_name() -> str:
         return "CUSTOM"
+
+    @staticmethod
+    def get_builder_cls() -> type[ZipCacheCudaMetadataBuilder]:
+        return ZipCacheCudaMetadataBuilder
 
 
 class _Refuse(type):
@@ -132,26 +140,28 @@ class ZipCacheMetadata:
 
 
 class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
+    """CPU: plans the staging of each step (:class:`~zipcache_vllm.engine.builder.StepBuilder`); one-token rows
+    are batched by the CPU decode paths. Runs eagerly (no CUDA graphs on CPU)."""
+
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    engine_decode: ClassVar[bool] = False
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.block_manager = BlockManager(num_staging_slots(vllm_config), kv_cache_spec.block_size)
-        self.batched_decode = device.type == "cpu"  # the torch path batches one-token rows
+        sched = vllm_config.scheduler_config
+        comp = getattr(vllm_config, "compilation_config", None)
+        max_rows = max(sched.max_num_seqs, getattr(comp, "max_cudagraph_capture_size", None) or 0)
+        self.step_builder = StepBuilder(num_staging_slots(vllm_config), kv_cache_spec.block_size, max_rows, device,
+                                        engine_decode=self.engine_decode, batched_cpu_decode=device.type == "cpu")
+        if self.engine_decode:
+            self._init_reorder_batch_threshold(1)  # decodes first: the leading rows go to the engine's step
 
-    def cpu_block_table(self, cm: CommonAttentionMetadata, n: int) -> torch.Tensor | None:
-        return cm.block_table_tensor[:n] if self.batched_decode else None
+    @property
+    def block_manager(self):
+        return self.step_builder.block_manager
 
-    def build(
-        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
-    ) -> ZipCacheMetadata:
-        cm = common_attn_metadata
+    def _metadata(self, cm: CommonAttentionMetadata, step: Step) -> ZipCacheMetadata:
         n = cm.num_reqs
-        qsl = cm.query_start_loc_cpu[: n + 1]
-        seq_lens = cm.seq_lens[:n].cpu()
-        qlens = (qsl[1:] - qsl[:-1]).tolist()
-        ctx = [s - q for s, q in zip(seq_lens.tolist(), qlens, strict=True)]
-        plan = self.block_manager.plan(cm.block_table_tensor[:n].tolist(), ctx, qlens)
         return ZipCacheMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
@@ -160,8 +170,36 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
             seq_lens=cm.seq_lens[:n],
             block_table=cm.block_table_tensor[:n],
             slot_mapping=cm.slot_mapping,
-            step=prepare_step(plan, qsl, seq_lens, self.cpu_block_table(cm, n), device=cm.query_start_loc.device),
+            step=step,
         )
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> ZipCacheMetadata:
+        cm = common_attn_metadata
+        n = cm.num_reqs
+        table = cm.block_table_tensor[:n]
+        # NOTE: the host block table costs a device-to-host copy and a Python list per step (the staging plan
+        # reads the blocks a step touches); vLLM does not hand builders its host copy
+        step = self.step_builder.build(cm.query_start_loc_cpu[: n + 1], cm.seq_lens[:n].cpu(), table.tolist(), table)
+        return self._metadata(cm, step)
+
+
+class ZipCacheCudaMetadataBuilder(ZipCacheMetadataBuilder):
+    """CUDA: decodes go first (``reorder_batch_threshold = 1``) and run through the engine's decode step, whose
+    per-step metadata sits in persistent buffers; a batch of single-token decodes is a pure sequence of kernel
+    launches, so vLLM captures and replays it as a full CUDA graph (``UNIFORM_SINGLE_TOKEN_DECODE``). Mixed
+    and prefill batches run eagerly (decode rows still through the engine step)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    engine_decode: ClassVar[bool] = True
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> ZipCacheMetadata:
+        """Capture with dummy rows only: the staging plan is untouched, and every replay reads the buffers that
+        :meth:`build` refills for the real step."""
+        cm = common_attn_metadata
+        step = self.step_builder.build_for_capture(cm.num_reqs, cm.block_table_tensor[: cm.num_reqs])
+        return self._metadata(cm, step)
 
 
 # --------------------------------------------------------------------------------------------------- impl
@@ -218,9 +256,10 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
             cpu_kernels.warmup(self.layout, num_kv_heads, num_heads // num_kv_heads)  # compile before requests
         num_slots = num_staging_slots(vllm_config)
         device = "cuda" if self.kernels == "triton" else "cpu"
-        self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,
+        # one more slot than the staging plan hands out: the dummy slot of padded decode rows
+        self.staging = Staging.allocate(num_slots + 1, block_size, num_kv_heads, head_size,
                                         dtype=torch.bfloat16, device=device)
-        reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
+        reserve_staging(vllm_config, num_slots + 1, block_size, num_kv_heads, head_size)
         self.layer_idx: int | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,

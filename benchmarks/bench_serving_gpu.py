@@ -377,6 +377,11 @@ def plot(results: dict, path: str) -> None:
             xs = [i + (k - 0.5) * 0.38 for i in range(len(contexts))]
             bars = ax[j].bar(xs, vals, 0.38, label=cache)
             ax[j].bar_label(bars, fmt="%.0f", fontsize=8)
+            if cache == "bf16" and key == "decode_tokens_per_s":  # the baseline with SDPA-speed attention
+                bound = [next((r.get("decode_tokens_per_s_sdpa_bound", 0) for r in recs
+                               if r["context"] == c and r["cache"] == cache), 0) for c in contexts]
+                ax[j].bar(xs, bound, 0.38, fill=False, hatch="//", edgecolor="tab:blue",
+                          label="bf16, SDPA-speed attention (bound)")
         ax[j].set_xticks(range(len(contexts)), [f"{c // 1024}k context" for c in contexts])
         ax[j].set_ylabel(label)
         ax[j].legend()

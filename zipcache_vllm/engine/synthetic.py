@@ -49,15 +49,22 @@ def admit(block_manager: BlockManager, block_table_row: list[int], context_len: 
     nb, t = divmod(context_len, n)
     dev = kv_caches[0].device
     gen = torch.Generator(device=dev).manual_seed(seed)
-    ids = torch.tensor(block_table_row[:nb], dtype=torch.long, device=dev)
+    ids = torch.tensor(block_table_row[:nb], dtype=torch.long).to(dev, non_blocking=True)
+    pick = torch.randint(0, templates[0].shape[0], (nb,), generator=gen, device=dev)  # one draw for all layers
+    if t:
+        h, d = stagings[0].key.shape[2], stagings[0].key.shape[3]
+        kv_tail = torch.randn(2, t, h, d, generator=gen, device=dev)
+        sums = torch.rand(t, h, generator=gen, device=dev)
+        counts = torch.arange(t, 0, -1, device=dev, dtype=torch.float32)  # causal counts
     for kv, st, tpl in zip(kv_caches, stagings, templates, strict=True):
         if nb:
-            pick = torch.randint(0, tpl.shape[0], (nb,), generator=gen, device=dev)
-            kv[ids, :, : tpl.shape[2]] = tpl[pick]
+            if kv.shape[2] == tpl.shape[2] and kv.is_contiguous():
+                kv.view(kv.shape[0], -1).index_copy_(0, ids, tpl.view(tpl.shape[0], -1).index_select(0, pick))
+            else:
+                kv[ids, :, : tpl.shape[2]] = tpl[pick]
         if t:
-            h, d = st.key.shape[2], st.key.shape[3]
-            st.key[slot, :t] = torch.randn(t, h, d, generator=gen, device=dev).to(st.key.dtype)
-            st.value[slot, :t] = torch.randn(t, h, d, generator=gen, device=dev).to(st.value.dtype)
-            st.score_sum[slot, :t] = torch.rand(t, h, generator=gen, device=dev)
-            st.score_count[slot, :t] = torch.arange(t, 0, -1, device=dev, dtype=torch.float32)  # causal counts
+            st.key[slot, :t] = kv_tail[0]
+            st.value[slot, :t] = kv_tail[1]
+            st.score_sum[slot, :t] = sums
+            st.score_count[slot, :t] = counts
     return slot

@@ -20,7 +20,7 @@ test: setup
 	$(PY) -m pytest tests -q -p no:cacheprovider --timeout 900
 
 test-unit: setup
-	$(PY) -m pytest tests/unit -q -p no:cacheprovider
+	$(PY) -m pytest tests/method tests/engine -q -p no:cacheprovider
 
 ## ruff on the code, hadolint on every Dockerfile (docker/.hadolint.yaml: any finding fails).
 DOCKERFILES := $(filter-out %.dockerignore,$(wildcard docker/Dockerfile*))

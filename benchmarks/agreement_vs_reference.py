@@ -40,11 +40,11 @@ def served(port: int, ids: list[list[int]], steps: int) -> list[list[int]]:
 
 
 def reference(hf, ids: list[list[int]], steps: int, zipcache: bool) -> list[list[int]]:
-    from zipcache_vllm import envs
-    from zipcache_vllm.config import ZipCacheConfig
     from zipcache_vllm.eval import harness
-    from zipcache_vllm.hf_cache import ZipCache
-    from zipcache_vllm.methods import Method
+    from zipcache_vllm.eval.methods import Method
+    from zipcache_vllm.hf.cache import ZipCache
+    from zipcache_vllm.method.config import ZipCacheConfig
+    from zipcache_vllm.plugin import envs
 
     out = []
     for p in ids:

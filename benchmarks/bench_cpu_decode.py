@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from zipcache_vllm import paged
-from zipcache_vllm.attention import Staging, prepare_step
-from zipcache_vllm.batched_decode import decode_attend, decode_attend_codes
-from zipcache_vllm.block_manager import BlockManager
-from zipcache_vllm.config import ZipCacheConfig
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.block_manager import BlockManager
+from zipcache_vllm.engine.cpu_decode import decode_attend, decode_attend_codes
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.engine.step import Staging, prepare_step
+from zipcache_vllm.method.config import ZipCacheConfig
 
 N, H, G, D = 128, 3, 3, 64
 

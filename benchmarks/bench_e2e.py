@@ -12,7 +12,7 @@ prompts of ``--contexts`` tokens (4096 and 32768, random ids):
   tokens), attention ``sdpa``. quanto's CUDA ``unpack`` lives in a C++/CUDA extension that it compiles on first
   use (minutes, all of quanto's kernels); this script binds ``quanto::unpack`` to quanto's own pure-torch
   implementation instead, so the cache runs as plain torch ops (the unpack is a few element-wise passes);
-* ``zipcache``: :class:`zipcache_vllm.hf_paged.PagedZipCache` (``paged`` preset: block 128, r = 0.6, 4/2 bits),
+* ``zipcache``: :class:`zipcache_vllm.hf.paged_cache.PagedZipCache` (``paged`` preset: block 128, r = 0.6, 4/2 bits),
   attention ``zipcache_paged``: Triton decode kernel over the pages + bf16 tail, probe scores, compress/store.
 
 Per case: one prefill (CUDA events; ``logits_to_keep=1``), then ``--warmup`` + ``--steps`` single-token decode
@@ -46,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from zipcache_vllm import hf_cache, hf_paged  # noqa: E402
-from zipcache_vllm.config import ZipCacheConfig  # noqa: E402
+from zipcache_vllm.hf import cache as hf_cache  # noqa: E402
+from zipcache_vllm.hf import paged_cache as hf_paged
+from zipcache_vllm.method.config import ZipCacheConfig  # noqa: E402
 
 GiB = 1024**3
 

@@ -72,8 +72,8 @@ from zipcache_vllm.kernels.prefill_attention import prefill_attention
 from zipcache_vllm.kernels.probe_scores import probe_scores
 
 from benchmarks.page_gather import gather_bytes, page_gather
-from zipcache_vllm import saliency
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.method import saliency
 
 MODEL = {"name": "LLaMA3-8B", "num_heads": 32, "num_kv_heads": 8, "head_size": 128}
 BLOCK = 128
@@ -255,7 +255,7 @@ def _rel(out, ref) -> dict:
 
 def check_decode(layout, pool) -> dict:
     """v1 and v2 vs the torch twin at a benchmark-like shape (batch 2, context 4k): max abs and relative L2."""
-    from zipcache_vllm import paged
+    from zipcache_vllm.engine import paged
 
     args = decode_inputs(layout, pool, 2, 4096)
     ref = paged.decode_attention(**args)

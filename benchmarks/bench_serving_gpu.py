@@ -22,7 +22,7 @@ sequence, as one CUDA graph of the whole 32-layer forward:
 
 * ``zipcache``: the vLLM backend's own code path: :class:`~zipcache_vllm.engine.builder.StepBuilder` (the
   staging plan and the decode rows' persistent metadata, once per step on the host), then
-  :func:`zipcache_vllm.attention.zipcache_attention` per layer, i.e. the engine's decode step (decode kernel v2,
+  :func:`zipcache_vllm.engine.step.zipcache_attention` per layer, i.e. the engine's decode step (decode kernel v2,
   probe masses, saliency update, compression of the blocks that complete, from a fixed-size work list);
 * ``bf16``: K/V in contiguous per-sequence rows of a bf16 cache and FlashAttention-2's varlen kernel (torch's
   ``_flash_attention_forward`` with ``seqused_k``), which reads only each sequence's tokens: at least as fast
@@ -53,13 +53,13 @@ import time
 
 import torch
 
-from zipcache_vllm.attention import zipcache_attention
-from zipcache_vllm.block_manager import default_num_slots
-from zipcache_vllm.config import ZipCacheConfig
+from zipcache_vllm.engine.block_manager import default_num_slots
 from zipcache_vllm.engine.builder import StepBuilder
+from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.staging import Staging
+from zipcache_vllm.engine.step import zipcache_attention
 from zipcache_vllm.engine.synthetic import admit, template_pages
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.method.config import ZipCacheConfig
 
 GIB = 2**30
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-from zipcache_vllm.attention import Staging
-from zipcache_vllm.block_manager import default_num_slots
-from zipcache_vllm.config import ZipCacheConfig
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine.block_manager import default_num_slots
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.engine.step import Staging
+from zipcache_vllm.method.config import ZipCacheConfig
 
 MODELS = {  # layers, KV heads, head size
     "SmolLM2-135M": (30, 3, 64),

@@ -28,7 +28,7 @@ import openai
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serve import one, prompt  # noqa: E402
 
-from zipcache_vllm.launch import stop_server  # noqa: E402
+from zipcache_vllm.plugin.launch import stop_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "zipcache-vllm"

@@ -27,8 +27,8 @@ from benchmarks.bench_kernels import (
     time_sdpa,
 )  # fmt: skip
 from benchmarks.page_gather import gather_bytes, page_gather
-from zipcache_vllm import paged
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.layout import PageLayout
 
 PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
 

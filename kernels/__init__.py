@@ -1,7 +1,7 @@
 """Triton kernels over ZipCache pages (importable only as ``zipcache_vllm.kernels``; torch + triton only).
 
 Each launcher validates, allocates and launches; its plain-torch twin of the same name is in
-``zipcache_vllm.paged``.
+``zipcache_vllm.engine.paged``.
 """
 
 from .compress_store import compress_store

@@ -1,6 +1,6 @@
 """Compress complete blocks into mixed-precision pages: saliency ranking, ZC-3 keys, ZC-2 values, packing.
 
-Twin: ``zipcache_vllm.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
+Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
 One program per (block, KV head, K or V); one program per precision group measured slower on the H200
 (134 us against 111 us for the 32 blocks x 8 heads of a 4k prompt). Bit-exactness rests on the
 conventions of ``zipcache_vllm/quant.py``: float32 min/max, IEEE division and square root (``div_rn`` /
@@ -222,7 +222,7 @@ def compress_store(
     scores : ``[num_new_blocks * block_size, num_kv_heads]`` float, saliency per token (higher = salient).
     block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
-    layout : ``zipcache_vllm.layout.PageLayout`` (read, not imported).
+    layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
     num_warps : per program (one program per block, head and K or V).
 
     Example
@@ -271,7 +271,7 @@ def compress_slots(
     [num_slots, block_size]``, IEEE division as the twin's) unless ``score_count`` is None; a scores tensor
     with slot stride 0 gives every block the same scores (the random-saliency ablation).
 
-    Twin: ``zipcache_vllm.paged.compress_slots``.
+    Twin: ``zipcache_vllm.engine.paged.compress_slots``.
     """
     n, d = layout.block_size, layout.head_size
     dev = tail_key.device

@@ -1,6 +1,6 @@
 """Decode attention over mixed-precision pages: one query token per sequence, GQA, split-K.
 
-Twin: ``zipcache_vllm.paged.decode_attention``. Grid ``(num_seqs, num_kv_heads, num_splits)``: a program
+Twin: ``zipcache_vllm.engine.paged.decode_attention``. Grid ``(num_seqs, num_kv_heads, num_splits)``: a program
 takes the ``G`` query heads of one KV head as the rows of its tiles (padded to 16, the smallest ``tl.dot``),
 walks a contiguous range of the sequence's pages and, in the last split, the bf16 tail. Dequantization is
 folded into q (keys) and into the output (values), method doc §10, so a page is read once, as codes.
@@ -143,7 +143,7 @@ def decode_attention(
     ----------
     query : ``[num_seqs, num_heads, head_size]`` bf16/fp16/fp32 (post-RoPE).
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``.
-    layout : ``zipcache_vllm.layout.PageLayout``.
+    layout : ``zipcache_vllm.engine.layout.PageLayout``.
     block_table : ``int32 [num_seqs, max_blocks]``; row ``s`` lists the pages of sequence ``s`` first.
     seq_lens, tail_slots, tail_lens : ``int32 [num_seqs]``. Sequence ``s`` has
         ``(seq_lens[s] - tail_lens[s]) / block_size`` pages (a whole number; not checked on the device) and

@@ -5,7 +5,7 @@ tail token is added to that token's running ``score_sum`` and the token's ``scor
 token (staged at row ``t0 = tail_lens[r]`` of the slot) starts with its own mass and a count of one. Rows past
 ``t0`` are left as they are: a tail row is always written before it is read.
 
-Twin: ``zipcache_vllm.paged.update_decode_saliency``.
+Twin: ``zipcache_vllm.engine.paged.update_decode_saliency``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Decode attention v2 over mixed-precision pages (Hopper/Ampere tensor cores, written in Gluon).
 
-Twin: ``zipcache_vllm.paged.decode_attention``. Same arguments as ``decode_attention`` (v1), plus the row
+Twin: ``zipcache_vllm.engine.paged.decode_attention``. Same arguments as ``decode_attention`` (v1), plus the row
 log-sum-exp the saliency update needs; one launch per layer and step (split-K partials are merged in the
 kernel by the last program of each (sequence, KV head), through a self-resetting counter).
 
@@ -32,14 +32,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ._common import (
-    LOG2E,
-    check,
-    check_decode_inputs,
-    check_tensor,
-    num_sms,
-    pow2,
-)
+from ._common import LOG2E, check, check_decode_inputs, check_tensor, num_sms, pow2
 
 MAX_CHUNK = 64  # page rows per chunk (the softmax/rescale step)
 TAIL_CHUNK = 32  # bf16 tail rows per step

@@ -1,6 +1,6 @@
 """Prefill / chunked-prefill attention over mixed-precision pages, plus the probe saliency scores.
 
-Twin: ``zipcache_vllm.paged.prefill_attention``. Grid ``(query tiles, num_seqs, num_kv_heads)``: a program
+Twin: ``zipcache_vllm.engine.paged.prefill_attention``. Grid ``(query tiles, num_seqs, num_kv_heads)``: a program
 takes ``BLOCK_Q`` query tokens x the ``G`` query heads of one KV head (``BLOCK_Q * G_PAD`` tile rows, row
 ``r`` = token ``r // G_PAD``, head ``r % G_PAD``), so each key is loaded once for its whole GQA group. It
 walks the sequence's pages (all visible; dequantization folded as in decode), its bf16 tail (all visible),

@@ -1,6 +1,6 @@
 """Probe saliency scores of the bf16 keys of a prefill chunk (ZC-7 / ZC-8), from the attention's LSE.
 
-Twin: the ``scores`` / ``tail_scores`` outputs of ``zipcache_vllm.paged.prefill_attention``. Grid
+Twin: the ``scores`` / ``tail_scores`` outputs of ``zipcache_vllm.engine.paged.prefill_attention``. Grid
 ``(key tiles, num_seqs, num_kv_heads)``: a program takes ``BLOCK_K`` keys (tail tiles first, then the chunk's
 own keys) and walks the sequence's probe rows, ``BLOCK_P`` probe tokens x the GQA group per ``tl.dot``:
 ``p = exp(q . k * scale - lse)`` with ``lse`` the full row's log-sum-exp from the prefill attention (so ``p``

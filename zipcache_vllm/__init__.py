@@ -8,9 +8,9 @@ from __future__ import annotations
 
 _REGISTERED = False
 
-CPU_BACKEND = "zipcache_vllm.backend.ZipCacheAttentionBackend"
-CUDA_BACKEND = "zipcache_vllm.backend.ZipCacheCudaAttentionBackend"
-MLA_REFUSAL = "zipcache_vllm.backend.ZipCacheRefusesMLA"
+CPU_BACKEND = "zipcache_vllm.plugin.backend.ZipCacheAttentionBackend"
+CUDA_BACKEND = "zipcache_vllm.plugin.backend.ZipCacheCudaAttentionBackend"
+MLA_REFUSAL = "zipcache_vllm.plugin.backend.ZipCacheRefusesMLA"
 
 
 def register() -> None:
@@ -26,8 +26,8 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from . import envs
-    from .serve import install_cli_flags
+    from .plugin import envs
+    from .plugin.serve import install_cli_flags
 
     install_cli_flags()  # `vllm serve --kv-cache-backend zipcache`; absent flags leave vLLM stock
     if not envs.enabled():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from zipcache_vllm.launch import stop_server
+from zipcache_vllm.plugin.launch import stop_server
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "zipcache-vllm"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from zipcache_vllm import envs
-from zipcache_vllm.config import ZipCacheConfig
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.plugin import envs
 
 MODEL = "smollm2"
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -156,7 +156,7 @@ def test_metrics_expose_the_compression_figures(zipcache_server):
     import importlib.metadata as md
 
     declared = [e.value for e in md.entry_points(group="vllm.stat_logger_plugins") if e.name == "zipcache"]
-    assert declared == ["zipcache_vllm.metrics:ZipCacheStatLogger"], "reinstall the package (pip install -e .)"
+    assert declared == ["zipcache_vllm.plugin.metrics:ZipCacheStatLogger"], "reinstall the package (pip install -e .)"
     text = zipcache_server.get("/metrics")
     for name in ("bits_per_value", "salient_ratio", "capacity_ratio_vs_bf16", "kv_cache_tokens"):
         assert re.search(rf"^zipcache:{name}\S* [\d.e+]+$", text, re.M), name

@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from zipcache_vllm import envs, paged
-from zipcache_vllm.attention import Staging, prepare_step, zipcache_attention
-from zipcache_vllm.block_manager import BlockManager
-from zipcache_vllm.config import ZipCacheConfig
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.block_manager import BlockManager
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.engine.step import Staging, prepare_step, zipcache_attention
+from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.plugin import envs
 
 MODEL = "smollm2"
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -60,8 +61,8 @@ def record_reference(hf, ids: list[int], steps: int):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from zipcache_vllm import hf_cache
     from zipcache_vllm.eval import harness
+    from zipcache_vllm.hf import cache as hf_cache
 
     calls: dict[int, list] = {}
 
@@ -131,7 +132,7 @@ def vllm_greedy(server, ids: list[int]) -> tuple[list[int], list[float]]:
 def reference_replay(hf, ids: list[int], tokens: list[int]) -> torch.Tensor:
     """Log-probabilities of the reference cache, teacher-forced on ``tokens``: ``[len(tokens), vocab]``."""
     from zipcache_vllm.eval import harness
-    from zipcache_vllm.hf_cache import ZipCache
+    from zipcache_vllm.hf.cache import ZipCache
 
     cache = ZipCache(ZipCacheConfig.load(envs.DEFAULT_CONFIG), model_config=hf.config)
     _, logits, _ = harness.decode_steps(hf, torch.tensor(ids), cache, len(tokens), forced=torch.tensor(tokens))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from zipcache_vllm import paged
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.layout import PageLayout
 
 
 def make_cache_kv(layout: PageLayout, num_kv_heads: int, num_blocks: int, device, outlier: float = 8.0):

@@ -5,8 +5,8 @@ import torch
 from conftest import DEVICE
 from zipcache_vllm.kernels.compress_store import compress_store
 
-from zipcache_vllm import paged
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.layout import PageLayout
 
 pytestmark = pytest.mark.interpret
 

@@ -8,8 +8,9 @@ from _data import make_seqs, make_seqs_kv
 from conftest import DEVICE, tolerance
 from zipcache_vllm.kernels.decode_attention import decode_attention
 
-from zipcache_vllm import paged, quant
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.method import quant
 
 pytestmark = pytest.mark.interpret
 

@@ -10,13 +10,13 @@ import random
 import pytest
 import torch
 
-from zipcache_vllm.attention import zipcache_attention
-from zipcache_vllm.block_manager import default_num_slots
-from zipcache_vllm.config import ZipCacheConfig
+from zipcache_vllm.engine.block_manager import default_num_slots
 from zipcache_vllm.engine.builder import StepBuilder
+from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.staging import Staging
+from zipcache_vllm.engine.step import zipcache_attention
 from zipcache_vllm.engine.synthetic import admit, template_pages
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.method.config import ZipCacheConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

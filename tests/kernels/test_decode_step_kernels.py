@@ -7,8 +7,8 @@ from conftest import DEVICE
 from zipcache_vllm.kernels.compress_store import compress_slots
 from zipcache_vllm.kernels.decode_saliency import update_decode_saliency
 
-from zipcache_vllm import paged
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.layout import PageLayout
 
 pytestmark = pytest.mark.interpret
 

@@ -6,8 +6,8 @@ from _data import make_seqs
 from conftest import DEVICE, tolerance
 from zipcache_vllm.kernels.prefill_attention import prefill_attention
 
-from zipcache_vllm import paged
-from zipcache_vllm.layout import PageLayout
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.layout import PageLayout
 
 pytestmark = pytest.mark.interpret
 

@@ -1,22 +1,22 @@
 """Per-step metadata of the paged engine, built once per step on the host and shared by every layer.
 
 :class:`StepBuilder` is what vLLM's metadata builder does for ZipCache, without vLLM: plan the bf16 staging of
-the step (:class:`~zipcache_vllm.block_manager.BlockManager`), and, when the engine's decode step is on, write
+the step (:class:`~zipcache_vllm.engine.block_manager.BlockManager`), and, when the engine's decode step is on, write
 the decode rows' metadata into the persistent buffers of a :class:`~zipcache_vllm.engine.decode.DecodeBatch`.
-The vLLM backend (:mod:`zipcache_vllm.backend`) and ``benchmarks/bench_serving_gpu.py`` both drive it.
+The vLLM backend (:mod:`zipcache_vllm.plugin.backend`) and ``benchmarks/bench_serving_gpu.py`` both drive it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..attention import Step, prepare_step
-from ..block_manager import BlockManager, StepPlan
+from .block_manager import BlockManager, StepPlan
 from .decode import DecodeBatch
+from .step import Step, prepare_step
 
 
 class StepBuilder:
-    """Builds the :class:`~zipcache_vllm.attention.Step` of each step.
+    """Builds the :class:`~zipcache_vllm.engine.step.Step` of each step.
 
     Parameters
     ----------
@@ -24,7 +24,7 @@ class StepBuilder:
         decode rows (``Staging.allocate(num_slots + 1, ...)``).
     block_size : tokens per block. max_rows : the most rows of a step (decode rows, padding included).
     device : where the kernels run. engine_decode : leading one-token rows through the engine's decode step
-        (CUDA; graph-capturable); else they stay with the CPU paths of :mod:`zipcache_vllm.attention`.
+        (CUDA; graph-capturable); else they stay with the CPU paths of :mod:`zipcache_vllm.engine.step`.
     batched_cpu_decode : the CPU torch/numba paths batch one-token rows (they need the block table on host).
     """
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Saliency
-from ..layout import PageLayout
-from .ops import DecodeOps
+from ..method.config import Saliency
+from ..method.saliency import random_scores
+from .layout import PageLayout
+from .ops import KernelOps
 from .staging import Staging
 
 FIELDS = ("slots", "tail_lens", "tail_lens_after", "seq_lens", "block_ids", "new_flat")
@@ -117,7 +118,7 @@ class DecodeBatch:
 
 
 def decode_rows_of_plan(plan, rows, seq_lens, block_table) -> tuple[list, list, list, list]:
-    """Host lists for :meth:`DecodeBatch.fill` from a :class:`~zipcache_vllm.block_manager.StepPlan`: the rows
+    """Host lists for :meth:`DecodeBatch.fill` from a :class:`~zipcache_vllm.engine.block_manager.StepPlan`: the rows
     ``rows`` (batch indices of one-token queries), their ``seq_lens`` (host ints, the new token included) and
     ``block_table`` rows (host lists)."""
     n = plan.block_size
@@ -132,13 +133,12 @@ def decode_rows_of_plan(plan, rows, seq_lens, block_table) -> tuple[list, list, 
 
 
 @functools.lru_cache(maxsize=16)
-def fixed_scores(saliency: Saliency, probe_seed: int, block_size: int, num_kv_heads: int, device):
-    """The scores of the random-saliency ablation (the same draw for every block, as the prefill path draws
-    them), shaped ``[1, block_size, num_kv_heads]``; None for probe saliency."""
-    if saliency is not Saliency.RANDOM:
+def fixed_scores(config, block_size: int, num_kv_heads: int, device):
+    """The scores of the random-saliency ablation for every block, ``[1, block_size, num_kv_heads]``
+    (:func:`~zipcache_vllm.method.saliency.random_scores`); None for probe saliency."""
+    if config.saliency is not Saliency.RANDOM:
         return None
-    gen = torch.Generator().manual_seed(probe_seed + block_size)
-    return torch.rand((1, num_kv_heads, block_size), generator=gen)[0].T.unsqueeze(0).contiguous().to(device)
+    return random_scores(config, 1, num_kv_heads, block_size).transpose(1, 2).contiguous().to(device)
 
 
 def decode_step(
@@ -149,7 +149,7 @@ def decode_step(
     staging: Staging,
     rows: DecodeRows,
     layout: PageLayout,
-    ops: DecodeOps,
+    ops: KernelOps,
     saliency: Saliency,
     scale: float,
     out: torch.Tensor,
@@ -161,7 +161,7 @@ def decode_step(
     ----------
     query : ``[>= R, num_heads, head_size]``; key, value : ``[>= R, num_kv_heads, head_size]`` (post-RoPE).
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= page_bytes]``; staging : this layer's :class:`Staging`.
-    rows : :meth:`DecodeBatch.rows` of this step. ops : :func:`~zipcache_vllm.engine.ops.decode_ops`.
+    rows : :meth:`DecodeBatch.rows` of this step. ops : :func:`~zipcache_vllm.engine.ops.kernel_ops`.
     saliency : how completed blocks are scored (probe scores divided by counts, accumulated sums, or the
         random ablation with ``random_scores`` from :func:`fixed_scores`).
     out : ``[>= R, num_heads, head_size]``, rows ``:R`` written.

@@ -1,5 +1,5 @@
 """The kernel operations of the paged engine, chosen once per process: Triton on CUDA, the plain-torch twins of
-:mod:`zipcache_vllm.paged` elsewhere (the spec the kernels are tested against).
+:mod:`zipcache_vllm.engine.paged` elsewhere (the spec the kernels are tested against).
 
 Every entry has one signature for both families, so the engine step (:mod:`zipcache_vllm.engine.decode`) is
 written once. The Triton entries launch without host synchronisation or data-dependent shapes: a decode step
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import paged
+from . import paged
 
 LN2 = 0.6931471805599453
 
@@ -26,16 +26,33 @@ def kernel_module(name: str):
 
 
 @dataclass(frozen=True)
-class DecodeOps:
-    """``attend(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass)``: decode attention of
-    each row over its pages and tail (the new token staged at row ``t0``), writing ``out`` and the row's probe
-    masses (``own [R, H]``, ``tail_mass [R, N, H]`` read for ``j < t0``); ``update_saliency`` and
-    ``compress_slots`` as in :mod:`zipcache_vllm.paged`."""
+class KernelOps:
+    """One family of kernel operations (signatures as the twins in :mod:`zipcache_vllm.engine.paged`):
+
+    * ``attend(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass)``: decode attention of
+      each row over its pages and tail (the new token staged at row ``t0``), writing ``out`` and the row's
+      probe masses (``own [R, H]``, ``tail_mass [R, N, H]`` read for ``j < t0``);
+    * ``update_saliency``, ``compress_slots``, ``compress_store``: as the twins;
+    * ``prefill_attention(query, key, value, max_query_len, **meta) -> (out, scores, tail_scores)``: a chunk of
+      queries over pages + tail + itself with probe scores (``max_query_len`` sizes the Triton grid).
+    """
 
     name: str
     attend: Callable
     update_saliency: Callable
     compress_slots: Callable
+    compress_store: Callable
+    prefill_attention: Callable
+
+
+def _prefill_torch(query, key, value, max_query_len, **meta):
+    return paged.prefill_attention(query, key, value, **meta)
+
+
+def _prefill_triton(query, key, value, max_query_len, **meta):
+    out, _lse, scores, tail_scores = kernel_module("prefill_attention").prefill_attention(
+        query, key, value, max_query_len=max_query_len, **meta)
+    return out, scores, tail_scores
 
 
 def _attend_torch(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass) -> None:
@@ -74,21 +91,26 @@ def _attend_triton(query, key, kv_cache, layout, rows, staging, scale, out, own,
 
 
 @functools.lru_cache(maxsize=4)
-def decode_ops(kernels: str) -> DecodeOps:
-    """The decode operations of a kernel family: ``triton`` (CUDA, or the interpreter) or ``torch`` (twins;
-    ``numba`` hosts use the twins for this step)."""
+def kernel_ops(kernels: str) -> KernelOps:
+    """The operations of a kernel family, chosen once: ``triton`` (CUDA, or the interpreter) or ``torch`` (the
+    twins; ``numba`` hosts use them too, their one-token rows take the numba path of
+    :mod:`zipcache_vllm.engine.cpu_decode`)."""
     if kernels == "triton":
-        return DecodeOps(
+        return KernelOps(
             name="triton",
             attend=_attend_triton,
             update_saliency=kernel_module("decode_saliency").update_decode_saliency,
             compress_slots=kernel_module("compress_store").compress_slots,
+            compress_store=kernel_module("compress_store").compress_store,
+            prefill_attention=_prefill_triton,
         )
     if kernels in ("torch", "numba"):
-        return DecodeOps(
+        return KernelOps(
             name="torch",
             attend=_attend_torch,
             update_saliency=paged.update_decode_saliency,
             compress_slots=paged.compress_slots,
+            compress_store=paged.compress_store,
+            prefill_attention=_prefill_torch,
         )
     raise ValueError(f"kernels must be triton, torch or numba, got {kernels!r}")

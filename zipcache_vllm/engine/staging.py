@@ -1,5 +1,5 @@
 """bf16 staging of the incomplete blocks: the tokens of each sequence's last block and their running saliency,
-in slots handed out by :class:`zipcache_vllm.block_manager.BlockManager`. One :class:`Staging` per layer."""
+in slots handed out by :class:`zipcache_vllm.engine.block_manager.BlockManager`. One :class:`Staging` per layer."""
 
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import paged
-from ..block_manager import BlockManager
-from ..layout import PageLayout
+from .block_manager import BlockManager
+from .layout import PageLayout
+from .ops import kernel_ops
 from .staging import Staging
 
 
@@ -29,11 +29,7 @@ def template_pages(num_pages: int, num_kv_heads: int, layout: PageLayout, device
     scores = torch.rand(rows, num_kv_heads, generator=gen, device=device)
     pages = torch.zeros(num_pages, num_kv_heads, layout.page_bytes, dtype=torch.uint8, device=device)
     ids = torch.arange(num_pages, device=device)
-    if pages.device.type == "cuda":
-        from ..kernels.compress_store import compress_store
-    else:
-        compress_store = paged.compress_store
-    compress_store(k, v, scores, ids, pages, layout)
+    kernel_ops("triton" if pages.device.type == "cuda" else "torch").compress_store(k, v, scores, ids, pages, layout)
     return pages
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..methods import ALL_METHODS, Method
+from .methods import ALL_METHODS, Method
 
 DEFAULT_METHODS = "bf16,int8,int4,int2,kivi4,kivi2,zipcache,zipcache-accum,zipcache-quota,zipcache-paged,quanto-int4"
 COLUMNS = ("perplexity", "agreement", "kl", "accuracy", "bytes_per_token", "bits_per_value", "compression_ratio",

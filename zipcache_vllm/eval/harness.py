@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import hf_cache
-from ..methods import Method
+from ..hf import cache as hf_cache
 from ..models import resolve_model
+from .methods import Method
 
 
 @dataclass

@@ -1,0 +1,149 @@
+"""The torch twins (zipcache_vllm.engine.paged) against dense references built from quant.py / saliency.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.method import quant, saliency
+from zipcache_vllm.method.config import Normalizer, Selection
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("n, d, r, rv", [(16, 64, 0.6, None), (32, 128, 0.8, 0.2), (16, 64, 0.25, 0.75)])
+def test_pages_dequantize_to_the_quantizers(n, d, r, rv):
+    """Per block: keys = ZC-3 channelwise per precision group, values = ZC-2 CST, per-block quota."""
+    lay = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
+    h, nb = 2, 3
+    k, v, s = (
+        torch.randn(nb * n, h, d).bfloat16(),
+        torch.randn(nb * n, h, d).bfloat16(),
+        torch.rand(nb * n, h),
+    )
+    cache = torch.zeros(nb, h, lay.page_bytes, dtype=torch.uint8)
+    paged.compress_store(k, v, s, torch.arange(nb), cache, lay)
+    kd, vd = paged.dequantize_pages(cache, torch.arange(nb), lay)  # [B, N, H, D], token order
+    x = k.float().view(nb, n, h, d).transpose(1, 2)
+    y = v.float().view(nb, n, h, d).transpose(1, 2)
+    sc = s.view(nb, n, h).transpose(1, 2)
+    ks = saliency.select_salient(sc, r, Selection.QUOTA, n)
+    vs = saliency.select_salient(sc, lay.v_salient_ratio, Selection.QUOTA, n)
+    hi, lo = quant.quantize_channelwise_mixed(x, ks, 4, 2)
+    k_ref = quant.select_mixed(hi.dequantize(), lo.dequantize(), ks)
+    c, vhi, vlo = quant.quantize_cst_mixed(y, vs, 4, 2)
+    v_ref = quant.select_mixed(vhi.dequantize(), vlo.dequantize(), vs) * c.float()
+    assert torch.equal(kd.transpose(1, 2), k_ref)
+    assert torch.equal(vd.transpose(1, 2), v_ref)
+
+
+def _setup(lay, h, lengths, tail_extra=0):
+    """Pages + tails for sequences of (pages, tail_len); dense fp32 K/V per sequence in token order."""
+    n, d = lay.block_size, lay.head_size
+    total = sum(p for p, _ in lengths)
+    k, v, s = torch.randn(total * n, h, d), torch.randn(total * n, h, d), torch.rand(total * n, h)
+    cache = torch.zeros(total + 1, h, lay.page_bytes, dtype=torch.uint8)
+    ids = torch.randperm(total + 1)[:total]
+    paged.compress_store(k, v, s, ids, cache, lay)
+    kd, vd = paged.dequantize_pages(cache, ids, lay)
+    tk, tv = torch.randn(len(lengths), n, h, d), torch.randn(len(lengths), n, h, d)
+    bt = torch.zeros(len(lengths), max(1, max(p for p, _ in lengths)), dtype=torch.int32)
+    dense, start = [], 0
+    for i, (p, t) in enumerate(lengths):
+        bt[i, :p] = ids[start : start + p].int()
+        dk = torch.cat([kd[start : start + p].reshape(-1, h, d), tk[i, :t]])
+        dv = torch.cat([vd[start : start + p].reshape(-1, h, d), tv[i, :t]])
+        dense.append((dk, dv))
+        start += p
+    tails = torch.tensor([t for _, t in lengths], dtype=torch.int32)
+    return cache, bt, tk, tv, torch.arange(len(lengths), dtype=torch.int32), tails, dense
+
+
+def test_decode_twin_is_sdpa_on_dequantized_cache():
+    lay, h, g = PageLayout(16, 64), 2, 3
+    lengths = [(3, 5), (0, 7), (2, 1)]
+    cache, bt, tk, tv, ts, tails, dense = _setup(lay, h, lengths)
+    seq_lens = torch.tensor([p * 16 + t for p, t in lengths], dtype=torch.int32)
+    q = torch.randn(3, h * g, 64)
+    out = paged.decode_attention(q, cache, lay, bt, seq_lens, tk, tv, ts, tails)
+    for i, (dk, dv) in enumerate(dense):
+        ref = F.scaled_dot_product_attention(q[i].unsqueeze(1), dk.transpose(0, 1), dv.transpose(0, 1), enable_gqa=True)
+        torch.testing.assert_close(out[i], ref.squeeze(1), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_twin_scores_are_token_saliency():
+    """One unchunked prompt, no pages: the probe scores equal saliency.token_saliency (ZC-7/ZC-8)."""
+    lay, h, g, n_tok, d = PageLayout(16, 64), 2, 4, 45, 64
+    q, k, v = torch.randn(n_tok, h * g, d), torch.randn(n_tok, h, d), torch.randn(n_tok, h, d)
+    probes = saliency.probe_positions(n_tok, generator=torch.Generator().manual_seed(1))
+    empty = torch.zeros(1, 16, h, d)
+    one = torch.zeros(1, dtype=torch.int32)
+    for norm in (Normalizer.CAUSAL_COUNT, Normalizer.PROBE_NNZ):
+        out, sc, tsc = paged.prefill_attention(
+            q,
+            k,
+            v,
+            torch.zeros(1, h, lay.page_bytes, dtype=torch.uint8),
+            lay,
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.tensor([0, n_tok], dtype=torch.int32),
+            torch.tensor([n_tok], dtype=torch.int32),
+            empty,
+            empty,
+            one,
+            one,
+            probes.int(),
+            torch.tensor([0, probes.numel()], dtype=torch.int32),
+            norm,
+        )
+        ref = saliency.token_saliency(q.transpose(0, 1)[None], k.transpose(0, 1)[None], normalizer=norm, probes=probes)
+        torch.testing.assert_close(sc.T, ref[0], atol=1e-6, rtol=1e-5)
+        assert not tsc.any()
+    causal = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+    )
+    torch.testing.assert_close(out, causal.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_equals_one_chunk():
+    """Two chunks over pages + tail produce the rows one chunk produces (attention is per row)."""
+    lay, h, g, d = PageLayout(16, 64), 1, 4, 64
+    cache, bt, tk, tv, ts, tails, dense = _setup(lay, h, [(2, 5)])
+    ctx = 2 * 16 + 5
+    q, k, v = torch.randn(20, h * g, d), torch.randn(20, h, d), torch.randn(20, h, d)
+    full, _, _ = paged.prefill_attention(
+        q,
+        k,
+        v,
+        cache,
+        lay,
+        bt,
+        torch.tensor([0, 20], dtype=torch.int32),
+        torch.tensor([ctx + 20], dtype=torch.int32),
+        tk,
+        tv,
+        ts,
+        tails,
+    )
+    tk2 = tk.clone()
+    tk2[0, 5:12], tv2 = k[:7], tv.clone()
+    tv2[0, 5:12] = v[:7]
+    second, _, _ = paged.prefill_attention(
+        q[7:],
+        k[7:],
+        v[7:],
+        cache,
+        lay,
+        bt,
+        torch.tensor([0, 13], dtype=torch.int32),
+        torch.tensor([ctx + 20], dtype=torch.int32),
+        tk2,
+        tv2,
+        ts,
+        tails + 7,
+    )
+    torch.testing.assert_close(second, full[7:], atol=1e-5, rtol=1e-5)

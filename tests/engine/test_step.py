@@ -1,0 +1,317 @@
+"""zipcache_attention on CPU against a dense reference that keeps every sequence in token order.
+
+The reference holds, per sequence, the dequantized pages of its complete blocks (compressed with the same
+scores it computes itself from full fp32 probability matrices) and the bf16 rest; it attends with a causal
+mask in fp32. Batches are driven like vLLM drives the backend: a block allocator, block tables, slot mappings,
+rows reordered between steps, mixed prefill chunks and decodes, blocks completing mid-chunk, a finished
+request's blocks reused by a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from zipcache_vllm.engine import paged
+from zipcache_vllm.engine.block_manager import BlockManager
+from zipcache_vllm.engine.decode import DecodeBatch
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.engine.step import Staging, prepare_step, zipcache_attention
+from zipcache_vllm.method.config import Normalizer, Saliency, ZipCacheConfig
+from zipcache_vllm.method.saliency import layer_probes, random_scores
+
+N, D = 16, 32  # block size and head size (small: the twins are plain torch)
+NUM_BLOCKS, NUM_SLOTS = 40, 6
+
+
+class RefSeq:
+    """One sequence of the dense reference."""
+
+    def __init__(self, num_kv_heads: int, head_size: int = D):
+        self.k = torch.zeros(0, num_kv_heads, head_size)  # bf16 values as fp32, token order
+        self.v = torch.zeros(0, num_kv_heads, head_size)
+        self.ck = torch.zeros(0, num_kv_heads, head_size)  # dequantized complete blocks, token order
+        self.cv = torch.zeros(0, num_kv_heads, head_size)
+        self.ssum = torch.zeros(0, num_kv_heads)
+        self.scnt = torch.zeros(0)
+
+    def __len__(self):
+        return self.k.shape[0]
+
+
+def ref_step(seq: RefSeq, q, k, v, cfg: ZipCacheConfig, layout: PageLayout, layer_idx: int, scale: float):
+    """Append, attend causally over [dequantized pages | bf16 rest], update scores, compress full blocks."""
+    ctx, ql = len(seq), q.shape[0]
+    seq.k = torch.cat([seq.k, k.float()])
+    seq.v = torch.cat([seq.v, v.float()])
+    seq.ssum = torch.cat([seq.ssum, torch.zeros(ql, k.shape[1])])
+    seq.scnt = torch.cat([seq.scnt, torch.zeros(ql)])
+    c = seq.ck.shape[0]
+    keys = torch.cat([seq.ck, seq.k[c:]])
+    vals = torch.cat([seq.cv, seq.v[c:]])
+    hq, h = q.shape[1], k.shape[1]
+    g = hq // h
+    kk, vv = keys.repeat_interleave(g, 1).transpose(0, 1), vals.repeat_interleave(g, 1).transpose(0, 1)
+    logits = torch.matmul(q.float().transpose(0, 1), kk.transpose(1, 2)) * scale  # [Hq, ql, L]
+    qpos = torch.arange(ctx, ctx + ql)
+    kpos = torch.arange(ctx + ql)
+    logits = logits.masked_fill(kpos.view(1, -1) > qpos.view(-1, 1), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    out = torch.matmul(probs, vv).transpose(0, 1)
+    probes = torch.zeros(1, dtype=torch.long) if ql == 1 else layer_probes(cfg, ql, layer_idx).unique()
+    col = probs[:, probes].sum(1).view(h, g, -1).sum(1).T  # [L, H]
+    seq.ssum[c:] += col[c:]
+    pos = torch.arange(c, ctx + ql)
+    if cfg.normalizer is Normalizer.PROBE_NNZ:
+        seq.scnt[c:] += ((ctx + probes).view(-1, 1) >= pos.view(1, -1)).sum(0).float()
+    else:
+        seq.scnt[c:] += (ctx + ql - torch.clamp(pos, min=ctx)).float()
+    n = layout.block_size
+    while len(seq) - seq.ck.shape[0] >= n:
+        a = seq.ck.shape[0]
+        s = seq.ssum[a : a + n]
+        if cfg.saliency is Saliency.RANDOM:  # the ablation: one draw, the same for every block
+            s = random_scores(cfg, 1, h, n)[0].T
+        elif cfg.saliency is not Saliency.ACCUMULATED:
+            s = s / seq.scnt[a : a + n].clamp(min=1).unsqueeze(-1)
+        cache = torch.zeros(1, h, layout.page_bytes, dtype=torch.uint8)
+        paged.compress_store(
+            seq.k[a : a + n].bfloat16(), seq.v[a : a + n].bfloat16(), s, torch.tensor([0]), cache, layout
+        )
+        dk, dv = paged.dequantize_pages(cache, torch.tensor([0]), layout)
+        seq.ck = torch.cat([seq.ck, dk[0]])
+        seq.cv = torch.cat([seq.cv, dv[0]])
+    return out
+
+
+class Engine:
+    """What vLLM does around the backend: block allocation, block tables, slot mappings, one layer."""
+
+    def __init__(self, cfg, num_heads, num_kv_heads, layer_idx=3, batched=True, kernels="torch", device="cpu",
+                 head_size=D, engine_decode=False):
+        self.cfg, self.hq, self.h, self.layer_idx = cfg, num_heads, num_kv_heads, layer_idx
+        self.d = head_size
+        self.batched = batched  # one-token rows in the batched torch pass (else: every row via the twin)
+        self.kernels = kernels  # "triton": the Triton kernels (CUDA, or the interpreter on CPU)
+        self.dev = torch.device(device)
+        self.layout = PageLayout(block_size=N, head_size=head_size, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
+                                 salient_ratio=cfg.salient_ratio, value_salient_ratio=cfg.value_salient_ratio)
+        # vLLM's view [num_blocks, H, N, C], flattened to pages as the backend does
+        c = self.layout.page_bytes // N
+        self.kv_view = torch.zeros(NUM_BLOCKS, num_kv_heads, N, c, dtype=torch.uint8, device=self.dev)
+        # engine_decode: leading one-token rows through the engine's decode step (as the CUDA backend runs them),
+        # with one more staging slot for padded rows
+        self.decode_batch = DecodeBatch(8, N, NUM_SLOTS, self.dev) if engine_decode else None
+        self.staging = Staging.allocate(NUM_SLOTS + engine_decode, N, num_kv_heads, head_size, device=self.dev)
+        self.bm = BlockManager(NUM_SLOTS, N)
+        self.free = list(range(1, NUM_BLOCKS))  # block 0 is vLLM's null block
+        random.Random(0).shuffle(self.free)
+        self.blocks: dict[str, list[int]] = {}
+        self.ref: dict[str, RefSeq] = {}
+        self.scale = head_size**-0.5
+
+    def finish(self, name):
+        self.free.extend(self.blocks.pop(name))
+        del self.ref[name]
+
+    def step(self, work: list[tuple[str, int]], gen: torch.Generator):
+        """``work``: (sequence, new tokens) in batch order. Returns (out, reference out) per token."""
+        rows, ctx_lens, qlens, slots = [], [], [], []
+        for name, ql in work:
+            if name not in self.ref:
+                self.ref[name], self.blocks[name] = RefSeq(self.h, self.d), []
+            ctx = len(self.ref[name])
+            need = -(-(ctx + ql) // N)
+            while len(self.blocks[name]) < need:
+                self.blocks[name].append(self.free.pop())
+            b = self.blocks[name]
+            slots += [b[p // N] * N + p % N for p in range(ctx, ctx + ql)]
+            rows.append(b)
+            ctx_lens.append(ctx)
+            qlens.append(ql)
+        width = max(len(r) for r in rows)
+        block_table = torch.zeros(len(rows), width, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            block_table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+        seq_lens = torch.tensor([c + q for c, q in zip(ctx_lens, qlens, strict=True)], dtype=torch.int32)
+        t = int(qsl[-1])
+        d = self.d
+        q = torch.randn(t, self.hq, d, generator=gen).bfloat16()
+        k = (torch.randn(t, self.h, d, generator=gen) * torch.linspace(0.5, 4, d)).bfloat16()
+        v = torch.randn(t, self.h, d, generator=gen).bfloat16()
+        plan = self.bm.plan(block_table.tolist(), ctx_lens, qlens)
+        dev = self.dev
+        step = prepare_step(plan, qsl.to(dev), seq_lens, block_table if self.batched and dev.type == "cpu" else None,
+                            decode_batch=self.decode_batch, block_table_rows=block_table.tolist(),
+                            device_block_table=block_table.to(dev))
+        out = zipcache_attention(
+            q.to(dev), k.to(dev), v.to(dev), self.kv_view.flatten(2), block_table.to(dev), seq_lens.to(dev),
+            qsl.to(dev), torch.tensor(slots, device=dev), self.staging, step, self.layout, self.cfg,
+            layer_idx=self.layer_idx, scale=self.scale, out=torch.empty(t, self.hq, d, dtype=torch.float32, device=dev),
+            kernels=self.kernels,
+        ).cpu()
+        ref = torch.cat([
+            ref_step(self.ref[name], q[qsl[i]:qsl[i + 1]], k[qsl[i]:qsl[i + 1]], v[qsl[i]:qsl[i + 1]],
+                     self.cfg, self.layout, self.layer_idx, self.scale)
+            for i, (name, _) in enumerate(work)
+        ])
+        return out, ref
+
+    def check_pages(self, name, max_mismatch=0.0):
+        """The pages of a sequence's complete blocks dequantize to the reference's blocks (with the kernels:
+        all but ``max_mismatch`` of the values, as fp32 probe sums in another order can flip a near-tie)."""
+        seq = self.ref[name]
+        nb = seq.ck.shape[0] // N
+        if nb == 0:
+            return
+        ids = torch.tensor(self.blocks[name][:nb])
+        dk, dv = paged.dequantize_pages(self.kv_view.flatten(2).cpu(), ids, self.layout)
+        for got, want, what in ((dk, seq.ck, "keys"), (dv, seq.cv, "values")):
+            got = got.reshape(-1, self.h, self.d)
+            if max_mismatch:
+                bad = ((got - want).abs() > 1e-3 * (1 + want.abs())).float().mean().item()
+                assert bad <= max_mismatch, f"{what} of {name}: {bad:.2%} differ"
+            else:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{what} of {name}")
+
+
+CONFIGS = {
+    "paged": ZipCacheConfig.load("paged", block_size=N),
+    "vllm": ZipCacheConfig.load("vllm", block_size=N),  # the plugin's default: keys 0.8 / values 0.2 salient
+    "probe_nnz": ZipCacheConfig.load("paged", block_size=N, normalizer="probe_nnz", probe_recent=0.2),
+    "accumulated": ZipCacheConfig.load("paged", block_size=N, saliency="accumulated", salient_ratio=0.3),
+    "random": ZipCacheConfig.load("paged", block_size=N, saliency="random"),
+}
+
+
+def run(engine: Engine, schedule, seed=0, atol=2e-4, rtol=1e-4, max_mismatch=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    for work in schedule:
+        out, ref = engine.step(work, gen)
+        torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=f"step {work}")
+    for name in engine.ref:
+        engine.check_pages(name, max_mismatch)
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2), (3, 3)])  # GQA 3:1 (SmolLM2's ratio), MHA
+@pytest.mark.parametrize("batched, kernels, engine", [(True, "torch", False), (True, "numba", False),
+                                                     (False, "torch", False), (False, "torch", True)],
+                         ids=["batched", "numba", "twin", "engine"])
+def test_mixed_prefill_and_decode_batches(cfg_name, num_heads, num_kv_heads, batched, kernels, engine):
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, batched=batched, kernels=kernels, engine_decode=engine)
+    run(e, [
+        [("a", 37), ("b", 20)],  # a: 2 blocks + 5 staged; b: 1 block + 4
+        [("b", 1), ("c", 32), ("a", 1)],  # c: exactly 2 blocks, nothing staged; rows reordered
+        *[[("a", 1), ("b", 1), ("c", 1)] for _ in range(12)],  # b's block completes at step 12 of decode
+        [("c", 1), ("a", 1)],  # b idle this step
+        [("b", 1), ("a", 1), ("c", 1)],
+    ])
+
+
+@pytest.mark.parametrize("cfg_name", ["paged", "probe_nnz"])
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_chunked_prefill_blocks_complete_mid_chunk(cfg_name, kernels):
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    e = Engine(CONFIGS[cfg_name], 6, 2, kernels=kernels)
+    run(e, [
+        [("a", 20)],  # block 0 complete + 4 staged
+        [("a", 20), ("b", 3)],  # tail 4 + 20 = block 1 complete mid-chunk, 8 staged
+        [("b", 1), ("a", 10)],  # a: 8 + 10 -> block 2 complete, 2 staged
+        *[[("a", 1), ("b", 1)] for _ in range(15)],
+        *[[("a", 1)] for _ in range(16)],  # a single row (no padding) over pages and a tail, to a full block
+    ])
+
+
+def test_finished_request_blocks_are_reused():
+    e = Engine(CONFIGS["paged"], 6, 2)
+    gen_steps = [[("a", 21), ("b", 9)], [("a", 1), ("b", 1)], [("a", 1), ("b", 1)]]
+    run(e, gen_steps)
+    e.finish("a")  # a's blocks (one with 7 staged tokens) go back to the allocator unannounced
+    e.free.reverse()  # ... and are handed out first
+    run(e, [[("c", 23), ("b", 1)], *[[("b", 1), ("c", 1)] for _ in range(10)]], seed=1)
+
+
+def test_single_token_prompt_and_exact_block_prompt():
+    e = Engine(CONFIGS["paged"], 6, 2)
+    run(e, [[("a", 1), ("b", N)], [("a", 1), ("b", 1)], [("b", 1), ("a", 1)]])
+
+
+@pytest.mark.parametrize("head_size, bits", [(64, (4, 2)), (32, (8, 4)), (128, (2, 2))])
+def test_fast_cpu_dequantize_is_bit_exact(head_size, bits):
+    from zipcache_vllm.engine.cpu_decode import dequantize_pages_cpu
+
+    lay = PageLayout(block_size=32, head_size=head_size, bits_high=bits[0], bits_low=bits[1], salient_ratio=0.6)
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(5 * 32, 3, head_size, generator=gen).bfloat16()
+    v = torch.randn(5 * 32, 3, head_size, generator=gen).bfloat16()
+    cache = torch.zeros(7, 3, lay.page_bytes, dtype=torch.uint8)
+    paged.compress_store(k, v, torch.rand(5 * 32, 3, generator=gen), torch.tensor([6, 1, 3, 2, 5]), cache, lay)
+    ids = torch.tensor([3, 6, 5])
+    want = paged.dequantize_pages(cache, ids, lay, order="page")
+    got = dequantize_pages_cpu(cache, ids, lay)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.interpret
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a CUDA device or TRITON_INTERPRET=1 (set by tests/kernels when collected)")
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2)])  # GQA 3:1; one case (the interpreter is slow)
+@pytest.mark.parametrize("cfg_name, engine", [("paged", False), ("vllm", False), ("vllm", True)])
+def test_triton_path(num_heads, num_kv_heads, cfg_name, engine):
+    """The same batches through the Triton kernels (CUDA: fp16 tensor-core dots, so a looser tolerance), at
+    SmolLM2's head size (the kernels take 64 and 128); ``engine``: decode rows through the engine's decode step
+    (the CUDA backend's path: decode kernel, probe scores, saliency update, compress from the slots)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, kernels="triton", device=device, head_size=64,
+               engine_decode=engine)
+    run(e, [
+        [("a", 37), ("b", 20)],
+        [("b", 1), ("c", 32), ("a", 1)],
+        *[[("a", 1), ("b", 1), ("c", 1)] for _ in range(12)],
+        [("a", 20), ("b", 1)],  # a chunk over pages and a tail, completing a block mid-chunk
+        [("b", 1), ("a", 1), ("c", 1)],
+    ], atol=2e-2, rtol=2e-2, max_mismatch=0.02)
+
+
+@pytest.mark.parametrize("head_size, bits, ratios", [(64, (8, 4), (0.6, None)), (128, (2, 2), (0.5, 0.25)),
+                                                     (32, (4, 2), (0.8, 0.2))])
+def test_numba_decode_reads_the_codes(head_size, bits, ratios):
+    """The numba decode over the codes (zipcache_vllm.engine.cpu_kernels) against the reference, at other widths,
+    head sizes and separate key/value salient shares; odd batch shapes (one row, rows without pages)."""
+    pytest.importorskip("numba")
+    cfg = ZipCacheConfig.load("paged", block_size=N, bits_high=bits[0], bits_low=bits[1], salient_ratio=ratios[0],
+                              value_salient_ratio=ratios[1])
+    e = Engine(cfg, 4, 2, kernels="numba", head_size=head_size)
+    run(e, [
+        [("a", 35), ("b", 3)],
+        *[[("a", 1), ("b", 1)] for _ in range(14)],  # b completes its first block
+        [("c", 5)],
+        *[[("b", 1)] for _ in range(3)],  # a single row over pages and a tail
+        [("c", 1), ("a", 1), ("b", 1)],
+    ])
+
+
+def test_numba_decode_keeps_the_same_saliency_state_as_torch():
+    """Step by step, the numba path leaves the same staged scores (the probability each bf16 token received)
+    and the same pages as the batched torch path: outputs alone would not see a wrong score while the salient
+    ranking stays the same."""
+    pytest.importorskip("numba")
+    engines = [Engine(CONFIGS["vllm"], 6, 2, kernels=kern) for kern in ("torch", "numba")]
+    schedule = [[("a", 37), ("b", 20)], *[[("a", 1), ("b", 1)] for _ in range(14)], [("b", 1)], [("a", 1)]]
+    gens = [torch.Generator().manual_seed(0) for _ in engines]
+    for work in schedule:
+        outs = [e.step(work, gen)[0] for e, gen in zip(engines, gens, strict=True)]
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        a, b = (e.staging for e in engines)
+        torch.testing.assert_close(b.score_sum, a.score_sum, atol=1e-6, rtol=1e-5, msg=f"scores after {work}")
+        assert torch.equal(b.score_count, a.score_count)
+        assert torch.equal(engines[1].kv_view, engines[0].kv_view)

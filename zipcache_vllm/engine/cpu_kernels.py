@@ -1,0 +1,257 @@
+"""CPU kernel (numba) for the decode step: attention read straight from the compressed pages.
+
+The torch path (:func:`zipcache_vllm.engine.cpu_decode.decode_attend` with ``kernels="torch"``) dequantizes every page
+of every row into fp32 keys/values for every layer and step, then runs a dozen torch ops; in a busy vLLM CPU
+worker both the bytes and the op count cost. :func:`decode_rows` does a whole layer's decode rows in one call
+and reads the codes where they lie, with the quantization parameters folded into the query and the
+probabilities (the algebra of the Triton decode kernel):
+
+* keys, channelwise per precision group g (ZC-3): ``q . k_t = sum_c (q_c step_g[c]) code_t[c] + q . mn_g``;
+* values, CST (ZC-2): ``sum_t p_t v_t = norm * (sum_t (p_t step_t) code_t + sum_t p_t mn_t)``;
+
+then the bf16 tail and the row's own new token, one softmax per query head, and the probability each bf16
+key received (the saliency the block manager accumulates). Layout and packing: :mod:`zipcache_vllm.engine.layout`
+(byte ``i`` of a row holds channels ``i + j * D / m`` at bit ``j * bits``, ``m = 8 // bits``). The fp16 page
+parameters are widened to fp32 inside (bit by bit: numba has no float16). Results equal the
+torch twin up to fp32 summation order (tests/engine/test_step.py).
+
+No vLLM import; numba is optional (the ``cpu`` extra installs it): :func:`available` says whether it imports.
+One thread: the vLLM CPU worker's OpenMP threads stay with torch (benchmarks/bench_cpu_decode.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .layout import PageLayout
+
+try:  # numba is an optional dependency: without it the torch path runs
+    import numba
+except ImportError:  # pragma: no cover - exercised on machines without numba
+    numba = None
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def _unpack_bits(pg, off, row0, rows, bits, buf):
+    """Codes of ``rows`` consecutive page rows starting at byte ``off`` of ``pg`` (one page, uint8) into rows
+    ``row0 ..`` of ``buf [n, D]`` (fp32, channel order). Loops ordered so that the inner one vectorizes."""
+    d = buf.shape[1]
+    m = 8 // bits
+    nb = d // m
+    mask = (1 << bits) - 1
+    for t in range(rows):
+        row = pg[off + t * nb : off + (t + 1) * nb]  # 1-D views: the inner loop vectorizes (~4x)
+        dst = buf[row0 + t]
+        for j in range(m):
+            sh = j * bits
+            for i in range(nb):
+                dst[j * nb + i] = np.float32((row[i] >> sh) & mask)
+
+
+def _unpack_rows(pg, off, row0, rows, bits, buf):
+    """:func:`_unpack_bits` with the code width as a literal (a constant shift and mask vectorize; ~10x)."""
+    if bits == 2:
+        _unpack_bits(pg, off, row0, rows, 2, buf)
+    elif bits == 4:
+        _unpack_bits(pg, off, row0, rows, 4, buf)
+    else:
+        _unpack_bits(pg, off, row0, rows, 8, buf)
+
+
+def _bf16_row(src, dst, bits):
+    """bf16 values (their int16 bit patterns) ``src [D]`` -> fp32 ``dst [D]`` (``bits``: uint32 scratch)."""
+    for c in range(src.shape[0]):
+        bits[c] = np.uint32(np.uint16(src[c])) << np.uint32(16)
+    dst[:] = bits.view(np.float32)
+
+
+def _f16(pg, off, count, dst):
+    """``count`` fp16 values at byte ``off`` of ``pg`` (little-endian, 2-byte aligned) -> fp32 ``dst``, exact
+    (numba has no float16 type): the bits are rebiased branch-free; subnormals, infinities and NaN included."""
+    half = pg[off : off + 2 * count].view(np.uint16)
+    out = dst.view(np.uint32)
+    for i in range(count):
+        h = np.uint32(half[i])
+        e = h & np.uint32(0x7C00)
+        m = h & np.uint32(0x3FF)
+        s = (h & np.uint32(0x8000)) << np.uint32(16)
+        normal = s | ((e + np.uint32(0x1C000)) << np.uint32(13)) | (m << np.uint32(13))
+        special = s | np.uint32(0x7F800000) | (m << np.uint32(13))
+        out[i] = special if e == np.uint32(0x7C00) else normal
+    for i in range(count):
+        h = np.uint32(half[i])
+        if h & np.uint32(0x7C00) == 0:  # zero or subnormal: m * 2**-24
+            v = np.float32(h & np.uint32(0x3FF)) * np.float32(2.0**-24)
+            dst[i] = -v if h & np.uint32(0x8000) else v
+
+
+def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key, new_value,
+                 scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off,
+                 bits_high, bits_low, out, new_cols, tail_cols):
+    """One decode query per row over its pages (codes), its bf16 tail and its own new token, in one pass.
+
+    Row ``r`` (query ``q[r] [H, G, D]`` fp32) reads the pages ``page_ids[page_start[r]:page_start[r + 1]]``
+    (codes and fp16 parameters at the layout's offsets), the
+    ``tail_start[r + 1] - tail_start[r]`` tokens of staging slot ``tail_slot[r]`` (``tail_key/value
+    [slots, n, H, D]`` as int16 bf16 bits) and its own new token ``new_key/value[r] [H, D]`` (int16 bf16
+    bits). Writes ``out [R, H, G, D]`` and the probability each bf16 key received, summed over the query
+    heads of its group: ``new_cols [R, H]``, ``tail_cols [tail_start[R], H]``."""
+    num_rows, num_kv_heads, g, d = q.shape
+    width = 1
+    for r in range(num_rows):
+        width = max(width, (page_start[r + 1] - page_start[r]) * n + tail_start[r + 1] - tail_start[r] + 1)
+    buf = np.empty((n, d), dtype=np.float32)
+    kv = np.empty(d, dtype=np.float32)
+    bits = np.empty(d, dtype=np.uint32)
+    qs = np.empty((g, d), dtype=np.float32)
+    bias = np.empty(g, dtype=np.float32)
+    probs = np.empty((g, width), dtype=np.float32)
+    acc = np.empty((g, d), dtype=np.float32)
+    bsum = np.empty(g, dtype=np.float32)
+    kp = np.empty((4, d), dtype=np.float32)  # step_hi, mn_hi, step_lo, mn_lo
+    norm = np.empty(d, dtype=np.float32)
+    vt = np.empty((2, n), dtype=np.float32)  # value step, mn per page row
+    for r in range(num_rows):
+        num_pages = page_start[r + 1] - page_start[r]
+        tl = tail_start[r + 1] - tail_start[r]
+        wp = num_pages * n
+        length = wp + tl + 1
+        for h in range(num_kv_heads):
+            qr = q[r, h]
+            # logits: pages (codes; step and min folded into the query), tail, the new token
+            for p in range(num_pages):
+                j = page_start[r] + p
+                pg = pages[page_ids[j], h]
+                _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
+                _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
+                for i in range(4):
+                    _f16(pg, k_param_off + 2 * d * i, d, kp[i])
+                for part in range(2):
+                    step = kp[2 * part]
+                    mn = kp[2 * part + 1]
+                    for gi in range(g):
+                        a = np.float32(0.0)
+                        for c in range(d):
+                            qs[gi, c] = qr[gi, c] * step[c]
+                            a += qr[gi, c] * mn[c]
+                        bias[gi] = a
+                    lo, hi = (0, sk) if part == 0 else (sk, n)
+                    for t in range(lo, hi):
+                        row = buf[t]
+                        for gi in range(g):
+                            qrow = qs[gi]
+                            a = np.float32(0.0)
+                            for c in range(d):
+                                a += qrow[c] * row[c]
+                            probs[gi, p * n + t] = (a + bias[gi]) * scale
+            for t in range(tl + 1):
+                if t < tl:
+                    _bf16_row(tail_key[tail_slot[r], t, h], kv, bits)
+                else:
+                    _bf16_row(new_key[r, h], kv, bits)
+                for gi in range(g):
+                    qrow = qr[gi]
+                    a = np.float32(0.0)
+                    for c in range(d):
+                        a += qrow[c] * kv[c]
+                    probs[gi, wp + t] = a * scale
+            # softmax over the row
+            for gi in range(g):
+                m = probs[gi, 0]
+                for x in range(1, length):
+                    m = max(m, probs[gi, x])
+                total = np.float32(0.0)
+                for x in range(length):
+                    e = np.exp(probs[gi, x] - m)
+                    probs[gi, x] = e
+                    total += e
+                inv = np.float32(1.0) / total
+                for x in range(length):
+                    probs[gi, x] *= inv
+            # P @ V: pages (codes; norm, step and min folded into the weights), tail, the new token
+            acc[:] = 0.0
+            for p in range(num_pages):
+                j = page_start[r] + p
+                pg = pages[page_ids[j], h]
+                _unpack_rows(pg, v_hi_off, 0, sv, bits_high, buf)
+                _unpack_rows(pg, v_lo_off, sv, n - sv, bits_low, buf)
+                _f16(pg, v_norm_off, d, norm)
+                _f16(pg, v_tok_off, n, vt[0])
+                _f16(pg, v_tok_off + 2 * n, n, vt[1])
+                bsum[:] = 0.0
+                part_acc = qs  # reuse as the page's partial sum
+                part_acc[:] = 0.0
+                for t in range(n):
+                    step = vt[0, t]
+                    mn = vt[1, t]
+                    row = buf[t]
+                    for gi in range(g):
+                        w = probs[gi, p * n + t]
+                        bsum[gi] += w * mn
+                        ws = w * step
+                        arow = part_acc[gi]
+                        for c in range(d):
+                            arow[c] += ws * row[c]
+                for gi in range(g):
+                    for c in range(d):
+                        acc[gi, c] += norm[c] * (part_acc[gi, c] + bsum[gi])
+            for t in range(tl + 1):
+                if t < tl:
+                    _bf16_row(tail_value[tail_slot[r], t, h], kv, bits)
+                else:
+                    _bf16_row(new_value[r, h], kv, bits)
+                col = np.float32(0.0)
+                for gi in range(g):
+                    w = probs[gi, wp + t]
+                    col += w
+                    arow = acc[gi]
+                    for c in range(d):
+                        arow[c] += w * kv[c]
+                if t < tl:
+                    tail_cols[tail_start[r] + t, h] = col
+                else:
+                    new_cols[r, h] = col
+            for gi in range(g):
+                for c in range(d):
+                    out[r, h, gi, c] = acc[gi, c]
+
+
+if numba is not None:
+    _unpack_bits = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_bits)
+    _unpack_rows = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_rows)
+    _bf16_row = numba.njit(cache=True, inline="always")(_bf16_row)
+    _f16 = numba.njit(cache=True, inline="always")(_f16)
+    _decode_rows = numba.njit(cache=True, fastmath=True)(_decode_rows)
+
+
+def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, tail_slot, tail_start, key_rows,
+                value_rows, layout: PageLayout, scale: float, out, new_cols, tail_cols) -> None:
+    """:func:`_decode_rows` on torch tensors (CPU): uint8 pages, bf16 staging, each row's new key/value
+    ``[R, H, D]`` bf16, fp32 ``q`` and outputs. All arrays C-contiguous: one compiled signature."""
+    _decode_rows(
+        kv_cache.numpy(), page_ids.numpy(), page_start.numpy(), q.numpy(), staging_key.view(torch.int16).numpy(),
+        staging_value.view(torch.int16).numpy(), tail_slot.numpy(), tail_start.numpy(),
+        key_rows.contiguous().view(torch.int16).numpy(), value_rows.contiguous().view(torch.int16).numpy(),
+        np.float32(scale), layout.block_size, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off,
+        layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
+        layout.bits_high, layout.bits_low, out.numpy(), new_cols.numpy(), tail_cols.numpy(),
+    )
+
+
+def warmup(layout: PageLayout, num_kv_heads: int, num_queries_per_kv: int) -> None:
+    """Compile (or load from numba's cache) :func:`_decode_rows` before the first request: one row over one
+    all-zero page and a one-token tail. ~10 s the first time on a 2-core CPU, well under 1 s from the cache."""
+    h, g, d, n = num_kv_heads, num_queries_per_kv, layout.head_size, layout.block_size
+
+    def z(*shape, dtype=torch.float32):  # explicit dtypes: vLLM builds layers under a bf16 default dtype
+        return torch.zeros(shape, dtype=dtype, device="cpu")
+
+    idx = lambda *x: torch.tensor(x, dtype=torch.int64, device="cpu")  # noqa: E731
+    bf16 = torch.bfloat16
+    decode_rows(z(2, h, layout.page_bytes, dtype=torch.uint8), idx(1), idx(0, 1), z(1, h, g, d),
+                z(1, n, h, d, dtype=bf16), z(1, n, h, d, dtype=bf16), idx(0), idx(0, 1), z(1, h, d, dtype=bf16),
+                z(1, h, d, dtype=bf16), layout, 1.0, z(1, h, g, d), z(1, h), z(1, h))

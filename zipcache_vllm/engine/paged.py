@@ -1,0 +1,408 @@
+"""Plain-torch twins of the paged kernels: the spec the Triton kernels match, and the CPU path of the backend.
+
+Lengths of one sequence ``s`` (vLLM's names; ``N = block_size``)::
+
+    |<------------------------------ seq_lens[s] ------------------------------>|
+    |<--- compressed: pages block_table[s, :P] --->|<- tail ->|<-- query_len -->|
+    |   P = (seq_lens[s] - query_len - tail_lens[s]) / N    |  bf16    | new tokens (prefill chunk;
+    |   pages in page row order (layout.py)        | staging  |  decode: 0, the new token is in the tail)
+
+* **pages** ``kv_cache: uint8 [num_blocks, num_kv_heads, page_bytes]`` (any strides on the first two dims,
+  the last contiguous; a vLLM ``[num_blocks, num_kv_heads, block_size, state_content_bytes]`` view reshaped),
+  written once per complete block by :func:`compress_store`.
+* **tail**: tokens not yet compressed, bf16, in a staging buffer ``tail_key / tail_value [num_slots,
+  block_size, num_kv_heads, head_size]``; sequence ``s`` owns slot ``tail_slots[s]`` and its first
+  ``tail_lens[s]`` rows.
+* **new tokens** of a prefill chunk: ``key / value [num_tokens, num_kv_heads, head_size]`` rows
+  ``query_start_loc[s] .. query_start_loc[s + 1] - 1``.
+
+Every page of a sequence precedes all its queries, so pages are attended without a mask and in any row order;
+the tail too; the new tokens causally. Attention runs in float32 here; GQA maps query head ``h`` to KV head
+``h // (num_heads // num_kv_heads)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..method.config import Normalizer, Selection
+from ..method.quant import pack_bits, quantize_channelwise_mixed, quantize_cst_mixed, unpack_bits
+from ..method.saliency import select_salient
+from .layout import PageLayout
+
+__all__ = [
+    "pack_row",
+    "unpack_row",
+    "compress_store",
+    "compress_slots",
+    "page_order",
+    "dequantize_pages",
+    "decode_attention",
+    "decode_with_probes",
+    "update_decode_saliency",
+    "prefill_attention",
+]
+
+
+# --------------------------------------------------------------------------------------------- packing
+def pack_row(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a row of ``D`` codes as pages store them: :func:`quant.pack_bits` over the channel order in which
+    byte ``i`` holds channels ``i, i + D/m, i + 2D/m, ...`` (``m = 8 // bits`` values per byte, value ``j`` at
+    bit ``j * bits``), the half/quarter packing of the released ZipCache code (method doc §2).
+
+    Unpacking a byte column block then yields a contiguous block of channels, so the kernels split every row
+    into four contiguous channel quarters with shifts and masks only (no interleaving shuffles).
+    """
+    m = 8 // bits
+    d = codes.shape[-1]
+    return pack_bits(codes.reshape(*codes.shape[:-1], m, d // m).transpose(-1, -2).reshape(codes.shape), bits)
+
+
+def unpack_row(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_row`: ``[..., D * bits / 8]`` bytes -> ``[..., D]`` uint8 codes."""
+    m = 8 // bits
+    vals = unpack_bits(packed, bits)
+    d = vals.shape[-1]
+    return vals.reshape(*vals.shape[:-1], d // m, m).transpose(-1, -2).reshape(vals.shape)
+
+
+# --------------------------------------------------------------------------------------------- compress
+def page_order(scores: torch.Tensor, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Salient masks and page row order of blocks from their scores.
+
+    ``scores [..., block_size]`` -> ``(key_salient, value_salient, perm)``: bool masks in token order
+    (per-block quota, ties to the earlier token) and ``perm [..., block_size]`` int64 with ``perm[i]`` = the
+    token stored in page row ``i`` (tier A, then B, then C, each in token order; layout.py).
+    """
+    n = layout.block_size
+    ks = select_salient(scores, layout.salient_ratio, Selection.QUOTA, n)
+    vs = select_salient(scores, layout.v_salient_ratio, Selection.QUOTA, n)
+    tier = (~ks).long() + (~vs).long()
+    pos = torch.arange(n, device=scores.device)
+    perm = torch.argsort(tier * n + pos, dim=-1)
+    return ks, vs, perm
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """fp16 [..., m] -> uint8 [..., 2m] (little-endian, as the kernels read the same memory)."""
+    return x.contiguous().view(torch.uint8)
+
+
+def compress_store(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scores: torch.Tensor,
+    block_ids: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: PageLayout,
+) -> None:
+    """Quantize complete blocks and write them into their pages (in place).
+
+    Parameters
+    ----------
+    key, value : ``[num_new_blocks * block_size, num_kv_heads, head_size]`` (bf16/fp16/fp32), post-RoPE;
+        rows ``i * block_size .. (i + 1) * block_size - 1`` form block ``i``.
+    scores : ``[num_new_blocks * block_size, num_kv_heads]`` saliency of each token (higher = salient).
+    block_ids : ``[num_new_blocks]`` int, the page each block is written to.
+    kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``; bytes outside the page's regions
+        (alignment gaps, padding) are left untouched.
+    """
+    n, d = layout.block_size, layout.head_size
+    nb = block_ids.numel()
+    h = key.shape[1]
+    x = key.reshape(nb, n, h, d).permute(0, 2, 1, 3).float()  # [B, H, N, D]
+    v = value.reshape(nb, n, h, d).permute(0, 2, 1, 3).float()
+    s = scores.reshape(nb, n, h).permute(0, 2, 1).float()
+    ks, vs, perm = page_order(s, layout)
+    sk, sv, bh, bl = layout.num_salient_k, layout.num_salient_v, layout.bits_high, layout.bits_low
+
+    k_hi, k_lo = quantize_channelwise_mixed(x, ks, bh, bl)
+    c, v_hi, v_lo = quantize_cst_mixed(v, vs, bh, bl)
+
+    def rows(codes: torch.Tensor) -> torch.Tensor:  # codes in page row order
+        return codes.gather(2, perm.unsqueeze(-1).expand_as(codes))
+
+    page = kv_cache[block_ids.long(), :, : layout.page_bytes].clone()  # [B, H, page_bytes]
+
+    def put(off: int, data: torch.Tensor) -> None:
+        data = data.reshape(nb, h, -1)
+        page[:, :, off : off + data.shape[-1]] = data
+
+    put(layout.k_hi_off, pack_row(rows(k_hi.codes)[:, :, :sk], bh))
+    put(layout.k_lo_off, pack_row(rows(k_lo.codes)[:, :, sk:], bl))
+    put(layout.v_hi_off, pack_row(rows(v_hi.codes)[:, :, :sv], bh))
+    put(layout.v_lo_off, pack_row(rows(v_lo.codes)[:, :, sv:], bl))
+    kpar = torch.cat([k_hi.step, k_hi.mn, k_lo.step, k_lo.mn], dim=-1)  # [B, H, 1, 4D] fp16
+    put(layout.k_param_off, _bytes(kpar))
+    put(layout.v_norm_off, _bytes(c))
+    vmask = vs.unsqueeze(-1)
+    v_step = torch.where(vmask, v_hi.step, v_lo.step).squeeze(-1).gather(2, perm)  # [B, H, N] fp16
+    v_mn = torch.where(vmask, v_hi.mn, v_lo.mn).squeeze(-1).gather(2, perm)
+    put(layout.v_tok_off, _bytes(torch.cat([v_step, v_mn], dim=-1)))
+    put(layout.mask_off, torch.cat([pack_bits(ks.to(torch.uint8), 1), pack_bits(vs.to(torch.uint8), 1)], -1))
+    kv_cache[block_ids.long(), :, : layout.page_bytes] = page
+
+
+def compress_slots(
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    scores: torch.Tensor,
+    score_count: torch.Tensor | None,
+    slots: torch.Tensor,
+    block_ids: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: PageLayout,
+) -> None:
+    """:func:`compress_store` of complete blocks waiting in staging slots, from a fixed-size work list.
+
+    Entry ``i`` compresses slot ``slots[i]`` of ``tail_key / tail_value [num_slots, block_size, num_kv_heads,
+    head_size]`` into page ``block_ids[i]``; a negative block id means nothing to do. The score of token ``t``
+    is ``scores[slot, t] / max(score_count[slot, t], 1)`` (``scores [num_slots or 1, block_size,
+    num_kv_heads]``; a first dim of 1 gives every block the same scores; ``score_count`` None: no division).
+    """
+    keep = (block_ids >= 0).nonzero().flatten()
+    if keep.numel() == 0:
+        return
+    src = slots[keep].long()
+    h, d = tail_key.shape[2], tail_key.shape[3]
+    sc = scores.expand(tail_key.shape[0], -1, -1)[src]
+    if score_count is not None:
+        sc = sc / score_count[src].clamp(min=1.0).unsqueeze(-1)
+    compress_store(tail_key[src].reshape(-1, h, d), tail_value[src].reshape(-1, h, d), sc.reshape(-1, h),
+                   block_ids[keep], kv_cache, layout)
+
+
+# --------------------------------------------------------------------------------------------- dequantize
+def _f16(page: torch.Tensor, off: int, count: int) -> torch.Tensor:
+    return page[..., off : off + 2 * count].contiguous().view(torch.float16).float()
+
+
+def dequantize_pages(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: PageLayout, order: str = "token"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``key, value [len(block_ids), block_size, num_kv_heads, head_size]`` of pages.
+
+    ``order="token"`` puts rows back in token order (from the bitmaps); ``order="page"`` keeps page row order.
+    """
+    if order not in ("token", "page"):
+        raise ValueError(f"order must be 'token' or 'page', got {order!r}")
+    n, d = layout.block_size, layout.head_size
+    sk, sv, bh, bl = layout.num_salient_k, layout.num_salient_v, layout.bits_high, layout.bits_low
+    page = kv_cache[block_ids.long(), :, : layout.page_bytes]  # [B, H, P]
+    nb, h = page.shape[:2]
+
+    def codes(off: int, rows_: int, bits: int) -> torch.Tensor:
+        raw = page[..., off : off + rows_ * d * bits // 8].reshape(nb, h, rows_, d * bits // 8)
+        return unpack_row(raw, bits).float()
+
+    kp = _f16(page, layout.k_param_off, 4 * d).reshape(nb, h, 4, 1, d)
+    k = torch.cat(
+        [
+            codes(layout.k_hi_off, sk, bh) * kp[:, :, 0] + kp[:, :, 1],
+            codes(layout.k_lo_off, n - sk, bl) * kp[:, :, 2] + kp[:, :, 3],
+        ],
+        dim=2,
+    )
+    c = _f16(page, layout.v_norm_off, d).unsqueeze(2)  # [B, H, 1, D]
+    tp = _f16(page, layout.v_tok_off, 2 * n).reshape(nb, h, 2, n, 1)
+    vq = torch.cat([codes(layout.v_hi_off, sv, bh), codes(layout.v_lo_off, n - sv, bl)], dim=2)
+    v = c * (vq * tp[:, :, 0] + tp[:, :, 1])
+    if order == "token":
+        masks = unpack_bits(page[..., layout.mask_off : layout.mask_off + 2 * (n // 8)], 1).bool()
+        ks, vs = masks[..., :n], masks[..., n:]
+        tier = (~ks).long() + (~vs).long()
+        perm = torch.argsort(tier * n + torch.arange(n, device=page.device), dim=-1)
+        inv = torch.argsort(perm, dim=-1).unsqueeze(-1).expand(nb, h, n, d)
+        k, v = k.gather(2, inv), v.gather(2, inv)
+    return k.permute(0, 2, 1, 3).contiguous(), v.permute(0, 2, 1, 3).contiguous()
+
+
+# --------------------------------------------------------------------------------------------- attention
+def _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, tail_slot, tail_len):
+    """Float32 [L, H, D] keys/values of sequence s: its pages (page order), then its tail."""
+    ids = block_table[s, :num_pages]
+    k, v = dequantize_pages(kv_cache, ids, layout, order="page")
+    h, d = k.shape[2], k.shape[3]
+    k, v = k.reshape(-1, h, d), v.reshape(-1, h, d)
+    if tail_len:
+        k = torch.cat([k, tail_key[tail_slot, :tail_len].float()])
+        v = torch.cat([v, tail_value[tail_slot, :tail_len].float()])
+    return k, v
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [Tq, Hq, D], k [L, H, D], mask [Tq, L] (True = visible) -> softmax rows [Hq, Tq, L] (fp32)."""
+    g = q.shape[1] // k.shape[1]
+    kk = k.float().repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, L, D]
+    logits = torch.matmul(q.float().transpose(0, 1), kk.transpose(1, 2)) * scale  # [Hq, Tq, L]
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """q [Tq, Hq, D], k/v [L, H, D], mask [Tq, L] (True = visible) -> out [Tq, Hq, D], probs [Hq, Tq, L]."""
+    probs = _probs(q, k, mask, scale)
+    vv = v.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(0, 1)
+    return torch.matmul(probs, vv).transpose(0, 1), probs
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: PageLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    tail_slots: torch.Tensor,
+    tail_lens: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over its pages and tail: ``out [num_seqs, num_heads, head_size]`` fp32.
+
+    ``query [num_seqs, num_heads, head_size]``; ``block_table [num_seqs, max_blocks]``; ``seq_lens``,
+    ``tail_slots``, ``tail_lens [num_seqs]`` (the tail already holds the current token); sequence ``s`` has
+    ``(seq_lens[s] - tail_lens[s]) / block_size`` pages.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    for s in range(query.shape[0]):
+        tl_ = int(tail_lens[s])
+        num_pages = (int(seq_lens[s]) - tl_) // layout.block_size
+        k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
+        out[s] = _attend(query[s : s + 1], k, v, None, scale)[0][0]
+    return out
+
+
+def decode_with_probes(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: PageLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    tail_slots: torch.Tensor,
+    tail_lens: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`decode_attention` whose query is also the probe of its own token (the last tail row): returns
+    ``out [num_seqs, num_heads, head_size]`` fp32, ``own [num_seqs, num_kv_heads]`` (the mass the query gives
+    its own token, summed over the query heads of the GQA group) and ``tail_mass [num_seqs, block_size,
+    num_kv_heads]`` (the mass of each earlier tail row; 0 past them). Twin of the decode kernel followed by
+    ``kernels/probe_scores`` on the row's log-sum-exp."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    num_seqs, hq, d = query.shape
+    h, n = tail_key.shape[2], layout.block_size
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    own = torch.zeros(num_seqs, h, dtype=torch.float32, device=query.device)
+    tail_mass = torch.zeros(num_seqs, n, h, dtype=torch.float32, device=query.device)
+    for s in range(num_seqs):
+        tl_ = int(tail_lens[s])
+        num_pages = (int(seq_lens[s]) - tl_) // n
+        k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
+        o, probs = _attend(query[s : s + 1], k, v, None, scale)  # probs [hq, 1, L]
+        out[s] = o[0]
+        col = probs[:, 0, num_pages * n :].view(h, hq // h, -1).sum(dim=1).T  # [tl_, h]
+        own[s] = col[-1]
+        tail_mass[s, : tl_ - 1] = col[:-1]
+    return out, own, tail_mass
+
+
+def update_decode_saliency(score_sum, score_count, slots, tail_lens, own, tail_mass) -> None:
+    """Twin of ``kernels/decode_saliency.update_decode_saliency``: for each decode row, tail tokens
+    ``j < t0 = tail_lens[r]`` of slot ``slots[r]`` gain ``tail_mass[r, j]`` and a count of one; row ``t0`` (the
+    new token) becomes ``own[r]`` with count 1; later rows are left as they are."""
+    for r in range(own.shape[0]):
+        slot, t0 = int(slots[r]), int(tail_lens[r])
+        score_sum[slot, :t0] += tail_mass[r, :t0]
+        score_count[slot, :t0] += 1.0
+        score_sum[slot, t0] = own[r]
+        score_count[slot, t0] = 1.0
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: PageLayout,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    tail_slots: torch.Tensor,
+    tail_lens: torch.Tensor,
+    probe_idx: torch.Tensor | None = None,
+    probe_start_loc: torch.Tensor | None = None,
+    normalizer: Normalizer | str | None = Normalizer.CAUSAL_COUNT,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk of new queries over pages + tail + the chunk itself (causal), with probe saliency scores.
+
+    Parameters
+    ----------
+    query : ``[num_tokens, num_heads, head_size]``; key, value : ``[num_tokens, num_kv_heads, head_size]``,
+        the chunk's own tokens (post-RoPE). query_start_loc : ``[num_seqs + 1]`` int.
+    seq_lens : ``[num_seqs]``: tokens of the sequence including this chunk.
+    tail_* : as :func:`decode_attention`; ``tail_lens[s]`` tokens precede the chunk.
+    probe_idx : int ``[num_probes]``, probe rows as offsets in their sequence's chunk (ascending per
+        sequence), sequence ``s`` owning ``probe_idx[probe_start_loc[s]:probe_start_loc[s + 1]]``. None: no
+        probes (scores are zero).
+    normalizer : ZC-8 divisor: ``causal_count`` (``seq_lens[s] - position``), ``probe_nnz`` (probes at or
+        after the key, at least 1) or None (accumulated, ZC-5).
+
+    Returns
+    -------
+    out : ``[num_tokens, num_heads, head_size]`` fp32.
+    scores : ``[num_tokens, num_kv_heads]`` fp32, the probe score of each chunk key (probability mass from
+        the probes' full softmax rows, summed over probes and the query heads of the GQA group, normalized).
+    tail_scores : ``[num_seqs, block_size, num_kv_heads]`` fp32, the same for the tail keys (0 past the tail).
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    n = layout.block_size
+    num_tokens, hq, d = query.shape
+    h = key.shape[1]
+    g = hq // h
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    scores = torch.zeros(num_tokens, h, dtype=torch.float32, device=query.device)
+    tail_scores = torch.zeros(seq_lens.numel(), n, h, dtype=torch.float32, device=query.device)
+    norm = None if normalizer is None else Normalizer(normalizer)
+    for s in range(seq_lens.numel()):
+        q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        ql, sl, tl_ = q1 - q0, int(seq_lens[s]), int(tail_lens[s])
+        ctx = sl - ql
+        num_pages = (ctx - tl_) // n
+        pk, pv = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
+        k = torch.cat([pk, key[q0:q1].float()])
+        v = torch.cat([pv, value[q0:q1].float()])
+        kpos = torch.arange(k.shape[0], device=query.device)  # pages first: their positions are < ctx - tl_
+        qpos = torch.arange(ctx, sl, device=query.device)
+        mask = kpos.view(1, -1) <= qpos.view(-1, 1)
+        # outputs by SDPA (no [Hq, Tq, L] probability tensor), as the reference cache's attention does; 4-D
+        # inputs take torch's fused CPU kernel (3-D ones its 6x slower math path); a chunk without a prefix is
+        # plain causal attention
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (query[q0:q1].float(), k, v))
+        causal = dict(is_causal=True) if k.shape[0] == ql else dict(attn_mask=mask)
+        o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, **causal)
+        out[q0:q1] = o[0].transpose(0, 1)
+        if probe_idx is None or probe_start_loc is None:
+            continue
+        pr = probe_idx[int(probe_start_loc[s]) : int(probe_start_loc[s + 1])].long()
+        if pr.numel() == 0:
+            continue
+        # the probes' full softmax rows; bf16 keys (tail, then chunk) are the last tl_ + ql of k, at positions
+        # ctx - tl_ .. sl - 1
+        probs = _probs(query[q0:q1][pr], k, mask[pr], scale)  # [Hq, P, L]
+        col = probs[:, :, num_pages * n :].sum(dim=1).view(h, g, -1).sum(dim=1)  # [H, tl_ + ql]
+        pos = torch.arange(ctx - tl_, sl, device=query.device)
+        if norm is Normalizer.CAUSAL_COUNT:
+            col = col / (sl - pos).float()
+        elif norm is Normalizer.PROBE_NNZ:
+            col = col / ((ctx + pr).view(-1, 1) >= pos.view(1, -1)).sum(0).clamp(min=1).float()
+        tail_scores[s, :tl_] = col[:, :tl_].T
+        scores[q0:q1] = col[:, tl_:].T
+    return out, scores, tail_scores

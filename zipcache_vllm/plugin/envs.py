@@ -1,0 +1,93 @@
+"""The only reader of ``ZIPCACHE_*`` environment variables: name, parser, default, meaning.
+
+Environment variables are the channel that reaches every vLLM process (API server, EngineCore, worker) and
+the one place where vLLM asks the backend for its page size (``customize_spec``, which cannot see
+``--additional-config``). ``zipcache-vllm serve`` sets them from its own flags.
+
+=============================== ========== ===============================================================
+variable                        default    meaning
+=============================== ========== ===============================================================
+``ZIPCACHE_KV_CACHE_BACKEND``   ``auto``   ``zipcache`` selects the compressed KV cache; ``auto`` = stock vLLM
+``ZIPCACHE_CONFIG``             ``vllm``   preset name (``configs/*.yaml``) or path of a YAML file
+``ZIPCACHE_CONFIG_OVERRIDES``   (none)     JSON object of ``ZipCacheConfig`` keys applied over the preset
+``ZIPCACHE_STAGING_SLOTS``      (auto)     bf16 staging slots (incomplete blocks held at once); default
+                                           ``max_num_seqs`` + a margin
+``ZIPCACHE_KERNELS``            ``auto``   ``torch`` (the plain-torch twins), ``numba`` (CPU decode over the
+                                           codes), ``triton``, or ``auto`` (Triton on CUDA, numba on CPU
+                                           when it imports, else torch)
+=============================== ========== ===============================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..method.config import ZipCacheConfig
+
+KV_CACHE_BACKEND = "ZIPCACHE_KV_CACHE_BACKEND"
+CONFIG = "ZIPCACHE_CONFIG"
+CONFIG_OVERRIDES = "ZIPCACHE_CONFIG_OVERRIDES"
+STAGING_SLOTS = "ZIPCACHE_STAGING_SLOTS"
+KERNELS = "ZIPCACHE_KERNELS"
+
+BACKENDS = ("auto", "zipcache")
+KERNEL_CHOICES = ("auto", "torch", "numba", "triton")
+DEFAULT_CONFIG = "vllm"
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is invalid; choose one of: {', '.join(choices)}")
+    return value
+
+
+def kv_cache_backend() -> str:
+    return _choice(KV_CACHE_BACKEND, "auto", BACKENDS)
+
+
+def enabled() -> bool:
+    """True when the ZipCache backend is selected."""
+    return kv_cache_backend() == "zipcache"
+
+
+def config_source() -> str:
+    return os.environ.get(CONFIG, "").strip() or DEFAULT_CONFIG
+
+
+def config_overrides() -> dict[str, Any]:
+    raw = os.environ.get(CONFIG_OVERRIDES, "").strip()
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{CONFIG_OVERRIDES} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{CONFIG_OVERRIDES} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_config(extra: dict[str, Any] | None = None) -> ZipCacheConfig:
+    """The preset or file of ``ZIPCACHE_CONFIG``, then ``ZIPCACHE_CONFIG_OVERRIDES``, then ``extra``."""
+    overrides = {**config_overrides(), **(extra or {})}
+    return ZipCacheConfig.load(config_source(), **overrides)
+
+
+def staging_slots() -> int | None:
+    raw = os.environ.get(STAGING_SLOTS, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{STAGING_SLOTS} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{STAGING_SLOTS} must be a positive integer, got {raw!r}")
+    return value
+
+
+def kernels() -> str:
+    return _choice(KERNELS, "auto", KERNEL_CHOICES)

@@ -1,8 +1,8 @@
 """Shared pieces of the paged kernels: input checks, launch arguments and the ``@triton.jit`` operand helpers
 (code unpacking, dot operands); the attention state machine is in ``_attend.py``.
 
-Page layout: see ``zipcache_vllm/layout.py`` (kernels only read the attributes of the layout object they are
-given, they never import it). Quantization conventions: ``zipcache_vllm/quant.py``.
+Page layout: see ``zipcache_vllm/engine/layout.py`` (kernels only read the attributes of the layout object they are
+given, they never import it). Quantization conventions: ``zipcache_vllm/method/quant.py``.
 """
 
 from __future__ import annotations

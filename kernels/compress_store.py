@@ -3,7 +3,7 @@
 Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
 One program per (block, KV head, K or V); one program per precision group measured slower on the H200
 (134 us against 111 us for the 32 blocks x 8 heads of a 4k prompt). Bit-exactness rests on the
-conventions of ``zipcache_vllm/quant.py``: float32 min/max, IEEE division and square root (``div_rn`` /
+conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE division and square root (``div_rn`` /
 ``sqrt_rn``), parameters rounded to fp16 before the codes, round-half-to-even, and no fused multiply-add
 (the kernel is launched with fp fusion off).
 """

@@ -34,7 +34,12 @@ class KernelOps:
       probe masses (``own [R, H]``, ``tail_mass [R, N, H]`` read for ``j < t0``);
     * ``update_saliency``, ``compress_slots``, ``compress_store``: as the twins;
     * ``prefill_attention(query, key, value, max_query_len, **meta) -> (out, scores, tail_scores)``: a chunk of
-      queries over pages + tail + itself with probe scores (``max_query_len`` sizes the Triton grid).
+      queries over pages + tail + itself with probe scores (``max_query_len`` sizes the Triton grid);
+    * ``first_chunk_attention(query, key, value, query_start_loc, max_query_len, scale) -> (out, lse) | None``:
+      plain causal attention of chunks with nothing before them (no pages, no tail) on the fastest kernel
+      present, with the row log-sum-exp the probe scores need; None where there is none (then
+      ``prefill_attention`` serves those chunks too);
+    * ``probe_scores``: ``kernels/probe_scores.probe_scores`` (probe saliency from rows' log-sum-exp).
     """
 
     name: str
@@ -43,10 +48,36 @@ class KernelOps:
     compress_slots: Callable
     compress_store: Callable
     prefill_attention: Callable
+    first_chunk_attention: Callable | None = None
+    probe_scores: Callable | None = None
 
 
 def _prefill_torch(query, key, value, max_query_len, **meta):
     return paged.prefill_attention(query, key, value, **meta)
+
+
+def _first_chunk_flash(query, key, value, query_start_loc, max_query_len, scale):
+    """FlashAttention-2 varlen (torch's ``_flash_attention_forward``; vLLM's own FlashAttention is not callable
+    from here) on bf16/fp16 CUDA tensors: ``out [num_tokens, num_heads, head_size]`` and fp32 natural-log
+    ``lse [num_tokens, num_heads]``; None where it does not apply."""
+    if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    fn = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if fn is None:
+        return None
+    cu = query_start_loc.to(torch.int32)
+    try:
+        res = fn(query, key.to(query.dtype), value.to(query.dtype), cu, cu, max_query_len, max_query_len, 0.0,
+                 True, False, scale=scale)
+    except RuntimeError:  # a build without this path (head size, architecture): the prefill kernel serves
+        return None
+    out, lse = res[0], res[1].float()
+    if lse.dim() == 2:  # unpadded [num_heads, num_tokens]
+        return out, lse.t().contiguous()
+    # padded [num_seqs, num_heads, max_query_len]: token t of sequence s sits at [s, :, t - query_start_loc[s]]
+    tok = torch.arange(query.shape[0], device=query.device)
+    seq = torch.searchsorted(cu[1:].long(), tok, right=True)
+    return out, lse[seq, :, tok - cu.long()[seq]].contiguous()
 
 
 def _prefill_triton(query, key, value, max_query_len, **meta):
@@ -103,6 +134,8 @@ def kernel_ops(kernels: str) -> KernelOps:
             compress_slots=kernel_module("compress_store").compress_slots,
             compress_store=kernel_module("compress_store").compress_store,
             prefill_attention=_prefill_triton,
+            first_chunk_attention=_first_chunk_flash,
+            probe_scores=kernel_module("probe_scores").probe_scores,
         )
     if kernels in ("torch", "numba"):
         return KernelOps(

@@ -33,7 +33,7 @@ from . import cpu_decode
 from .block_manager import StepPlan
 from .decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores
 from .layout import PageLayout
-from .ops import kernel_ops
+from .ops import KernelOps, kernel_ops
 from .staging import Staging
 
 
@@ -164,14 +164,17 @@ def zipcache_attention(
         :meth:`BlockManager.plan`, shared by all layers.
     layout, config : the page layout and the ZipCache settings (block granularity).
     layer_idx : seeds the probe draw (as the reference cache). scale : softmax scale (default ``D ** -0.5``).
-    out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch``, ``numba`` or ``triton``.
+    out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch``, ``numba`` or ``triton``
+        (or a :class:`~zipcache_vllm.engine.ops.KernelOps`). On CUDA a chunk with nothing before it (a prompt's
+        first chunk) is attended by FlashAttention with its log-sum-exp, its probe scores by
+        ``kernels/probe_scores``; later chunks by ``kernels/prefill_attention`` over pages + tail + chunk.
 
     Returns
     -------
     ``out [num_tokens, num_heads, head_size]`` (dtype of ``out``, else of ``query``).
     """
     num_tokens = step.query_start[-1]
-    ops = kernel_ops(kernels)
+    ops = kernels if isinstance(kernels, KernelOps) else kernel_ops(kernels)
     is_kernel = ops.name == "triton"
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if out is None:
@@ -193,28 +196,36 @@ def zipcache_attention(
     sums = torch.zeros(num_tokens, h, dtype=torch.float32, device=query.device)
     tail_sums = torch.zeros(step.plan.num_seqs, n, h, dtype=torch.float32, device=query.device)
     probes = {}
-    if seqs:
-        probe_idx, probe_start = probe_rows(step, config, layer_idx, seqs)
-        probes = {s: probe_idx[probe_start[i] : probe_start[i + 1]] for i, s in enumerate(seqs)}
-        sub = _subset(step, seqs, block_table, seq_lens, query_start_loc, query.device)
+    first = []  # chunks with nothing before them: plain causal attention on the fastest kernel + probe scores
+    if seqs and ops.first_chunk_attention is not None:
+        first = [s for s in seqs if step.context_lens[s] == 0]
+    later = [s for s in seqs if step.context_lens[s] != 0] if first else seqs
+    for group in (first, later):
+        if not group:
+            continue
+        probe_idx, probe_start = probe_rows(step, config, layer_idx, group)
+        probes.update({s: probe_idx[probe_start[i] : probe_start[i + 1]] for i, s in enumerate(group)})
+        sub = _subset(step, group, block_table, seq_lens, query_start_loc, query.device)
         tok = sub["tokens"]
-        meta = dict(
-            kv_cache=kv_cache,
-            layout=layout,
-            block_table=sub["block_table"],
-            query_start_loc=sub["query_start_loc"],
-            seq_lens=sub["seq_lens"],
-            tail_key=staging.key,
-            tail_value=staging.value,
-            tail_slots=sub["tail_slots"],
-            tail_lens=sub["tail_lens"],
-            probe_idx=probe_idx.to(query.device),
-            probe_start_loc=probe_start.to(query.device),
-            normalizer=None,  # raw probability sums; counts are kept here, across steps
-            scale=scale,
-        )
         qs, ks, vs = (q, k, v) if tok is None else (q[tok], k[tok], v[tok])
-        o, sc, tsc = ops.prefill_attention(qs, ks, vs, sub["max_query_len"], **meta)
+        probe_idx, probe_start = probe_idx.to(query.device), probe_start.to(query.device)
+        flash = None
+        if group is first:
+            flash = ops.first_chunk_attention(qs, ks, vs, sub["query_start_loc"], sub["max_query_len"], scale)
+        if flash is not None:
+            o, lse = flash
+            sc, tsc = ops.probe_scores(qs, lse, ks, staging.key, sub["query_start_loc"], sub["seq_lens"],
+                                       sub["tail_slots"], sub["tail_lens"], probe_idx, probe_start,
+                                       sub["max_query_len"], normalizer=None, scale=scale)
+        else:
+            o, sc, tsc = ops.prefill_attention(
+                qs, ks, vs, sub["max_query_len"], kv_cache=kv_cache, layout=layout, block_table=sub["block_table"],
+                query_start_loc=sub["query_start_loc"], seq_lens=sub["seq_lens"], tail_key=staging.key,
+                tail_value=staging.value, tail_slots=sub["tail_slots"], tail_lens=sub["tail_lens"],
+                probe_idx=probe_idx, probe_start_loc=probe_start,
+                normalizer=None,  # raw probability sums; counts are kept here, across steps
+                scale=scale,
+            )
         if tok is None:
             out[:num_tokens], sums, tail_sums = o.to(out.dtype), sc, tsc
         else:

@@ -14,7 +14,7 @@ import yaml
 
 def _config_dir() -> Path:
     """``configs/`` of the source tree, or the copy installed as ``zipcache_vllm.configs``."""
-    repo = Path(__file__).resolve().parent.parent / "configs"
+    repo = Path(__file__).resolve().parents[2] / "configs"
     if repo.is_dir():
         return repo
     import importlib.resources

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from zipcache_vllm import models
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.engine.ops import causal_with_lse
 from zipcache_vllm.hf import cache as hf_cache
 from zipcache_vllm.hf import paged_attention as hf_paged_attention
 from zipcache_vllm.hf import paged_cache as hf_paged
@@ -183,7 +184,7 @@ def test_cuda_flash_lse_matches_torch():
     q = torch.randn(2, 8, 300, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    res = hf_paged_attention._flash_with_lse(q, k, v, 128**-0.5)
+    res = causal_with_lse(q, k, v, 128**-0.5)
     assert res is not None, "flash attention with log-sum-exp unavailable: prefill falls back to torch"
     out, lse = res
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

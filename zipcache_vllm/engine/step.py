@@ -166,7 +166,8 @@ def zipcache_attention(
     layer_idx : seeds the probe draw (as the reference cache). scale : softmax scale (default ``D ** -0.5``).
     out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch``, ``numba`` or ``triton``
         (or a :class:`~zipcache_vllm.engine.ops.KernelOps`). On CUDA a chunk with nothing before it (a prompt's
-        first chunk) is attended by FlashAttention with its log-sum-exp, its probe scores by
+        first chunk) is attended by cuDNN's causal attention with its log-sum-exp (``ops.causal_with_lse``), its
+        probe scores by
         ``kernels/probe_scores``; later chunks by ``kernels/prefill_attention`` over pages + tail + chunk.
 
     Returns
@@ -211,7 +212,7 @@ def zipcache_attention(
         probe_idx, probe_start = probe_idx.to(query.device), probe_start.to(query.device)
         flash = None
         if group is first:
-            flash = ops.first_chunk_attention(qs, ks, vs, sub["query_start_loc"], sub["max_query_len"], scale)
+            flash = ops.first_chunk_attention(qs, ks, vs, sub["starts"], scale)
         if flash is not None:
             o, lse = flash
             sc, tsc = ops.probe_scores(qs, lse, ks, staging.key, sub["query_start_loc"], sub["seq_lens"],
@@ -269,6 +270,7 @@ def _subset(step: Step, seqs: list[int], block_table, seq_lens, query_start_loc,
         "tail_slots": step.tail_slots if everything else step.tail_slots[idx],
         "tail_lens": step.tail_lens if everything else step.tail_lens[idx],
         "max_query_len": max(qlens, default=0),
+        "starts": starts,  # host copy of query_start_loc
     }
     cache[key] = sub
     return sub

@@ -1,7 +1,7 @@
 """How a :class:`~zipcache_vllm.hf.paged_cache.PagedLayer` attends: the three steps of a layer, and the kernel launches
 they use (Triton on CUDA, the plain-torch twins of :mod:`zipcache_vllm.engine.paged` on CPU).
 
-* **first chunk (prompt)**: SDPA over the bf16 prompt, as the paper does (CUDA, bf16/fp16: the flash kernel,
+* **first chunk (prompt)**: SDPA over the bf16 prompt, as the paper does (CUDA, bf16/fp16: cuDNN's or the flash kernel,
   which also returns the log-sum-exp of every row); probe saliency (ZC-7/8, 5 % recent + 5 % random rows drawn
   per layer exactly as :mod:`hf_cache` does) by ``kernels/probe_scores`` on CUDA, the twin
   (``paged.prefill_attention``) on CPU; complete blocks compressed into pages (``compress_store``), the rest
@@ -22,30 +22,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..engine import paged
 from ..engine.decode import decode_step
+from ..engine.ops import causal_with_lse
 from ..engine.staging import Staging
 from ..method.config import Saliency
 from ..method.saliency import chunk_counts, layer_probes, normalizer_counts
-
-
-def _flash_with_lse(query, key, value, scale):
-    """Causal flash attention with the log-sum-exp of every row: ``out [b, L, hq, d]``, fp32 ``lse [b, hq, L]``.
-    None where the flash kernel does not apply (CPU, fp32, old torch)."""
-    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    fn = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
-    if fn is None:
-        return None
-    key, value = key.to(query.dtype), value.to(query.dtype)
-    try:
-        res = fn(query, key, value, 0.0, True, False, scale=scale)
-    except Exception:  # a build without native GQA in the flash op: expand the KV heads
-        g = query.shape[1] // key.shape[1]
-        try:
-            res = fn(query, key.repeat_interleave(g, 1), value.repeat_interleave(g, 1), 0.0, True, False,
-                     scale=scale)
-        except Exception:
-            return None
-    return res[0].transpose(1, 2), res[1][..., : query.shape[2]].float()
 
 
 def _probe_lse(query, key, pos, scale, max_elems: int = 1 << 27) -> torch.Tensor:
@@ -102,7 +82,7 @@ class PagedAttention:
         if c.use_triton:
             from ..kernels.probe_scores import probe_scores
 
-            flash = _flash_with_lse(query, k, v, scale) if attention_mask is None else None
+            flash = causal_with_lse(query, k, v, scale) if attention_mask is None else None
             if flash is not None:
                 out, lse = flash
             else:

@@ -8,9 +8,10 @@ One layer of LLaMA3-8B attention geometry (32 query / 8 KV heads, head size 128)
 repetitions of the same step (it only writes pages and staging, which a repetition overwrites with the same
 values):
 
-* ``step``: :func:`zipcache_vllm.engine.step.zipcache_attention` as the backend runs it on CUDA:
-  causal attention with the row log-sum-exp (``engine/ops.causal_with_lse``: cuDNN's kernel) for the chunk, probe scores (``kernels/probe_scores``, 5 %
-  recent + 5 % random probes), compression of the complete blocks (``kernels/compress_store``), the rest staged;
+* ``step``: :func:`zipcache_vllm.engine.step.zipcache_attention` as the backend runs it on CUDA: causal
+  attention with the row log-sum-exp (``engine/ops.causal_with_lse``: cuDNN's kernel) for the chunk, probe
+  scores (``kernels/probe_scores``, 5 % recent + 5 % random probes), compression of the complete blocks
+  (``kernels/compress_store``), the rest staged;
 * ``step_prefill_kernel``: the same step with the chunk attended by ``kernels/prefill_attention`` (what the
   backend did before, and still does for chunks after the first);
 * ``sdpa``: ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` on the bf16 chunk, the baseline.

@@ -50,6 +50,7 @@ import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,6 +61,9 @@ from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.engine.step import zipcache_attention
 from zipcache_vllm.engine.synthetic import admit, template_pages
 from zipcache_vllm.method.config import ZipCacheConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import graph_time_us  # noqa: E402
 
 GIB = 2**30
 
@@ -328,20 +332,7 @@ def baseline_check(s: Shape, b: int, context: int) -> dict:
     err = (a.float() - ref.view(b, s.heads, s.head_size).float()).abs().max().item()
     res = {"batch": b, "context": context, "max_abs_err": err}
     for name, fn in (("varlen_flash_us", ours), ("sdpa_us", sdpa)):
-        g = torch.cuda.CUDAGraph()
-        fn()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g):
-            fn()
-        times = []
-        for _ in range(20):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            g.replay()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) * 1e3)
-        res[name] = statistics.median(times)
+        res[name] = graph_time_us(fn)
     return res
 
 

@@ -9,27 +9,14 @@ replays, median of 20. Prints one line per (context, kernel) with microseconds, 
 
 from __future__ import annotations
 
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def timed(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts)
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import graph_time_us  # noqa: E402
 
 
 def main():
@@ -67,7 +54,7 @@ def run(n: int) -> None:
         q, k, v, None, True, 0.0, True, False)
     for name, fn in cands.items():
         try:
-            t = timed(fn)
+            t = graph_time_us(fn)
             res = fn()
             shape = [tuple(r.shape) for r in res[:2]] if isinstance(res, tuple) else tuple(res.shape)
             print(f"{n} {name}: {t:.0f} us {shape}")

@@ -266,14 +266,8 @@ def decode_attention(
     ``tail_slots``, ``tail_lens [num_seqs]`` (the tail already holds the current token); sequence ``s`` has
     ``(seq_lens[s] - tail_lens[s]) / block_size`` pages.
     """
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-    for s in range(query.shape[0]):
-        tl_ = int(tail_lens[s])
-        num_pages = (int(seq_lens[s]) - tl_) // layout.block_size
-        k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
-        out[s] = _attend(query[s : s + 1], k, v, None, scale)[0][0]
-    return out
+    return decode_with_probes(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
+                              tail_lens, scale)[0]
 
 
 def decode_with_probes(
@@ -305,9 +299,10 @@ def decode_with_probes(
         k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
         o, probs = _attend(query[s : s + 1], k, v, None, scale)  # probs [hq, 1, L]
         out[s] = o[0]
-        col = probs[:, 0, num_pages * n :].view(h, hq // h, -1).sum(dim=1).T  # [tl_, h]
-        own[s] = col[-1]
-        tail_mass[s, : tl_ - 1] = col[:-1]
+        if tl_:  # the last tail row is the query's own token
+            col = probs[:, 0, num_pages * n :].view(h, hq // h, -1).sum(dim=1).T  # [tl_, h]
+            own[s] = col[-1]
+            tail_mass[s, : tl_ - 1] = col[:-1]
     return out, own, tail_mass
 
 

@@ -1,0 +1,76 @@
+"""The vLLM backend's CPU decode step, without vLLM: the staging plan and 30 layers of ``zipcache_attention``.
+
+    python benchmarks/bench_cpu_step.py [--rows 8] [--context 520] [--steps 60]
+
+SmolLM2-135M geometry (9 query heads, 3 KV heads, head size 64, 30 layers, blocks of 128), the ``vllm`` preset,
+the numba decode (the CPU server's default), one torch thread. Every row is prefilled through the step itself
+(one chunk), then decodes; prints the median time of a decode step (plan + all layers) over the last
+``steps - 10`` steps. Used to check that a change leaves the CPU step no slower, on one machine, back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from zipcache_vllm.engine.block_manager import BlockManager
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.engine.step import Staging, prepare_step, zipcache_attention
+from zipcache_vllm.method.config import ZipCacheConfig
+
+N, H, HQ, D, LAYERS = 128, 3, 9, 64, 30
+
+
+def run(rows: int, context: int, steps: int) -> float:
+    torch.set_num_threads(1)
+    cfg = ZipCacheConfig.load("vllm", block_size=N)
+    lay = PageLayout.from_config(cfg, D)
+    width = -(-(context + steps) // N)
+    kv = [torch.zeros(rows * width + 1, H, lay.page_bytes, dtype=torch.uint8) for _ in range(LAYERS)]
+    staging = [Staging.allocate(rows + 8, N, H, D) for _ in range(LAYERS)]
+    bm = BlockManager(rows + 4, N)
+    tables = [list(range(1 + r * width, 1 + (r + 1) * width)) for r in range(rows)]
+    bt = torch.tensor(tables, dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+
+    def layers(q, k, v, step, sl, qsl, slots, out):
+        for i in range(LAYERS):
+            zipcache_attention(q, k, v, kv[i], bt, sl, qsl, slots, staging[i], step, lay, cfg, layer_idx=i, out=out,
+                               kernels="numba")
+
+    t = rows * context  # prefill: one chunk per row
+    qsl = torch.tensor([context * i for i in range(rows + 1)], dtype=torch.int32)
+    sl = torch.full((rows,), context, dtype=torch.int32)
+    slots = torch.tensor([tables[r][p // N] * N + p % N for r in range(rows) for p in range(context)])
+    step = prepare_step(bm.plan(tables, [0] * rows, [context] * rows), qsl, sl, bt)
+    rand = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
+    layers(rand(t, HQ, D), rand(t, H, D), rand(t, H, D), step, sl, qsl, slots, torch.empty(t, HQ, D))
+    q, k, v, out = rand(rows, HQ, D), rand(rows, H, D), rand(rows, H, D), torch.empty(rows, HQ, D)
+    qsl = torch.arange(rows + 1, dtype=torch.int32)
+    lens, times = [context] * rows, []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sl = torch.tensor([n + 1 for n in lens], dtype=torch.int32)
+        step = prepare_step(bm.plan(tables, lens, [1] * rows), qsl, sl, bt)
+        slots = torch.tensor([tables[r][lens[r] // N] * N + lens[r] % N for r in range(rows)])
+        layers(q, k, v, step, sl, qsl, slots, out)
+        times.append(time.perf_counter() - t0)
+        lens = [n + 1 for n in lens]
+    return statistics.median(times[10:]) * 1e3
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--context", type=int, default=520)
+    ap.add_argument("--steps", type=int, default=60)
+    args = ap.parse_args(argv)
+    ms = run(args.rows, args.context, args.steps)
+    print(f"rows {args.rows}, context {args.context}: median decode step {ms:.2f} ms (plan + {LAYERS} layers)")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,10 @@ time with a sync per call (``*_wall_us``: the step's Python included; prefill ru
 ``overhead`` = step / sdpa - 1 on GPU time (issue 11's target: ≤ 10 %); ``causal`` (the step's attention
 kernel with its log-sum-exp) alone is also timed, so
 the overhead splits into the attention-kernel difference and the probe + compress work.
+
+Also a later chunk (issue 11's ``chunked_prefill`` record): ``--chunk`` queries over a ``--prefix`` of compressed
+pages, the attention kernel alone (``time_us``) and the whole step, against SDPA over as many bf16 keys
+(``baseline_time_us``, lower-right causal), ``speedup`` = SDPA / ours.
 """
 
 from __future__ import annotations
@@ -115,20 +119,76 @@ def case(context: int, reps: int) -> dict:
     return res
 
 
+def chunked_case(prefix: int, chunk: int, reps: int) -> dict:
+    """A later chunk: ``chunk`` queries over a ``prefix`` of compressed pages (written directly,
+    engine/synthetic) plus themselves, through the step (``kernels/prefill_attention``, probe scores, compression
+    of the chunk's complete blocks) and the attention kernel alone, against SDPA over the same number of bf16
+    keys (lower-right causal)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from zipcache_vllm.engine.synthetic import admit, template_pages
+
+    cfg = ZipCacheConfig.load("vllm", block_size=128)
+    layout = PageLayout.from_config(cfg, D)
+    n, dev = layout.block_size, "cuda"
+    total = prefix + chunk
+    blocks = -(-total // n)
+    kv = torch.zeros(blocks + 1, H, layout.page_bytes, dtype=torch.uint8, device=dev)
+    staging = Staging.allocate(4, n, H, D, device=dev)
+    table = list(range(1, blocks + 1))
+    bm = BlockManager(3, n)
+    admit(bm, table, prefix, [kv], [staging], [template_pages(32, H, layout, dev)], seed=0)
+    q = torch.randn(chunk, HQ, D, device=dev).bfloat16()
+    k = (torch.randn(chunk, H, D, device=dev) * torch.linspace(0.5, 3, D, device=dev)).bfloat16()
+    v = torch.randn(chunk, H, D, device=dev).bfloat16()
+    bt = torch.tensor([table], dtype=torch.int32, device=dev)
+    qsl = torch.tensor([0, chunk], dtype=torch.int32)
+    seq_lens = torch.tensor([total], dtype=torch.int32)
+    slots = torch.tensor([table[p // n] * n + p % n for p in range(prefix, total)], device=dev)
+    step = prepare_step(bm.plan([table], [prefix], [chunk]), qsl, seq_lens, device=torch.device(dev))
+    ops = kernel_ops("triton")
+    out = torch.empty_like(q)
+    kb = torch.randn(1, H, total, D, device=dev).bfloat16()
+    vb = torch.randn_like(kb)
+    qb = q.transpose(0, 1).unsqueeze(0)
+    bias = causal_lower_right(chunk, total)
+    meta = dict(kv_cache=kv, layout=layout, block_table=bt, query_start_loc=qsl.to(dev), seq_lens=seq_lens.to(dev),
+                tail_key=staging.key, tail_value=staging.value, tail_slots=torch.zeros(1, dtype=torch.int32,
+                device=dev), tail_lens=torch.zeros(1, dtype=torch.int32, device=dev),
+                probe_idx=torch.zeros(1, dtype=torch.int32, device=dev),
+                probe_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=dev), normalizer=None, scale=D**-0.5)
+    variants = {
+        "step": lambda: zipcache_attention(q, k, v, kv, bt, seq_lens.to(dev), qsl.to(dev), slots, staging, step,
+                                           layout, cfg, layer_idx=0, out=out, kernels=ops),
+        "attention": lambda: ops.prefill_attention(q, k, v, chunk, **meta),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias,
+                                                                         enable_gqa=True),
+    }
+    res = {"kernel": "chunked_prefill", "context": prefix, "chunk": chunk, "batch": 1}
+    for name, fn in variants.items():
+        res[f"{name}_gpu_us"], res[f"{name}_wall_us"] = timed(fn, reps)
+    res["time_us"], res["baseline_time_us"] = res["attention_gpu_us"], res["sdpa_gpu_us"]
+    res["speedup"] = res["sdpa_gpu_us"] / res["attention_gpu_us"]
+    return res
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="4096,16384")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--prefix", type=int, default=30720, help="compressed prefix of the chunked case")
+    ap.add_argument("--chunk", type=int, default=2048, help="chunk of the chunked case (0: skip it)")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_prefill_step.py needs a CUDA GPU")
     records = [case(int(c), args.reps) for c in args.contexts.split(",")]
+    chunked = [chunked_case(args.prefix, args.chunk, args.reps)] if args.chunk else []
     results = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "records": records,
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "records": records + chunked,
     }  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
@@ -140,6 +200,10 @@ def main(argv=None) -> None:
               f"{r['step_prefill_kernel_gpu_us']:.0f} ({r['step_prefill_kernel_wall_us']:.0f}) | "
               f"{r['causal_gpu_us']:.0f} | {r['sdpa_gpu_us']:.0f} ({r['sdpa_wall_us']:.0f}) | {r['overhead']:+.0%} | "
               f"{r['overhead_prefill_kernel']:+.0%} |")
+    for r in chunked:
+        print(f"chunked prefill: {r['chunk']} queries over {r['context']} compressed tokens: attention "
+              f"{r['attention_gpu_us']:.0f} us, step {r['step_gpu_us']:.0f} us ({r['step_wall_us']:.0f} wall), SDPA "
+              f"over bf16 {r['sdpa_gpu_us']:.0f} us: speedup {r['speedup']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -162,7 +162,9 @@ def cmd_sweep(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zipcache-eval", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=None, help="a bundled model (smollm2-135m, qwen2.5-coder-1.5b) or an HF model folder (default: smollm2-135m)")
+    common.add_argument("--model", default=None,
+                        help="a bundled model (smollm2-135m, qwen2.5-coder-1.5b) or an HF model folder "
+                        "(default: smollm2-135m)")
     common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="model compute dtype; caches always store bf16 (default float32)")
     common.add_argument("--output", help="write the results as JSON")

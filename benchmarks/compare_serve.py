@@ -42,6 +42,8 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def server(backend: str, max_num_seqs: int, log_path: Path):
+    """``zipcache-vllm serve`` of the bundled model with ``make serve``'s flags on a free port: yields (port,
+    process) once /health answers; stops it by PID on exit."""
     from zipcache_vllm.models import resolve_model
 
     port = _free_port()
@@ -62,7 +64,7 @@ def server(backend: str, max_num_seqs: int, log_path: Path):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{backend} server did not start; see {log_path}") from None
                 time.sleep(1)
-        yield port
+        yield port, proc
     finally:
         stop_server(proc)
 
@@ -92,7 +94,7 @@ def main() -> None:
     logs.mkdir(exist_ok=True)
     rows = []
     for backend in args.backends.split(","):
-        with server(backend, args.max_num_seqs, logs / f"compare_serve_{backend}.log") as port:
+        with server(backend, args.max_num_seqs, logs / f"compare_serve_{backend}.log") as (port, _proc):
             for words in map(int, args.prompt_words.split(",")):
                 for streams in map(int, args.streams.split(",")):
                     r = {"backend": backend, **asyncio.run(batch(port, streams, words, args.max_tokens))}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 
@@ -24,9 +25,25 @@ def tiny(e2e_tmp, start_server):
         yield s
 
 
+def metric(server, name: str) -> float:
+    m = re.search(rf"^vllm:{name}\{{[^}}]*\}} ([\d.e+-]+)$", server.get("/metrics"), re.M)
+    assert m, f"vllm:{name} is not on /metrics"
+    return float(m.group(1))
+
+
 def preemptions(server) -> float:
-    m = re.search(r"^vllm:num_preemptions_total\{[^}]*\} ([\d.e+]+)$", server.get("/metrics"), re.M)
-    return float(m.group(1)) if m else 0.0
+    return metric(server, "num_preemptions_total")
+
+
+def idle_gauges(server, timeout: float = 30.0) -> dict:
+    """Running and waiting requests and KV usage once the server is idle (polled: gauges update per step)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        g = {name: metric(server, name) for name in ("num_requests_running", "num_requests_waiting",
+                                                      "kv_cache_usage_perc")}
+        if not any(g.values()) or time.monotonic() > deadline:
+            return g
+        time.sleep(1)
 
 
 def test_preemption_completes_every_request(tiny):
@@ -53,5 +70,7 @@ def test_preemption_completes_every_request(tiny):
     assert all(r[0] == "length" and r[1] == MAX_TOKENS for r in results), results
     assert preemptions(tiny) > 0, "the pool was meant to force preemption"
     assert tiny.healthy()
+    # nothing leaks: no request left running or waiting, every KV block back in the pool
+    assert idle_gauges(tiny) == {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0}
     after = client.completions.create(model=MODEL, prompt=probe, max_tokens=16, temperature=0).choices[0].text
     assert after == before

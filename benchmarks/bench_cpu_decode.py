@@ -18,7 +18,8 @@ from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.block_manager import BlockManager
 from zipcache_vllm.engine.cpu_decode import decode_attend, decode_attend_codes
 from zipcache_vllm.engine.layout import PageLayout
-from zipcache_vllm.engine.step import Staging, prepare_step
+from zipcache_vllm.engine.staging import Staging
+from zipcache_vllm.engine.step import prepare_step
 from zipcache_vllm.method.config import ZipCacheConfig
 
 N, H, G, D = 128, 3, 3, 64

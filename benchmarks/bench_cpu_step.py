@@ -18,7 +18,8 @@ import torch
 
 from zipcache_vllm.engine.block_manager import BlockManager
 from zipcache_vllm.engine.layout import PageLayout
-from zipcache_vllm.engine.step import Staging, prepare_step, zipcache_attention
+from zipcache_vllm.engine.staging import Staging
+from zipcache_vllm.engine.step import prepare_step, zipcache_attention
 from zipcache_vllm.method.config import ZipCacheConfig
 
 N, H, HQ, D, LAYERS = 128, 3, 9, 64, 30

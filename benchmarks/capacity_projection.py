@@ -14,7 +14,7 @@ import argparse
 
 from zipcache_vllm.engine.block_manager import default_num_slots
 from zipcache_vllm.engine.layout import PageLayout
-from zipcache_vllm.engine.step import Staging
+from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.method.config import ZipCacheConfig
 
 MODELS = {  # layers, KV heads, head size

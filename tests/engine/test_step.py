@@ -19,7 +19,8 @@ from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.block_manager import BlockManager
 from zipcache_vllm.engine.decode import DecodeBatch
 from zipcache_vllm.engine.layout import PageLayout
-from zipcache_vllm.engine.step import Staging, prepare_step, zipcache_attention
+from zipcache_vllm.engine.staging import Staging
+from zipcache_vllm.engine.step import prepare_step, zipcache_attention
 from zipcache_vllm.method.config import Normalizer, Saliency, ZipCacheConfig
 from zipcache_vllm.method.saliency import layer_probes, random_scores
 

@@ -6,7 +6,7 @@ For every sequence of a batch (lengths as in :mod:`zipcache_vllm.engine.block_ma
 
 1. **attend**: every new query over the pages, the tail and the new tokens (causal), and collect probe saliency
    (ZC-7/8): a prefill chunk (``query_len > 1``) uses the probe rows of the chunk (the recent and random shares
-   of ``ZipCacheConfig``, drawn with ``saliency.probe_seed(config, layer_idx)`` as the transformers
+   of ``ZipCacheConfig``, drawn by ``saliency.layer_probes`` as the transformers
    reference cache does); a decode step uses its one query. Each bf16 token keeps a running ``score_sum``
    (probability mass it received) and ``score_count`` (queries that could see it: ``causal_count``) or probes
    at or after it (``probe_nnz``), as the reference cache does;
@@ -22,13 +22,12 @@ CPU: the plain-torch twins of :mod:`zipcache_vllm.engine.paged` for prefill chun
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..method.config import Saliency, ZipCacheConfig
-from ..method.saliency import chunk_counts, probe_positions, probe_seed, random_scores
+from ..method.saliency import chunk_counts, layer_probes, random_scores
 from . import cpu_decode
 from .block_manager import StepPlan
 from .decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores
@@ -104,18 +103,11 @@ def prepare_step(
     return step
 
 
-@functools.lru_cache(maxsize=4096)
-def _probe_offsets(n: int, recent: float, random: float, seed: int, compat: bool) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return probe_positions(n, recent, random, gen, compat)
-
-
 def probe_rows(
     step: Step, config: ZipCacheConfig, layer_idx: int, seqs: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``probe_idx`` (offsets in each sequence's chunk, ascending) and ``probe_start_loc [len(seqs) + 1]``
     for the sequences ``seqs`` (default: all)."""
-    seed = probe_seed(config, layer_idx)
     parts, starts = [], [0]
     for s in range(len(step.query_lens)) if seqs is None else seqs:
         ql = step.query_lens[s]
@@ -124,8 +116,8 @@ def probe_rows(
         elif ql == 0:
             idx = torch.zeros(0, dtype=torch.long)
         else:
-            idx = _probe_offsets(ql, config.probe_recent, config.probe_random, seed, config.probe_compat)
-            idx = torch.unique(idx)  # compat mode draws with replacement; a row counts once per chunk here
+            # compat mode draws with replacement; a row counts once per chunk here
+            idx = torch.unique(layer_probes(config, ql, layer_idx))
         parts.append(idx)
         starts.append(starts[-1] + idx.numel())
     return torch.cat(parts).int(), torch.tensor(starts, dtype=torch.int32)

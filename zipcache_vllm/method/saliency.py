@@ -7,6 +7,7 @@ released code does).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -151,9 +152,11 @@ def probe_seed(config, layer_idx: int) -> int:
     return config.probe_seed * PROBE_SEED_STRIDE + layer_idx
 
 
+@functools.lru_cache(maxsize=4096)
 def layer_probes(config, num_tokens: int, layer_idx: int) -> torch.Tensor:
     """The probe rows (ZC-7) of a prompt or chunk of ``num_tokens`` tokens in layer ``layer_idx``: the recent
-    and random shares of ``config``, drawn with :func:`probe_seed`."""
+    and random shares of ``config``, drawn with :func:`probe_seed` (cached: every step draws the same rows for
+    a chunk length; callers must not modify the tensor)."""
     gen = torch.Generator().manual_seed(probe_seed(config, layer_idx))
     return probe_positions(num_tokens, config.probe_recent, config.probe_random, gen, config.probe_compat)
 

@@ -35,7 +35,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from ..engine import cpu_kernels
 from ..engine.builder import StepBuilder
 from ..engine.layout import PageLayout
-from ..engine.step import Staging, Step, zipcache_attention
+from ..engine.staging import Staging
+from ..engine.step import Step, zipcache_attention
 from ..method.config import ZipCacheConfig
 from . import envs
 from .settings import num_staging_slots, pick_kernels, reserve_staging, resolve_config

@@ -11,7 +11,7 @@ import torch
 
 from ..engine import cpu_kernels
 from ..engine.block_manager import default_num_slots
-from ..engine.step import Staging
+from ..engine.staging import Staging
 from ..method.config import Granularity, KeyScheme, Selection, ZipCacheConfig
 from . import envs
 

@@ -30,7 +30,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from ._common import LOG2E, check, check_decode_inputs, check_tensor, num_sms, pow2
 
@@ -40,6 +40,7 @@ PROGRAMS_PER_SM = 16  # one-warp programs; the split count aims at about this ma
 MIN_PAGES_PER_SPLIT = 1
 PREFETCH_PAGES = 0  # pages ahead a program asks L2 to fetch; 1, 2, 4 measured slower on the H200 (spike)
 RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
+STAGE_PAGES = 2  # pages in shared memory per program: the next page is copied (cp.async) while one is read
 
 
 # --------------------------------------------------------------------------------------------- channel maps
@@ -191,6 +192,128 @@ def value_unpack_asm(bits: int, d: int) -> tuple[str, str, int]:
 
 
 
+# --------------------------------------------------------------------------------------------- shared views
+# With ``STAGE_PAGES`` pages in flight a program copies whole pages into shared memory (cp.async, no registers
+# held while the copy is in flight) and reads each lane's fragment bytes from there. The fragment patterns
+# below are the same as the global loads' (``_key_offsets``, ``_value_offsets``): a bit permutation of the
+# tensor coordinates, so a chunk's codes are a shared view with an explicit linear layout, and the load goes
+# into a register order sorted by address (wide ``ld.shared``), then a register permutation into the operand.
+def _lg(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def key_address(bits: int, d: int, m: int, kk: int) -> int:
+    """Element address (units of the key load element, ``d * bits / 128`` bytes) of key operand ``(m, kk)``
+    inside its chunk's codes: the byte offsets of ``_key_offsets`` divided by the element size."""
+    es, rb, lb = d * bits // 128, d * bits // 8, d * bits // 32
+    t, p, h, mh = (kk % 8) // 2, kk % 2, kk // 8, (m % 16) // 8
+    base = (m // 16) * 16 + m % 8
+    if es == 4:
+        off = (base + 8 * p) * rb + t * lb + 4 * (mh + 2 * h)
+    elif es == 2:
+        off = m * rb + t * lb + 4 * h + 2 * p
+    else:
+        off = (base + 8 * h) * rb + t * lb + p + 2 * mh
+    return off // es
+
+
+def value_address(bits: int, d: int, m: int, k: int) -> int:
+    """Element address of value operand ``(m, k)`` (``V^T``: channel row m, token k) inside its chunk's codes,
+    as ``_value_offsets`` loads it."""
+    es, rb, lbv = d * bits // 128, d * bits // 8, d * bits // 64
+    g, mh = m % 8, m // 8
+    if es == 1:
+        off = ((k // 16) * 16 + 2 * ((k % 8) // 2) + mh + 8 * ((k % 16) // 8)) * rb + g * lbv + k % 2
+    else:
+        off = k * rb + g * lbv + es * mh
+    return off // es
+
+
+def operand_bases(shape: tuple) -> tuple[list, list]:
+    """(reg_bases, lane_bases) of ``mma.m16n8k16``'s A operand (k_width 2, one warp) over ``shape``."""
+    lanes = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
+    regs = [[0, 1], [8, 0], [0, 8]]
+    regs += [[16 << i, 0] for i in range(_lg(shape[0] // 16))] + [[0, 16 << i] for i in range(_lg(shape[1] // 16))]
+    return regs, lanes
+
+
+def _address_bases(shape: tuple, address) -> list:
+    """``offset_bases`` of a shared linear layout: for address bit i, the coordinate stored there. Checks that
+    ``address`` is a bit permutation of the coordinates (every element once, XOR-linear)."""
+    coords = [[0] * len(shape) for _ in range(sum(_lg(n) for n in shape))]
+    seen = {}
+    for dim, n in enumerate(shape):
+        for b in range(_lg(n)):
+            c = [0] * len(shape)
+            c[dim] = 1 << b
+            a = address(*c)
+            if a <= 0 or a & (a - 1) or _lg(a) in seen or _lg(a) >= len(coords):
+                raise ValueError(f"address map is not a bit permutation at {c} -> {a}")
+            seen[_lg(a)] = c
+    for i, c in seen.items():
+        coords[i] = c
+    return coords
+
+
+@functools.lru_cache(maxsize=256)
+def shared_operand(kind: str, bits: int, d: int, rows: int) -> tuple:
+    """(view, load) layouts of one chunk's codes in shared memory: ``view`` a ``SharedLinearLayout`` of the
+    operand tensor (keys ``[rows, 16]``, values ``[16, rows]``), ``load`` the operand's lane map with its
+    registers ordered by address."""
+    shape = (rows, 16) if kind == "key" else (16, rows)
+    fn = key_address if kind == "key" else value_address
+    address = lambda i, j: fn(bits, d, i, j)  # noqa: E731
+    bases = _address_bases(shape, address)
+    regs, lanes = operand_bases(shape)
+    regs = sorted(regs, key=lambda c: address(*c))
+    view = gl.SharedLinearLayout(offset_bases=bases)
+    load = gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=[], block_bases=[],
+                                      shape=list(shape))
+    return view, load
+
+
+@functools.lru_cache(maxsize=64)
+def shared_params(plan: tuple) -> gl.SharedLinearLayout:
+    """Shared view of per-channel parameters in ``param_load_plan``'s ``[NO, NL, RUN]`` order."""
+    _, no, nl, run, os_, _, _ = plan
+    return gl.SharedLinearLayout(offset_bases=_address_bases((no, nl, run), lambda o, ln, r: o * os_ + ln * run + r))
+
+
+def stage_plan(layout, tiles: tuple) -> tuple[tuple, tuple]:
+    """Where a staged page lives in shared memory: ``(segments, pieces)``. Triton allocates power-of-two shapes,
+    so the bytes a program reads (each chunk's key and value codes and per-token value parameters, the key
+    parameters, the value normalizer: power-of-two pieces, 16-byte aligned) are packed into segments whose sizes are
+    the binary digits of their total, largest pieces first (no padding). ``segments``: int32 words of each;
+    ``pieces``: ``(page byte offset, bytes, segment, word offset)``."""
+    d, n = layout.head_size, layout.block_size
+    reads = {(layout.k_param_off, 8 * d), (layout.v_norm_off, 2 * d)}
+    for start, rows, k_hi, k_off, v_hi, v_off in tiles:  # a view must start at a multiple of its size
+        reads |= {(layout.v_tok_off + 2 * start, 2 * rows), (layout.v_tok_off + 2 * (n + start), 2 * rows)}
+        reads.add((k_off, rows * d * (layout.bits_high if k_hi else layout.bits_low) // 8))
+        reads.add((v_off, rows * d * (layout.bits_high if v_hi else layout.bits_low) // 8))
+    reads = sorted(reads, key=lambda r: (-r[1], r[0]))
+    words = sum(nb // 4 for _, nb in reads)
+    segments = tuple(1 << b for b in range(_lg(words), -1, -1) if words >> b & 1)
+    fill = [0] * len(segments)
+    pieces = []
+    for off, nb in reads:
+        if nb & (nb - 1) or off % 16:
+            raise ValueError(f"page piece at {off} of {nb} bytes is not a 16-byte aligned power of two")
+        seg = next(i for i, size in enumerate(segments) if size - fill[i] >= nb // 4)
+        pieces.append((off, nb, seg, fill[seg]))
+        fill[seg] += nb // 4
+    return segments, tuple(pieces)
+
+
+def stage_supported(layout) -> bool:
+    """Whether pages can be staged (every piece a program reads 16-byte aligned, a power of two in size)."""
+    try:
+        stage_plan(layout, chunks(layout))
+    except ValueError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------- chunks
 def chunks(layout, max_rows: int = MAX_CHUNK) -> tuple:
     """Compile-time tiles of page rows: ``(start, rows, k_hi, k_off, v_hi, v_off)`` with one key group and one
@@ -300,8 +423,85 @@ def _load_params(ptr, PLAN: gl.constexpr, D: gl.constexpr, TARGET: gl.constexpr)
     ln = gl.arange(0, PLAN[2], layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
     r = gl.arange(0, PLAN[3], layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
     x = gl.load(ptr + (o[:, None, None] * PLAN[4] + ln[None, :, None] * PLAN[3] + r[None, None, :]))
+    return _params_order(x, PLAN, D, TARGET)
+
+
+@gluon.jit
+def _params_order(x, PLAN: gl.constexpr, D: gl.constexpr, TARGET: gl.constexpr):
     x = gl.reshape(gl.permute(gl.reshape(x, PLAN[5]), PLAN[6]), [D])
     return gl.convert_layout(x, TARGET, assert_trivial=True)
+
+
+@gluon.jit
+def _params(src, OFF: gl.constexpr, PLAN: gl.constexpr, VIEW: gl.constexpr, D: gl.constexpr,
+            TARGET: gl.constexpr, SMEM: gl.constexpr, PIECES: gl.constexpr):  # fmt: skip
+    """The page's fp16 parameters at byte ``OFF`` in map order, from global memory (``src`` = the page's byte
+    pointer) or from the staged page (``src`` = its int32 shared view)."""
+    if SMEM:
+        LOC: gl.constexpr = _locate(PIECES, OFF)
+        x = src[LOC[0]].slice(LOC[1], D // 2)._reinterpret(gl.float16, [PLAN[1], PLAN[2], PLAN[3]], VIEW)
+        x = x.load(PLAN[0])
+        res = _params_order(x, PLAN, D, TARGET)
+    else:
+        res = _load_params(src.to(gl.pointer_type(gl.float16)) + OFF // 2, PLAN, D, TARGET)
+    return res
+
+
+@gluon.jit
+def _rows_f16(src, OFF: gl.constexpr, ROWS: gl.constexpr, LAYOUT: gl.constexpr, SMEM: gl.constexpr,
+              PIECES: gl.constexpr):  # fmt: skip
+    """``ROWS`` consecutive fp16 per-token parameters at byte ``OFF`` of the page, as fp32 in ``LAYOUT``."""
+    if SMEM:
+        FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        LOC: gl.constexpr = _locate(PIECES, OFF)
+        x = src[LOC[0]].slice(LOC[1], ROWS // 2)._reinterpret(gl.float16, [ROWS], FLAT).load(LAYOUT)
+    else:
+        x = gl.load(src.to(gl.pointer_type(gl.float16)) + OFF // 2 + gl.arange(0, ROWS, layout=LAYOUT))
+    return x.to(gl.float32)
+
+
+@gluon.constexpr_function
+def _locate(pieces, off):
+    """(segment, word offset) of page byte ``off`` in a staged page (``stage_plan``'s pieces)."""
+    for start, nb, seg, word in pieces:
+        if start <= off < start + nb:
+            return (seg, word + (off - start) // 4)
+    raise ValueError(f"page byte {off} is not staged")
+
+
+@gluon.jit
+def _alloc_stage(SEGMENTS: gl.constexpr):
+    """Two buffers of every segment (a tuple of ``[2, words]`` int32 shared allocations)."""
+    L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # rank 1: each indexed buffer is flat
+    bufs = ()
+    for i in gl.static_range(len(SEGMENTS)):
+        bufs = bufs + (gl.allocate_shared_memory(gl.int32, [2, SEGMENTS[i]], L),)
+    return bufs
+
+
+@gluon.jit
+def _stage_view(bufs, stage, SEGMENTS: gl.constexpr):
+    """The buffers of one stage (a tuple of ``[words]`` views)."""
+    out = ()
+    for i in gl.static_range(len(SEGMENTS)):
+        out = out + (bufs[i].index(stage),)
+    return out
+
+
+@gluon.jit
+def _copy_page(dst, src, PIECES: gl.constexpr):
+    """cp.async of the pieces of the page at byte pointer ``src`` into the stage views ``dst``, 16 bytes per
+    lane and copy where the piece allows."""
+    for i in gl.static_range(len(PIECES)):
+        _copy_piece(dst[PIECES[i][2]], src, PIECES[i][0], PIECES[i][1] // 4, PIECES[i][3])
+
+
+@gluon.jit
+def _copy_piece(dst, src, OFF: gl.constexpr, NW: gl.constexpr, WORD: gl.constexpr):
+    VEC: gl.constexpr = 4 if NW >= 128 else (NW // 32 if NW >= 32 else 1)
+    L: gl.constexpr = gl.BlockedLayout([VEC], [32], [1], [0])
+    offs = gl.arange(0, NW, layout=L)
+    async_copy.async_copy_global_to_shared(dst.slice(WORD, NW), (src + OFF).to(gl.pointer_type(gl.int32)) + offs)
 
 
 @gluon.jit
@@ -369,14 +569,31 @@ def _value_offsets(ROWS: gl.constexpr, RB: gl.constexpr, LBV: gl.constexpr, ES: 
 
 
 @gluon.jit
-def _unpack(ptr, offs, ASM: gl.constexpr, CONS: gl.constexpr, ES: gl.constexpr, P: gl.constexpr,
-            AXIS: gl.constexpr, A: gl.constexpr):  # fmt: skip
-    w = gl.load((ptr + offs).to(gl.pointer_type(_elem_type(ES))))
+def _planes(w, ASM: gl.constexpr, CONS: gl.constexpr, P: gl.constexpr, AXIS: gl.constexpr, A: gl.constexpr):
+    """Code words ``w`` (A layout) -> the fp16 operand (``offset + code`` per element), by ``ASM``."""
     if P == 8:
         planes = gl.inline_asm_elementwise(ASM, CONS, [w], dtype=(gl.float16,) * 8, is_pure=True, pack=8)
     else:
         planes = gl.inline_asm_elementwise(ASM, CONS, [w], dtype=(gl.float16,) * 4, is_pure=True, pack=8)
     return gl.convert_layout(_join_planes(planes, P, AXIS), A, assert_trivial=True)
+
+
+@gluon.jit
+def _unpack(src, OFF: gl.constexpr, offs, SHAPE: gl.constexpr, VIEW: gl.constexpr, LOAD: gl.constexpr,
+            ASM: gl.constexpr,
+            CONS: gl.constexpr, ES: gl.constexpr, P: gl.constexpr, AXIS: gl.constexpr, A: gl.constexpr,
+            SMEM: gl.constexpr, PIECES: gl.constexpr):  # fmt: skip
+    """One chunk's codes at byte ``OFF`` of the page as an fp16 operand: from global memory at ``offs``
+    (``src`` = the page's byte pointer) or from the staged page through the layouts ``VIEW`` (shared) and ``LOAD``
+    (registers)."""
+    if SMEM:
+        NW: gl.constexpr = SHAPE[0] * SHAPE[1] * ES // 4
+        LOC: gl.constexpr = _locate(PIECES, OFF)
+        w = src[LOC[0]].slice(LOC[1], NW)._reinterpret(_elem_type(ES), [SHAPE[0], SHAPE[1]], VIEW).load(LOAD)
+        w = gl.convert_layout(w, A)
+    else:
+        w = gl.load((src + OFF + offs).to(gl.pointer_type(_elem_type(ES))))
+    return _planes(w, ASM, CONS, P, AXIS, A)
 
 
 @gluon.constexpr_function
@@ -403,32 +620,34 @@ def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE: gl.constexpr):
 # fmt: off
 @gluon.jit
 def _page_chunk(
-    base, f16, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
+    src, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
     START: gl.constexpr, ROWS: gl.constexpr, K_HI: gl.constexpr, K_OFF: gl.constexpr, V_HI: gl.constexpr,
-    V_OFF: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
+    V_OFF: gl.constexpr, KVIEW: gl.constexpr, KLOAD: gl.constexpr, VVIEW: gl.constexpr, VLOAD: gl.constexpr,
+    BH: gl.constexpr, BL: gl.constexpr,
+    D: gl.constexpr, N: gl.constexpr,
     NP: gl.constexpr, V_TOK: gl.constexpr, K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr,
     K_CONS_L: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
     V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
+    SMEM: gl.constexpr, PIECES: gl.constexpr,
 ):
     """Rows ``START .. START + ROWS`` of one page (one key group, one value group)."""
     P: gl.constexpr = D // 16
     # scores S^T [ROWS, NP] = (offset + K codes) @ q'^T + (bias - offset term), accumulated from the bias
     if K_HI:
         KES: gl.constexpr = D * BH // 128
-        kc = _unpack(base + K_OFF, _key_offsets(ROWS, D * BH // 8, D * BH // 32, KES, A), K_ASM_H, K_CONS_H,
-                     KES, P, 1, A)
+        kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BH // 8, D * BH // 32, KES, A), (ROWS, 16), KVIEW, KLOAD,
+                     K_ASM_H, K_CONS_H, KES, P, 1, A, SMEM, PIECES)
         s = mma_v2(kc, qp_h, _tile_rows(bias_h, ROWS, MMA))
     else:
         KES: gl.constexpr = D * BL // 128
-        kc = _unpack(base + K_OFF, _key_offsets(ROWS, D * BL // 8, D * BL // 32, KES, A), K_ASM_L, K_CONS_L,
-                     KES, P, 1, A)
+        kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BL // 8, D * BL // 32, KES, A), (ROWS, 16), KVIEW, KLOAD,
+                     K_ASM_L, K_CONS_L, KES, P, 1, A, SMEM, PIECES)
         s = mma_v2(kc, qp_l, _tile_rows(bias_l, ROWS, MMA))
     p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE)
     # values: P' = p * step_t (fp16 B operand); u = V^T P' + sum_t p_t mn_t, the code offsets taken out through
     # the sum of P' (as rounded); O^T += c * u
-    r_c = gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
-    vstep = gl.load(f16 + (V_TOK // 2 + START) + r_c).to(gl.float32)
-    vmn = gl.load(f16 + (V_TOK // 2 + N + START) + r_c).to(gl.float32)
+    vstep = _rows_f16(src, V_TOK + 2 * START, ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
+    vmn = _rows_f16(src, V_TOK + 2 * (N + START), ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
     pmin = gl.sum(p * vmn[:, None], axis=0)
     pb = gl.convert_layout((p * vstep[:, None]).to(gl.float16), B)
     # sum_t P'[t] exactly as the MMA sees it, on every row (an MMA with a ones operand: no shuffles)
@@ -436,30 +655,62 @@ def _page_chunk(
                       D, MMA)
     if V_HI:
         VES: gl.constexpr = D * BH // 128
-        vc = _unpack(base + V_OFF, _value_offsets(ROWS, D * BH // 8, D * BH // 64, VES, A), V_ASM_H, V_CONS_H,
-                     VES, P, 0, A)
+        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BH // 8, D * BH // 64, VES, A), (16, ROWS), VVIEW, VLOAD,
+                     V_ASM_H, V_CONS_H, VES, P, 0, A, SMEM, PIECES)
         u = mma_v2(vc, pb, pmin[None, :] - voff_h[:, None] * psum)
         o_hi = o_hi + cn_h[:, None] * u
     else:
         VES: gl.constexpr = D * BL // 128
-        vc = _unpack(base + V_OFF, _value_offsets(ROWS, D * BL // 8, D * BL // 64, VES, A), V_ASM_L, V_CONS_L,
-                     VES, P, 0, A)
+        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BL // 8, D * BL // 64, VES, A), (16, ROWS), VVIEW, VLOAD,
+                     V_ASM_L, V_CONS_L, VES, P, 0, A, SMEM, PIECES)
         u = mma_v2(vc, pb, pmin[None, :] - voff_l[:, None] * psum)
         o_lo = o_lo + cn_l[:, None] * u
     return m_ref, l_i, o_hi, o_lo
 
 
 @gluon.jit
-def _page_bias(mn_ptr, q, qp, PLAN: gl.constexpr, BITS: gl.constexpr, D: gl.constexpr, NP: gl.constexpr,
-               MMA: gl.constexpr, A: gl.constexpr, ROW_B: gl.constexpr):
+def _page_bias(mn, q, qp, BITS: gl.constexpr, D: gl.constexpr, NP: gl.constexpr, MMA: gl.constexpr,
+               A: gl.constexpr):  # fmt: skip
     """``sum_c q_c mn_c - sum_c' offset_c' q'_c'`` per query head ([NP], columns of the MMA layout): two MMAs
-    with the row vectors ``mn`` and ``-offset`` on all 16 rows of A."""
-    mn = gl.convert_layout(_load_params(mn_ptr, PLAN, D, ROW_B), gl.SliceLayout(0, A))
+    with the row vectors ``mn`` (the page's key minima in map order) and ``-offset`` on all 16 rows of A."""
+    mn = gl.convert_layout(mn, gl.SliceLayout(0, A))
     neg_off = -_key_field_offset(BITS, D, gl.SliceLayout(0, A)).to(gl.float16)
     zero_a = gl.zeros([16, D], gl.float16, A)
     acc = mma_v2(gl.broadcast(neg_off[None, :], zero_a)[0], qp, gl.zeros([16, NP], gl.float32, layout=MMA))
     acc = mma_v2(gl.broadcast(mn[None, :], zero_a)[0], q, acc)
     return acc  # [16, NP]: every row holds the same sums
+
+
+@gluon.jit
+def _page(
+    src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
+    CHUNKS: gl.constexpr, SHARED: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr, D: gl.constexpr,
+    N: gl.constexpr, NP: gl.constexpr, K_PAR: gl.constexpr, V_NORM: gl.constexpr, V_TOK: gl.constexpr,
+    K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr, K_CONS_L: gl.constexpr,
+    V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr, V_CONS_L: gl.constexpr,
+    KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
+    RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, SMEM: gl.constexpr,
+    PIECES: gl.constexpr,
+):
+    """One page: its parameters, then its chunks (``src``: the page's byte pointer, or its shared view)."""
+    ROW_B: gl.constexpr = gl.SliceLayout(1, B)
+    ROW_C: gl.constexpr = gl.SliceLayout(1, MMA)
+    # key parameters: q' = q * step (fp16), the bias of each group
+    qp_h = q_h * _params(src, K_PAR, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)[:, None]
+    qp_l = q_l * _params(src, K_PAR + 4 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)[:, None]
+    bias_h = _page_bias(_params(src, K_PAR + 2 * D, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES), q_h, qp_h, BH, D, NP, MMA, A)
+    bias_l = _page_bias(_params(src, K_PAR + 6 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES), q_l, qp_l, BL, D, NP, MMA, A)
+    cn_h = _params(src, V_NORM, VP_H, gl.constexpr(SHARED[2]), D, ROW_C, SMEM, PIECES).to(gl.float32)
+    cn_l = _params(src, V_NORM, VP_L, gl.constexpr(SHARED[3]), D, ROW_C, SMEM, PIECES).to(gl.float32)
+    for ci in gl.static_range(len(CHUNKS)):
+        m_ref, l_i, o_hi, o_lo = _page_chunk(
+            src, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
+            CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3], CHUNKS[ci][4], CHUNKS[ci][5],
+            gl.constexpr(SHARED[4 + 4 * ci]), gl.constexpr(SHARED[5 + 4 * ci]), gl.constexpr(SHARED[6 + 4 * ci]),
+            gl.constexpr(SHARED[7 + 4 * ci]), BH, BL, D, N, NP, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L,
+            V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES,
+        )
+    return m_ref, l_i, o_hi, o_lo
 
 
 @gluon.jit
@@ -482,6 +733,7 @@ def _decode_v2_kernel(
     TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, RESCALE: gl.constexpr, SPLIT_PAD: gl.constexpr,
     KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
     PREFETCH: gl.constexpr, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr,
+    SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
     ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone."""
@@ -532,27 +784,33 @@ def _decode_v2_kernel(
         if p_lo + pg < p_hi:
             _prefetch_l2(cache_ptr + gl.load(bt_row + p_lo + pg).to(gl.int64) * stride_c_block
                          + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
+    if SMEM:  # pages staged in shared memory: page pg + 1 is copied while page pg is read
+        ring = _alloc_stage(SEGMENTS)
+        if p_lo < p_hi:
+            _copy_page(_stage_view(ring, 0, SEGMENTS), cache_ptr + gl.load(bt_row + p_lo).to(gl.int64)
+                       * stride_c_block + kvh * stride_c_head, PIECES)
+        async_copy.commit_group()
     for pg in range(p_lo, p_hi):
-        page = gl.load(bt_row + pg).to(gl.int64)
-        base = cache_ptr + page * stride_c_block + kvh * stride_c_head
-        if pg + PREFETCH < p_hi:  # a page a few steps ahead, into L2 (no registers held)
-            _prefetch_l2(cache_ptr + gl.load(bt_row + pg + PREFETCH).to(gl.int64) * stride_c_block
-                         + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
-        f16 = base.to(gl.pointer_type(gl.float16))
-        # key parameters: q' = q * step (fp16), the bias of each group
-        qp_h = q_h * _load_params(f16 + (K_PAR // 2), KP_H, D, ROW_B)[:, None]
-        qp_l = q_l * _load_params(f16 + (K_PAR // 2 + 2 * D), KP_L, D, ROW_B)[:, None]
-        bias_h = _page_bias(f16 + (K_PAR // 2 + D), q_h, qp_h, KP_H, BH, D, NP, MMA, A, ROW_B)
-        bias_l = _page_bias(f16 + (K_PAR // 2 + 3 * D), q_l, qp_l, KP_L, BL, D, NP, MMA, A, ROW_B)
-        cn_h = _load_params(f16 + (V_NORM // 2), VP_H, D, ROW_C).to(gl.float32)
-        cn_l = _load_params(f16 + (V_NORM // 2), VP_L, D, ROW_C).to(gl.float32)
-        for ci in gl.static_range(len(CHUNKS)):
-            m_ref, l_i, o_hi, o_lo = _page_chunk(
-                base, f16, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
-                CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3], CHUNKS[ci][4], CHUNKS[ci][5],
-                BH, BL, D, N, NP, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L,
-                V_CONS_L, RESCALE, MMA, A, B,
-            )
+        if SMEM:
+            stage = (pg - p_lo) % 2
+            gl.thread_barrier()  # every lane is done with the buffer the next copy overwrites
+            if pg + 1 < p_hi:
+                _copy_page(_stage_view(ring, 1 - stage, SEGMENTS), cache_ptr + gl.load(bt_row + pg + 1).to(gl.int64)
+                           * stride_c_block + kvh * stride_c_head, PIECES)
+            async_copy.commit_group()
+            async_copy.wait_group(1)
+            gl.thread_barrier()  # page pg's bytes, copied by all lanes, are visible to all
+            src = _stage_view(ring, stage, SEGMENTS)
+        else:
+            src = cache_ptr + gl.load(bt_row + pg).to(gl.int64) * stride_c_block + kvh * stride_c_head
+            if pg + PREFETCH < p_hi:  # a page a few steps ahead, into L2 (no registers held)
+                _prefetch_l2(cache_ptr + gl.load(bt_row + pg + PREFETCH).to(gl.int64) * stride_c_block
+                             + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
+        m_ref, l_i, o_hi, o_lo = _page(
+            src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N, NP, K_PAR, V_NORM,
+            V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, KP_H, KP_L, VP_H,
+            VP_L, RESCALE, MMA, A, B, SMEM, PIECES,
+        )
 
     # -- the bf16 tail (the last split): keys in the high key map, values in the high value map ----
     if split == NUM_SPLITS - 1:
@@ -642,8 +900,15 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device:
 
 
 @functools.lru_cache(maxsize=64)
-def _constexprs(layout, max_chunk: int = MAX_CHUNK) -> dict:
+def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False) -> dict:
     d, bh, bl = layout.head_size, layout.bits_high, layout.bits_low
+    plans = [param_load_plan("key", bh, d), param_load_plan("key", bl, d), param_load_plan("value", bh, d),
+             param_load_plan("value", bl, d)]
+    tiles = chunks(layout, max_chunk)
+    segments, pieces = stage_plan(layout, tiles) if stage else ((32,), ())
+    shared = tuple(shared_params(p) for p in plans) + tuple(
+        x for c in tiles for x in shared_operand("key", bh if c[2] else bl, d, c[1])
+        + shared_operand("value", bh if c[4] else bl, d, c[1])) if stage else (None,) * (4 + 4 * len(tiles))
     kh, kch, _ = key_unpack_asm(bh, d)
     kl, kcl, _ = key_unpack_asm(bl, d)
     vh, vch, _ = value_unpack_asm(bh, d)
@@ -653,8 +918,8 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK) -> dict:
         "K_PAR": layout.k_param_off, "V_NORM": layout.v_norm_off, "V_TOK": layout.v_tok_off,
         "K_ASM_H": kh, "K_CONS_H": kch, "K_ASM_L": kl, "K_CONS_L": kcl,
         "V_ASM_H": vh, "V_CONS_H": vch, "V_ASM_L": vl, "V_CONS_L": vcl,
-        "KP_H": param_load_plan("key", bh, d), "KP_L": param_load_plan("key", bl, d),
-        "VP_H": param_load_plan("value", bh, d), "VP_L": param_load_plan("value", bl, d),
+        "KP_H": plans[0], "KP_L": plans[1], "VP_H": plans[2], "VP_L": plans[3],
+        "SMEM": stage, "SHARED": shared, "SEGMENTS": segments, "PIECES": pieces,
         "PF_BYTES": _pf_bytes(layout),  # codes + parameters, a multiple of 16 bytes
         "PF_ASM": f"cp.async.bulk.prefetch.L2.global [$1], {_pf_bytes(layout)}; mov.u32 $0, 0;",
     }  # fmt: skip
@@ -680,6 +945,7 @@ def decode_attention_v2(
     num_splits: int | None = None,
     max_chunk: int = MAX_CHUNK,
     prefetch: int = PREFETCH_PAGES,
+    stage: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
@@ -703,13 +969,13 @@ def decode_attention_v2(
     check(num_splits >= 1, "num_splits must be >= 1")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                     out, lse, scale, num_splits, max_chunk, prefetch)  # fmt: skip
+                     out, lse, scale, num_splits, max_chunk, prefetch, stage)  # fmt: skip
     return out
 
 
 def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK,
-                     prefetch: int = PREFETCH_PAGES) -> None:  # fmt: skip
+                     prefetch: int = PREFETCH_PAGES, stage: bool | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
@@ -730,6 +996,7 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         scale * LOG2E, h,
         NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, SPLIT_PAD=pow2(num_splits),
-        **_constexprs(layout, max_chunk), PREFETCH=prefetch,
+        **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage),
+        PREFETCH=prefetch,
         num_warps=1,
     )  # fmt: skip

@@ -1,0 +1,71 @@
+"""Nsight Compute view of decode v2 on one case: where its warps stall (one device call, ~1 min of GPU).
+
+    PYTHONPATH=. python benchmarks/ncu_decode_v2.py --run            # the launches ncu profiles
+    PYTHONPATH=. python benchmarks/ncu_decode_v2.py [--case 16x32768] [--preset vllm] [--variant v2]
+
+Without ``--run`` it re-executes itself under ``ncu`` (kernels whose name contains ``decode_v2``; the third launch,
+after two warm-ups) and prints occupancy, throughput and the stall reasons per issued instruction, largest
+first: a long-scoreboard share says warps wait for global memory, short-scoreboard for shared memory or
+MUFU, wait/math-pipe for fixed-latency arithmetic, not-selected/selected for an issue-bound kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "SchedulerStats", "WarpStateStats"]
+STALLS = r"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+
+
+def run(case: str, preset: str, variant: str) -> None:
+    import torch
+    from zipcache_vllm.kernels import decode_v2
+
+    from benchmarks.bench_kernels import PRESETS, decode_inputs, page_pool
+
+    layout = PRESETS[preset]
+    batch, ctx = map(int, case.split("x"))
+    args = decode_inputs(layout, page_pool(layout, 1024), batch, ctx)
+    out = torch.empty(args["query"].shape, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(args["query"].shape[:2], device="cuda", dtype=torch.float32)
+    fn = getattr(decode_v2, {"v2": "decode_attention_v2"}.get(variant, variant))
+    for _ in range(3):
+        fn(**args, out=out, lse=lse)
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", default="16x32768")
+    ap.add_argument("--preset", default="vllm")
+    ap.add_argument("--variant", default="v2", help="v2 or the name of another launcher in kernels/decode_v2.py")
+    ap.add_argument("--kernel", default="decode_v2")
+    ap.add_argument("--run", action="store_true")
+    a = ap.parse_args()
+    if a.run:
+        run(a.case, a.preset, a.variant)
+        return
+    cmd = ["ncu", "--kernel-name", f"regex:{a.kernel}", "--launch-skip", "2", "--launch-count", "1"]
+    for s in SECTIONS:
+        cmd += ["--section", s]
+    cmd += ["--metrics", STALLS, sys.executable, __file__, "--run", "--case", a.case, "--preset", a.preset,
+            "--variant", a.variant]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    text = res.stdout + res.stderr
+    print(text[-12000:] if res.returncode else text)
+    stalls = sorted(
+        ((float(v.replace(",", "")), k) for k, v in re.findall(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_"
+                                                               r"active\.ratio\s+\S*\s+([\d.,]+)", text)),
+        reverse=True,
+    )
+    print(f"\n## stall reasons, {a.variant} {a.preset} {a.case} (warps stalled per issued instruction)")
+    for v, k in stalls[:12]:
+        print(f"{k:28s} {v:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from zipcache_vllm.kernels import decode_v2
-from zipcache_vllm.kernels.decode_attention import decode_attention
 
 from benchmarks.bench_kernels import (
     BLOCK,
@@ -29,6 +27,8 @@ from benchmarks.bench_kernels import (
 from benchmarks.page_gather import gather_bytes, page_gather
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.kernels import decode_v2
+from zipcache_vllm.kernels.decode_attention import decode_attention
 
 PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
 
@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--presets", default="vllm,r0.6")
     ap.add_argument("--chunks", default="64")
-    ap.add_argument("--prefetch", default="0,2")
+    ap.add_argument("--prefetch", default="0")
+    ap.add_argument("--stage", default="0,1", help="1: pages staged in shared memory (cp.async), 0: not")
     a = ap.parse_args()
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
     rows = []
@@ -50,9 +51,11 @@ def main() -> None:
         pool = page_pool(layout, 1024)
         args = decode_inputs(layout, pool, 2, 4096)
         ref = paged.decode_attention(**args)
-        out = decode_v2.decode_attention_v2(**args, out=torch.empty(args["query"].shape, device=DEV))
-        rel = ((out - ref).norm() / ref.norm()).item()
-        print(f"{name}: page_bytes {layout.page_bytes} chunks {decode_v2.chunks(layout)} rel_err v2 {rel:.2e}")
+        for st in (False, True):
+            out = decode_v2.decode_attention_v2(**args, out=torch.empty(args["query"].shape, device=DEV), stage=st)
+            rel = ((out - ref).norm() / ref.norm()).item()
+            print(f"{name}: page_bytes {layout.page_bytes} chunks {decode_v2.chunks(layout)} stage {st} "
+                  f"rel_err v2 {rel:.2e}")
         for batch, ctx in cases:
             h = MODEL["num_kv_heads"]
             nbytes = decode_bytes(layout, batch, ctx)
@@ -65,17 +68,18 @@ def main() -> None:
                 g_us = graph_time([lambda s=s, sp=sp, lay=layout, n=ctx // BLOCK: page_gather(
                     s["kv_cache"], lay, s["block_table"], n, sp) for s in sets], a.reps)
                 gb = gather_bytes(layout, batch, h, ctx // BLOCK)
-                for mc, pf in [(int(m), int(f)) for m in a.chunks.split(",") for f in a.prefetch.split(",")]:
-                    v2_us = graph_time([lambda s=s, sp=sp, mc=mc, pf=pf: decode_v2.decode_attention_v2(
-                        **s, num_splits=sp, max_chunk=mc, prefetch=pf) for s in sets], a.reps)
-                    row = (name, batch, ctx, f"{sp}/{mc}/{pf}", v2_us, v1_us, base_us, backend, nbytes / v2_us / 1e3,
-                           gb / g_us / 1e3)
+                for mc, pf, st in [(int(m), int(f), bool(int(t))) for m in a.chunks.split(",")
+                                   for f in a.prefetch.split(",") for t in a.stage.split(",")]:
+                    v2_us = graph_time([lambda s=s, sp=sp, mc=mc, pf=pf, st=st: decode_v2.decode_attention_v2(
+                        **s, num_splits=sp, max_chunk=mc, prefetch=pf, stage=st) for s in sets], a.reps)
+                    row = (name, batch, ctx, f"{sp}/{mc}/{pf}/{int(st)}", v2_us, v1_us, base_us, backend,
+                           nbytes / v2_us / 1e3, gb / g_us / 1e3)
                     rows.append(row)
                     print(row, flush=True)
             del sets
             torch.cuda.empty_cache()
-    print("\n| preset | batch | ctx | splits/chunk/prefetch | v2 us | v1 us | sdpa us | v2/sdpa speedup | v2 GB/s "
-          "| gather GB/s |")
+    print("\n| preset | batch | ctx | splits/chunk/prefetch/stage | v2 us | v1 us | sdpa us | v2/sdpa speedup "
+          "| v2 GB/s | gather GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, b, c, sp, v2u, v1u, bu, be, gbs, ggb in rows:
         print(f"| {n} | {b} | {c} | {sp} | {v2u:.1f} | {v1u:.1f} | {bu:.1f} ({be}) | {bu / v2u:.2f}x | {gbs:.0f} "

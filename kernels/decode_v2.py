@@ -698,8 +698,10 @@ def _page(
     # key parameters: q' = q * step (fp16), the bias of each group
     qp_h = q_h * _params(src, K_PAR, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)[:, None]
     qp_l = q_l * _params(src, K_PAR + 4 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)[:, None]
-    bias_h = _page_bias(_params(src, K_PAR + 2 * D, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES), q_h, qp_h, BH, D, NP, MMA, A)
-    bias_l = _page_bias(_params(src, K_PAR + 6 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES), q_l, qp_l, BL, D, NP, MMA, A)
+    mn_h = _params(src, K_PAR + 2 * D, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)
+    mn_l = _params(src, K_PAR + 6 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)
+    bias_h = _page_bias(mn_h, q_h, qp_h, BH, D, NP, MMA, A)
+    bias_l = _page_bias(mn_l, q_l, qp_l, BL, D, NP, MMA, A)
     cn_h = _params(src, V_NORM, VP_H, gl.constexpr(SHARED[2]), D, ROW_C, SMEM, PIECES).to(gl.float32)
     cn_l = _params(src, V_NORM, VP_L, gl.constexpr(SHARED[3]), D, ROW_C, SMEM, PIECES).to(gl.float32)
     for ci in gl.static_range(len(CHUNKS)):

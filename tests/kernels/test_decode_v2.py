@@ -11,10 +11,10 @@ import pytest
 import torch
 from _data import make_seqs
 from conftest import DEVICE
-from zipcache_vllm.kernels import decode_v2 as v2
 
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.kernels import decode_v2 as v2
 
 gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="Gluon kernel: CUDA only (no interpreter)")
 
@@ -94,10 +94,51 @@ def test_splits(num_splits):
 
 
 @gpu
-@pytest.mark.parametrize("prefetch, max_chunk", [(0, 16), (1, 32), (4, 64)])
-def test_launch_options(prefetch, max_chunk):
-    """L2 prefetch depth and chunk size change the schedule, not the function."""
-    _compare(_layout(128, 128, "r0.6"), 2, 4, [(128 * 5 + 9, 0), (128, 0)], prefetch=prefetch, max_chunk=max_chunk)
+@pytest.mark.parametrize("prefetch, max_chunk, stage", [(0, 16, True), (1, 32, False), (4, 64, False), (0, 32, True)])
+def test_launch_options(prefetch, max_chunk, stage):
+    """L2 prefetch depth, chunk size and staging pages in shared memory change the schedule, not the function."""
+    _compare(_layout(128, 128, "r0.6"), 2, 4, [(128 * 5 + 9, 0), (128, 0)], prefetch=prefetch, max_chunk=max_chunk,
+             stage=stage)
+
+
+@gpu
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_unstaged_presets(preset, head_size):
+    """The register-load path (no shared memory) on every preset (the default stages pages)."""
+    _compare(_layout(128, head_size, preset), 2, 4, LENGTHS[128], stage=False)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_stage_plan(block_size, head_size, preset):
+    """Staged pages: every byte the kernel reads is in exactly one aligned piece, pieces do not overlap in shared
+    memory, views start at multiples of their size, and the operand views are bit permutations."""
+    layout = _layout(block_size, head_size, preset)
+    if not v2.supported(layout):
+        pytest.skip("layout not read by v2")
+    tiles = v2.chunks(layout)
+    segments, pieces = v2.stage_plan(layout, tiles)
+    assert all(s & (s - 1) == 0 for s in segments)
+    used = [set() for _ in segments]
+    for off, nb, seg, word in pieces:
+        assert off % 16 == 0 and nb & (nb - 1) == 0 and word % (nb // 4) == 0
+        cells = set(range(word, word + nb // 4))
+        assert not cells & used[seg] and max(cells) < segments[seg]
+        used[seg] |= cells
+    assert sum(map(len, used)) == sum(segments)  # no padding
+    d = head_size
+    reads = [(layout.k_param_off, 8 * d), (layout.v_norm_off, 2 * d)]
+    for start, rows, k_hi, k_off, v_hi, v_off in tiles:
+        kb, vb = (layout.bits_high if k_hi else layout.bits_low), (layout.bits_high if v_hi else layout.bits_low)
+        reads += [(k_off, rows * d * kb // 8), (v_off, rows * d * vb // 8), (layout.v_tok_off + 2 * start, 2 * rows),
+                  (layout.v_tok_off + 2 * (layout.block_size + start), 2 * rows)]
+        for kind, bits in (("key", kb), ("value", vb)):
+            view, load = v2.shared_operand(kind, bits, d, rows)
+            assert len(view.offset_bases) == (rows * 16).bit_length() - 1
+    for off, nb in reads:
+        assert any(p[0] == off and p[1] == nb for p in pieces), (off, nb)
 
 
 @gpu

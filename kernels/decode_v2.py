@@ -36,8 +36,9 @@ from ._common import LOG2E, check, check_decode_inputs, check_tensor, num_sms, p
 
 MAX_CHUNK = 64  # page rows per chunk (the softmax/rescale step)
 TAIL_CHUNK = 32  # bf16 tail rows per step
-PROGRAMS_PER_SM = 16  # one-warp programs; the split count aims at about this many per SM
-MIN_PAGES_PER_SPLIT = 1
+PROGRAMS_PER_SM = 8  # one-warp programs resident per SM (255 registers; a staged page pair is 28 KB of shared
+# memory): the split count aims at one wave of them (H200 sweep: B16/32k 9 splits 154 us, 17: 157, 33: 172)
+MIN_PAGES_PER_SPLIT = 2  # fewer, longer splits at batch 1: the in-kernel merge is on the critical path there
 PREFETCH_PAGES = 0  # pages ahead a program asks L2 to fetch; 1, 2, 4 measured slower on the H200 (spike)
 RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
 STAGE_PAGES = 2  # pages in shared memory per program: the next page is copied (cp.async) while one is read

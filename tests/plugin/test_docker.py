@@ -27,6 +27,7 @@ GPU, CPU = DOCKER / "Dockerfile", DOCKER / "Dockerfile.cpu"
 SAMPLE_MODEL = "Qwen/Qwen3-8B"
 PORT = 8000
 HEALTH_URL = f"http://127.0.0.1:{PORT}/health"
+HF_CACHE = "/home/zipcache/.cache/huggingface"  # the GPU image's HF_HOME and volume (it runs as uid 1000)
 
 
 # ---- readers -----------------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def test_gpu_image_is_vllms_image_plus_the_wheel():
     first = instructions(GPU, final_stage=False)
     assert [a for k, a in first if k == "FROM"][0].endswith(" AS wheel")
     assert any("pip wheel" in a and "--no-deps" in a for k, a in first if k == "RUN")
-    (install,) = args_of(GPU, "RUN")
+    (install,) = [a for a in args_of(GPU, "RUN") if "pip install" in a]
     assert "pip install --no-cache-dir --no-deps /tmp/wheels/zipcache_vllm-" in install
     assert "missing_requirements.py zipcache-vllm gpu" in install and "--constraint" in install
     assert " -e " not in install and "vllm==" not in install and "torch" not in install
@@ -271,7 +272,18 @@ def test_health_port_and_volume_agree():
         assert args_of(path, "EXPOSE") == [str(PORT)], path
         check = healthcheck(path)
         assert check[:2] == ["python3", "-c"] and HEALTH_URL in check[2], path
-    assert args_of(GPU, "VOLUME") == ['["/root/.cache/huggingface"]']
+    assert args_of(GPU, "VOLUME") == [f'["{HF_CACHE}"]'] and image_env(GPU)["HF_HOME"] == HF_CACHE
+
+
+def test_images_run_as_a_numeric_non_root_user():
+    """Both images end with `USER 1000:1000` (numeric, as runAsNonRoot needs); the GPU image's home, where vLLM,
+    Triton, FlashInfer and torch write their caches, belongs to that user."""
+    for path in (GPU, CPU):
+        (user,) = args_of(path, "USER")
+        assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), (path.name, user)
+    env = image_env(GPU)
+    assert env["HOME"] == "/home/zipcache" and env["HF_HOME"].startswith(env["HOME"] + "/")
+    assert any("chown -R 1000:1000 /home/zipcache" in a for a in args_of(GPU, "RUN"))
 
 
 def test_no_secret_is_baked_in():
@@ -309,7 +321,7 @@ def test_compose_services_agree_with_the_images(vllm_parse, zipcache_cli):
         args = vllm_parse(zipcache_cli(container_argv(path, command), cuda=name == "gpu"))
         assert args.port == PORT and args.model_tag, name
     gpu = services["gpu"]
-    assert [v.split(":")[-1] for v in gpu["volumes"]] == ["/root/.cache/huggingface"]
+    assert [v.split(":")[-1] for v in gpu["volumes"]] == [HF_CACHE]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
     assert services["cpu"]["profiles"] == ["cpu"] and "profiles" not in gpu
@@ -329,7 +341,10 @@ def test_k8s_deployment_and_service_agree_with_the_gpu_image(vllm_parse, zipcach
         assert get["path"] == "/health" and ports[get["port"]] == PORT, probe
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts["hf-cache"] == "/root/.cache/huggingface"
+    assert mounts["hf-cache"] == HF_CACHE
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] and security["runAsUser"] == 1000 and security["fsGroup"] == 1000
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
     (hf_cache,) = [v for v in pod["spec"]["volumes"] if v["name"] == "hf-cache"]
     assert hf_cache["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     env = {e["name"]: e for e in container["env"]}

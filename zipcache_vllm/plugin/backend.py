@@ -39,7 +39,7 @@ from ..engine.staging import Staging
 from ..engine.step import Step, zipcache_attention
 from ..method.config import ZipCacheConfig
 from . import envs
-from .settings import num_staging_slots, pick_kernels, reserve_staging, resolve_config
+from .settings import model_config_for, num_staging_slots, pick_kernels, reserve_staging, resolve_config
 
 logger = logging.getLogger("vllm.zipcache")
 
@@ -250,7 +250,9 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         block_size = vllm_config.cache_config.block_size
         if "config" not in _state:
             _state["config"] = resolve_config(block_size, vllm_config.additional_config)
-        self.config: ZipCacheConfig = _state["config"]
+        # the model's config (a per-layer salient split, if any); the layer's own is taken at its first forward
+        self.model_config: ZipCacheConfig = model_config_for(_state["config"], vllm_config, num_kv_heads, head_size)
+        self.config = self.model_config.for_layer(0)
         self.layout = PageLayout.from_config(self.config, head_size)
         self.kernels = pick_kernels(envs.kernels(), torch.cuda.is_available())
         if self.kernels == "numba" and "numba_ready" not in _state:
@@ -273,10 +275,12 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         """
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the ZipCache backend")
-        if attn_metadata is None:  # profiling / warm-up
-            return output
         if self.layer_idx is None:
             self.layer_idx = _layer_index(getattr(layer, "layer_name", ""))
+            self.config = self.model_config.for_layer(self.layer_idx)  # same page size: the config checks it
+            self.layout = PageLayout.from_config(self.config, self.layout.head_size)
+        if attn_metadata is None:  # profiling / warm-up
+            return output
         md: ZipCacheMetadata = attn_metadata
         zipcache_attention(
             query, key, value, kv_cache.flatten(2), md.block_table, md.seq_lens, md.query_start_loc,

@@ -42,6 +42,22 @@ def resolve_config(block_size: int, additional: dict | None = None) -> ZipCacheC
     return cfg.replace(**paged)
 
 
+def model_config_for(cfg: ZipCacheConfig, vllm_config, num_kv_heads: int, head_size: int) -> ZipCacheConfig:
+    """``cfg`` with its per-layer salient split filled for this model (calibration), logged once per process.
+
+    Every layer keeps the base total of salient rows, so all layers' pages have one size (vLLM allocates one
+    page size for all layers; ``ZipCacheConfig`` refuses a split that changes it)."""
+    layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    cfg = cfg.for_model(layers, num_kv_heads, head_size)
+    if cfg.layer_salient_ratios is not None and "split_logged" not in _state:
+        _state["split_logged"] = True
+        rows = [f"{i}:{round(k * cfg.block_size)}/{round(v * cfg.block_size)}"
+                for i, (k, v) in enumerate(cfg.layer_salient_ratios)]
+        logger.info("ZipCache salient rows per layer (K/V of %d, %s): %s", cfg.block_size,
+                    f"calibration {cfg.calibration}" if cfg.calibration else "layer_salient_ratios", " ".join(rows))
+    return cfg
+
+
 def num_staging_slots(vllm_config) -> int:
     """Incomplete blocks held at once: at most one per running sequence, plus room for stale slots."""
     explicit = envs.staging_slots()

@@ -46,6 +46,14 @@ logger = logging.getLogger("vllm.zipcache")
 _state: dict = {}  # per process: the resolved config (stashed by the first impl for customize_spec), logs done
 
 
+def dummy_slots() -> int:
+    """Staging slots beyond the plan's: 1 where ``register()`` installs the CUDA backend (its builder's padded
+    graph rows write there), 0 on the CPU platform (no graphs, no dummy rows: one slot less out of the budget)."""
+    from vllm.platforms import current_platform
+
+    return 0 if current_platform.is_cpu() else 1
+
+
 def _layer_index(layer_name: str) -> int:
     found = re.findall(r"\.(\d+)\.", f".{layer_name}.")
     return int(found[0]) if found else 0
@@ -260,10 +268,12 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
             cpu_kernels.warmup(self.layout, num_kv_heads, num_heads // num_kv_heads)  # compile before requests
         num_slots = num_staging_slots(vllm_config)
         device = "cuda" if self.kernels == "triton" else "cpu"
-        # one more slot than the staging plan hands out: the dummy slot of padded decode rows
-        self.staging = Staging.allocate(num_slots + 1, block_size, num_kv_heads, head_size,
+        # CUDA hosts (the CUDA builder's graph-capturable decode step): one more slot than the staging plan
+        # hands out, the dummy slot of padded decode rows (engine/decode.DecodeBatch); the CPU builder has none
+        num_slots += dummy_slots()
+        self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,
                                         dtype=torch.bfloat16, device=device)
-        reserve_staging(vllm_config, num_slots + 1, block_size, num_kv_heads, head_size)
+        reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
         self.layer_idx: int | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,

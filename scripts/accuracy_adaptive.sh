@@ -24,14 +24,15 @@ if [ "$MODEL" = smollm2-135m ]; then
   $PY -m zipcache_vllm.eval retrieval $ARGS --tasks-file data/retrieval_passkey_n12.jsonl --methods "$M" \
       --output $OUT/adaptive_${MODEL}_retrieval_passkey.json
 else
-  # a 1.5B model on 2 CPU cores (~6 s per window and method): bf16 compute, 3 windows of 1024 + 128 per corpus,
-  # 4 long prompts x 16 tokens
+  # a 1.5B model on 2 shared CPU cores (~6-20 s per window and method): bf16 compute, WINDOWS (default 2)
+  # windows of 1024 + 128 per corpus, PROMPTS (default 2) long prompts x 16 tokens
   ARGS="--model $MODEL --dtype bfloat16 --threads 2"
   for corpus in prose code; do
     $PY -m zipcache_vllm.eval perplexity $ARGS --text-file data/$corpus.txt --context-len 1024 \
-        --continuation-len 128 --max-windows 3 --methods "$M" --output $OUT/adaptive_${MODEL}_perplexity_$corpus.json
+        --continuation-len 128 --max-windows "${WINDOWS:-2}" --methods "$M" \
+        --output $OUT/adaptive_${MODEL}_perplexity_$corpus.json
   done
-  $PY -m zipcache_vllm.eval agreement $ARGS --prompts-file data/agreement_long.jsonl --max-prompts 4 \
+  $PY -m zipcache_vllm.eval agreement $ARGS --prompts-file data/agreement_long.jsonl --max-prompts "${PROMPTS:-2}" \
       --max-new-tokens 16 --methods "$M" --output $OUT/adaptive_${MODEL}_agreement_long.json
 fi
 $PY scripts/accuracy_adaptive_table.py "$MODEL"

@@ -54,6 +54,8 @@ def layer_rows(vllm_config) -> dict[str, list[int]]:
 
     mc = vllm_config.model_config
     cfg = resolve_config(vllm_config.cache_config.block_size, vllm_config.additional_config)
+    if cfg.layer_salient_ratios is None and cfg.calibration is None:
+        return {}
     layers = mc.get_num_layers(vllm_config.parallel_config)
     cfg = cfg.for_model(layers, mc.get_num_kv_heads(vllm_config.parallel_config), mc.get_head_size())
     if cfg.layer_salient_ratios is None:

@@ -114,6 +114,9 @@ class ZipCacheConfig:
     # a salient-split calibration (configs/calibration/NAME.json, or a path) that fills layer_salient_ratios for
     # the model's shape (for_model); written by ``python -m zipcache_vllm.eval.calibrate``
     calibration: str | None = None
+    # bits of each stored quantization parameter: 16 (fp16, the page format) or 8 (method/params8.py: a proposed
+    # compact format, measured in the harness only; the vLLM plugin refuses it)
+    param_bits: int = 16
 
     def __post_init__(self) -> None:
         for name, cls in _ENUMS.items():
@@ -148,6 +151,8 @@ class ZipCacheConfig:
             raise ValueError(f"probe_compat must be true or false, got {self.probe_compat!r}")
         if self.block_size % 8:
             raise ValueError(f"block_size must be a multiple of 8 (bit packing), got {self.block_size}")
+        if isinstance(self.param_bits, bool) or self.param_bits not in (8, 16):
+            raise ValueError(f"param_bits must be 16 or 8, got {self.param_bits!r}")
         if self.calibration is not None and (not isinstance(self.calibration, str) or not self.calibration.strip()):
             raise ValueError(f"calibration must be a calibration name or path, got {self.calibration!r}")
         if self.layer_salient_ratios is not None:

@@ -26,7 +26,7 @@ if [ "$MODEL" = smollm2-135m ]; then
 else
   # a 1.5B model on 2 shared CPU cores (~6-20 s per window and method): bf16 compute, WINDOWS (default 2)
   # windows of 1024 + 128 per corpus, PROMPTS (default 2) long prompts x 16 tokens
-  ARGS="--model $MODEL --dtype bfloat16 --threads 2"
+  ARGS="--model $MODEL --dtype bfloat16 --threads ${THREADS:-2}"
   for corpus in prose code; do
     $PY -m zipcache_vllm.eval perplexity $ARGS --text-file data/$corpus.txt --context-len 1024 \
         --continuation-len 128 --max-windows "${WINDOWS:-2}" --methods "$M" \

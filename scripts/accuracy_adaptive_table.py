@@ -43,3 +43,18 @@ for m, label in ROWS.items():
         line += f" {round(passkey[m]['accuracy'] * passkey[m]['tasks'])}/{passkey[m]['tasks']} |"
     line += f" {p['compression_ratio']:.2f}× |"
     print(line)
+
+# the calibration behind the split (configs/calibration/adaptive.json)
+cal = json.loads((res.parents[1] / "configs" / "calibration" / "adaptive.json").read_text())
+print()
+print("| model shape | salient rows | key rows per layer (values: the rest) | attention-output error: fixed / "
+      "per layer / per KV head | calibration windows |")
+print("|---|---|---|---|---|")
+for shape, entry in cal["models"].items():
+    if entry["model"] != model:
+        continue
+    for rows, b in sorted(entry["budgets"].items(), key=lambda kv: -int(kv[0])):
+        wins = ", ".join(f"{w['file']} {w['window']}/{w['of']}" for w in b["windows"])
+        print(f"| {shape} | {rows} | {' '.join(str(r) for r in b['key_rows'])} | {b['error_fixed']:.3f} "
+              f"({b['fixed_key_rows']}/{int(rows) - b['fixed_key_rows']}) / {b['error_adaptive']:.3f} / "
+              f"{b['error_per_head']:.3f} | {wins} |")

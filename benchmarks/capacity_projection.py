@@ -1,11 +1,18 @@
 """The KV capacity vLLM reports with zipcache vs stock bf16, computed from the page layout and the staging rule.
 
-    python benchmarks/capacity_projection.py [--check-log out/compare_serve_zipcache.log]
+    python benchmarks/capacity_projection.py [--presets paged,vllm] [--params-u8] [--salient-rows 112]
 
 Same arithmetic as the plugin: pages of ``layout.PageLayout`` (one per block and KV head), bf16 staging of
 ``backend.num_staging_slots`` slots taken out of the KV memory first, vLLM's whole blocks. The CPU figures are
 measured by ``tests/e2e/test_openai_server.py::test_kv_capacity_vs_stock_bf16`` (which asserts this formula within
-2 %); the GPU rows are projections (no GPU server has run here). Prints a table last.
+2 %); the GPU rows are projections (no GPU server has run here). CPU rows count no dummy staging slot, GPU
+rows one (the CUDA builder's padded graph rows). Prints a table last.
+
+``--params-u8`` projects a page format that does not exist yet (docs/performance.md, "Page layout and
+capacity"): the same codes and masks, quantization parameters in one byte each (key step and zero point per
+channel and precision group, value normalizer per channel, value step and zero point per token) plus two fp16
+page scales per region; ``--salient-rows`` moves the budget of salient rows per block (keys + values; the
+`vllm` preset has 128: key rows stay at the preset's, values take the rest).
 """
 
 from __future__ import annotations
@@ -19,31 +26,56 @@ from zipcache_vllm.method.config import ZipCacheConfig
 
 MODELS = {  # layers, KV heads, head size
     "SmolLM2-135M": (30, 3, 64),
+    "Qwen2.5-Coder-1.5B": (28, 2, 128),
     "Llama-3-8B": (32, 8, 128),
     "Qwen2.5-7B": (28, 4, 128),
 }
 
 
-def tokens(model: str, kv_gib: float, max_num_seqs: int, preset: str | None, block_size: int = 128) -> int:
+def u8_params_state_bytes(lay: PageLayout) -> int:
+    """Bytes per (token, KV head) of the proposed one-byte-parameter page (a projection, see the docstring)."""
+    n, d = lay.block_size, lay.head_size
+    codes = lay.breakdown()["codes"]
+    params = 4 * d + d + 2 * n + 3 * 2 * 2  # key (step, zero) x 2 groups, value c, value (step, zero); 6 fp16 scales
+    used = codes + params + 2 * (n // 8) + 4 * 16  # masks; up to 16 bytes of alignment per region boundary
+    return -(-used // n)
+
+
+def config_for(preset: str, block_size: int, salient_rows: int | None) -> ZipCacheConfig:
+    cfg = ZipCacheConfig.load(preset).replace(block_size=block_size)
+    if salient_rows is not None:
+        k = min(round(cfg.salient_ratio * block_size), salient_rows)
+        cfg = cfg.replace(salient_ratio=k / block_size, value_salient_ratio=(salient_rows - k) / block_size)
+    return cfg
+
+
+def tokens(model: str, kv_gib: float, max_num_seqs: int, preset: str | None, block_size: int = 128,
+           cpu: bool = True, params_u8: bool = False, salient_rows: int | None = None,
+           staging_slots: int | None = None) -> int:
     layers, h, d = MODELS[model]
     budget = int(kv_gib * 2**30)
     if preset is None:  # stock bf16
         per_block = layers * h * block_size * 2 * d * 2
         return budget // per_block * block_size
-    cfg = ZipCacheConfig.load(preset).replace(block_size=block_size)
-    lay = PageLayout.from_config(cfg, d)
-    slots = default_num_slots(max_num_seqs)
+    lay = PageLayout.from_config(config_for(preset, block_size, salient_rows), d)
+    slots = (default_num_slots(max_num_seqs) if staging_slots is None else staging_slots) + (0 if cpu else 1)
     budget -= slots * layers * Staging.bytes_per_slot(block_size, h, d)
-    per_block = layers * h * block_size * lay.state_content_bytes
+    scb = u8_params_state_bytes(lay) if params_u8 else lay.state_content_bytes
+    per_block = layers * h * block_size * scb
     return max(budget, 0) // per_block * block_size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="paged,vllm")
+    ap.add_argument("--params-u8", action="store_true", help="project the one-byte-parameter page format")
+    ap.add_argument("--salient-rows", type=int, default=None, help="salient rows per block, keys + values")
+    ap.add_argument("--staging-slots", type=int, default=None,
+                    help="staging slots (ZIPCACHE_STAGING_SLOTS; default max_num_seqs + max(4, max_num_seqs // 8))")
     args = ap.parse_args()
     cases = [("SmolLM2-135M", 1, 16), ("SmolLM2-135M", 1, 32), ("SmolLM2-135M", 1, 128), ("SmolLM2-135M", 4, 16),
-             ("SmolLM2-135M", 4, 32), ("Llama-3-8B", 100, 64), ("Llama-3-8B", 100, 256), ("Qwen2.5-7B", 100, 256)]
+             ("SmolLM2-135M", 4, 32), ("Qwen2.5-Coder-1.5B", 1, 32), ("Llama-3-8B", 100, 64),
+             ("Llama-3-8B", 100, 256), ("Qwen2.5-7B", 100, 256)]
     presets = args.presets.split(",")
     head = "| model | KV GiB | max_num_seqs | bf16 tokens | " + " | ".join(f"`{p}` tokens (ratio)" for p in presets)
     print(head + " | layout bound |")
@@ -51,14 +83,18 @@ def main() -> None:
     for model, gib, seqs in cases:
         b = tokens(model, gib, seqs, None)
         cells = []
+        cpu = gib < 100  # the 100 GiB rows are GPU projections
         for p in presets:
-            z = tokens(model, gib, seqs, p)
+            z = tokens(model, gib, seqs, p, cpu=cpu, params_u8=args.params_u8, salient_rows=args.salient_rows,
+                       staging_slots=args.staging_slots)
             cells.append(f"{z:,} ({z / b:.2f}x)")
         d = MODELS[model][2]
-        bounds = "/".join(
-            f"{PageLayout.from_config(ZipCacheConfig.load(p).replace(block_size=128), d).capacity_vs_bf16:.2f}x"
-            for p in presets
-        )
+        bound = []
+        for p in presets:
+            lay = PageLayout.from_config(config_for(p, 128, args.salient_rows), d)
+            scb = u8_params_state_bytes(lay) if args.params_u8 else lay.state_content_bytes
+            bound.append(f"{4 * d / scb:.2f}x")
+        bounds = "/".join(bound)
         print(f"| {model} | {gib} | {seqs} | {b:,} | " + " | ".join(cells) + f" | {bounds} |")
 
 

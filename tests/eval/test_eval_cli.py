@@ -91,3 +91,19 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "zipcache_vllm.eval", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "perplexity" in out.stdout and "sweep" in out.stdout
+
+
+def test_adaptive_method_gives_each_layer_its_split(tmp_path):
+    from types import SimpleNamespace
+
+    from zipcache_vllm.eval.methods import Method
+
+    path = tmp_path / "cal.json"
+    path.write_text('{"format": 1, "block_size": 128, "models": {"2x1x64": {"model": "toy", "budgets": '
+                    '{"128": {"key_rows": [128, 64]}}}}}')
+    mc = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=1, head_dim=64, hidden_size=64,
+                         num_attention_heads=1)
+    cache = Method.parse(f"zipcache-adaptive:calibration={path}").make_cache(mc)
+    rows = [(round(layer.compressor.config.salient_ratio * 128), round(layer.compressor.config.v_salient_ratio * 128))
+            for layer in cache.layers]
+    assert rows == [(128, 0), (64, 64)]

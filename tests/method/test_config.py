@@ -237,6 +237,9 @@ NON_DEFAULT = dict(
     key_scheme="cst",
     block_size=64,
     window=50,
+    layer_salient_ratios=[[0.5, 0.5], [1.0, 0.0]],  # 64 salient rows per block of 64, as 0.7 / 0.2 (48 + 16)
+    calibration="toy",
+    param_bits=8,
 )
 
 
@@ -245,7 +248,9 @@ def test_to_dict_round_trips(kwargs, tmp_path):
     c = ZipCacheConfig(**kwargs)
     d = c.to_dict()
     assert set(d) == {f.name for f in dataclasses.fields(ZipCacheConfig)}
-    assert all(type(v) in (int, float, bool, str, type(None)) for v in d.values()), "plain values only"
+    plain = (int, float, bool, str, type(None))
+    assert all(type(v) in plain or (type(v) is list and all(type(x) in plain for p in v for x in p))
+               for v in d.values()), "plain values only"
     assert ZipCacheConfig.from_dict(d) == c
     p = tmp_path / "round.yaml"
     p.write_text(yaml.safe_dump(d))

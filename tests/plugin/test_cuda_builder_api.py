@@ -34,6 +34,7 @@ def vllm_config(monkeypatch):
     object.__setattr__(cfg, "model_config", SimpleNamespace(dtype=torch.bfloat16, get_num_layers=lambda p: 1))
     monkeypatch.setattr(backend, "reserve_staging", lambda *a, **k: None)  # no KV budget to take it from
     monkeypatch.setattr(backend, "_state", {})
+    monkeypatch.setattr(backend, "dummy_slots", lambda: 1)  # a CUDA host's staging: the CUDA builder's dummy slot
     return cfg
 
 

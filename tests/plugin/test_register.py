@@ -128,6 +128,29 @@ def test_stat_logger_publishes_the_compression_figures(clean_registry):
     assert value("zipcache:kv_cache_tokens") == 12800 and value("zipcache:staging_slots") == 20
 
 
+def test_stat_logger_publishes_the_per_layer_split(clean_registry):
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from zipcache_vllm.plugin.metrics import ZipCacheStatLogger
+
+    clean_registry.setenv(envs.KV_CACHE_BACKEND, "zipcache")
+    clean_registry.setenv(envs.CONFIG, "vllm")
+    cfg = SimpleNamespace(
+        cache_config=SimpleNamespace(block_size=128, num_gpu_blocks=100),
+        model_config=SimpleNamespace(get_head_size=lambda: 64, get_num_layers=lambda p: 2,
+                                     get_num_kv_heads=lambda p: 3),
+        parallel_config=None,
+        scheduler_config=SimpleNamespace(max_num_seqs=16),
+        additional_config={"zipcache": {"layer_salient_ratios": [[1.0, 0.0], [0.5, 0.5]]}},
+    )
+    ZipCacheStatLogger(cfg)
+    value = REGISTRY.get_sample_value
+    assert [value("zipcache:layer_key_salient_rows", {"layer": i}) for i in "01"] == [128, 64]
+    assert [value("zipcache:layer_value_salient_rows", {"layer": i}) for i in "01"] == [0, 64]
+
+
 def _serve_parser():
     """vLLM's own `vllm serve` parser, built as its CLI builds it (general plugins load inside)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand

@@ -13,6 +13,8 @@ A method spec is ``NAME`` or ``NAME:key=value,key=value`` (e.g. ``zipcache:salie
 ``zipcache-paged``   vLLM paged semantics: complete blocks compressed one by one, per-block statistics and quota
 ``zipcache-vllm``    the vLLM plugin's default (preset ``vllm``): ``zipcache-paged`` with salient shares 0.8 (keys)
                      and 0.2 (values)
+``zipcache-adaptive`` preset ``adaptive``: the bytes of ``zipcache-vllm`` (its total of salient rows per block),
+                     split per layer between keys and values by the calibration (configs/calibration/)
 ``quanto-int4/int2`` transformers ``QuantizedCache`` with optimum-quanto (a peer), bf16 residual of 128
 ===================  =============================================================================================
 """
@@ -36,6 +38,8 @@ ZIPCACHE_VARIANTS: dict[str, dict[str, Any]] = {
     "zipcache-quota": {"selection": "quota"},
     "zipcache-paged": {"selection": "quota", "granularity": "block"},
     "zipcache-vllm": {"selection": "quota", "granularity": "block", "salient_ratio": 0.8, "value_salient_ratio": 0.2},
+    "zipcache-adaptive": {"selection": "quota", "granularity": "block", "salient_ratio": 0.8,
+                          "value_salient_ratio": 0.2, "calibration": "adaptive"},
 }
 BASELINES = ("bf16", "int8", "int4", "int2", "kivi2", "kivi4", "quanto-int4", "quanto-int2")
 ALL_METHODS = (*BASELINES[:6], *ZIPCACHE_VARIANTS, *BASELINES[6:])
@@ -109,7 +113,14 @@ class Method:
         n = model_config.num_hidden_layers
         if self.name.startswith("quanto"):
             return _quanto_cache(int(self.name[-1]), n, **self.options)
-        return CompressedCache(self.make_compressor(), n)
+        cache = CompressedCache(self.make_compressor(), n)
+        if self.is_zipcache:
+            cfg = self.zipcache_config()
+            if cfg.layer_salient_ratios is not None or cfg.calibration is not None:
+                cfg = cfg.for_model(n, model_config.num_key_value_heads, _head_size(model_config))
+                for i, layer in enumerate(cache.layers):  # a compressor per layer: its own salient split
+                    layer.compressor = ZipCacheCompressor(cfg.for_layer(i), name=self.name)
+        return cache
 
     def describe(self) -> dict[str, Any]:
         if self.name.startswith("quanto"):
@@ -124,6 +135,10 @@ class Method:
         c = self.zipcache_config()
         r = (c.salient_ratio + c.v_salient_ratio) / 2
         return paper_ratio(r, tokens, channels=channels, batch=1, bits_high=c.bits_high, bits_low=c.bits_low)
+
+
+def _head_size(model_config) -> int:
+    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
 
 
 def _check_keys(spec: str, opts: dict, allowed: set[str]) -> None:

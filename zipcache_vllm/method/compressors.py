@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import quant
+from . import params8, quant
 from .config import Granularity, KeyScheme, Saliency, ZipCacheConfig
 from .saliency import random_scores, select_salient
 
@@ -177,6 +177,12 @@ class ZipCacheCompressor(Compressor):
         c = self.config
         if c.key_scheme is KeyScheme.CST:
             return self._cst("k", k, mask, stored)
+        if c.param_bits == 8:
+            (hi, lo), params = params8.quantize_channelwise_mixed_u8(k, mask, c.bits_high, c.bits_low)
+            stored["k_high"] = quant.pack_bits(_gather(hi.codes, mask), c.bits_high)
+            stored["k_low"] = quant.pack_bits(_gather(lo.codes, ~mask), c.bits_low)
+            stored.update(params)
+            return quant.select_mixed(hi.dequantize(), lo.dequantize(), mask)
         hi, lo = quant.quantize_channelwise_mixed(k, mask, c.bits_high, c.bits_low)
         stored["k_high"] = quant.pack_bits(_gather(hi.codes, mask), c.bits_high)
         stored["k_low"] = quant.pack_bits(_gather(lo.codes, ~mask), c.bits_low)
@@ -186,6 +192,8 @@ class ZipCacheCompressor(Compressor):
 
     def _cst(self, name, x, mask, stored) -> torch.Tensor:
         c = self.config
+        if c.param_bits == 8:
+            return self._cst_u8(name, x, mask, stored)
         norm, hi, lo = quant.quantize_cst_mixed(x, mask, c.bits_high, c.bits_low)
         stored[f"{name}_c"] = norm
         stored[f"{name}_high"] = quant.pack_bits(_gather(hi.codes, mask), c.bits_high)
@@ -196,6 +204,19 @@ class ZipCacheCompressor(Compressor):
         high = _gather(hi.dequantize(), mask)
         low = _gather(lo.dequantize(), ~mask)
         return _scatter(high, low, mask) * norm.float()
+
+    def _cst_u8(self, name, x, mask, stored) -> torch.Tensor:
+        c = self.config
+        norm, hi, lo, params = params8.quantize_cst_mixed_u8(x, mask, c.bits_high, c.bits_low, name)
+        stored[f"{name}_high"] = quant.pack_bits(_gather(hi.codes, mask), c.bits_high)
+        stored[f"{name}_low"] = quant.pack_bits(_gather(lo.codes, ~mask), c.bits_low)
+        for key, value in params.items():  # per-token codes: only each group's own tokens are stored
+            if key.endswith(("_step_code", "_zero")):
+                value = _gather(value, mask if "_high_" in key else ~mask)
+            stored[key] = value
+        high = _gather(hi.dequantize(), mask)
+        low = _gather(lo.dequantize(), ~mask)
+        return _scatter(high, low, mask) * norm
 
     def describe(self):
         return {"method": self.name, **self.config.to_dict()}

@@ -108,6 +108,15 @@ class ZipCacheConfig:
     key_scheme: KeyScheme = KeyScheme.CHANNELWISE
     block_size: int = 128  # tokens per paged block (quota and block granularity)
     window: int = 100  # decode tokens kept unquantized before a segment is compressed (segment granularity)
+    # per layer (key, value) salient shares, overriding salient_ratio / value_salient_ratio layer by layer; every
+    # layer keeps the base quotas' total of salient rows (keys + values), so pages keep one size and the same bytes
+    layer_salient_ratios: tuple[tuple[float, float], ...] | None = None
+    # a salient-split calibration (configs/calibration/NAME.json, or a path) that fills layer_salient_ratios for
+    # the model's shape (for_model); written by ``python -m zipcache_vllm.eval.calibrate``
+    calibration: str | None = None
+    # bits of each stored quantization parameter: 16 (fp16, the page format) or 8 (method/params8.py: a proposed
+    # compact format, measured in the harness only; the vLLM plugin refuses it)
+    param_bits: int = 16
 
     def __post_init__(self) -> None:
         for name, cls in _ENUMS.items():
@@ -142,11 +151,68 @@ class ZipCacheConfig:
             raise ValueError(f"probe_compat must be true or false, got {self.probe_compat!r}")
         if self.block_size % 8:
             raise ValueError(f"block_size must be a multiple of 8 (bit packing), got {self.block_size}")
+        if isinstance(self.param_bits, bool) or self.param_bits not in (8, 16):
+            raise ValueError(f"param_bits must be 16 or 8, got {self.param_bits!r}")
+        if self.calibration is not None and (not isinstance(self.calibration, str) or not self.calibration.strip()):
+            raise ValueError(f"calibration must be a calibration name or path, got {self.calibration!r}")
+        if self.layer_salient_ratios is not None:
+            self._check_layer_ratios()
+
+    def _check_layer_ratios(self) -> None:
+        raw = self.layer_salient_ratios
+        try:
+            pairs = tuple((float(k), float(v)) for k, v in raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"layer_salient_ratios must be a list of [key, value] shares, got {raw!r}") from None
+        if not pairs:
+            raise ValueError("layer_salient_ratios must name at least one layer")
+        for i, (k, v) in enumerate(pairs):
+            if not (0.0 <= k <= 1.0 and 0.0 <= v <= 1.0):
+                raise ValueError(f"layer_salient_ratios[{i}] = [{k}, {v}]: shares must be in [0, 1]")
+        n, total = self.block_size, self.salient_rows
+        for i, (k, v) in enumerate(pairs):
+            rows = quota_count(n, k) + quota_count(n, v)
+            if rows != total:
+                raise ValueError(
+                    f"layer_salient_ratios[{i}] = [{k}, {v}] gives {rows} salient rows per block of {n}; every "
+                    f"layer must keep the base total of {total} (salient_ratio {self.salient_ratio}, "
+                    f"value_salient_ratio {self.v_salient_ratio}): one page size, the same bytes"
+                )
+        object.__setattr__(self, "layer_salient_ratios", pairs)
 
     # -- derived -------------------------------------------------------------------------------------
     @property
     def v_salient_ratio(self) -> float:
         return self.salient_ratio if self.value_salient_ratio is None else self.value_salient_ratio
+
+    @property
+    def salient_rows(self) -> int:
+        """Salient rows per block, keys + values, of the base quotas: the byte budget a per-layer split keeps."""
+        return quota_count(self.block_size, self.salient_ratio) + quota_count(self.block_size, self.v_salient_ratio)
+
+    def for_layer(self, layer_idx: int) -> ZipCacheConfig:
+        """The config layer ``layer_idx`` runs: its (key, value) shares from ``layer_salient_ratios``, if any."""
+        if self.layer_salient_ratios is None:
+            return self
+        if not 0 <= layer_idx < len(self.layer_salient_ratios):
+            raise ValueError(f"layer {layer_idx} has no entry in layer_salient_ratios "
+                             f"({len(self.layer_salient_ratios)} layers)")
+        k, v = self.layer_salient_ratios[layer_idx]
+        return dataclasses.replace(self, salient_ratio=k, value_salient_ratio=v, layer_salient_ratios=None,
+                                   calibration=None)
+
+    def for_model(self, num_layers: int, num_kv_heads: int, head_size: int) -> ZipCacheConfig:
+        """Fill ``layer_salient_ratios`` from ``calibration`` for a model of this shape (no-op without one)."""
+        if self.layer_salient_ratios is None and self.calibration is not None:
+            from .calibration import layer_ratios
+
+            ratios = layer_ratios(self.calibration, num_layers, num_kv_heads, head_size, self.block_size,
+                                  self.salient_rows)
+            return dataclasses.replace(self, layer_salient_ratios=ratios)
+        if self.layer_salient_ratios is not None and len(self.layer_salient_ratios) != num_layers:
+            raise ValueError(f"layer_salient_ratios has {len(self.layer_salient_ratios)} layers, the model "
+                             f"{num_layers}")
+        return self
 
     @property
     def segment_len(self) -> int:
@@ -198,4 +264,7 @@ class ZipCacheConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (v.value if isinstance(v := getattr(self, f.name), enum.Enum) else v) for f in fields(self)}
+        out = {f.name: (v.value if isinstance(v := getattr(self, f.name), enum.Enum) else v) for f in fields(self)}
+        if out["layer_salient_ratios"] is not None:
+            out["layer_salient_ratios"] = [list(p) for p in out["layer_salient_ratios"]]
+        return out

@@ -39,11 +39,19 @@ from ..engine.staging import Staging
 from ..engine.step import Step, zipcache_attention
 from ..method.config import ZipCacheConfig
 from . import envs
-from .settings import num_staging_slots, pick_kernels, reserve_staging, resolve_config
+from .settings import model_config_for, num_staging_slots, pick_kernels, reserve_staging, resolve_config
 
 logger = logging.getLogger("vllm.zipcache")
 
 _state: dict = {}  # per process: the resolved config (stashed by the first impl for customize_spec), logs done
+
+
+def dummy_slots() -> int:
+    """Staging slots beyond the plan's: 1 where ``register()`` installs the CUDA backend (its builder's padded
+    graph rows write there), 0 on the CPU platform (no graphs, no dummy rows: one slot less out of the budget)."""
+    from vllm.platforms import current_platform
+
+    return 0 if current_platform.is_cpu() else 1
 
 
 def _layer_index(layer_name: str) -> int:
@@ -250,7 +258,9 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         block_size = vllm_config.cache_config.block_size
         if "config" not in _state:
             _state["config"] = resolve_config(block_size, vllm_config.additional_config)
-        self.config: ZipCacheConfig = _state["config"]
+        # the model's config (a per-layer salient split, if any); the layer's own is taken at its first forward
+        self.model_config: ZipCacheConfig = model_config_for(_state["config"], vllm_config, num_kv_heads, head_size)
+        self.config = self.model_config.for_layer(0)
         self.layout = PageLayout.from_config(self.config, head_size)
         self.kernels = pick_kernels(envs.kernels(), torch.cuda.is_available())
         if self.kernels == "numba" and "numba_ready" not in _state:
@@ -258,10 +268,12 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
             cpu_kernels.warmup(self.layout, num_kv_heads, num_heads // num_kv_heads)  # compile before requests
         num_slots = num_staging_slots(vllm_config)
         device = "cuda" if self.kernels == "triton" else "cpu"
-        # one more slot than the staging plan hands out: the dummy slot of padded decode rows
-        self.staging = Staging.allocate(num_slots + 1, block_size, num_kv_heads, head_size,
+        # CUDA hosts (the CUDA builder's graph-capturable decode step): one more slot than the staging plan
+        # hands out, the dummy slot of padded decode rows (engine/decode.DecodeBatch); the CPU builder has none
+        num_slots += dummy_slots()
+        self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,
                                         dtype=torch.bfloat16, device=device)
-        reserve_staging(vllm_config, num_slots + 1, block_size, num_kv_heads, head_size)
+        reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
         self.layer_idx: int | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -273,10 +285,12 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         """
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the ZipCache backend")
-        if attn_metadata is None:  # profiling / warm-up
-            return output
         if self.layer_idx is None:
             self.layer_idx = _layer_index(getattr(layer, "layer_name", ""))
+            self.config = self.model_config.for_layer(self.layer_idx)  # same page size: the config checks it
+            self.layout = PageLayout.from_config(self.config, self.layout.head_size)
+        if attn_metadata is None:  # profiling / warm-up
+            return output
         md: ZipCacheMetadata = attn_metadata
         zipcache_attention(
             query, key, value, kv_cache.flatten(2), md.block_table, md.seq_lens, md.query_start_loc,

@@ -10,6 +10,9 @@ Gauges, set once at start-up (nothing is registered when ZipCache is off). Decla
 ``zipcache:capacity_ratio_vs_bf16``      tokens per byte relative to bf16 K/V (the layout's figure)
 ``zipcache:kv_cache_tokens``             vLLM's KV capacity in tokens (blocks x block size), once known
 ``zipcache:staging_slots``               bf16 staging slots (incomplete blocks held at once)
+``zipcache:layer_key_salient_rows``      per layer (label ``layer``): salient key rows per block, when the
+                                         config splits the salient rows per layer (preset ``adaptive``)
+``zipcache:layer_value_salient_rows``    the same for values (key + value rows: the same total in every layer)
 =======================================  =============================================================
 """
 
@@ -32,13 +35,34 @@ HELP = {
     "capacity_ratio_vs_bf16": "ZipCache tokens per KV byte relative to bf16",
     "kv_cache_tokens": "KV cache capacity in tokens as vLLM allocated it",
     "staging_slots": "ZipCache bf16 staging slots for incomplete blocks",
+    "layer_key_salient_rows": "ZipCache salient key rows per block in each layer (per-layer split)",
+    "layer_value_salient_rows": "ZipCache salient value rows per block in each layer (per-layer split)",
 }
+LAYER_GAUGES = ("layer_key_salient_rows", "layer_value_salient_rows")
 
 
 def _gauge(name: str) -> Gauge:
     if name not in _GAUGES:
-        _GAUGES[name] = Gauge(f"zipcache:{name}", HELP[name], multiprocess_mode="mostrecent")
+        labels = ("layer",) if name in LAYER_GAUGES else ()
+        _GAUGES[name] = Gauge(f"zipcache:{name}", HELP[name], labels, multiprocess_mode="mostrecent")
     return _GAUGES[name]
+
+
+def layer_rows(vllm_config) -> dict[str, list[int]]:
+    """Salient key and value rows per block of every layer, when the config splits them per layer (else {})."""
+    from .settings import resolve_config
+
+    mc = vllm_config.model_config
+    cfg = resolve_config(vllm_config.cache_config.block_size, vllm_config.additional_config)
+    if cfg.layer_salient_ratios is None and cfg.calibration is None:
+        return {}
+    layers = mc.get_num_layers(vllm_config.parallel_config)
+    cfg = cfg.for_model(layers, mc.get_num_kv_heads(vllm_config.parallel_config), mc.get_head_size())
+    if cfg.layer_salient_ratios is None:
+        return {}
+    n = cfg.block_size
+    return {"layer_key_salient_rows": [round(k * n) for k, _ in cfg.layer_salient_ratios],
+            "layer_value_salient_rows": [round(v * n) for _, v in cfg.layer_salient_ratios]}
 
 
 def figures(vllm_config) -> dict[str, float]:
@@ -68,6 +92,9 @@ class ZipCacheStatLogger(StatLoggerBase):
         if self.enabled:
             for name, value in figures(vllm_config).items():
                 _gauge(name).set(value)
+            for name, rows in layer_rows(vllm_config).items():
+                for i, r in enumerate(rows):
+                    _gauge(name).labels(layer=str(i)).set(r)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         pass

@@ -26,6 +26,9 @@ def resolve_config(block_size: int, additional: dict | None = None) -> ZipCacheC
     if not isinstance(section, dict):
         raise ValueError("additional_config 'zipcache' must be a mapping of ZipCacheConfig keys")
     cfg = envs.load_config(section)
+    if cfg.param_bits != 16:
+        raise ValueError("param_bits 8 (one-byte parameters) is measured in the harness only: the page format, "
+                         "its kernels and the CPU decode read fp16 parameters (docs/performance.md)")
     if cfg.key_scheme is not KeyScheme.CHANNELWISE:
         raise ValueError("ZipCache in vLLM stores keys channelwise (ZC-3); key_scheme=cst is not supported")
     paged = {"granularity": Granularity.BLOCK, "selection": Selection.QUOTA, "block_size": block_size}
@@ -40,6 +43,22 @@ def resolve_config(block_size: int, additional: dict | None = None) -> ZipCacheC
             {k: v.value if hasattr(v, "value") else v for k, v in changed.items()},
         )
     return cfg.replace(**paged)
+
+
+def model_config_for(cfg: ZipCacheConfig, vllm_config, num_kv_heads: int, head_size: int) -> ZipCacheConfig:
+    """``cfg`` with its per-layer salient split filled for this model (calibration), logged once per process.
+
+    Every layer keeps the base total of salient rows, so all layers' pages have one size (vLLM allocates one
+    page size for all layers; ``ZipCacheConfig`` refuses a split that changes it)."""
+    layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    cfg = cfg.for_model(layers, num_kv_heads, head_size)
+    if cfg.layer_salient_ratios is not None and "split_logged" not in _state:
+        _state["split_logged"] = True
+        rows = [f"{i}:{round(k * cfg.block_size)}/{round(v * cfg.block_size)}"
+                for i, (k, v) in enumerate(cfg.layer_salient_ratios)]
+        logger.info("ZipCache salient rows per layer (K/V of %d, %s): %s", cfg.block_size,
+                    f"calibration {cfg.calibration}" if cfg.calibration else "layer_salient_ratios", " ".join(rows))
+    return cfg
 
 
 def num_staging_slots(vllm_config) -> int:

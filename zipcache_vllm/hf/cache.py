@@ -8,11 +8,13 @@ How it works, per layer::
 
 * ``update`` appends the new K/V (rounded to bf16) to the window and returns compressed + window for attention;
 * the ``zipcache`` attention function (registered with transformers' ``AttentionInterface``) runs SDPA, then
-  hands the post-RoPE queries to :meth:`CompressedLayer.observe`, which accumulates saliency and compresses:
-  at prefill (the layer's first update) the prompt's saliency comes from probe tokens (ZC-7/8); afterwards from
-  the attention the new queries actually pay to window tokens (normalized by how many queries saw each, ZC-6);
+  hands the post-RoPE queries to :meth:`CompressedLayer.observe`, which accumulates saliency and compresses;
   whenever the window holds ``segment_len`` tokens they are compressed as a new segment. Compressed segments are
-  never re-quantized.
+  never re-quantized. Saliency follows the probe rule of the granularity (:mod:`zipcache_vllm.method.saliency`):
+  ``segment`` (the paper): at prefill (the layer's first update) the prompt's probe tokens (ZC-7/8), afterwards
+  the attention the new queries actually pay to window tokens (normalized by how many queries saw each, ZC-6);
+  ``block`` (paged semantics, the vLLM plugin): each block by the probes at fixed positions of its own block
+  (``saliency.block_saliency``), whose queries wait in the window with the block's tokens.
 
 Queries need to reach the cache, so load the model with ``attn_implementation="zipcache"`` or call
 :func:`enable`. Batches must be unpadded (equal lengths), as positions are taken from the sequence length.
@@ -27,8 +29,15 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..method.compressors import Compressor, Segment, ZipCacheCompressor
-from ..method.config import Saliency, ZipCacheConfig
-from ..method.saliency import attention_probs, column_sums, layer_probes, normalizer_counts
+from ..method.config import Granularity, Saliency, ZipCacheConfig
+from ..method.saliency import (
+    attention_probs,
+    block_probe_offsets,
+    block_saliency,
+    column_sums,
+    layer_probes,
+    normalizer_counts,
+)
 from . import base as hf_base
 
 STORE_DTYPE = torch.bfloat16
@@ -48,8 +57,12 @@ class CompressedLayer(CacheLayerMixin):
         self.num_compressed = 0
         self._ck = self._cv = None  # dequantized compressed part, working copy (not counted in bytes)
         self.window_k = self.window_v = None  # bf16 [b, h, w, d]
-        self.score_sum = None  # float32 [b, h, w]: attention received by window tokens
+        self.score_sum = None  # float32 [b, h, w]: attention received by window tokens (segment rule)
         self.score_count = None  # float32 [w]: number of query rows that contributed
+        cfg = getattr(compressor, "config", None)
+        self.block_rule = compressor.needs_saliency and cfg.granularity is Granularity.BLOCK
+        self.window_q = None  # bf16 [b, num_heads, w, d]: queries of the window tokens (block rule)
+        self._scaling = None
 
     # -- transformers protocol ------------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -95,7 +108,11 @@ class CompressedLayer(CacheLayerMixin):
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
         """Called after attention with the post-RoPE ``query [b, num_heads, q, d]`` and the ``key`` attended."""
         comp = self.compressor
-        if comp.needs_saliency:
+        if self.block_rule:  # the probe rows among them are read when their block is cut
+            q = query.to(STORE_DTYPE)
+            self.window_q = q if self.window_q is None else torch.cat([self.window_q, q], dim=2)
+            self._scaling = scaling
+        elif comp.needs_saliency:
             total = key.shape[2]
             if self._prefill:
                 self._prefill_scores(query, key, scaling)
@@ -117,8 +134,15 @@ class CompressedLayer(CacheLayerMixin):
         self.score_count = normalizer_counts(pos, n, cfg.normalizer)
 
     def _scores(self, n: int) -> torch.Tensor:
-        s = self.score_sum[..., :n]
         cfg = getattr(self.compressor, "config", None)
+        if self.block_rule:  # the block's own probes (block rule): offsets from its index in the sequence
+            off = block_probe_offsets(cfg, n, self.num_compressed // n).to(self.window_k.device)
+            b = self.window_k.shape[0]
+            q = self.window_q[:, :, off].transpose(1, 2)  # [b, P, num_heads, d]
+            k = self.window_k[:, :, :n].transpose(1, 2)  # [b, n, h, d]
+            s = block_saliency(q, k, off.expand(b, -1), cfg.normalizer, cfg.saliency, self._scaling)
+            return s.transpose(1, 2)  # [b, h, n]
+        s = self.score_sum[..., :n]
         if cfg is not None and cfg.saliency is Saliency.ACCUMULATED:
             return s
         return s / self.score_count[:n].clamp(min=1.0)
@@ -144,6 +168,8 @@ class CompressedLayer(CacheLayerMixin):
         seg.k = seg.v = None
         self.window_k, self.window_v = self.window_k[:, :, n:], self.window_v[:, :, n:]
         self.score_sum, self.score_count = self.score_sum[..., n:], self.score_count[n:]
+        if self.window_q is not None:
+            self.window_q = self.window_q[:, :, n:]
 
     # -- accounting ------------------------------------------------------------------------------------------
     def nbytes(self) -> dict[str, int]:
@@ -151,7 +177,14 @@ class CompressedLayer(CacheLayerMixin):
             return {"compressed": 0, "window": 0, "saliency": 0}
         window = (self.window_k.numel() + self.window_v.numel()) * self.window_k.element_size()
         sal = 0
-        if self.compressor.needs_saliency:
+        if self.block_rule and self.window_q is not None:  # the probe rows waiting in the window
+            n, w = self.compressor.config.block_size, self.window_q.shape[2]
+            first = self.num_compressed // n
+            rows = sum(int((block_probe_offsets(self.compressor.config, n, first + i // n) == i % n).any())
+                       for i in range(w))
+            b, hq, _, d = self.window_q.shape
+            sal = rows * b * hq * d * self.window_q.element_size()
+        elif self.compressor.needs_saliency:
             sal = self.score_sum.numel() * 4 + self.score_count.numel() * 4
         return {"compressed": sum(s.nbytes for s in self.segments), "window": window, "saliency": sal}
 

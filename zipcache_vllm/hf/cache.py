@@ -14,7 +14,10 @@ How it works, per layer::
   ``segment`` (the paper): at prefill (the layer's first update) the prompt's probe tokens (ZC-7/8), afterwards
   the attention the new queries actually pay to window tokens (normalized by how many queries saw each, ZC-6);
   ``block`` (paged semantics, the vLLM plugin): each block by the probes at fixed positions of its own block
-  (``saliency.block_saliency``), whose queries wait in the window with the block's tokens.
+  (``saliency.block_saliency``), whose queries wait in the window with the block's tokens. At block granularity
+  the layer also attends itself (:meth:`CompressedLayer.attend_blocks`), as the vLLM backend does: complete
+  blocks are compressed first, and a query sees the blocks before its own dequantized and its own block in
+  bf16 up to itself, so that nothing depends on how the tokens were split into forward calls.
 
 Queries need to reach the cache, so load the model with ``attn_implementation="zipcache"`` or call
 :func:`enable`. Batches must be unpadded (equal lengths), as positions are taken from the sequence length.
@@ -105,6 +108,38 @@ class CompressedLayer(CacheLayerMixin):
         self.__init__(self.compressor, self.layer_idx)
 
     # -- saliency and compression -------------------------------------------------------------------------
+    def attend_blocks(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Block granularity: compress the blocks the new tokens complete, then attend (module docstring).
+        ``query [b, num_heads, q, d]`` (post-RoPE) of the tokens of the last update; returns ``[b, q,
+        num_heads, d]`` (SDPA's layout)."""
+        b, hq, ql, d = query.shape
+        n = self.compressor.config.block_size
+        total = self.get_seq_length()
+        start, w0 = total - ql, self.num_compressed
+        wk, wv = self.window_k, self.window_v  # bf16 of every token not compressed before this call
+        q = query.to(STORE_DTYPE)
+        self.window_q = q if self.window_q is None else torch.cat([self.window_q, q], dim=2)
+        self._scaling = scaling
+        self._compress(prefill=False)
+        parts_k, parts_v = [wk], [wv]
+        if w0:
+            parts_k.insert(0, self._ck[:, :, :w0])
+            parts_v.insert(0, self._cv[:, :, :w0])
+        if self.num_compressed > w0:  # blocks completed now: queries of later blocks see them compressed
+            parts_k.insert(-1, self._ck[:, :, w0:])
+            parts_v.insert(-1, self._cv[:, :, w0:])
+        k = torch.cat([x.to(query.dtype) for x in parts_k], dim=2)
+        v = torch.cat([x.to(query.dtype) for x in parts_v], dim=2)
+        dev = query.device
+        qpos = torch.arange(start, total, device=dev).view(-1, 1)
+        own = torch.div(qpos, n, rounding_mode="floor") * n  # first position of each query's block
+        cpos = torch.arange(self.num_compressed, device=dev).view(1, -1)
+        xpos = torch.arange(w0, total, device=dev).view(1, -1)
+        mask = torch.cat([cpos < own, (xpos >= own) & (xpos <= qpos)], dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling,
+                                                               enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
         """Called after attention with the post-RoPE ``query [b, num_heads, q, d]`` and the ``key`` attended."""
         comp = self.compressor
@@ -214,10 +249,13 @@ class ZipCache(CompressedCache):
 
 
 def zipcache_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA, then hand the queries to the compressed cache that produced ``key`` (if any)."""
+    """SDPA, then hand the queries to the compressed cache that produced ``key`` (if any); at block granularity
+    the cache's layer attends itself (:meth:`CompressedLayer.attend_blocks`)."""
+    layer = hf_base.take_pending(_handshake, module)
+    if layer is not None and layer.block_rule:
+        return layer.attend_blocks(query, scaling), None
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-    layer = hf_base.take_pending(_handshake, module)
     if layer is not None:
         layer.observe(query, key, scaling)
     return out, weights

@@ -8,6 +8,5 @@ from .block_scores import block_probe_scores
 from .compress_store import compress_store
 from .decode_attention import decode_attention
 from .prefill_attention import prefill_attention
-from .probe_scores import probe_scores
 
-__all__ = ["block_probe_scores", "compress_store", "decode_attention", "prefill_attention", "probe_scores"]
+__all__ = ["block_probe_scores", "compress_store", "decode_attention", "prefill_attention"]

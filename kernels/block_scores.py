@@ -62,7 +62,7 @@ def _block_scores_kernel(
         if NORMALIZER == 2:
             acc = acc / tl.maximum(tl.sum(seen.to(tl.float32), axis=0) / G, 1.0)
         elif NORMALIZER == 1:
-            acc = acc / (N - j).to(tl.float32)
+            acc = acc / tl.maximum(N - j, 1).to(tl.float32)
         tl.store(out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh, acc, mask=j < N)
 
 

@@ -16,7 +16,9 @@ from zipcache_vllm.engine.block_manager import default_num_slots
 from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import num_block_probes
 
+QUERY_HEADS = {"SmolLM2-135M": 9, "Llama-3-8B": 32, "Qwen2.5-7B": 28}  # the staged probe queries' heads
 MODELS = {  # layers, KV heads, head size
     "SmolLM2-135M": (30, 3, 64),
     "Llama-3-8B": (32, 8, 128),
@@ -33,7 +35,8 @@ def tokens(model: str, kv_gib: float, max_num_seqs: int, preset: str | None, blo
     cfg = ZipCacheConfig.load(preset).replace(block_size=block_size)
     lay = PageLayout.from_config(cfg, d)
     slots = default_num_slots(max_num_seqs)
-    budget -= slots * layers * Staging.bytes_per_slot(block_size, h, d)
+    heads = QUERY_HEADS[model]
+    budget -= slots * layers * Staging.bytes_per_slot(block_size, h, d, heads, num_block_probes(cfg, block_size))
     per_block = layers * h * block_size * lay.state_content_bytes
     return max(budget, 0) // per_block * block_size
 

@@ -47,9 +47,10 @@ def _block_scores_kernel(
         p = r // G  # row r = probe p, query head kvh * G + r % G
         rvalid = p < P
         off = tl.load(off_ptr + e * stride_off + p, mask=rvalid, other=-1)
-        q = tl.load(q_ptr + blk * stride_q_blk + p[:, None] * stride_q_probe
-                    + (kvh * G + r % G)[:, None] * stride_q_head + dk[None, :], mask=rvalid[:, None], other=0.0)  # fmt: skip
-        if DOT_FP32:  # the interpreter multiplies bf16 bit patterns as integers
+        heads = kvh * G + r % G
+        q = tl.load(q_ptr + blk * stride_q_blk + p[:, None] * stride_q_probe + heads[:, None] * stride_q_head
+                    + dk[None, :], mask=rvalid[:, None], other=0.0)  # fmt: skip
+        if DOT_FP32:  # noqa: SIM108 (a constexpr branch; the interpreter multiplies bf16 bit patterns as integers)
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
         else:
             s = tl.dot(q.to(k.dtype), tl.trans(k))

@@ -38,7 +38,7 @@ def baseline(client):
 def test_startup_logs_the_layout_next_to_the_capacity(zipcache_server):
     log = zipcache_server.log_text()
     assert re.search(r"ZipCache layout: .* bytes/token/head vs 256 in bf16 -> [\d.]+x capacity", log)
-    assert "ZipCache bf16 staging" in log and "prefix caching off" in log
+    assert "ZipCache bf16 staging" in log and "prefix caching off" not in log  # on: vLLM's default
     assert zipcache_server.kv_cache_tokens() > 0
 
 

@@ -183,6 +183,9 @@ def test_greedy_agreement_with_the_reference(hf32, zipcache_fp32_server):
     # fewer 4-bit key rows a last-bit K/V difference that moves a token across the salient boundary, or a
     # 2-bit code across a step, shifts a logit by a whole quantization step. The exact replay above proves
     # the two implementations bit-identical on the same inputs; these bounds catch an integration error.
+    # Block attention (issue 13: a prompt's later blocks attend to its earlier ones through their pages, as decode
+    # always did) lets such a difference travel through the prompt too: 0.252 nats / 0.660 on the same prompts
+    # (d227ef5); the near-tie bound is unchanged.
     assert worst_gap < 0.5
-    assert worst_dlp < 0.6
+    assert worst_dlp < 0.8
     assert exact / len(prompts) >= 0.5

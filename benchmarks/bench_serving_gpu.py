@@ -23,7 +23,8 @@ sequence, as one CUDA graph of the whole 32-layer forward:
 * ``zipcache``: the vLLM backend's own code path: :class:`~zipcache_vllm.engine.builder.StepBuilder` (the
   staging plan and the decode rows' persistent metadata, once per step on the host), then
   :func:`zipcache_vllm.engine.step.zipcache_attention` per layer, i.e. the engine's decode step (decode kernel v2,
-  probe masses, saliency update, compression of the blocks that complete, from a fixed-size work list);
+  staging of probe queries, block-rule scores and compression of the blocks that complete, from a fixed-size
+  work list);
 * ``bf16``: K/V in contiguous per-sequence rows of a bf16 cache and FlashAttention-2's varlen kernel (torch's
   ``_flash_attention_forward`` with ``seqused_k``), which reads only each sequence's tokens: at least as fast
   as any paged bf16 kernel can be. The run checks it against SDPA on contiguous K/V of equal lengths

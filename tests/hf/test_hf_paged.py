@@ -122,7 +122,7 @@ def test_tiny_cpu_matches_reference_across_blocks_and_chunks():
     assert rel < 1e-5 and top1 == 1.0, (rel, top1)  # 37 + 13 = 50 tokens: blocks completed at 48 in decode
     layer, r = ours.layers[1], ref.layers[1]
     assert layer.num_pages * 16 == r.num_compressed and layer.tail_len == r.window_k.shape[2]
-    # a later multi-token chunk goes through paged.prefill_attention (probe rows of the chunk)
+    # a later multi-token chunk goes through paged.prefill_attention (one sequence per block it touches)
     rel, top1, _, ours = _run_both(model, ids[:, :21], decode_steps=2, chunk=19, kernels="torch")
     assert rel < 1e-3 and top1 == 1.0, (rel, top1)
     assert (ours.layers[0].num_pages, ours.layers[0].tail_len) == (2, 10)

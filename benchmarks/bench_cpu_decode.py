@@ -21,6 +21,7 @@ from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.engine.step import prepare_step
 from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import num_block_probes
 
 N, H, G, D = 128, 3, 3, 64
 
@@ -49,7 +50,7 @@ def case(rows: int, context: int, repeats: int) -> dict:
     qsl = torch.arange(rows + 1, dtype=torch.int32)
     seq_lens = torch.full((rows,), context + 1, dtype=torch.int32)
     step = prepare_step(plan, qsl, seq_lens, block_table)
-    staging = Staging.allocate(rows + 4, N, H, D)
+    staging = Staging.allocate(rows + 4, N, H, D, H * G, num_block_probes(cfg, N))
     staging.key.normal_(generator=gen)
     staging.value.normal_(generator=gen)
     q = torch.randn(rows, H * G, D, generator=gen).bfloat16()

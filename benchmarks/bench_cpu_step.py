@@ -21,6 +21,7 @@ from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.engine.step import prepare_step, zipcache_attention
 from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import num_block_probes
 
 N, H, HQ, D, LAYERS = 128, 3, 9, 64, 30
 
@@ -31,7 +32,7 @@ def run(rows: int, context: int, steps: int) -> float:
     lay = PageLayout.from_config(cfg, D)
     width = -(-(context + steps) // N)
     kv = [torch.zeros(rows * width + 1, H, lay.page_bytes, dtype=torch.uint8) for _ in range(LAYERS)]
-    staging = [Staging.allocate(rows + 8, N, H, D) for _ in range(LAYERS)]
+    staging = [Staging.allocate(rows + 8, N, H, D, HQ, num_block_probes(cfg, N)) for _ in range(LAYERS)]
     bm = BlockManager(rows + 4, N)
     tables = [list(range(1 + r * width, 1 + (r + 1) * width)) for r in range(rows)]
     bt = torch.tensor(tables, dtype=torch.int32)

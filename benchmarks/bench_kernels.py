@@ -66,14 +66,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from zipcache_vllm.kernels import decode_v2
+from zipcache_vllm.kernels.block_scores import block_probe_scores
 from zipcache_vllm.kernels.compress_store import compress_store
 from zipcache_vllm.kernels.decode_attention import choose_num_splits, decode_attention
 from zipcache_vllm.kernels.prefill_attention import prefill_attention
-from zipcache_vllm.kernels.probe_scores import probe_scores
 
 from benchmarks.page_gather import gather_bytes, page_gather
 from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.method import saliency
+from zipcache_vllm.method.config import ZipCacheConfig
 
 MODEL = {"name": "LLaMA3-8B", "num_heads": 32, "num_kv_heads": 8, "head_size": 128}
 BLOCK = 128
@@ -407,7 +408,7 @@ def bench_decode(presets: dict, copy_gbps, reps, cases) -> list[dict]:
 
 
 def prefill_case(layout, reps, n_tok):
-    """One prompt of ``n_tok`` tokens in one chunk: SDPA causal vs our attention, probe scores, compress."""
+    """One prompt of ``n_tok`` tokens in one chunk: SDPA causal vs our attention, block probe scores, compress."""
     h, hq, d = MODEL["num_kv_heads"], MODEL["num_heads"], MODEL["head_size"]
     i32 = {"device": DEV, "dtype": torch.int32}
     q = torch.randn(n_tok, hq, d, device=DEV, dtype=torch.bfloat16)
@@ -418,8 +419,9 @@ def prefill_case(layout, reps, n_tok):
     tails = torch.zeros(1, BLOCK, h, d, device=DEV, dtype=torch.bfloat16)
     qsl, seq_lens = torch.tensor([0, n_tok], **i32), torch.tensor([n_tok], **i32)
     zero = torch.zeros(1, **i32)
-    probes = saliency.probe_positions(n_tok, generator=torch.Generator().manual_seed(0)).to(**i32)
-    psl = torch.tensor([0, probes.numel()], **i32)
+    cfg = ZipCacheConfig(block_size=BLOCK)  # the presets' probe shares (5 % + 5 %)
+    offsets = torch.stack([saliency.block_probe_offsets(cfg, BLOCK, i) for i in range(nb)]).to(**i32)
+    pq = torch.randn(nb, offsets.shape[1], hq, d, device=DEV, dtype=torch.bfloat16)
     ids = torch.arange(nb, **i32)
     sdpa_args = tuple(x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     sdpa_us, backend = time_sdpa(lambda: sdpa_args, sum(x.numel() * 2 for x in sdpa_args), reps, causal=True)
@@ -429,12 +431,13 @@ def prefill_case(layout, reps, n_tok):
             q, k, v, cache, layout, ids.view(1, nb), qsl, seq_lens, tails, tails, zero, zero, max_query_len=n_tok
         )
 
-    lse = attn()[1]
+    scores = torch.empty(nb, BLOCK, h, device=DEV)
 
     def probe():
-        return probe_scores(q, lse, k, tails, qsl, seq_lens, zero, zero, probes, psl, n_tok)
+        return block_probe_scores(k.view(nb, BLOCK, h, d), pq, offsets, ids, scores)
 
-    scores = probe()[0]
+    probe()
+    scores = scores.view(-1, h)
 
     def compress():
         compress_store(k, v, scores, ids, cache, layout)
@@ -448,7 +451,7 @@ def prefill_case(layout, reps, n_tok):
         "kernel": "prefill",
         "batch": 1,
         "context": n_tok,
-        "num_probes": probes.numel(),
+        "num_probes": offsets.numel(),
         "baseline": f"sdpa[{backend}] causal",
         "baseline_time_us": sdpa_us,
         "attention_us": attn_us,

@@ -8,10 +8,11 @@ One layer of LLaMA3-8B attention geometry (32 query / 8 KV heads, head size 128)
 repetitions of the same step (it only writes pages and staging, which a repetition overwrites with the same
 values):
 
-* ``step``: :func:`zipcache_vllm.engine.step.zipcache_attention` as the backend runs it on CUDA: causal
-  attention with the row log-sum-exp (``engine/ops.causal_with_lse``: cuDNN's kernel) for the chunk, probe
-  scores (``kernels/probe_scores``, 5 % recent + 5 % random probes), compression of the complete blocks
-  (``kernels/compress_store``), the rest staged;
+* ``step``: :func:`zipcache_vllm.engine.step.zipcache_attention` as the backend runs it on CUDA: the complete
+  blocks scored by their own probes (``kernels/block_scores``, the block rule) and compressed
+  (``kernels/compress_store``) first, then the chunk attended one block at a time: the first block by causal
+  attention (``engine/ops.causal_with_lse``: cuDNN's kernel), the others by ``kernels/prefill_attention`` over
+  the pages before them and their own bf16 tokens; the rest staged;
 * ``step_prefill_kernel``: the same step with the chunk attended by ``kernels/prefill_attention`` (what the
   backend did before, and still does for chunks after the first);
 * ``sdpa``: ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` on the bf16 chunk, the baseline.
@@ -45,6 +46,7 @@ from zipcache_vllm.engine.ops import kernel_ops
 from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.engine.step import prepare_step, zipcache_attention
 from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import num_block_probes
 
 H, HQ, D = 8, 32, 128
 
@@ -81,7 +83,7 @@ def case(context: int, reps: int) -> dict:
     k = (torch.randn(context, H, D, device=dev) * torch.linspace(0.5, 3, D, device=dev)).bfloat16()
     v = torch.randn(context, H, D, device=dev).bfloat16()
     kv = torch.zeros(blocks + 1, H, layout.page_bytes, dtype=torch.uint8, device=dev)
-    staging = Staging.allocate(4, n, H, D, device=dev)
+    staging = Staging.allocate(4, n, H, D, HQ, num_block_probes(cfg, n), device=dev)
     table = list(range(1, blocks + 1))
     bt = torch.tensor([table], dtype=torch.int32, device=dev)
     qsl = torch.tensor([0, context], dtype=torch.int32)
@@ -134,7 +136,7 @@ def chunked_case(prefix: int, chunk: int, reps: int) -> dict:
     total = prefix + chunk
     blocks = -(-total // n)
     kv = torch.zeros(blocks + 1, H, layout.page_bytes, dtype=torch.uint8, device=dev)
-    staging = Staging.allocate(4, n, H, D, device=dev)
+    staging = Staging.allocate(4, n, H, D, HQ, num_block_probes(cfg, n), device=dev)
     table = list(range(1, blocks + 1))
     bm = BlockManager(3, n)
     admit(bm, table, prefix, [kv], [staging], [template_pages(32, H, layout, dev)], seed=0)
@@ -154,9 +156,7 @@ def chunked_case(prefix: int, chunk: int, reps: int) -> dict:
     bias = causal_lower_right(chunk, total)
     meta = dict(kv_cache=kv, layout=layout, block_table=bt, query_start_loc=qsl.to(dev), seq_lens=seq_lens.to(dev),
                 tail_key=staging.key, tail_value=staging.value, tail_slots=torch.zeros(1, dtype=torch.int32,
-                device=dev), tail_lens=torch.zeros(1, dtype=torch.int32, device=dev),
-                probe_idx=torch.zeros(1, dtype=torch.int32, device=dev),
-                probe_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=dev), normalizer=None, scale=D**-0.5)
+                device=dev), tail_lens=torch.zeros(1, dtype=torch.int32, device=dev), scale=D**-0.5)
     variants = {
         "step": lambda: zipcache_attention(q, k, v, kv, bt, seq_lens.to(dev), qsl.to(dev), slots, staging, step,
                                            layout, cfg, layer_idx=0, out=out, kernels=ops),

@@ -23,7 +23,8 @@ sequence, as one CUDA graph of the whole 32-layer forward:
 * ``zipcache``: the vLLM backend's own code path: :class:`~zipcache_vllm.engine.builder.StepBuilder` (the
   staging plan and the decode rows' persistent metadata, once per step on the host), then
   :func:`zipcache_vllm.engine.step.zipcache_attention` per layer, i.e. the engine's decode step (decode kernel v2,
-  probe masses, saliency update, compression of the blocks that complete, from a fixed-size work list);
+  staging of probe queries, block-rule scores and compression of the blocks that complete, from a fixed-size
+  work list);
 * ``bf16``: K/V in contiguous per-sequence rows of a bf16 cache and FlashAttention-2's varlen kernel (torch's
   ``_flash_attention_forward`` with ``seqused_k``), which reads only each sequence's tokens: at least as fast
   as any paged bf16 kernel can be. The run checks it against SDPA on contiguous K/V of equal lengths
@@ -61,6 +62,7 @@ from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.engine.step import zipcache_attention
 from zipcache_vllm.engine.synthetic import admit, template_pages
 from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import num_block_probes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import graph_time_us  # noqa: E402
@@ -184,9 +186,10 @@ class ZipCache:
         num_blocks = num_seqs * self.width + 1  # block 0: vLLM's null block
         self.kv = [torch.zeros(num_blocks, s.kv_heads, self.layout.page_bytes, dtype=torch.uint8, device="cuda")
                    for _ in range(s.layers)]  # fmt: skip
-        self.staging = [Staging.allocate(self.num_slots + 1, n, s.kv_heads, s.head_size, device="cuda")
+        p = num_block_probes(cfg, n)
+        self.staging = [Staging.allocate(self.num_slots + 1, n, s.kv_heads, s.head_size, s.heads, p, device="cuda")
                         for _ in range(s.layers)]  # fmt: skip
-        self.builder = StepBuilder(self.num_slots, n, num_seqs, "cuda", engine_decode=True)
+        self.builder = StepBuilder(self.num_slots, n, num_seqs, "cuda", engine_decode=True, config=cfg)
         self.templates = [template_pages(32, s.kv_heads, self.layout, "cuda", seed=i) for i in range(s.layers)]
         self.block_table = torch.zeros(num_seqs, self.width, dtype=torch.int32, device="cuda")
         self.tables = [list(range(1 + r * self.width, 1 + (r + 1) * self.width)) for r in range(num_seqs)]
@@ -198,10 +201,11 @@ class ZipCache:
         self.seed = 0
 
     @staticmethod
-    def bytes_for(s: Shape, num_seqs: int, max_len: int, layout: PageLayout) -> int:
+    def bytes_for(s: Shape, num_seqs: int, max_len: int, layout: PageLayout, cfg: ZipCacheConfig) -> int:
         pages = num_seqs * -(-max_len // layout.block_size) * s.layers * s.kv_heads * layout.page_bytes
         slots = (default_num_slots(num_seqs) + 1) * s.layers
-        return pages + slots * Staging.bytes_per_slot(layout.block_size, s.kv_heads, s.head_size)
+        p = num_block_probes(cfg, layout.block_size)
+        return pages + slots * Staging.bytes_per_slot(layout.block_size, s.kv_heads, s.head_size, s.heads, p)
 
     def admit(self, row, context_len):
         """A new request in ``row``: its blocks are the row's (vLLM would hand out others; same cost)."""
@@ -235,7 +239,7 @@ def run_case(model: Model, s: Shape, cache_name: str, context: int, decode_len: 
         num_seqs = fit(budget, lambda b: b * Bf16Cache.bytes_per_seq(s, max_len))
         cache = Bf16Cache(s, num_seqs, max_len)
     else:
-        num_seqs = fit(budget, lambda b: ZipCache.bytes_for(s, b, max_len, layout))
+        num_seqs = fit(budget, lambda b: ZipCache.bytes_for(s, b, max_len, layout, cfg))
         cache = ZipCache(s, num_seqs, max_len, cfg)
     rng = random.Random(context)
     done = [rng.randrange(decode_len) for _ in range(num_seqs)]  # staggered: tokens decoded so far
@@ -298,7 +302,7 @@ def run_case(model: Model, s: Shape, cache_name: str, context: int, decode_len: 
         "admit_ms": statistics.mean(admit_ms) if admit_ms else 0.0, "requests_finished": finished,
         "cuda_graph": True,
         "kv_bytes": (num_seqs * Bf16Cache.bytes_per_seq(s, max_len) if cache_name == "bf16"
-                     else ZipCache.bytes_for(s, num_seqs, max_len, layout)),
+                     else ZipCache.bytes_for(s, num_seqs, max_len, layout, cfg)),
     }  # fmt: skip
     if cache_name == "bf16":
         # the same batch at the loop's mean length: the baseline's attention against SDPA on contiguous K/V; the

@@ -23,7 +23,10 @@ from zipcache_vllm.engine.block_manager import default_num_slots
 from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import num_block_probes
 
+# query heads (the staged probe queries)
+QUERY_HEADS = {"SmolLM2-135M": 9, "Qwen2.5-Coder-1.5B": 12, "Llama-3-8B": 32, "Qwen2.5-7B": 28}
 MODELS = {  # layers, KV heads, head size
     "SmolLM2-135M": (30, 3, 64),
     "Qwen2.5-Coder-1.5B": (28, 2, 128),
@@ -57,9 +60,11 @@ def tokens(model: str, kv_gib: float, max_num_seqs: int, preset: str | None, blo
     if preset is None:  # stock bf16
         per_block = layers * h * block_size * 2 * d * 2
         return budget // per_block * block_size
-    lay = PageLayout.from_config(config_for(preset, block_size, salient_rows), d)
+    cfg = config_for(preset, block_size, salient_rows)
+    lay = PageLayout.from_config(cfg, d)
     slots = (default_num_slots(max_num_seqs) if staging_slots is None else staging_slots) + (0 if cpu else 1)
-    budget -= slots * layers * Staging.bytes_per_slot(block_size, h, d)
+    per_slot = Staging.bytes_per_slot(block_size, h, d, QUERY_HEADS[model], num_block_probes(cfg, block_size))
+    budget -= slots * layers * per_slot
     scb = u8_params_state_bytes(lay) if params_u8 else lay.state_content_bytes
     per_block = layers * h * block_size * scb
     return max(budget, 0) // per_block * block_size

@@ -4,9 +4,9 @@ Each launcher validates, allocates and launches; its plain-torch twin of the sam
 ``zipcache_vllm.engine.paged``.
 """
 
+from .block_scores import block_probe_scores
 from .compress_store import compress_store
 from .decode_attention import decode_attention
 from .prefill_attention import prefill_attention
-from .probe_scores import probe_scores
 
-__all__ = ["compress_store", "decode_attention", "prefill_attention", "probe_scores"]
+__all__ = ["block_probe_scores", "compress_store", "decode_attention", "prefill_attention"]

@@ -1,11 +1,12 @@
-"""Prefill / chunked-prefill attention over mixed-precision pages, plus the probe saliency scores.
+"""Prefill / chunked-prefill attention over mixed-precision pages.
 
 Twin: ``zipcache_vllm.engine.paged.prefill_attention``. Grid ``(query tiles, num_seqs, num_kv_heads)``: a program
 takes ``BLOCK_Q`` query tokens x the ``G`` query heads of one KV head (``BLOCK_Q * G_PAD`` tile rows, row
 ``r`` = token ``r // G_PAD``, head ``r % G_PAD``), so each key is loaded once for its whole GQA group. It
 walks the sequence's pages (all visible; dequantization folded as in decode), its bf16 tail (all visible),
-then the chunk's own keys under the causal mask. It writes the output and each row's log-sum-exp, which the
-probe-score kernel (``probe_scores.py``) needs to normalize the probe rows.
+then the chunk's own keys under the causal mask. It writes the output and each row's log-sum-exp. (The engine
+gives it one sequence per block of a chunk, so that a query sees the earlier blocks through their pages and
+its own block in bf16: ``zipcache_vllm.engine.step``.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from ._common import (
     store_quarters,
     tail_args,
 )
-from .probe_scores import probe_scores
 
 ROWS_GPU = 128  # tile rows (query tokens x GQA heads) per program on the GPU: one 128-row wgmma tile
 ROWS_INTERPRET = 32
@@ -113,13 +113,10 @@ def prefill_attention(
     tail_slots: torch.Tensor,
     tail_lens: torch.Tensor,
     max_query_len: int,
-    probe_idx: torch.Tensor | None = None,
-    probe_start_loc: torch.Tensor | None = None,
-    normalizer: str | None = "causal_count",
     scale: float | None = None,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of a chunk of new tokens per sequence over pages, tail and the chunk; probe scores.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a chunk of new tokens per sequence over pages, tail and the chunk.
 
     Parameters
     ----------
@@ -129,14 +126,11 @@ def prefill_attention(
         ``(seq_lens[s] - query_len - tail_lens[s]) / block_size`` pages and ``tail_lens[s]`` tail tokens.
     query_start_loc : int32 ``[num_seqs + 1]``; seq_lens : int32 ``[num_seqs]`` (chunk included).
     max_query_len : the longest chunk (sizes the grid; vLLM's metadata has it).
-    probe_idx, probe_start_loc : probe rows (see ``probe_scores``); None: no scores are computed.
-    normalizer : ``causal_count``, ``probe_nnz`` or None.
     out : optional output like ``query``.
 
     Returns
     -------
-    out : ``[num_tokens, num_heads, head_size]``; lse : fp32 ``[num_tokens, num_heads]`` (natural log);
-    scores : fp32 ``[num_tokens, num_kv_heads]``; tail_scores : fp32 ``[num_seqs, block_size, num_kv_heads]``.
+    out : ``[num_tokens, num_heads, head_size]``; lse : fp32 ``[num_tokens, num_heads]`` (natural log).
     """
     dev = query.device
     check_tensor(query, "query", 3, FLOATS, dev)
@@ -198,22 +192,4 @@ def prefill_attention(
             num_warps=8 if block_q * g_pad >= 128 else 4,
             num_stages=2,
         )
-    if probe_idx is None or probe_start_loc is None:
-        h_scores = torch.zeros(num_tokens, h, dtype=torch.float32, device=dev)
-        return out, lse, h_scores, torch.zeros(num_seqs, n, h, dtype=torch.float32, device=dev)
-    scores, tail_scores = probe_scores(
-        query,
-        lse,
-        key,
-        tail_key,
-        query_start_loc,
-        seq_lens,
-        tail_slots,
-        tail_lens,
-        probe_idx,
-        probe_start_loc,
-        max_query_len,
-        normalizer=normalizer,
-        scale=scale,
-    )
-    return out, lse, scores, tail_scores
+    return out, lse

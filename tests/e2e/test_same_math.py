@@ -6,7 +6,8 @@ Two checks:
   bundled model (fp32) prefills a 300-token prompt and decodes 100 tokens are fed, step by step, through the
   backend's vLLM-free function with vLLM-shaped metadata. Attention outputs must match the reference's SDPA to
   fp32 rounding, and the compressed pages must dequantize to exactly the reference's compressed blocks: same
-  probe rows, scores, salient sets, codes and parameters, at prefill and for the block completed during decode.
+  probe rows (the block rule), scores, salient sets, codes and parameters, at prefill and for the block
+  completed during decode.
 * **greedy agreement** through a real fp32 server, 20 prompts of 160-460 tokens (every one with compressed
   blocks and a bf16 tail, none chunked), 32 greedy tokens replayed through the reference. Engine numerics
   (vLLM's CPU kernels vs transformers' SDPA) differ in the last bits (bf16: 10 of 24 stock greedy runs split
@@ -29,6 +30,7 @@ from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.engine.step import prepare_step, zipcache_attention
 from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import num_block_probes
 from zipcache_vllm.plugin import envs
 
 MODEL = "smollm2"
@@ -99,7 +101,7 @@ def test_replay_matches_the_reference_cache_exactly(hf32, layer):
     n = lay.block_size
     num_blocks = 8
     pages = torch.zeros(num_blocks, h, lay.page_bytes, dtype=torch.uint8)
-    staging = Staging.allocate(4, n, h, d)
+    staging = Staging.allocate(4, n, h, d, steps_seen[0][0].shape[1], num_block_probes(cfg, n))
     bm = BlockManager(4, n)
     block_table = torch.tensor([[5, 2, 7, 1]], dtype=torch.int32)  # any page ids
     ctx = 0
@@ -181,6 +183,9 @@ def test_greedy_agreement_with_the_reference(hf32, zipcache_fp32_server):
     # fewer 4-bit key rows a last-bit K/V difference that moves a token across the salient boundary, or a
     # 2-bit code across a step, shifts a logit by a whole quantization step. The exact replay above proves
     # the two implementations bit-identical on the same inputs; these bounds catch an integration error.
+    # Block attention (issue 13: a prompt's later blocks attend to its earlier ones through their pages, as decode
+    # always did) lets such a difference travel through the prompt too: 0.252 nats / 0.660 on the same prompts
+    # (d227ef5); the near-tie bound is unchanged.
     assert worst_gap < 0.5
-    assert worst_dlp < 0.6
+    assert worst_dlp < 0.8
     assert exact / len(prompts) >= 0.5

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.method import quant, saliency
-from zipcache_vllm.method.config import Normalizer, Selection
+from zipcache_vllm.method.config import Selection, ZipCacheConfig
 
 
 @pytest.fixture(autouse=True)
@@ -75,38 +75,33 @@ def test_decode_twin_is_sdpa_on_dequantized_cache():
         torch.testing.assert_close(out[i], ref.squeeze(1), atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_twin_scores_are_token_saliency():
-    """One unchunked prompt, no pages: the probe scores equal saliency.token_saliency (ZC-7/ZC-8)."""
+def test_prefill_twin_is_causal_sdpa_without_a_prefix():
+    """One unchunked prompt, no pages and no tail: plain causal attention."""
     lay, h, g, n_tok, d = PageLayout(16, 64), 2, 4, 45, 64
     q, k, v = torch.randn(n_tok, h * g, d), torch.randn(n_tok, h, d), torch.randn(n_tok, h, d)
-    probes = saliency.probe_positions(n_tok, generator=torch.Generator().manual_seed(1))
     empty = torch.zeros(1, 16, h, d)
     one = torch.zeros(1, dtype=torch.int32)
-    for norm in (Normalizer.CAUSAL_COUNT, Normalizer.PROBE_NNZ):
-        out, sc, tsc = paged.prefill_attention(
-            q,
-            k,
-            v,
-            torch.zeros(1, h, lay.page_bytes, dtype=torch.uint8),
-            lay,
-            torch.zeros(1, 1, dtype=torch.int32),
-            torch.tensor([0, n_tok], dtype=torch.int32),
-            torch.tensor([n_tok], dtype=torch.int32),
-            empty,
-            empty,
-            one,
-            one,
-            probes.int(),
-            torch.tensor([0, probes.numel()], dtype=torch.int32),
-            norm,
-        )
-        ref = saliency.token_saliency(q.transpose(0, 1)[None], k.transpose(0, 1)[None], normalizer=norm, probes=probes)
-        torch.testing.assert_close(sc.T, ref[0], atol=1e-6, rtol=1e-5)
-        assert not tsc.any()
+    out = paged.prefill_attention(q, k, v, torch.zeros(1, h, lay.page_bytes, dtype=torch.uint8), lay,
+                                  torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, n_tok], dtype=torch.int32),
+                                  torch.tensor([n_tok], dtype=torch.int32), empty, empty, one, one)
     causal = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
     )
     torch.testing.assert_close(out, causal.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_block_probe_scores_twin_is_the_block_rule():
+    """paged.block_probe_scores writes saliency.block_saliency of each entry's block, skips idle entries, and a
+    block's scores do not depend on the other blocks of the call (bit for bit)."""
+    n, h, g, d = 32, 2, 3, 64
+    cfg = ZipCacheConfig(block_size=n)
+    offs = torch.stack([saliency.block_probe_offsets(cfg, n, i) for i in range(4)]).int()
+    key, pq = torch.randn(4, n, h, d).bfloat16(), torch.randn(4, offs.shape[1], h * g, d).bfloat16()
+    out = paged.block_probe_scores(key, pq, offs, torch.tensor([0, 1, -1, 3]), torch.full((4, n, h), -1.0))
+    assert (out[2] == -1).all()
+    for i in (0, 1, 3):
+        alone = saliency.block_saliency(pq[i : i + 1], key[i : i + 1], offs[i : i + 1])[0]
+        assert torch.equal(out[i], alone)
 
 
 def test_chunked_prefill_equals_one_chunk():
@@ -115,7 +110,7 @@ def test_chunked_prefill_equals_one_chunk():
     cache, bt, tk, tv, ts, tails, dense = _setup(lay, h, [(2, 5)])
     ctx = 2 * 16 + 5
     q, k, v = torch.randn(20, h * g, d), torch.randn(20, h, d), torch.randn(20, h, d)
-    full, _, _ = paged.prefill_attention(
+    full = paged.prefill_attention(
         q,
         k,
         v,
@@ -132,7 +127,7 @@ def test_chunked_prefill_equals_one_chunk():
     tk2 = tk.clone()
     tk2[0, 5:12], tv2 = k[:7], tv.clone()
     tv2[0, 5:12] = v[:7]
-    second, _, _ = paged.prefill_attention(
+    second = paged.prefill_attention(
         q[7:],
         k[7:],
         v[7:],

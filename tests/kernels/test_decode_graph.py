@@ -17,6 +17,7 @@ from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.engine.step import zipcache_attention
 from zipcache_vllm.engine.synthetic import admit, template_pages
 from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import num_block_probes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -27,12 +28,13 @@ ROWS, LIVE, NUM_BLOCKS, WIDTH = 8, 6, 400, 40
 class Side:
     """One engine state: pages and staging of every layer, its StepBuilder, a device block table."""
 
-    def __init__(self, layout, templates):
+    def __init__(self, layout, templates, cfg):
         self.num_slots = default_num_slots(ROWS)
         dev = "cuda"
         self.kv = [torch.zeros(NUM_BLOCKS, H, layout.page_bytes, dtype=torch.uint8, device=dev) for _ in range(LAYERS)]
-        self.staging = [Staging.allocate(self.num_slots + 1, N, H, D, device=dev) for _ in range(LAYERS)]
-        self.builder = StepBuilder(self.num_slots, N, ROWS, dev, engine_decode=True)
+        p = num_block_probes(cfg, N)
+        self.staging = [Staging.allocate(self.num_slots + 1, N, H, D, HQ, p, device=dev) for _ in range(LAYERS)]
+        self.builder = StepBuilder(self.num_slots, N, ROWS, dev, engine_decode=True, config=cfg)
         self.block_table = torch.zeros(ROWS, WIDTH, dtype=torch.int32, device=dev)
         self.templates = templates
 
@@ -51,7 +53,7 @@ def test_captured_decode_step_replays_like_eager():
     cfg = ZipCacheConfig.load("vllm", block_size=N)
     layout = PageLayout.from_config(cfg, D)
     templates = [template_pages(16, H, layout, "cuda", seed=i) for i in range(LAYERS)]
-    eager, graph = Side(layout, templates), Side(layout, templates)
+    eager, graph = Side(layout, templates, cfg), Side(layout, templates, cfg)
     rng = random.Random(0)
     free = list(range(1, NUM_BLOCKS))
     rng.shuffle(free)
@@ -108,7 +110,7 @@ def test_captured_decode_step_replays_like_eager():
     assert completed >= 4 and finished == 2
     for layer in range(LAYERS):
         assert torch.equal(graph.kv[layer], eager.kv[layer]), f"pages of layer {layer} differ"
-        for name in ("key", "value", "score_sum", "score_count"):
+        for name in ("key", "value", "probe_query"):
             a = getattr(graph.staging[layer], name)[: graph.num_slots]
             b = getattr(eager.staging[layer], name)[: eager.num_slots]
             assert torch.equal(a, b), f"staging {name} of layer {layer} differs"

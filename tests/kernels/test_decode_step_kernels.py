@@ -1,14 +1,16 @@
 """The decode step's own kernels against their twins: compress_slots (pages bit-exact, fixed-size work lists
-with idle entries, every saliency mode) and update_decode_saliency (exact fp32 sums and counts)."""
+with idle entries, every saliency mode) and block_probe_scores (the block rule's scores of complete blocks)."""
 
 import pytest
 import torch
 from conftest import DEVICE
+from zipcache_vllm.kernels.block_scores import block_probe_scores
 from zipcache_vllm.kernels.compress_store import compress_slots
-from zipcache_vllm.kernels.decode_saliency import update_decode_saliency
 
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import block_probe_offsets, block_saliency
 
 pytestmark = pytest.mark.interpret
 
@@ -56,18 +58,32 @@ def test_compress_slots_matches_compress_store_of_the_same_blocks():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("n, h", [(16, 2), (128, 8), (48, 3)])
-def test_update_decode_saliency_exact(n, h):
-    num_slots, rows = 6, 4
-    score_sum, score_count = torch.rand(num_slots, n, h), torch.randint(0, 9, (num_slots, n)).float()
-    slots = torch.tensor([4, 1, 5, 0], dtype=torch.int32)
-    tail_lens = torch.tensor([0, n - 1, 3, n // 2], dtype=torch.int32)
-    own, tail_mass = torch.rand(rows, h), torch.rand(rows, n, h)
-    ref_sum, ref_cnt = score_sum.clone(), score_count.clone()
-    paged.update_decode_saliency(ref_sum, ref_cnt, slots, tail_lens, own, tail_mass)
-    got_sum, got_cnt = score_sum.to(DEVICE), score_count.to(DEVICE)
-    update_decode_saliency(got_sum, got_cnt, slots.to(DEVICE), tail_lens.to(DEVICE), own.to(DEVICE),
-                           tail_mass.to(DEVICE))
-    assert torch.equal(got_sum.cpu(), ref_sum) and torch.equal(got_cnt.cpu(), ref_cnt)
-    assert torch.equal(ref_sum[2], score_sum[2]) and torch.equal(ref_cnt[3], score_count[3])  # untouched slots
-    assert ref_cnt[1, n - 1] == 1 and ref_cnt[4, 0] == 1  # the new token starts at one
+@pytest.mark.parametrize("mode", ["probe_nnz", "causal_count", "accumulated"])
+@pytest.mark.parametrize("n, h, g, d", [(16, 2, 3, 64), (128, 3, 3, 64), (128, 2, 4, 128), (48, 1, 8, 64)])
+def test_block_probe_scores_matches_twin(mode, n, h, g, d):
+    """The kernel against the twin (saliency.block_saliency): the probes of each block (offsets drawn per block
+    index as the engine does), a work list with idle entries, blocks in a staging-like tensor with more slots
+    than entries. Idle slots are left untouched."""
+    cfg = ZipCacheConfig(block_size=n)
+    num_slots = 5
+    offs = [block_probe_offsets(cfg, n, i) for i in (0, 7, 3, 1)]
+    p = offs[0].numel()
+    key = (torch.randn(num_slots, n, h, d) * torch.rand(d) * 3).bfloat16()
+    pq = torch.randn(num_slots, p, h * g, d).bfloat16()
+    offsets = torch.stack(offs).int()
+    src = torch.tensor([3, -1, 0, 4], dtype=torch.int32)
+    normalizer = "probe_nnz" if mode == "accumulated" else mode
+    saliency = "accumulated" if mode == "accumulated" else "normalized"
+    base = torch.full((num_slots, n, h), -7.0)
+    ref = paged.block_probe_scores(key, pq, offsets, src, base.clone(), normalizer, saliency, d**-0.5)
+    got = block_probe_scores(key.to(DEVICE), pq.to(DEVICE), offsets.to(DEVICE), src.to(DEVICE), base.to(DEVICE),
+                             normalizer, saliency, d**-0.5).cpu()
+    assert (got[[1, 2]] == -7.0).all() and (ref[[1, 2]] == -7.0).all()  # slots of no entry: untouched
+    tol = {"atol": 2e-3, "rtol": 2e-2} if DEVICE.type == "cuda" else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(got, ref, **tol)
+    # the twin is the block rule: entry 0 (slot 3) by hand, through saliency.block_saliency
+    want = block_saliency(pq[3:4], key[3:4], offsets[0:1], normalizer, saliency, d**-0.5)[0]
+    torch.testing.assert_close(ref[3], want, atol=0, rtol=0)
+    if mode == "probe_nnz":  # each probe hands out one unit per query head: the sums over tokens say so
+        sums = block_saliency(pq[3:4], key[3:4], offsets[0:1], normalizer, "accumulated", d**-0.5)[0]
+        torch.testing.assert_close(sums.sum(0), torch.full((h,), float(p * g)), atol=1e-3, rtol=1e-4)

@@ -8,7 +8,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from zipcache_vllm.method.config import Normalizer, Saliency, Selection, quota_count, salient_count
+from zipcache_vllm.method import saliency as sal
+from zipcache_vllm.method.config import Normalizer, Saliency, Selection, ZipCacheConfig, quota_count, salient_count
 from zipcache_vllm.method.saliency import (
     attention_probs,
     column_sums,
@@ -426,3 +427,44 @@ def test_ratio_edge_cases(selection, r, expected):
 def test_select_salient_on_empty_sequence():
     mask = select_salient(torch.zeros(2, 0), 0.6, Selection.QUOTA, block_size=16)
     assert mask.shape == (2, 0) and mask.dtype == torch.bool
+
+
+# ------------------------------------------------------------------------------------------- block rule
+def test_block_probe_offsets_are_absolute_and_seeded_by_the_block_index():
+    cfg = ZipCacheConfig(block_size=128)
+    offs = [sal.block_probe_offsets(cfg, 128, i) for i in range(6)]
+    assert sal.num_block_probes(cfg, 128) == 13  # ceil(6.4) = 7 recent + round(6.4) = 6 random
+    for o in offs:
+        assert o.numel() == 13 and torch.equal(o, o.sort().values) and o.unique().numel() == 13
+        assert torch.equal(o[-7:], torch.arange(121, 128))  # the last 7 positions, the block's last included
+        assert (o[:-7] < 121).all()
+    assert len({tuple(o[:-7].tolist()) for o in offs}) > 1  # the random share differs between blocks
+    again = sal.block_probe_offsets.__wrapped__(cfg, 128, 3)  # recomputed, not the cached tensor
+    assert torch.equal(again, offs[3])
+    other = sal.block_probe_offsets(cfg.replace(probe_seed=1), 128, 3)
+    assert not torch.equal(other, offs[3])
+
+
+def test_block_saliency_by_hand():
+    """One block of 4 tokens, one head, probes at offsets 1 and 3; equal logits: probe 1 gives 1/2 to tokens 0
+    and 1, probe 3 gives 1/4 to each token."""
+    q = torch.zeros(1, 2, 1, 2)
+    k = torch.zeros(1, 4, 1, 2)
+    off = torch.tensor([[1, 3]])
+    acc = sal.block_saliency(q, k, off, saliency=Saliency.ACCUMULATED)[0, :, 0]
+    torch.testing.assert_close(acc, torch.tensor([0.75, 0.75, 0.25, 0.25]))
+    nnz = sal.block_saliency(q, k, off, Normalizer.PROBE_NNZ)[0, :, 0]
+    torch.testing.assert_close(nnz, torch.tensor([0.375, 0.375, 0.25, 0.25]))  # / (2, 2, 1, 1) probes
+    causal = sal.block_saliency(q, k, off, Normalizer.CAUSAL_COUNT)[0, :, 0]
+    torch.testing.assert_close(causal, torch.tensor([0.75 / 4, 0.75 / 3, 0.25 / 2, 0.25]))  # / (N - j)
+
+
+def test_block_saliency_sums_the_gqa_group_and_ignores_other_blocks():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 5, 6, 8, generator=gen)  # 3 blocks, 5 probes, 6 query heads on 2 KV heads
+    k = torch.randn(3, 16, 2, 8, generator=gen)
+    off = torch.tensor([[3, 9, 13, 14, 15]] * 3)
+    s = sal.block_saliency(q, k, off, saliency=Saliency.ACCUMULATED)
+    torch.testing.assert_close(s.sum(1), torch.full((3, 2), 15.0))  # 5 probes x 3 heads, each row sums to 1
+    assert torch.equal(s[1], sal.block_saliency(q[1:2], k[1:2], off[1:2], saliency=Saliency.ACCUMULATED)[0])
+    assert (s[:, 4:, :] > 0).all() and (s[:, 10:, :] > 0).all()

@@ -190,7 +190,7 @@ def test_gpu_image_argv_is_accepted_by_vllm_serve(vllm_parse, zipcache_cli, run_
     assert envs.enabled()
     assert "--kv-cache-backend" not in vllm_argv  # taken out by zipcache-vllm, unknown to vLLM
     assert args.model_tag == (SAMPLE_MODEL if SAMPLE_MODEL in run_args else None)
-    assert "CUSTOM" in str(args.attention_backend) and args.enable_prefix_caching is False
+    assert "CUSTOM" in str(args.attention_backend) and args.enable_prefix_caching is None  # vLLM's default: on
     assert args.port == PORT
 
 
@@ -215,7 +215,7 @@ def test_cpu_image_default_command_is_accepted_and_serves_the_baked_model(vllm_p
     env = image_env(CPU)
     monkeypatch.setenv("ZIPCACHE_MODEL_DIR", env["ZIPCACHE_MODEL_DIR"])
     args = vllm_parse(zipcache_cli(container_argv(CPU)))
-    assert envs.enabled() and args.enable_prefix_caching is False
+    assert envs.enabled() and args.enable_prefix_caching is None  # vLLM's default: on
     assert args.model_tag == str(models.model_dir("bfloat16"))  # where setup.sh converts it at build time
     assert (args.host, args.port, args.served_model_name) == ("0.0.0.0", PORT, ["smollm2"])
     # A replaced CMD (another model folder, other flags) still goes through zipcache-vllm and vLLM's parser.

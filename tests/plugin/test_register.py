@@ -162,7 +162,7 @@ def _serve_parser():
 
 def test_vllm_serve_takes_the_kv_cache_backend_flag(clean_registry):
     """`vllm serve MODEL --kv-cache-backend zipcache`: the flag parses on vLLM's parser, exports the choice to the
-    engine processes' environment, registers the backend here and turns prefix caching off unless asked."""
+    engine processes' environment and registers the backend here; prefix caching stays vLLM's choice."""
     zipcache_vllm.register()  # stock: installs only the flags
     parser = _serve_parser()
     stock = parser.parse_args(["some/model"])
@@ -171,12 +171,12 @@ def test_vllm_serve_takes_the_kv_cache_backend_flag(clean_registry):
 
     args = parser.parse_args(["some/model", "--kv-cache-backend", "zipcache", "--zipcache-config", "kv4"])
     assert os.environ[envs.KV_CACHE_BACKEND] == "zipcache" and os.environ[envs.CONFIG] == "kv4"
-    assert args.enable_prefix_caching is False
+    assert args.enable_prefix_caching is None  # vLLM's default (on): cached compressed blocks are exact
     assert AttentionBackendEnum.CPU_ATTN.get_path() == zipcache_vllm.CPU_BACKEND
-    args = parser.parse_args(["some/model", "--kv-cache-backend=zipcache", "--enable-prefix-caching"])
-    assert args.enable_prefix_caching is True  # an explicit flag wins, in either order
-    args = parser.parse_args(["some/model", "--enable-prefix-caching", "--kv-cache-backend", "zipcache"])
-    assert args.enable_prefix_caching is True
+    args = parser.parse_args(["some/model", "--kv-cache-backend=zipcache", "--no-enable-prefix-caching"])
+    assert args.enable_prefix_caching is False  # an explicit flag is kept, in either order
+    args = parser.parse_args(["some/model", "--no-enable-prefix-caching", "--kv-cache-backend", "zipcache"])
+    assert args.enable_prefix_caching is False
 
 
 def test_vllm_serve_rejects_bad_zipcache_values(clean_registry, capsys):

@@ -28,18 +28,18 @@ def test_take_flags_both_spellings():
     assert found == {envs.KV_CACHE_BACKEND: "zipcache", envs.CONFIG: "kv4"}
 
 
-def test_prepare_exports_env_and_turns_prefix_caching_off():
+def test_prepare_exports_env_and_leaves_prefix_caching_to_vllm():
     argv = ["serve", "M", "--kv-cache-backend", "zipcache",
             "--additional-config", json.dumps({"zipcache": {"salient_ratio": 0.7}})]
     rest = serve.prepare(argv)
     assert envs.enabled() and envs.load_config().salient_ratio == 0.7
     assert os.environ[envs.KV_CACHE_BACKEND] == "zipcache"
-    assert rest[-1] == "--no-enable-prefix-caching" and "--kv-cache-backend" not in rest
+    assert rest == ["serve", "M", "--additional-config", argv[-1]]  # prefix caching: vLLM's default (on)
 
 
 def test_prepare_respects_an_explicit_prefix_caching_choice():
-    rest = serve.prepare(["serve", "M", "--kv-cache-backend=zipcache", "--enable-prefix-caching"])
-    assert rest.count("--enable-prefix-caching") == 1 and "--no-enable-prefix-caching" not in rest
+    rest = serve.prepare(["serve", "M", "--kv-cache-backend=zipcache", "--no-enable-prefix-caching"])
+    assert rest.count("--no-enable-prefix-caching") == 1 and "--enable-prefix-caching" not in rest
 
 
 def test_without_the_flag_argv_is_untouched():

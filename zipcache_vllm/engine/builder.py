@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..method.config import ZipCacheConfig
+from ..method.saliency import num_block_probes
 from .block_manager import BlockManager, StepPlan
 from .decode import DecodeBatch
 from .step import Step, prepare_step
@@ -26,14 +28,19 @@ class StepBuilder:
     device : where the kernels run. engine_decode : leading one-token rows through the engine's decode step
         (CUDA; graph-capturable); else they stay with the CPU paths of :mod:`zipcache_vllm.engine.step`.
     batched_cpu_decode : the CPU torch/numba paths batch one-token rows (they need the block table on host).
+    config : places the probe rows of the decode rows (block rule).
     """
 
     def __init__(self, num_slots: int, block_size: int, max_rows: int, device, engine_decode: bool,
-                 batched_cpu_decode: bool = False):  # fmt: skip
+                 batched_cpu_decode: bool = False, config: ZipCacheConfig | None = None):  # fmt: skip
         self.block_manager = BlockManager(num_slots, block_size)
         self.block_size = block_size
         self.device = torch.device(device)
-        self.decode_batch = DecodeBatch(max_rows, block_size, num_slots, self.device) if engine_decode else None
+        self.config = config or ZipCacheConfig(block_size=block_size)
+        self.decode_batch = None
+        if engine_decode:
+            self.decode_batch = DecodeBatch(max_rows, block_size, num_slots, self.device,
+                                            num_probes=num_block_probes(self.config, block_size))
         self.batched_cpu_decode = batched_cpu_decode and not engine_decode
 
     def build(self, query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, block_table_rows,
@@ -50,7 +57,7 @@ class StepBuilder:
         cpu_table = block_table[:n].cpu() if self.batched_cpu_decode else None
         return prepare_step(plan, query_start_loc_cpu, seq_lens_cpu, cpu_table, device=self.device,
                             decode_batch=self.decode_batch, block_table_rows=block_table_rows,
-                            device_block_table=block_table)
+                            device_block_table=block_table, config=self.config)
 
     def build_for_capture(self, num_rows: int, block_table: torch.Tensor) -> Step:
         """The step a CUDA graph of ``num_rows`` decode rows is captured with: every row a dummy row (its own

@@ -4,8 +4,8 @@
 :class:`DecodeIndex` holds the layer-independent gather/scatter indices of the rows (built once per step by
 :func:`zipcache_vllm.engine.step.prepare_step`); :func:`decode_attend` runs them in one padded torch pass over
 dequantized pages (``kernels="torch"``), :func:`decode_attend_codes` in one numba call over the codes
-(``kernels="numba"``, :mod:`zipcache_vllm.engine.cpu_kernels`). Both write the rows' outputs and own scores and return
-the probability each staged tail token received. No vLLM import.
+(``kernels="numba"``, :mod:`zipcache_vllm.engine.cpu_kernels`). Both write the rows' outputs (saliency is the
+block rule's, computed when a block completes: :mod:`zipcache_vllm.engine.step`). No vLLM import.
 """
 
 from __future__ import annotations
@@ -33,17 +33,9 @@ class DecodeIndex:
     invalid: torch.Tensor  # bool [R, 1, 1, width]: padding
     page_ids: torch.Tensor  # int64 [P], pages of all rows
     page_pos: torch.Tensor  # int64 [P * block_size]
-    tail_slot: torch.Tensor  # int64 [Rt], staging slot and row of every tail token of every row
-    tail_row: torch.Tensor
-    tail_pos: torch.Tensor
-    tail_seq: torch.Tensor  # int64 [Rt], the sequence (batch index) of each tail token
+    tail_pos: torch.Tensor  # int64 [Rt], every tail token of every row
     new_pos: torch.Tensor  # int64 [R]
-    simple: torch.Tensor  # int64: rows whose block does not complete (vectorized staging update)
-    simple_tail: torch.Tensor  # int64: their tail tokens (indices into tail_*)
-    simple_seqs: frozenset = frozenset()  # batch indices of the simple rows
     tail_flat: torch.Tensor | None = None  # int64 [Rt]: slot * block_size + row, into flattened staging
-    new_flat: torch.Tensor | None = None  # int64 [len(simple)]: where each simple row's token is staged
-    other_tail: torch.Tensor | None = None  # int64: tail tokens of the rows whose block completes
     page_start: torch.Tensor | None = None  # int64 [R + 1]: row i's pages are page_ids[page_start[i]:...]
     tail_start: torch.Tensor | None = None  # int64 [R + 1]: row i's tail tokens are tail_*[tail_start[i]:...]
     row_slot: torch.Tensor | None = None  # int64 [R]: row i's staging slot (0 when it has no tail)
@@ -53,7 +45,7 @@ def build_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Decod
     n = plan.block_size
     lens = [ctx[s] + 1 for s in rows]
     width = max(lens)
-    page_ids, page_pos, t_slot, t_row, t_pos, t_seq, new_pos, simple, simple_tail = ([] for _ in range(9))
+    page_ids, page_pos, t_slot, t_row, t_pos, new_pos = ([] for _ in range(6))
     page_start, tail_start = [0], [0]
     bt = block_table.cpu()
     for i, s in enumerate(rows):
@@ -65,20 +57,11 @@ def build_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Decod
             page_ids.append(bt[s, :pages].long())
             page_pos.append(torch.arange(base, base + pages * n))
         t0 = plan.tail_lens[s]
-        first = len(t_slot)
         t_slot += [plan.tail_slots[s]] * t0
         t_row += range(t0)
         t_pos += range(base + pages * n, base + pages * n + t0)
-        t_seq += [s] * t0
         new_pos.append(base + lens[i] - 1)
-        if t0 + 1 < n:
-            simple.append(i)
-            simple_tail += range(first, first + t0)
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    simple_set = set(simple)
-    tail_flat = long(t_slot) * n + long(t_row)
-    new_flat = long([plan.tail_slots[rows[i]] * n + plan.tail_lens[rows[i]] for i in simple])
-    other_tail = long([j for j in range(len(t_slot)) if rows.index(t_seq[j]) not in simple_set])
     return DecodeIndex(
         seqs=long(rows),
         tokens=long([qsl[s] for s in rows]),
@@ -86,17 +69,9 @@ def build_index(plan: StepPlan, rows: list[int], qsl, ctx, block_table) -> Decod
         invalid=(torch.arange(width).view(1, -1) >= long(lens).view(-1, 1)).view(-1, 1, 1, width),
         page_ids=torch.cat(page_ids) if page_ids else long([]),
         page_pos=torch.cat(page_pos) if page_pos else long([]),
-        tail_slot=long(t_slot),
-        tail_row=long(t_row),
         tail_pos=long(t_pos),
-        tail_seq=long(t_seq),
         new_pos=long(new_pos),
-        simple=long(simple),
-        simple_tail=long(simple_tail),
-        simple_seqs=frozenset(rows[i] for i in simple),
-        tail_flat=tail_flat,
-        new_flat=new_flat,
-        other_tail=other_tail,
+        tail_flat=long(t_slot) * n + long(t_row),
         page_start=long(page_start),
         tail_start=long(tail_start),
         row_slot=long([max(plan.tail_slots[s], 0) for s in rows]),
@@ -142,9 +117,8 @@ def dequantize_pages_cpu(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
-def decode_attend(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, sums, v) -> torch.Tensor:
-    """One-token rows in one batched pass over padded keys (pages, tails, the new token). Writes ``out`` and
-    the rows' own scores into ``sums``; returns the tails' scores ``[num_tail_tokens, num_kv_heads]``.
+def decode_attend(q, k, v, kv_cache, staging, d: DecodeIndex, layout, scale, out) -> None:
+    """One-token rows in one batched pass over padded keys (pages, tails, the new token); writes ``out``.
 
     NOTE: runs per layer and step; every torch call costs tens of microseconds in a busy worker, so the op
     count matters more than the flops here (one row: no padding and no scatter)."""
@@ -169,9 +143,7 @@ def decode_attend(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, s
         qq = q.index_select(0, tok).float().view(h, g, dim)
         probs = torch.softmax(torch.matmul(qq, kk.permute(1, 2, 0)) * scale, dim=-1)  # [h, g, L]
         out.index_copy_(0, tok, torch.matmul(probs, vv.transpose(0, 1)).view(1, h * g, dim).to(out.dtype))
-        col = probs.sum(dim=1).t()  # [L, h]; the probe is the row's own query
-        sums.index_copy_(0, tok, col[-1:])
-        return col.index_select(0, d.tail_pos)
+        return
     kk = torch.zeros(r * w, h, dim, dtype=torch.float32)
     vv = torch.zeros(r * w, h, dim, dtype=torch.float32)
     if pk is not None:
@@ -188,12 +160,9 @@ def decode_attend(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, s
     probs = torch.softmax(logits, dim=-1)
     o = torch.matmul(probs, vv.view(r, w, h, dim).transpose(1, 2)).view(r, h * g, dim)  # [r, h, g, dim]
     out.index_copy_(0, d.tokens, o.to(out.dtype))
-    col = probs.sum(dim=2).transpose(1, 2).reshape(r * w, h)  # the probe is the row's own query
-    sums.index_copy_(0, d.tokens, col.index_select(0, d.new_pos))
-    return col.index_select(0, d.tail_pos)
 
 
-def decode_attend_codes(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, out, sums, v) -> torch.Tensor:
+def decode_attend_codes(q, k, v, kv_cache, staging, d: DecodeIndex, layout, scale, out) -> None:
     """:func:`decode_attend` in one numba call per layer (:func:`zipcache_vllm.engine.cpu_kernels.decode_rows`): the
     pages are read as codes (no fp32 copy), the tail and the new token from their bf16 storage."""
     from . import cpu_kernels
@@ -203,11 +172,7 @@ def decode_attend_codes(q, k, kv_cache, staging, d: DecodeIndex, layout, scale, 
     g = q.shape[1] // h
     qq = q.index_select(0, d.tokens).float().view(r, h, g, dim)
     o = torch.empty(r, h, g, dim)
-    new_cols = torch.empty(r, h)
-    tail_cols = torch.empty(d.tail_flat.numel(), h)
     cpu_kernels.decode_rows(kv_cache, d.page_ids, d.page_start, qq, staging.key, staging.value, d.row_slot,
                             d.tail_start, k.index_select(0, d.tokens), v.index_select(0, d.tokens), layout, scale,
-                            o, new_cols, tail_cols)
+                            o)
     out.index_copy_(0, d.tokens, o.view(r, h * g, dim).to(out.dtype))
-    sums.index_copy_(0, d.tokens, new_cols)  # the probe is the row's own query
-    return tail_cols

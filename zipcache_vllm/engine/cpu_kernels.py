@@ -9,11 +9,10 @@ probabilities (the algebra of the Triton decode kernel):
 * keys, channelwise per precision group g (ZC-3): ``q . k_t = sum_c (q_c step_g[c]) code_t[c] + q . mn_g``;
 * values, CST (ZC-2): ``sum_t p_t v_t = norm * (sum_t (p_t step_t) code_t + sum_t p_t mn_t)``;
 
-then the bf16 tail and the row's own new token, one softmax per query head, and the probability each bf16
-key received (the saliency the block manager accumulates). Layout and packing: :mod:`zipcache_vllm.engine.layout`
-(byte ``i`` of a row holds channels ``i + j * D / m`` at bit ``j * bits``, ``m = 8 // bits``). The fp16 page
-parameters are widened to fp32 inside (bit by bit: numba has no float16). Results equal the
-torch twin up to fp32 summation order (tests/engine/test_step.py).
+then the bf16 tail and the row's own new token, one softmax per query head. Layout and packing:
+:mod:`zipcache_vllm.engine.layout` (byte ``i`` of a row holds channels ``i + j * D / m`` at bit ``j * bits``,
+``m = 8 // bits``). The fp16 page parameters are widened to fp32 inside (bit by bit: numba has no float16).
+Results equal the torch twin up to fp32 summation order (tests/engine/test_step.py).
 
 No vLLM import; numba is optional (the ``cpu`` extra installs it): :func:`available` says whether it imports.
 One thread: the vLLM CPU worker's OpenMP threads stay with torch (benchmarks/bench_cpu_decode.py).
@@ -91,15 +90,14 @@ def _f16(pg, off, count, dst):
 
 def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key, new_value,
                  scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off,
-                 bits_high, bits_low, out, new_cols, tail_cols):
+                 bits_high, bits_low, out):
     """One decode query per row over its pages (codes), its bf16 tail and its own new token, in one pass.
 
     Row ``r`` (query ``q[r] [H, G, D]`` fp32) reads the pages ``page_ids[page_start[r]:page_start[r + 1]]``
     (codes and fp16 parameters at the layout's offsets), the
     ``tail_start[r + 1] - tail_start[r]`` tokens of staging slot ``tail_slot[r]`` (``tail_key/value
     [slots, n, H, D]`` as int16 bf16 bits) and its own new token ``new_key/value[r] [H, D]`` (int16 bf16
-    bits). Writes ``out [R, H, G, D]`` and the probability each bf16 key received, summed over the query
-    heads of its group: ``new_cols [R, H]``, ``tail_cols [tail_start[R], H]``."""
+    bits). Writes ``out [R, H, G, D]``."""
     num_rows, num_kv_heads, g, d = q.shape
     width = 1
     for r in range(num_rows):
@@ -204,17 +202,11 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
                     _bf16_row(tail_value[tail_slot[r], t, h], kv, bits)
                 else:
                     _bf16_row(new_value[r, h], kv, bits)
-                col = np.float32(0.0)
                 for gi in range(g):
                     w = probs[gi, wp + t]
-                    col += w
                     arow = acc[gi]
                     for c in range(d):
                         arow[c] += w * kv[c]
-                if t < tl:
-                    tail_cols[tail_start[r] + t, h] = col
-                else:
-                    new_cols[r, h] = col
             for gi in range(g):
                 for c in range(d):
                     out[r, h, gi, c] = acc[gi, c]
@@ -229,7 +221,7 @@ if numba is not None:
 
 
 def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, tail_slot, tail_start, key_rows,
-                value_rows, layout: PageLayout, scale: float, out, new_cols, tail_cols) -> None:
+                value_rows, layout: PageLayout, scale: float, out) -> None:
     """:func:`_decode_rows` on torch tensors (CPU): uint8 pages, bf16 staging, each row's new key/value
     ``[R, H, D]`` bf16, fp32 ``q`` and outputs. All arrays C-contiguous: one compiled signature."""
     _decode_rows(
@@ -238,7 +230,7 @@ def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, t
         key_rows.contiguous().view(torch.int16).numpy(), value_rows.contiguous().view(torch.int16).numpy(),
         np.float32(scale), layout.block_size, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off,
         layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
-        layout.bits_high, layout.bits_low, out.numpy(), new_cols.numpy(), tail_cols.numpy(),
+        layout.bits_high, layout.bits_low, out.numpy(),
     )
 
 
@@ -254,4 +246,4 @@ def warmup(layout: PageLayout, num_kv_heads: int, num_queries_per_kv: int) -> No
     bf16 = torch.bfloat16
     decode_rows(z(2, h, layout.page_bytes, dtype=torch.uint8), idx(1), idx(0, 1), z(1, h, g, d),
                 z(1, n, h, d, dtype=bf16), z(1, n, h, d, dtype=bf16), idx(0), idx(0, 1), z(1, h, d, dtype=bf16),
-                z(1, h, d, dtype=bf16), layout, 1.0, z(1, h, g, d), z(1, h), z(1, h))
+                z(1, h, d, dtype=bf16), layout, 1.0, z(1, h, g, d))

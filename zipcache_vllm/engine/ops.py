@@ -17,8 +17,6 @@ import torch
 
 from . import paged
 
-LN2 = 0.6931471805599453
-
 
 def kernel_module(name: str):
     """``zipcache_vllm.kernels.<name>`` (the top-level ``kernels/`` folder, installed under that name)."""
@@ -29,28 +27,24 @@ def kernel_module(name: str):
 class KernelOps:
     """One family of kernel operations (signatures as the twins in :mod:`zipcache_vllm.engine.paged`):
 
-    * ``attend(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass)``: decode attention of
-      each row over its pages and tail (the new token staged at row ``t0``), writing ``out`` and the row's
-      probe masses (``own [R, H]``, ``tail_mass [R, N, H]`` read for ``j < t0``);
-    * ``update_saliency``, ``compress_slots``, ``compress_store``: as the twins;
-    * ``prefill_attention(query, key, value, max_query_len, **meta) -> (out, scores, tail_scores)``: a chunk of
-      queries over pages + tail + itself with probe scores (``max_query_len`` sizes the Triton grid);
-    * ``first_chunk_attention(query, key, value, starts, scale) -> (out, lse) | None`` (``starts``: host chunk
-      offsets):
-      plain causal attention of chunks with nothing before them (no pages, no tail) on the fastest kernel
-      present, with the row log-sum-exp the probe scores need; None where there is none (then
-      ``prefill_attention`` serves those chunks too);
-    * ``probe_scores``: ``kernels/probe_scores.probe_scores`` (probe saliency from rows' log-sum-exp).
+    * ``attend(query, key, kv_cache, layout, rows, staging, scale, out)``: decode attention of each row over
+      its pages and tail (the new token staged at row ``t0``), writing ``out``;
+    * ``block_scores``, ``compress_slots``, ``compress_store``: as the twins (``block_probe_scores`` is the
+      block rule's saliency of complete blocks);
+    * ``prefill_attention(query, key, value, max_query_len, **meta) -> out``: a chunk of queries over pages +
+      tail + itself (``max_query_len`` sizes the Triton grid);
+    * ``first_chunk_attention(query, key, value, starts, scale) -> out | None`` (``starts``: host chunk
+      offsets): plain causal attention of chunks with nothing before them (no pages, no tail) on the fastest
+      kernel present; None where there is none (then ``prefill_attention`` serves those chunks too);
     """
 
     name: str
     attend: Callable
-    update_saliency: Callable
+    block_scores: Callable
     compress_slots: Callable
     compress_store: Callable
     prefill_attention: Callable
     first_chunk_attention: Callable | None = None
-    probe_scores: Callable | None = None
 
 
 def _prefill_torch(query, key, value, max_query_len, **meta):
@@ -86,7 +80,6 @@ def _first_chunk(query, key, value, starts: list[int], scale):
     """``first_chunk_attention`` on CUDA: :func:`causal_with_lse` per sequence (chunks ``starts[i] ..
     starts[i + 1]`` of the token-major ``query [num_tokens, num_heads, head_size]``)."""
     out = torch.empty_like(query)
-    lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32, device=query.device)
     for a, b in zip(starts[:-1], starts[1:], strict=True):
         if a == b:
             continue
@@ -94,22 +87,17 @@ def _first_chunk(query, key, value, starts: list[int], scale):
         if res is None:
             return None
         out[a:b] = res[0][0]
-        lse[a:b] = res[1][0].T
-    return out, lse
+    return out
 
 
 def _prefill_triton(query, key, value, max_query_len, **meta):
-    out, _lse, scores, tail_scores = kernel_module("prefill_attention").prefill_attention(
-        query, key, value, max_query_len=max_query_len, **meta)
-    return out, scores, tail_scores
+    return kernel_module("prefill_attention").prefill_attention(query, key, value, max_query_len=max_query_len,
+                                                                **meta)[0]
 
 
-def _attend_torch(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass) -> None:
-    o, own_, tail_ = paged.decode_with_probes(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key,
-                                              staging.value, rows.slots, rows.tail_lens_after, scale)
-    out.copy_(o)
-    own.copy_(own_)
-    tail_mass.copy_(tail_)
+def _attend_torch(query, key, kv_cache, layout, rows, staging, scale, out) -> None:
+    out.copy_(paged.decode_attention(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key,
+                                     staging.value, rows.slots, rows.tail_lens_after, scale))
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,7 +105,7 @@ def _v1_tiles(layout) -> tuple:
     return layout.attention_tiles(max_rows=128, split=True)
 
 
-def _attend_triton(query, key, kv_cache, layout, rows, staging, scale, out, own, tail_mass) -> None:
+def _attend_triton(query, key, kv_cache, layout, rows, staging, scale, out) -> None:
     num_rows, num_heads, _ = query.shape
     h = staging.key.shape[2]
     v2 = kernel_module("decode_v2")
@@ -127,16 +115,11 @@ def _attend_triton(query, key, kv_cache, layout, rows, staging, scale, out, own,
         splits = v2.choose_num_splits(num_rows, h, width, query.device)
         v2.launch_decode_v2(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key, staging.value,
                             rows.slots, rows.tail_lens_after, out, lse, scale, splits)
-    else:  # layouts v2 does not read (8-bit codes, head size 256, quotas off the 16-row grid): v1, lse merged here
+    else:  # layouts v2 does not read (8-bit codes, head size 256, quotas off the 16-row grid): v1
         v1 = kernel_module("decode_attention")
         splits = max(2, v1.choose_num_splits(num_rows, h, width, query.device))
-        part = v1.launch_decode(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key,
-                                staging.value, rows.slots, rows.tail_lens_after, out, scale, splits, _v1_tiles(layout))
-        lse = torch.logsumexp(part * LN2, dim=-1)
-    kernel_module("probe_scores").launch_probe(
-        query, lse, key, staging.key, rows.query_start_loc, rows.seq_lens, rows.slots, rows.tail_lens,
-        rows.probe_idx, rows.query_start_loc, 1, own, tail_mass, None, scale,
-    )
+        v1.launch_decode(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key, staging.value,
+                         rows.slots, rows.tail_lens_after, out, scale, splits, _v1_tiles(layout))
 
 
 @functools.lru_cache(maxsize=4)
@@ -148,18 +131,17 @@ def kernel_ops(kernels: str) -> KernelOps:
         return KernelOps(
             name="triton",
             attend=_attend_triton,
-            update_saliency=kernel_module("decode_saliency").update_decode_saliency,
+            block_scores=kernel_module("block_scores").block_probe_scores,
             compress_slots=kernel_module("compress_store").compress_slots,
             compress_store=kernel_module("compress_store").compress_store,
             prefill_attention=_prefill_triton,
             first_chunk_attention=_first_chunk,
-            probe_scores=kernel_module("probe_scores").probe_scores,
         )
     if kernels in ("torch", "numba"):
         return KernelOps(
             name="torch",
             attend=_attend_torch,
-            update_saliency=paged.update_decode_saliency,
+            block_scores=paged.block_probe_scores,
             compress_slots=paged.compress_slots,
             compress_store=paged.compress_store,
             prefill_attention=_prefill_torch,

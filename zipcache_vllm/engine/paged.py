@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..method.config import Normalizer, Selection
+from ..method.config import Normalizer, Saliency, Selection
 from ..method.quant import pack_bits, quantize_channelwise_mixed, quantize_cst_mixed, unpack_bits
-from ..method.saliency import select_salient
+from ..method.saliency import block_saliency, select_salient
 from .layout import PageLayout
 
 __all__ = [
@@ -39,8 +39,7 @@ __all__ = [
     "page_order",
     "dequantize_pages",
     "decode_attention",
-    "decode_with_probes",
-    "update_decode_saliency",
+    "block_probe_scores",
     "prefill_attention",
 ]
 
@@ -264,58 +263,41 @@ def decode_attention(
 
     ``query [num_seqs, num_heads, head_size]``; ``block_table [num_seqs, max_blocks]``; ``seq_lens``,
     ``tail_slots``, ``tail_lens [num_seqs]`` (the tail already holds the current token); sequence ``s`` has
-    ``(seq_lens[s] - tail_lens[s]) / block_size`` pages.
+    ``(seq_lens[s] - tail_lens[s]) / block_size`` pages. Twin of the decode kernels.
     """
-    return decode_with_probes(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
-                              tail_lens, scale)[0]
-
-
-def decode_with_probes(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    layout: PageLayout,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    tail_key: torch.Tensor,
-    tail_value: torch.Tensor,
-    tail_slots: torch.Tensor,
-    tail_lens: torch.Tensor,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`decode_attention` whose query is also the probe of its own token (the last tail row): returns
-    ``out [num_seqs, num_heads, head_size]`` fp32, ``own [num_seqs, num_kv_heads]`` (the mass the query gives
-    its own token, summed over the query heads of the GQA group) and ``tail_mass [num_seqs, block_size,
-    num_kv_heads]`` (the mass of each earlier tail row; 0 past them). Twin of the decode kernel followed by
-    ``kernels/probe_scores`` on the row's log-sum-exp."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    num_seqs, hq, d = query.shape
-    h, n = tail_key.shape[2], layout.block_size
+    n = layout.block_size
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-    own = torch.zeros(num_seqs, h, dtype=torch.float32, device=query.device)
-    tail_mass = torch.zeros(num_seqs, n, h, dtype=torch.float32, device=query.device)
-    for s in range(num_seqs):
+    for s in range(query.shape[0]):
         tl_ = int(tail_lens[s])
         num_pages = (int(seq_lens[s]) - tl_) // n
         k, v = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
-        o, probs = _attend(query[s : s + 1], k, v, None, scale)  # probs [hq, 1, L]
-        out[s] = o[0]
-        if tl_:  # the last tail row is the query's own token
-            col = probs[:, 0, num_pages * n :].view(h, hq // h, -1).sum(dim=1).T  # [tl_, h]
-            own[s] = col[-1]
-            tail_mass[s, : tl_ - 1] = col[:-1]
-    return out, own, tail_mass
+        out[s] = _attend(query[s : s + 1], k, v, None, scale)[0][0]
+    return out
 
 
-def update_decode_saliency(score_sum, score_count, slots, tail_lens, own, tail_mass) -> None:
-    """Twin of ``kernels/decode_saliency.update_decode_saliency``: for each decode row, tail tokens
-    ``j < t0 = tail_lens[r]`` of slot ``slots[r]`` gain ``tail_mass[r, j]`` and a count of one; row ``t0`` (the
-    new token) becomes ``own[r]`` with count 1; later rows are left as they are."""
-    for r in range(own.shape[0]):
-        slot, t0 = int(slots[r]), int(tail_lens[r])
-        score_sum[slot, :t0] += tail_mass[r, :t0]
-        score_count[slot, :t0] += 1.0
-        score_sum[slot, t0] = own[r]
-        score_count[slot, t0] = 1.0
+def block_probe_scores(
+    key: torch.Tensor,
+    probe_query: torch.Tensor,
+    offsets: torch.Tensor,
+    src: torch.Tensor,
+    out: torch.Tensor,
+    normalizer: Normalizer | str = Normalizer.PROBE_NNZ,
+    saliency: Saliency | str = Saliency.NORMALIZED,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Twin of ``kernels/block_scores.block_probe_scores``: the block rule's scores of complete blocks
+    (:func:`~zipcache_vllm.method.saliency.block_saliency`), from a fixed-size work list.
+
+    Entry ``e`` scores the block of ``key[src[e]] [block_size, num_kv_heads, head_size]`` by its probe queries
+    ``probe_query[src[e]] [num_probes, num_heads, head_size]`` at ``offsets[e] [num_probes]`` and writes
+    ``out[src[e]] [block_size, num_kv_heads]`` (fp32); entries with ``src[e] < 0`` do nothing. Returns ``out``.
+    """
+    keep = (src >= 0).nonzero().flatten()
+    if keep.numel():
+        rows = src[keep].long()
+        out[rows] = block_saliency(probe_query[rows], key[rows], offsets[keep], normalizer, saliency, scale)
+    return out
 
 
 def prefill_attention(
@@ -331,73 +313,40 @@ def prefill_attention(
     tail_value: torch.Tensor,
     tail_slots: torch.Tensor,
     tail_lens: torch.Tensor,
-    probe_idx: torch.Tensor | None = None,
-    probe_start_loc: torch.Tensor | None = None,
-    normalizer: Normalizer | str | None = Normalizer.CAUSAL_COUNT,
     scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A chunk of new queries over pages + tail + the chunk itself (causal), with probe saliency scores.
+) -> torch.Tensor:
+    """A chunk of new queries over pages + tail + the chunk itself (causal): ``out [num_tokens, num_heads,
+    head_size]`` fp32. Twin of ``kernels/prefill_attention``.
 
     Parameters
     ----------
     query : ``[num_tokens, num_heads, head_size]``; key, value : ``[num_tokens, num_kv_heads, head_size]``,
         the chunk's own tokens (post-RoPE). query_start_loc : ``[num_seqs + 1]`` int.
     seq_lens : ``[num_seqs]``: tokens of the sequence including this chunk.
-    tail_* : as :func:`decode_attention`; ``tail_lens[s]`` tokens precede the chunk.
-    probe_idx : int ``[num_probes]``, probe rows as offsets in their sequence's chunk (ascending per
-        sequence), sequence ``s`` owning ``probe_idx[probe_start_loc[s]:probe_start_loc[s + 1]]``. None: no
-        probes (scores are zero).
-    normalizer : ZC-8 divisor: ``causal_count`` (``seq_lens[s] - position``), ``probe_nnz`` (probes at or
-        after the key, at least 1) or None (accumulated, ZC-5).
-
-    Returns
-    -------
-    out : ``[num_tokens, num_heads, head_size]`` fp32.
-    scores : ``[num_tokens, num_kv_heads]`` fp32, the probe score of each chunk key (probability mass from
-        the probes' full softmax rows, summed over probes and the query heads of the GQA group, normalized).
-    tail_scores : ``[num_seqs, block_size, num_kv_heads]`` fp32, the same for the tail keys (0 past the tail).
+    tail_* : as :func:`decode_attention`; ``tail_lens[s]`` tokens precede the chunk; sequence ``s`` has
+        ``(seq_lens[s] - query_len - tail_lens[s]) / block_size`` pages, all visible.
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     n = layout.block_size
-    num_tokens, hq, d = query.shape
-    h = key.shape[1]
-    g = hq // h
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-    scores = torch.zeros(num_tokens, h, dtype=torch.float32, device=query.device)
-    tail_scores = torch.zeros(seq_lens.numel(), n, h, dtype=torch.float32, device=query.device)
-    norm = None if normalizer is None else Normalizer(normalizer)
     for s in range(seq_lens.numel()):
         q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
         ql, sl, tl_ = q1 - q0, int(seq_lens[s]), int(tail_lens[s])
+        if ql == 0:
+            continue
         ctx = sl - ql
         num_pages = (ctx - tl_) // n
         pk, pv = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
         k = torch.cat([pk, key[q0:q1].float()])
         v = torch.cat([pv, value[q0:q1].float()])
-        kpos = torch.arange(k.shape[0], device=query.device)  # pages first: their positions are < ctx - tl_
-        qpos = torch.arange(ctx, sl, device=query.device)
-        mask = kpos.view(1, -1) <= qpos.view(-1, 1)
-        # outputs by SDPA (no [Hq, Tq, L] probability tensor), as the reference cache's attention does; 4-D
-        # inputs take torch's fused CPU kernel (3-D ones its 6x slower math path); a chunk without a prefix is
-        # plain causal attention
+        # SDPA (no [Hq, Tq, L] probability tensor); 4-D inputs take torch's fused CPU kernel (3-D ones its 6x
+        # slower math path); a chunk without a prefix is plain causal attention
         qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (query[q0:q1].float(), k, v))
-        causal = dict(is_causal=True) if k.shape[0] == ql else dict(attn_mask=mask)
-        o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, **causal)
+        if k.shape[0] == ql:
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, is_causal=True)
+        else:
+            kpos = torch.arange(k.shape[0], device=query.device)  # pages and tail first: positions < ctx
+            mask = kpos.view(1, -1) <= torch.arange(ctx, sl, device=query.device).view(-1, 1)
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, attn_mask=mask)
         out[q0:q1] = o[0].transpose(0, 1)
-        if probe_idx is None or probe_start_loc is None:
-            continue
-        pr = probe_idx[int(probe_start_loc[s]) : int(probe_start_loc[s + 1])].long()
-        if pr.numel() == 0:
-            continue
-        # the probes' full softmax rows; bf16 keys (tail, then chunk) are the last tl_ + ql of k, at positions
-        # ctx - tl_ .. sl - 1
-        probs = _probs(query[q0:q1][pr], k, mask[pr], scale)  # [Hq, P, L]
-        col = probs[:, :, num_pages * n :].sum(dim=1).view(h, g, -1).sum(dim=1)  # [H, tl_ + ql]
-        pos = torch.arange(ctx - tl_, sl, device=query.device)
-        if norm is Normalizer.CAUSAL_COUNT:
-            col = col / (sl - pos).float()
-        elif norm is Normalizer.PROBE_NNZ:
-            col = col / ((ctx + pr).view(-1, 1) >= pos.view(1, -1)).sum(0).clamp(min=1).float()
-        tail_scores[s, :tl_] = col[:, :tl_].T
-        scores[q0:q1] = col[:, tl_:].T
-    return out, scores, tail_scores
+    return out

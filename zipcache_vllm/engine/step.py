@@ -4,20 +4,22 @@ For every sequence of a batch (lengths as in :mod:`zipcache_vllm.engine.block_ma
 
     |<-- compressed pages -->|<- t0 tail (bf16 staging) ->|<-- new tokens (query_len) -->|
 
-1. **attend**: every new query over the pages, the tail and the new tokens (causal), and collect probe saliency
-   (ZC-7/8): a prefill chunk (``query_len > 1``) uses the probe rows of the chunk (the recent and random shares
-   of ``ZipCacheConfig``, drawn by ``saliency.layer_probes`` as the transformers
-   reference cache does); a decode step uses its one query. Each bf16 token keeps a running ``score_sum``
-   (probability mass it received) and ``score_count`` (queries that could see it: ``causal_count``) or probes
-   at or after it (``probe_nnz``), as the reference cache does;
-2. **compress**: every block that became complete is quantized once into its page with the scores
-   ``score_sum / score_count`` (ZC-6/8; ``accumulated`` saliency: the sums), never re-quantized;
-3. **stage**: the remaining ``seq_len % block_size`` tokens (and their score state) go to the sequence's slot.
+1. **compress**: every block that becomes complete in this step is scored by the block rule (its own probe rows
+   at fixed positions, :mod:`zipcache_vllm.method.saliency`: their queries come from the staging slot or from
+   this step) and quantized once into its page, never re-quantized. This needs no attention, so it comes first:
+   a sequence of the same step that shares the block (a prefix-cache hit) reads the page;
+2. **attend**: a query at position ``p`` sees the blocks before its own through their pages and its own block
+   (``p // block_size``) in bf16, up to ``p``, whatever the chunk it came in: a chunk is attended as one
+   sequence per block it touches (the kernels' contract: pages, then tail, then the chunk, causal). So the
+   output of a token, and with it the next layer's K/V and every page, is a function of the token prefix alone,
+   not of the chunking, the batch or the load;
+3. **stage**: the remaining ``seq_len % block_size`` tokens and the queries of their probe rows go to the
+   sequence's slot.
 
-CPU: the plain-torch twins of :mod:`zipcache_vllm.engine.paged` for prefill chunks, the one-token rows batched by
+CPU: the chunks of a sequence in one masked SDPA over its dequantized pages, the one-token rows batched by
 :mod:`zipcache_vllm.engine.cpu_decode` (dequantized pages with ``kernels="torch"``, the codes read in place by
-:mod:`zipcache_vllm.engine.cpu_kernels` with ``kernels="numba"``); CUDA: the Triton kernels of ``zipcache_vllm.kernels``
-(same contracts). No vLLM import.
+:mod:`zipcache_vllm.engine.cpu_kernels` with ``kernels="numba"``); CUDA: the Triton kernels of
+``zipcache_vllm.kernels`` (same contracts). No vLLM import.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..method.config import Saliency, ZipCacheConfig
-from ..method.saliency import chunk_counts, layer_probes, random_scores
+from ..method.saliency import num_block_probes, random_scores
 from . import cpu_decode
 from .block_manager import StepPlan
-from .decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores
+from .decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores, probe_ranks
 from .layout import PageLayout
 from .ops import KernelOps, kernel_ops
 from .staging import Staging
@@ -62,6 +65,7 @@ def prepare_step(
     decode_batch: DecodeBatch | None = None,
     block_table_rows=None,
     device_block_table: torch.Tensor | None = None,
+    config: ZipCacheConfig | None = None,
 ) -> Step:
     """Build the :class:`Step` of a plan (``query_start_loc``, ``seq_lens`` on any device). With
     ``block_table``, also the :class:`DecodeIndex` of the batched torch path.
@@ -69,7 +73,7 @@ def prepare_step(
     With ``decode_batch`` (and the host ``block_table_rows`` and ``device_block_table``), the leading one-token
     rows (vLLM puts decodes first) go to the engine's decode step: their metadata is written into the batch's
     persistent buffers. A batch of decodes only keeps vLLM's padding rows (query length 0) as dummy rows, so
-    that a captured graph of that size replays it."""
+    that a captured graph of that size replays it (``config`` places their probe rows)."""
     qsl = [int(x) for x in query_start_loc.tolist()]
     sl = [int(x) for x in seq_lens.tolist()]
     num_seqs = plan.num_seqs
@@ -89,7 +93,7 @@ def prepare_step(
             lead += 1
         step.others = [s for s in range(lead, num_seqs) if qlens[s] > 0]
         padded = lead if step.others else num_seqs
-        decode_batch.fill(*decode_rows_of_plan(plan, range(lead), sl, block_table_rows), num_rows=padded)
+        decode_batch.fill(**decode_rows_of_plan(plan, range(lead), sl, block_table_rows, config), num_rows=padded)
         step.decode_rows = decode_batch.rows(device_block_table, padded)
         step.num_decode_rows = lead
     if step.decode_rows is None or step.others:  # metadata of the rows attended as chunks
@@ -103,24 +107,98 @@ def prepare_step(
     return step
 
 
-def probe_rows(
-    step: Step, config: ZipCacheConfig, layer_idx: int, seqs: list[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``probe_idx`` (offsets in each sequence's chunk, ascending) and ``probe_start_loc [len(seqs) + 1]``
-    for the sequences ``seqs`` (default: all)."""
-    parts, starts = [], [0]
-    for s in range(len(step.query_lens)) if seqs is None else seqs:
+@dataclass
+class ChunkPlan:
+    """Layer-independent work of the rows a step does not hand to the engine's decode step (built once per
+    step, :func:`chunk_plan`). Token indices are into the step's ``query`` rows; ``flat`` staging indices are
+    ``slot * block_size + row`` (K/V) and ``slot * num_probes + rank`` (probe queries)."""
+
+    vseqs: list[tuple[int, int, int, int]]  # attention: (seq, first position, end position, bf16 tail rows)
+    seqs: list[int]  # the chunk sequences attended here (the rest are one-token rows of the CPU decode)
+    num_blocks: int  # blocks completed in this step
+    kv_stage_src: torch.Tensor  # compress: staged rows of those blocks ...
+    kv_stage_dst: torch.Tensor  # ... and their rows in the [num_blocks * block_size] gather
+    kv_new_tok: torch.Tensor  # tokens of this step in those blocks ...
+    kv_new_dst: torch.Tensor
+    pq_stage_src: torch.Tensor  # probe queries staged earlier ...
+    pq_stage_dst: torch.Tensor  # ... and their rows in the [num_blocks * num_probes] gather
+    pq_new_tok: torch.Tensor
+    pq_new_dst: torch.Tensor
+    offsets: torch.Tensor  # int32 [num_blocks, num_probes]
+    last_tok: torch.Tensor  # int64 [num_blocks]: the token holding each block's last position (its page id)
+    put_kv_tok: torch.Tensor  # stage: tokens of the new tails ...
+    put_kv_flat: torch.Tensor  # ... and where they go
+    put_pq_tok: torch.Tensor  # queries of the new tails' probe rows ...
+    put_pq_flat: torch.Tensor
+
+
+def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows: bool, device) -> ChunkPlan:
+    """The :class:`ChunkPlan` of ``step`` (cached on it: the same for every layer). ``engine_rows``: leading
+    rows done by the engine's decode step; ``kernel_rows``: one-token rows are attended as chunks too (else
+    by the CPU decode)."""
+    cached = step.__dict__.get("_chunk_plan")
+    if cached is not None:
+        return cached
+    n, plan = step.plan.block_size, step.plan
+    p = num_block_probes(config, n)
+    vseqs, seqs = [], []
+    kv = ([], [], [], [])  # stage_src, stage_dst, new_tok, new_dst
+    pq = ([], [], [], [])
+    offsets, last_tok, put_kv, put_kv_flat, put_pq, put_pq_flat = [], [], [], [], [], []
+    for s in range(plan.num_seqs):
         ql = step.query_lens[s]
-        if ql == 1:
-            idx = torch.zeros(1, dtype=torch.long)
-        elif ql == 0:
-            idx = torch.zeros(0, dtype=torch.long)
-        else:
-            # compat mode draws with replacement; a row counts once per chunk here
-            idx = torch.unique(layer_probes(config, ql, layer_idx))
-        parts.append(idx)
-        starts.append(starts[-1] + idx.numel())
-    return torch.cat(parts).int(), torch.tensor(starts, dtype=torch.int32)
+        if ql == 0 or s < engine_rows:
+            continue
+        q0, ctx, t0, slot = step.query_start[s], step.context_lens[s], plan.tail_lens[s], plan.tail_slots[s]
+        sl = ctx + ql
+        if ql > 1 or kernel_rows:
+            seqs.append(s)
+            a = ctx
+            while a < sl:  # one attention sequence per block the chunk touches
+                b = min(sl, (a // n + 1) * n)
+                vseqs.append((s, a, b, t0 if a == ctx else 0))
+                a = b
+        for bi in range((ctx - t0) // n, sl // n):  # blocks completed in this step
+            base = len(last_tok)
+            for x in range(bi * n, bi * n + n):
+                if x < ctx:
+                    kv[0].append(slot * n + x - bi * n)
+                    kv[1].append(base * n + x - bi * n)
+                else:
+                    kv[2].append(q0 + x - ctx)
+                    kv[3].append(base * n + x - bi * n)
+            offs, _ = probe_ranks(config, n, bi)
+            for rank, o in enumerate(offs):
+                if bi * n + o < ctx:
+                    pq[0].append(slot * p + rank)
+                    pq[1].append(base * p + rank)
+                else:
+                    pq[2].append(q0 + bi * n + o - ctx)
+                    pq[3].append(base * p + rank)
+            offsets.append(offs)
+            last_tok.append(q0 + bi * n + n - 1 - ctx)
+        if plan.new_tail_lens[s]:  # the new tail: its tokens from this step, and their probe rows
+            bt = sl // n
+            _, rank = probe_ranks(config, n, bt)
+            for x in range(max(ctx, bt * n), sl):
+                put_kv.append(q0 + x - ctx)
+                put_kv_flat.append(slot * n + x - bt * n)
+                r = rank.get(x - bt * n)
+                if r is not None:
+                    put_pq.append(q0 + x - ctx)
+                    put_pq_flat.append(slot * p + r)
+    dev = device
+    long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+    cp = ChunkPlan(
+        vseqs=vseqs, seqs=seqs, num_blocks=len(last_tok),
+        kv_stage_src=long(kv[0]), kv_stage_dst=long(kv[1]), kv_new_tok=long(kv[2]), kv_new_dst=long(kv[3]),
+        pq_stage_src=long(pq[0]), pq_stage_dst=long(pq[1]), pq_new_tok=long(pq[2]), pq_new_dst=long(pq[3]),
+        offsets=torch.tensor(offsets, dtype=torch.int32, device=dev).view(len(last_tok), p),
+        last_tok=long(last_tok), put_kv_tok=long(put_kv), put_kv_flat=long(put_kv_flat), put_pq_tok=long(put_pq),
+        put_pq_flat=long(put_pq_flat),
+    )  # fmt: skip
+    step.__dict__["_chunk_plan"] = cp
+    return cp
 
 
 def zipcache_attention(
@@ -154,13 +232,13 @@ def zipcache_attention(
         block_size + offset`` of each new token (the page of a completed block is read from it).
     staging : this layer's :class:`Staging`; step : :func:`prepare_step` of this step's
         :meth:`BlockManager.plan`, shared by all layers.
-    layout, config : the page layout and the ZipCache settings (block granularity).
-    layer_idx : seeds the probe draw (as the reference cache). scale : softmax scale (default ``D ** -0.5``).
+    layout, config : the page layout and the ZipCache settings (block granularity, the block probe rule).
+    layer_idx : unused by the block rule (its probes are the same in every layer). scale : softmax scale
+        (default ``D ** -0.5``).
     out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch``, ``numba`` or ``triton``
-        (or a :class:`~zipcache_vllm.engine.ops.KernelOps`). On CUDA a chunk with nothing before it (a prompt's
-        first chunk) is attended by cuDNN's causal attention with its log-sum-exp (``ops.causal_with_lse``), its
-        probe scores by
-        ``kernels/probe_scores``; later chunks by ``kernels/prefill_attention`` over pages + tail + chunk.
+        (or a :class:`~zipcache_vllm.engine.ops.KernelOps`). On CUDA the first block of a prompt (nothing
+        before it) is attended by cuDNN's causal attention (``ops.first_chunk_attention``), the other blocks
+        of a chunk by ``kernels/prefill_attention`` over pages + tail + the block's tokens.
 
     Returns
     -------
@@ -172,175 +250,148 @@ def zipcache_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if out is None:
         out = torch.empty_like(query)
+    engine_rows = 0
     if step.decode_rows is not None:  # the leading one-token rows: the engine's decode step (graph-capturable)
         random = fixed_scores(config, layout.block_size, key.shape[1], query.device)
-        decode_step(query, key, value, kv_cache, staging, step.decode_rows, layout, ops,
-                    config.saliency, scale, out, random)
+        decode_step(query, key, value, kv_cache, staging, step.decode_rows, layout, ops, config, scale, out, random)
         if not step.others:
             return out
+        engine_rows = step.num_decode_rows
     # new tokens are bf16 from the start, as the reference cache's window (identity for bf16 models)
-    q, k, v = query[:num_tokens], key[:num_tokens].to(staging.key.dtype), value[:num_tokens].to(staging.value.dtype)
-    # the torch path batches one-token rows separately; the kernels take every sequence as a chunk
-    if step.decode_rows is not None or (not is_kernel and step.others is not None):
-        seqs = step.others
-    else:
-        seqs = list(range(step.plan.num_seqs))
-    h, n = key.shape[1], layout.block_size
-    sums = torch.zeros(num_tokens, h, dtype=torch.float32, device=query.device)
-    tail_sums = torch.zeros(step.plan.num_seqs, n, h, dtype=torch.float32, device=query.device)
-    probes = {}
-    first = []  # chunks with nothing before them: plain causal attention on the fastest kernel + probe scores
-    if seqs and ops.first_chunk_attention is not None:
-        first = [s for s in seqs if step.context_lens[s] == 0]
-    later = [s for s in seqs if step.context_lens[s] != 0] if first else seqs
-    for group in (first, later):
-        if not group:
-            continue
-        probe_idx, probe_start = probe_rows(step, config, layer_idx, group)
-        probes.update({s: probe_idx[probe_start[i] : probe_start[i + 1]] for i, s in enumerate(group)})
-        sub = _subset(step, group, block_table, seq_lens, query_start_loc, query.device)
-        tok = sub["tokens"]
-        qs, ks, vs = (q, k, v) if tok is None else (q[tok], k[tok], v[tok])
-        probe_idx, probe_start = probe_idx.to(query.device), probe_start.to(query.device)
-        flash = None
-        if group is first:
-            flash = ops.first_chunk_attention(qs, ks, vs, sub["starts"], scale)
-        if flash is not None:
-            o, lse = flash
-            sc, tsc = ops.probe_scores(qs, lse, ks, staging.key, sub["query_start_loc"], sub["seq_lens"],
-                                       sub["tail_slots"], sub["tail_lens"], probe_idx, probe_start,
-                                       sub["max_query_len"], normalizer=None, scale=scale)
+    dt = staging.key.dtype
+    q, k, v = query[:num_tokens], key[:num_tokens].to(dt), value[:num_tokens].to(dt)
+    cp = chunk_plan(step, config, engine_rows, is_kernel or step.decode is None, query.device)
+    if cp.num_blocks:
+        _compress(q, k, v, kv_cache, slot_mapping, staging, cp, layout, config, ops, scale)
+    if cp.seqs:
+        if is_kernel:
+            _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp, layout, ops, scale, out)
         else:
-            o, sc, tsc = ops.prefill_attention(
-                qs, ks, vs, sub["max_query_len"], kv_cache=kv_cache, layout=layout, block_table=sub["block_table"],
-                query_start_loc=sub["query_start_loc"], seq_lens=sub["seq_lens"], tail_key=staging.key,
-                tail_value=staging.value, tail_slots=sub["tail_slots"], tail_lens=sub["tail_lens"],
-                probe_idx=probe_idx, probe_start_loc=probe_start,
-                normalizer=None,  # raw probability sums; counts are kept here, across steps
-                scale=scale,
-            )
-        if tok is None:
-            out[:num_tokens], sums, tail_sums = o.to(out.dtype), sc, tsc
-        else:
-            out[tok], sums[tok], tail_sums[sub["seqs"]] = o.to(out.dtype), sc, tsc
-    dec_tail = None
+            _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out)
     if not is_kernel and step.decode is not None:
         decode = cpu_decode.decode_attend_codes if kernels == "numba" else cpu_decode.decode_attend
-        dec_tail = decode(q, k, kv_cache, staging, step.decode, layout, scale, out, sums, v)
-        d = step.decode
-        if d.other_tail.numel():  # rows whose block completes read their tail scores in _store
-            j = d.other_tail
-            tail_sums[d.tail_seq[j], d.tail_row[j]] = dec_tail[j]
-    _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, step, probes, layout, config,
-           ops.compress_store, vectorized=not is_kernel)
+        decode(q, k, v, kv_cache, staging, step.decode, layout, scale, out)
+    # stage the new tails last: attention read the old ones
+    h, d = k.shape[1], k.shape[2]
+    if cp.put_kv_tok.numel():
+        staging.key.view(-1, h, d).index_copy_(0, cp.put_kv_flat, k.index_select(0, cp.put_kv_tok))
+        staging.value.view(-1, h, d).index_copy_(0, cp.put_kv_flat, v.index_select(0, cp.put_kv_tok))
+    if cp.put_pq_tok.numel():
+        staging.probe_query.view(-1, q.shape[1], d).index_copy_(0, cp.put_pq_flat,
+                                                                q.index_select(0, cp.put_pq_tok).to(dt))
     return out
 
 
-def _subset(step: Step, seqs: list[int], block_table, seq_lens, query_start_loc, device) -> dict:
-    """Metadata of a sub-batch of sequences (cached on the step: it is the same for every layer)."""
-    cache = step.__dict__.setdefault("_subsets", {})
-    key = tuple(seqs)
+def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, config, ops, scale) -> None:
+    """Score (block rule) and compress the blocks completed in this step: their tokens and probe queries come
+    from the staging slot (earlier steps) and from this step."""
+    n, b = layout.block_size, cp.num_blocks
+    h, d, hq = k.shape[1], k.shape[2], q.shape[1]
+    p = cp.offsets.shape[1]
+    dt = staging.key.dtype
+    bk = torch.empty(b * n, h, d, dtype=dt, device=k.device)
+    bv = torch.empty_like(bk)
+    for dst, src, flat in ((bk, k, staging.key), (bv, v, staging.value)):
+        if cp.kv_stage_src.numel():
+            dst.index_copy_(0, cp.kv_stage_dst, flat.view(-1, h, d).index_select(0, cp.kv_stage_src))
+        dst.index_copy_(0, cp.kv_new_dst, src.index_select(0, cp.kv_new_tok))
+    if config.saliency is Saliency.RANDOM:  # ablation, drawn as ZipCacheCompressor does for each segment
+        scores = random_scores(config, 1, h, n)[0].T.repeat(b, 1).to(k.device)  # [b * n, h]
+    else:
+        pq = torch.empty(b * p, hq, d, dtype=dt, device=q.device)
+        if cp.pq_stage_src.numel():
+            pq.index_copy_(0, cp.pq_stage_dst, staging.probe_query.view(-1, hq, d).index_select(0, cp.pq_stage_src))
+        pq.index_copy_(0, cp.pq_new_dst, q.index_select(0, cp.pq_new_tok).to(dt))
+        scores = torch.empty(b, n, h, dtype=torch.float32, device=k.device)
+        src = torch.arange(b, device=k.device)
+        ops.block_scores(bk.view(b, n, h, d), pq.view(b, p, hq, d), cp.offsets, src, scores, config.normalizer,
+                         config.saliency, scale)
+        scores = scores.view(b * n, h)
+    block_ids = torch.div(slot_mapping[cp.last_tok], n, rounding_mode="floor")
+    ops.compress_store(bk, bv, scores, block_ids, kv_cache, layout)
+
+
+def _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, ops, scale, out) -> None:
+    """Kernel path: the chunks as one sequence per block (pages before it, its bf16 tail and tokens)."""
+    first, later = [], []
+    for i, (_s, a, _b, _t) in enumerate(cp.vseqs):
+        (first if a == 0 and ops.first_chunk_attention is not None else later).append(i)
+    for group in (first, later):
+        if not group:
+            continue
+        sub = _vsubset(step, cp, group, block_table, q.device)
+        tok = sub["tokens"]
+        qs, ks, vs = q[tok], k[tok], v[tok]
+        o = ops.first_chunk_attention(qs, ks, vs, sub["starts"], scale) if group is first else None
+        if o is None:
+            o = ops.prefill_attention(
+                qs, ks, vs, sub["max_query_len"], kv_cache=kv_cache, layout=layout, block_table=sub["block_table"],
+                query_start_loc=sub["query_start_loc"], seq_lens=sub["seq_lens"], tail_key=staging.key,
+                tail_value=staging.value, tail_slots=sub["tail_slots"], tail_lens=sub["tail_lens"], scale=scale,
+            )
+        out[tok] = o.to(out.dtype)
+
+
+def _vsubset(step: Step, cp: ChunkPlan, group: list[int], block_table, device) -> dict:
+    """Metadata of the attention sequences ``cp.vseqs[group]`` (cached on the step: the same for every layer)."""
+    cache = step.__dict__.setdefault("_vsubsets", {})
+    key = tuple(group)
     if key in cache:
         return cache[key]
-    everything = len(seqs) == step.plan.num_seqs
-    idx = torch.tensor(seqs, dtype=torch.long, device=device)
-    qlens = [step.query_lens[s] for s in seqs]
-    starts = [0]
-    for ql in qlens:
-        starts.append(starts[-1] + ql)
-    tokens = None
-    if not everything:
-        tokens = torch.cat(
-            [torch.arange(step.query_start[s], step.query_start[s] + step.query_lens[s]) for s in seqs]
-        ).to(device)
+    plan = step.plan
+    tokens, starts, seq_lens, tail_lens, tail_slots, rows = [], [0], [], [], [], []
+    for i in group:
+        s, a, b, tl_ = cp.vseqs[i]
+        t = step.query_start[s] + a - step.context_lens[s]
+        tokens.extend(range(t, t + b - a))
+        starts.append(starts[-1] + b - a)
+        seq_lens.append(b)
+        tail_lens.append(tl_)
+        tail_slots.append(plan.tail_slots[s] if tl_ else 0)
+        rows.append(s)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     sub = {
-        "seqs": idx,
-        "tokens": tokens,
-        "block_table": block_table if everything else block_table[idx],
-        "query_start_loc": query_start_loc if everything else torch.tensor(starts, dtype=torch.int32, device=device),
-        "seq_lens": seq_lens if everything else seq_lens[idx],
-        "tail_slots": step.tail_slots if everything else step.tail_slots[idx],
-        "tail_lens": step.tail_lens if everything else step.tail_lens[idx],
-        "max_query_len": max(qlens, default=0),
+        "tokens": torch.tensor(tokens, dtype=torch.long, device=device),
+        "block_table": block_table.index_select(0, torch.tensor(rows, dtype=torch.long, device=device)),
+        "query_start_loc": i32(starts),
+        "seq_lens": i32(seq_lens),
+        "tail_slots": i32(tail_slots),
+        "tail_lens": i32(tail_lens),
+        "max_query_len": max(b - a for _, a, b, _ in (cp.vseqs[i] for i in group)),
         "starts": starts,  # host copy of query_start_loc
     }
     cache[key] = sub
     return sub
 
 
-def _store(k, v, sums, tail_sums, dec_tail, kv_cache, slot_mapping, staging, step, probes, layout, config,
-           compress, vectorized):
-    """Compress the blocks completed in this step, then stage the new tails (reads before writes: a slot may
-    carry a completed block's tail and, after it, the new tail of the same sequence)."""
-    n = layout.block_size
-    plan = step.plan
-    d = step.decode if vectorized else None
-    skip = d.simple_seqs if d is not None else frozenset()
-    done = range(step.num_decode_rows) if step.decode_rows is not None else range(0)  # stored by decode_step
-    blk_k, blk_v, blk_s, blk_ids = [], [], [], []
-    writes = []
-    one = torch.zeros(1, dtype=torch.int32)
-    for s in range(plan.num_seqs):
-        ql = step.query_lens[s]
-        if ql == 0 or s in skip or s in done:
-            continue
-        q0, ctx = step.query_start[s], step.context_lens[s]
-        t0, t1, slot = plan.tail_lens[s], plan.new_tail_lens[s], plan.tail_slots[s]
-        count = chunk_counts(config.normalizer, ctx, ql, t0, probes.get(s, one)).to(k.device)
-        ssum = tail_sums[s, :t0] if t0 else None
+def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, scale, out) -> None:
+    """CPU path: each chunk in one masked SDPA over its dequantized pages, its bf16 tail and its tokens; query
+    ``p`` sees page rows of the blocks before its own and bf16 rows of its own block up to ``p`` (the same
+    semantics as :func:`_attend_blocks`)."""
+    n, plan = layout.block_size, step.plan
+    for s in cp.seqs:
+        q0, ql, ctx = step.query_start[s], step.query_lens[s], step.context_lens[s]
+        t0, sl = plan.tail_lens[s], ctx + ql
+        num_pages = (sl - 1) // n  # every block before the last query's, compressed by now
+        parts_k, parts_v = [], []
+        if num_pages:
+            pk, pv = cpu_decode.dequantize_pages_cpu(kv_cache, block_table[s, :num_pages].long(), layout)
+            parts_k.append(pk.reshape(-1, *pk.shape[2:]))
+            parts_v.append(pv.reshape(-1, *pv.shape[2:]))
         if t0:
-            ssum = staging.score_sum[slot, :t0] + ssum
-            count[:t0] += staging.score_count[slot, :t0]
-        total = t0 + ql
-        nc = total // n
-        if nc:
-            pk, pv, ps = k[q0 : q0 + nc * n - t0], v[q0 : q0 + nc * n - t0], sums[q0 : q0 + nc * n - t0]
-            if t0:
-                pk = torch.cat([staging.key[slot, :t0], pk.to(staging.key.dtype)])
-                pv = torch.cat([staging.value[slot, :t0], pv.to(staging.value.dtype)])
-                ps = torch.cat([ssum, ps])
-            cnt = count[: nc * n]
-            scores = ps if config.saliency is Saliency.ACCUMULATED else ps / cnt.clamp(min=1.0).unsqueeze(-1)
-            blk_k.append(pk.to(staging.key.dtype))
-            blk_v.append(pv.to(staging.value.dtype))
-            blk_s.append(scores)
-            last_tok = q0 + torch.arange(1, nc + 1, device=slot_mapping.device) * n - t0 - 1
-            blk_ids.append(torch.div(slot_mapping[last_tok], n, rounding_mode="floor"))
-        if t1:
-            writes.append((q0, ql, t0, t1, slot, nc, ssum, count))
-    if blk_ids:
-        scores = torch.cat(blk_s)
-        if config.saliency is Saliency.RANDOM:  # ablation, drawn as ZipCacheCompressor does for each segment
-            draw = random_scores(config, 1, scores.shape[1], n)[0].T  # [n, h], the same for every block
-            scores = draw.repeat(scores.shape[0] // n, 1).to(scores.device)
-        compress(torch.cat(blk_k), torch.cat(blk_v), scores, torch.cat(blk_ids), kv_cache, layout)
-    for q0, ql, t0, t1, slot, nc, ssum, count in writes:
-        if nc == 0:
-            # the tail grows: old rows keep their place (scores updated), new rows follow
-            if t0:
-                staging.score_sum[slot, :t0] = ssum
-                staging.score_count[slot, :t0] = count[:t0]
-            staging.key[slot, t0:t1] = k[q0 : q0 + ql].to(staging.key.dtype)
-            staging.value[slot, t0:t1] = v[q0 : q0 + ql].to(staging.value.dtype)
-            staging.score_sum[slot, t0:t1] = sums[q0 : q0 + ql]
-            staging.score_count[slot, t0:t1] = count[t0:]
+            parts_k.append(staging.key[plan.tail_slots[s], :t0].float())
+            parts_v.append(staging.value[plan.tail_slots[s], :t0].float())
+        parts_k.append(k[q0 : q0 + ql].float())
+        parts_v.append(v[q0 : q0 + ql].float())
+        kk, vv = torch.cat(parts_k), torch.cat(parts_v)
+        qpos = torch.arange(ctx, sl)
+        qblk = torch.div(qpos, n, rounding_mode="floor").view(-1, 1)
+        page_blk = torch.arange(num_pages).repeat_interleave(n).view(1, -1)
+        xpos = torch.arange(ctx - t0, sl).view(1, -1)
+        mask = torch.cat([page_blk < qblk, (xpos >= qblk * n) & (xpos <= qpos.view(-1, 1))], dim=1)
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q[q0 : q0 + ql].float(), kk, vv))
+        if not num_pages and not t0:
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, is_causal=True)
         else:
-            # a fresh tail: the last t1 new tokens
-            a = q0 + ql - t1
-            staging.key[slot, :t1] = k[a : q0 + ql].to(staging.key.dtype)
-            staging.value[slot, :t1] = v[a : q0 + ql].to(staging.value.dtype)
-            staging.score_sum[slot, :t1] = sums[a : q0 + ql]
-            staging.score_count[slot, :t1] = count[t0 + ql - t1 :]
-    if skip:
-        # one-token rows whose block stays incomplete: append the token, add this query's mass to the tail
-        h, dim = k.shape[1], k.shape[2]
-        tok, flat = d.tokens.index_select(0, d.simple), d.new_flat
-        staging.key.view(-1, h, dim).index_copy_(0, flat, k.index_select(0, tok).to(staging.key.dtype))
-        staging.value.view(-1, h, dim).index_copy_(0, flat, v.index_select(0, tok).to(staging.value.dtype))
-        staging.score_sum.view(-1, h).index_copy_(0, flat, sums.index_select(0, tok))
-        staging.score_count.view(-1).index_fill_(0, flat, 1.0)
-        j = d.simple_tail
-        if j.numel():
-            tflat = d.tail_flat.index_select(0, j)
-            staging.score_sum.view(-1, h).index_add_(0, tflat, dec_tail.index_select(0, j))
-            staging.score_count.view(-1).index_add_(0, tflat, torch.ones(j.numel()))
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, attn_mask=mask)
+        out[q0 : q0 + ql] = o[0].transpose(0, 1).to(out.dtype)

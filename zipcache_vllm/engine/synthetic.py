@@ -1,7 +1,7 @@
 """Synthetic contexts: a prompt's cache as the engine leaves it after prefill, written without attending.
 
 Complete blocks get pages compressed from random K/V (a pool of template pages per layer, copied), the last
-``context_len % block_size`` tokens a random bf16 tail in a staging slot with running saliency, and the
+``context_len % block_size`` tokens a random bf16 tail in a staging slot with random probe queries, and the
 staging plan learns the slot exactly as a prefill step would have told it. For GPU tests and benchmarks that
 start from long contexts without paying for their prefill (the decode step reads pages the same way whatever
 their content). Not a serving path.
@@ -50,8 +50,7 @@ def admit(block_manager: BlockManager, block_table_row: list[int], context_len: 
     if t:
         h, d = stagings[0].key.shape[2], stagings[0].key.shape[3]
         kv_tail = torch.randn(2, t, h, d, generator=gen, device=dev)
-        sums = torch.rand(t, h, generator=gen, device=dev)
-        counts = torch.arange(t, 0, -1, device=dev, dtype=torch.float32)  # causal counts
+        probes = torch.randn(stagings[0].probe_query.shape[1:], generator=gen, device=dev)
     for kv, st, tpl in zip(kv_caches, stagings, templates, strict=True):
         if nb:
             if kv.shape[2] == tpl.shape[2] and kv.is_contiguous():
@@ -61,6 +60,5 @@ def admit(block_manager: BlockManager, block_table_row: list[int], context_len: 
         if t:
             st.key[slot, :t] = kv_tail[0]
             st.value[slot, :t] = kv_tail[1]
-            st.score_sum[slot, :t] = sums
-            st.score_count[slot, :t] = counts
+            st.probe_query[slot] = probes
     return slot

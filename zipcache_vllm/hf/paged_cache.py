@@ -6,8 +6,9 @@ the plain-torch twins of :mod:`zipcache_vllm.engine.paged` on CPU). Per layer::
 
     pages   uint8 [num_blocks, num_kv_heads, page_bytes]      every complete block of block_size tokens,
                                                                compressed once (per-block salient quota)
-    tail    bf16  [batch, block_size, num_kv_heads, head_size] the tokens of the incomplete last block,
-            + fp32 running saliency (score_sum [batch, block_size, num_kv_heads], score_count [batch, block_size])
+    tail    bf16  [batch + 1, block_size, num_kv_heads, head_size] the tokens of the incomplete last block
+            + bf16 probe_query [batch + 1, num_probes, num_heads, head_size], the queries of its probe rows
+            (slot ``batch``: the dummy slot of the decode step)
 
 Row ``r`` of the batch owns pages ``j * batch + r`` (block ``j``), listed in ``block_table [batch, capacity]``;
 the table is shared by all layers (they complete blocks at the same steps). Capacity grows by doubling, or is
@@ -16,8 +17,9 @@ allocated once with ``reserve_len``.
 The ``zipcache_paged`` attention function hands the post-RoPE queries to :meth:`PagedLayer.attend`; the steps
 (prompt, decode, later chunks) are in :mod:`zipcache_vllm.hf.paged_attention`, this module holds the storage.
 
-Semantics are those of ``hf_cache.ZipCache(ZipCacheConfig.load("paged", ...))``: same probes, saliency,
-per-block quota and quantizers; attention differs only by rounding (kernels use fp16/bf16 tensor-core
+Semantics are those of ``hf_cache.ZipCache(ZipCacheConfig.load("paged", ...))`` and of the vLLM backend: the
+block probe rule, per-block quota and quantizers, a query seeing the blocks before its own compressed and its
+own block in bf16; attention differs only by rounding (kernels use fp16/bf16 tensor-core
 operands; the page stores fp16 parameters, which the reference also rounds to). Batches must be unpadded
 (equal lengths). Load the model with ``attn_implementation="zipcache_paged"`` or call :func:`enable`.
 
@@ -37,11 +39,11 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..engine.decode import DecodeBatch
+from ..engine.decode import DecodeBatch, probe_ranks
 from ..engine.layout import PageLayout
 from ..engine.ops import kernel_ops
-from ..method.config import Granularity, KeyScheme, Saliency, Selection, ZipCacheConfig
-from ..method.saliency import random_scores
+from ..method.config import Granularity, KeyScheme, Selection, ZipCacheConfig
+from ..method.saliency import num_block_probes, random_scores
 from . import base as hf_base
 from .paged_attention import PagedAttention
 
@@ -61,7 +63,7 @@ def _check_config(cfg: ZipCacheConfig) -> None:
 
 
 class PagedLayer(PagedAttention, CacheLayerMixin):
-    """One layer: pages, bf16 tail and its running saliency (module docstring)."""
+    """One layer: pages, bf16 tail and the queries of its probe rows (module docstring)."""
 
     is_sliding = False
     is_compileable = False
@@ -71,9 +73,8 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         self.cache = cache
         self.layer_idx = layer_idx
         self.pages = None  # uint8 [capacity * batch, num_kv_heads, page_bytes]
-        self.tail_key = self.tail_value = None  # bf16 [batch, block_size, num_kv_heads, head_size]
-        self.score_sum = None  # fp32 [batch, block_size, num_kv_heads]: attention mass received (tail)
-        self.score_count = None  # fp32 [batch, block_size]: queries (probes) that contributed to it
+        self.tail_key = self.tail_value = None  # bf16 [batch + 1, block_size, num_kv_heads, head_size]
+        self.probe_query = None  # bf16 [batch + 1, num_probes, num_heads, head_size] (allocated by attend)
         self.num_pages = 0  # complete blocks per batch row
         self.tail_len = 0
         self.length = 0  # tokens, including those of an update not yet attended
@@ -86,10 +87,8 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         c = self.cache
         c._setup(b, h, d, key_states.device)
         n = c.layout.block_size
-        self.tail_key = torch.zeros(b, n, h, d, dtype=STORE_DTYPE, device=self.device)
+        self.tail_key = torch.zeros(b + 1, n, h, d, dtype=STORE_DTYPE, device=self.device)
         self.tail_value = torch.zeros_like(self.tail_key)
-        self.score_sum = torch.zeros(b, n, h, dtype=torch.float32, device=self.device)
-        self.score_count = torch.zeros(b, n, dtype=torch.float32, device=self.device)
         self.pages = torch.zeros(c.capacity * b, h, c.layout.page_bytes, dtype=torch.uint8, device=self.device)
         self.is_initialized = True
 
@@ -120,53 +119,11 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         raise NotImplementedError("PagedZipCache does not support beam search")
 
     # -- storing -----------------------------------------------------------------------------------------
-    def _absorb(self, k, v, sums, counts) -> None:
-        """Append new tokens ``k, v [b, h, n, d]`` (bf16) with their saliency state to the tail; compress every
-        block that completes."""
-        n_blk = self.cache.layout.block_size
-        b, _, n, _ = k.shape
-        counts = counts.expand(b, n) if counts.dim() == 1 else counts
-        t0 = self.tail_len
-        total = t0 + n
-        kn, vn = k.transpose(1, 2), v.transpose(1, 2)  # [b, n, h, d]
-        nc = total // n_blk
-        if nc == 0:
-            self.tail_key[:, t0:total] = kn
-            self.tail_value[:, t0:total] = vn
-            self.score_sum[:, t0:total] = sums
-            self.score_count[:, t0:total] = counts
-            self.tail_len = total
-            return
-        if t0:
-            kn = torch.cat([self.tail_key[:, :t0], kn], 1)
-            vn = torch.cat([self.tail_value[:, :t0], vn], 1)
-            sums = torch.cat([self.score_sum[:, :t0], sums], 1)
-            counts = torch.cat([self.score_count[:, :t0], counts], 1)
-        m = nc * n_blk
-        self._compress(kn[:, :m], vn[:, :m], sums[:, :m], counts[:, :m], nc)
-        rest = total - m
-        sums, counts = sums[:, m:].clone(), counts[:, m:].clone()  # they may be views of score_sum / score_count
-        if rest:  # rows past the tail are never read before they are written
-            self.tail_key[:, :rest] = kn[:, m:]
-            self.tail_value[:, :rest] = vn[:, m:]
-            self.score_sum[:, :rest] = sums
-            self.score_count[:, :rest] = counts
-        self.tail_len = rest
-
-    def _compress(self, kn, vn, sums, counts, nc: int) -> None:
-        """Compress ``nc`` complete blocks per row (``kn, vn [b, nc * N, h, d]``, ``counts [b, nc * N]``)."""
+    def _compress(self, kn, vn, scores, nc: int) -> None:
+        """Compress ``nc`` complete blocks per row (``kn, vn [b, nc * N, h, d]``, ``scores [b, nc * N, h]``)."""
         c = self.cache
-        cfg = c.config
         n = c.layout.block_size
         b, _, h, d = kn.shape
-        c._ensure_capacity(self.num_pages + nc)
-        self._ensure_pages()
-        if cfg.saliency is Saliency.RANDOM:  # the ablation, drawn as ZipCacheCompressor does for each segment
-            scores = c.random_scores(b, h, kn.device).repeat(1, nc, 1)
-        elif cfg.saliency is Saliency.ACCUMULATED:
-            scores = sums
-        else:
-            scores = sums / counts.clamp(min=1.0).unsqueeze(-1)
         ids = c.block_table[:, self.num_pages : self.num_pages + nc].reshape(-1).contiguous()
         c.ops.compress_store(kn.reshape(b * nc * n, h, d), vn.reshape(b * nc * n, h, d),
                          scores.reshape(b * nc * n, h).float().contiguous(), ids, self.pages, c.layout)
@@ -184,10 +141,11 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         if not self.is_initialized:
             return {"pages": 0, "tail": 0, "saliency": 0}
         b, _, h, _ = self.tail_key.shape
+        b -= 1  # the dummy slot is scratch
         return {
             "pages": self.num_pages * b * h * self.cache.layout.page_bytes,
-            "tail": (self.tail_key.numel() + self.tail_value.numel()) * self.tail_key.element_size(),
-            "saliency": self.score_sum.numel() * 4 + self.score_count.numel() * 4,
+            "tail": 2 * self.tail_key[:b].numel() * self.tail_key.element_size(),
+            "saliency": self.probe_query[:b].numel() * self.probe_query.element_size(),
         }
 
 
@@ -264,24 +222,29 @@ class PagedZipCache(hf_base.HandshakeCache):
         and shared by all layers."""
         key = (num_pages, tail_before, self.capacity)
         b, n = self.slots.numel(), self.layout.block_size
-        if self._decode is None:
-            self._decode = DecodeBatch(b, n, dummy_slot=0, device=self.slots.device)
+        if self._decode is None:  # slot b: the dummy slot (queries of tokens that are not probes go there)
+            self._decode = DecodeBatch(b, n, dummy_slot=b, device=self.slots.device,
+                                       num_probes=num_block_probes(self.config, n))
         if key != self._meta_key:
             done = tail_before + 1 == n
+            offs, rank = probe_ranks(self.config, n, num_pages)
             self._decode.fill(
-                slots=range(b),
+                slots=list(range(b)),
                 tail_lens=[tail_before] * b,
                 seq_lens=[num_pages * n + tail_before + 1] * b,
                 block_ids=[num_pages * b + r for r in range(b)] if done else [-1] * b,  # page of block j: j * b + r
+                probe_ranks=[rank.get(tail_before, -1)] * b,
+                probe_offsets=[offs] * b,
             )
             self._meta_key = key
         return self._decode.rows(self.block_table[:, : max(1, num_pages)])
 
     def random_scores(self, batch: int, num_kv_heads: int, device) -> torch.Tensor:
-        """The random-saliency ablation's scores of one block ``[batch, block_size, num_kv_heads]`` (row ``r``
-        draws its own; every block the same draw, as ZipCacheCompressor does for each segment)."""
+        """The random-saliency ablation's scores of one block ``[batch + 1, block_size, num_kv_heads]`` (row
+        ``r`` draws its own, the last row is the dummy slot's; every block the same draw, as
+        ZipCacheCompressor does for each segment)."""
         if self._random is None:
-            draw = random_scores(self.config, batch, num_kv_heads, self.layout.block_size)
+            draw = random_scores(self.config, batch + 1, num_kv_heads, self.layout.block_size)
             self._random = draw.transpose(1, 2).contiguous().to(device)
         return self._random
 

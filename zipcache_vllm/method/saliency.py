@@ -3,6 +3,17 @@
 Shapes: ``query [b, num_heads, q, head_size]`` and ``key [b, num_kv_heads, l, head_size]`` (post-RoPE);
 scores come back per KV head, ``[b, num_kv_heads, l]``, the query heads of a GQA group summed (as the
 released code does).
+
+Two probe rules, one per granularity:
+
+* **segment** (the paper, ``granularity: segment``): the probes of a prompt are its most recent and random rows
+  (:func:`layer_probes`), attending over the whole prompt; decode windows are scored by the decode queries.
+* **block** (paged semantics, the vLLM plugin, ``granularity: block``): block ``b`` of a sequence is scored by
+  the probes *of its own block* at fixed positions inside it (:func:`block_probe_offsets`: the last
+  ``probe_recent`` share of the block plus a ``probe_random`` share drawn with a seed from ``probe_seed`` and
+  the block index), each attending causally over the keys of that block only (:func:`block_saliency`). A
+  page is then a function of the block's own keys and probe queries: the same whatever the prefill chunking,
+  the batch, or whether prefill or decode filled the block.
 """
 
 from __future__ import annotations
@@ -161,16 +172,70 @@ def layer_probes(config, num_tokens: int, layer_idx: int) -> torch.Tensor:
     return probe_positions(num_tokens, config.probe_recent, config.probe_random, gen, config.probe_compat)
 
 
-def chunk_counts(normalizer: Normalizer, context_len: int, query_len: int, tail_len: int,
-                 probes: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """ZC-8 counts contributed by one chunk: how many of its ``query_len`` queries (``causal_count``) or of its
-    probe rows (offsets ``probes``, ``probe_nnz``) see each key from ``context_len - tail_len`` (the staged
-    tail) to ``context_len + query_len - 1`` (the chunk's own tokens). fp32 ``[tail_len + query_len]``; a
-    decode row (``query_len`` 1, probe 0) gives 1 to every key."""
-    pos = torch.arange(context_len - tail_len, context_len + query_len)
+# block rule ------------------------------------------------------------------------------------------------
+def num_block_probes(config, block_size: int) -> int:
+    """Probe rows per block of the block rule: ``ceil(probe_recent * N)`` (at least 1) recent plus
+    ``round(probe_random * N)`` random (13 of 128 with the 5 % + 5 % presets)."""
+    return int(block_probe_offsets(config, block_size, 0).numel())
+
+
+@functools.lru_cache(maxsize=65536)
+def block_probe_offsets(config, block_size: int, block_index: int) -> torch.Tensor:
+    """Probe positions inside block ``block_index`` of a sequence (block rule), ascending int64 offsets in
+    ``[0, block_size)``: the last ``ceil(probe_recent * N)`` positions (at least 1, so the block's last token
+    is always a probe) and ``round(probe_random * N)`` distinct positions before them, drawn with the seed
+    ``probe_seed * PROBE_SEED_STRIDE + block_index``. The same in every layer (the decode metadata of a step
+    is shared by all layers), and absolute: a function of the position alone, never of a chunk. Cached;
+    callers must not modify the tensor."""
+    gen = torch.Generator().manual_seed(config.probe_seed * PROBE_SEED_STRIDE + block_index)
+    return probe_positions(block_size, config.probe_recent, config.probe_random, gen)
+
+
+def block_saliency(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    offsets: torch.Tensor,
+    normalizer: Normalizer = Normalizer.PROBE_NNZ,
+    saliency: Saliency = Saliency.NORMALIZED,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scores of complete blocks by their own probes (block rule, ZC-7/8 inside a block), fp32 ``[B, N, H]``.
+
+    Parameters
+    ----------
+    query : ``[B, P, num_heads, head_size]``, the queries of each block's probe rows, in offset order.
+    key : ``[B, N, num_kv_heads, head_size]``, the keys of each block (post-RoPE).
+    offsets : int ``[B, P]``, the probe positions in the block (:func:`block_probe_offsets`).
+    normalizer : ``probe_nnz`` divides token ``j``'s sum by the probes at or after it; ``causal_count`` by
+        ``N - j`` (the block's queries that see it). ``saliency="accumulated"``: the sums (ZC-5).
+
+    Probe ``p`` attends over keys ``0 .. offsets[p]`` of its block (fp32 softmax, block-local causal mask); a
+    token's score sums the probabilities it receives over the probes and the query heads of its GQA group.
+    Computed in fp32 from the given values; one block's result does not depend on the other blocks of the
+    call (every path, chunked or not, batched or not, gets the same bits).
+    """
+    b, p, hq, d = query.shape
+    n, h = key.shape[1], key.shape[2]
+    if hq % h:
+        raise ValueError(f"num_heads={hq} is not a multiple of num_kv_heads={h}")
+    scale = d**-0.5 if scale is None else scale
+    g = hq // h
+    q = query.float().view(b, p, h, g, d).permute(0, 2, 1, 3, 4).reshape(b * h, p * g, d)
+    k = key.float().permute(0, 2, 3, 1).reshape(b * h, d, n)
+    logits = torch.bmm(q, k).view(b, h, p, g, n) * scale
+    pos = torch.arange(n, device=key.device)
+    off = offsets.to(key.device).long()
+    seen = pos.view(1, 1, n) <= off.view(b, p, 1)  # [B, P, N]
+    logits = logits.masked_fill(~seen.view(b, 1, p, 1, n), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    sums = probs.sum(dim=3).sum(dim=2).transpose(1, 2)  # [B, N, H]
+    if Saliency(saliency) is Saliency.ACCUMULATED:
+        return sums.contiguous()
     if Normalizer(normalizer) is Normalizer.PROBE_NNZ:
-        return ((context_len + probes.long().cpu()).view(-1, 1) >= pos.view(1, -1)).sum(0).float()
-    return (context_len + query_len - torch.clamp(pos, min=context_len)).float()
+        counts = seen.sum(dim=1).float()  # [B, N]
+    else:
+        counts = (n - pos).float().expand(b, n)
+    return (sums / counts.clamp(min=1.0).unsqueeze(-1)).contiguous()
 
 
 def random_scores(config, batch: int, num_kv_heads: int, num_tokens: int) -> torch.Tensor:

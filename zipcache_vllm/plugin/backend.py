@@ -6,6 +6,10 @@
 * Settings derived from vLLM's config (the fitted ZipCache config, staging pool, kernels) live in
   :mod:`.plugin_settings`.
 * :class:`ZipCacheMetadataBuilder` plans the bf16 staging of each step once (:mod:`.block_manager`).
+* Prefix caching: a page is a function of the tokens up to the end of its block (the block probe rule, and a
+  query sees earlier blocks through their pages whatever the chunk), so a cached block is the block a
+  recomputation would write; a prefix hit is a chunk that starts after cached pages (``context_len`` a
+  multiple of ``block_size``, no tail).
 * :class:`ZipCacheAttentionImpl.forward` only adapts vLLM's metadata and calls
   :func:`zipcache_vllm.engine.step.zipcache_attention`.
 
@@ -38,6 +42,7 @@ from ..engine.layout import PageLayout
 from ..engine.staging import Staging
 from ..engine.step import Step, zipcache_attention
 from ..method.config import ZipCacheConfig
+from ..method.saliency import num_block_probes
 from . import envs
 from .settings import model_config_for, num_staging_slots, pick_kernels, reserve_staging, resolve_config
 
@@ -161,8 +166,12 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
         sched = vllm_config.scheduler_config
         comp = getattr(vllm_config, "compilation_config", None)
         max_rows = max(sched.max_num_seqs, getattr(comp, "max_cudagraph_capture_size", None) or 0)
-        self.step_builder = StepBuilder(num_staging_slots(vllm_config), kv_cache_spec.block_size, max_rows, device,
-                                        engine_decode=self.engine_decode, batched_cpu_decode=device.type == "cpu")
+        block_size = kv_cache_spec.block_size
+        if "config" not in _state:
+            _state["config"] = resolve_config(block_size, vllm_config.additional_config)
+        self.step_builder = StepBuilder(num_staging_slots(vllm_config), block_size, max_rows, device,
+                                        engine_decode=self.engine_decode, batched_cpu_decode=device.type == "cpu",
+                                        config=_state["config"])
         if self.engine_decode:
             self._init_reorder_batch_threshold(1)  # decodes first: the leading rows go to the engine's step
 
@@ -268,12 +277,13 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
             cpu_kernels.warmup(self.layout, num_kv_heads, num_heads // num_kv_heads)  # compile before requests
         num_slots = num_staging_slots(vllm_config)
         device = "cuda" if self.kernels == "triton" else "cpu"
+        num_probes = num_block_probes(self.config, block_size)
         # CUDA hosts (the CUDA builder's graph-capturable decode step): one more slot than the staging plan
         # hands out, the dummy slot of padded decode rows (engine/decode.DecodeBatch); the CPU builder has none
         num_slots += dummy_slots()
-        self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size,
+        self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size, num_heads, num_probes,
                                         dtype=torch.bfloat16, device=device)
-        reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
+        reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size, num_heads, num_probes)
         self.layer_idx: int | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,

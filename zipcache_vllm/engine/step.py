@@ -160,13 +160,11 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
                 a = b
         for bi in range((ctx - t0) // n, sl // n):  # blocks completed in this step
             base = len(last_tok)
-            for x in range(bi * n, bi * n + n):
-                if x < ctx:
-                    kv[0].append(slot * n + x - bi * n)
-                    kv[1].append(base * n + x - bi * n)
-                else:
-                    kv[2].append(q0 + x - ctx)
-                    kv[3].append(base * n + x - bi * n)
+            mid = min(max(ctx - bi * n, 0), n)  # block offsets [0, mid) are staged, [mid, n) new in this step
+            kv[0].extend(range(slot * n, slot * n + mid))
+            kv[1].extend(range(base * n, base * n + mid))
+            kv[2].extend(range(q0 + bi * n + mid - ctx, q0 + bi * n + n - ctx))
+            kv[3].extend(range(base * n + mid, base * n + n))
             offs, _ = probe_ranks(config, n, bi)
             for rank, o in enumerate(offs):
                 if bi * n + o < ctx:
@@ -179,13 +177,13 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
             last_tok.append(q0 + bi * n + n - 1 - ctx)
         if plan.new_tail_lens[s]:  # the new tail: its tokens from this step, and their probe rows
             bt = sl // n
+            a = max(ctx, bt * n)
+            put_kv.extend(range(q0 + a - ctx, q0 + sl - ctx))
+            put_kv_flat.extend(range(slot * n + a - bt * n, slot * n + sl - bt * n))
             _, rank = probe_ranks(config, n, bt)
-            for x in range(max(ctx, bt * n), sl):
-                put_kv.append(q0 + x - ctx)
-                put_kv_flat.append(slot * n + x - bt * n)
-                r = rank.get(x - bt * n)
-                if r is not None:
-                    put_pq.append(q0 + x - ctx)
+            for o, r in sorted(rank.items()):  # the probe rows among those tokens, in token order
+                if a <= bt * n + o < sl:
+                    put_pq.append(q0 + bt * n + o - ctx)
                     put_pq_flat.append(slot * p + r)
     dev = device
     long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731

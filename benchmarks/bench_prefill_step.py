@@ -10,18 +10,16 @@ values):
 
 * ``step``: :func:`zipcache_vllm.engine.step.zipcache_attention` as the backend runs it on CUDA: the complete
   blocks scored by their own probes (``kernels/block_scores``, the block rule) and compressed
-  (``kernels/compress_store``) first, then the chunk attended one block at a time: the first block by causal
-  attention (``engine/ops.causal_with_lse``: cuDNN's kernel), the others by ``kernels/prefill_attention`` over
-  the pages before them and their own bf16 tokens; the rest staged;
-* ``step_prefill_kernel``: the same step with the chunk attended by ``kernels/prefill_attention`` (what the
-  backend did before, and still does for chunks after the first);
+  (``kernels/compress_store``) first, then the chunk attended by ``kernels/prefill_attention`` (its pages
+  dequantized to a bf16 scratch, then one flash-attention launch under the block rule); the rest staged;
+* ``attention``: that ``prefill_attention`` call alone (dequantization + flash kernel);
 * ``sdpa``: ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` on the bf16 chunk, the baseline.
 
 Times: GPU time per call (the kernels' device time summed by the torch profiler, ``*_gpu_us``) and eager wall
 time with a sync per call (``*_wall_us``: the step's Python included; prefill runs eagerly in vLLM).
-``overhead`` = step / sdpa - 1 on GPU time (issue 11's target: ≤ 10 %); ``causal`` (the step's attention
-kernel with its log-sum-exp) alone is also timed, so
-the overhead splits into the attention-kernel difference and the probe + compress work.
+``overhead`` = step / sdpa - 1 on GPU time (issue 11's target: <= 10 %); ``probe_compress_gpu_us`` = step -
+attention (probe scores, compression, staging copies). ``--sweep`` also times the attention kernel for each
+tile configuration of ``SWEEP``.
 
 Also a later chunk (issue 11's ``chunked_prefill`` record): ``--chunk`` queries over a ``--prefix`` of compressed
 pages, the attention kernel alone (``time_us``) and the whole step, against SDPA over as many bf16 keys
@@ -31,7 +29,6 @@ pages, the attention kernel alone (``time_us``) and the whole step, against SDPA
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import shlex
@@ -73,7 +70,7 @@ def timed(fn, reps: int) -> tuple[float, float]:
     return gpu, statistics.median(walls)
 
 
-def case(context: int, reps: int) -> dict:
+def case(context: int, reps: int, sweep: bool = False) -> dict:
     cfg = ZipCacheConfig.load("vllm", block_size=128)
     layout = PageLayout.from_config(cfg, D)
     n = layout.block_size
@@ -93,35 +90,61 @@ def case(context: int, reps: int) -> dict:
     plan = BlockManager(3, n).plan([table], [0], [context])
     step = prepare_step(plan, qsl, seq_lens, device=torch.device(dev))
     ops = kernel_ops("triton")
-    slow = dataclasses.replace(ops, first_chunk_attention=None)
 
-    def run(kernels):
-        return lambda: zipcache_attention(q, k, v, kv, bt, seq_lens.to(dev), qsl.to(dev), slots, staging, step,
-                                          layout, cfg, layer_idx=0, out=out, kernels=kernels)
+    def run():
+        return zipcache_attention(q, k, v, kv, bt, seq_lens.to(dev), qsl.to(dev), slots, staging, step, layout, cfg,
+                                  layer_idx=0, out=out, kernels=ops)
 
+    run()  # writes every page the attention reads
+    meta = dict(kv_cache=kv, layout=layout, block_table=bt, query_start_loc=qsl.to(dev), seq_lens=seq_lens.to(dev),
+                tail_key=staging.key, tail_value=staging.value, tail_slots=torch.zeros(1, dtype=torch.int32,
+                device=dev), tail_lens=torch.zeros(1, dtype=torch.int32, device=dev), scale=D**-0.5)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     res = {"kernel": "prefill_step", "context": context, "batch": 1}
     variants = {
-        "step": run(ops),
-        "step_prefill_kernel": run(slow),
-        "causal": lambda: ops.first_chunk_attention(q, k, v, [0, context], D**-0.5),
+        "step": run,
+        "attention": lambda: ops.prefill_attention(q, k, v, context, **meta),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
                                                                          enable_gqa=True),
     }
     for name, fn in variants.items():
         res[f"{name}_gpu_us"], res[f"{name}_wall_us"] = timed(fn, reps)
     res["overhead"] = res["step_gpu_us"] / res["sdpa_gpu_us"] - 1
-    res["overhead_prefill_kernel"] = res["step_prefill_kernel_gpu_us"] / res["sdpa_gpu_us"] - 1
+    res["attention_vs_sdpa"] = res["attention_gpu_us"] / res["sdpa_gpu_us"]
+    res["probe_compress_gpu_us"] = res["step_gpu_us"] - res["attention_gpu_us"]  # + staging copies
     res["overhead_wall"] = res["step_wall_us"] / res["sdpa_wall_us"] - 1
-    # outputs of the two step variants agree (same math, different kernels)
-    run(ops)()
-    a = out.float().clone()
-    run(slow)()
-    res["max_abs_diff_vs_prefill_kernel"] = (a - out.float()).abs().max().item()
+    if sweep:
+        res["sweep"] = sweep_configs(lambda c: ops_prefill(q, k, v, context, meta, c), reps)
     return res
 
 
-def chunked_case(prefix: int, chunk: int, reps: int) -> dict:
+SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages) of kernels/prefill_attention
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+    (64, 128, 4, 2),
+]
+
+
+def ops_prefill(q, k, v, max_query_len, meta, config):
+    from zipcache_vllm.engine.ops import kernel_module
+
+    return kernel_module("prefill_attention").prefill_attention(q, k, v, max_query_len=max_query_len,
+                                                                config=config, **meta)
+
+
+def sweep_configs(fn, reps: int) -> list[dict]:
+    """GPU time of the attention kernel for each tile configuration of ``SWEEP`` (a failing one is noted)."""
+    rows = []
+    for bm, bn, w, st in SWEEP:
+        c = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        try:
+            rows.append({**c, "gpu_us": timed(lambda c=c: fn(c), reps)[0]})
+        except Exception as e:  # noqa: BLE001 (out of shared memory or registers: recorded, not fatal)
+            rows.append({**c, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+        print(f"    sweep {c}: {rows[-1].get('gpu_us', rows[-1].get('error'))}", flush=True)
+    return rows
+
+
+def chunked_case(prefix: int, chunk: int, reps: int, sweep: bool = False) -> dict:
     """A later chunk: ``chunk`` queries over a ``prefix`` of compressed pages (written directly,
     engine/synthetic) plus themselves, through the step (``kernels/prefill_attention``, probe scores, compression
     of the chunk's complete blocks) and the attention kernel alone, against SDPA over the same number of bf16
@@ -169,6 +192,8 @@ def chunked_case(prefix: int, chunk: int, reps: int) -> dict:
         res[f"{name}_gpu_us"], res[f"{name}_wall_us"] = timed(fn, reps)
     res["time_us"], res["baseline_time_us"] = res["attention_gpu_us"], res["sdpa_gpu_us"]
     res["speedup"] = res["sdpa_gpu_us"] / res["attention_gpu_us"]
+    if sweep:
+        res["sweep"] = sweep_configs(lambda c: ops_prefill(q, k, v, chunk, meta, c), reps)
     return res
 
 
@@ -178,13 +203,14 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--prefix", type=int, default=30720, help="compressed prefix of the chunked case")
     ap.add_argument("--chunk", type=int, default=2048, help="chunk of the chunked case (0: skip it)")
+    ap.add_argument("--sweep", action="store_true", help="also time the attention kernel's tile configurations")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_prefill_step.py needs a CUDA GPU")
-    records = [case(int(c), args.reps) for c in args.contexts.split(",")]
-    chunked = [chunked_case(args.prefix, args.chunk, args.reps)] if args.chunk else []
+    records = [case(int(c), args.reps, args.sweep) for c in args.contexts.split(",")]
+    chunked = [chunked_case(args.prefix, args.chunk, args.reps, args.sweep)] if args.chunk else []
     results = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -193,13 +219,12 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    print("| context | step GPU us (wall) | with the prefill kernel | causal + lse | SDPA | overhead | before |")
-    print("|---|---|---|---|---|---|---|")
+    print("| context | step GPU us (wall) | attention alone | probes + compress + staging | SDPA causal | overhead |")
+    print("|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['context']} | {r['step_gpu_us']:.0f} ({r['step_wall_us']:.0f}) | "
-              f"{r['step_prefill_kernel_gpu_us']:.0f} ({r['step_prefill_kernel_wall_us']:.0f}) | "
-              f"{r['causal_gpu_us']:.0f} | {r['sdpa_gpu_us']:.0f} ({r['sdpa_wall_us']:.0f}) | {r['overhead']:+.0%} | "
-              f"{r['overhead_prefill_kernel']:+.0%} |")
+        print(f"| {r['context']} | {r['step_gpu_us']:.0f} ({r['step_wall_us']:.0f}) | {r['attention_gpu_us']:.0f} "
+              f"({r['attention_vs_sdpa']:.2f}x SDPA) | {r['probe_compress_gpu_us']:.0f} | "
+              f"{r['sdpa_gpu_us']:.0f} ({r['sdpa_wall_us']:.0f}) | {r['overhead']:+.0%} |")
     for r in chunked:
         print(f"chunked prefill: {r['chunk']} queries over {r['context']} compressed tokens: attention "
               f"{r['attention_gpu_us']:.0f} us, step {r['step_gpu_us']:.0f} us ({r['step_wall_us']:.0f} wall), SDPA "

@@ -1,12 +1,24 @@
-"""Prefill / chunked-prefill attention over mixed-precision pages.
+"""Prefill / chunked-prefill attention under the block rule, at the speed of a bf16 flash kernel.
 
-Twin: ``zipcache_vllm.engine.paged.prefill_attention``. Grid ``(query tiles, num_seqs, num_kv_heads)``: a program
-takes ``BLOCK_Q`` query tokens x the ``G`` query heads of one KV head (``BLOCK_Q * G_PAD`` tile rows, row
-``r`` = token ``r // G_PAD``, head ``r % G_PAD``), so each key is loaded once for its whole GQA group. It
-walks the sequence's pages (all visible; dequantization folded as in decode), its bf16 tail (all visible),
-then the chunk's own keys under the causal mask. It writes the output and each row's log-sum-exp. (The engine
-gives it one sequence per block of a chunk, so that a query sees the earlier blocks through their pages and
-its own block in bf16: ``zipcache_vllm.engine.step``.)
+Twin: ``zipcache_vllm.engine.paged.prefill_attention``. A query at position ``p`` sees the blocks before its own
+(``p // block_size``) through their compressed pages and its own block in bf16, up to ``p`` (the tail staged
+before the chunk, then the chunk's tokens). The pages of every block before the chunk's last query are
+present (the engine compresses the blocks a chunk completes before it attends).
+
+Two launches:
+
+1. ``_dequantize_kernel`` writes the pages a chunk reads to a bf16 scratch ``[num_kv_heads, rows, head_size]``
+   once per call (per chunk and layer), grid ``(pages, num_seqs, num_kv_heads)``. Attention of a chunk is
+   compute-bound: each page row is read by every query tile, so dequantizing it once (and not once per query
+   tile, as a kernel folding the dequantization into the MMA would) keeps the tensor cores the only busy unit.
+   Rows stay in page order: a block is fully visible or not at all, so the order inside it does not matter.
+2. ``_prefill_kernel``, a flash-attention forward (online softmax, ``tl.dot`` on bf16 tiles), grid
+   ``(query tiles, num_seqs, num_heads)``, longest tiles first. A tile of ``BLOCK_M`` queries walks (a) the
+   scratch rows every one of its queries sees, unmasked, (b) the scratch rows of blocks some of its queries
+   see (the block-causal edge, masked) and (c) the bf16 rows of its queries' own blocks (tail, then chunk),
+   masked ``block start <= x <= p``.
+
+It writes the output and each row's log-sum-exp (natural log).
 """
 
 from __future__ import annotations
@@ -15,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attend import attend_dense_tile, attend_pages, attend_tail, finish_rows, init_state
 from ._common import (
     FLOATS,
     LN2_C,
@@ -28,75 +39,227 @@ from ._common import (
     check_tail,
     check_tensor,
     interpreting,
-    load_q,
-    pow2,
-    store_quarters,
+    load_quarters,
     tail_args,
 )
 
-ROWS_GPU = 128  # tile rows (query tokens x GQA heads) per program on the GPU: one 128-row wgmma tile
-ROWS_INTERPRET = 32
+SCRATCH_ROWS = 1 << 18  # dequantized rows per launch group (x num_kv_heads x head_size x 4 bytes: 1 GiB at
+# 8 x 128); sequences are grouped so a group's scratch stays below it (a longer single sequence gets its own)
 
 
 # fmt: off
 @triton.jit
+def _dequantize_kernel(
+    cache_u8_ptr, cache_f16_ptr, stride_c_block, stride_c_head,  # pages; strides in bytes
+    block_table_ptr, stride_bt,  # int32 [num_seqs, max_blocks]
+    num_pages_ptr, page_start_ptr,  # int32 [num_seqs]: pages to dequantize, first scratch page of the sequence
+    sk_ptr, sv_ptr, stride_s_head, stride_s_row,  # bf16 scratch [num_kv_heads, rows, D]
+    TILES: tl.constexpr, V_TOK_BASE: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+    V_NORM_OFF: tl.constexpr, ASM: tl.constexpr,
+):
+    p = tl.program_id(0)
+    seq = tl.program_id(1)
+    kvh = tl.program_id(2).to(tl.int64)
+    if p < tl.load(num_pages_ptr + seq):
+        page = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + p).to(tl.int64)
+        base = page * stride_c_block + kvh * stride_c_head
+        hoff = base // 2
+        row0 = (tl.load(page_start_ptr + seq).to(tl.int64) + p) * N
+        Q: tl.constexpr = D // 4
+        dq = tl.arange(0, Q)
+        out_k = sk_ptr + kvh * stride_s_head + row0 * stride_s_row
+        out_v = sv_ptr + kvh * stride_s_head + row0 * stride_s_row
+        cn = cache_f16_ptr + hoff + V_NORM_OFF // 2 + dq
+        for i in tl.static_range(len(TILES)):
+            VALID: tl.constexpr = TILES[i][0]
+            ROWS: tl.constexpr = TILES[i][1]
+            KB: tl.constexpr = TILES[i][2]
+            K_OFF: tl.constexpr = TILES[i][3]
+            K_PAR: tl.constexpr = TILES[i][4]
+            VB: tl.constexpr = TILES[i][5]
+            V_OFF: tl.constexpr = TILES[i][6]
+            V_TOK: tl.constexpr = TILES[i][7]
+            START: tl.constexpr = (V_TOK - V_TOK_BASE) // 2  # page row of the tile's first row
+            r = tl.arange(0, ROWS)
+            rmask = r < VALID
+            m = rmask[:, None]
+            dst = (START + r)[:, None] * stride_s_row + dq[None, :]
+            kp = cache_f16_ptr + hoff + K_PAR // 2 + dq
+            k0, k1, k2, k3 = load_quarters(cache_u8_ptr + base + K_OFF + r * (D * KB // 8), rmask, KB, D, True, ASM)
+            ty = out_k.dtype.element_ty
+            tl.store(out_k + dst, (k0.to(tl.float32) * tl.load(kp).to(tl.float32)[None, :]
+                                   + tl.load(kp + D).to(tl.float32)[None, :]).to(ty), mask=m)
+            tl.store(out_k + dst + Q, (k1.to(tl.float32) * tl.load(kp + Q).to(tl.float32)[None, :]
+                                       + tl.load(kp + D + Q).to(tl.float32)[None, :]).to(ty), mask=m)
+            tl.store(out_k + dst + 2 * Q, (k2.to(tl.float32) * tl.load(kp + 2 * Q).to(tl.float32)[None, :]
+                                           + tl.load(kp + D + 2 * Q).to(tl.float32)[None, :]).to(ty),
+                     mask=m)
+            tl.store(out_k + dst + 3 * Q, (k3.to(tl.float32) * tl.load(kp + 3 * Q).to(tl.float32)[None, :]
+                                           + tl.load(kp + D + 3 * Q).to(tl.float32)[None, :]).to(ty),
+                     mask=m)
+            vstep = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            v0, v1, v2, v3 = load_quarters(cache_u8_ptr + base + V_OFF + r * (D * VB // 8), rmask, VB, D, True, ASM)
+            tl.store(out_v + dst, (tl.load(cn).to(tl.float32)[None, :] * (v0.to(tl.float32) * vstep + vmn))
+                     .to(ty), mask=m)
+            tl.store(out_v + dst + Q, (tl.load(cn + Q).to(tl.float32)[None, :] * (v1.to(tl.float32) * vstep + vmn))
+                     .to(ty), mask=m)
+            tl.store(out_v + dst + 2 * Q, (tl.load(cn + 2 * Q).to(tl.float32)[None, :]
+                                           * (v2.to(tl.float32) * vstep + vmn)).to(ty), mask=m)
+            tl.store(out_v + dst + 3 * Q, (tl.load(cn + 3 * Q).to(tl.float32)[None, :]
+                                           * (v3.to(tl.float32) * vstep + vmn)).to(ty), mask=m)
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _flash_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One key tile ``k, v [BLOCK_N, D]`` (bf16) for the query tile ``q [BLOCK_M, D]``: online softmax in the
+    log2 domain, ``acc`` rescaled; ``visible [BLOCK_M, BLOCK_N]`` applies when ``MASKED``."""
+    s = _dot(q, tl.trans(k), DOT_FP32) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0, not NaN
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    pv = _dot(p, v, DOT_FP32) if DOT_FP32 else tl.dot(p.to(v.dtype), v)  # interpreter: fp32 probabilities
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, stride_q_tok, stride_q_head,  # [num_tokens, num_heads, D]
     k_ptr, v_ptr, stride_k_tok, stride_k_head,  # new tokens [num_tokens, H, D] (same strides for v)
-    cache_u8_ptr, cache_f16_ptr, stride_c_block, stride_c_head,  # pages; strides in bytes
-    block_table_ptr, stride_bt,  # int32 [num_seqs, max_blocks]
+    sk_ptr, sv_ptr, stride_s_head, stride_s_row,  # dequantized pages [H, rows, D] bf16
+    page_start_ptr,  # int32 [num_seqs]: the sequence's first scratch page
     query_start_loc_ptr, seq_lens_ptr, tail_lens_ptr, tail_slots_ptr,  # int32
     tk_ptr, tv_ptr, stride_t_slot, stride_t_tok, stride_t_head,  # tail [num_slots, N, H, D]
     out_ptr, stride_o_tok, stride_o_head,  # [num_tokens, num_heads, D]
     lse_ptr, stride_lse_tok,  # fp32 [num_tokens, num_heads], natural log
     qk_scale,  # softmax scale * log2(e)
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
-    N: tl.constexpr, TILES: tl.constexpr, V_NORM_OFF: tl.constexpr, TAIL_ROWS: tl.constexpr,
-    DOT_FP32: tl.constexpr, ASM: tl.constexpr,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
-    qt = tl.program_id(0)
-    seq = tl.program_id(1).to(tl.int64)
-    kvh = tl.program_id(2).to(tl.int64)
+    mt = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles first
+    seq = tl.program_id(1)
+    hq = tl.program_id(2).to(tl.int64)
+    kvh = hq // G
     q0 = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    q_len = (tl.load(query_start_loc_ptr + seq + 1) - q0).to(tl.int32)
-    if qt * BLOCK_Q < q_len:
-        seq_len = tl.load(seq_lens_ptr + seq)
-        tail_len = tl.load(tail_lens_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int64) - q0
+    if mt * BLOCK_M < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
         ctx = seq_len - q_len
-        num_pages = (ctx - tail_len) // N
-        r = tl.arange(0, BLOCK_Q * G_PAD)
-        qi = qt * BLOCK_Q + r // G_PAD
-        g = r % G_PAD
-        rmask = (qi < q_len) & (g < G)
-        heads = kvh * G + g
-        tok = q0 + qi
-        x0, x1, x2, x3 = load_q(q_ptr, tok * stride_q_tok + heads * stride_q_head, rmask, D)
-        a0, a1, a2, a3, m_i, l_i = init_state(BLOCK_Q * G_PAD, D)
-        # -- compressed pages, then the bf16 tail: both precede the chunk ----
-        a0, a1, a2, a3, m_i, l_i = attend_pages(
-            x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, block_table_ptr + seq * stride_bt, 0, num_pages,
-            cache_u8_ptr, cache_f16_ptr, stride_c_block, kvh * stride_c_head, qk_scale, TILES, D, N, V_NORM_OFF,
-            DOT_FP32, ASM,
-        )
-        tbase = tl.load(tail_slots_ptr + seq).to(tl.int64) * stride_t_slot + kvh * stride_t_head
-        a0, a1, a2, a3, m_i, l_i = attend_tail(
-            x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, tk_ptr + tbase, tv_ptr + tbase, stride_t_tok, tail_len,
-            qk_scale, TAIL_ROWS, D, DOT_FP32,
-        )
-        # -- the chunk itself, causal ----
-        for k0 in range(0, tl.minimum(q_len, (qt + 1) * BLOCK_Q), BLOCK_K):
-            kj = k0 + tl.arange(0, BLOCK_K)
-            kmask = kj < q_len
-            koff = (q0 + kj) * stride_k_tok + kvh * stride_k_head
-            visible = kmask[None, :] & (kj[None, :] <= qi[:, None])
-            a0, a1, a2, a3, m_i, l_i = attend_dense_tile(
-                x0, x1, x2, x3, a0, a1, a2, a3, m_i, l_i, k_ptr + koff, v_ptr + koff, kmask, visible, qk_scale,
-                D, DOT_FP32,
-            )
-        o0, o1, o2, o3, log2_l = finish_rows(a0, a1, a2, a3, l_i)
-        store_quarters(out_ptr, tok * stride_o_tok + heads * stride_o_head, rmask, o0, o1, o2, o3, D)
-        tl.store(lse_ptr + tok * stride_lse_tok + heads, (m_i + log2_l) * LN2_C, mask=rmask)
+        i = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = i < q_len
+        pos = ctx + i  # query positions
+        own = pos // N * N  # first position of each query's own block
+        dd = tl.arange(0, D)
+        q = tl.load(q_ptr + (q0 + i)[:, None] * stride_q_tok + hq * stride_q_head + dd[None, :],
+                    mask=rmask[:, None], other=0.0).to(k_ptr.dtype.element_ty)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        p_first = ctx + mt * BLOCK_M  # first and last query position of the tile
+        p_last = tl.minimum(p_first + BLOCK_M, seq_len) - 1
+        lo = p_first // N * N  # scratch rows [0, lo): seen by every query of the tile
+        hi = p_last // N * N  # scratch rows [lo, hi): by some (the block-causal edge)
+        full = lo // BLOCK_N * BLOCK_N
+        n = tl.arange(0, BLOCK_N)
+        s_off = kvh * stride_s_head + tl.load(page_start_ptr + seq).to(tl.int64) * N * stride_s_row
+        sk = sk_ptr + s_off + dd[None, :]
+        sv = sv_ptr + s_off + dd[None, :]
+        # -- (a) pages every query sees ----
+        for x0 in range(0, full, BLOCK_N):
+            rows = (x0 + n)[:, None] * stride_s_row
+            acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, tl.load(sk + rows), tl.load(sv + rows), rmask[:, None],
+                                        qk_scale, False, DOT_FP32)
+        # -- (b) the block-causal edge: page rows of blocks before each query's own ----
+        for x0 in range(full, hi, BLOCK_N):
+            x = x0 + n
+            rows = x[:, None] * stride_s_row
+            xm = (x < hi)[:, None]
+            acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, tl.load(sk + rows, mask=xm, other=0.0),
+                                        tl.load(sv + rows, mask=xm, other=0.0), x[None, :] < own[:, None], qk_scale,
+                                        True, DOT_FP32)
+        # -- (c) bf16 rows of the queries' own blocks: the staged tail (positions < ctx), then the chunk ----
+        tail_len = tl.load(tail_lens_ptr + seq).to(tl.int64)
+        t_off = tl.load(tail_slots_ptr + seq).to(tl.int64) * stride_t_slot + kvh * stride_t_head + dd[None, :]
+        k_off = kvh * stride_k_head + dd[None, :]
+        tail0 = ctx - tail_len  # position of the first tail row
+        for x0 in range(lo, p_last + 1, BLOCK_N):
+            x = x0 + n
+            in_tail = (x < ctx)[:, None]
+            in_new = ((x >= ctx) & (x <= p_last))[:, None]
+            t_rows = (x - tail0)[:, None] * stride_t_tok
+            n_rows = (q0 + x - ctx)[:, None] * stride_k_tok
+            k = (tl.load(tk_ptr + t_off + t_rows, mask=in_tail, other=0.0)
+                 + tl.load(k_ptr + k_off + n_rows, mask=in_new, other=0.0))
+            v = (tl.load(tv_ptr + t_off + t_rows, mask=in_tail, other=0.0)
+                 + tl.load(v_ptr + k_off + n_rows, mask=in_new, other=0.0))
+            visible = (x[None, :] >= own[:, None]) & (x[None, :] <= pos[:, None])
+            acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, True, DOT_FP32)
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / safe_l[:, None]
+        tl.store(out_ptr + (q0 + i)[:, None] * stride_o_tok + hq * stride_o_head + dd[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        tl.store(lse_ptr + (q0 + i) * stride_lse_tok + hq, (m_i + tl.log2(safe_l)) * LN2_C, mask=rmask)
 # fmt: on
+
+
+def dequantize_pages(
+    kv_cache: torch.Tensor,
+    layout,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    page_start: torch.Tensor,
+    total_pages: int,
+    max_pages: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key, value (dtype) [num_kv_heads, total_pages * block_size, head_size]``: sequence ``s``'s first
+    ``num_pages[s]`` pages (block table row ``s``) at scratch pages ``page_start[s] ..``, rows in page order.
+    Twin: ``paged.dequantize_pages(..., order="page")`` rounded to ``dtype`` (the kernel computes in fp32;
+    ``prefill_attention`` asks for fp32 under the interpreter, whose float-to-bf16 conversion truncates)."""
+    h, n, d = kv_cache.shape[1], layout.block_size, layout.head_size
+    sk = torch.empty(h, total_pages * n, d, dtype=dtype, device=kv_cache.device)
+    sv = torch.empty_like(sk)
+    if total_pages and max_pages:
+        _dequantize_kernel[(max_pages, num_pages.numel(), h)](
+            **cache_args(kv_cache),
+            block_table_ptr=block_table,
+            stride_bt=block_table.stride(0),
+            num_pages_ptr=num_pages,
+            page_start_ptr=page_start,
+            sk_ptr=sk,
+            sv_ptr=sv,
+            stride_s_head=sk.stride(0),
+            stride_s_row=sk.stride(1),
+            TILES=layout.attention_tiles(max_rows=64),
+            V_TOK_BASE=layout.v_tok_off,
+            D=d,
+            N=n,
+            V_NORM_OFF=layout.v_norm_off,
+            ASM=not interpreting(),
+            num_warps=4,
+        )
+    return sk, sv
+
+
+def _config(g: int, d: int, interp: bool) -> dict:
+    """Tile sizes and launch options: 128 x 64 tiles with 8 warps on the GPU (one wgmma M=128 tile per
+    warpgroup pair; BLOCK_N 64 keeps the fp32 scores and the [128, 128] accumulator in registers)."""
+    if interp:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 128, "BLOCK_N": 64 if d >= 128 else 128, "num_warps": 8, "num_stages": 3}
 
 
 def prefill_attention(
@@ -115,34 +278,42 @@ def prefill_attention(
     max_query_len: int,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of a chunk of new tokens per sequence over pages, tail and the chunk.
+    """Attention of a chunk of new tokens per sequence under the block rule (module docstring).
 
     Parameters
     ----------
     query : ``[num_tokens, num_heads, head_size]``; key, value : ``[num_tokens, num_kv_heads, head_size]``
-        (the chunk's own tokens, post-RoPE; same strides).
-    kv_cache, layout, block_table, tail_* : as :func:`decode_attention`; sequence ``s`` has
-        ``(seq_lens[s] - query_len - tail_lens[s]) / block_size`` pages and ``tail_lens[s]`` tail tokens.
+        (the chunk's own tokens, post-RoPE, bf16 or fp16; same strides).
+    kv_cache, layout, block_table, tail_* : as :func:`decode_attention`; sequence ``s`` with chunk length
+        ``q_s`` and ``ctx_s = seq_lens[s] - q_s`` has ``tail_lens[s] = ctx_s % block_size`` tail tokens (its
+        staging slot, ``tail_key`` dtype = ``key`` dtype) and pages for the first ``(seq_lens[s] - 1) //
+        block_size`` blocks (block table row ``s``).
     query_start_loc : int32 ``[num_seqs + 1]``; seq_lens : int32 ``[num_seqs]`` (chunk included).
     max_query_len : the longest chunk (sizes the grid; vLLM's metadata has it).
-    out : optional output like ``query``.
+    out : optional output like ``query``. config : tile sizes and launch options (``_config``'s keys;
+        benchmarks sweep them).
 
     Returns
     -------
     out : ``[num_tokens, num_heads, head_size]``; lse : fp32 ``[num_tokens, num_heads]`` (natural log).
+
+    The page count of each sequence is read on the host (one synchronisation, like vLLM's prefill metadata):
+    it sizes the bf16 scratch.
     """
     dev = query.device
     check_tensor(query, "query", 3, FLOATS, dev)
     num_tokens, num_heads, d = query.shape
     n = layout.block_size
     check(d == layout.head_size, f"head_size {d} != layout.head_size {layout.head_size}")
-    check_tensor(key, "key", 3, FLOATS, dev)
+    check_tensor(key, "key", 3, (torch.bfloat16, torch.float16), dev)
     check_tensor(value, "value", 3, (key.dtype,), dev)
     check(key.shape == value.shape and key.stride() == value.stride(), "key and value must match")
     h = key.shape[1]
     check(key.shape[0] == num_tokens and key.shape[2] == d, f"key must be [{num_tokens}, H, {d}]")
     check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
+    check(d & (d - 1) == 0, f"head_size must be a power of two, got {d}")
     check_tail(tail_key, tail_value, (key.dtype,), n, h, d, dev)
     check_cache(kv_cache, layout, h, dev)
     check_tensor(block_table, "block_table", 2, (torch.int32,), dev)
@@ -152,13 +323,23 @@ def prefill_attention(
     check_seq_meta(num_seqs, dev, seq_lens=seq_lens, tail_slots=tail_slots, tail_lens=tail_lens)
     out = check_out(out, query)
     lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=dev)
-    if num_seqs and max_query_len > 0:
-        interp = interpreting()
-        g = num_heads // h
-        g_pad = pow2(g)
-        block_q = max(1, (ROWS_INTERPRET if interp else ROWS_GPU) // g_pad)
-        scale_ = d**-0.5 if scale is None else scale
-        _prefill_kernel[(triton.cdiv(max_query_len, block_q), num_seqs, h)](
+    if not num_seqs or max_query_len <= 0:
+        return out, lse
+    interp = interpreting()
+    cfg = dict(_config(num_heads // h, d, interp), **(config or {}))
+    scale_ = d**-0.5 if scale is None else scale
+    pages = [max(0, (x - 1) // n) for x in seq_lens.tolist()]
+    check(max(pages) <= block_table.shape[1], "block_table is narrower than the pages the chunks read")
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+    for a, b in _groups(pages, SCRATCH_ROWS // n):  # consecutive sequences a .. b - 1
+        num_pages = pages[a:b]
+        starts = [0]
+        for p in num_pages[:-1]:
+            starts.append(starts[-1] + p)
+        page_start = i32(starts)
+        sk, sv = dequantize_pages(kv_cache, layout, block_table[a:b], i32(num_pages), page_start,
+                                  sum(num_pages), max(num_pages), torch.float32 if interp else key.dtype)
+        _prefill_kernel[(triton.cdiv(max_query_len, cfg["BLOCK_M"]), b - a, num_heads)](
             q_ptr=query,
             stride_q_tok=query.stride(0),
             stride_q_head=query.stride(1),
@@ -166,30 +347,39 @@ def prefill_attention(
             v_ptr=value,
             stride_k_tok=key.stride(0),
             stride_k_head=key.stride(1),
-            **cache_args(kv_cache),
-            block_table_ptr=block_table,
-            stride_bt=block_table.stride(0),
-            query_start_loc_ptr=query_start_loc,
-            seq_lens_ptr=seq_lens,
-            **tail_args(tail_key, tail_value, tail_slots, tail_lens),
+            sk_ptr=sk,
+            sv_ptr=sv,
+            stride_s_head=sk.stride(0),
+            stride_s_row=sk.stride(1),
+            page_start_ptr=page_start,
+            query_start_loc_ptr=query_start_loc[a : b + 1],
+            seq_lens_ptr=seq_lens[a:b],
+            **tail_args(tail_key, tail_value, tail_slots[a:b], tail_lens[a:b]),
             out_ptr=out,
             stride_o_tok=out.stride(0),
             stride_o_head=out.stride(1),
             lse_ptr=lse,
             stride_lse_tok=lse.stride(0),
             qk_scale=scale_ * LOG2E,
-            G=g,
-            G_PAD=g_pad,
-            BLOCK_Q=block_q,
-            BLOCK_K=32 if interp else 64,
+            G=num_heads // h,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
             D=d,
             N=n,
-            TILES=layout.attention_tiles(),
-            V_NORM_OFF=layout.v_norm_off,
-            TAIL_ROWS=min(64, pow2(n)),
             DOT_FP32=interp,
-            ASM=not interp,
-            num_warps=8 if block_q * g_pad >= 128 else 4,
-            num_stages=2,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
     return out, lse
+
+
+def _groups(pages: list[int], budget: int) -> list[tuple[int, int]]:
+    """Ranges ``(a, b)`` of consecutive sequences whose scratch pages stay within ``budget`` (one range when
+    they all fit; a sequence above it alone)."""
+    groups, a, used = [], 0, 0
+    for s, p in enumerate(pages):
+        if s > a and used + p > budget:
+            groups.append((a, s))
+            a, used = s, 0
+        used += p
+    return groups + [(a, len(pages))]

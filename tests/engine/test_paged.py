@@ -75,9 +75,9 @@ def test_decode_twin_is_sdpa_on_dequantized_cache():
         torch.testing.assert_close(out[i], ref.squeeze(1), atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_twin_is_causal_sdpa_without_a_prefix():
-    """One unchunked prompt, no pages and no tail: plain causal attention."""
-    lay, h, g, n_tok, d = PageLayout(16, 64), 2, 4, 45, 64
+def test_prefill_twin_is_causal_sdpa_within_one_block():
+    """A prompt inside its first block (no pages, no tail): plain causal attention."""
+    lay, h, g, n_tok, d = PageLayout(16, 64), 2, 4, 16, 64
     q, k, v = torch.randn(n_tok, h * g, d), torch.randn(n_tok, h, d), torch.randn(n_tok, h, d)
     empty = torch.zeros(1, 16, h, d)
     one = torch.zeros(1, dtype=torch.int32)
@@ -88,6 +88,27 @@ def test_prefill_twin_is_causal_sdpa_without_a_prefix():
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
     )
     torch.testing.assert_close(out, causal.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_twin_is_the_block_rule_row_by_row():
+    """A chunk from mid-block 2 over 3 blocks: each query attends (dense reference, one row at a time) over the
+    dequantized pages of the blocks before its own, then the tail / chunk rows of its own block up to itself."""
+    lay, h, g, d, n = PageLayout(16, 64), 2, 3, 64, 16
+    cache, bt, tk, tv, ts, tails, dense = _setup(lay, h, [(4, 5)])  # pages of blocks 0-3 (2 and 3 in the chunk)
+    ctx, ql = 2 * n + 5, 30  # positions 37 .. 66: blocks 2, 3, 4
+    q, k, v = torch.randn(ql, h * g, d), torch.randn(ql, h, d), torch.randn(ql, h, d)
+    out = paged.prefill_attention(q, k, v, cache, lay, bt, torch.tensor([0, ql], dtype=torch.int32),
+                                  torch.tensor([ctx + ql], dtype=torch.int32), tk, tv, ts, tails)
+    pk, pv = (x[: 4 * n] for x in dense[0])  # page rows in token order (dense) are a permutation within a block
+    raw_k = torch.cat([tk[0, :5], k])  # positions 32 .. 66
+    raw_v = torch.cat([tv[0, :5], v])
+    for i in range(ql):
+        p = ctx + i
+        b = p // n
+        kk = torch.cat([pk[: b * n], raw_k[b * n - 32 : p - 32 + 1]])
+        vv = torch.cat([pv[: b * n], raw_v[b * n - 32 : p - 32 + 1]])
+        ref, _ = paged._attend(q[i : i + 1], kk, vv, None, d**-0.5)
+        torch.testing.assert_close(out[i], ref[0], atol=1e-5, rtol=1e-5)
 
 
 def test_block_probe_scores_twin_is_the_block_rule():
@@ -105,40 +126,16 @@ def test_block_probe_scores_twin_is_the_block_rule():
 
 
 def test_chunked_prefill_equals_one_chunk():
-    """Two chunks over pages + tail produce the rows one chunk produces (attention is per row)."""
+    """Two chunks (the second starting mid-block) produce the rows one chunk produces: the block rule reads
+    pages and the own block, never the chunk boundary."""
     lay, h, g, d = PageLayout(16, 64), 1, 4, 64
-    cache, bt, tk, tv, ts, tails, dense = _setup(lay, h, [(2, 5)])
-    ctx = 2 * 16 + 5
+    cache, bt, tk, tv, ts, tails, dense = _setup(lay, h, [(3, 5)])  # pages 0-2: block 2 completes in the chunk
+    ctx = 16 + 5
     q, k, v = torch.randn(20, h * g, d), torch.randn(20, h, d), torch.randn(20, h, d)
-    full = paged.prefill_attention(
-        q,
-        k,
-        v,
-        cache,
-        lay,
-        bt,
-        torch.tensor([0, 20], dtype=torch.int32),
-        torch.tensor([ctx + 20], dtype=torch.int32),
-        tk,
-        tv,
-        ts,
-        tails,
-    )
-    tk2 = tk.clone()
-    tk2[0, 5:12], tv2 = k[:7], tv.clone()
-    tv2[0, 5:12] = v[:7]
-    second = paged.prefill_attention(
-        q[7:],
-        k[7:],
-        v[7:],
-        cache,
-        lay,
-        bt,
-        torch.tensor([0, 13], dtype=torch.int32),
-        torch.tensor([ctx + 20], dtype=torch.int32),
-        tk2,
-        tv2,
-        ts,
-        tails + 7,
-    )
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    full = paged.prefill_attention(q, k, v, cache, lay, bt, i32([0, 20]), i32([ctx + 20]), tk, tv, ts, tails)
+    tk2, tv2 = tk.clone(), tv.clone()  # the second chunk starts at 28: the tail holds positions 16 .. 27
+    tk2[0, 5:12], tv2[0, 5:12] = k[:7], v[:7]
+    second = paged.prefill_attention(q[7:], k[7:], v[7:], cache, lay, bt, i32([0, 13]), i32([ctx + 20]), tk2, tv2,
+                                     ts, tails + 7)
     torch.testing.assert_close(second, full[7:], atol=1e-5, rtol=1e-5)

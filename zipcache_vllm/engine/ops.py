@@ -31,11 +31,9 @@ class KernelOps:
       its pages and tail (the new token staged at row ``t0``), writing ``out``;
     * ``block_scores``, ``compress_slots``, ``compress_store``: as the twins (``block_probe_scores`` is the
       block rule's saliency of complete blocks);
-    * ``prefill_attention(query, key, value, max_query_len, **meta) -> out``: a chunk of queries over pages +
-      tail + itself (``max_query_len`` sizes the Triton grid);
-    * ``first_chunk_attention(query, key, value, starts, scale) -> out | None`` (``starts``: host chunk
-      offsets): plain causal attention of chunks with nothing before them (no pages, no tail) on the fastest
-      kernel present; None where there is none (then ``prefill_attention`` serves those chunks too);
+    * ``prefill_attention(query, key, value, max_query_len, **meta) -> out``: chunks of queries under the
+      block rule (pages of the earlier blocks, the own block's tail and tokens; ``max_query_len`` sizes the
+      Triton grid);
     """
 
     name: str
@@ -44,50 +42,10 @@ class KernelOps:
     compress_slots: Callable
     compress_store: Callable
     prefill_attention: Callable
-    first_chunk_attention: Callable | None = None
 
 
 def _prefill_torch(query, key, value, max_query_len, **meta):
     return paged.prefill_attention(query, key, value, **meta)
-
-
-def causal_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
-    """Causal attention of equal-length sequences ``query [b, num_heads, L, head_size]``, ``key / value [b,
-    num_kv_heads, L, head_size]`` with the row log-sum-exp, on the fastest kernel torch has here: cuDNN's
-    (259 us at 4k tokens of LLaMA3-8B heads on an H200, as fast as SDPA; FlashAttention-2 502 us:
-    benchmarks/probe_causal_kernels.py), else FlashAttention-2. Returns ``out [b, L, num_heads, head_size]``
-    and fp32 natural-log ``lse [b, num_heads, L]``, or None (CPU, fp32, no such kernel)."""
-    if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    key, value = key.to(query.dtype), value.to(query.dtype)
-    for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention"):
-        fn = getattr(torch.ops.aten, name, None)
-        if fn is None:
-            continue
-        try:
-            if name.endswith("cudnn_attention"):
-                res = fn(query, key, value, None, True, 0.0, True, False, scale=scale)
-            else:
-                res = fn(query, key, value, 0.0, True, False, scale=scale)
-        except RuntimeError:  # not in this build, or not for these shapes / heads: the next kernel
-            continue
-        lse = res[1].float()
-        return res[0].transpose(1, 2), lse.reshape(lse.shape[0], lse.shape[1], -1)[..., : query.shape[2]]
-    return None
-
-
-def _first_chunk(query, key, value, starts: list[int], scale):
-    """``first_chunk_attention`` on CUDA: :func:`causal_with_lse` per sequence (chunks ``starts[i] ..
-    starts[i + 1]`` of the token-major ``query [num_tokens, num_heads, head_size]``)."""
-    out = torch.empty_like(query)
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
-        if a == b:
-            continue
-        res = causal_with_lse(*(x[a:b].transpose(0, 1).unsqueeze(0) for x in (query, key, value)), scale)
-        if res is None:
-            return None
-        out[a:b] = res[0][0]
-    return out
 
 
 def _prefill_triton(query, key, value, max_query_len, **meta):
@@ -135,7 +93,6 @@ def kernel_ops(kernels: str) -> KernelOps:
             compress_slots=kernel_module("compress_store").compress_slots,
             compress_store=kernel_module("compress_store").compress_store,
             prefill_attention=_prefill_triton,
-            first_chunk_attention=_first_chunk,
         )
     if kernels in ("torch", "numba"):
         return KernelOps(

@@ -315,38 +315,44 @@ def prefill_attention(
     tail_lens: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """A chunk of new queries over pages + tail + the chunk itself (causal): ``out [num_tokens, num_heads,
-    head_size]`` fp32. Twin of ``kernels/prefill_attention``.
+    """A chunk of new queries per sequence under the block rule: ``out [num_tokens, num_heads, head_size]``
+    fp32. Twin of ``kernels/prefill_attention``.
+
+    A query at position ``p`` sees the pages of the blocks before its own (``p // block_size``) and the rows
+    of its own block up to ``p``: the tail staged before the chunk, then the chunk's tokens. (The kernel reads
+    the pages dequantized to the dtype of ``key`` on the GPU: one rounding more.)
 
     Parameters
     ----------
     query : ``[num_tokens, num_heads, head_size]``; key, value : ``[num_tokens, num_kv_heads, head_size]``,
         the chunk's own tokens (post-RoPE). query_start_loc : ``[num_seqs + 1]`` int.
     seq_lens : ``[num_seqs]``: tokens of the sequence including this chunk.
-    tail_* : as :func:`decode_attention`; ``tail_lens[s]`` tokens precede the chunk; sequence ``s`` has
-        ``(seq_lens[s] - query_len - tail_lens[s]) / block_size`` pages, all visible.
+    tail_* : as :func:`decode_attention`; ``tail_lens[s]`` (= ``ctx % block_size``, ``ctx`` the tokens before
+        the chunk) tokens precede the chunk; block table row ``s`` holds the pages of the first ``(seq_lens[s] -
+        1) // block_size`` blocks (those of the blocks the chunk completes included).
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     n = layout.block_size
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     for s in range(seq_lens.numel()):
         q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
-        ql, sl, tl_ = q1 - q0, int(seq_lens[s]), int(tail_lens[s])
+        ql, sl, t0 = q1 - q0, int(seq_lens[s]), int(tail_lens[s])
         if ql == 0:
             continue
         ctx = sl - ql
-        num_pages = (ctx - tl_) // n
-        pk, pv = _seq_kv(kv_cache, layout, block_table, s, num_pages, tail_key, tail_value, int(tail_slots[s]), tl_)
-        k = torch.cat([pk, key[q0:q1].float()])
-        v = torch.cat([pv, value[q0:q1].float()])
-        # SDPA (no [Hq, Tq, L] probability tensor); 4-D inputs take torch's fused CPU kernel (3-D ones its 6x
-        # slower math path); a chunk without a prefix is plain causal attention
-        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (query[q0:q1].float(), k, v))
-        if k.shape[0] == ql:
-            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, is_causal=True)
-        else:
-            kpos = torch.arange(k.shape[0], device=query.device)  # pages and tail first: positions < ctx
-            mask = kpos.view(1, -1) <= torch.arange(ctx, sl, device=query.device).view(-1, 1)
-            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, attn_mask=mask)
+        num_pages = (sl - 1) // n
+        if num_pages > block_table.shape[1]:
+            raise ValueError(f"sequence {s} reads {num_pages} pages, block_table has {block_table.shape[1]}")
+        pk, pv = dequantize_pages(kv_cache, block_table[s, :num_pages], layout, order="page")
+        kk = torch.cat([pk.flatten(0, 1), tail_key[int(tail_slots[s]), :t0].float(), key[q0:q1].float()])
+        vv = torch.cat([pv.flatten(0, 1), tail_value[int(tail_slots[s]), :t0].float(), value[q0:q1].float()])
+        pos = torch.arange(ctx, sl, device=query.device).view(-1, 1)
+        own = torch.div(pos, n, rounding_mode="floor") * n
+        page_pos = torch.arange(num_pages * n, device=query.device).view(1, -1)  # block of a page row: // n
+        x = torch.arange(ctx - t0, sl, device=query.device).view(1, -1)
+        mask = torch.cat([page_pos < own, (x >= own) & (x <= pos)], dim=1)
+        # SDPA (no [Hq, Tq, L] probability tensor); 4-D inputs take torch's fused CPU kernel
+        qh, kh, vh = (y.transpose(0, 1).unsqueeze(0) for y in (query[q0:q1].float(), kk, vv))
+        o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, attn_mask=mask)
         out[q0:q1] = o[0].transpose(0, 1)
     return out

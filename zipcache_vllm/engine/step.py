@@ -9,8 +9,8 @@ For every sequence of a batch (lengths as in :mod:`zipcache_vllm.engine.block_ma
    this step) and quantized once into its page, never re-quantized. This needs no attention, so it comes first:
    a sequence of the same step that shares the block (a prefix-cache hit) reads the page;
 2. **attend**: a query at position ``p`` sees the blocks before its own through their pages and its own block
-   (``p // block_size``) in bf16, up to ``p``, whatever the chunk it came in: a chunk is attended as one
-   sequence per block it touches (the kernels' contract: pages, then tail, then the chunk, causal). So the
+   (``p // block_size``) in bf16, up to ``p``, whatever the chunk it came in (``prefill_attention``'s
+   contract, in one launch for all chunks of the step on CUDA). So the
    output of a token, and with it the next layer's K/V and every page, is a function of the token prefix alone,
    not of the chunking, the batch or the load;
 3. **stage**: the remaining ``seq_len % block_size`` tokens and the queries of their probe rows go to the
@@ -113,7 +113,6 @@ class ChunkPlan:
     step, :func:`chunk_plan`). Token indices are into the step's ``query`` rows; ``flat`` staging indices are
     ``slot * block_size + row`` (K/V) and ``slot * num_probes + rank`` (probe queries)."""
 
-    vseqs: list[tuple[int, int, int, int]]  # attention: (seq, first position, end position, bf16 tail rows)
     seqs: list[int]  # the chunk sequences attended here (the rest are one-token rows of the CPU decode)
     num_blocks: int  # blocks completed in this step
     kv_stage_src: torch.Tensor  # compress: staged rows of those blocks ...
@@ -141,7 +140,7 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
         return cached
     n, plan = step.plan.block_size, step.plan
     p = num_block_probes(config, n)
-    vseqs, seqs = [], []
+    seqs = []
     kv = ([], [], [], [])  # stage_src, stage_dst, new_tok, new_dst
     pq = ([], [], [], [])
     offsets, last_tok, put_kv, put_kv_flat, put_pq, put_pq_flat = [], [], [], [], [], []
@@ -153,11 +152,6 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
         sl = ctx + ql
         if ql > 1 or kernel_rows:
             seqs.append(s)
-            a = ctx
-            while a < sl:  # one attention sequence per block the chunk touches
-                b = min(sl, (a // n + 1) * n)
-                vseqs.append((s, a, b, t0 if a == ctx else 0))
-                a = b
         for bi in range((ctx - t0) // n, sl // n):  # blocks completed in this step
             base = len(last_tok)
             mid = min(max(ctx - bi * n, 0), n)  # block offsets [0, mid) are staged, [mid, n) new in this step
@@ -188,7 +182,7 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
     dev = device
     long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
     cp = ChunkPlan(
-        vseqs=vseqs, seqs=seqs, num_blocks=len(last_tok),
+        seqs=seqs, num_blocks=len(last_tok),
         kv_stage_src=long(kv[0]), kv_stage_dst=long(kv[1]), kv_new_tok=long(kv[2]), kv_new_dst=long(kv[3]),
         pq_stage_src=long(pq[0]), pq_stage_dst=long(pq[1]), pq_new_tok=long(pq[2]), pq_new_dst=long(pq[3]),
         offsets=torch.tensor(offsets, dtype=torch.int32, device=dev).view(len(last_tok), p),
@@ -234,9 +228,9 @@ def zipcache_attention(
     layer_idx : unused by the block rule (its probes are the same in every layer). scale : softmax scale
         (default ``D ** -0.5``).
     out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch``, ``numba`` or ``triton``
-        (or a :class:`~zipcache_vllm.engine.ops.KernelOps`). On CUDA the first block of a prompt (nothing
-        before it) is attended by cuDNN's causal attention (``ops.first_chunk_attention``), the other blocks
-        of a chunk by ``kernels/prefill_attention`` over pages + tail + the block's tokens.
+        (or a :class:`~zipcache_vllm.engine.ops.KernelOps`). On CUDA the chunks are attended by
+        ``kernels/prefill_attention`` (the block rule: dequantized pages of the earlier blocks, then the own
+        block's bf16 tail and tokens, in one flash-attention launch).
 
     Returns
     -------
@@ -310,62 +304,45 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
 
 
 def _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, ops, scale, out) -> None:
-    """Kernel path: the chunks as one sequence per block (pages before it, its bf16 tail and tokens)."""
-    first, later = [], []
-    for i, (_s, a, _b, _t) in enumerate(cp.vseqs):
-        (first if a == 0 and ops.first_chunk_attention is not None else later).append(i)
-    for group in (first, later):
-        if not group:
-            continue
-        sub = _vsubset(step, cp, group, block_table, q.device)
-        tok = sub["tokens"]
-        qs, ks, vs = q[tok], k[tok], v[tok]
-        o = ops.first_chunk_attention(qs, ks, vs, sub["starts"], scale) if group is first else None
-        if o is None:
-            o = ops.prefill_attention(
-                qs, ks, vs, sub["max_query_len"], kv_cache=kv_cache, layout=layout, block_table=sub["block_table"],
-                query_start_loc=sub["query_start_loc"], seq_lens=sub["seq_lens"], tail_key=staging.key,
-                tail_value=staging.value, tail_slots=sub["tail_slots"], tail_lens=sub["tail_lens"], scale=scale,
-            )
-        out[tok] = o.to(out.dtype)
+    """Kernel path: the chunks in one ``prefill_attention`` launch (the block rule is the kernel's contract:
+    pages before each query's own block, its bf16 tail and tokens)."""
+    sub = _chunk_subset(step, cp, block_table, q.device)
+    tok = sub.pop("tokens")
+    o = ops.prefill_attention(q[tok], k[tok], v[tok], sub.pop("max_query_len"), kv_cache=kv_cache, layout=layout,
+                              tail_key=staging.key, tail_value=staging.value, scale=scale, **sub)
+    out[tok] = o.to(out.dtype)
 
 
-def _vsubset(step: Step, cp: ChunkPlan, group: list[int], block_table, device) -> dict:
-    """Metadata of the attention sequences ``cp.vseqs[group]`` (cached on the step: the same for every layer)."""
-    cache = step.__dict__.setdefault("_vsubsets", {})
-    key = tuple(group)
-    if key in cache:
-        return cache[key]
-    plan = step.plan
-    tokens, starts, seq_lens, tail_lens, tail_slots, rows = [], [0], [], [], [], []
-    for i in group:
-        s, a, b, tl_ = cp.vseqs[i]
-        t = step.query_start[s] + a - step.context_lens[s]
-        tokens.extend(range(t, t + b - a))
-        starts.append(starts[-1] + b - a)
-        seq_lens.append(b)
-        tail_lens.append(tl_)
-        tail_slots.append(plan.tail_slots[s] if tl_ else 0)
-        rows.append(s)
+def _chunk_subset(step: Step, cp: ChunkPlan, block_table, device) -> dict:
+    """Metadata of the chunk sequences ``cp.seqs`` as ``prefill_attention`` takes it (cached on the step: the
+    same for every layer); ``tokens``: their rows in the step."""
+    cached = step.__dict__.get("_chunk_subset")
+    if cached is not None:
+        return dict(cached)
+    plan, seqs = step.plan, cp.seqs
+    starts, tokens = [0], []
+    for s in seqs:
+        tokens.append(torch.arange(step.query_start[s], step.query_start[s + 1]))
+        starts.append(starts[-1] + step.query_lens[s])
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    rows = torch.tensor(seqs, dtype=torch.long, device=device)
     sub = {
-        "tokens": torch.tensor(tokens, dtype=torch.long, device=device),
-        "block_table": block_table.index_select(0, torch.tensor(rows, dtype=torch.long, device=device)),
+        "tokens": torch.cat(tokens).to(device),
+        "block_table": block_table.index_select(0, rows),
         "query_start_loc": i32(starts),
-        "seq_lens": i32(seq_lens),
-        "tail_slots": i32(tail_slots),
-        "tail_lens": i32(tail_lens),
-        "max_query_len": max(b - a for _, a, b, _ in (cp.vseqs[i] for i in group)),
-        "starts": starts,  # host copy of query_start_loc
+        "seq_lens": i32([step.context_lens[s] + step.query_lens[s] for s in seqs]),
+        "tail_slots": i32([max(plan.tail_slots[s], 0) for s in seqs]),
+        "tail_lens": i32([plan.tail_lens[s] for s in seqs]),
+        "max_query_len": max(step.query_lens[s] for s in seqs),
     }
-    cache[key] = sub
-    return sub
+    step.__dict__["_chunk_subset"] = sub
+    return dict(sub)
 
 
 def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, scale, out) -> None:
     """CPU path: each chunk in one masked SDPA over its dequantized pages, its bf16 tail and its tokens; query
-    ``p`` sees page rows of the blocks before its own and bf16 rows of its own block up to ``p`` (the same
-    semantics as :func:`_attend_blocks`)."""
+    ``p`` sees page rows of the blocks before its own and bf16 rows of its own block up to ``p`` (the
+    semantics of ``prefill_attention``, with the faster CPU dequantization)."""
     n, plan = layout.block_size, step.plan
     for s in cp.seqs:
         q0, ql, ctx = step.query_start[s], step.query_lens[s], step.context_lens[s]

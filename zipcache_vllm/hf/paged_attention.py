@@ -5,7 +5,7 @@ semantics of the vLLM backend (:mod:`zipcache_vllm.engine.step`):
 * **chunk (the prompt, or later tokens several at a time)**: the blocks the chunk completes are scored by the
   block rule (their own probe rows, ``ops.block_scores``) and compressed first (``compress_store``); then each
   query attends over the pages of the blocks before its own and the bf16 tokens of its own block up to itself
-  (``prefill_attention``, one sequence per block the chunk touches); the rest is staged in the tail, with the
+  (``prefill_attention``); the rest is staged in the tail, with the
   queries of its probe rows;
 * **decode (one token)**: the paged engine's decode step (:mod:`zipcache_vllm.engine.decode`, the one the vLLM
   backend runs): the token (and its query, when its position is a probe of its block) is staged, a tail that
@@ -119,37 +119,27 @@ class PagedAttention:
         return out
 
     def _attend_blocks(self, query, k, v, ctx, t0, scale):
-        """``prefill_attention`` over one sequence per (row, block the chunk touches): the pages before the
-        block, its bf16 tail (first block only) and the chunk's tokens in it."""
+        """``prefill_attention`` of the chunk, one sequence per row (the block rule is the kernel's contract:
+        the pages before each query's own block, the bf16 tail and the chunk's tokens in it)."""
         c = self.cache
-        n = c.layout.block_size
         b, hq, m, d = query.shape
         h = k.shape[1]
         dev = query.device
-        end = ctx + m
-        segs, a = [], ctx
-        while a < end:
-            e = min(end, (a // n + 1) * n)
-            segs.append((a, e, t0 if a == ctx else 0))
-            a = e
-        ns = len(segs)
-        lens = [e - a for a, e, _ in segs]
-        qsl = torch.tensor([0, *torch.tensor(lens * b).cumsum(0).tolist()], dtype=torch.int32, device=dev)
         i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
         meta = dict(
             kv_cache=self.pages,
             layout=c.layout,
-            block_table=c.block_table.repeat_interleave(ns, 0),
-            query_start_loc=qsl,
-            seq_lens=i32([e for _, e, _ in segs] * b),
+            block_table=c.block_table[:b],
+            query_start_loc=i32([r * m for r in range(b + 1)]),
+            seq_lens=i32([ctx + m] * b),
             tail_key=self.tail_key,
             tail_value=self.tail_value,
-            tail_slots=c.slots.repeat_interleave(ns),
-            tail_lens=i32([t for _, _, t in segs] * b),
+            tail_slots=c.slots[:b],
+            tail_lens=i32([t0] * b),
             scale=scale,
         )
         qf = query.transpose(1, 2).reshape(b * m, hq, d)
         kf = k.transpose(1, 2).reshape(b * m, h, d)
         vf = v.transpose(1, 2).reshape(b * m, h, d)
-        out = c.ops.prefill_attention(qf, kf, vf, max(lens), **meta)
+        out = c.ops.prefill_attention(qf, kf, vf, m, **meta)
         return out.to(query.dtype).view(b, m, hq, d)

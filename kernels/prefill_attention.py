@@ -55,7 +55,7 @@ def _dequantize_kernel(
     num_pages_ptr, page_start_ptr,  # int32 [num_seqs]: pages to dequantize, first scratch page of the sequence
     sk_ptr, sv_ptr, stride_s_head, stride_s_row,  # bf16 scratch [num_kv_heads, rows, D]
     TILES: tl.constexpr, V_TOK_BASE: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-    V_NORM_OFF: tl.constexpr, ASM: tl.constexpr,
+    V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr, ASM: tl.constexpr,
 ):
     p = tl.program_id(0)
     seq = tl.program_id(1)
@@ -85,7 +85,7 @@ def _dequantize_kernel(
             m = rmask[:, None]
             dst = (START + r)[:, None] * stride_s_row + dq[None, :]
             kp = cache_f16_ptr + hoff + K_PAR // 2 + dq
-            k0, k1, k2, k3 = load_quarters(cache_u8_ptr + base + K_OFF + r * (D * KB // 8), rmask, KB, D, True, ASM)
+            k0, k1, k2, k3 = load_quarters(cache_u8_ptr + base + K_OFF + r * (D * KB // 8), rmask, KB, D, DOT_FP32, ASM)
             ty = out_k.dtype.element_ty
             tl.store(out_k + dst, (k0.to(tl.float32) * tl.load(kp).to(tl.float32)[None, :]
                                    + tl.load(kp + D).to(tl.float32)[None, :]).to(ty), mask=m)
@@ -99,7 +99,7 @@ def _dequantize_kernel(
                      mask=m)
             vstep = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
             vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
-            v0, v1, v2, v3 = load_quarters(cache_u8_ptr + base + V_OFF + r * (D * VB // 8), rmask, VB, D, True, ASM)
+            v0, v1, v2, v3 = load_quarters(cache_u8_ptr + base + V_OFF + r * (D * VB // 8), rmask, VB, D, DOT_FP32, ASM)
             tl.store(out_v + dst, (tl.load(cn).to(tl.float32)[None, :] * (v0.to(tl.float32) * vstep + vmn))
                      .to(ty), mask=m)
             tl.store(out_v + dst + Q, (tl.load(cn + Q).to(tl.float32)[None, :] * (v1.to(tl.float32) * vstep + vmn))
@@ -248,6 +248,7 @@ def dequantize_pages(
             D=d,
             N=n,
             V_NORM_OFF=layout.v_norm_off,
+            DOT_FP32=interpreting(),
             ASM=not interpreting(),
             num_warps=4,
         )

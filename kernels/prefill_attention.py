@@ -49,11 +49,52 @@ SCRATCH_ROWS = 1 << 18  # dequantized rows per launch group (x num_kv_heads x he
 
 # fmt: off
 @triton.jit
+def _dequantize_tile(
+    cache_u8_ptr, cache_f16_ptr, base, out_k, out_v, stride_s_row,
+    VALID: tl.constexpr, ROWS: tl.constexpr, KB: tl.constexpr, K_OFF: tl.constexpr, K_PAR: tl.constexpr,
+    VB: tl.constexpr, V_OFF: tl.constexpr, V_TOK: tl.constexpr,  # one tile of layout.attention_tiles()
+    V_TOK_BASE: tl.constexpr, D: tl.constexpr, N: tl.constexpr, V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """Rows of one tile of a page, dequantized (``paged.dequantize_pages``) into page rows of the scratch."""
+    Q: tl.constexpr = D // 4
+    START: tl.constexpr = (V_TOK - V_TOK_BASE) // 2  # page row of the tile's first row
+    dq = tl.arange(0, Q)
+    hoff = base // 2
+    r = tl.arange(0, ROWS)
+    rmask = r < VALID
+    m = rmask[:, None]
+    dst = (START + r)[:, None] * stride_s_row + dq[None, :]
+    ty = out_k.dtype.element_ty
+    kp = cache_f16_ptr + hoff + K_PAR // 2 + dq
+    k0, k1, k2, k3 = load_quarters(cache_u8_ptr + base + K_OFF + r * (D * KB // 8), rmask, KB, D, DOT_FP32, ASM)
+    tl.store(out_k + dst, (k0.to(tl.float32) * tl.load(kp).to(tl.float32)[None, :]
+                           + tl.load(kp + D).to(tl.float32)[None, :]).to(ty), mask=m)
+    tl.store(out_k + dst + Q, (k1.to(tl.float32) * tl.load(kp + Q).to(tl.float32)[None, :]
+                               + tl.load(kp + D + Q).to(tl.float32)[None, :]).to(ty), mask=m)
+    tl.store(out_k + dst + 2 * Q, (k2.to(tl.float32) * tl.load(kp + 2 * Q).to(tl.float32)[None, :]
+                                   + tl.load(kp + D + 2 * Q).to(tl.float32)[None, :]).to(ty), mask=m)
+    tl.store(out_k + dst + 3 * Q, (k3.to(tl.float32) * tl.load(kp + 3 * Q).to(tl.float32)[None, :]
+                                   + tl.load(kp + D + 3 * Q).to(tl.float32)[None, :]).to(ty), mask=m)
+    cn = cache_f16_ptr + hoff + V_NORM_OFF // 2 + dq
+    vstep = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    v0, v1, v2, v3 = load_quarters(cache_u8_ptr + base + V_OFF + r * (D * VB // 8), rmask, VB, D, DOT_FP32, ASM)
+    tl.store(out_v + dst, (tl.load(cn).to(tl.float32)[None, :] * (v0.to(tl.float32) * vstep + vmn)).to(ty), mask=m)
+    tl.store(out_v + dst + Q, (tl.load(cn + Q).to(tl.float32)[None, :] * (v1.to(tl.float32) * vstep + vmn)).to(ty),
+             mask=m)
+    tl.store(out_v + dst + 2 * Q, (tl.load(cn + 2 * Q).to(tl.float32)[None, :]
+                                   * (v2.to(tl.float32) * vstep + vmn)).to(ty), mask=m)
+    tl.store(out_v + dst + 3 * Q, (tl.load(cn + 3 * Q).to(tl.float32)[None, :]
+                                   * (v3.to(tl.float32) * vstep + vmn)).to(ty), mask=m)
+
+
+@triton.jit
 def _dequantize_kernel(
     cache_u8_ptr, cache_f16_ptr, stride_c_block, stride_c_head,  # pages; strides in bytes
     block_table_ptr, stride_bt,  # int32 [num_seqs, max_blocks]
     num_pages_ptr, page_start_ptr,  # int32 [num_seqs]: pages to dequantize, first scratch page of the sequence
-    sk_ptr, sv_ptr, stride_s_head, stride_s_row,  # bf16 scratch [num_kv_heads, rows, D]
+    sk_ptr, sv_ptr, stride_s_head, stride_s_row,  # scratch [num_kv_heads, rows, D]
     TILES: tl.constexpr, V_TOK_BASE: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
     V_NORM_OFF: tl.constexpr, DOT_FP32: tl.constexpr, ASM: tl.constexpr,
 ):
@@ -63,51 +104,13 @@ def _dequantize_kernel(
     if p < tl.load(num_pages_ptr + seq):
         page = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + p).to(tl.int64)
         base = page * stride_c_block + kvh * stride_c_head
-        hoff = base // 2
         row0 = (tl.load(page_start_ptr + seq).to(tl.int64) + p) * N
-        Q: tl.constexpr = D // 4
-        dq = tl.arange(0, Q)
         out_k = sk_ptr + kvh * stride_s_head + row0 * stride_s_row
         out_v = sv_ptr + kvh * stride_s_head + row0 * stride_s_row
-        cn = cache_f16_ptr + hoff + V_NORM_OFF // 2 + dq
         for i in tl.static_range(len(TILES)):
-            VALID: tl.constexpr = TILES[i][0]
-            ROWS: tl.constexpr = TILES[i][1]
-            KB: tl.constexpr = TILES[i][2]
-            K_OFF: tl.constexpr = TILES[i][3]
-            K_PAR: tl.constexpr = TILES[i][4]
-            VB: tl.constexpr = TILES[i][5]
-            V_OFF: tl.constexpr = TILES[i][6]
-            V_TOK: tl.constexpr = TILES[i][7]
-            START: tl.constexpr = (V_TOK - V_TOK_BASE) // 2  # page row of the tile's first row
-            r = tl.arange(0, ROWS)
-            rmask = r < VALID
-            m = rmask[:, None]
-            dst = (START + r)[:, None] * stride_s_row + dq[None, :]
-            kp = cache_f16_ptr + hoff + K_PAR // 2 + dq
-            k0, k1, k2, k3 = load_quarters(cache_u8_ptr + base + K_OFF + r * (D * KB // 8), rmask, KB, D, DOT_FP32, ASM)
-            ty = out_k.dtype.element_ty
-            tl.store(out_k + dst, (k0.to(tl.float32) * tl.load(kp).to(tl.float32)[None, :]
-                                   + tl.load(kp + D).to(tl.float32)[None, :]).to(ty), mask=m)
-            tl.store(out_k + dst + Q, (k1.to(tl.float32) * tl.load(kp + Q).to(tl.float32)[None, :]
-                                       + tl.load(kp + D + Q).to(tl.float32)[None, :]).to(ty), mask=m)
-            tl.store(out_k + dst + 2 * Q, (k2.to(tl.float32) * tl.load(kp + 2 * Q).to(tl.float32)[None, :]
-                                           + tl.load(kp + D + 2 * Q).to(tl.float32)[None, :]).to(ty),
-                     mask=m)
-            tl.store(out_k + dst + 3 * Q, (k3.to(tl.float32) * tl.load(kp + 3 * Q).to(tl.float32)[None, :]
-                                           + tl.load(kp + D + 3 * Q).to(tl.float32)[None, :]).to(ty),
-                     mask=m)
-            vstep = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
-            vmn = tl.load(cache_f16_ptr + hoff + V_TOK // 2 + N + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
-            v0, v1, v2, v3 = load_quarters(cache_u8_ptr + base + V_OFF + r * (D * VB // 8), rmask, VB, D, DOT_FP32, ASM)
-            tl.store(out_v + dst, (tl.load(cn).to(tl.float32)[None, :] * (v0.to(tl.float32) * vstep + vmn))
-                     .to(ty), mask=m)
-            tl.store(out_v + dst + Q, (tl.load(cn + Q).to(tl.float32)[None, :] * (v1.to(tl.float32) * vstep + vmn))
-                     .to(ty), mask=m)
-            tl.store(out_v + dst + 2 * Q, (tl.load(cn + 2 * Q).to(tl.float32)[None, :]
-                                           * (v2.to(tl.float32) * vstep + vmn)).to(ty), mask=m)
-            tl.store(out_v + dst + 3 * Q, (tl.load(cn + 3 * Q).to(tl.float32)[None, :]
-                                           * (v3.to(tl.float32) * vstep + vmn)).to(ty), mask=m)
+            _dequantize_tile(cache_u8_ptr, cache_f16_ptr, base, out_k, out_v, stride_s_row, TILES[i][0], TILES[i][1],
+                             TILES[i][2], TILES[i][3], TILES[i][4], TILES[i][5], TILES[i][6], TILES[i][7],
+                             V_TOK_BASE, D, N, V_NORM_OFF, DOT_FP32, ASM)
 
 
 @triton.jit

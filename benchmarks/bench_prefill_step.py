@@ -48,16 +48,21 @@ from zipcache_vllm.method.saliency import num_block_probes
 H, HQ, D = 8, 32, 128
 
 
-def timed(fn, reps: int) -> tuple[float, float]:
+def timed(fn, reps: int, breakdown: dict | None = None) -> tuple[float, float]:
     """(GPU us, wall us) per call: the sum of the kernels' device time (torch profiler) and the eager wall
-    time with a sync per call (host work included: prefill steps run eagerly in vLLM)."""
+    time with a sync per call (host work included: prefill steps run eagerly in vLLM). ``breakdown``: filled
+    with the GPU us per call of each kernel (the 10 longest)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    gpu = sum(e.self_device_time_total for e in prof.key_averages()) / reps
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    gpu = sum(e.self_device_time_total for e in events) / reps
+    if breakdown is not None:
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:10]:
+            breakdown[e.key[:80]] = e.self_device_time_total / reps
     walls = []
     for _ in range(reps):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -107,8 +112,10 @@ def case(context: int, reps: int, sweep: bool = False) -> dict:
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
                                                                          enable_gqa=True),
     }
+    res["step_kernels_us"] = {}
     for name, fn in variants.items():
-        res[f"{name}_gpu_us"], res[f"{name}_wall_us"] = timed(fn, reps)
+        res[f"{name}_gpu_us"], res[f"{name}_wall_us"] = timed(fn, reps, res["step_kernels_us"] if name == "step"
+                                                              else None)
     res["overhead"] = res["step_gpu_us"] / res["sdpa_gpu_us"] - 1
     res["attention_vs_sdpa"] = res["attention_gpu_us"] / res["sdpa_gpu_us"]
     res["probe_compress_gpu_us"] = res["step_gpu_us"] - res["attention_gpu_us"]  # + staging copies
@@ -118,9 +125,8 @@ def case(context: int, reps: int, sweep: bool = False) -> dict:
     return res
 
 
-SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages) of kernels/prefill_attention
-    (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-    (64, 128, 4, 2),
+SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages) of kernels/prefill_attention (sass_prefill.py: no spills)
+    (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
 ]
 
 
@@ -188,8 +194,10 @@ def chunked_case(prefix: int, chunk: int, reps: int, sweep: bool = False) -> dic
                                                                          enable_gqa=True),
     }
     res = {"kernel": "chunked_prefill", "context": prefix, "chunk": chunk, "batch": 1}
+    res["step_kernels_us"] = {}
     for name, fn in variants.items():
-        res[f"{name}_gpu_us"], res[f"{name}_wall_us"] = timed(fn, reps)
+        res[f"{name}_gpu_us"], res[f"{name}_wall_us"] = timed(fn, reps, res["step_kernels_us"] if name == "step"
+                                                              else None)
     res["time_us"], res["baseline_time_us"] = res["attention_gpu_us"], res["sdpa_gpu_us"]
     res["speedup"] = res["sdpa_gpu_us"] / res["attention_gpu_us"]
     if sweep:
@@ -225,6 +233,9 @@ def main(argv=None) -> None:
         print(f"| {r['context']} | {r['step_gpu_us']:.0f} ({r['step_wall_us']:.0f}) | {r['attention_gpu_us']:.0f} "
               f"({r['attention_vs_sdpa']:.2f}x SDPA) | {r['probe_compress_gpu_us']:.0f} | "
               f"{r['sdpa_gpu_us']:.0f} ({r['sdpa_wall_us']:.0f}) | {r['overhead']:+.0%} |")
+    for r in records + chunked:
+        print(f"step kernels at {r['context']} (GPU us per call): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in r["step_kernels_us"].items()))
     for r in chunked:
         print(f"chunked prefill: {r['chunk']} queries over {r['context']} compressed tokens: attention "
               f"{r['attention_gpu_us']:.0f} us, step {r['step_gpu_us']:.0f} us ({r['step_wall_us']:.0f} wall), SDPA "

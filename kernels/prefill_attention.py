@@ -13,7 +13,7 @@ Two launches:
    tile, as a kernel folding the dequantization into the MMA would) keeps the tensor cores the only busy unit.
    Rows stay in page order: a block is fully visible or not at all, so the order inside it does not matter.
 2. ``_prefill_kernel``, a flash-attention forward (online softmax, ``tl.dot`` on bf16 tiles), grid
-   ``(query tiles, num_seqs, num_heads)``, longest tiles first. A tile of ``BLOCK_M`` queries walks (a) the
+   ``(num_heads, num_seqs, query tiles)``, the longest tiles of every head first. A tile of ``BLOCK_M`` queries walks (a) the
    scratch rows every one of its queries sees, unmasked, (b) the scratch rows of blocks some of its queries
    see (the block-causal edge, masked) and (c) the bf16 rows of its queries' own blocks (tail, then chunk),
    masked ``block start <= x <= p``.
@@ -124,13 +124,14 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 @triton.jit
 def _flash_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
     """One key tile ``k, v [BLOCK_N, D]`` (bf16) for the query tile ``q [BLOCK_M, D]``: online softmax in the
-    log2 domain, ``acc`` rescaled; ``visible [BLOCK_M, BLOCK_N]`` applies when ``MASKED``."""
-    s = _dot(q, tl.trans(k), DOT_FP32) * qk_scale
+    log2 domain (the scale folded into one FMA per score), ``acc`` rescaled; ``visible [BLOCK_M, BLOCK_N]``
+    applies when ``MASKED``."""
+    s = _dot(q, tl.trans(k), DOT_FP32)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0, not NaN
-    p = tl.exp2(s - m_ref[:, None])
+    p = tl.exp2(s * qk_scale - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     pv = _dot(p, v, DOT_FP32) if DOT_FP32 else tl.dot(p.to(v.dtype), v)  # interpreter: fp32 probabilities
@@ -152,9 +153,9 @@ def _prefill_kernel(
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    mt = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles first
+    hq = tl.program_id(0).to(tl.int64)  # heads vary fastest: the heads of a GQA group share K/V in L2
     seq = tl.program_id(1)
-    hq = tl.program_id(2).to(tl.int64)
+    mt = tl.num_programs(2) - 1 - tl.program_id(2)  # the longest (last) query tiles of all heads first
     kvh = hq // G
     q0 = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int64) - q0
@@ -259,11 +260,12 @@ def dequantize_pages(
 
 
 def _config(g: int, d: int, interp: bool) -> dict:
-    """Tile sizes and launch options: 128 x 64 tiles with 8 warps on the GPU (one wgmma M=128 tile per
-    warpgroup pair; BLOCK_N 64 keeps the fp32 scores and the [128, 128] accumulator in registers)."""
+    """Tile sizes and launch options: 128 x 128 tiles, 8 warps (two warpgroups of 64 query rows), 2 stages
+    on the GPU: the fastest of ``benchmarks/bench_prefill_step.py --sweep`` on the H200 at 4k, 16k and a 2k
+    chunk over 30k (LLaMA3-8B heads; 3 stages need 360 KB of shared memory at this size)."""
     if interp:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 128, "BLOCK_N": 64 if d >= 128 else 128, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
 
 
 def prefill_attention(
@@ -343,7 +345,7 @@ def prefill_attention(
         page_start = i32(starts)
         sk, sv = dequantize_pages(kv_cache, layout, block_table[a:b], i32(num_pages), page_start,
                                   sum(num_pages), max(num_pages), torch.float32 if interp else key.dtype)
-        _prefill_kernel[(triton.cdiv(max_query_len, cfg["BLOCK_M"]), b - a, num_heads)](
+        _prefill_kernel[(num_heads, b - a, triton.cdiv(max_query_len, cfg["BLOCK_M"]))](
             q_ptr=query,
             stride_q_tok=query.stride(0),
             stride_q_head=query.stride(1),

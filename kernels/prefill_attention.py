@@ -14,9 +14,9 @@ Two launches:
    Rows stay in page order: a block is fully visible or not at all, so the order inside it does not matter.
 2. ``_prefill_kernel``, a flash-attention forward (online softmax, ``tl.dot`` on bf16 tiles), grid
    ``(num_heads, num_seqs, query tiles)``, the longest tiles of every head first. A tile of ``BLOCK_M``
-   queries walks (a) the scratch rows every one of its queries sees, unmasked, (b) the scratch rows of blocks some of its queries
-   see (the block-causal edge, masked) and (c) the bf16 rows of its queries' own blocks (tail, then chunk),
-   masked ``block start <= x <= p``.
+   queries walks (a) the scratch rows every one of its queries sees, unmasked, (b) the scratch rows of
+   blocks some of its queries see (the block-causal edge, masked) and (c) the bf16 rows of its queries' own
+   blocks (tail, then chunk), masked ``block start <= x <= p``.
 
 It writes the output and each row's log-sum-exp (natural log).
 """

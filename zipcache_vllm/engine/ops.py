@@ -31,9 +31,9 @@ class KernelOps:
       its pages and tail (the new token staged at row ``t0``), writing ``out``;
     * ``block_scores``, ``compress_slots``, ``compress_store``: as the twins (``block_probe_scores`` is the
       block rule's saliency of complete blocks);
-    * ``prefill_attention(query, key, value, max_query_len, **meta) -> out``: chunks of queries under the
-      block rule (pages of the earlier blocks, the own block's tail and tokens; ``max_query_len`` sizes the
-      Triton grid);
+    * ``prefill_attention(query, key, value, max_query_len, out=None, **meta) -> out``: chunks of queries
+      under the block rule (pages of the earlier blocks, the own block's tail and tokens; ``max_query_len``
+      sizes the Triton grid; written into ``out`` when given);
     """
 
     name: str
@@ -44,13 +44,14 @@ class KernelOps:
     prefill_attention: Callable
 
 
-def _prefill_torch(query, key, value, max_query_len, **meta):
-    return paged.prefill_attention(query, key, value, **meta)
+def _prefill_torch(query, key, value, max_query_len, out=None, **meta):
+    res = paged.prefill_attention(query, key, value, **meta)
+    return res if out is None else out.copy_(res)
 
 
-def _prefill_triton(query, key, value, max_query_len, **meta):
+def _prefill_triton(query, key, value, max_query_len, out=None, **meta):
     return kernel_module("prefill_attention").prefill_attention(query, key, value, max_query_len=max_query_len,
-                                                                **meta)[0]
+                                                                out=out, **meta)[0]
 
 
 def _attend_torch(query, key, kv_cache, layout, rows, staging, scale, out) -> None:

@@ -118,6 +118,7 @@ class ChunkPlan:
     kv_stage_src: torch.Tensor  # compress: staged rows of those blocks ...
     kv_stage_dst: torch.Tensor  # ... and their rows in the [num_blocks * block_size] gather
     kv_new_tok: torch.Tensor  # tokens of this step in those blocks ...
+    kv_new_range: tuple[int, int] | None  # ... as the token range a .. b when the blocks are exactly those rows
     kv_new_dst: torch.Tensor
     pq_stage_src: torch.Tensor  # probe queries staged earlier ...
     pq_stage_dst: torch.Tensor  # ... and their rows in the [num_blocks * num_probes] gather
@@ -184,6 +185,7 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
     cp = ChunkPlan(
         seqs=seqs, num_blocks=len(last_tok),
         kv_stage_src=long(kv[0]), kv_stage_dst=long(kv[1]), kv_new_tok=long(kv[2]), kv_new_dst=long(kv[3]),
+        kv_new_range=_as_range(kv[2]) if not kv[0] and kv[3] == list(range(len(kv[3]))) else None,
         pq_stage_src=long(pq[0]), pq_stage_dst=long(pq[1]), pq_new_tok=long(pq[2]), pq_new_dst=long(pq[3]),
         offsets=torch.tensor(offsets, dtype=torch.int32, device=dev).view(len(last_tok), p),
         last_tok=long(last_tok), put_kv_tok=long(put_kv), put_kv_flat=long(put_kv_flat), put_pq_tok=long(put_pq),
@@ -191,6 +193,13 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
     )  # fmt: skip
     step.__dict__["_chunk_plan"] = cp
     return cp
+
+
+def _as_range(rows: list[int]) -> tuple[int, int] | None:
+    """``(a, b)`` when ``rows`` is ``a, a + 1, .., b - 1`` (a slice replaces a gather), else None."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return rows[0], rows[0] + len(rows)
+    return None
 
 
 def zipcache_attention(
@@ -281,12 +290,15 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
     h, d, hq = k.shape[1], k.shape[2], q.shape[1]
     p = cp.offsets.shape[1]
     dt = staging.key.dtype
-    bk = torch.empty(b * n, h, d, dtype=dt, device=k.device)
-    bv = torch.empty_like(bk)
-    for dst, src, flat in ((bk, k, staging.key), (bv, v, staging.value)):
-        if cp.kv_stage_src.numel():
-            dst.index_copy_(0, cp.kv_stage_dst, flat.view(-1, h, d).index_select(0, cp.kv_stage_src))
-        dst.index_copy_(0, cp.kv_new_dst, src.index_select(0, cp.kv_new_tok))
+    if cp.kv_new_range is not None:  # the blocks are consecutive rows of this step (a prompt): no copy
+        bk, bv = k[cp.kv_new_range[0] : cp.kv_new_range[1]], v[cp.kv_new_range[0] : cp.kv_new_range[1]]
+    else:
+        bk = torch.empty(b * n, h, d, dtype=dt, device=k.device)
+        bv = torch.empty_like(bk)
+        for dst, src, flat in ((bk, k, staging.key), (bv, v, staging.value)):
+            if cp.kv_stage_src.numel():
+                dst.index_copy_(0, cp.kv_stage_dst, flat.view(-1, h, d).index_select(0, cp.kv_stage_src))
+            dst.index_copy_(0, cp.kv_new_dst, src.index_select(0, cp.kv_new_tok))
     if config.saliency is Saliency.RANDOM:  # ablation, drawn as ZipCacheCompressor does for each segment
         scores = random_scores(config, 1, h, n)[0].T.repeat(b, 1).to(k.device)  # [b * n, h]
     else:
@@ -307,7 +319,12 @@ def _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan,
     """Kernel path: the chunks in one ``prefill_attention`` launch (the block rule is the kernel's contract:
     pages before each query's own block, its bf16 tail and tokens)."""
     sub = _chunk_subset(step, cp, block_table, q.device)
-    tok = sub.pop("tokens")
+    tok, span = sub.pop("tokens"), sub.pop("span")
+    if span is not None:  # the chunks are consecutive rows of the step (vLLM puts decodes first): views
+        a, b = span
+        ops.prefill_attention(q[a:b], k[a:b], v[a:b], sub.pop("max_query_len"), kv_cache=kv_cache, layout=layout,
+                              tail_key=staging.key, tail_value=staging.value, scale=scale, out=out[a:b], **sub)
+        return
     o = ops.prefill_attention(q[tok], k[tok], v[tok], sub.pop("max_query_len"), kv_cache=kv_cache, layout=layout,
                               tail_key=staging.key, tail_value=staging.value, scale=scale, **sub)
     out[tok] = o.to(out.dtype)
@@ -326,8 +343,10 @@ def _chunk_subset(step: Step, cp: ChunkPlan, block_table, device) -> dict:
         starts.append(starts[-1] + step.query_lens[s])
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     rows = torch.tensor(seqs, dtype=torch.long, device=device)
+    rows_ = torch.cat(tokens)
     sub = {
-        "tokens": torch.cat(tokens).to(device),
+        "tokens": rows_.to(device),
+        "span": _as_range(rows_.tolist()),
         "block_table": block_table.index_select(0, rows),
         "query_start_loc": i32(starts),
         "seq_lens": i32([step.context_lens[s] + step.query_lens[s] for s in seqs]),

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..method.config import Saliency, ZipCacheConfig
-from ..method.saliency import num_block_probes, random_scores
+from ..method.saliency import num_block_probes
 from . import cpu_decode
 from .block_manager import StepPlan
 from .decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores, probe_ranks
@@ -126,6 +126,7 @@ class ChunkPlan:
     pq_new_dst: torch.Tensor
     offsets: torch.Tensor  # int32 [num_blocks, num_probes]
     last_tok: torch.Tensor  # int64 [num_blocks]: the token holding each block's last position (its page id)
+    block_slots: torch.Tensor  # int64 [num_blocks]: the staging slot of each block's sequence
     put_kv_tok: torch.Tensor  # stage: tokens of the new tails ...
     put_kv_flat: torch.Tensor  # ... and where they go
     put_pq_tok: torch.Tensor  # queries of the new tails' probe rows ...
@@ -144,7 +145,7 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
     seqs = []
     kv = ([], [], [], [])  # stage_src, stage_dst, new_tok, new_dst
     pq = ([], [], [], [])
-    offsets, last_tok, put_kv, put_kv_flat, put_pq, put_pq_flat = [], [], [], [], [], []
+    offsets, last_tok, block_slots, put_kv, put_kv_flat, put_pq, put_pq_flat = [], [], [], [], [], [], []
     for s in range(plan.num_seqs):
         ql = step.query_lens[s]
         if ql == 0 or s < engine_rows:
@@ -170,6 +171,7 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
                     pq[3].append(base * p + rank)
             offsets.append(offs)
             last_tok.append(q0 + bi * n + n - 1 - ctx)
+            block_slots.append(max(slot, 0))
         if plan.new_tail_lens[s]:  # the new tail: its tokens from this step, and their probe rows
             bt = sl // n
             a = max(ctx, bt * n)
@@ -188,7 +190,8 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
         kv_new_range=_as_range(kv[2]) if not kv[0] and kv[3] == list(range(len(kv[3]))) else None,
         pq_stage_src=long(pq[0]), pq_stage_dst=long(pq[1]), pq_new_tok=long(pq[2]), pq_new_dst=long(pq[3]),
         offsets=torch.tensor(offsets, dtype=torch.int32, device=dev).view(len(last_tok), p),
-        last_tok=long(last_tok), put_kv_tok=long(put_kv), put_kv_flat=long(put_kv_flat), put_pq_tok=long(put_pq),
+        last_tok=long(last_tok), block_slots=long(block_slots), put_kv_tok=long(put_kv),
+        put_kv_flat=long(put_kv_flat), put_pq_tok=long(put_pq),
         put_pq_flat=long(put_pq_flat),
     )  # fmt: skip
     step.__dict__["_chunk_plan"] = cp
@@ -219,6 +222,7 @@ def zipcache_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     kernels: str = "torch",
+    random_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Store the new tokens and attend, for one layer and one step (module docstring).
 
@@ -240,6 +244,9 @@ def zipcache_attention(
         (or a :class:`~zipcache_vllm.engine.ops.KernelOps`). On CUDA the chunks are attended by
         ``kernels/prefill_attention`` (the block rule: dequantized pages of the earlier blocks, then the own
         block's bf16 tail and tokens, in one flash-attention launch).
+    random_scores : the random-saliency ablation's block scores ``[1 or num_slots, block_size,
+        num_kv_heads]`` by staging slot (default: :func:`~zipcache_vllm.engine.decode.fixed_scores`, one
+        draw for every block); unused by probe saliency.
 
     Returns
     -------
@@ -252,9 +259,11 @@ def zipcache_attention(
     if out is None:
         out = torch.empty_like(query)
     engine_rows = 0
+    if random_scores is None:
+        random_scores = fixed_scores(config, layout.block_size, key.shape[1], query.device)
     if step.decode_rows is not None:  # the leading one-token rows: the engine's decode step (graph-capturable)
-        random = fixed_scores(config, layout.block_size, key.shape[1], query.device)
-        decode_step(query, key, value, kv_cache, staging, step.decode_rows, layout, ops, config, scale, out, random)
+        decode_step(query, key, value, kv_cache, staging, step.decode_rows, layout, ops, config, scale, out,
+                    random_scores)
         if not step.others:
             return out
         engine_rows = step.num_decode_rows
@@ -263,9 +272,9 @@ def zipcache_attention(
     q, k, v = query[:num_tokens], key[:num_tokens].to(dt), value[:num_tokens].to(dt)
     cp = chunk_plan(step, config, engine_rows, is_kernel or step.decode is None, query.device)
     if cp.num_blocks:
-        _compress(q, k, v, kv_cache, slot_mapping, staging, cp, layout, config, ops, scale)
+        _compress(q, k, v, kv_cache, slot_mapping, staging, cp, layout, config, ops, scale, random_scores)
     if cp.seqs:
-        if is_kernel:
+        if is_kernel or q.device.type != "cpu":  # (the twins on a GPU: kernels="torch" there)
             _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp, layout, ops, scale, out)
         else:
             _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out)
@@ -283,7 +292,7 @@ def zipcache_attention(
     return out
 
 
-def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, config, ops, scale) -> None:
+def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, config, ops, scale, random) -> None:
     """Score (block rule) and compress the blocks completed in this step: their tokens and probe queries come
     from the staging slot (earlier steps) and from this step."""
     n, b = layout.block_size, cp.num_blocks
@@ -299,8 +308,8 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
             if cp.kv_stage_src.numel():
                 dst.index_copy_(0, cp.kv_stage_dst, flat.view(-1, h, d).index_select(0, cp.kv_stage_src))
             dst.index_copy_(0, cp.kv_new_dst, src.index_select(0, cp.kv_new_tok))
-    if config.saliency is Saliency.RANDOM:  # ablation, drawn as ZipCacheCompressor does for each segment
-        scores = random_scores(config, 1, h, n)[0].T.repeat(b, 1).to(k.device)  # [b * n, h]
+    if config.saliency is Saliency.RANDOM:  # ablation: the draw of each block's staging slot
+        scores = random.expand(staging.key.shape[0], -1, -1).index_select(0, cp.block_slots).reshape(b * n, h)
     else:
         pq = torch.empty(b * p, hq, d, dtype=dt, device=q.device)
         if cp.pq_stage_src.numel():

@@ -2,11 +2,11 @@
 launches they use (Triton on CUDA, the plain-torch twins of :mod:`zipcache_vllm.engine.paged` on CPU), with the
 semantics of the vLLM backend (:mod:`zipcache_vllm.engine.step`):
 
-* **chunk (the prompt, or later tokens several at a time)**: the blocks the chunk completes are scored by the
-  block rule (their own probe rows, ``ops.block_scores``) and compressed first (``compress_store``); then each
-  query attends over the pages of the blocks before its own and the bf16 tokens of its own block up to itself
-  (``prefill_attention``); the rest is staged in the tail, with the
-  queries of its probe rows;
+* **chunk (the prompt, or later tokens several at a time)**: the vLLM backend's step
+  (:func:`zipcache_vllm.engine.step.zipcache_attention`, each batch row a sequence in its own staging slot):
+  the blocks the chunk completes are scored by the block rule (their own probe rows) and compressed first;
+  then each query attends over the pages of the blocks before its own and the bf16 tokens of its own block up
+  to itself (``prefill_attention``); the rest is staged in the tail, with the queries of its probe rows;
 * **decode (one token)**: the paged engine's decode step (:mod:`zipcache_vllm.engine.decode`, the one the vLLM
   backend runs): the token (and its query, when its position is a probe of its block) is staged, a tail that
   becomes a complete block is scored and compressed, and the query attends over pages + tail.
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.decode import decode_step, probe_ranks
+from ..engine.decode import decode_step
 from ..engine.staging import Staging
+from ..engine.step import zipcache_attention
 from ..method.config import Saliency
 from ..method.saliency import num_block_probes
 
@@ -66,80 +67,26 @@ class PagedAttention:
         return out.unsqueeze(1)
 
     def _chunk(self, query, k, v, scale):
-        """Several new tokens (or a first one): compress the blocks they complete, attend block by block, stage
-        the rest (module docstring)."""
+        """Several new tokens (or a first one) per row: the vLLM backend's step
+        (:func:`zipcache_vllm.engine.step.zipcache_attention`) with row ``r`` as sequence ``r`` in staging
+        slot ``r``: it compresses the blocks the chunk completes, attends (block rule) and stages the rest."""
         c = self.cache
-        cfg, n = c.config, c.layout.block_size
+        n = c.layout.block_size
         b, hq, m, d = query.shape
         h = k.shape[1]
-        dev = query.device
         t0 = self.tail_len
-        ctx = self.num_pages * n + t0
-        end = ctx + m
-        qn = query.to(self.tail_key.dtype).transpose(1, 2)  # [b, m, hq, d]
-        kn, vn = k.transpose(1, 2), v.transpose(1, 2)  # [b, m, h, d] bf16
+        end = self.num_pages * n + t0 + m
         nc = end // n - self.num_pages  # blocks completed by this chunk
         if nc:
             c._ensure_capacity(self.num_pages + nc)
             self._ensure_pages()
-            bk = torch.cat([self.tail_key[:b, :t0], kn[:, : nc * n - t0]], 1)  # [b, nc * n, h, d]
-            bv = torch.cat([self.tail_value[:b, :t0], vn[:, : nc * n - t0]], 1)
-            if cfg.saliency is Saliency.RANDOM:  # the ablation, drawn as ZipCacheCompressor does for each segment
-                scores = c.random_scores(b, h, dev)[:b].repeat(1, nc, 1)
-            else:
-                pq, offs = [], []
-                for j in range(nc):
-                    bi = self.num_pages + j
-                    off, _ = probe_ranks(cfg, n, bi)
-                    rows = []
-                    for rank, o in enumerate(off):
-                        x = bi * n + o
-                        rows.append(self.probe_query[:b, rank] if x < ctx else qn[:, x - ctx])
-                    pq.append(torch.stack(rows, 1))
-                    offs.append(off)
-                pq = torch.stack(pq, 1).flatten(0, 1)  # [b * nc, P, hq, d]
-                offsets = torch.tensor(offs, dtype=torch.int32, device=dev).repeat(b, 1)
-                scores = torch.empty(b * nc, n, h, dtype=torch.float32, device=dev)
-                c.ops.block_scores(bk.reshape(b * nc, n, h, d), pq, offsets, torch.arange(b * nc, device=dev),
-                                   scores, cfg.normalizer, cfg.saliency, scale)
-            self._compress(bk, bv, scores.reshape(b, nc * n, h), nc)
-        out = self._attend_blocks(query, k, v, ctx, t0, scale)
-        # stage the new tail and the queries of its probe rows (attention read the old tail)
-        rest = end % n
-        if rest:
-            first = max(ctx, end - rest)
-            self.tail_key[:b, rest - (end - first) : rest] = kn[:, first - ctx :]
-            self.tail_value[:b, rest - (end - first) : rest] = vn[:, first - ctx :]
-            _, rank = probe_ranks(cfg, n, end // n)
-            for x in range(first, end):
-                r = rank.get(x % n)
-                if r is not None:
-                    self.probe_query[:b, r] = qn[:, x - ctx]
-        self.tail_len = rest
-        return out
-
-    def _attend_blocks(self, query, k, v, ctx, t0, scale):
-        """``prefill_attention`` of the chunk, one sequence per row (the block rule is the kernel's contract:
-        the pages before each query's own block, the bf16 tail and the chunk's tokens in it)."""
-        c = self.cache
-        b, hq, m, d = query.shape
-        h = k.shape[1]
-        dev = query.device
-        i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
-        meta = dict(
-            kv_cache=self.pages,
-            layout=c.layout,
-            block_table=c.block_table[:b],
-            query_start_loc=i32([r * m for r in range(b + 1)]),
-            seq_lens=i32([ctx + m] * b),
-            tail_key=self.tail_key,
-            tail_value=self.tail_value,
-            tail_slots=c.slots[:b],
-            tail_lens=i32([t0] * b),
-            scale=scale,
-        )
-        qf = query.transpose(1, 2).reshape(b * m, hq, d)
-        kf = k.transpose(1, 2).reshape(b * m, h, d)
-        vf = v.transpose(1, 2).reshape(b * m, h, d)
-        out = c.ops.prefill_attention(qf, kf, vf, m, **meta)
-        return out.to(query.dtype).view(b, m, hq, d)
+        meta = c.chunk_step(self.num_pages, t0, m)
+        out = torch.empty(b * m, hq, d, dtype=query.dtype, device=query.device)
+        random = c.random_scores(b, h, query.device) if c.config.saliency is Saliency.RANDOM else None
+        zipcache_attention(query.transpose(1, 2).reshape(b * m, hq, d), k.transpose(1, 2).reshape(b * m, h, d),
+                           v.transpose(1, 2).reshape(b * m, h, d), self.pages, c.block_table, meta["seq_lens"],
+                           meta["query_start_loc"], meta["slot_mapping"], self._staging(), meta["step"], c.layout,
+                           c.config, scale=scale, out=out, kernels=c.ops, random_scores=random)
+        self.num_pages += nc
+        self.tail_len = end % n
+        return out.view(b, m, hq, d)

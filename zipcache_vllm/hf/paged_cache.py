@@ -39,9 +39,11 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..engine.block_manager import StepPlan
 from ..engine.decode import DecodeBatch, probe_ranks
 from ..engine.layout import PageLayout
 from ..engine.ops import kernel_ops
+from ..engine.step import prepare_step
 from ..method.config import Granularity, KeyScheme, Selection, ZipCacheConfig
 from ..method.saliency import num_block_probes, random_scores
 from . import base as hf_base
@@ -119,16 +121,6 @@ class PagedLayer(PagedAttention, CacheLayerMixin):
         raise NotImplementedError("PagedZipCache does not support beam search")
 
     # -- storing -----------------------------------------------------------------------------------------
-    def _compress(self, kn, vn, scores, nc: int) -> None:
-        """Compress ``nc`` complete blocks per row (``kn, vn [b, nc * N, h, d]``, ``scores [b, nc * N, h]``)."""
-        c = self.cache
-        n = c.layout.block_size
-        b, _, h, d = kn.shape
-        ids = c.block_table[:, self.num_pages : self.num_pages + nc].reshape(-1).contiguous()
-        c.ops.compress_store(kn.reshape(b * nc * n, h, d), vn.reshape(b * nc * n, h, d),
-                         scores.reshape(b * nc * n, h).float().contiguous(), ids, self.pages, c.layout)
-        self.num_pages += nc
-
     def _ensure_pages(self) -> None:
         need = self.cache.capacity * self.tail_key.shape[0]
         if self.pages.shape[0] < need:
@@ -185,6 +177,7 @@ class PagedZipCache(hf_base.HandshakeCache):
         self.block_table = None  # int32 [batch, capacity]: block j of row r is page j * batch + r
         self.slots = None  # int32 [batch]: tail slot of each row (the row itself)
         self._meta_key = None
+        self._chunk_meta = None  # (key, metadata) of the last chunk step (chunk_step)
         self._decode: DecodeBatch | None = None
         self._random = None
         self._num_kv_heads = 0
@@ -238,6 +231,30 @@ class PagedZipCache(hf_base.HandshakeCache):
             )
             self._meta_key = key
         return self._decode.rows(self.block_table[:, : max(1, num_pages)])
+
+    def chunk_step(self, num_pages: int, tail_before: int, query_len: int) -> dict:
+        """Metadata of a chunk step for the engine's :func:`~zipcache_vllm.engine.step.zipcache_attention`:
+        ``query_len`` new tokens in every row after ``num_pages`` pages and ``tail_before`` tail tokens (row
+        ``r`` is sequence ``r``, staging slot ``r``, block ``j`` in page ``j * batch + r``); built once and
+        shared by all layers."""
+        key = ("chunk", num_pages, tail_before, query_len, self.capacity)
+        if self._chunk_meta is not None and self._chunk_meta[0] == key:
+            return self._chunk_meta[1]
+        b, n = self.slots.numel(), self.layout.block_size
+        dev = self.slots.device
+        ctx = num_pages * n + tail_before
+        end = ctx + query_len
+        plan = StepPlan(tail_slots=list(range(b)), tail_lens=[tail_before] * b, new_tail_lens=[end % n] * b,
+                        block_size=n)
+        qsl = torch.arange(b + 1, dtype=torch.int32, device=dev) * query_len
+        seq_lens = torch.full((b,), end, dtype=torch.int32, device=dev)
+        pos = torch.arange(ctx, end, device=dev)
+        rows = torch.arange(b, device=dev).view(-1, 1)
+        slot_mapping = (((pos // n) * b + rows) * n + pos % n).reshape(-1)  # page of block j in row r: j * b + r
+        meta = {"step": prepare_step(plan, qsl, seq_lens, device=dev), "query_start_loc": qsl, "seq_lens": seq_lens,
+                "slot_mapping": slot_mapping}  # fmt: skip
+        self._chunk_meta = (key, meta)
+        return meta
 
     def random_scores(self, batch: int, num_kv_heads: int, device) -> torch.Tensor:
         """The random-saliency ablation's scores of one block ``[batch + 1, block_size, num_kv_heads]`` (row

@@ -30,8 +30,12 @@ Geometry: LLaMA3-8B attention (32 query heads, 8 KV heads, head size 128), one l
   compared with a measured device copy (bytes read + written over time). v1 and v2 are checked against the
   torch twin (``paged.decode_attention``) at batch 2 / context 4k for both presets (``check`` in the JSON).
   A case that runs out of memory (or fails otherwise) is recorded with an ``error`` and the run goes on.
-* prefill overhead (layout r0.6), batch 1, 4k and 16k tokens: probe scores (5 % recent + 5 % random probes) +
-  compress/store of the complete blocks, relative to SDPA causal prefill; our own prefill attention too.
+* prefill overhead (layout r0.6), batch 1, 4k and 16k tokens: block-rule probe scores of the complete blocks +
+  their compress/store, relative to SDPA causal prefill; our own prefill attention (block rule: dequantize +
+  flash kernel) too;
+* chunked prefill (``vllm`` preset): 2048 queries over 30,720 compressed tokens through
+  ``bench_prefill_step.chunked_case`` (record ``chunked_prefill``: ``time_us`` our attention, ``baseline_time_us``
+  SDPA over as many bf16 keys, ``speedup``).
 * compress/store throughput (layout r0.6) on 4096 blocks x 8 heads.
 
 JSON: top level ``gpu, torch, triton, commit, date, command, reps, quick, model, layout`` (prefill/compress),
@@ -71,6 +75,7 @@ from zipcache_vllm.kernels.compress_store import compress_store
 from zipcache_vllm.kernels.decode_attention import choose_num_splits, decode_attention
 from zipcache_vllm.kernels.prefill_attention import prefill_attention
 
+from benchmarks.bench_prefill_step import chunked_case
 from benchmarks.page_gather import gather_bytes, page_gather
 from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.method import saliency
@@ -572,6 +577,11 @@ def other_tables(res) -> str:
                 f"{r['full_path_vs_sdpa']:.2f}x |"
             )
     for r in res["records"]:
+        if r["kernel"] == "chunked_prefill":
+            lines += ["", (f"chunked prefill: {r['chunk']} queries over {r['context']} compressed tokens: ours "
+                           f"{r['time_us']:.0f} us, SDPA over bf16 {r['baseline_time_us']:.0f} us: "
+                           f"{r['speedup']:.2f}x")]
+    for r in res["records"]:
         if r["kernel"] == "compress_store":
             lines += [
                 "",
@@ -684,6 +694,8 @@ def main() -> None:
     for n_tok in PREFILL_LENGTHS[:1] if args.quick else PREFILL_LENGTHS:
         torch.cuda.empty_cache()
         res["records"].append(prefill_case(layout, args.reps, n_tok))
+    if not args.quick:
+        res["records"].append(chunked_case(30720, 2048, args.reps))
     res["records"].append(bench_compress(layout, args.reps, COMPRESS_BLOCKS))
     res["seconds"] = time.time() - t0
     (out / "h200.json").write_text(json.dumps(res, indent=1))

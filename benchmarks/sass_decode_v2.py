@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
-import subprocess
-import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from zipcache_vllm.kernels import decode_v2
 
+from benchmarks._sass import compile_sm90
 from zipcache_vllm.engine.layout import PageLayout
 
 ALIGNED = ("stride_c_block", "stride_c_head", "stride_t_slot", "stride_t_tok", "stride_q_seq", "stride_o_seq")
@@ -50,19 +47,7 @@ def main() -> None:
     sig = {n: "constexpr" if n in ce else TYPES.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n in ALIGNED)}  # fmt: skip
-    c = triton.compile(GluonASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 1})  # fmt: skip
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(c.asm["ptx"])
-        with open(cubin, "wb") as f:
-            f.write(c.asm["cubin"])
-        info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin + "2"],
-                              capture_output=True, text=True).stderr  # fmt: skip
-        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-sass", cubin], capture_output=True,
-                              text=True).stdout  # fmt: skip
+    info, sass = compile_sm90(GluonASTSource(fn, sig, ce, attrs), num_warps=1)
     print(f"layout {layout.num_salient_k}/{layout.num_salient_v} rows, chunks {decode_v2.chunks(layout, a.max_chunk)}")
     print("\n".join(line for line in info.splitlines() if "registers" in line))
     ins = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()

@@ -9,36 +9,15 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
-import os
 import re
-import subprocess
-import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from benchmarks._sass import compile_sm90
 from benchmarks.bench_prefill_step import SWEEP
 
 TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "sk_ptr": "*bf16", "sv_ptr": "*bf16",
          "tk_ptr": "*bf16", "tv_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32", "qk_scale": "fp32"}  # fmt: skip
-
-
-def sass_of(fn, sig, ce, attrs, num_warps, num_stages):
-    c = triton.compile(ASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(c.asm["ptx"])
-        with open(cubin, "wb") as f:
-            f.write(c.asm["cubin"])
-        info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin + "2"],
-                              capture_output=True, text=True).stderr  # fmt: skip
-        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-sass", cubin], capture_output=True,
-                              text=True).stdout  # fmt: skip
-    return info, sass
 
 
 def main() -> None:
@@ -55,7 +34,7 @@ def main() -> None:
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
                  if sig[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride"))}  # fmt: skip
         try:
-            info, sass = sass_of(fn, sig, ce, attrs, w, st)
+            info, sass = compile_sm90(ASTSource(fn, sig, ce, attrs), num_warps=w, num_stages=st)
         except Exception as e:  # noqa: BLE001
             print(f"{bm}x{bn} w{w} s{st}: {type(e).__name__}: {str(e)[-300:]}")
             continue

@@ -259,7 +259,7 @@ def dequantize_pages(
     return sk, sv
 
 
-def _config(g: int, d: int, interp: bool) -> dict:
+def _config(interp: bool) -> dict:
     """Tile sizes and launch options: 128 x 128 tiles, 8 warps (two warpgroups of 64 query rows), 2 stages
     on the GPU: the fastest of ``benchmarks/bench_prefill_step.py --sweep`` on the H200 at 4k, 16k and a 2k
     chunk over 30k (LLaMA3-8B heads; 3 stages need 360 KB of shared memory at this size)."""
@@ -332,7 +332,7 @@ def prefill_attention(
     if not num_seqs or max_query_len <= 0:
         return out, lse
     interp = interpreting()
-    cfg = dict(_config(num_heads // h, d, interp), **(config or {}))
+    cfg = dict(_config(interp), **(config or {}))
     scale_ = d**-0.5 if scale is None else scale
     pages = [max(0, (x - 1) // n) for x in seq_lens.tolist()]
     check(max(pages) <= block_table.shape[1], "block_table is narrower than the pages the chunks read")

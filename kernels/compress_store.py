@@ -1,11 +1,14 @@
 """Compress complete blocks into mixed-precision pages: saliency ranking, ZC-3 keys, ZC-2 values, packing.
 
 Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
-One program per (block, KV head, K or V); one program per precision group measured slower on the H200
-(134 us against 111 us for the 32 blocks x 8 heads of a 4k prompt). Bit-exactness rests on the
-conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE division and square root (``div_rn`` /
-``sqrt_rn``), parameters rounded to fp16 before the codes, round-half-to-even, and no fused multiply-add
-(the kernel is launched with fp fusion off).
+One program per (block, KV head, K or V). A program loads its ``[block_size, head_size]`` tile once and quantizes
+every row with its own group's parameters in one pass: one IEEE division per key element and two per value
+element (normalizer, then step), where the first kernel ran one masked pass per precision group over the whole
+tile (twice the divisions and loads; 113 us for the 32 blocks x 8 heads of a 4k prompt on the H200). The codes
+of both bit widths are packed from the same code tile (:func:`_pack`), and each row is stored in its group's
+region. Bit-exactness rests on the conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE
+division and square root (``div_rn`` / ``sqrt_rn``), parameters rounded to fp16 before the codes,
+round-half-to-even, and no fused multiply-add (the kernel is launched with fp fusion off).
 """
 
 from __future__ import annotations
@@ -27,76 +30,77 @@ def _rint(y):
 
 
 @triton.jit
-def _load_group(x_ptr, stride_x_tok, t, tv, BITS: tl.constexpr, D: tl.constexpr):
-    """Rows ``t`` of one head as fp32 ``[N_PAD, PER, D/PER]`` with ``PER = 8 // BITS`` codes per byte: element
-    ``[., j, i]`` is channel ``ch[j, i]`` (value ``j`` of byte ``i``, paged.pack_row); padded rows load 0."""
-    PER: tl.constexpr = 8 // BITS
-    ch = tl.arange(0, PER)[:, None] * (D // PER) + tl.arange(0, D // PER)[None, :]
-    x = tl.load(x_ptr + t[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
+def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
+    """Rows ``tok`` of one head as fp32 ``[N_PAD, PL, D/PL]``: element ``[., j, i]`` is channel ``j * D/PL + i``,
+    the order in which a byte of ``PL`` codes holds its channels (paged.pack_row); padded rows load 0."""
+    ch = tl.arange(0, PL)[:, None] * (D // PL) + tl.arange(0, D // PL)[None, :]
+    x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     return x.to(tl.float32), ch
 
 
 @triton.jit
-def _quant_params(mn, mx, BITS: tl.constexpr):
-    """fp16 ``(step, mn)`` of the range ``[mn, mx]`` on ``2^BITS`` levels (``quant.EPS`` the smallest step)."""
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    return tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), EPS).to(tl.float16), mn.to(tl.float16)
+def _quant_params(mn, mx, QMAX):
+    """fp16 ``(step, mn)`` of the range ``[mn, mx]`` on ``QMAX + 1`` levels (``quant.EPS`` the smallest step)."""
+    return tl.maximum(tl.math.div_rn(mx - mn, QMAX), EPS).to(tl.float16), mn.to(tl.float16)
 
 
 @triton.jit
-def _store_codes(x, mn, step, member, row, cache_u8_ptr, page_off, BITS: tl.constexpr, D: tl.constexpr,
-                 CODE_OFF: tl.constexpr):  # fmt: skip
-    """Codes ``rint((x - mn) / step)`` clamped to ``[0, 2^BITS - 1]`` (``mn``, ``step`` fp32, broadcast to ``x``),
-    packed as :func:`_load_group` reads them; the rows of ``member`` go to page row ``row`` of the region."""
-    PER: tl.constexpr = 8 // BITS
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    i = tl.arange(0, D // PER)
-    j = tl.arange(0, PER)
-    y = tl.math.div_rn(x - mn, step)
-    code = tl.minimum(tl.maximum(_rint(y), 0.0), QMAX * 1.0).to(tl.int32)
-    packed = tl.sum(code << (j * BITS)[None, :, None], axis=1).to(tl.uint8)
-    tl.store(
-        cache_u8_ptr + page_off + CODE_OFF + row[:, None] * (D // PER) + i[None, :],
-        packed,
-        mask=member[:, None],
-    )
+def _codes(x, mn16, step16, qmax):
+    """``rint((x - mn) / step)`` clamped to ``[0, qmax]`` as int32 (operands broadcast to ``x``)."""
+    y = tl.math.div_rn(x - mn16.to(tl.float32), step16.to(tl.float32))
+    return tl.minimum(tl.maximum(_rint(y), 0.0), qmax).to(tl.int32)
 
 
 @triton.jit
-def _store_key_group(x_ptr, stride_x_tok, t, tv, member, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                     BITS: tl.constexpr, D: tl.constexpr, CODE_OFF: tl.constexpr, PAR_OFF: tl.constexpr):  # fmt: skip
-    """ZC-3: channelwise (step, mn) over the group's tokens; codes of the group's rows into its region."""
-    x, ch = _load_group(x_ptr, stride_x_tok, t, tv, BITS, D)
-    m3 = member[:, None, None]
-    mn = tl.min(tl.where(m3, x, _BIG), axis=0)
-    mx = tl.max(tl.where(m3, x, -_BIG), axis=0)
-    has = tl.sum(member.to(tl.int32), axis=0) > 0
-    step, mn16 = _quant_params(tl.where(has, mn, 0.0), tl.where(has, mx, 0.0), BITS)
-    hoff = page_off // 2
-    tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + ch, step)
-    tl.store(cache_f16_ptr + hoff + PAR_OFF // 2 + D + ch, mn16)
-    _store_codes(x, mn16.to(tl.float32)[None, :, :], step.to(tl.float32)[None, :, :], member, row, cache_u8_ptr,
-                 page_off, BITS, D, CODE_OFF)  # fmt: skip
+def _pack(code, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
+    """Bytes ``[N_PAD, D * BITS / 8]`` of a code tile ``[N_PAD, PL, D/PL]`` (channel ``j * D/PL + i``) at ``BITS``
+    bits: byte ``b`` holds channels ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte). With
+    ``j = a * (PL/P) + jj`` the byte of channel ``(a, jj, i)`` is ``jj * D/PL + i``: split ``j``, sum over ``a``."""
+    P: tl.constexpr = 8 // BITS
+    c4 = tl.reshape(code, (N_PAD, P, PL // P, D // PL))
+    shift = tl.arange(0, P) * BITS
+    packed = tl.sum(c4 << shift[None, :, None, None], axis=1)  # disjoint bits: the sum is the bitwise or
+    return tl.reshape(packed, (N_PAD, D // P)).to(tl.uint8)
 
 
 @triton.jit
-def _store_value_group(x_ptr, stride_x_tok, t, tv, member, slot, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                       BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr, CODE_OFF: tl.constexpr,
-                       NORM_OFF: tl.constexpr, TOK_OFF: tl.constexpr, STORE_NORM: tl.constexpr):  # fmt: skip
-    """ZC-2: c = sqrt(max |x|) per channel over all tokens, then per-token (step, mn) of x / c."""
-    x, ch = _load_group(x_ptr, stride_x_tok, t, tv, BITS, D)
-    amax = tl.max(tl.abs(x), axis=0)  # padded tokens load 0: neutral for max |x|
-    c = tl.math.sqrt_rn(amax).to(tl.float16)
-    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
-    hoff = page_off // 2
-    if STORE_NORM:
-        tl.store(cache_f16_ptr + hoff + NORM_OFF // 2 + ch, c)
-    xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
-    step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), BITS)
-    tl.store(cache_f16_ptr + hoff + TOK_OFF // 2 + slot, step, mask=member)
-    tl.store(cache_f16_ptr + hoff + TOK_OFF // 2 + N + slot, mn16, mask=member)
-    _store_codes(xn, mn16.to(tl.float32)[:, None, None], step.to(tl.float32)[:, None, None], member, row,
-                 cache_u8_ptr, page_off, BITS, D, CODE_OFF)  # fmt: skip
+def _store_rows(packed, member, row, cache_u8_ptr, off, BITS: tl.constexpr, D: tl.constexpr):
+    """Packed rows of ``member`` to page rows ``row`` of the region at byte offset ``off``."""
+    RB: tl.constexpr = D * BITS // 8
+    b = tl.arange(0, RB)
+    tl.store(cache_u8_ptr + off + row[:, None] * RB + b[None, :], packed, mask=member[:, None])
+
+
+@triton.jit
+def _top(s, t, tv, S: tl.constexpr):
+    """Tokens among the ``S`` largest scores, ties to the earlier token (the twin's stable descending sort):
+    the ``S``-th largest score from one bitonic sort, every token above it, and the earliest tokens equal
+    to it until ``S`` are taken. O(N log^2 N) instead of the O(N^2) rank of every token."""
+    if S == 0:
+        return t < 0
+    sm = tl.where(tv, s, float("-inf"))
+    thr = tl.max(tl.where(t == S - 1, tl.sort(sm, descending=True), float("-inf")), axis=0)
+    above = (sm > thr) & tv
+    tie = (sm == thr) & tv
+    need = S - tl.sum(above.to(tl.int32), axis=0)
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+
+
+@triton.jit
+def _page_rows(s, t, tv, SK: tl.constexpr, SV: tl.constexpr):
+    """``(key salient, value salient, page row)`` of every token: tiers A (both salient), B (one), C (none),
+    each in token order (layout.py); a token's row = the sizes of the earlier tiers + its place in its tier."""
+    ksal = _top(s, t, tv, SK)
+    vsal = _top(s, t, tv, SV)
+    a = ksal & vsal
+    b = (ksal ^ vsal) & tv
+    c = tv & ~(ksal | vsal)
+    na = tl.sum(a.to(tl.int32), axis=0)
+    nb = tl.sum(b.to(tl.int32), axis=0)
+    ra = tl.cumsum(a.to(tl.int32), axis=0) - 1
+    rb = na + tl.cumsum(b.to(tl.int32), axis=0) - 1
+    rc = na + nb + tl.cumsum(c.to(tl.int32), axis=0) - 1
+    return ksal, vsal, tl.where(a, ra, tl.where(b, rb, rc))
 
 
 @triton.jit
@@ -153,43 +157,48 @@ def _compress_store_kernel(
     if NORMALIZE:
         cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
         s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
-    later = t[None, :] < t[:, None]  # [t, u]: u comes before t
-    ahead = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & later)
-    rank = tl.sum((ahead & tv[None, :]).to(tl.int32), axis=1)
-    ksal = (rank < SK) & tv
-    vsal = (rank < SV) & tv
-    # -- page row: tier (A both salient, B one, C none), then token order (layout.py) ----
-    tier = (rank >= SK).to(tl.int32) + (rank >= SV).to(tl.int32)
-    before = (tier[None, :] < tier[:, None]) | ((tier[None, :] == tier[:, None]) & later)
-    row = tl.sum((before & tv[None, :]).to(tl.int32), axis=1)
-    if tl.program_id(2) == 0:  # -- keys: one group per precision ----
-        _store_keys(key_ptr + head * stride_x_head, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr,
-                    page_off, BH, BL, D, SK, K_HI_OFF, K_LO_OFF, K_PAR_OFF)  # fmt: skip
-    else:  # -- values, and the bitmaps ----
-        _store_values(value_ptr + head * stride_x_head, stride_x_tok, tok, tv, vsal, row, cache_u8_ptr, cache_f16_ptr,
-                      page_off, BH, BL, D, N, SV, V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF)  # fmt: skip
+    ksal, vsal, row = _page_rows(s, t, tv, SK, SV)
+    PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
+    hoff = page_off // 2
+    if tl.program_id(2) == 0:  # -- keys (ZC-3): channelwise (step, mn) per precision group ----
+        sal = ksal
+        reg = tv & ~sal
+        x, ch = _load_tile(key_ptr + head * stride_x_head, stride_x_tok, tok, tv, D, PL)
+        s3 = sal[:, None, None]
+        r3 = reg[:, None, None]
+        has_s = tl.sum(sal.to(tl.int32), axis=0) > 0
+        has_r = tl.sum(reg.to(tl.int32), axis=0) > 0
+        mn_s = tl.where(has_s, tl.min(tl.where(s3, x, _BIG), axis=0), 0.0)
+        mx_s = tl.where(has_s, tl.max(tl.where(s3, x, -_BIG), axis=0), 0.0)
+        mn_r = tl.where(has_r, tl.min(tl.where(r3, x, _BIG), axis=0), 0.0)
+        mx_r = tl.where(has_r, tl.max(tl.where(r3, x, -_BIG), axis=0), 0.0)
+        step_s, mn16_s = _quant_params(mn_s, mx_s, (1 << BH) - 1.0)
+        step_r, mn16_r = _quant_params(mn_r, mx_r, (1 << BL) - 1.0)
+        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
+        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
+        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
+        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
+        code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
+                      tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
+                      tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
+        _store_rows(_pack(code, BH, N_PAD, D, PL), sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, D)
+        _store_rows(_pack(code, BL, N_PAD, D, PL), reg, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, D)
+    else:  # -- values (ZC-2): c = sqrt(max |x|) per channel over the block, then per-token (step, mn) of x / c ----
+        sal = vsal
+        reg = tv & ~sal
+        x, ch = _load_tile(value_ptr + head * stride_x_head, stride_x_tok, tok, tv, D, PL)
+        c = tl.math.sqrt_rn(tl.max(tl.abs(x), axis=0)).to(tl.float16)  # padded rows load 0: neutral for max |x|
+        c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
+        tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
+        xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
+        qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
+        step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax)
+        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=tv)
+        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=tv)
+        code = _codes(xn, mn16[:, None, None], step[:, None, None], qmax[:, None, None])
+        _store_rows(_pack(code, BH, N_PAD, D, PL), sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, D)
+        _store_rows(_pack(code, BL, N_PAD, D, PL), reg, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, D)
         _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
-
-
-@triton.jit
-def _store_keys(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                BH: tl.constexpr, BL: tl.constexpr, D: tl.constexpr, SK: tl.constexpr,
-                K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr):  # fmt: skip
-    _store_key_group(kx, stride_x_tok, tok, tv, ksal, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                     BH, D, K_HI_OFF, K_PAR_OFF)  # fmt: skip
-    _store_key_group(kx, stride_x_tok, tok, tv, tv & ~ksal, row - SK, cache_u8_ptr, cache_f16_ptr, page_off,
-                     BL, D, K_LO_OFF, K_PAR_OFF + 4 * D)  # fmt: skip
-
-
-@triton.jit
-def _store_values(vx, stride_x_tok, tok, tv, vsal, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                  BH: tl.constexpr, BL: tl.constexpr, D: tl.constexpr, N: tl.constexpr, SV: tl.constexpr,
-                  V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
-                  V_TOK_OFF: tl.constexpr):  # fmt: skip
-    _store_value_group(vx, stride_x_tok, tok, tv, vsal, row, row, cache_u8_ptr, cache_f16_ptr, page_off,
-                       BH, D, N, V_HI_OFF, V_NORM_OFF, V_TOK_OFF, True)  # fmt: skip
-    _store_value_group(vx, stride_x_tok, tok, tv, tv & ~vsal, row, row - SV, cache_u8_ptr, cache_f16_ptr,
-                       page_off, BL, D, N, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, False)  # fmt: skip
 
 
 @triton.jit
@@ -247,8 +256,21 @@ def compress_store(
     check_cache(kv_cache, layout, h, dev)
     if nb == 0:
         return
-    _launch(key, value, scores, scores.stride(0) * n, scores.stride(0), scores.stride(1), None, 0, block_ids,
-            None, kv_cache, layout, num_warps)
+    _launch(
+        key,
+        value,
+        scores,
+        scores.stride(0) * n,
+        scores.stride(0),
+        scores.stride(1),
+        None,
+        0,
+        block_ids,
+        None,
+        kv_cache,
+        layout,
+        num_warps,
+    )
 
 
 def compress_slots(
@@ -277,10 +299,14 @@ def compress_slots(
     dev = tail_key.device
     check_tensor(tail_key, "tail_key", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
     check_tensor(tail_value, "tail_value", 4, (tail_key.dtype,), dev)
-    check(tail_key.is_contiguous() and tail_value.is_contiguous() and tail_key.shape == tail_value.shape,
-          "tail_key and tail_value must be contiguous and of one shape")
-    check(tuple(tail_key.shape[1:]) == (n, kv_cache.shape[1], d),
-          f"tail_key must be [num_slots, {n}, {kv_cache.shape[1]}, {d}], got {tuple(tail_key.shape)}")
+    check(
+        tail_key.is_contiguous() and tail_value.is_contiguous() and tail_key.shape == tail_value.shape,
+        "tail_key and tail_value must be contiguous and of one shape",
+    )
+    check(
+        tuple(tail_key.shape[1:]) == (n, kv_cache.shape[1], d),
+        f"tail_key must be [num_slots, {n}, {kv_cache.shape[1]}, {d}], got {tuple(tail_key.shape)}",
+    )
     h = tail_key.shape[2]
     check_tensor(scores, "scores", 3, (torch.float32,), dev)
     check(tuple(scores.shape[1:]) == (n, h), f"scores must be [num_slots, {n}, {h}], got {tuple(scores.shape)}")
@@ -294,9 +320,21 @@ def compress_slots(
     if block_ids.numel() == 0:
         return
     key = tail_key.view(-1, h, d)
-    _launch(key, tail_value.view(-1, h, d), scores, scores.stride(0), scores.stride(1), scores.stride(2),
-            score_count, 0 if score_count is None else score_count.stride(0), block_ids, slots, kv_cache, layout,
-            num_warps)
+    _launch(
+        key,
+        tail_value.view(-1, h, d),
+        scores,
+        scores.stride(0),
+        scores.stride(1),
+        scores.stride(2),
+        score_count,
+        0 if score_count is None else score_count.stride(0),
+        block_ids,
+        slots,
+        kv_cache,
+        layout,
+        num_warps,
+    )
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,

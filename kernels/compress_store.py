@@ -30,10 +30,11 @@ def _rint(y):
 
 
 @triton.jit
-def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
-    """Rows ``tok`` of one head as fp32 ``[N_PAD, PL, D/PL]``: element ``[., j, i]`` is channel ``j * D/PL + i``,
-    the order in which a byte of ``PL`` codes holds its channels (paged.pack_row); padded rows load 0."""
-    ch = tl.arange(0, PL)[:, None] * (D // PL) + tl.arange(0, D // PL)[None, :]
+def _load_slice(x_ptr, stride_x_tok, tok, tv, i0, D: tl.constexpr, PL: tl.constexpr, IC: tl.constexpr):
+    """Rows ``tok`` of one head, channels ``j * D/PL + i0 + i`` (``j < PL``, ``i < IC``) as fp32 ``[N_PAD, PL, IC]``:
+    a slice of the order in which a byte of ``PL`` codes holds its channels (paged.pack_row), so the codes of a
+    slice pack into whole bytes; padded rows load 0."""
+    ch = tl.arange(0, PL)[:, None] * (D // PL) + i0 + tl.arange(0, IC)[None, :]
     x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     return x.to(tl.float32), ch
 
@@ -52,23 +53,19 @@ def _codes(x, mn16, step16, qmax):
 
 
 @triton.jit
-def _pack(code, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
-    """Bytes ``[N_PAD, D * BITS / 8]`` of a code tile ``[N_PAD, PL, D/PL]`` (channel ``j * D/PL + i``) at ``BITS``
-    bits: byte ``b`` holds channels ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte). With
-    ``j = a * (PL/P) + jj`` the byte of channel ``(a, jj, i)`` is ``jj * D/PL + i``: split ``j``, sum over ``a``."""
+def _store_packed(code, member, row, cache_u8_ptr, off, i0, BITS: tl.constexpr, N_PAD: tl.constexpr,
+                  D: tl.constexpr, PL: tl.constexpr, IC: tl.constexpr):  # fmt: skip
+    """Pack a code slice ``[N_PAD, PL, IC]`` (channel ``j * D/PL + i0 + i``) at ``BITS`` bits and store the rows of
+    ``member`` at page rows ``row`` of the region at byte offset ``off``. A byte ``b`` of a row holds channels
+    ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte); with ``j = a * (PL/P) + jj`` the
+    byte of channel ``(a, jj, i)`` is ``jj * D/PL + i0 + i``: split ``j``, sum over ``a``."""
     P: tl.constexpr = 8 // BITS
-    c4 = tl.reshape(code, (N_PAD, P, PL // P, D // PL))
+    c4 = tl.reshape(code, (N_PAD, P, PL // P, IC))
     shift = tl.arange(0, P) * BITS
-    packed = tl.sum(c4 << shift[None, :, None, None], axis=1)  # disjoint bits: the sum is the bitwise or
-    return tl.reshape(packed, (N_PAD, D // P)).to(tl.uint8)
-
-
-@triton.jit
-def _store_rows(packed, member, row, cache_u8_ptr, off, BITS: tl.constexpr, D: tl.constexpr):
-    """Packed rows of ``member`` to page rows ``row`` of the region at byte offset ``off``."""
+    packed = tl.sum(c4 << shift[None, :, None, None], axis=1).to(tl.uint8)  # disjoint bits: sum = bitwise or
+    byte = tl.arange(0, PL // P)[:, None] * (D // PL) + i0 + tl.arange(0, IC)[None, :]
     RB: tl.constexpr = D * BITS // 8
-    b = tl.arange(0, RB)
-    tl.store(cache_u8_ptr + off + row[:, None] * RB + b[None, :], packed, mask=member[:, None])
+    tl.store(cache_u8_ptr + off + row[:, None, None] * RB + byte[None, :, :], packed, mask=member[:, None, None])
 
 
 @triton.jit
@@ -138,6 +135,7 @@ def _compress_store_kernel(
     MASK_OFF: tl.constexpr,
     FROM_SLOTS: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    IC: tl.constexpr,  # byte columns per slice: a slice is IC * 8 / BL channels
 ):
     blk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -158,47 +156,62 @@ def _compress_store_kernel(
         cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
         s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
     ksal, vsal, row = _page_rows(s, t, tv, SK, SV)
-    PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
+    PL: tl.constexpr = 8 // BL  # slices follow the low width's channel order (more codes per byte)
     hoff = page_off // 2
     if tl.program_id(2) == 0:  # -- keys (ZC-3): channelwise (step, mn) per precision group ----
-        sal = ksal
-        reg = tv & ~sal
-        x, ch = _load_tile(key_ptr + head * stride_x_head, stride_x_tok, tok, tv, D, PL)
-        s3 = sal[:, None, None]
+        reg = tv & ~ksal
+        s3 = ksal[:, None, None]
         r3 = reg[:, None, None]
-        has_s = tl.sum(sal.to(tl.int32), axis=0) > 0
+        has_s = tl.sum(ksal.to(tl.int32), axis=0) > 0
         has_r = tl.sum(reg.to(tl.int32), axis=0) > 0
-        mn_s = tl.where(has_s, tl.min(tl.where(s3, x, _BIG), axis=0), 0.0)
-        mx_s = tl.where(has_s, tl.max(tl.where(s3, x, -_BIG), axis=0), 0.0)
-        mn_r = tl.where(has_r, tl.min(tl.where(r3, x, _BIG), axis=0), 0.0)
-        mx_r = tl.where(has_r, tl.max(tl.where(r3, x, -_BIG), axis=0), 0.0)
-        step_s, mn16_s = _quant_params(mn_s, mx_s, (1 << BH) - 1.0)
-        step_r, mn16_r = _quant_params(mn_r, mx_r, (1 << BL) - 1.0)
-        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
-        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
-        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
-        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
-        code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
-                      tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
-                      tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
-        _store_rows(_pack(code, BH, N_PAD, D, PL), sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, D)
-        _store_rows(_pack(code, BL, N_PAD, D, PL), reg, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, D)
+        for i0 in tl.range(0, D // PL, IC):
+            x, ch = _load_slice(key_ptr + head * stride_x_head, stride_x_tok, tok, tv, i0, D, PL, IC)
+            mn_s = tl.where(has_s, tl.min(tl.where(s3, x, _BIG), axis=0), 0.0)
+            mx_s = tl.where(has_s, tl.max(tl.where(s3, x, -_BIG), axis=0), 0.0)
+            mn_r = tl.where(has_r, tl.min(tl.where(r3, x, _BIG), axis=0), 0.0)
+            mx_r = tl.where(has_r, tl.max(tl.where(r3, x, -_BIG), axis=0), 0.0)
+            step_s, mn16_s = _quant_params(mn_s, mx_s, (1 << BH) - 1.0)
+            step_r, mn16_r = _quant_params(mn_r, mx_r, (1 << BL) - 1.0)
+            tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
+            tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
+            tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
+            tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
+            code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
+                          tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
+                          tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
+            _store_packed(code, ksal, row, cache_u8_ptr, page_off + K_HI_OFF, i0, BH, N_PAD, D, PL, IC)
+            _store_packed(code, reg, row - SK, cache_u8_ptr, page_off + K_LO_OFF, i0, BL, N_PAD, D, PL, IC)
     else:  # -- values (ZC-2): c = sqrt(max |x|) per channel over the block, then per-token (step, mn) of x / c ----
-        sal = vsal
-        reg = tv & ~sal
-        x, ch = _load_tile(value_ptr + head * stride_x_head, stride_x_tok, tok, tv, D, PL)
-        c = tl.math.sqrt_rn(tl.max(tl.abs(x), axis=0)).to(tl.float16)  # padded rows load 0: neutral for max |x|
-        c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
-        tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
-        xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
-        qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
-        step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax)
+        reg = tv & ~vsal
+        vx = value_ptr + head * stride_x_head
+        mn = tl.full((N_PAD,), _BIG, tl.float32)
+        mx = tl.full((N_PAD,), -_BIG, tl.float32)
+        for i0 in tl.range(0, D // PL, IC):  # pass 1: normalizers, and each token's range over all channels
+            x, ch = _load_slice(vx, stride_x_tok, tok, tv, i0, D, PL, IC)
+            c = _normalizer(x)
+            tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
+            xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
+            mn = tl.minimum(mn, tl.min(tl.min(xn, axis=2), axis=1))
+            mx = tl.maximum(mx, tl.max(tl.max(xn, axis=2), axis=1))
+        qmax = tl.where(vsal, (1 << BH) - 1.0, (1 << BL) - 1.0)
+        step, mn16 = _quant_params(mn, mx, qmax)
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=tv)
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=tv)
-        code = _codes(xn, mn16[:, None, None], step[:, None, None], qmax[:, None, None])
-        _store_rows(_pack(code, BH, N_PAD, D, PL), sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, D)
-        _store_rows(_pack(code, BL, N_PAD, D, PL), reg, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, D)
+        for i0 in tl.range(0, D // PL, IC):  # pass 2: codes (the slice normalized again: cheaper than keeping it)
+            x, ch = _load_slice(vx, stride_x_tok, tok, tv, i0, D, PL, IC)
+            xn = tl.math.div_rn(x, _normalizer(x).to(tl.float32)[None, :, :])
+            code = _codes(xn, mn16[:, None, None], step[:, None, None], qmax[:, None, None])
+            _store_packed(code, vsal, row, cache_u8_ptr, page_off + V_HI_OFF, i0, BH, N_PAD, D, PL, IC)
+            _store_packed(code, reg, row - SV, cache_u8_ptr, page_off + V_LO_OFF, i0, BL, N_PAD, D, PL, IC)
         _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
+
+
+@triton.jit
+def _normalizer(x):
+    """ZC-2's fp16 channel normalizer ``sqrt(max |x|)`` over the rows of ``x [N_PAD, PL, IC]`` (padded rows load 0:
+    neutral for max |x|); one that rounds to 0 becomes 1 (quant.channel_normalizer)."""
+    c = tl.math.sqrt_rn(tl.max(tl.abs(x), axis=0)).to(tl.float16)
+    return tl.where(c > 0, c, 1.0).to(tl.float16)
 
 
 @triton.jit
@@ -220,7 +233,8 @@ def compress_store(
     block_ids: torch.Tensor,
     kv_cache: torch.Tensor,
     layout,
-    num_warps: int = 16,
+    num_warps: int = 4,
+    slice_channels: int = 32,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -233,6 +247,7 @@ def compress_store(
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
     layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
     num_warps : per program (one program per block, head and K or V).
+    slice_channels : channels a program quantizes per loop step (fewer: fewer registers, more programs per SM).
 
     Example
     -------
@@ -270,6 +285,7 @@ def compress_store(
         kv_cache,
         layout,
         num_warps,
+        slice_channels,
     )
 
 
@@ -282,7 +298,8 @@ def compress_slots(
     block_ids: torch.Tensor,
     kv_cache: torch.Tensor,
     layout,
-    num_warps: int = 16,
+    num_warps: int = 4,
+    slice_channels: int = 32,
 ) -> None:
     """:func:`compress_store` of blocks that wait complete in bf16 staging slots, for a fixed-size work list
     (graph-capturable: no host sync, no data-dependent shapes).
@@ -334,11 +351,12 @@ def compress_slots(
         kv_cache,
         layout,
         num_warps,
+        slice_channels,
     )
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, slice_channels) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     _compress_store_kernel[(block_ids.numel(), h, 2)](
@@ -372,6 +390,7 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         MASK_OFF=layout.mask_off,
         FROM_SLOTS=slots is not None,
         NORMALIZE=score_count is not None,
+        IC=max(1, min(d * layout.bits_low // 8, slice_channels * layout.bits_low // 8)),
         num_warps=num_warps,
         enable_fp_fusion=False,
     )

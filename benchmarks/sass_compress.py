@@ -1,8 +1,7 @@
 """Registers, spills and instruction mix of ``kernels/compress_store`` without a GPU: compile for sm_90 with
-Triton's bundled ptxas, for the ``vllm`` preset page (block 128, head size 128) at each ``--num-warps``
-for one ``--slice-channels`` (channels quantized per loop step).
+Triton's bundled ptxas, for the ``vllm`` preset page (block 128, head size 128) at each ``--num-warps``.
 
-    PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 2,4,8] [--slice-channels 32]
+    PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 4,8,16]
 """
 
 from __future__ import annotations
@@ -24,13 +23,11 @@ _OP = re.compile(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--head-size", type=int, default=128)
-    ap.add_argument("--num-warps", default="2,4,8")
-    ap.add_argument("--slice-channels", type=int, default=32)
+    ap.add_argument("--num-warps", default="4,8,16")
     a = ap.parse_args()
     lay = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), a.head_size)
     fn = importlib.import_module("zipcache_vllm.kernels.compress_store")._compress_store_kernel
-    ic = max(1, a.slice_channels * lay.bits_low // 8)
-    ce = dict(IC=ic, N=lay.block_size, N_PAD=lay.block_size, D=lay.head_size, BH=lay.bits_high, BL=lay.bits_low,
+    ce = dict(N=lay.block_size, N_PAD=lay.block_size, D=lay.head_size, BH=lay.bits_high, BL=lay.bits_low,
               SK=lay.num_salient_k, SV=lay.num_salient_v, K_HI_OFF=lay.k_hi_off, K_LO_OFF=lay.k_lo_off,
               V_HI_OFF=lay.v_hi_off, V_LO_OFF=lay.v_lo_off, K_PAR_OFF=lay.k_param_off, V_NORM_OFF=lay.v_norm_off,
               V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, NORMALIZE=False)  # fmt: skip

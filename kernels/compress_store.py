@@ -1,14 +1,19 @@
 """Compress complete blocks into mixed-precision pages: saliency ranking, ZC-3 keys, ZC-2 values, packing.
 
 Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
-One program per (block, KV head, K or V). A program loads its ``[block_size, head_size]`` tile once and quantizes
-every row with its own group's parameters in one pass: one IEEE division per key element and two per value
-element (normalizer, then step), where the first kernel ran one masked pass per precision group over the whole
-tile (twice the divisions and loads; 113 us for the 32 blocks x 8 heads of a 4k prompt on the H200). The codes
-of both bit widths are packed from the same code tile (:func:`_pack`), and each row is stored in its group's
-region. Bit-exactness rests on the conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE
-division and square root (``div_rn`` / ``sqrt_rn``), parameters rounded to fp16 before the codes,
-round-half-to-even, and no fused multiply-add (the kernel is launched with fp fusion off).
+One program per (block, KV head, K or V), 4 warps. A program loads its ``[block_size, head_size]`` tile once and
+quantizes every row with its own group's parameters in one pass: one IEEE division per key element and two per
+value element (normalizer, then step); the page rows come from one bitonic sort (the top-k thresholds) and
+prefix sums, not from an O(N^2) rank of every token. Both bit widths are packed from the same code tile
+(:func:`_pack`) and each row is stored in its group's region. H200, the 32 / 128 blocks x 8 heads of a 4k /
+16k prompt (``benchmarks/bench_compress.py``, 87f91e3): 66 / 230 us, against 113 / 433 us for the first kernel
+(one masked pass per precision group over the whole tile, O(N^2) ranks in both programs). Quantizing the head
+in channel slices inside a loop (72-123 registers instead of 255, more programs per SM) measured no faster
+(70 / 243 us at best, e38b5e3), so the tile stays whole. Still 3-6x a copy of the same bytes; not profiled
+yet: the IEEE divisions (each with a slow-path check) and the cross-thread reductions are the suspects.
+Bit-exactness rests on the conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE division and
+square root (``div_rn`` / ``sqrt_rn``), parameters rounded to fp16 before the codes, round-half-to-even, and no
+fused multiply-add (the kernel is launched with fp fusion off).
 """
 
 from __future__ import annotations
@@ -30,11 +35,10 @@ def _rint(y):
 
 
 @triton.jit
-def _load_slice(x_ptr, stride_x_tok, tok, tv, i0, D: tl.constexpr, PL: tl.constexpr, IC: tl.constexpr):
-    """Rows ``tok`` of one head, channels ``j * D/PL + i0 + i`` (``j < PL``, ``i < IC``) as fp32 ``[N_PAD, PL, IC]``:
-    a slice of the order in which a byte of ``PL`` codes holds its channels (paged.pack_row), so the codes of a
-    slice pack into whole bytes; padded rows load 0."""
-    ch = tl.arange(0, PL)[:, None] * (D // PL) + i0 + tl.arange(0, IC)[None, :]
+def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
+    """Rows ``tok`` of one head as fp32 ``[N_PAD, PL, D/PL]``: element ``[., j, i]`` is channel ``j * D/PL + i``,
+    the order in which a byte of ``PL`` codes holds its channels (paged.pack_row); padded rows load 0."""
+    ch = tl.arange(0, PL)[:, None] * (D // PL) + tl.arange(0, D // PL)[None, :]
     x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     return x.to(tl.float32), ch
 
@@ -53,30 +57,33 @@ def _codes(x, mn16, step16, qmax):
 
 
 @triton.jit
-def _store_packed(code, member, row, cache_u8_ptr, off, i0, BITS: tl.constexpr, N_PAD: tl.constexpr,
-                  D: tl.constexpr, PL: tl.constexpr, IC: tl.constexpr):  # fmt: skip
-    """Pack a code slice ``[N_PAD, PL, IC]`` (channel ``j * D/PL + i0 + i``) at ``BITS`` bits and store the rows of
-    ``member`` at page rows ``row`` of the region at byte offset ``off``. A byte ``b`` of a row holds channels
-    ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte); with ``j = a * (PL/P) + jj`` the
-    byte of channel ``(a, jj, i)`` is ``jj * D/PL + i0 + i``: split ``j``, sum over ``a``."""
+def _pack(code, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
+    """Bytes ``[N_PAD, D * BITS / 8]`` of a code tile ``[N_PAD, PL, D/PL]`` (channel ``j * D/PL + i``) at ``BITS``
+    bits: byte ``b`` holds channels ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte). With
+    ``j = a * (PL/P) + jj`` the byte of channel ``(a, jj, i)`` is ``jj * D/PL + i``: split ``j``, sum over ``a``."""
     P: tl.constexpr = 8 // BITS
-    c4 = tl.reshape(code, (N_PAD, P, PL // P, IC))
+    c4 = tl.reshape(code, (N_PAD, P, PL // P, D // PL))
     shift = tl.arange(0, P) * BITS
-    packed = tl.sum(c4 << shift[None, :, None, None], axis=1).to(tl.uint8)  # disjoint bits: sum = bitwise or
-    byte = tl.arange(0, PL // P)[:, None] * (D // PL) + i0 + tl.arange(0, IC)[None, :]
-    RB: tl.constexpr = D * BITS // 8
-    tl.store(cache_u8_ptr + off + row[:, None, None] * RB + byte[None, :, :], packed, mask=member[:, None, None])
+    packed = tl.sum(c4 << shift[None, :, None, None], axis=1)  # disjoint bits: the sum is the bitwise or
+    return tl.reshape(packed, (N_PAD, D // P)).to(tl.uint8)
 
 
 @triton.jit
-def _top(s, t, tv, S: tl.constexpr):
-    """Tokens among the ``S`` largest scores, ties to the earlier token (the twin's stable descending sort):
-    the ``S``-th largest score from one bitonic sort, every token above it, and the earliest tokens equal
-    to it until ``S`` are taken. O(N log^2 N) instead of the O(N^2) rank of every token."""
+def _store_rows(packed, member, row, cache_u8_ptr, off, BITS: tl.constexpr, D: tl.constexpr):
+    """Packed rows of ``member`` to page rows ``row`` of the region at byte offset ``off``."""
+    RB: tl.constexpr = D * BITS // 8
+    b = tl.arange(0, RB)
+    tl.store(cache_u8_ptr + off + row[:, None] * RB + b[None, :], packed, mask=member[:, None])
+
+
+@triton.jit
+def _top(sm, srt, t, tv, S: tl.constexpr):
+    """Tokens among the ``S`` largest scores ``sm`` (``srt``: sorted descending), ties to the earlier token (the
+    twin's stable descending sort): every token above the ``S``-th largest score, then the earliest tokens equal
+    to it until ``S`` are taken."""
     if S == 0:
         return t < 0
-    sm = tl.where(tv, s, float("-inf"))
-    thr = tl.max(tl.where(t == S - 1, tl.sort(sm, descending=True), float("-inf")), axis=0)
+    thr = tl.max(tl.where(t == S - 1, srt, float("-inf")), axis=0)
     above = (sm > thr) & tv
     tie = (sm == thr) & tv
     need = S - tl.sum(above.to(tl.int32), axis=0)
@@ -85,10 +92,13 @@ def _top(s, t, tv, S: tl.constexpr):
 
 @triton.jit
 def _page_rows(s, t, tv, SK: tl.constexpr, SV: tl.constexpr):
-    """``(key salient, value salient, page row)`` of every token: tiers A (both salient), B (one), C (none),
-    each in token order (layout.py); a token's row = the sizes of the earlier tiers + its place in its tier."""
-    ksal = _top(s, t, tv, SK)
-    vsal = _top(s, t, tv, SV)
+    """``(key salient, value salient, page row)`` of every token from one bitonic sort of the scores (O(N log^2 N),
+    not the O(N^2) rank of every token): tiers A (both salient), B (one), C (none), each in token order
+    (layout.py); a token's row = the sizes of the earlier tiers + its place in its tier (prefix sums)."""
+    sm = tl.where(tv, s, float("-inf"))
+    srt = tl.sort(sm, descending=True)
+    ksal = _top(sm, srt, t, tv, SK)
+    vsal = _top(sm, srt, t, tv, SV)
     a = ksal & vsal
     b = (ksal ^ vsal) & tv
     c = tv & ~(ksal | vsal)
@@ -135,7 +145,6 @@ def _compress_store_kernel(
     MASK_OFF: tl.constexpr,
     FROM_SLOTS: tl.constexpr,
     NORMALIZE: tl.constexpr,
-    IC: tl.constexpr,  # byte columns per slice: a slice is IC * 8 / BL channels
 ):
     blk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -156,62 +165,47 @@ def _compress_store_kernel(
         cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
         s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
     ksal, vsal, row = _page_rows(s, t, tv, SK, SV)
-    PL: tl.constexpr = 8 // BL  # slices follow the low width's channel order (more codes per byte)
+    PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
     hoff = page_off // 2
     if tl.program_id(2) == 0:  # -- keys (ZC-3): channelwise (step, mn) per precision group ----
-        reg = tv & ~ksal
-        s3 = ksal[:, None, None]
+        sal = ksal
+        reg = tv & ~sal
+        x, ch = _load_tile(key_ptr + head * stride_x_head, stride_x_tok, tok, tv, D, PL)
+        s3 = sal[:, None, None]
         r3 = reg[:, None, None]
-        has_s = tl.sum(ksal.to(tl.int32), axis=0) > 0
+        has_s = tl.sum(sal.to(tl.int32), axis=0) > 0
         has_r = tl.sum(reg.to(tl.int32), axis=0) > 0
-        for i0 in tl.range(0, D // PL, IC):
-            x, ch = _load_slice(key_ptr + head * stride_x_head, stride_x_tok, tok, tv, i0, D, PL, IC)
-            mn_s = tl.where(has_s, tl.min(tl.where(s3, x, _BIG), axis=0), 0.0)
-            mx_s = tl.where(has_s, tl.max(tl.where(s3, x, -_BIG), axis=0), 0.0)
-            mn_r = tl.where(has_r, tl.min(tl.where(r3, x, _BIG), axis=0), 0.0)
-            mx_r = tl.where(has_r, tl.max(tl.where(r3, x, -_BIG), axis=0), 0.0)
-            step_s, mn16_s = _quant_params(mn_s, mx_s, (1 << BH) - 1.0)
-            step_r, mn16_r = _quant_params(mn_r, mx_r, (1 << BL) - 1.0)
-            tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
-            tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
-            tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
-            tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
-            code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
-                          tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
-                          tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
-            _store_packed(code, ksal, row, cache_u8_ptr, page_off + K_HI_OFF, i0, BH, N_PAD, D, PL, IC)
-            _store_packed(code, reg, row - SK, cache_u8_ptr, page_off + K_LO_OFF, i0, BL, N_PAD, D, PL, IC)
+        mn_s = tl.where(has_s, tl.min(tl.where(s3, x, _BIG), axis=0), 0.0)
+        mx_s = tl.where(has_s, tl.max(tl.where(s3, x, -_BIG), axis=0), 0.0)
+        mn_r = tl.where(has_r, tl.min(tl.where(r3, x, _BIG), axis=0), 0.0)
+        mx_r = tl.where(has_r, tl.max(tl.where(r3, x, -_BIG), axis=0), 0.0)
+        step_s, mn16_s = _quant_params(mn_s, mx_s, (1 << BH) - 1.0)
+        step_r, mn16_r = _quant_params(mn_r, mx_r, (1 << BL) - 1.0)
+        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
+        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
+        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
+        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
+        code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
+                      tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
+                      tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
+        _store_rows(_pack(code, BH, N_PAD, D, PL), sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, D)
+        _store_rows(_pack(code, BL, N_PAD, D, PL), reg, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, D)
     else:  # -- values (ZC-2): c = sqrt(max |x|) per channel over the block, then per-token (step, mn) of x / c ----
-        reg = tv & ~vsal
-        vx = value_ptr + head * stride_x_head
-        mn = tl.full((N_PAD,), _BIG, tl.float32)
-        mx = tl.full((N_PAD,), -_BIG, tl.float32)
-        for i0 in tl.range(0, D // PL, IC):  # pass 1: normalizers, and each token's range over all channels
-            x, ch = _load_slice(vx, stride_x_tok, tok, tv, i0, D, PL, IC)
-            c = _normalizer(x)
-            tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
-            xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
-            mn = tl.minimum(mn, tl.min(tl.min(xn, axis=2), axis=1))
-            mx = tl.maximum(mx, tl.max(tl.max(xn, axis=2), axis=1))
-        qmax = tl.where(vsal, (1 << BH) - 1.0, (1 << BL) - 1.0)
-        step, mn16 = _quant_params(mn, mx, qmax)
+        sal = vsal
+        reg = tv & ~sal
+        x, ch = _load_tile(value_ptr + head * stride_x_head, stride_x_tok, tok, tv, D, PL)
+        c = tl.math.sqrt_rn(tl.max(tl.abs(x), axis=0)).to(tl.float16)  # padded rows load 0: neutral for max |x|
+        c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
+        tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
+        xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
+        qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
+        step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax)
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=tv)
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=tv)
-        for i0 in tl.range(0, D // PL, IC):  # pass 2: codes (the slice normalized again: cheaper than keeping it)
-            x, ch = _load_slice(vx, stride_x_tok, tok, tv, i0, D, PL, IC)
-            xn = tl.math.div_rn(x, _normalizer(x).to(tl.float32)[None, :, :])
-            code = _codes(xn, mn16[:, None, None], step[:, None, None], qmax[:, None, None])
-            _store_packed(code, vsal, row, cache_u8_ptr, page_off + V_HI_OFF, i0, BH, N_PAD, D, PL, IC)
-            _store_packed(code, reg, row - SV, cache_u8_ptr, page_off + V_LO_OFF, i0, BL, N_PAD, D, PL, IC)
+        code = _codes(xn, mn16[:, None, None], step[:, None, None], qmax[:, None, None])
+        _store_rows(_pack(code, BH, N_PAD, D, PL), sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, D)
+        _store_rows(_pack(code, BL, N_PAD, D, PL), reg, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, D)
         _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
-
-
-@triton.jit
-def _normalizer(x):
-    """ZC-2's fp16 channel normalizer ``sqrt(max |x|)`` over the rows of ``x [N_PAD, PL, IC]`` (padded rows load 0:
-    neutral for max |x|); one that rounds to 0 becomes 1 (quant.channel_normalizer)."""
-    c = tl.math.sqrt_rn(tl.max(tl.abs(x), axis=0)).to(tl.float16)
-    return tl.where(c > 0, c, 1.0).to(tl.float16)
 
 
 @triton.jit
@@ -234,7 +228,6 @@ def compress_store(
     kv_cache: torch.Tensor,
     layout,
     num_warps: int = 4,
-    slice_channels: int = 32,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -247,7 +240,6 @@ def compress_store(
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
     layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
     num_warps : per program (one program per block, head and K or V).
-    slice_channels : channels a program quantizes per loop step (fewer: fewer registers, more programs per SM).
 
     Example
     -------
@@ -285,7 +277,6 @@ def compress_store(
         kv_cache,
         layout,
         num_warps,
-        slice_channels,
     )
 
 
@@ -299,7 +290,6 @@ def compress_slots(
     kv_cache: torch.Tensor,
     layout,
     num_warps: int = 4,
-    slice_channels: int = 32,
 ) -> None:
     """:func:`compress_store` of blocks that wait complete in bf16 staging slots, for a fixed-size work list
     (graph-capturable: no host sync, no data-dependent shapes).
@@ -351,12 +341,11 @@ def compress_slots(
         kv_cache,
         layout,
         num_warps,
-        slice_channels,
     )
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, slice_channels) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     _compress_store_kernel[(block_ids.numel(), h, 2)](
@@ -390,7 +379,6 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         MASK_OFF=layout.mask_off,
         FROM_SLOTS=slots is not None,
         NORMALIZE=score_count is not None,
-        IC=max(1, min(d * layout.bits_low // 8, slice_channels * layout.bits_low // 8)),
         num_warps=num_warps,
         enable_fp_fusion=False,
     )

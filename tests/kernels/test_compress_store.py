@@ -86,19 +86,3 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="pages hold"):
         compress_store(k, k, torch.rand(16, 1, device=DEVICE), ids, cache[:, :, :64], layout)
 
-
-@pytest.mark.parametrize("slice_channels", [8, 128])
-def test_pages_do_not_depend_on_the_channel_slice(slice_channels):
-    """A program quantizes ``slice_channels`` channels per loop step (one step for the whole head at 128): the
-    pages equal the twin's for every slice width, keys with groups of both widths and values in two passes."""
-    layout = PageLayout(32, 64, salient_ratio=0.8, value_salient_ratio=0.2)
-    k = (torch.randn(64, 2, 64) * torch.rand(64) * 10).bfloat16()
-    v = torch.randn(64, 2, 64).bfloat16()
-    scores = torch.rand(64, 2)
-    ids = torch.tensor([1, 0], dtype=torch.int32)
-    ref = torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8)
-    paged.compress_store(k, v, scores, ids, ref, layout)
-    got = torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8, device=DEVICE)
-    compress_store(k.to(DEVICE), v.to(DEVICE), scores.to(DEVICE), ids.to(DEVICE), got, layout,
-                   slice_channels=slice_channels)  # fmt: skip
-    assert torch.equal(ref, got.cpu())

@@ -15,7 +15,8 @@ from triton.backends.compiler import GPUTarget
 
 def compile_sm90(src, **options) -> tuple[str, str]:
     """``(ptxas -v report, SASS listing)`` of ``src`` (an ``ASTSource`` or ``GluonASTSource``) compiled for
-    sm_90 with Triton ``options`` (``num_warps``, ``num_stages``, ...)."""
+    sm_90 with Triton ``options`` (``num_warps``, ``num_stages``, ...). The report ends with a line
+    ``triton shared memory: <bytes>`` (the dynamic shared memory the launch asks for; 232448 at most on sm_90)."""
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
@@ -28,4 +29,4 @@ def compile_sm90(src, **options) -> tuple[str, str]:
                               capture_output=True, text=True).stderr  # fmt: skip
         sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-sass", cubin], capture_output=True,
                               text=True).stdout  # fmt: skip
-    return info, sass
+    return info + f"triton shared memory: {c.metadata.shared}\n", sass

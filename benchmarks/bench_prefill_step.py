@@ -19,7 +19,8 @@ Times: GPU time per call (the kernels' device time summed by the torch profiler,
 time with a sync per call (``*_wall_us``: the step's Python included; prefill runs eagerly in vLLM).
 ``overhead`` = step / sdpa - 1 on GPU time (issue 11's target: <= 10 %); ``probe_compress_gpu_us`` = step -
 attention (probe scores, compression, staging copies). ``--sweep`` also times the attention kernel for each
-tile configuration of ``SWEEP``.
+tile configuration of ``SWEEP`` and each kernel variant of ``VARIANTS`` (``--sweep variants``: the default tile
+and the variants).
 
 Also a later chunk (issue 11's ``chunked_prefill`` record): ``--chunk`` queries over a ``--prefix`` of compressed
 pages, the attention kernel alone (``time_us``) and the whole step, against SDPA over as many bf16 keys
@@ -75,7 +76,7 @@ def timed(fn, reps: int, breakdown: dict | None = None) -> tuple[float, float]:
     return gpu, statistics.median(walls)
 
 
-def case(context: int, reps: int, sweep: bool = False) -> dict:
+def case(context: int, reps: int, sweep: str | None = None) -> dict:
     cfg = ZipCacheConfig.load("vllm", block_size=128)
     layout = PageLayout.from_config(cfg, D)
     n = layout.block_size
@@ -121,13 +122,38 @@ def case(context: int, reps: int, sweep: bool = False) -> dict:
     res["probe_compress_gpu_us"] = res["step_gpu_us"] - res["attention_gpu_us"]  # + staging copies
     res["overhead_wall"] = res["step_wall_us"] / res["sdpa_wall_us"] - 1
     if sweep:
-        res["sweep"] = sweep_configs(lambda c: ops_prefill(q, k, v, context, meta, c), reps)
+        res["sweep"] = sweep_configs(lambda c: ops_prefill(q, k, v, context, meta, c), reps, sweep)
     return res
 
 
 SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages) of kernels/prefill_attention (sass_prefill.py: no spills)
     (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
 ]
+VARIANTS = [  # (name, tile or None for the default one, _config variant keys) timed after SWEEP by --sweep
+    ("pv_acc", None, {"PV_ACC": True}),
+    ("tma", None, {"TMA": True}),
+    ("tma", (128, 64, 8, 3), {"TMA": True}),
+    ("tma+a3", None, {"TMA": True, "STAGES_A": 3}),
+    ("tma+a3", (128, 64, 8, 2), {"TMA": True, "STAGES_A": 3}),
+    ("tma+a4", (128, 64, 8, 2), {"TMA": True, "STAGES_A": 4}),
+    ("split", None, {"SPLIT": {"WS": False}}),
+    ("split+ws4", None, {"SPLIT": {"WS": True, "num_warps": 4, "num_stages": 2}}),
+    ("split+ws4", (128, 64, 8, 2), {"SPLIT": {"WS": True, "num_warps": 4, "num_stages": 3}}),
+]
+
+
+def sweep_entries(which: str = "all") -> list[tuple[str, dict]]:
+    """``(label, config)`` for each tile of ``SWEEP`` and each of ``VARIANTS`` (config: the keys of
+    ``prefill_attention._config`` it sets; the rest stay at their defaults). ``which="variants"``: the first
+    (default) tile of ``SWEEP`` alone, then ``VARIANTS``."""
+    out = []
+    for bm, bn, w, st in SWEEP[:1] if which == "variants" else SWEEP:
+        out.append((f"{bm}x{bn} w{w} s{st}", {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}))
+    for name, tile, opts in VARIANTS:
+        bm, bn, w, st = tile or SWEEP[0]
+        out.append((f"{bm}x{bn} w{w} s{st} {name}",
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, **opts}))
+    return out
 
 
 def ops_prefill(q, k, v, max_query_len, meta, config):
@@ -137,20 +163,19 @@ def ops_prefill(q, k, v, max_query_len, meta, config):
                                                                 config=config, **meta)
 
 
-def sweep_configs(fn, reps: int) -> list[dict]:
-    """GPU time of the attention kernel for each tile configuration of ``SWEEP`` (a failing one is noted)."""
+def sweep_configs(fn, reps: int, which: str = "all") -> list[dict]:
+    """GPU time of the attention kernel for each entry of ``sweep_entries(which)`` (a failing one is noted)."""
     rows = []
-    for bm, bn, w, st in SWEEP:
-        c = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+    for label, c in sweep_entries(which):
         try:
-            rows.append({**c, "gpu_us": timed(lambda c=c: fn(c), reps)[0]})
+            rows.append({"label": label, **c, "gpu_us": timed(lambda c=c: fn(c), reps)[0]})
         except Exception as e:  # noqa: BLE001 (out of shared memory or registers: recorded, not fatal)
-            rows.append({**c, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-        print(f"    sweep {c}: {rows[-1].get('gpu_us', rows[-1].get('error'))}", flush=True)
+            rows.append({"label": label, **c, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+        print(f"    sweep {label}: {rows[-1].get('gpu_us', rows[-1].get('error'))}", flush=True)
     return rows
 
 
-def chunked_case(prefix: int, chunk: int, reps: int, sweep: bool = False) -> dict:
+def chunked_case(prefix: int, chunk: int, reps: int, sweep: str | None = None) -> dict:
     """A later chunk: ``chunk`` queries over a ``prefix`` of compressed pages (written directly,
     engine/synthetic) plus themselves, through the step (``kernels/prefill_attention``, probe scores, compression
     of the chunk's complete blocks) and the attention kernel alone, against SDPA over the same number of bf16
@@ -201,7 +226,7 @@ def chunked_case(prefix: int, chunk: int, reps: int, sweep: bool = False) -> dic
     res["time_us"], res["baseline_time_us"] = res["attention_gpu_us"], res["sdpa_gpu_us"]
     res["speedup"] = res["sdpa_gpu_us"] / res["attention_gpu_us"]
     if sweep:
-        res["sweep"] = sweep_configs(lambda c: ops_prefill(q, k, v, chunk, meta, c), reps)
+        res["sweep"] = sweep_configs(lambda c: ops_prefill(q, k, v, chunk, meta, c), reps, sweep)
     return res
 
 
@@ -211,7 +236,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--prefix", type=int, default=30720, help="compressed prefix of the chunked case")
     ap.add_argument("--chunk", type=int, default=2048, help="chunk of the chunked case (0: skip it)")
-    ap.add_argument("--sweep", action="store_true", help="also time the attention kernel's tile configurations")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=["all", "variants"],
+                    help="also time the attention kernel's tile configurations and variants (variants: the default "
+                    "tile and VARIANTS only)")  # fmt: skip
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -236,6 +263,18 @@ def main(argv=None) -> None:
     for r in records + chunked:
         print(f"step kernels at {r['context']} (GPU us per call): "
               + ", ".join(f"{k} {v:.0f}" for k, v in r["step_kernels_us"].items()))
+    if args.sweep:  # attention GPU us per sweep entry and case (dequantization included), and vs SDPA
+        cases = records + chunked
+        print("| config | " + " | ".join(f"{r['context']}" + (f" + {r['chunk']}" if "chunk" in r else "")
+                                        for r in cases) + " |")  # fmt: skip
+        print("|---" * (len(cases) + 1) + "|")
+        for j, row in enumerate(cases[0]["sweep"]):
+            cells = []
+            for r in cases:
+                x = r["sweep"][j]
+                cells.append(f"{x['gpu_us']:.0f} ({x['gpu_us'] / r['sdpa_gpu_us']:.2f}x SDPA)" if "gpu_us" in x
+                             else "error")  # fmt: skip
+            print(f"| {row['label']} | " + " | ".join(cells) + " |")
     for r in chunked:
         print(f"chunked prefill: {r['chunk']} queries over {r['context']} compressed tokens: attention "
               f"{r['attention_gpu_us']:.0f} us, step {r['step_gpu_us']:.0f} us ({r['step_wall_us']:.0f} wall), SDPA "

@@ -28,7 +28,7 @@ def block_rule_seqs(layout, h, lengths):
     return cache, bt, sl, tk, tv, ts, tl_
 
 
-def _compare(layout, h, g, lengths, dtype=torch.bfloat16):
+def _compare(layout, h, g, lengths, dtype=torch.bfloat16, config=None):
     cache, bt, sl, tk, tv, ts, tl_ = block_rule_seqs(layout, h, lengths)
     tk, tv = tk.to(dtype), tv.to(dtype)
     qlens = [q for _, q in lengths]
@@ -42,7 +42,7 @@ def _compare(layout, h, g, lengths, dtype=torch.bfloat16):
     dv = lambda x: x.to(DEVICE)  # noqa: E731
     out = torch.full(q.shape, float("nan"), device=DEVICE)
     _, lse = prefill_attention(dv(q), dv(k), dv(v), cache, layout, bt, dv(qsl), sl, tk, tv, ts, tl_, max(qlens),
-                               out=out)
+                               out=out, config=config)
     torch.testing.assert_close(out.cpu(), ref, **tolerance(), msg=lambda m: f"out {layout}: {m}")
     assert torch.isfinite(lse).all()
 
@@ -52,6 +52,26 @@ def _compare(layout, h, g, lengths, dtype=torch.bfloat16):
 @pytest.mark.parametrize("h, g", GQA)
 def test_prefill_matches_twin(block_size, head_size, h, g):
     _compare(PageLayout(block_size, head_size), h, g, LENGTHS[block_size])
+
+
+# kernel variants (prefill_attention._config; timed by bench_prefill_step.py --sweep): the interpreter runs
+# their arithmetic (tensor descriptors as plain indexed loads, warp_specialize / num_stages ignored); the TMA
+# copies, pipelining depths and warp specialization themselves only run on a GPU (this test there, with the
+# GPU tile sizes; sass_prefill.py shows they compile for sm_90)
+VARIANTS = {
+    "pv_acc": {"PV_ACC": True},
+    "tma": {"TMA": True},
+    "tma_a3": {"TMA": True, "STAGES_A": 3},
+    "split": {"SPLIT": {"WS": False}},
+    "split_ws": {"PV_ACC": True, "SPLIT": {"WS": True, "num_warps": 4, "num_stages": 2}},
+}
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_match_twin(variant, block_size):
+    _compare(PageLayout(block_size, 64), 2, 4, LENGTHS[block_size], config=VARIANTS[variant])
+    _compare(PageLayout(block_size, 64), 1, 2, [(0, 5)], config=VARIANTS[variant])  # no pages: an empty scratch
 
 
 def test_separate_ratios_layout_and_fp16():

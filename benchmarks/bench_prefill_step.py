@@ -129,16 +129,12 @@ def case(context: int, reps: int, sweep: str | None = None) -> dict:
 SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages) of kernels/prefill_attention (sass_prefill.py: no spills)
     (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
 ]
-VARIANTS = [  # (name, tile or None for the default one, _config variant keys) timed after SWEEP by --sweep
-    ("pv_acc", None, {"PV_ACC": True}),
-    ("tma", None, {"TMA": True}),
-    ("tma", (128, 64, 8, 3), {"TMA": True}),
-    ("tma+a3", None, {"TMA": True, "STAGES_A": 3}),
+VARIANTS = [  # (name, tile or None for the default one, _config keys) timed after SWEEP by --sweep
+    ("pointer loads", None, {"TMA": False, "STAGES_A": None}),
+    ("tma", None, {"TMA": True, "STAGES_A": None}),
+    ("tma", (128, 64, 8, 3), {"TMA": True, "STAGES_A": None}),
+    ("tma+a3, 1 stage elsewhere", (128, 128, 8, 1), {"TMA": True, "STAGES_A": 3}),
     ("tma+a3", (128, 64, 8, 2), {"TMA": True, "STAGES_A": 3}),
-    ("tma+a4", (128, 64, 8, 2), {"TMA": True, "STAGES_A": 4}),
-    ("split", None, {"SPLIT": {"WS": False}}),
-    ("split+ws4", None, {"SPLIT": {"WS": True, "num_warps": 4, "num_stages": 2}}),
-    ("split+ws4", (128, 64, 8, 2), {"SPLIT": {"WS": True, "num_warps": 4, "num_stages": 3}}),
 ]
 
 

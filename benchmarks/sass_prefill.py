@@ -6,7 +6,7 @@ sm_90 with Triton's bundled ptxas, for each tile configuration and kernel varian
 Per entry: ptxas's registers and spills, the wgmma count (``HGMMA``; ``async`` when some are issued without
 an immediate wait, i.e. overlapped), the TMA loads (``UTMALDG``) and barrier waits (``SYNCS``) that tensor
 descriptors and warp specialization bring, register reallocation (``USETMAXREG``: warp-specialized
-partitions) and the instruction count. A variant of two launches (``SPLIT``) gets a line per kernel.
+partitions) and the instruction count.
 Triton's MLIR errors go to stderr (``2>/dev/null`` for the table alone).
 """
 
@@ -23,8 +23,7 @@ from benchmarks._sass import compile_sm90
 from benchmarks.bench_prefill_step import sweep_entries
 
 TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "sk_ptr": "*bf16", "sv_ptr": "*bf16",
-         "tk_ptr": "*bf16", "tv_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32", "qk_scale": "fp32",
-         "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}  # fmt: skip
+         "tk_ptr": "*bf16", "tv_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32", "qk_scale": "fp32"}  # fmt: skip
 OPS = re.compile(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
 
@@ -38,29 +37,17 @@ def _compile(fn, ce: dict, descs: dict, **opts) -> tuple[str, str]:
     return compile_sm90(ASTSource(fn, sig, ce, attrs), **{k: v for k, v in opts.items() if v is not None})
 
 
-def compile_entry(mod, cfg: dict, head_size: int, g: int) -> list[tuple[str, str, str]]:
-    """``[(kernel, ptxas report, SASS)]`` of the launches ``prefill_attention`` makes for ``cfg`` (a full
-    ``_config`` dict): ``_prefill_kernel``, preceded by ``_prefill_pages_kernel`` under ``SPLIT``."""
-    bm, bn, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT"]
-    tile = {"G": g, "BLOCK_M": bm, "BLOCK_N": bn, "D": head_size, "N": 128, "DOT_FP32": False,
-            "PV_ACC": cfg["PV_ACC"]}  # fmt: skip
+def compile_entry(mod, cfg: dict, head_size: int, g: int) -> tuple[str, str]:
+    """``(ptxas report, SASS)`` of ``_prefill_kernel`` as ``prefill_attention`` launches it for ``cfg`` (a full
+    ``_config`` dict)."""
+    bn = cfg["BLOCK_N"]
+    ce = {"G": g, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": bn, "D": head_size, "N": 128, "DOT_FP32": False,
+          "TMA": cfg["TMA"], "STAGES_A": cfg["num_stages"] if cfg["STAGES_A"] is None else cfg["STAGES_A"]}  # fmt: skip
     kv = {n: f"tensordesc<bf16[{bn}, {head_size}]>" for n in ("sk_desc", "sv_desc")}
-    out = []
-    if split:
-        st = split.get("num_stages", cfg["num_stages"])
-        ce = {**tile, "WS": split.get("WS", False), "STAGES_A": st}
-        out.append(("pages",) + _compile(mod._prefill_pages_kernel, ce, {**kv, "q_desc": f"tensordesc<bf16[{bm}, "
-                                         f"{head_size}]>"}, num_warps=split.get("num_warps", cfg["num_warps"]),
-                                         num_stages=st, maxnreg=cfg["maxnreg"]))  # fmt: skip
-    ce = {**tile, "TMA": cfg["TMA"], "RESUME": bool(split),
-          "STAGES_A": cfg["num_stages"] if cfg["STAGES_A"] is None else cfg["STAGES_A"]}  # fmt: skip
     if not cfg["TMA"]:
         ce.update(sk_desc=None, sv_desc=None)
-    if not split:
-        ce.update(part_acc_ptr=None, part_ml_ptr=None)
-    out.append(("main",) + _compile(mod._prefill_kernel, ce, kv if cfg["TMA"] else {}, num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"]))  # fmt: skip
-    return out
+    return _compile(mod._prefill_kernel, ce, kv if cfg["TMA"] else {}, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])  # fmt: skip
 
 
 def summary(info: str, sass: str) -> str:
@@ -93,12 +80,11 @@ def main() -> None:
             continue
         cfg = dict(mod._config(False), **c)
         try:
-            kernels = compile_entry(mod, cfg, a.head_size, a.g)
+            info, sass = compile_entry(mod, cfg, a.head_size, a.g)
         except Exception as e:  # noqa: BLE001 (a variant Triton cannot compile: reported, not fatal)
             print(f"{label}: {type(e).__name__}: {str(e)[-400:]}", flush=True)
             continue
-        for name, info, sass in kernels:
-            print(f"{label}{' [' + name + ']' if len(kernels) > 1 else ''}: {summary(info, sass)}", flush=True)
+        print(f"{label}: {summary(info, sass)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -123,86 +123,22 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _flash_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
-                PV_ACC: tl.constexpr):
+def _flash_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
     """One key tile ``k, v [BLOCK_N, D]`` (bf16) for the query tile ``q [BLOCK_M, D]``: online softmax in the
     log2 domain (the scale folded into one FMA per score), ``acc`` rescaled; ``visible [BLOCK_M, BLOCK_N]``
-    applies when ``MASKED``.
-
-    ``PV_ACC`` (a variant): ``acc`` is rescaled first and handed to ``tl.dot`` as its accumulator (the P @ V
-    wgmma adds into it in place), and an unmasked tile skips the all-masked-row guard (its scores are finite).
-    Triton 3.6 already folds ``acc * alpha + dot`` into the accumulator (``sass_prefill.py``: the same SASS at
-    128 x 128), so only the guard differs."""
+    applies when ``MASKED``. (Triton 3.6 folds ``acc * alpha + pv`` into the wgmma accumulator by itself:
+    handing ``acc`` to ``tl.dot`` gives the same SASS.)"""
     s = _dot(q, tl.trans(k), DOT_FP32)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-    # a row with nothing visible yet stays at 0, not NaN (PV_ACC: only a masked tile can leave one)
-    m_ref = m_new if PV_ACC and not MASKED else tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0, not NaN
     p = tl.exp2(s * qk_scale - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if PV_ACC:
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p, v.to(tl.float32), acc) if DOT_FP32 else tl.dot(p.to(v.dtype), v, acc)
-    else:
-        pv = _dot(p, v, DOT_FP32) if DOT_FP32 else tl.dot(p.to(v.dtype), v)  # interpreter: fp32 probabilities
-        acc = acc * alpha[:, None] + pv
+    pv = _dot(p, v, DOT_FP32) if DOT_FP32 else tl.dot(p.to(v.dtype), v)  # interpreter: fp32 probabilities
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
-
-
-@triton.jit
-def _partial_offsets(tok, hq, num_heads, D: tl.constexpr):
-    """Offsets of rows ``tok`` of head ``hq`` in the partial state: ``acc`` fp32 ``[T, Hq, D]`` and the row
-    statistics fp32 ``[2, T, Hq]`` (``m_i`` then ``l_i``)."""
-    th = tok * num_heads + hq
-    return th[:, None] * D + tl.arange(0, D)[None, :], th
-
-
-@triton.jit
-def _prefill_pages_kernel(
-    q_desc,  # [num_tokens, num_heads * D], block [BLOCK_M, D]
-    sk_desc, sv_desc, rows_per_head,  # the scratch as [H * rows, D], block [BLOCK_N, D]
-    page_start_ptr, query_start_loc_ptr, seq_lens_ptr,  # int32
-    part_acc_ptr, part_ml_ptr, stride_part_ml,  # partial state (_partial_offsets); stride_part_ml = T * Hq
-    qk_scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-    DOT_FP32: tl.constexpr, PV_ACC: tl.constexpr, WS: tl.constexpr, STAGES_A: tl.constexpr,
-):
-    """Loop (a) of ``_prefill_kernel`` alone (the ``SPLIT`` variant's first launch): same grid and tiles, every
-    tile load a TMA copy (the query tile too), the online-softmax state stored unnormalized for
-    ``_prefill_kernel(RESUME=True)`` to continue with loops (b) and (c).
-
-    Why a separate launch: Triton 3.6's Hopper warp specialization (``tl.range(warp_specialize=True)``,
-    ``num_warps=4``: a producer warpgroup issuing the TMA copies and two consumer warpgroups of ``BLOCK_M / 2``
-    rows each, with ``setmaxnreg``) fails to compile when the kernel also holds pointer-based tensor loads
-    (loops (b), (c), a pointer-loaded query tile): an assertion in its token lowering. It costs one fp32
-    round trip of ``acc`` (``BLOCK_M x D x 8`` bytes per tile)."""
-    hq = tl.program_id(0).to(tl.int64)
-    seq = tl.program_id(1)
-    mt = tl.num_programs(2) - 1 - tl.program_id(2)
-    kvh = hq // G
-    q0 = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int64) - q0
-    if mt * BLOCK_M < q_len:
-        seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
-        i = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = i < q_len
-        # rows past the chunk read the next sequence's queries (or zeros): their results are never stored
-        q = q_desc.load([(q0 + mt * BLOCK_M).to(tl.int32), (hq * D).to(tl.int32)])
-        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        full = (seq_len - q_len + mt * BLOCK_M) // N * N // BLOCK_N * BLOCK_N
-        row0 = kvh * rows_per_head + tl.load(page_start_ptr + seq) * N
-        for x0 in tl.range(0, full, BLOCK_N, num_stages=STAGES_A, warp_specialize=WS):
-            r0 = (row0 + x0).to(tl.int32)
-            acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, sk_desc.load([r0, 0]), sv_desc.load([r0, 0]),
-                                        rmask[:, None], qk_scale, False, DOT_FP32, PV_ACC)
-        o_acc, o_ml = _partial_offsets(q0 + i, hq, tl.num_programs(0), D)
-        tl.store(part_acc_ptr + o_acc, acc, mask=rmask[:, None])
-        tl.store(part_ml_ptr + o_ml, m_i, mask=rmask)
-        tl.store(part_ml_ptr + stride_part_ml + o_ml, l_i, mask=rmask)
 
 
 @triton.jit
@@ -211,7 +147,6 @@ def _prefill_kernel(
     k_ptr, v_ptr, stride_k_tok, stride_k_head,  # new tokens [num_tokens, H, D] (same strides for v)
     sk_ptr, sv_ptr, stride_s_head, stride_s_row,  # dequantized pages [H, rows, D] bf16
     sk_desc, sv_desc,  # TMA: host tensor descriptors of the scratch as [H * rows, D], block [BLOCK_N, D]; else None
-    part_acc_ptr, part_ml_ptr, stride_part_ml,  # RESUME: _prefill_pages_kernel's partial state; else None, 0
     page_start_ptr,  # int32 [num_seqs]: the sequence's first scratch page
     query_start_loc_ptr, seq_lens_ptr, tail_lens_ptr, tail_slots_ptr,  # int32
     tk_ptr, tv_ptr, stride_t_slot, stride_t_tok, stride_t_head,  # tail [num_slots, N, H, D]
@@ -220,7 +155,7 @@ def _prefill_kernel(
     qk_scale,  # softmax scale * log2(e)
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    PV_ACC: tl.constexpr, TMA: tl.constexpr, STAGES_A: tl.constexpr, RESUME: tl.constexpr,  # variants (_config)
+    TMA: tl.constexpr, STAGES_A: tl.constexpr,  # _config
 ):
     hq = tl.program_id(0).to(tl.int64)  # heads vary fastest: the heads of a GQA group share K/V in L2
     seq = tl.program_id(1)
@@ -238,15 +173,9 @@ def _prefill_kernel(
         dd = tl.arange(0, D)
         q = tl.load(q_ptr + (q0 + i)[:, None] * stride_q_tok + hq * stride_q_head + dd[None, :],
                     mask=rmask[:, None], other=0.0).to(k_ptr.dtype.element_ty)
-        if RESUME:  # loop (a) was _prefill_pages_kernel's
-            o_acc, o_ml = _partial_offsets(q0 + i, hq, tl.num_programs(0), D)
-            acc = tl.load(part_acc_ptr + o_acc, mask=rmask[:, None], other=0.0)
-            m_i = tl.load(part_ml_ptr + o_ml, mask=rmask, other=float("-inf"))
-            l_i = tl.load(part_ml_ptr + stride_part_ml + o_ml, mask=rmask, other=0.0)
-        else:
-            acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         p_first = ctx + mt * BLOCK_M  # first and last query position of the tile
         p_last = tl.minimum(p_first + BLOCK_M, seq_len) - 1
         lo = p_first // N * N  # scratch rows [0, lo): seen by every query of the tile
@@ -257,19 +186,17 @@ def _prefill_kernel(
         sk = sk_ptr + s_off + dd[None, :]
         sv = sv_ptr + s_off + dd[None, :]
         # -- (a) pages every query sees (the bulk of the work: its own pipelining depth and options) ----
-        if RESUME:
-            pass
-        elif TMA:
+        if TMA:
             row0 = kvh * (stride_s_head // stride_s_row) + tl.load(page_start_ptr + seq) * N
             for x0 in tl.range(0, full, BLOCK_N, num_stages=STAGES_A):
                 r0 = (row0 + x0).to(tl.int32)
                 acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, sk_desc.load([r0, 0]), sv_desc.load([r0, 0]),
-                                            rmask[:, None], qk_scale, False, DOT_FP32, PV_ACC)
+                                            rmask[:, None], qk_scale, False, DOT_FP32)
         else:
             for x0 in tl.range(0, full, BLOCK_N, num_stages=STAGES_A):
                 rows = (x0 + n)[:, None] * stride_s_row
                 acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, tl.load(sk + rows), tl.load(sv + rows),
-                                            rmask[:, None], qk_scale, False, DOT_FP32, PV_ACC)
+                                            rmask[:, None], qk_scale, False, DOT_FP32)
         # -- (b) the block-causal edge: page rows of blocks before each query's own ----
         for x0 in range(full, hi, BLOCK_N):
             x = x0 + n
@@ -277,7 +204,7 @@ def _prefill_kernel(
             xm = (x < hi)[:, None]
             acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, tl.load(sk + rows, mask=xm, other=0.0),
                                         tl.load(sv + rows, mask=xm, other=0.0), x[None, :] < own[:, None], qk_scale,
-                                        True, DOT_FP32, PV_ACC)
+                                        True, DOT_FP32)
         # -- (c) bf16 rows of the queries' own blocks: the staged tail (positions < ctx), then the chunk ----
         tail_len = tl.load(tail_lens_ptr + seq).to(tl.int64)
         t_off = tl.load(tail_slots_ptr + seq).to(tl.int64) * stride_t_slot + kvh * stride_t_head + dd[None, :]
@@ -294,7 +221,7 @@ def _prefill_kernel(
             v = (tl.load(tv_ptr + t_off + t_rows, mask=in_tail, other=0.0)
                  + tl.load(v_ptr + k_off + n_rows, mask=in_new, other=0.0))
             visible = (x[None, :] >= own[:, None]) & (x[None, :] <= pos[:, None])
-            acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, True, DOT_FP32, PV_ACC)
+            acc, m_i, l_i = _flash_tile(q, acc, m_i, l_i, k, v, visible, qk_scale, True, DOT_FP32)
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         o = acc / safe_l[:, None]
         tl.store(out_ptr + (q0 + i)[:, None] * stride_o_tok + hq * stride_o_head + dd[None, :],
@@ -344,28 +271,25 @@ def dequantize_pages(
 
 
 def _config(interp: bool) -> dict:
-    """Tile sizes and launch options: 128 x 128 tiles, 8 warps (two warpgroups of 64 query rows), 2 stages
-    on the GPU: the fastest of ``benchmarks/bench_prefill_step.py --sweep`` on the H200 at 4k, 16k and a 2k
-    chunk over 30k (LLaMA3-8B heads; 3 stages need 360 KB of shared memory at this size).
+    """Tile sizes and launch options on the GPU: 128 x 128 tiles, 8 warps (two warpgroups of 64 query rows),
+    2 stages, and for the unmasked page loop (a) TMA copies (``TMA``: host tensor descriptors of the scratch,
+    no per-row address arithmetic) pipelined 3 deep (``STAGES_A``). The masked loops (b), (c) keep pointer
+    loads (their out-of-range rows must read as zeros, which a descriptor only gives at the tensor's end) and
+    2 stages (the 4-load own-block loop (c) at 3 stages needs more than the 227 KiB of shared memory).
+    ``benchmarks/bench_prefill_step.py --sweep`` on the H200 (4k prompt, LLaMA3-8B heads, e216b0b): 319 us
+    against 369 us for pointer loads at 2 stages; 128 x 64 tiles 340-342 us. ``maxnreg``: a register cap handed
+    to ptxas (``None``: none).
 
-    Variants (off by default; ``--sweep`` times them, ``benchmarks/sass_prefill.py`` compiles them):
-
-    * ``PV_ACC``: P @ V accumulates into the rescaled ``acc`` (``_flash_tile``).
-    * ``TMA``: the unmasked page loop (a) reads K/V tiles through host tensor descriptors of the scratch (TMA
-      copies, no per-row address arithmetic; the masked loops keep pointer loads: their out-of-range rows
-      must read as zeros, which a descriptor only gives at the tensor's end).
-    * ``STAGES_A``: pipelining depth of loop (a) alone (``None``: ``num_stages``); loops (b) and (c) keep
-      ``num_stages``, so (a) can go deeper than the 4-load own-block loop (c) fits in shared memory.
-    * ``SPLIT``: loop (a) in its own launch, ``_prefill_pages_kernel`` (TMA for every tile, ``tl.range(...,
-      warp_specialize=WS)``), then ``_prefill_kernel(RESUME=True)`` for loops (b) and (c); a dict of the first
-      launch's ``WS``, ``num_warps``, ``num_stages`` (``None``: one launch). Triton 3.6 warp-specializes on
-      Hopper only at 4 warps and only a kernel without pointer-based tensor loads, hence the split.
-    * ``maxnreg``: a register cap handed to ptxas (``None``: none).
+    Tried and dropped (a55ceae, e216b0b): ``acc`` as the P @ V ``tl.dot`` accumulator (the same SASS: Triton
+    folds it already); loop (a) in a second, warp-specialized launch (Triton 3.6 warp-specializes on Hopper
+    only at 4 warps and only kernels without pointer-based tensor loads): 432 us without warp specialization,
+    an illegal memory access with it.
     """
-    variants = {"PV_ACC": False, "TMA": False, "STAGES_A": None, "SPLIT": None, "maxnreg": None}
     if interp:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, **variants}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, **variants}
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "TMA": False, "STAGES_A": None,
+                "maxnreg": None}  # fmt: skip
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "TMA": True, "STAGES_A": 3,
+            "maxnreg": None}  # fmt: skip
 
 
 def prefill_attention(
@@ -437,12 +361,6 @@ def prefill_attention(
     pages = [max(0, (x - 1) // n) for x in seq_lens.tolist()]
     check(max(pages) <= block_table.shape[1], "block_table is narrower than the pages the chunks read")
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
-    split = cfg["SPLIT"]
-    part_acc = part_ml = None
-    if split:  # the partial state between the two launches (fp32: acc 4 x the output's size at bf16 x 2)
-        check(query.stride(2) == 1 and query.stride(1) == d, "SPLIT needs query rows of num_heads x head_size")
-        part_acc = torch.empty(num_tokens, num_heads, d, dtype=torch.float32, device=dev)
-        part_ml = torch.empty(2, num_tokens, num_heads, dtype=torch.float32, device=dev)
     for a, b in _groups(pages, SCRATCH_ROWS // n):  # consecutive sequences a .. b - 1
         num_pages = pages[a:b]
         starts = [0]
@@ -452,36 +370,11 @@ def prefill_attention(
         sk, sv = dequantize_pages(kv_cache, layout, block_table[a:b], i32(num_pages), page_start,
                                   sum(num_pages), max(num_pages), torch.float32 if interp else key.dtype)
         grid = (num_heads, b - a, triton.cdiv(max_query_len, cfg["BLOCK_M"]))
-        if cfg["TMA"] or split:  # a descriptor needs a non-empty tensor: no pages, no row is read
+        if cfg["TMA"]:  # a descriptor needs a non-empty tensor: no pages, no row is read
             sk_desc, sv_desc = (TensorDescriptor.from_tensor(x.view(-1, d) if x.numel() else x.new_zeros(1, d),
                                                              [cfg["BLOCK_N"], d]) for x in (sk, sv))  # fmt: skip
         else:
             sk_desc = sv_desc = None
-        if split:
-            _prefill_pages_kernel[grid](
-                q_desc=TensorDescriptor(query, [num_tokens, num_heads * d], [query.stride(0), 1], [cfg["BLOCK_M"], d]),
-                sk_desc=sk_desc,
-                sv_desc=sv_desc,
-                rows_per_head=sk.shape[1],
-                page_start_ptr=page_start,
-                query_start_loc_ptr=query_start_loc[a : b + 1],
-                seq_lens_ptr=seq_lens[a:b],
-                part_acc_ptr=part_acc,
-                part_ml_ptr=part_ml,
-                stride_part_ml=part_ml.stride(0),
-                qk_scale=scale_ * LOG2E,
-                G=num_heads // h,
-                BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_N=cfg["BLOCK_N"],
-                D=d,
-                N=n,
-                DOT_FP32=interp,
-                PV_ACC=cfg["PV_ACC"],
-                WS=split.get("WS", False),
-                STAGES_A=split.get("num_stages", cfg["num_stages"]),
-                num_warps=split.get("num_warps", cfg["num_warps"]),
-                num_stages=split.get("num_stages", cfg["num_stages"]),
-            )
         _prefill_kernel[grid](
             q_ptr=query,
             stride_q_tok=query.stride(0),
@@ -496,9 +389,6 @@ def prefill_attention(
             stride_s_row=sk.stride(1),
             sk_desc=sk_desc if cfg["TMA"] else None,
             sv_desc=sv_desc if cfg["TMA"] else None,
-            part_acc_ptr=part_acc,
-            part_ml_ptr=part_ml,
-            stride_part_ml=part_ml.stride(0) if split else 0,
             page_start_ptr=page_start,
             query_start_loc_ptr=query_start_loc[a : b + 1],
             seq_lens_ptr=seq_lens[a:b],
@@ -515,10 +405,8 @@ def prefill_attention(
             D=d,
             N=n,
             DOT_FP32=interp,
-            PV_ACC=cfg["PV_ACC"],
             TMA=cfg["TMA"],
             STAGES_A=cfg["num_stages"] if cfg["STAGES_A"] is None else cfg["STAGES_A"],
-            RESUME=bool(split),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
             **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),

@@ -55,15 +55,13 @@ def test_prefill_matches_twin(block_size, head_size, h, g):
 
 
 # kernel variants (prefill_attention._config; timed by bench_prefill_step.py --sweep): the interpreter runs
-# their arithmetic (tensor descriptors as plain indexed loads, warp_specialize / num_stages ignored); the TMA
-# copies, pipelining depths and warp specialization themselves only run on a GPU (this test there, with the
+# their arithmetic (tensor descriptors as plain indexed loads, num_stages ignored); the TMA
+# copies and pipelining depths themselves only run on a GPU (this test there, with the
 # GPU tile sizes; sass_prefill.py shows they compile for sm_90)
 VARIANTS = {
-    "pv_acc": {"PV_ACC": True},
-    "tma": {"TMA": True},
+    "pointer_loads": {"TMA": False, "STAGES_A": None},
+    "tma": {"TMA": True, "STAGES_A": None},
     "tma_a3": {"TMA": True, "STAGES_A": 3},
-    "split": {"SPLIT": {"WS": False}},
-    "split_ws": {"PV_ACC": True, "SPLIT": {"WS": True, "num_warps": 4, "num_stages": 2}},
 }
 
 

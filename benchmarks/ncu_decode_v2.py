@@ -49,11 +49,17 @@ def main() -> None:
     if a.run:
         run(a.case, a.preset, a.variant)
         return
-    cmd = ["ncu", "--kernel-name", f"regex:{a.kernel}", "--launch-skip", "2", "--launch-count", "1"]
-    for s in SECTIONS:
+    profile(a.kernel, [__file__, "--run", "--case", a.case, "--preset", a.preset, "--variant", a.variant],
+            f"{a.variant} {a.preset} {a.case}")
+
+
+def profile(kernel: str, argv: list[str], label: str, sections: list[str] = SECTIONS) -> str:
+    """Run ``python argv`` under ncu (the third launch of kernels matching ``kernel``), print its report and the
+    stall reasons per issued instruction, largest first; return the report."""
+    cmd = ["ncu", "--kernel-name", f"regex:{kernel}", "--launch-skip", "2", "--launch-count", "1"]
+    for s in sections:
         cmd += ["--section", s]
-    cmd += ["--metrics", STALLS, sys.executable, __file__, "--run", "--case", a.case, "--preset", a.preset,
-            "--variant", a.variant]
+    cmd += ["--metrics", STALLS, sys.executable, *argv]
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     text = res.stdout + res.stderr
     print(text[-12000:] if res.returncode else text)
@@ -62,10 +68,10 @@ def main() -> None:
                                                                r"active\.ratio\s+\S*\s+([\d.,]+)", text)),
         reverse=True,
     )
-    print(f"\n## stall reasons, {a.variant} {a.preset} {a.case} (warps stalled per issued instruction)")
+    print(f"\n## stall reasons, {label} (warps stalled per issued instruction)")
     for v, k in stalls[:12]:
         print(f"{k:28s} {v:8.3f}")
-
+    return text
 
 if __name__ == "__main__":
     main()

@@ -36,9 +36,11 @@ def _rint(y):
 
 @triton.jit
 def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
-    """Rows ``tok`` of one head as fp32 ``[N_PAD, PL, D/PL]``: element ``[., j, i]`` is channel ``j * D/PL + i``,
-    the order in which a byte of ``PL`` codes holds its channels (paged.pack_row); padded rows load 0."""
-    ch = tl.arange(0, PL)[:, None] * (D // PL) + tl.arange(0, D // PL)[None, :]
+    """Rows ``tok`` of one head as fp32 ``[N_PAD, D/PL, PL]``: element ``[., i, j]`` is channel ``j * D/PL + i``,
+    so the ``PL`` channels one byte of low-width codes holds (paged.pack_row) sit on the last axis, which
+    Triton keeps in one thread's registers (the tile is contiguous along ``i``): packing needs no exchange
+    between threads. Padded rows load 0."""
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     return x.to(tl.float32), ch
 
@@ -50,30 +52,37 @@ def _quant_params(mn, mx, QMAX):
 
 
 @triton.jit
-def _codes(x, mn16, step16, qmax):
-    """``rint((x - mn) / step)`` clamped to ``[0, qmax]`` as int32 (operands broadcast to ``x``)."""
-    y = tl.math.div_rn(x - mn16.to(tl.float32), step16.to(tl.float32))
+def _div(a, b, rb):
+    """``a / b`` rounded as IEEE division from ``rb = div_rn(1, b)``, for a divisor shared by many dividends:
+    ``q = a * rb`` then one Markstein correction ``q + (a - q b) * rb`` (two FMAs; no per-element reciprocal, no
+    slow-path branch as in ``div_rn``). Equal to ``div_rn`` for every dividend that is zero (sign kept) or
+    normal (checked on 8 M random pairs over every positive fp16 divisor); a subnormal dividend can be 1 ulp
+    off, at quotients below 2^-100 that round to the same codes and fp16 parameters (tests/kernels)."""
+    q = a * rb
+    return tl.where(a == 0, q, tl.fma(tl.fma(-q, b, a), rb, q))
+
+
+@triton.jit
+def _codes(x, mn16, step16, rstep, qmax):
+    """``rint((x - mn) / step)`` clamped to ``[0, qmax]`` as int32 (operands broadcast to ``x``; ``rstep`` =
+    ``div_rn(1, step)``)."""
+    y = _div(x - mn16.to(tl.float32), step16.to(tl.float32), rstep)
     return tl.minimum(tl.maximum(_rint(y), 0.0), qmax).to(tl.int32)
 
 
 @triton.jit
-def _pack(code, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
-    """Bytes ``[N_PAD, D * BITS / 8]`` of a code tile ``[N_PAD, PL, D/PL]`` (channel ``j * D/PL + i``) at ``BITS``
-    bits: byte ``b`` holds channels ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte). With
-    ``j = a * (PL/P) + jj`` the byte of channel ``(a, jj, i)`` is ``jj * D/PL + i``: split ``j``, sum over ``a``."""
+def _store_packed(code, member, row, cache_u8_ptr, off, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr,
+                  PL: tl.constexpr):  # fmt: skip
+    """Pack a code tile ``[N_PAD, D/PL, PL]`` (channel ``j * D/PL + i``) at ``BITS`` bits and store the rows of
+    ``member`` at page rows ``row`` of the region at byte offset ``off``. Byte ``b`` of a row holds channels
+    ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte); with ``j = a * (PL/P) + jj`` the byte
+    of channel ``(i, a, jj)`` is ``jj * D/PL + i``: split ``j``, sum over ``a`` (disjoint bits: an or)."""
     P: tl.constexpr = 8 // BITS
-    c4 = tl.reshape(code, (N_PAD, P, PL // P, D // PL))
-    shift = tl.arange(0, P) * BITS
-    packed = tl.sum(c4 << shift[None, :, None, None], axis=1)  # disjoint bits: the sum is the bitwise or
-    return tl.reshape(packed, (N_PAD, D // P)).to(tl.uint8)
-
-
-@triton.jit
-def _store_rows(packed, member, row, cache_u8_ptr, off, BITS: tl.constexpr, D: tl.constexpr):
-    """Packed rows of ``member`` to page rows ``row`` of the region at byte offset ``off``."""
+    c4 = tl.reshape(code, (N_PAD, D // PL, P, PL // P))
+    packed = tl.sum(c4 << (tl.arange(0, P) * BITS)[None, None, :, None], axis=2).to(tl.uint8)
+    byte = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL // P)[None, :] * (D // PL)
     RB: tl.constexpr = D * BITS // 8
-    b = tl.arange(0, RB)
-    tl.store(cache_u8_ptr + off + row[:, None] * RB + b[None, :], packed, mask=member[:, None])
+    tl.store(cache_u8_ptr + off + row[:, None, None] * RB + byte[None, :, :], packed, mask=member[:, None, None])
 
 
 @triton.jit
@@ -185,11 +194,14 @@ def _compress_store_kernel(
         tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
         tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
         tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
+        rstep_s = tl.math.div_rn(1.0, step_s.to(tl.float32))
+        rstep_r = tl.math.div_rn(1.0, step_r.to(tl.float32))
         code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
                       tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
+                      tl.where(s3, rstep_s[None, :, :], rstep_r[None, :, :]),
                       tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
-        _store_rows(_pack(code, BH, N_PAD, D, PL), sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, D)
-        _store_rows(_pack(code, BL, N_PAD, D, PL), reg, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, D)
+        _store_packed(code, sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, N_PAD, D, PL)
+        _store_packed(code, reg, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, N_PAD, D, PL)
     else:  # -- values (ZC-2): c = sqrt(max |x|) per channel over the block, then per-token (step, mn) of x / c ----
         sal = vsal
         reg = tv & ~sal
@@ -197,14 +209,16 @@ def _compress_store_kernel(
         c = tl.math.sqrt_rn(tl.max(tl.abs(x), axis=0)).to(tl.float16)  # padded rows load 0: neutral for max |x|
         c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
         tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
-        xn = tl.math.div_rn(x, c.to(tl.float32)[None, :, :])
+        cf = c.to(tl.float32)
+        xn = _div(x, cf[None, :, :], tl.math.div_rn(1.0, cf)[None, :, :])
         qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
         step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax)
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=tv)
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=tv)
-        code = _codes(xn, mn16[:, None, None], step[:, None, None], qmax[:, None, None])
-        _store_rows(_pack(code, BH, N_PAD, D, PL), sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, D)
-        _store_rows(_pack(code, BL, N_PAD, D, PL), reg, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, D)
+        rstep = tl.math.div_rn(1.0, step.to(tl.float32))
+        code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax[:, None, None])
+        _store_packed(code, sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, N_PAD, D, PL)
+        _store_packed(code, reg, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, N_PAD, D, PL)
         _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
 
 

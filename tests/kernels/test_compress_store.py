@@ -46,7 +46,9 @@ def test_pages_bit_exact(n, d, r, rv, bh, bl):
 
 
 def test_ties_constant_rows_and_fp32_input():
-    """Tied scores go to the earlier token; a constant key channel reconstructs exactly; fp32 input."""
+    """Tied scores go to the earlier token; a constant key channel reconstructs exactly; fp32 input; subnormal and
+    signed-zero keys and values (the kernel divides by a shared reciprocal with one correction step: 1 ulp off
+    IEEE division for subnormal dividends only, which must still give the twin's bytes)."""
     layout = PageLayout(16, 64)
     h, nb = 1, 2
     k = torch.randn(nb * 16, h, 64)
@@ -54,6 +56,11 @@ def test_ties_constant_rows_and_fp32_input():
     v = torch.randn(nb * 16, h, 64)
     v[:, :, 7] = 1e-31  # sqrt rounds to 0 in fp16: normalizer 1
     v[:, :, 9] = 0.0
+    k[:, :, 6] = torch.randn(nb * 16, h) * 1e-39  # subnormal channel: (x - mn) subnormal
+    k[:4, :, 7] = -0.0
+    v[:, :, 10] = torch.randn(nb * 16, h) * 1e-40  # subnormal values: x / c subnormal
+    v[:, :, 11] = -0.0
+    v[3, :, :] = torch.randn(64) * 1e-39  # a row of subnormals: its own (step, mn)
     scores = torch.randint(0, 3, (nb * 16, h)).float()  # many ties
     ref, got = _run(layout, k, v, scores, torch.tensor([1, 0], dtype=torch.int32), 2)
     assert torch.equal(ref, got)

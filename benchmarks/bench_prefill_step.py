@@ -76,7 +76,9 @@ def timed(fn, reps: int, breakdown: dict | None = None) -> tuple[float, float]:
     return gpu, statistics.median(walls)
 
 
-def case(context: int, reps: int, sweep: str | None = None) -> dict:
+def prompt_calls(context: int) -> tuple[dict, callable]:
+    """The calls timed for a prompt of ``context`` tokens as one chunk: ``{"step", "attention", "sdpa"}``, and
+    ``attend(config)``, the attention kernel alone with one ``_config`` variant (pages written once here)."""
     cfg = ZipCacheConfig.load("vllm", block_size=128)
     layout = PageLayout.from_config(cfg, D)
     n = layout.block_size
@@ -106,13 +108,18 @@ def case(context: int, reps: int, sweep: str | None = None) -> dict:
                 tail_key=staging.key, tail_value=staging.value, tail_slots=torch.zeros(1, dtype=torch.int32,
                 device=dev), tail_lens=torch.zeros(1, dtype=torch.int32, device=dev), scale=D**-0.5)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    res = {"kernel": "prefill_step", "context": context, "batch": 1}
     variants = {
         "step": run,
         "attention": lambda: ops.prefill_attention(q, k, v, context, **meta),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
                                                                          enable_gqa=True),
     }
+    return variants, lambda c: ops_prefill(q, k, v, context, meta, c)
+
+
+def case(context: int, reps: int, sweep: str | None = None) -> dict:
+    variants, attend = prompt_calls(context)
+    res = {"kernel": "prefill_step", "context": context, "batch": 1}
     res["step_kernels_us"] = {}
     for name, fn in variants.items():
         res[f"{name}_gpu_us"], res[f"{name}_wall_us"] = timed(fn, reps, res["step_kernels_us"] if name == "step"
@@ -122,7 +129,7 @@ def case(context: int, reps: int, sweep: str | None = None) -> dict:
     res["probe_compress_gpu_us"] = res["step_gpu_us"] - res["attention_gpu_us"]  # + staging copies
     res["overhead_wall"] = res["step_wall_us"] / res["sdpa_wall_us"] - 1
     if sweep:
-        res["sweep"] = sweep_configs(lambda c: ops_prefill(q, k, v, context, meta, c), reps, sweep)
+        res["sweep"] = sweep_configs(attend, reps, sweep)
     return res
 
 

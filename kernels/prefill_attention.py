@@ -23,6 +23,8 @@ It writes the output and each row's log-sum-exp (natural log).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -309,6 +311,7 @@ def prefill_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    plan: PrefillPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk of new tokens per sequence under the block rule (module docstring).
 
@@ -324,13 +327,15 @@ def prefill_attention(
     max_query_len : the longest chunk (sizes the grid; vLLM's metadata has it).
     out : optional output like ``query``. config : tile sizes and launch options (``_config``'s keys;
         benchmarks sweep them).
+    plan : :func:`prefill_plan` of ``seq_lens`` (host values), built once per step and shared by its layers;
+        without it the page counts are read from ``seq_lens`` here (one host synchronisation per call).
 
     Returns
     -------
     out : ``[num_tokens, num_heads, head_size]``; lse : fp32 ``[num_tokens, num_heads]`` (natural log).
 
-    The page count of each sequence is read on the host (one synchronisation, like vLLM's prefill metadata):
-    it sizes the bf16 scratch.
+    The page count of each sequence sizes the bf16 scratch: it comes from ``plan`` (no synchronisation: the
+    host can run ahead of the GPU through the layers of an eager prefill) or from ``seq_lens``.
     """
     dev = query.device
     check_tensor(query, "query", 3, FLOATS, dev)
@@ -358,17 +363,12 @@ def prefill_attention(
     interp = interpreting()
     cfg = dict(_config(interp), **(config or {}))
     scale_ = d**-0.5 if scale is None else scale
-    pages = [max(0, (x - 1) // n) for x in seq_lens.tolist()]
-    check(max(pages) <= block_table.shape[1], "block_table is narrower than the pages the chunks read")
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
-    for a, b in _groups(pages, SCRATCH_ROWS // n):  # consecutive sequences a .. b - 1
-        num_pages = pages[a:b]
-        starts = [0]
-        for p in num_pages[:-1]:
-            starts.append(starts[-1] + p)
-        page_start = i32(starts)
-        sk, sv = dequantize_pages(kv_cache, layout, block_table[a:b], i32(num_pages), page_start,
-                                  sum(num_pages), max(num_pages), torch.float32 if interp else key.dtype)
+    plan = prefill_plan(seq_lens.tolist(), n, dev) if plan is None else plan
+    check(len(plan.pages) == num_seqs, f"plan has {len(plan.pages)} sequences, seq_lens {num_seqs}")
+    check(max(plan.pages) <= block_table.shape[1], "block_table is narrower than the pages the chunks read")
+    for a, b, page_start, num_pages, total, widest in plan.groups:  # consecutive sequences a .. b - 1
+        sk, sv = dequantize_pages(kv_cache, layout, block_table[a:b], num_pages, page_start, total, widest,
+                                  torch.float32 if interp else key.dtype)
         grid = (num_heads, b - a, triton.cdiv(max_query_len, cfg["BLOCK_M"]))
         if cfg["TMA"]:  # a descriptor needs a non-empty tensor: no pages, no row is read
             sk_desc, sv_desc = (TensorDescriptor.from_tensor(x.view(-1, d) if x.numel() else x.new_zeros(1, d),
@@ -424,3 +424,29 @@ def _groups(pages: list[int], budget: int) -> list[tuple[int, int]]:
             a, used = s, 0
         used += p
     return groups + [(a, len(pages))]
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """The scratch of a :func:`prefill_attention` call, from host values: ``pages[s]`` pages per sequence, and
+    ``groups`` of consecutive sequences ``(a, b, page_start, num_pages, total_pages, max_pages)`` whose pages
+    fit the scratch together (``page_start``, ``num_pages``: int32 device tensors of the group)."""
+
+    pages: list[int]
+    groups: list[tuple]
+
+
+def prefill_plan(seq_lens, block_size: int, device) -> PrefillPlan:
+    """:class:`PrefillPlan` of sequences of ``seq_lens`` tokens (host ints, the chunk included): the pages
+    of the blocks before each one's last (the blocks its queries read as pages). One host-to-device copy per
+    group; build it once per step and pass it to every layer's call."""
+    pages = [max(0, (int(x) - 1) // block_size) for x in seq_lens]
+    groups = []
+    for a, b in _groups(pages, SCRATCH_ROWS // block_size):
+        num_pages = pages[a:b]
+        starts = [0]
+        for p in num_pages[:-1]:
+            starts.append(starts[-1] + p)
+        meta = torch.tensor([starts, num_pages], dtype=torch.int32).to(device)
+        groups.append((a, b, meta[0], meta[1], sum(num_pages), max(num_pages)))
+    return PrefillPlan(pages, groups)

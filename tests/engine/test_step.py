@@ -284,6 +284,53 @@ def test_triton_path(num_heads, num_kv_heads, cfg_name, engine):
     ], atol=2e-2, rtol=2e-2, max_mismatch=0.02)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefill_layers_do_not_wait_for_the_gpu():
+    """vLLM runs prefill eagerly, layer after layer: once a step's metadata is built (its first layer), a layer's
+    call must not synchronise with the GPU (no device-to-host read, no pageable host-to-device copy), or the
+    host's per-layer work adds to the GPU's instead of overlapping it. A prompt, then a chunk over its pages
+    and tail, with a decode row next to it."""
+    cfg = ZipCacheConfig.load("vllm", block_size=128)
+    h, hq, d, n = 2, 8, 128, 128
+    layout = PageLayout.from_config(cfg, d)
+    dev = "cuda"
+    kv = torch.zeros(16, h, layout.page_bytes, dtype=torch.uint8, device=dev)
+    staging = Staging.allocate(4, n, h, d, hq, num_block_probes(cfg, n), device=dev)
+    bm = BlockManager(4, n)
+    tables = [[1, 2, 3, 4], [5, 6]]
+
+    def step_call(context_lens, query_lens):
+        t = sum(query_lens)
+        q = torch.randn(t, hq, d, device=dev, dtype=torch.bfloat16)
+        k, v = torch.randn(2, t, h, d, device=dev, dtype=torch.bfloat16)
+        plan = bm.plan(tables, context_lens, query_lens)
+        starts = [0]
+        for x in query_lens:
+            starts.append(starts[-1] + x)
+        qsl = torch.tensor(starts, dtype=torch.int32)
+        spans = list(zip(context_lens, query_lens, strict=True))
+        seq_lens = torch.tensor([c + x for c, x in spans], dtype=torch.int32)
+        slots = torch.tensor([tables[s][p // n] * n + p % n for s, (c, x) in enumerate(spans) for p in range(c, c + x)],
+                             device=dev)  # fmt: skip
+        step = prepare_step(plan, qsl, seq_lens, device=torch.device(dev))
+        bt = torch.tensor([r + [0] * (4 - len(r)) for r in tables], dtype=torch.int32, device=dev)
+        args = (q, k, v, kv, bt, seq_lens.to(dev), qsl.to(dev), slots, staging, step, layout, cfg)
+        return lambda: zipcache_attention(*args, layer_idx=0, kernels="triton")
+
+    step_call([0, 0], [300, 200])()  # prompts: pages, tails
+    layer = step_call([300, 200], [200, 1])  # a chunk over pages + tail, a decode row
+    layer()  # the step's first layer builds its metadata (host-to-device copies allowed)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer()
+        layer()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("head_size, bits, ratios", [(64, (8, 4), (0.6, None)), (128, (2, 2), (0.5, 0.25)),
                                                      (32, (4, 2), (0.8, 0.2))])
 def test_numba_decode_reads_the_codes(head_size, bits, ratios):

@@ -33,7 +33,8 @@ class KernelOps:
       block rule's saliency of complete blocks);
     * ``prefill_attention(query, key, value, max_query_len, out=None, **meta) -> out``: chunks of queries
       under the block rule (pages of the earlier blocks, the own block's tail and tokens; ``max_query_len``
-      sizes the Triton grid; written into ``out`` when given);
+      sizes the Triton grid; written into ``out`` when given; ``plan``: the kernel's scratch plan, ignored by
+      the twin);
     """
 
     name: str
@@ -44,7 +45,7 @@ class KernelOps:
     prefill_attention: Callable
 
 
-def _prefill_torch(query, key, value, max_query_len, out=None, **meta):
+def _prefill_torch(query, key, value, max_query_len, out=None, plan=None, **meta):
     res = paged.prefill_attention(query, key, value, **meta)
     return res if out is None else out.copy_(res)
 

@@ -35,7 +35,7 @@ from . import cpu_decode
 from .block_manager import StepPlan
 from .decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores, probe_ranks
 from .layout import PageLayout
-from .ops import KernelOps, kernel_ops
+from .ops import KernelOps, kernel_module, kernel_ops
 from .staging import Staging
 
 
@@ -327,7 +327,7 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
 def _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, ops, scale, out) -> None:
     """Kernel path: the chunks in one ``prefill_attention`` launch (the block rule is the kernel's contract:
     pages before each query's own block, its bf16 tail and tokens)."""
-    sub = _chunk_subset(step, cp, block_table, q.device)
+    sub = _chunk_subset(step, cp, block_table, q.device, ops.name == "triton")
     tok, span = sub.pop("tokens"), sub.pop("span")
     if span is not None:  # the chunks are consecutive rows of the step (vLLM puts decodes first): views
         a, b = span
@@ -339,9 +339,10 @@ def _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan,
     out[tok] = o.to(out.dtype)
 
 
-def _chunk_subset(step: Step, cp: ChunkPlan, block_table, device) -> dict:
+def _chunk_subset(step: Step, cp: ChunkPlan, block_table, device, kernel: bool) -> dict:
     """Metadata of the chunk sequences ``cp.seqs`` as ``prefill_attention`` takes it (cached on the step: the
-    same for every layer); ``tokens``: their rows in the step."""
+    same for every layer); ``tokens``: their rows in the step. ``kernel``: with the kernel's scratch plan,
+    built here from host values, so that a layer's call does not wait for the GPU."""
     cached = step.__dict__.get("_chunk_subset")
     if cached is not None:
         return dict(cached)
@@ -353,16 +354,19 @@ def _chunk_subset(step: Step, cp: ChunkPlan, block_table, device) -> dict:
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     rows = torch.tensor(seqs, dtype=torch.long, device=device)
     rows_ = torch.cat(tokens)
+    seq_lens = [step.context_lens[s] + step.query_lens[s] for s in seqs]
     sub = {
         "tokens": rows_.to(device),
         "span": _as_range(rows_.tolist()),
         "block_table": block_table.index_select(0, rows),
         "query_start_loc": i32(starts),
-        "seq_lens": i32([step.context_lens[s] + step.query_lens[s] for s in seqs]),
+        "seq_lens": i32(seq_lens),
         "tail_slots": i32([max(plan.tail_slots[s], 0) for s in seqs]),
         "tail_lens": i32([plan.tail_lens[s] for s in seqs]),
         "max_query_len": max(step.query_lens[s] for s in seqs),
     }
+    if kernel:
+        sub["plan"] = kernel_module("prefill_attention").prefill_plan(seq_lens, plan.block_size, device)
     step.__dict__["_chunk_subset"] = sub
     return dict(sub)
 

@@ -55,7 +55,8 @@ def main() -> None:
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n in ALIGNED)}  # fmt: skip
     info, sass = compile_sm90(GluonASTSource(fn, sig, ce, attrs), num_warps=1, maxnreg=a.maxnreg)
     print(f"layout {layout.num_salient_k}/{layout.num_salient_v} rows, chunks {decode_v2.chunks(layout, a.max_chunk)}")
-    print("\n".join(line for line in info.splitlines() if any(w in line for w in ("registers", "spill", "shared memory"))))
+    keep = ("registers", "spill", "shared memory")
+    print("\n".join(line for line in info.splitlines() if any(w in line for w in keep)))
     print(f"resident one-warp programs per SM: {decode_v2.resident_programs(layout, stage, a.maxnreg, a.max_chunk)}"
           f" (stage {stage}, {decode_v2.stage_bytes(layout, stage, a.max_chunk)} bytes)")
     ins = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()

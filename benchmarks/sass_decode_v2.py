@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--merge", type=int, default=int(decode_v2.MERGE_HEADS), help="1: _merge_heads")
     ap.add_argument("--maxnreg", type=int, default=decode_v2.MAXNREG, help="ptxas register cap")
     a = ap.parse_args()
-    layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=a.value_ratio)
+    vr = None if a.value_ratio < 0 else a.value_ratio  # -1: the key ratio (r0.6)
+    layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=vr)
     fn = decode_v2._decode_v2_kernel
     stage = {"1": "pair", "0": "none"}.get(a.stage, a.stage)
     ce = dict(decode_v2._constexprs(layout, a.max_chunk, stage, bool(a.lean), bool(a.merge)))

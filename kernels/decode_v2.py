@@ -1043,8 +1043,8 @@ def _decode_v2_kernel(
                          + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
     if RING:  # ring_plan: parameters of page pg + 1 and each chunk of it copied as soon as there is room
         ring = _alloc_ring(SEGMENTS)
-        first = cache_ptr + gl.load(bt_row + gl.minimum(p_lo, p_hi - 1)).to(gl.int64) * stride_c_block \
-            + kvh * stride_c_head
+        first = cache_ptr + gl.load(bt_row + p_lo, mask=p_lo < p_hi, other=0).to(gl.int64) * stride_c_block \
+            + kvh * stride_c_head  # (no page: a block table row may be empty)
         if p_lo < p_hi:
             _copy_page(_ring_view(ring, 0, SEGMENTS), first, PPIECES)
         async_copy.commit_group()

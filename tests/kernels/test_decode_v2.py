@@ -109,6 +109,80 @@ def test_unstaged_presets(preset, head_size):
     _compare(_layout(128, head_size, preset), 2, 4, LENGTHS[128], stage=False)
 
 
+# Schedule variants of issue 9 (off by default until timed): each must match the twin like the default.
+VARIANTS = {
+    "lean": {"lean": True},
+    "lean-unstaged": {"lean": True, "stage": False},
+    "ring": {"stage": "ring"},
+    "ring-r168": {"stage": "ring", "maxnreg": 168},
+    "ring-r144": {"stage": "ring", "maxnreg": 144},
+    "merge": {"merge": True},
+    "merge-p1": {"merge": True, "min_pages": 1},
+    "ring-r168-merge": {"stage": "ring", "maxnreg": 168, "merge": True},
+}
+EVERY_PRESET = ("lean", "ring", "ring-r168")  # the variants that change the page loop: every preset
+
+
+def _variant_cases():
+    for name in sorted(VARIANTS):
+        for preset in sorted(PRESETS) if name in EVERY_PRESET else ["vllm", "r0.6"]:
+            for head_size in (64, 128):
+                yield name, preset, head_size
+
+
+@gpu
+@pytest.mark.parametrize("variant, preset, head_size", list(_variant_cases()))
+def test_variants(variant, preset, head_size):
+    _compare(_layout(128, head_size, preset), 2, 4, LENGTHS[128], **VARIANTS[variant])
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["ring", "ring-r168-merge", "merge", "merge-p1"])
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+def test_variant_splits(variant, num_splits):
+    """Split boundaries, empty splits and the merge (ring: splits of one page, where no next page is copied)."""
+    _compare(_layout(128, 128, "vllm"), 2, 4, [(128 * 9 + 5, 0), (128 * 2, 0), (1, 0)], num_splits=num_splits,
+             **VARIANTS[variant])
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["merge", "ring-r168-merge"])
+@pytest.mark.parametrize("h, g", GQA)
+def test_variant_gqa(variant, h, g):
+    """``_merge_heads`` pads the heads of a KV head to a power of two (1, 3, 4, 8, 16 heads)."""
+    _compare(_layout(128, 128, "vllm"), h, g, [(128 * 6 + 33, 0), (128 * 3, 0)], num_splits=5, **VARIANTS[variant])
+
+
+@gpu
+@pytest.mark.parametrize("block_size, max_chunk", [(16, 64), (32, 64), (64, 64), (128, 16), (128, 32)])
+def test_ring_chunks(block_size, max_chunk):
+    """The ring with other chunk structures (one commit group per chunk)."""
+    _compare(_layout(block_size, 128, "r0.6"), 2, 4, [(block_size * 7 + 3, 0), (block_size, 0), (1, 0)],
+             max_chunk=max_chunk, stage="ring", maxnreg=168)
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_ring_plan(head_size, preset):
+    """Ring staging: parameter pieces and chunk pieces in separate segments, every chunk's reads in that chunk's
+    pieces, nothing shared between chunks (a chunk is refilled as soon as it has been read)."""
+    layout = _layout(128, head_size, preset)
+    tiles = v2.chunks(layout)
+    (p_segs, c_segs), pieces, per_chunk = v2.ring_plan(layout, tiles)
+    params = pieces[: len(pieces) - sum(map(len, per_chunk))]
+    assert {(p[0], p[1]) for p in params} == {(layout.k_param_off, 8 * head_size), (layout.v_norm_off, 2 * head_size)}
+    assert all(p[2] < len(p_segs) for p in params)
+    assert all(len(p_segs) <= pc[2] < len(p_segs) + len(c_segs) for c in per_chunk for pc in c)
+    seen = set()
+    for c in per_chunk:
+        cells = {(pc[2], w) for pc in c for w in range(pc[3], pc[3] + pc[1] // 4)}
+        assert not cells & seen
+        seen |= cells
+    assert v2.stage_bytes(layout, "ring") == 4 * (2 * sum(p_segs) + sum(c_segs))
+    assert v2.stage_bytes(layout, "ring") < v2.stage_bytes(layout, "pair")
+    assert v2.resident_programs(layout, "pair", None) <= 8 < v2.resident_programs(layout, "ring", 168)
+
+
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128])
 @pytest.mark.parametrize("head_size", [64, 128])
 @pytest.mark.parametrize("preset", sorted(PRESETS))

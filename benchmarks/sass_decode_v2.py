@@ -2,7 +2,6 @@
 instruction histogram of the page loop (the code between the first backward branch's target and the branch).
 
     python benchmarks/sass_decode_v2.py [--ratio 0.8 --value-ratio 0.2 --head-size 128 --g 4 --splits 4]
-        [--stage pair|ring|none --lean 1 --maxnreg 168 --merge 1]
 
 Needs triton 3.6 (the H200's version; ``pip install triton==3.6.0`` in a scratch venv) and this repository's
 ``kernels/`` importable as ``zipcache_vllm.kernels`` (editable install or a link). Pointer arguments are
@@ -37,29 +36,20 @@ def main() -> None:
     ap.add_argument("--g", type=int, default=4)
     ap.add_argument("--splits", type=int, default=4)
     ap.add_argument("--max-chunk", type=int, default=decode_v2.MAX_CHUNK)
-    ap.add_argument("--stage", default="pair", help="pair (or 1): two pages staged in shared memory (cp.async), "
-                    "ring: ring_plan, none (or 0): not staged")
-    ap.add_argument("--lean", type=int, default=int(decode_v2.LEAN), help="1: _page_lean")
-    ap.add_argument("--merge", type=int, default=int(decode_v2.MERGE_HEADS), help="1: _merge_heads")
-    ap.add_argument("--maxnreg", type=int, default=decode_v2.MAXNREG, help="ptxas register cap")
+    ap.add_argument("--stage", type=int, default=1, help="1: pages staged in shared memory (cp.async), 0: not")
     a = ap.parse_args()
-    vr = None if a.value_ratio < 0 else a.value_ratio  # -1: the key ratio (r0.6)
-    layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=vr)
+    layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=a.value_ratio)
     fn = decode_v2._decode_v2_kernel
-    stage = {"1": "pair", "0": "none"}.get(a.stage, a.stage)
-    ce = dict(decode_v2._constexprs(layout, a.max_chunk, stage, bool(a.lean), bool(a.merge)))
+    ce = dict(decode_v2._constexprs(layout, a.max_chunk, bool(a.stage)))
     ce.update(NUM_SPLITS=a.splits, G=a.g, NP=max(8, triton.next_power_of_2(a.g)), TAIL=decode_v2.TAIL_CHUNK,
               WRITE_LSE=True, RESCALE=decode_v2.RESCALE_LOG2, SPLIT_PAD=triton.next_power_of_2(a.splits),
               PREFETCH=decode_v2.PREFETCH_PAGES)  # fmt: skip
     sig = {n: "constexpr" if n in ce else TYPES.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n in ALIGNED)}  # fmt: skip
-    info, sass = compile_sm90(GluonASTSource(fn, sig, ce, attrs), num_warps=1, maxnreg=a.maxnreg)
+    info, sass = compile_sm90(GluonASTSource(fn, sig, ce, attrs), num_warps=1)
     print(f"layout {layout.num_salient_k}/{layout.num_salient_v} rows, chunks {decode_v2.chunks(layout, a.max_chunk)}")
-    keep = ("registers", "spill", "shared memory")
-    print("\n".join(line for line in info.splitlines() if any(w in line for w in keep)))
-    print(f"resident one-warp programs per SM: {decode_v2.resident_programs(layout, stage, a.maxnreg, a.max_chunk)}"
-          f" (stage {stage}, {decode_v2.stage_bytes(layout, stage, a.max_chunk)} bytes)")
+    print("\n".join(line for line in info.splitlines() if "registers" in line))
     ins = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()
            if (m := re.search(r"/\*([0-9a-f]{4,5})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", line))]
     loops = [(int(t.group(1), 16), addr) for addr, op, line in ins

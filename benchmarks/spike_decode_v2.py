@@ -1,10 +1,6 @@
 """Decode v2 spike (one device call): correctness at benchmark shapes and side-by-side times.
 
     PYTHONPATH=. python benchmarks/spike_decode_v2.py [--cases 16x32768,64x4096,1x4096] [--splits 0,8,16,32]
-    PYTHONPATH=. python benchmarks/spike_decode_v2.py --variants default,lean,ring,ring-r168 [--presets vllm]
-
-``--variants``: the schedule variants of ``VARIANTS`` side by side (each first checked against the twin), with
-bf16 SDPA and the page-gather roofline per case; a table last (speedup over SDPA, change against ``default``).
 
 v2 (Gluon) vs v1 (plain Triton) vs bf16 SDPA vs the page-gather roofline, LLaMA3-8B geometry, block 128,
 presets vllm (keys 0.8 / values 0.2) and r0.6. Prints a table last.
@@ -35,67 +31,6 @@ from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
 
 PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
-VARIANTS = {  # decode_attention_v2 keyword arguments (issue 9); the split count follows from them
-    "default": {},
-    "lean": {"lean": True},
-    "ring": {"stage": "ring"},
-    "ring-r200": {"stage": "ring", "maxnreg": 200},
-    "ring-r168": {"stage": "ring", "maxnreg": 168},
-    "ring-r144": {"stage": "ring", "maxnreg": 144},
-    "merge": {"merge": True},
-    "merge-p1": {"merge": True, "min_pages": 1},
-    "ring-r168-merge": {"stage": "ring", "maxnreg": 168, "merge": True},
-}
-
-
-def variants(a) -> None:
-    """Every variant of ``--variants`` against the twin (small case), then timed per case next to SDPA."""
-    cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
-    names = a.variants.split(",")
-    h = MODEL["num_kv_heads"]
-    rows = []
-    for preset in a.presets.split(","):
-        r, rv = PRESETS[preset]
-        layout = PageLayout(BLOCK, MODEL["head_size"], salient_ratio=r, value_salient_ratio=rv)
-        pool = page_pool(layout, 1024)
-        args = decode_inputs(layout, pool, 2, 4096)
-        ref = paged.decode_attention(**args)
-        for name in names:
-            out = decode_v2.decode_attention_v2(**args, out=torch.empty(args["query"].shape, device=DEV),
-                                                **VARIANTS[name])  # fmt: skip
-            print(f"{preset} {name}: rel_err {((out - ref).norm() / ref.norm()).item():.2e}", flush=True)
-        for batch, ctx in cases:
-            nbytes = decode_bytes(layout, batch, ctx)
-            base_bytes = batch * (ctx + 64) * h * MODEL["head_size"] * 4
-            sdpa_us, backend = time_sdpa(lambda b=batch, c=ctx: sdpa_inputs(b, c), base_bytes, a.reps)
-            sets = [decode_inputs(layout, pool, batch, ctx) for _ in range(copies_for(nbytes))]
-            auto = decode_v2.choose_num_splits(batch, h, ctx // BLOCK, DEV)
-            g_us = min(graph_time([lambda s=s, sp=sp, lay=layout, n=ctx // BLOCK: page_gather(
-                s["kv_cache"], lay, s["block_table"], n, sp) for s in sets], a.reps)
-                for sp in {max(2, auto // 2), auto, 2 * auto})  # fmt: skip
-            roof = gather_bytes(layout, batch, h, ctx // BLOCK) / g_us / 1e3
-            for name in names:
-                kw = VARIANTS[name]
-                kind = decode_v2.stage_kind(layout, kw.get("stage"))
-                pps = (decode_v2.PROGRAMS_PER_SM if kind != "ring" and kw.get("maxnreg") is None
-                       else decode_v2.resident_programs(layout, kind, kw.get("maxnreg")))
-                sp = decode_v2.choose_num_splits(batch, h, ctx // BLOCK, DEV, pps,
-                                                 kw.get("min_pages", decode_v2.MIN_PAGES_PER_SPLIT))
-                us = graph_time([lambda s=s, kw=kw: decode_v2.decode_attention_v2(**s, **kw) for s in sets], a.reps)
-                row = (preset, batch, ctx, name, pps, sp, us, sdpa_us, backend, nbytes / us / 1e3, roof)
-                rows.append(row)
-                print(row, flush=True)
-            del sets
-            torch.cuda.empty_cache()
-    base = {(p, b, c): us for p, b, c, n, _, _, us, *_ in rows if n == "default"}
-    print("\n| preset | batch | ctx | variant | programs/SM | splits | us | sdpa us | speedup | vs default | GB/s "
-          "| % of roofline |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for p, b, c, n, pps, sp, us, su, be, gbs, roof in rows:
-        ref_us = base.get((p, b, c))
-        delta = f"{100 * (ref_us / us - 1):+.1f} %" if ref_us else "-"
-        print(f"| {p} | {b} | {c} | {n} | {pps} | {sp} | {us:.1f} | {su:.1f} ({be}) | {su / us:.2f}x | {delta} "
-              f"| {gbs:.0f} | {100 * gbs / roof:.0f} % |")
 
 
 def main() -> None:
@@ -107,11 +42,7 @@ def main() -> None:
     ap.add_argument("--chunks", default="64")
     ap.add_argument("--prefetch", default="0")
     ap.add_argument("--stage", default="0,1", help="1: pages staged in shared memory (cp.async), 0: not")
-    ap.add_argument("--variants", default="", help=f"comma-separated names of {sorted(VARIANTS)}")
     a = ap.parse_args()
-    if a.variants:
-        variants(a)
-        return
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
     rows = []
     for name in a.presets.split(","):

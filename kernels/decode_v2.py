@@ -42,12 +42,6 @@ MIN_PAGES_PER_SPLIT = 2  # fewer, longer splits at batch 1: the in-kernel merge 
 PREFETCH_PAGES = 0  # pages ahead a program asks L2 to fetch; 1, 2, 4 measured slower on the H200 (spike)
 RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
 STAGE_PAGES = 2  # pages in shared memory per program: the next page is copied (cp.async) while one is read
-# Variants (issue 9), off by default until measured on the H200 (benchmarks/spike_decode_v2.py --variants):
-STAGE = "pair"  # "pair": two whole pages staged; "ring": ring_plan (one page of chunks + two parameter buffers)
-LEAN = False  # shorter register lifetimes in the page loop (_page_lean, _value_field_offset_const)
-MAXNREG = None  # ptxas register cap per thread (65536 / (32 x cap) one-warp programs fit an SM by registers)
-MERGE_HEADS = False  # the in-kernel split merge over all heads of a KV head at once (_merge_heads)
-SM_SHARED = 233472  # bytes of shared memory per H100/H200 SM (228 KB), 1 KB of it reserved per resident block
 
 
 # --------------------------------------------------------------------------------------------- channel maps
@@ -286,25 +280,18 @@ def shared_params(plan: tuple) -> gl.SharedLinearLayout:
     return gl.SharedLinearLayout(offset_bases=_address_bases((no, nl, run), lambda o, ln, r: o * os_ + ln * run + r))
 
 
-def _chunk_reads(layout, tile: tuple) -> set:
-    """``(page byte offset, bytes)`` of what one chunk reads: its key and value codes, its per-token value
-    parameters (a view must start at a multiple of its size)."""
+def stage_plan(layout, tiles: tuple) -> tuple[tuple, tuple]:
+    """Where a staged page lives in shared memory: ``(segments, pieces)``. Triton allocates power-of-two shapes,
+    so the bytes a program reads (each chunk's key and value codes and per-token value parameters, the key
+    parameters, the value normalizer: power-of-two pieces, 16-byte aligned) are packed into segments whose sizes are
+    the binary digits of their total, largest pieces first (no padding). ``segments``: int32 words of each;
+    ``pieces``: ``(page byte offset, bytes, segment, word offset)``."""
     d, n = layout.head_size, layout.block_size
-    start, rows, k_hi, k_off, v_hi, v_off = tile
-    return {(layout.v_tok_off + 2 * start, 2 * rows), (layout.v_tok_off + 2 * (n + start), 2 * rows),
-            (k_off, rows * d * (layout.bits_high if k_hi else layout.bits_low) // 8),
-            (v_off, rows * d * (layout.bits_high if v_hi else layout.bits_low) // 8)}
-
-
-def _param_reads(layout) -> set:
-    """The per-page parameters: key step/min of both groups, the value normalizer."""
-    return {(layout.k_param_off, 8 * layout.head_size), (layout.v_norm_off, 2 * layout.head_size)}
-
-
-def _pack(reads, first_segment: int = 0) -> tuple[tuple, tuple]:
-    """Pack power-of-two, 16-byte aligned pieces into segments sized by the binary digits of their total, largest
-    pieces first (no padding, every piece starts at a multiple of its size): ``(segments, pieces)``, segment
-    indices counted from ``first_segment``."""
+    reads = {(layout.k_param_off, 8 * d), (layout.v_norm_off, 2 * d)}
+    for start, rows, k_hi, k_off, v_hi, v_off in tiles:  # a view must start at a multiple of its size
+        reads |= {(layout.v_tok_off + 2 * start, 2 * rows), (layout.v_tok_off + 2 * (n + start), 2 * rows)}
+        reads.add((k_off, rows * d * (layout.bits_high if k_hi else layout.bits_low) // 8))
+        reads.add((v_off, rows * d * (layout.bits_high if v_hi else layout.bits_low) // 8))
     reads = sorted(reads, key=lambda r: (-r[1], r[0]))
     words = sum(nb // 4 for _, nb in reads)
     segments = tuple(1 << b for b in range(_lg(words), -1, -1) if words >> b & 1)
@@ -314,51 +301,9 @@ def _pack(reads, first_segment: int = 0) -> tuple[tuple, tuple]:
         if nb & (nb - 1) or off % 16:
             raise ValueError(f"page piece at {off} of {nb} bytes is not a 16-byte aligned power of two")
         seg = next(i for i, size in enumerate(segments) if size - fill[i] >= nb // 4)
-        pieces.append((off, nb, first_segment + seg, fill[seg]))
+        pieces.append((off, nb, seg, fill[seg]))
         fill[seg] += nb // 4
     return segments, tuple(pieces)
-
-
-def stage_plan(layout, tiles: tuple) -> tuple[tuple, tuple]:
-    """Where a staged page lives in shared memory: ``(segments, pieces)``. Triton allocates power-of-two shapes,
-    so the bytes a program reads (each chunk's key and value codes and per-token value parameters, the key
-    parameters, the value normalizer: power-of-two pieces, 16-byte aligned) are packed into segments whose sizes are
-    the binary digits of their total, largest pieces first (no padding). ``segments``: int32 words of each;
-    ``pieces``: ``(page byte offset, bytes, segment, word offset)``."""
-    reads = set(_param_reads(layout))
-    for tile in tiles:
-        reads |= _chunk_reads(layout, tile)
-    return _pack(reads)
-
-
-def ring_plan(layout, tiles: tuple) -> tuple[tuple, tuple, tuple]:
-    """The shared-memory plan of ``stage="ring"``: the page parameters (1.25 KB at head size 128) in two buffers,
-    every chunk's bytes in one. A chunk's bytes of page p + 1 are copied as soon as the program has read that
-    chunk of page p (one commit group per chunk), so the copy still has a page of time while the footprint is
-    about half of two staged pages: 15,360 instead of 28,160 bytes for the ``vllm`` preset (14 programs per SM
-    by shared memory instead of 8).
-
-    Returns ``(segments, pieces, chunk_pieces)``: ``segments = (param segments, chunk segments)``, ``pieces``
-    as ``stage_plan`` with the segment indices of the chunk buffers after those of the parameter buffers
-    (``_ring_view`` concatenates them), ``chunk_pieces[c]`` the pieces that chunk ``c`` reads."""
-    p_segs, p_pieces = _pack(_param_reads(layout))
-    reads = set()
-    for tile in tiles:
-        reads |= _chunk_reads(layout, tile)
-    c_segs, c_pieces = _pack(reads, len(p_segs))
-    per_chunk = tuple(tuple(pc for pc in c_pieces if (pc[0], pc[1]) in _chunk_reads(layout, tile)) for tile in tiles)
-    return (p_segs, c_segs), p_pieces + c_pieces, per_chunk
-
-
-def stage_bytes(layout, stage: str, max_chunk: int = MAX_CHUNK) -> int:
-    """Shared memory of one program: ``"pair"`` two whole staged pages, ``"ring"`` ``ring_plan``, else 0."""
-    tiles = chunks(layout, max_chunk)
-    if stage == "pair":
-        return 2 * 4 * sum(stage_plan(layout, tiles)[0])
-    if stage == "ring":
-        (p_segs, c_segs), _, _ = ring_plan(layout, tiles)
-        return 4 * (2 * sum(p_segs) + sum(c_segs))
-    return 0
 
 
 def stage_supported(layout) -> bool:
@@ -553,14 +498,6 @@ def _copy_page(dst, src, PIECES: gl.constexpr):
 
 
 @gluon.jit
-def _copy_chunk(dst, src, CPIECES: gl.constexpr, CI: gl.constexpr):
-    """``_copy_page`` of the pieces of chunk ``CI`` only (``ring_plan``)."""
-    for i in gl.static_range(len(CPIECES)):
-        if CPIECES[i][4] == CI:
-            _copy_piece(dst[CPIECES[i][2]], src, CPIECES[i][0], CPIECES[i][1] // 4, CPIECES[i][3])
-
-
-@gluon.jit
 def _copy_piece(dst, src, OFF: gl.constexpr, NW: gl.constexpr, WORD: gl.constexpr):
     VEC: gl.constexpr = 4 if NW >= 128 else (NW // 32 if NW >= 32 else 1)
     L: gl.constexpr = gl.BlockedLayout([VEC], [32], [1], [0])
@@ -692,11 +629,9 @@ def _page_chunk(
     NP: gl.constexpr, V_TOK: gl.constexpr, K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr,
     K_CONS_L: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
     V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
-    SMEM: gl.constexpr, PIECES: gl.constexpr, V_NORM: gl.constexpr = 0, VP_H: gl.constexpr = None,
-    VP_L: gl.constexpr = None, VNV_H: gl.constexpr = None, VNV_L: gl.constexpr = None, LEAN: gl.constexpr = False,
+    SMEM: gl.constexpr, PIECES: gl.constexpr,
 ):
-    """Rows ``START .. START + ROWS`` of one page (one key group, one value group). ``LEAN``: the value
-    normalizer (``cn_*``) is read here, where it is used, instead of being held in registers for the page."""
+    """Rows ``START .. START + ROWS`` of one page (one key group, one value group)."""
     P: gl.constexpr = D // 16
     # scores S^T [ROWS, NP] = (offset + K codes) @ q'^T + (bias - offset term), accumulated from the bias
     if K_HI:
@@ -724,16 +659,12 @@ def _page_chunk(
         vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BH // 8, D * BH // 64, VES, A), (16, ROWS), VVIEW, VLOAD,
                      V_ASM_H, V_CONS_H, VES, P, 0, A, SMEM, PIECES)
         u = mma_v2(vc, pb, pmin[None, :] - voff_h[:, None] * psum)
-        if LEAN:
-            cn_h = _params(src, V_NORM, VP_H, VNV_H, D, gl.SliceLayout(1, MMA), SMEM, PIECES).to(gl.float32)
         o_hi = o_hi + cn_h[:, None] * u
     else:
         VES: gl.constexpr = D * BL // 128
         vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BL // 8, D * BL // 64, VES, A), (16, ROWS), VVIEW, VLOAD,
                      V_ASM_L, V_CONS_L, VES, P, 0, A, SMEM, PIECES)
         u = mma_v2(vc, pb, pmin[None, :] - voff_l[:, None] * psum)
-        if LEAN:
-            cn_l = _params(src, V_NORM, VP_L, VNV_L, D, gl.SliceLayout(1, MMA), SMEM, PIECES).to(gl.float32)
         o_lo = o_lo + cn_l[:, None] * u
     return m_ref, l_i, o_hi, o_lo
 
@@ -786,185 +717,6 @@ def _page(
 
 
 @gluon.jit
-def _lean_step(
-    src, nxt, has_next, q, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, qp, bias, CI: gl.constexpr,
-    CHUNKS: gl.constexpr, SHARED: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr, D: gl.constexpr,
-    N: gl.constexpr, NP: gl.constexpr, V_NORM: gl.constexpr, V_TOK: gl.constexpr,
-    K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr, K_CONS_L: gl.constexpr,
-    V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr, V_CONS_L: gl.constexpr,
-    VP_H: gl.constexpr, VP_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
-    B: gl.constexpr, SMEM: gl.constexpr, PIECES: gl.constexpr, RING: gl.constexpr, CPIECES: gl.constexpr,
-):
-    """Chunk ``CI`` of the page (``_page_lean``). ``RING``: wait for this chunk's bytes (copied during the
-    previous page), and once every lane has read them, copy the same chunk of the next page into their place.
-    The commit groups are counted per chunk (one each, empty when there is no next page), so the wait is the
-    same everywhere: at most ``len(CHUNKS)`` newer groups may still be in flight."""
-    C: gl.constexpr = CHUNKS[CI]
-    if RING:
-        async_copy.wait_group(len(CHUNKS))
-        gl.thread_barrier()  # the chunk's bytes, copied by all lanes, are visible to all
-    m_ref, l_i, o_hi, o_lo = _page_chunk(
-        src, qp, qp, bias, bias, 0.0, 0.0, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
-        C[0], C[1], C[2], C[3], C[4], C[5],
-        gl.constexpr(SHARED[4 + 4 * CI]), gl.constexpr(SHARED[5 + 4 * CI]), gl.constexpr(SHARED[6 + 4 * CI]),
-        gl.constexpr(SHARED[7 + 4 * CI]), BH, BL, D, N, NP, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L,
-        V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES,
-        V_NORM, VP_H, VP_L, gl.constexpr(SHARED[2]), gl.constexpr(SHARED[3]), True,
-    )
-    if RING:
-        gl.thread_barrier()  # every lane is done with the chunk's bytes
-        if has_next:
-            _copy_chunk(src, nxt, CPIECES, CI)
-        async_copy.commit_group()
-    return m_ref, l_i, o_hi, o_lo
-
-
-@gluon.jit
-def _page_lean(
-    src, nxt, has_next, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
-    CHUNKS: gl.constexpr, SHARED: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr, D: gl.constexpr,
-    N: gl.constexpr, NP: gl.constexpr, K_PAR: gl.constexpr, V_NORM: gl.constexpr, V_TOK: gl.constexpr,
-    K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr, K_CONS_L: gl.constexpr,
-    V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr, V_CONS_L: gl.constexpr,
-    KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
-    RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, SMEM: gl.constexpr,
-    PIECES: gl.constexpr, RING: gl.constexpr, CPIECES: gl.constexpr, NH: gl.constexpr,
-):
-    """``_page`` with shorter register lifetimes (``lean=True``): the salient-key chunks come first (``NH`` of
-    them), so ``q'`` and the bias of the salient keys are made just before them and those of the other keys
-    just before the rest (one group live at a time instead of both for the whole page); the value normalizer
-    is read in each chunk (``_page_chunk``)."""
-    ROW_B: gl.constexpr = gl.SliceLayout(1, B)
-    if NH > 0:
-        qp = q_h * _params(src, K_PAR, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)[:, None]
-        mn = _params(src, K_PAR + 2 * D, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)
-        bias = _page_bias(mn, q_h, qp, BH, D, NP, MMA, A)
-        for ci in gl.static_range(NH):
-            m_ref, l_i, o_hi, o_lo = _lean_step(
-                src, nxt, has_next, q_h, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, qp, bias, ci, CHUNKS, SHARED,
-                BH, BL, D, N, NP, V_NORM, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H,
-                V_ASM_L, V_CONS_L, VP_H, VP_L, RESCALE, MMA, A, B, SMEM, PIECES, RING, CPIECES,
-            )
-    if len(CHUNKS) > NH:
-        qp = q_l * _params(src, K_PAR + 4 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)[:, None]
-        mn = _params(src, K_PAR + 6 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)
-        bias = _page_bias(mn, q_l, qp, BL, D, NP, MMA, A)
-        for ci in gl.static_range(NH, len(CHUNKS)):
-            m_ref, l_i, o_hi, o_lo = _lean_step(
-                src, nxt, has_next, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, qp, bias, ci, CHUNKS, SHARED,
-                BH, BL, D, N, NP, V_NORM, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H,
-                V_ASM_L, V_CONS_L, VP_H, VP_L, RESCALE, MMA, A, B, SMEM, PIECES, RING, CPIECES,
-            )
-    return m_ref, l_i, o_hi, o_lo
-
-
-@gluon.jit
-def _alloc_ring(SEGMENTS: gl.constexpr):
-    """``ring_plan``'s buffers: two of every parameter segment, one of every chunk segment."""
-    L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    params = ()
-    for i in gl.static_range(len(SEGMENTS[0])):
-        params = params + (gl.allocate_shared_memory(gl.int32, [2, SEGMENTS[0][i]], L),)
-    rows = ()
-    for i in gl.static_range(len(SEGMENTS[1])):
-        rows = rows + (gl.allocate_shared_memory(gl.int32, [SEGMENTS[1][i]], L),)
-    return params, rows
-
-
-@gluon.jit
-def _ring_view(bufs, stage, SEGMENTS: gl.constexpr):
-    """The parameter buffers of one stage, then the chunk buffers (``ring_plan``'s segment order)."""
-    out = ()
-    for i in gl.static_range(len(SEGMENTS[0])):
-        out = out + (bufs[0][i].index(stage),)
-    for i in gl.static_range(len(SEGMENTS[1])):
-        out = out + (bufs[1][i],)
-    return out
-
-
-@gluon.constexpr_function
-def _voff_const(bits, d, j, mh):
-    if bits == 4:
-        return 2.0 ** (10 - 4 * mh)
-    return 2.0 ** (10 - 2 * (j // (d * bits // 64) + 2 * mh))
-
-
-@gluon.jit
-def _value_field_offset_const(BITS: gl.constexpr, D: gl.constexpr, layout: gl.constexpr):
-    """``_value_field_offset`` built from constants: the offset depends only on a register's plane and row
-    half, so splats joined into the ``[D]`` row layout let LLVM fold every element into an immediate operand
-    (no registers held for the page loop; ``lean=True``)."""
-    G8: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[], lane_bases=[[0], [0], [1], [2], [4]], warp_bases=[],
-                                                  block_bases=[], shape=[8])
-    P: gl.constexpr = D // 16
-    pl = ()
-    for j in gl.static_range(P):
-        pl = pl + (gl.join(gl.full([8], _voff_const(BITS, D, j, 0), gl.float32, G8),
-                           gl.full([8], _voff_const(BITS, D, j, 1), gl.float32, G8)),)  # [8 (g), 2 (mh)]
-    x = gl.join(gl.join(pl[0], pl[1]), gl.join(pl[2], pl[3]))  # [8, 2, 2 (j0), 2 (j1)]
-    if P == 8:
-        y = gl.join(gl.join(pl[4], pl[5]), gl.join(pl[6], pl[7]))
-        res = gl.reshape(gl.permute(gl.join(x, y), (4, 3, 2, 1, 0)), [D])
-    else:
-        res = gl.reshape(gl.permute(x, (3, 2, 1, 0)), [D])
-    return gl.convert_layout(res, layout, assert_trivial=True)
-
-
-@gluon.constexpr_function
-def _merge_shape(g):
-    """(heads padded to a power of two, splits per step) of ``_merge_heads``: 64 partial values per lane."""
-    gp = 1 << (g - 1).bit_length()
-    return gp, max(1, 16 // gp)
-
-
-@gluon.jit
-def _merge_heads(out_ptr, stride_o_seq, stride_o_head, lse_ptr, part_o_ptr, part_lse_ptr, seq, kvh, num_kv_heads,
-                 NUM_SPLITS: gl.constexpr, G: gl.constexpr, D: gl.constexpr, SPLIT_PAD: gl.constexpr,
-                 WRITE_LSE: gl.constexpr):  # fmt: skip
-    """The split merge of ``merge=True``: the ``G`` heads of the KV head together, in steps of a few splits
-    whose loads are independent of each other (an unrolled loop, so they can be in flight together), instead
-    of one head after the other with a ``[splits, D]`` tile per head. At batch 1 the merge is on the critical
-    path of the launch: its load round trips are what this shortens."""
-    GP: gl.constexpr = _merge_shape(G)[0]
-    SG: gl.constexpr = _merge_shape(G)[1]
-    L3: gl.constexpr = gl.BlockedLayout([SG, 1, 4], [1, 1, 32], [1, 1, 1], [2, 1, 0])
-    L2: gl.constexpr = gl.SliceLayout(2, L3)  # [SG, GP]
-    LO: gl.constexpr = gl.SliceLayout(0, L3)  # [GP, D]
-    LS: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])  # [SPLIT_PAD, GP]
-    base = seq * (G * num_kv_heads) + kvh * G
-    # pass 1: the max and the sum of the weights per head, over all splits
-    sp_a = gl.arange(0, SPLIT_PAD, layout=gl.SliceLayout(1, LS))
-    hh_a = gl.arange(0, GP, layout=gl.SliceLayout(0, LS))
-    lse_all = gl.load(part_lse_ptr + (base + hh_a)[None, :] * NUM_SPLITS + sp_a[:, None],
-                      mask=(sp_a < NUM_SPLITS)[:, None] & (hh_a < G)[None, :], other=float("-inf"), volatile=True)
-    mx = gl.max(lse_all, axis=0)
-    mx = gl.where(mx == float("-inf"), 0.0, mx)
-    tot = gl.sum(gl.exp2(lse_all - mx[None, :]), axis=0)
-    # pass 2: the weighted partials, SG splits per step
-    hh = gl.arange(0, GP, layout=gl.SliceLayout(0, L2))
-    sg = gl.arange(0, SG, layout=gl.SliceLayout(1, L2))
-    dk = gl.arange(0, D, layout=gl.SliceLayout(0, LO))
-    mx2 = gl.convert_layout(mx, gl.SliceLayout(0, L2))
-    acc = gl.zeros([GP, D], gl.float32, LO)
-    for s0 in gl.static_range(0, NUM_SPLITS, SG):
-        sp = s0 + sg
-        valid = (sp < NUM_SPLITS)[:, None] & (hh < G)[None, :]
-        row = (base + hh)[None, :] * NUM_SPLITS + sp[:, None]  # [SG, GP]
-        w = gl.exp2(gl.load(part_lse_ptr + row, mask=valid, other=float("-inf"), volatile=True) - mx2[None, :])
-        parts = gl.load(part_o_ptr + row[:, :, None] * D + gl.expand_dims(dk[None, :], 0), mask=valid[:, :, None],
-                        other=0.0, volatile=True)
-        acc += gl.sum(parts * w[:, :, None], axis=0)
-    tot_o = gl.convert_layout(tot, gl.SliceLayout(1, LO))
-    safe = gl.where(tot_o > 0, tot_o, 1.0)
-    ho = gl.arange(0, GP, layout=gl.SliceLayout(1, LO))
-    gl.store(out_ptr + seq * stride_o_seq + (kvh * G + ho)[:, None] * stride_o_head + dk[None, :],
-             (acc / safe[:, None]).to(out_ptr.dtype.element_ty), mask=(ho < G)[:, None])
-    if WRITE_LSE:
-        lse = (mx + gl.log2(gl.where(tot > 0, tot, 1.0))) * 0.6931471805599453 + gl.where(tot > 0, 0.0, float("-inf"))
-        gl.store(lse_ptr + base + hh_a, lse, mask=hh_a < G)
-
-
-@gluon.jit
 def _decode_v2_kernel(
     q_ptr, stride_q_seq, stride_q_head,
     cache_ptr, stride_c_block, stride_c_head,  # uint8 pages; strides in bytes
@@ -985,8 +737,6 @@ def _decode_v2_kernel(
     KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
     PREFETCH: gl.constexpr, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr,
     SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
-    LEAN: gl.constexpr, RING: gl.constexpr, PPIECES: gl.constexpr, CPIECES: gl.constexpr, NH: gl.constexpr,
-    MERGE: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
     ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone."""
@@ -1022,12 +772,8 @@ def _decode_v2_kernel(
     q_l = (gl.load(q_row + kmap_l[:, None], mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(gl.float16)
     vmap_h = _value_map(BH, D, ROW_C)
     vmap_l = _value_map(BL, D, ROW_C)
-    if LEAN:
-        voff_h = _value_field_offset_const(BH, D, ROW_C)
-        voff_l = _value_field_offset_const(BL, D, ROW_C)
-    else:
-        voff_h = _value_field_offset(BH, D, ROW_C)
-        voff_l = _value_field_offset(BL, D, ROW_C)
+    voff_h = _value_field_offset(BH, D, ROW_C)
+    voff_l = _value_field_offset(BL, D, ROW_C)
 
     m_ref = gl.full([NP], float("-inf"), gl.float32, layout=COL_C)
     l_i = gl.zeros([NP], gl.float32, layout=COL_C)
@@ -1041,38 +787,14 @@ def _decode_v2_kernel(
         if p_lo + pg < p_hi:
             _prefetch_l2(cache_ptr + gl.load(bt_row + p_lo + pg).to(gl.int64) * stride_c_block
                          + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
-    if RING:  # ring_plan: parameters of page pg + 1 and each chunk of it copied as soon as there is room
-        ring = _alloc_ring(SEGMENTS)
-        first = cache_ptr + gl.load(bt_row + p_lo, mask=p_lo < p_hi, other=0).to(gl.int64) * stride_c_block \
-            + kvh * stride_c_head  # (no page: a block table row may be empty)
-        if p_lo < p_hi:
-            _copy_page(_ring_view(ring, 0, SEGMENTS), first, PPIECES)
-        async_copy.commit_group()
-        for ci in gl.static_range(len(CHUNKS)):
-            if p_lo < p_hi:
-                _copy_chunk(_ring_view(ring, 0, SEGMENTS), first, CPIECES, ci)
-            async_copy.commit_group()
-    elif SMEM:  # pages staged in shared memory: page pg + 1 is copied while page pg is read
+    if SMEM:  # pages staged in shared memory: page pg + 1 is copied while page pg is read
         ring = _alloc_stage(SEGMENTS)
         if p_lo < p_hi:
             _copy_page(_stage_view(ring, 0, SEGMENTS), cache_ptr + gl.load(bt_row + p_lo).to(gl.int64)
                        * stride_c_block + kvh * stride_c_head, PIECES)
         async_copy.commit_group()
     for pg in range(p_lo, p_hi):
-        nxt = cache_ptr  # the next page (RING)
-        has_next = pg + 1 < p_hi
-        if RING:
-            stage = (pg - p_lo) % 2
-            nxt = cache_ptr + gl.load(bt_row + gl.minimum(pg + 1, p_hi - 1)).to(gl.int64) * stride_c_block \
-                + kvh * stride_c_head
-            # the other parameter buffer was last read in page pg - 1, before its last chunk's barrier
-            if has_next:
-                _copy_page(_ring_view(ring, 1 - stage, SEGMENTS), nxt, PPIECES)
-            async_copy.commit_group()
-            async_copy.wait_group(len(CHUNKS) + 1)  # this page's parameters (copied one page ago)
-            gl.thread_barrier()
-            src = _ring_view(ring, stage, SEGMENTS)
-        elif SMEM:
+        if SMEM:
             stage = (pg - p_lo) % 2
             gl.thread_barrier()  # every lane is done with the buffer the next copy overwrites
             if pg + 1 < p_hi:
@@ -1087,18 +809,11 @@ def _decode_v2_kernel(
             if pg + PREFETCH < p_hi:  # a page a few steps ahead, into L2 (no registers held)
                 _prefetch_l2(cache_ptr + gl.load(bt_row + pg + PREFETCH).to(gl.int64) * stride_c_block
                              + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
-        if LEAN:
-            m_ref, l_i, o_hi, o_lo = _page_lean(
-                src, nxt, has_next, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N,
-                NP, K_PAR, V_NORM, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L,
-                V_CONS_L, KP_H, KP_L, VP_H, VP_L, RESCALE, MMA, A, B, SMEM, PIECES, RING, CPIECES, NH,
-            )
-        else:
-            m_ref, l_i, o_hi, o_lo = _page(
-                src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N, NP, K_PAR,
-                V_NORM, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, KP_H,
-                KP_L, VP_H, VP_L, RESCALE, MMA, A, B, SMEM, PIECES,
-            )
+        m_ref, l_i, o_hi, o_lo = _page(
+            src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N, NP, K_PAR, V_NORM,
+            V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, KP_H, KP_L, VP_H,
+            VP_L, RESCALE, MMA, A, B, SMEM, PIECES,
+        )
 
     # -- the bf16 tail (the last split): keys in the high key map, values in the high value map ----
     if split == NUM_SPLITS - 1:
@@ -1139,12 +854,7 @@ def _decode_v2_kernel(
         gl.store(part_lse_ptr + row, lse2, mask=n_c < G)
         gl.thread_barrier()
         done = gl.atomic_add(counter_ptr + seq * num_kv_heads + kvh, 1, sem="acq_rel", scope="gpu")
-        if MERGE:
-            if done == NUM_SPLITS - 1:  # the last program of this (sequence, KV head): all heads at once
-                gl.store(counter_ptr + seq * num_kv_heads + kvh, 0)
-                _merge_heads(out_ptr, stride_o_seq, stride_o_head, lse_ptr, part_o_ptr, part_lse_ptr, seq, kvh,
-                             num_kv_heads, NUM_SPLITS, G, D, SPLIT_PAD, WRITE_LSE)
-        elif done == NUM_SPLITS - 1:  # the last program of this (sequence, KV head) merges the splits
+        if done == NUM_SPLITS - 1:  # the last program of this (sequence, KV head) merges the splits
             gl.store(counter_ptr + seq * num_kv_heads + kvh, 0)
             ML: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0])
             sp = gl.arange(0, SPLIT_PAD, layout=gl.SliceLayout(1, ML))
@@ -1181,60 +891,24 @@ def _counter(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device: torch.device,
-                      programs_per_sm: int = PROGRAMS_PER_SM, min_pages: int = MIN_PAGES_PER_SPLIT) -> int:
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device: torch.device) -> int:
     """Programs per (sequence, KV head) from shapes only (no host sync): page splits of at least
-    ``min_pages`` pages, about ``programs_per_sm`` one-warp programs per SM, plus one for the bf16 tail."""
+    MIN_PAGES_PER_SPLIT pages, about PROGRAMS_PER_SM one-warp programs per SM, plus one for the bf16 tail."""
     if max_blocks == 0:
         return 1
     programs = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(programs_per_sm * num_sms(device), programs)
-    most = max(1, max_blocks // max(1, min_pages))
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms(device), programs)
+    most = max(1, max_blocks // MIN_PAGES_PER_SPLIT)
     return 1 + max(1, min(want - 1, most, 63))
 
 
-def resident_programs(layout, stage: str, maxnreg: int | None, max_chunk: int = MAX_CHUNK) -> int:
-    """One-warp programs that fit an SM by registers (``maxnreg``, else 255, allocated in units of 8 per
-    thread) and by shared memory (``stage_bytes`` + 1 KB reserved per block), at most 32 blocks."""
-    regs = -(-(maxnreg or 255) // 8) * 8
-    by_regs = 65536 // (32 * regs)
-    nbytes = stage_bytes(layout, stage, max_chunk)
-    by_smem = SM_SHARED // (nbytes + 1024) if nbytes else 32
-    return max(1, min(by_regs, by_smem, 32))
-
-
-def stage_kind(layout, stage) -> str:
-    """``stage`` as ``"pair"``, ``"ring"`` or ``"none"``: True is ``"pair"``, None the default (``STAGE`` where
-    ``stage_supported``)."""
-    if stage is None:
-        stage = STAGE if STAGE_PAGES > 0 and stage_supported(layout) else "none"
-    if stage is True:
-        return "pair"
-    if stage is False:
-        return "none"
-    check(stage in ("pair", "ring", "none"), f"stage must be a bool, 'pair', 'ring' or 'none', not {stage!r}")
-    return stage
-
-
 @functools.lru_cache(maxsize=64)
-def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool | str = False, lean: bool = False,
-                merge: bool = False) -> dict:
+def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False) -> dict:
     d, bh, bl = layout.head_size, layout.bits_high, layout.bits_low
     plans = [param_load_plan("key", bh, d), param_load_plan("key", bl, d), param_load_plan("value", bh, d),
              param_load_plan("value", bl, d)]
     tiles = chunks(layout, max_chunk)
-    ring = stage == "ring"
-    stage = stage in (True, "pair", "ring")
-    lean = lean or ring  # the ring reads a page's parameters per key group and chunk: _page_lean
-    cpieces, ppieces = (), ()
-    if ring:
-        segments, pieces, cpieces = ring_plan(layout, tiles)
-        ppieces = pieces[: len(pieces) - sum(map(len, cpieces))]
-        cpieces = tuple(pc + (ci,) for ci, cp in enumerate(cpieces) for pc in cp)  # flat: nested tuples do not pass
-    else:
-        segments, pieces = stage_plan(layout, tiles) if stage else ((32,), ())
-    nh = sum(c[2] for c in tiles)
-    check(all(c[2] for c in tiles[:nh]), "salient key rows must come first")
+    segments, pieces = stage_plan(layout, tiles) if stage else ((32,), ())
     shared = tuple(shared_params(p) for p in plans) + tuple(
         x for c in tiles for x in shared_operand("key", bh if c[2] else bl, d, c[1])
         + shared_operand("value", bh if c[4] else bl, d, c[1])) if stage else (None,) * (4 + 4 * len(tiles))
@@ -1249,7 +923,6 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool | str = False, l
         "V_ASM_H": vh, "V_CONS_H": vch, "V_ASM_L": vl, "V_CONS_L": vcl,
         "KP_H": plans[0], "KP_L": plans[1], "VP_H": plans[2], "VP_L": plans[3],
         "SMEM": stage, "SHARED": shared, "SEGMENTS": segments, "PIECES": pieces,
-        "LEAN": lean, "RING": ring, "PPIECES": ppieces, "CPIECES": cpieces, "NH": nh, "MERGE": merge,
         "PF_BYTES": _pf_bytes(layout),  # codes + parameters, a multiple of 16 bytes
         "PF_ASM": f"cp.async.bulk.prefetch.L2.global [$1], {_pf_bytes(layout)}; mov.u32 $0, 0;",
     }  # fmt: skip
@@ -1275,21 +948,12 @@ def decode_attention_v2(
     num_splits: int | None = None,
     max_chunk: int = MAX_CHUNK,
     prefetch: int = PREFETCH_PAGES,
-    stage: bool | str | None = None,
-    lean: bool = LEAN,
-    maxnreg: int | None = MAXNREG,
-    merge: bool = MERGE_HEADS,
-    min_pages: int = MIN_PAGES_PER_SPLIT,
+    stage: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
     Arguments as ``decode_attention`` (v1). ``lse``: optional fp32 ``[num_seqs, num_heads]`` that receives
     the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). Returns ``out``.
-
-    Schedule options (same function): ``stage`` ``"pair"`` / ``"ring"`` / ``"none"`` (True / False: pair /
-    none), ``lean`` (``_page_lean``), ``maxnreg`` (ptxas register cap), ``merge`` (``_merge_heads``),
-    ``min_pages`` (shortest split, in pages). With ``"ring"`` or a register cap the split count aims at
-    ``resident_programs`` per SM instead of ``PROGRAMS_PER_SM``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -1303,22 +967,18 @@ def decode_attention_v2(
         check(tuple(lse.shape) == (num_seqs, num_heads) and lse.is_contiguous(), "lse must be [num_seqs, num_heads]")
     if num_seqs == 0:
         return out
-    kind = stage_kind(layout, stage)
     if num_splits is None:
-        pps = PROGRAMS_PER_SM if kind != "ring" and maxnreg is None else resident_programs(layout, kind, maxnreg,
-                                                                                            max_chunk)
-        num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev, pps, min_pages)
+        num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev)
     check(num_splits >= 1, "num_splits must be >= 1")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                     out, lse, scale, num_splits, max_chunk, prefetch, kind, lean, maxnreg, merge)  # fmt: skip
+                     out, lse, scale, num_splits, max_chunk, prefetch, stage)  # fmt: skip
     return out
 
 
 def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK,
-                     prefetch: int = PREFETCH_PAGES, stage: bool | str | None = None, lean: bool = LEAN,
-                     maxnreg: int | None = MAXNREG, merge: bool = MERGE_HEADS) -> None:  # fmt: skip
+                     prefetch: int = PREFETCH_PAGES, stage: bool | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
@@ -1339,8 +999,7 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         scale * LOG2E, h,
         NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, SPLIT_PAD=pow2(num_splits),
-        **_constexprs(layout, max_chunk, stage_kind(layout, stage), lean, merge),
+        **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage),
         PREFETCH=prefetch,
         num_warps=1,
-        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip

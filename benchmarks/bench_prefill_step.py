@@ -110,8 +110,10 @@ def prompt_calls(context: int) -> tuple[dict, callable]:
     step = prepare_step(plan, qsl, seq_lens, device=torch.device(dev))
     ops = kernel_ops("triton")
 
+    seq_lens_d, qsl_d = seq_lens.to(dev), qsl.to(dev)  # vLLM's metadata: on the device already
+
     def run():
-        return zipcache_attention(q, k, v, kv, bt, seq_lens.to(dev), qsl.to(dev), slots, staging, step, layout, cfg,
+        return zipcache_attention(q, k, v, kv, bt, seq_lens_d, qsl_d, slots, staging, step, layout, cfg,
                                   layer_idx=0, out=out, kernels=ops)
 
     run()  # writes every page the attention reads
@@ -224,12 +226,13 @@ def chunked_case(prefix: int, chunk: int, reps: int, sweep: str | None = None) -
     vb = torch.randn_like(kb)
     qb = q.transpose(0, 1).unsqueeze(0)
     bias = causal_lower_right(chunk, total)
+    seq_lens_d, qsl_d = seq_lens.to(dev), qsl.to(dev)  # vLLM's metadata: on the device already
     meta = dict(kv_cache=kv, layout=layout, block_table=bt, query_start_loc=qsl.to(dev), seq_lens=seq_lens.to(dev),
                 tail_key=staging.key, tail_value=staging.value, tail_slots=torch.zeros(1, dtype=torch.int32,
                 device=dev), tail_lens=torch.zeros(1, dtype=torch.int32, device=dev), scale=D**-0.5)
     variants = {
-        "step": lambda: zipcache_attention(q, k, v, kv, bt, seq_lens.to(dev), qsl.to(dev), slots, staging, step,
-                                           layout, cfg, layer_idx=0, out=out, kernels=ops),
+        "step": lambda: zipcache_attention(q, k, v, kv, bt, seq_lens_d, qsl_d, slots, staging, step, layout, cfg,
+                                           layer_idx=0, out=out, kernels=ops),
         "attention": lambda: ops.prefill_attention(q, k, v, chunk, **meta),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias,
                                                                          enable_gqa=True),

@@ -54,28 +54,27 @@ def check(cond: bool, msg: str) -> None:
 def check_tensor(
     x: torch.Tensor, name: str, ndim: int, dtypes: tuple[torch.dtype, ...], device=None, last_contiguous=True
 ) -> None:
-    check(isinstance(x, torch.Tensor), f"{name} must be a tensor")
-    check(x.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-    check(x.dtype in dtypes, f"{name} must have dtype in {dtypes}, got {x.dtype}")
-    check(
-        not last_contiguous or x.numel() == 0 or x.stride(-1) == 1,
-        f"{name} must be contiguous in its last dim",
-    )
-    if device is not None:
-        check(x.device == device, f"{name} is on {x.device}, expected {device}")
+    # every launcher runs ~20 of these per call in an eager prefill: messages are built only on failure
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {dtypes}, got {x.dtype}")
+    if last_contiguous and x.stride(-1) != 1 and x.numel():
+        raise ValueError(f"{name} must be contiguous in its last dim")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device}")
 
 
 def check_cache(kv_cache: torch.Tensor, layout, num_kv_heads: int, device) -> None:
     check_tensor(kv_cache, "kv_cache", 3, (torch.uint8,), device)
-    check(kv_cache.shape[1] == num_kv_heads, f"kv_cache has {kv_cache.shape[1]} heads, expected {num_kv_heads}")
-    check(
-        kv_cache.shape[2] >= layout.page_bytes,
-        f"kv_cache pages hold {kv_cache.shape[2]} bytes < {layout.page_bytes}",
-    )
-    check(
-        kv_cache.stride(0) % 16 == 0 and kv_cache.stride(1) % 16 == 0,
-        "kv_cache page strides must be multiples of 16 bytes",
-    )
+    if kv_cache.shape[1] != num_kv_heads:
+        raise ValueError(f"kv_cache has {kv_cache.shape[1]} heads, expected {num_kv_heads}")
+    if kv_cache.shape[2] < layout.page_bytes:
+        raise ValueError(f"kv_cache pages hold {kv_cache.shape[2]} bytes < {layout.page_bytes}")
+    check(kv_cache.stride(0) % 16 == 0 and kv_cache.stride(1) % 16 == 0,
+          "kv_cache page strides must be multiples of 16 bytes")  # fmt: skip
     check(kv_cache.data_ptr() % 16 == 0, "kv_cache must be 16-byte aligned")
 
 
@@ -101,7 +100,8 @@ def check_tail(tail_key, tail_value, dtypes, block_size: int, num_kv_heads: int 
     )
     h = tail_key.shape[2] if num_kv_heads is None else num_kv_heads
     want = (block_size, h, head_size)
-    check(tuple(tail_key.shape[1:]) == want, f"tail_key must be [num_slots, {', '.join(map(str, want))}]")
+    if tuple(tail_key.shape[1:]) != want:
+        raise ValueError(f"tail_key must be [num_slots, {', '.join(map(str, want))}]")
 
 
 def check_decode_inputs(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots,
@@ -126,7 +126,8 @@ def check_seq_meta(num_seqs: int, device, **tensors: torch.Tensor) -> None:
     """Per-sequence metadata: int32 ``[num_seqs]`` each."""
     for name, x in tensors.items():
         check_tensor(x, name, 1, (torch.int32,), device)
-        check(x.numel() == num_seqs, f"{name} must have {num_seqs} entries")
+        if x.numel() != num_seqs:
+            raise ValueError(f"{name} must have {num_seqs} entries")
 
 
 def cache_args(kv_cache: torch.Tensor) -> dict:

@@ -73,7 +73,7 @@ from zipcache_vllm.kernels import decode_v2
 from zipcache_vllm.kernels.block_scores import block_probe_scores
 from zipcache_vllm.kernels.compress_store import compress_store
 from zipcache_vllm.kernels.decode_attention import choose_num_splits, decode_attention
-from zipcache_vllm.kernels.prefill_attention import prefill_attention
+from zipcache_vllm.kernels.prefill_attention import prefill_attention, prefill_plan
 
 from benchmarks.bench_prefill_step import chunked_case
 from benchmarks.page_gather import gather_bytes, page_gather
@@ -431,18 +431,21 @@ def prefill_case(layout, reps, n_tok):
     sdpa_args = tuple(x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     sdpa_us, backend = time_sdpa(lambda: sdpa_args, sum(x.numel() * 2 for x in sdpa_args), reps, causal=True)
 
+    plan = prefill_plan([n_tok], BLOCK, DEV)  # host values: no copy inside the captured graph
+
     def attn():
         return prefill_attention(
-            q, k, v, cache, layout, ids.view(1, nb), qsl, seq_lens, tails, tails, zero, zero, max_query_len=n_tok
+            q, k, v, cache, layout, ids.view(1, nb), qsl, seq_lens, tails, tails, zero, zero, max_query_len=n_tok,
+            plan=plan,
         )
 
-    scores = torch.empty(nb, BLOCK, h, device=DEV)
+    block_scores = torch.empty(nb, BLOCK, h, device=DEV)
 
     def probe():
-        return block_probe_scores(k.view(nb, BLOCK, h, d), pq, offsets, ids, scores)
+        return block_probe_scores(k.view(nb, BLOCK, h, d), pq, offsets, ids, block_scores)
 
     probe()
-    scores = scores.view(-1, h)
+    scores = block_scores.view(-1, h)
 
     def compress():
         compress_store(k, v, scores, ids, cache, layout)

@@ -19,6 +19,7 @@ Two checks:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,14 @@ def hf32():
 
 
 def agreement_prompts(tokenizer, n: int = 24) -> list[list[int]]:
-    """Chat prompts with a different prose passage in front of each question: 160-460 tokens."""
+    """Chat prompts with a different prose passage in front of each question: 160-460 tokens (beyond the 24
+    questions, the questions again with later passages)."""
     prose = (DATA / "prose.txt").read_text()
     rows = [json.loads(line)["prompt"] for line in (DATA / "agreement_prompts.jsonl").read_text().splitlines()]
     out = []
-    for i, p in enumerate(rows[:n]):
-        passage = prose[i * 700 : i * 700 + 450 + 40 * i]
+    for i in range(n):
+        p = rows[i % len(rows)]
+        passage = prose[i * 700 : i * 700 + 450 + 40 * (i % len(rows))]
         text = p.replace("<|im_start|>user\n", f"<|im_start|>user\nRead this first:\n{passage}\n\n", 1)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"][:460])
     return out
@@ -157,8 +160,11 @@ def test_greedy_agreement_with_the_reference(hf32, zipcache_fp32_server):
     two candidates must be close (an engine rounding amplified by one quantization step decides, not the
     integration). The reference's free
     greedy run equals vLLM's exactly when its argmax agrees at every position."""
-    prompts = agreement_prompts(hf32.tokenizer, 20)
+    # ZIPCACHE_AGREEMENT_PROMPTS=N (opt-in, e.g. 72): the distribution of the gaps over more prompts, printed per
+    # prompt; the bounds below are for the default 20
+    prompts = agreement_prompts(hf32.tokenizer, int(os.environ.get("ZIPCACHE_AGREEMENT_PROMPTS", "20")))
     lengths = [len(p) for p in prompts]
+    gaps = []
     assert min(lengths) > 128 and max(lengths) <= 512, lengths
     exact, agree, total, worst_gap, worst_dlp = 0, 0, 0, 0.0, 0.0
     for ids in prompts:
@@ -170,13 +176,16 @@ def test_greedy_agreement_with_the_reference(hf32, zipcache_fp32_server):
         exact += bool(hit.all())
         ref_lp = lp.gather(1, want.view(-1, 1)).squeeze(1)
         worst_dlp = max(worst_dlp, float((ref_lp - torch.tensor(vllm_lp)).abs().max()))
+        gaps.append(0.0)
         if not hit.all():
             j = int((~hit).nonzero()[0])
-            worst_gap = max(worst_gap, float(lp[j].max() - lp[j, tokens[j]]))
+            gaps[-1] = float(lp[j].max() - lp[j, tokens[j]])
+            worst_gap = max(worst_gap, gaps[-1])
     print(f"\nzipcache vLLM vs zipcache transformers reference (fp32, {len(prompts)} prompts of {min(lengths)}-"
           f"{max(lengths)} tokens, {STEPS} greedy tokens): identical greedy output on {exact / len(prompts):.0%} of "
           f"prompts; reference argmax = vLLM token on {agree / total:.1%} of positions; largest logit gap at a "
           f"disagreement {worst_gap:.3f} nats; largest |delta logprob| {worst_dlp:.3f}")
+    print("gap at the first disagreement per prompt (0: identical):", json.dumps([round(g, 4) for g in gaps]))
     assert agree / total >= 0.97
     # Disagreements must stay small. Layout v1 quotas (103/26 rows) measured 0.016 nats / 0.213 here; layout v2
     # (96/32) measures 0.336 / 0.458 on the same prompts at the same commit (only the quota rule toggled): with

@@ -1,11 +1,16 @@
-"""The adaptive-split table of docs/accuracy.md from docs/results/adaptive_<model>_*.json (no typed numbers)."""
+"""The adaptive-split table of docs/accuracy.md from docs/results/adaptive_<model>_*.json (no typed numbers).
+
+Usage: python scripts/accuracy_adaptive_table.py MODEL [RESULTS_DIR]. RESULTS_DIR defaults to docs/results (the
+block rule runs); docs/results/pre_block_rule holds the runs made before the block probe rule and block attention.
+"""
 
 import json
 import sys
 from pathlib import Path
 
 model = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
-res = Path(__file__).resolve().parents[1] / "docs" / "results"
+root = Path(__file__).resolve().parents[1]
+res = Path(sys.argv[2]).resolve() if len(sys.argv) > 2 else root / "docs" / "results"
 
 
 def load(kind):
@@ -45,7 +50,7 @@ for m, label in ROWS.items():
     print(line)
 
 # the calibration behind the split (configs/calibration/adaptive.json)
-cal = json.loads((res.parents[1] / "configs" / "calibration" / "adaptive.json").read_text())
+cal = json.loads((root / "configs" / "calibration" / "adaptive.json").read_text())
 print()
 print("| model shape | salient rows | key rows per layer (values: the rest) | attention-output error: fixed / "
       "per layer / per KV head | calibration windows |")

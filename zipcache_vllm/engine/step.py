@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..method.config import Saliency, ZipCacheConfig
 from ..method.saliency import num_block_probes
@@ -372,33 +373,42 @@ def _chunk_subset(step: Step, cp: ChunkPlan, block_table, device, kernel: bool) 
 
 
 def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, scale, out) -> None:
-    """CPU path: each chunk in one masked SDPA over its dequantized pages, its bf16 tail and its tokens; query
-    ``p`` sees page rows of the blocks before its own and bf16 rows of its own block up to ``p`` (the
-    semantics of ``prefill_attention``, with the faster CPU dequantization)."""
+    """CPU path: a chunk block by block (the semantics of ``prefill_attention``, fp32, with the faster CPU
+    dequantization). One fp32 buffer per sequence holds its dequantized pages by position; for block ``j`` the
+    bf16 rows of the block (tail, then chunk) are written over its positions, and the block's queries attend
+    the buffer up to their last position with a lower-right causal mask: query ``p`` sees the pages of the
+    blocks before its own and its own block up to ``p``, with no mask over the pages (a masked SDPA over the
+    whole chunk was 2-4x slower) and no copy of the prefix per block."""
     n, plan = layout.block_size, step.plan
+    h, d = k.shape[1], k.shape[2]
     for s in cp.seqs:
         q0, ql, ctx = step.query_start[s], step.query_lens[s], step.context_lens[s]
         t0, sl = plan.tail_lens[s], ctx + ql
         num_pages = (sl - 1) // n  # every block before the last query's, compressed by now
-        parts_k, parts_v = [], []
+        base = ctx - t0  # position of the first bf16 row (block-aligned)
+        kb = torch.empty(1, h, sl, d)
+        vb = torch.empty(1, h, sl, d)
         if num_pages:
             pk, pv = cpu_decode.dequantize_pages_cpu(kv_cache, block_table[s, :num_pages].long(), layout)
-            parts_k.append(pk.reshape(-1, *pk.shape[2:]))
-            parts_v.append(pv.reshape(-1, *pv.shape[2:]))
-        if t0:
-            parts_k.append(staging.key[plan.tail_slots[s], :t0].float())
-            parts_v.append(staging.value[plan.tail_slots[s], :t0].float())
-        parts_k.append(k[q0 : q0 + ql].float())
-        parts_v.append(v[q0 : q0 + ql].float())
-        kk, vv = torch.cat(parts_k), torch.cat(parts_v)
-        qpos = torch.arange(ctx, sl)
-        qblk = torch.div(qpos, n, rounding_mode="floor").view(-1, 1)
-        page_blk = torch.arange(num_pages).repeat_interleave(n).view(1, -1)
-        xpos = torch.arange(ctx - t0, sl).view(1, -1)
-        mask = torch.cat([page_blk < qblk, (xpos >= qblk * n) & (xpos <= qpos.view(-1, 1))], dim=1)
-        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q[q0 : q0 + ql].float(), kk, vv))
-        if not num_pages and not t0:
-            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, is_causal=True)
-        else:
-            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True, attn_mask=mask)
-        out[q0 : q0 + ql] = o[0].transpose(0, 1).to(out.dtype)
+            pk, pv = (x.reshape(-1, h, d).transpose(0, 1) for x in (pk, pv))  # [h, num_pages * n, d]
+            kb[0, :, : num_pages * n] = pk
+            vb[0, :, : num_pages * n] = pv
+        slot = plan.tail_slots[s]
+        rk = torch.cat([staging.key[slot, :t0].float(), k[q0 : q0 + ql].float()]).transpose(0, 1)
+        rv = torch.cat([staging.value[slot, :t0].float(), v[q0 : q0 + ql].float()]).transpose(0, 1)
+        qh = q[q0 : q0 + ql].float().transpose(0, 1).unsqueeze(0)
+        last = (sl - 1) // n
+        for j in range(ctx // n, last + 1):
+            a, b = j * n, min(sl, (j + 1) * n)
+            kb[0, :, a:b], vb[0, :, a:b] = rk[:, a - base : b - base], rv[:, a - base : b - base]
+            qa = max(ctx, a)  # the block's first query
+            qs = qh[:, :, qa - ctx : b - ctx]
+            if qa == 0:  # the first block of a prompt: plain causal
+                o = F.scaled_dot_product_attention(qs, kb[:, :, :b], vb[:, :, :b], scale=scale, enable_gqa=True,
+                                                   is_causal=True)
+            else:
+                o = F.scaled_dot_product_attention(qs, kb[:, :, :b], vb[:, :, :b], scale=scale, enable_gqa=True,
+                                                   attn_mask=causal_lower_right(b - qa, b))
+            out[q0 + qa - ctx : q0 + b - ctx] = o[0].transpose(0, 1).to(out.dtype)
+            if j < last:  # later blocks of the chunk see this block through its page
+                kb[0, :, a:b], vb[0, :, a:b] = pk[:, a:b], pv[:, a:b]

@@ -47,7 +47,7 @@ def compile_entry(mod, cfg: dict, head_size: int, g: int) -> tuple[str, str]:
     if not cfg["TMA"]:
         ce.update(sk_desc=None, sv_desc=None)
     return _compile(mod._prefill_kernel, ce, kv if cfg["TMA"] else {}, num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])  # fmt: skip
+                    num_stages=cfg["num_stages"])  # fmt: skip
 
 
 def summary(info: str, sass: str) -> str:

@@ -2,18 +2,20 @@
 
 Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
 One program per (block, KV head, K or V), 4 warps. A program loads its ``[block_size, head_size]`` tile once and
-quantizes every row with its own group's parameters in one pass: one IEEE division per key element and two per
-value element (normalizer, then step); the page rows come from one bitonic sort (the top-k thresholds) and
-prefix sums, not from an O(N^2) rank of every token. Both bit widths are packed from the same code tile
-(:func:`_pack`) and each row is stored in its group's region. H200, the 32 / 128 blocks x 8 heads of a 4k /
-16k prompt (``benchmarks/bench_compress.py``, 87f91e3): 66 / 230 us, against 113 / 433 us for the first kernel
-(one masked pass per precision group over the whole tile, O(N^2) ranks in both programs). Quantizing the head
-in channel slices inside a loop (72-123 registers instead of 255, more programs per SM) measured no faster
-(70 / 243 us at best, e38b5e3), so the tile stays whole. Still 3-6x a copy of the same bytes; not profiled
-yet: the IEEE divisions (each with a slow-path check) and the cross-thread reductions are the suspects.
+quantizes every row with its own group's parameters in one pass; the page rows come from one bitonic sort (the
+top-k thresholds) and prefix sums, not from an O(N^2) rank of every token; both bit widths are packed from the
+same code tile (:func:`_store_packed`) and each row is stored in its group's region. The per-element divisions
+(one per key element, two per value element) divide by a reciprocal shared per channel or row with one
+Markstein correction (:func:`_div`), not by a full IEEE division each. H200, the 32 / 128 blocks x 8 heads of a
+4k / 16k prompt (``benchmarks/bench_compress.py``, b79b130): 55.5 / 188 us, against 113 / 433 us for the first
+kernel (one masked pass per precision group over the whole tile, O(N^2) ranks in both programs). Quantizing
+the head in channel slices inside a loop (72-123 registers instead of 255, more programs per SM) measured no
+faster (e38b5e3), so the tile stays whole. Still 3-5x a copy of the same bytes: Nsight Compute
+(``benchmarks/ncu_compress.py``) shows 12.5 % occupancy (255 registers) and instruction-cache misses.
 Bit-exactness rests on the conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE division and
-square root (``div_rn`` / ``sqrt_rn``), parameters rounded to fp16 before the codes, round-half-to-even, and no
-fused multiply-add (the kernel is launched with fp fusion off).
+square root (``div_rn`` / ``sqrt_rn``, or :func:`_div`'s equal result), parameters rounded to fp16 before the
+codes, round-half-to-even, and no contraction into fused multiply-adds (the kernel is launched with fp fusion
+off; :func:`_div`'s two explicit FMAs are part of its exact division).
 """
 
 from __future__ import annotations
@@ -37,9 +39,8 @@ def _rint(y):
 @triton.jit
 def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
     """Rows ``tok`` of one head as fp32 ``[N_PAD, D/PL, PL]``: element ``[., i, j]`` is channel ``j * D/PL + i``,
-    so the ``PL`` channels one byte of low-width codes holds (paged.pack_row) sit on the last axis, which
-    Triton keeps in one thread's registers (the tile is contiguous along ``i``): packing needs no exchange
-    between threads. Padded rows load 0."""
+    so the ``PL`` channels one byte of low-width codes holds (paged.pack_row) share the last axis (this order
+    and ``[N_PAD, PL, D/PL]`` compile to nearly the same SASS: ``sass_compress.py``). Padded rows load 0."""
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     return x.to(tl.float32), ch

@@ -279,8 +279,7 @@ def _config(interp: bool) -> dict:
     loads (their out-of-range rows must read as zeros, which a descriptor only gives at the tensor's end) and
     2 stages (the 4-load own-block loop (c) at 3 stages needs more than the 227 KiB of shared memory).
     ``benchmarks/bench_prefill_step.py --sweep`` on the H200 (4k prompt, LLaMA3-8B heads, e216b0b): 319 us
-    against 369 us for pointer loads at 2 stages; 128 x 64 tiles 340-342 us. ``maxnreg``: a register cap handed
-    to ptxas (``None``: none).
+    against 369 us for pointer loads at 2 stages; 128 x 64 tiles 340-342 us.
 
     Tried and dropped (a55ceae, e216b0b): ``acc`` as the P @ V ``tl.dot`` accumulator (the same SASS: Triton
     folds it already); loop (a) in a second, warp-specialized launch (Triton 3.6 warp-specializes on Hopper
@@ -288,10 +287,8 @@ def _config(interp: bool) -> dict:
     an illegal memory access with it.
     """
     if interp:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "TMA": False, "STAGES_A": None,
-                "maxnreg": None}  # fmt: skip
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "TMA": True, "STAGES_A": 3,
-            "maxnreg": None}  # fmt: skip
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "TMA": False, "STAGES_A": None}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "TMA": True, "STAGES_A": 3}
 
 
 def prefill_attention(
@@ -387,8 +384,8 @@ def prefill_attention(
             sv_ptr=sv,
             stride_s_head=sk.stride(0),
             stride_s_row=sk.stride(1),
-            sk_desc=sk_desc if cfg["TMA"] else None,
-            sv_desc=sv_desc if cfg["TMA"] else None,
+            sk_desc=sk_desc,
+            sv_desc=sv_desc,
             page_start_ptr=page_start,
             query_start_loc_ptr=query_start_loc[a : b + 1],
             seq_lens_ptr=seq_lens[a:b],
@@ -409,7 +406,6 @@ def prefill_attention(
             STAGES_A=cfg["num_stages"] if cfg["STAGES_A"] is None else cfg["STAGES_A"],
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
-            **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
         )
     return out, lse
 

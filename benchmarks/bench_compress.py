@@ -1,8 +1,9 @@
-"""``kernels/compress_store`` on one GPU: the compression of a prompt's complete blocks, per ``num_warps``,
-against a copy of the same bf16 keys and values (the memory floor) and, optionally, an
-earlier version of the kernel loaded from a file, side by side in one run.
+"""``kernels/compress_store`` on one GPU: the compression of a prompt's complete blocks, with given scores and
+with the blocks scored by their probes inside the kernel, per (rows per tile, ``num_warps``), against a copy of the
+same bf16 keys and values (the memory floor), the standalone probe-score kernel and, optionally, an earlier
+version of the kernel loaded from a file, side by side in one run.
 
-    git show 242854b:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
+    git show 79a671a:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
     PYTHONPATH=. python benchmarks/bench_compress.py --baseline kernels/_compress_store_base.py \\
         --commit $(git rev-parse --short HEAD) --out benchmarks/results/h200_compress.json
 
@@ -25,9 +26,10 @@ import torch
 from benchmarks._timing import graph_time_us
 from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.ops import kernel_module
+from zipcache_vllm.method import saliency
 from zipcache_vllm.method.config import ZipCacheConfig
 
-H, D = 8, 128
+H, HQ, D = 8, 32, 128
 
 
 def _load(path: str):
@@ -37,34 +39,62 @@ def _load(path: str):
     return mod
 
 
-def case(context: int, warps: list[int], current, base, reps: int) -> dict:
+def case(context: int, configs: list[tuple[int, int]], current, base, reps: int) -> dict:  # noqa: PLR0915
+    """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
+    num_warps) config, against the standalone probe-score kernel + the baseline compress (when given)."""
     layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), D)
-    nb = context // layout.block_size
+    n = layout.block_size
+    nb = context // n
     g = torch.Generator(device="cuda").manual_seed(0)
-    k = (torch.randn(nb * 128, H, D, device="cuda", generator=g) * torch.linspace(0.5, 3, D, device="cuda")).bfloat16()
-    v = torch.randn(nb * 128, H, D, device="cuda", generator=g).bfloat16()
-    scores = torch.rand(nb * 128, H, device="cuda", generator=g)
+    k = (torch.randn(nb * n, H, D, device="cuda", generator=g) * torch.linspace(0.5, 3, D, device="cuda")).bfloat16()
+    v = torch.randn(nb * n, H, D, device="cuda", generator=g).bfloat16()
+    cfg = ZipCacheConfig(block_size=n)  # the presets' probe shares (5 % + 5 %)
+    offsets = torch.stack([saliency.block_probe_offsets(cfg, n, i) for i in range(nb)]).int().cuda()
+    pq = torch.randn(nb, offsets.shape[1], HQ, D, device="cuda", generator=g).bfloat16()
     ids = torch.arange(1, nb + 1, device="cuda", dtype=torch.int32)
     cache = torch.zeros(nb + 1, H, layout.page_bytes, dtype=torch.uint8, device="cuda")
     moved = 2 * k.numel() * 2 + nb * H * layout.page_bytes
-    rec = {"kernel": "compress_store", "context": context, "blocks": nb, "num_kv_heads": H, "head_size": D,
-           "page_bytes": layout.page_bytes, "bytes_moved": moved}  # fmt: skip
+    rec = {"kernel": "compress_store", "context": context, "blocks": nb, "num_kv_heads": H, "num_heads": HQ,
+           "head_size": D, "num_probes": offsets.shape[1], "page_bytes": layout.page_bytes, "bytes_moved": moved}
     rec["copy_us"] = graph_time_us(lambda: (k.clone(), v.clone()), reps)
-    ref = None
+    # the probe scores as the engine computed them before the fusion: a kernel of their own
+    scores = torch.empty(nb, n, H, device="cuda")
+    src = torch.arange(nb, device="cuda", dtype=torch.int32)
+    rec["probe_scores_us"] = graph_time_us(
+        lambda: kernel_module("block_scores").block_probe_scores(k.view(nb, n, H, D), pq, offsets, src, scores), reps)
+    scores = scores.view(nb * n, H)
     rec["configs"] = []
-    for w in warps:
-        t = graph_time_us(lambda w=w: current.compress_store(k, v, scores, ids, cache, layout, num_warps=w), reps)
-        rec["configs"].append({"num_warps": w, "time_us": t})
+    ref = None
+    for r, w in configs:
+        t = graph_time_us(lambda r=r, w=w: current.compress_store(k, v, scores, ids, cache, layout, num_warps=w,
+                                                                  rows_per_tile=r), reps)  # fmt: skip
         ref = cache.clone() if ref is None else ref
-        assert torch.equal(cache, ref), "pages differ between num_warps settings"
-    best = min(rec["configs"], key=lambda r: r["time_us"])
-    rec["time_us"], rec["best_num_warps"] = best["time_us"], best["num_warps"]
+        assert torch.equal(cache, ref), "pages differ between configs"
+        fused_scores = torch.empty_like(scores)
+        tf = graph_time_us(lambda r=r, w=w: current.compress_store(
+            k, v, None, ids, cache, layout, num_warps=w, rows_per_tile=r, probe_query=pq, probe_offsets=offsets),
+            reps)  # fmt: skip
+        fused_pages = cache.clone()
+        current.compress_store(k, v, fused_scores, ids, cache, layout, num_warps=w, rows_per_tile=r,
+                               probe_query=pq, probe_offsets=offsets)  # fmt: skip
+        assert torch.equal(cache, fused_pages), "the fused kernel's pages depend on whether it reports scores"
+        check = cache.clone()
+        current.compress_store(k, v, fused_scores, ids, check, layout)
+        assert torch.equal(check, fused_pages), "fused pages differ from compression under the fused scores"
+        rec["configs"].append({"rows_per_tile": r, "num_warps": w, "time_us": t, "fused_time_us": tf,
+                               "fused_scores_max_diff": float((fused_scores - scores).abs().max())})
+    best = min(rec["configs"], key=lambda x: x["time_us"])
+    best_f = min(rec["configs"], key=lambda x: x["fused_time_us"])
+    rec["time_us"], rec["best_config"] = best["time_us"], (best["rows_per_tile"], best["num_warps"])
+    rec["fused_time_us"], rec["best_fused_config"] = best_f["fused_time_us"], (best_f["rows_per_tile"],
+                                                                              best_f["num_warps"])
     rec["gbps"] = moved / rec["time_us"] / 1e3
     if base is not None:
         cache.zero_()
         rec["baseline_time_us"] = graph_time_us(lambda: base.compress_store(k, v, scores, ids, cache, layout), reps)
         rec["baseline_pages_equal"] = bool(torch.equal(cache, ref))
         rec["speedup"] = rec["baseline_time_us"] / rec["time_us"]
+        rec["fused_speedup"] = (rec["baseline_time_us"] + rec["probe_scores_us"]) / rec["fused_time_us"]
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -72,7 +102,8 @@ def case(context: int, warps: list[int], current, base, reps: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="4096,16384")
-    ap.add_argument("--num-warps", default="2,4,8,16")
+    ap.add_argument("--num-warps", default="4,8")
+    ap.add_argument("--rows-per-tile", default="32,64")
     ap.add_argument("--baseline", default=None, help="an earlier compress_store.py to time side by side")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")
@@ -82,18 +113,20 @@ def main(argv=None) -> None:
         sys.exit("bench_compress.py needs a CUDA GPU")
     base = _load(a.baseline) if a.baseline else None
     current = kernel_module("compress_store")
-    warps = [int(w) for w in a.num_warps.split(",")]
-    records = [case(int(c), warps, current, base, a.reps) for c in a.contexts.split(",")]
+    configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
+    records = [case(int(c), configs, current, base, a.reps) for c in a.contexts.split(",")]
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": a.commit,
            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(map(shlex.quote, sys.argv)),
            "records": records}  # fmt: skip
-    cfgs = [f"{r['num_warps']} warps us" for r in records[0]["configs"]]
-    print("\n| context | pages | copy us | " + " | ".join(cfgs) + " | baseline us | speedup |")
-    print("|---|---|---|" + "---|" * len(cfgs) + "---|---|")
+    print("\n| context | pages | copy us | rows/tile x warps: compress us (probes fused us) | probe scores us | "
+          "baseline compress us | compress speedup | probes + compress speedup |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in records:
-        ts = " | ".join(f"{x['time_us']:.1f}" for x in r["configs"])
-        base_us, speedup = r.get("baseline_time_us", 0), r.get("speedup", 0)
-        print(f"| {r['context']} | {r['blocks'] * H} | {r['copy_us']:.1f} | {ts} | {base_us:.1f} | {speedup:.2f}x |")
+        ts = ", ".join(f"{x['rows_per_tile']}x{x['num_warps']}: {x['time_us']:.1f} "
+                       f"({x['fused_time_us']:.1f})"
+                       for x in r["configs"])  # fmt: skip
+        print(f"| {r['context']} | {r['blocks'] * H} | {r['copy_us']:.1f} | {ts} | {r['probe_scores_us']:.1f} | "
+              f"{r.get('baseline_time_us', 0):.1f} | {r.get('speedup', 0):.2f}x | {r.get('fused_speedup', 0):.2f}x |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=1)

@@ -1,5 +1,6 @@
 """Registers, spills and instruction mix of ``kernels/compress_store`` without a GPU: compile for sm_90 with
-Triton's bundled ptxas, for the ``vllm`` preset page (block 128, head size 128) at each ``--num-warps``.
+Triton's bundled ptxas, for the ``vllm`` preset page (block 128, head size 128) at each ``--num-warps`` and
+``--rows-per-tile`` (``--probes``: the blocks scored by their probes in the kernel).
 
     PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 4,8,16]
 """
@@ -24,24 +25,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--head-size", type=int, default=128)
     ap.add_argument("--num-warps", default="4,8,16")
+    ap.add_argument("--rows-per-tile", default="32", help="comma-separated R values")
+    ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
     a = ap.parse_args()
     lay = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), a.head_size)
     fn = importlib.import_module("zipcache_vllm.kernels.compress_store")._compress_store_kernel
     ce = dict(N=lay.block_size, N_PAD=lay.block_size, D=lay.head_size, BH=lay.bits_high, BL=lay.bits_low,
               SK=lay.num_salient_k, SV=lay.num_salient_v, K_HI_OFF=lay.k_hi_off, K_LO_OFF=lay.k_lo_off,
               V_HI_OFF=lay.v_hi_off, V_LO_OFF=lay.v_lo_off, K_PAR_OFF=lay.k_param_off, V_NORM_OFF=lay.v_norm_off,
-              V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, NORMALIZE=False)  # fmt: skip
+              V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, SCORES=2 if a.probes else 0,
+              P=13, G=4, ROWS=64, NORMALIZER=2, DOT_FP32=False)  # fmt: skip (13 probes x 4 heads: LLaMA3-8B)
     types = {"key_ptr": "*bf16", "value_ptr": "*bf16", "scores_ptr": "*fp32", "count_ptr": "*fp32",
-             "cache_u8_ptr": "*u8", "cache_f16_ptr": "*fp16"}  # fmt: skip
+             "pq_ptr": "*bf16", "cache_u8_ptr": "*u8", "cache_f16_ptr": "*fp16", "qk_scale": "fp32"}  # fmt: skip
     sig = {n: "constexpr" if n in ce else types.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride"))}  # fmt: skip
-    for w in (int(x) for x in a.num_warps.split(",")):
+    for r, w in ((int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")):
+        ce["R"] = r
+        sig["R"] = "constexpr"
         info, sass = compile_sm90(ASTSource(fn, sig, ce, attrs), num_warps=w, enable_fp_fusion=False)
         regs = " ".join(x.strip() for x in info.replace("\n", " ").split(",") if "registers" in x or "spill" in x)
         ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _OP.search(line)))
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
-        print(f"num_warps {w}: {regs} | {sum(ops.values())} instructions | {top}")
+        print(f"R {r} num_warps {w}: {regs} | {sum(ops.values())} instructions | {top}")
 
 
 if __name__ == "__main__":

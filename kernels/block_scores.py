@@ -25,6 +25,45 @@ NORMALIZERS = {"accumulated": 0, "causal_count": 1, "probe_nnz": 2}
 
 
 @triton.jit
+def probe_scores(
+    k_ptr, stride_k_tok,  # keys of one block and KV head: row j at k_ptr + j * stride_k_tok, D contiguous
+    q_ptr, stride_q_probe, stride_q_head,  # probe queries of that block: [P, num_heads, D]
+    off_ptr,  # int32 [P]: the probe offsets
+    kvh, qk_scale,
+    N: tl.constexpr, N_PAD: tl.constexpr, P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
+    D: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """The block rule's scores ``[N_PAD]`` (fp32) of one block and KV head: its ``P`` probes x ``G`` query
+    heads as the rows of one ``tl.dot`` over the block's keys (shared by ``_block_scores_kernel`` and the
+    fused scoring of ``compress_store``)."""
+    j = tl.arange(0, N_PAD)
+    dk = tl.arange(0, D)
+    k = tl.load(k_ptr + j[:, None] * stride_k_tok + dk[None, :], mask=(j < N)[:, None], other=0.0)
+    r = tl.arange(0, ROWS)
+    p = r // G  # row r = probe p, query head kvh * G + r % G
+    rvalid = p < P
+    off = tl.load(off_ptr + p, mask=rvalid, other=-1)
+    heads = kvh * G + r % G
+    q = tl.load(q_ptr + p[:, None] * stride_q_probe + heads[:, None] * stride_q_head + dk[None, :],
+                mask=rvalid[:, None], other=0.0)  # fmt: skip
+    if DOT_FP32:  # noqa: SIM108 (a constexpr branch; the interpreter multiplies bf16 bit patterns as integers)
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q.to(k.dtype), tl.trans(k))
+    seen = (j[None, :] <= off[:, None]) & (j < N)[None, :]  # off = -1 on padded rows: nothing seen
+    s = tl.where(seen, s * qk_scale, float("-inf"))
+    m = tl.maximum(tl.max(s, axis=1), -1e30)
+    w = tl.where(seen, tl.exp2(s - m[:, None]), 0.0)
+    w = w / tl.maximum(tl.sum(w, axis=1), 1e-30)[:, None]
+    acc = tl.sum(w, axis=0)
+    if NORMALIZER == 2:
+        acc = acc / tl.maximum(tl.sum(seen.to(tl.float32), axis=0) / G, 1.0)
+    elif NORMALIZER == 1:
+        acc = acc / tl.maximum(N - j, 1).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _block_scores_kernel(
     k_ptr, stride_k_blk, stride_k_tok, stride_k_head,  # keys [S, N, H, D], last dim contiguous
     q_ptr, stride_q_blk, stride_q_probe, stride_q_head,  # probe queries [S, P, num_heads, D]
@@ -39,31 +78,10 @@ def _block_scores_kernel(
     kvh = tl.program_id(1).to(tl.int64)
     blk = tl.load(src_ptr + e).to(tl.int64)
     if blk >= 0:
+        acc = probe_scores(k_ptr + blk * stride_k_blk + kvh * stride_k_head, stride_k_tok,
+                           q_ptr + blk * stride_q_blk, stride_q_probe, stride_q_head, off_ptr + e * stride_off,
+                           kvh, qk_scale, N, N_PAD, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
         j = tl.arange(0, N_PAD)
-        dk = tl.arange(0, D)
-        k = tl.load(k_ptr + blk * stride_k_blk + j[:, None] * stride_k_tok + kvh * stride_k_head + dk[None, :],
-                    mask=(j < N)[:, None], other=0.0)  # fmt: skip
-        r = tl.arange(0, ROWS)
-        p = r // G  # row r = probe p, query head kvh * G + r % G
-        rvalid = p < P
-        off = tl.load(off_ptr + e * stride_off + p, mask=rvalid, other=-1)
-        heads = kvh * G + r % G
-        q = tl.load(q_ptr + blk * stride_q_blk + p[:, None] * stride_q_probe + heads[:, None] * stride_q_head
-                    + dk[None, :], mask=rvalid[:, None], other=0.0)  # fmt: skip
-        if DOT_FP32:  # noqa: SIM108 (a constexpr branch; the interpreter multiplies bf16 bit patterns as integers)
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            s = tl.dot(q.to(k.dtype), tl.trans(k))
-        seen = (j[None, :] <= off[:, None]) & (j < N)[None, :]  # off = -1 on padded rows: nothing seen
-        s = tl.where(seen, s * qk_scale, float("-inf"))
-        m = tl.maximum(tl.max(s, axis=1), -1e30)
-        w = tl.where(seen, tl.exp2(s - m[:, None]), 0.0)
-        w = w / tl.maximum(tl.sum(w, axis=1), 1e-30)[:, None]
-        acc = tl.sum(w, axis=0)
-        if NORMALIZER == 2:
-            acc = acc / tl.maximum(tl.sum(seen.to(tl.float32), axis=0) / G, 1.0)
-        elif NORMALIZER == 1:
-            acc = acc / tl.maximum(N - j, 1).to(tl.float32)
         tl.store(out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh, acc, mask=j < N)
 
 
@@ -83,33 +101,40 @@ def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nn
 
     Returns ``out``.
     """
-    dev = key.device
-    s_, n, h, d = key.shape
-    num_probes, num_heads = probe_query.shape[1], probe_query.shape[2]
-    check_tensor(key, "key", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
-    check_tensor(probe_query, "probe_query", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
-    check_tensor(offsets, "offsets", 2, (torch.int32,), dev)
-    check_tensor(out, "out", 3, (torch.float32,), dev)
-    check(probe_query.shape[0] == s_ and probe_query.shape[3] == d, "probe_query must be [S, P, num_heads, D]")
-    check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
-    check(offsets.shape[1] == num_probes and offsets.shape[0] == src.numel(), "offsets must be [E, num_probes]")
+    args = probe_args(key, probe_query, offsets, src.numel(), normalizer, saliency, scale)
+    s_, n, h, _ = key.shape
+    check_tensor(out, "out", 3, (torch.float32,), key.device)
     check(tuple(out.shape) == (s_, n, h), "out must be [S, block_size, num_kv_heads]")
-    norm = "accumulated" if getattr(saliency, "value", saliency) == "accumulated" else getattr(
-        normalizer, "value", normalizer)
-    check(norm in NORMALIZERS, f"normalizer must be one of {list(NORMALIZERS)}, got {normalizer!r}")
     if src.numel() == 0:
         return out
-    g = num_heads // h
-    interp = interpreting()
-    scale = d**-0.5 if scale is None else scale
     _block_scores_kernel[(src.numel(), h)](
         key, key.stride(0), key.stride(1), key.stride(2),
         probe_query, probe_query.stride(0), probe_query.stride(1), probe_query.stride(2),
         offsets, offsets.stride(0),
         src,
         out, out.stride(0), out.stride(1),
-        scale * LOG2E,
-        N=n, N_PAD=pow2(n), P=num_probes, G=g, ROWS=max(16, pow2(num_probes * g)), D=d,
-        NORMALIZER=NORMALIZERS[norm], DOT_FP32=interp, num_warps=1 if interp else 4,
+        num_warps=1 if interpreting() else 4, **args,
     )  # fmt: skip
     return out
+
+
+def probe_args(key, probe_query, offsets, num_entries, normalizer, saliency, scale) -> dict:
+    """Checks and launch arguments of :func:`probe_scores` (``qk_scale`` and the constexprs) for ``key [S,
+    block_size, num_kv_heads, head_size]`` and ``probe_query [S, num_probes, num_heads, head_size]``."""
+    dev = key.device
+    s_, n, h, d = key.shape
+    num_probes, num_heads = probe_query.shape[1], probe_query.shape[2]
+    check_tensor(key, "key", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(probe_query, "probe_query", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(offsets, "offsets", 2, (torch.int32,), dev)
+    check(probe_query.shape[0] == s_ and probe_query.shape[3] == d, "probe_query must be [S, P, num_heads, D]")
+    check(num_heads % h == 0, f"num_heads={num_heads} is not a multiple of num_kv_heads={h}")
+    check(offsets.shape[1] == num_probes and offsets.shape[0] == num_entries, "offsets must be [E, num_probes]")
+    norm = "accumulated" if getattr(saliency, "value", saliency) == "accumulated" else getattr(
+        normalizer, "value", normalizer)
+    check(norm in NORMALIZERS, f"normalizer must be one of {list(NORMALIZERS)}, got {normalizer!r}")
+    g = num_heads // h
+    scale = d**-0.5 if scale is None else scale
+    return {"qk_scale": scale * LOG2E, "N": n, "N_PAD": pow2(n), "P": num_probes, "G": g,
+            "ROWS": max(16, pow2(num_probes * g)), "D": d, "NORMALIZER": NORMALIZERS[norm],
+            "DOT_FP32": interpreting()}  # fmt: skip

@@ -1,17 +1,22 @@
 """Compress complete blocks into mixed-precision pages: saliency ranking, ZC-3 keys, ZC-2 values, packing.
 
 Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
-One program per (block, KV head, K or V), 4 warps. A program loads its ``[block_size, head_size]`` tile once and
-quantizes every row with its own group's parameters in one pass; the page rows come from one bitonic sort (the
-top-k thresholds) and prefix sums, not from an O(N^2) rank of every token; both bit widths are packed from the
-same code tile (:func:`_store_packed`) and each row is stored in its group's region. The per-element divisions
-(one per key element, two per value element) divide by a reciprocal shared per channel or row with one
-Markstein correction (:func:`_div`), not by a full IEEE division each. H200, the 32 / 128 blocks x 8 heads of a
-4k / 16k prompt (``benchmarks/bench_compress.py``, b79b130): 55.5 / 188 us, against 113 / 433 us for the first
-kernel (one masked pass per precision group over the whole tile, O(N^2) ranks in both programs). Quantizing
-the head in channel slices inside a loop (72-123 registers instead of 255, more programs per SM) measured no
-faster (e38b5e3), so the tile stays whole. Still 3-5x a copy of the same bytes: Nsight Compute
-(``benchmarks/ncu_compress.py``) shows 12.5 % occupancy (255 registers) and instruction-cache misses.
+One program per (block, KV head), 4 warps. The page rows come from one bitonic sort of the scores (the top-k
+thresholds) and prefix sums (:func:`_page_rows`); each token's row and salient bits go to a small scratch row
+(a register tensor cannot be sliced) and the block is then quantized in tiles of ``R`` rows (32): keys in two
+passes (running elementwise min/max per precision group, reduced once; then codes), values in two (max |x|
+per channel; then each row's ``(step, mn)`` of ``x / c`` and codes); both bit widths are packed from the same
+code tile (:func:`_store_packed`) and each row is stored in its group's region. The per-element divisions
+divide by a reciprocal shared per channel or row with one Markstein correction (:func:`_div`), not by a full
+IEEE division each. With ``probe_query`` the program scores its block by its probes first
+(``block_scores.probe_scores``, the block rule), so the scores never leave the SM: measured slower than the
+two kernels in sequence (below), so the engine launches ``block_scores`` then this kernel.
+
+H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k prompt, ``vllm`` preset (``benchmarks/bench_compress.py``):
+35 / 129 us (row tiles), against 55 / 188 us for the whole-tile kernel before it (255 registers, 12.5 %
+occupancy, instruction-cache misses) and 113 / 433 us for the first one; scoring in the kernel 57 / 270 us
+against 11 / 26 us (``block_probe_scores``) + 35 / 129. Unrolled tile loops (the loads of all tiles in flight)
+and a program per K or V were no faster (``benchmarks/results/h200_compress.json``).
 Bit-exactness rests on the conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE division and
 square root (``div_rn`` / ``sqrt_rn``, or :func:`_div`'s equal result), parameters rounded to fp16 before the
 codes, round-half-to-even, and no contraction into fused multiply-adds (the kernel is launched with fp fusion
@@ -24,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cache_args, check, check_cache, check_tensor, pow2
+from ._common import cache_args, check, check_cache, check_tensor, interpreting, pow2
+from .block_scores import probe_args, probe_scores
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
 _BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element of masked min/max as in quant.py
@@ -122,105 +128,151 @@ def _page_rows(s, t, tv, SK: tl.constexpr, SV: tl.constexpr):
 
 @triton.jit
 def _compress_store_kernel(
-    key_ptr,
-    value_ptr,  # [num_new_blocks * N, H, D]
-    stride_x_tok,
-    stride_x_head,  # same strides for key and value (checked by the launcher)
-    scores_ptr,
-    stride_s_blk,
-    stride_s_tok,
-    stride_s_head,  # score of token t of block b, head h: scores_ptr[b * stride_s_blk + t * stride_s_tok + h * ...]
-    count_ptr,
-    stride_cnt_blk,  # NORMALIZE: the score is divided by max(count[b * stride_cnt_blk + t], 1) (IEEE division)
-    block_ids_ptr,  # [num_new_blocks] int; a negative id: nothing to write (fixed-size work lists)
-    src_ptr,  # FROM_SLOTS: int [num_new_blocks], the staging slot holding block i (its K/V rows and scores)
-    cache_u8_ptr,
-    cache_f16_ptr,  # kv_cache as uint8 and as fp16
-    stride_c_block,
-    stride_c_head,  # bytes
-    N: tl.constexpr,
-    N_PAD: tl.constexpr,
-    D: tl.constexpr,
-    BH: tl.constexpr,
-    BL: tl.constexpr,
-    SK: tl.constexpr,
-    SV: tl.constexpr,
-    K_HI_OFF: tl.constexpr,
-    K_LO_OFF: tl.constexpr,
-    V_HI_OFF: tl.constexpr,
-    V_LO_OFF: tl.constexpr,
-    K_PAR_OFF: tl.constexpr,
-    V_NORM_OFF: tl.constexpr,
-    V_TOK_OFF: tl.constexpr,
-    MASK_OFF: tl.constexpr,
-    FROM_SLOTS: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-):
-    blk = tl.program_id(0).to(tl.int64)
+    key_ptr, value_ptr,  # [num_blocks * N, H, D] (or staging slots [num_slots * N, H, D])
+    stride_x_tok, stride_x_head,  # same strides for key and value (checked by the launcher)
+    scores_ptr, stride_s_blk, stride_s_tok, stride_s_head,  # SCORES 0/1: read; 3: the probe scores written
+    count_ptr, stride_cnt_blk,  # SCORES 1: the score is divided by max(count[b * stride_cnt_blk + t], 1)
+    pq_ptr, stride_pq_blk, stride_pq_probe, stride_pq_head,  # SCORES 2/3: probe queries [S, P, num_heads, D]
+    off_ptr, stride_off,  # SCORES 2/3: int32 [E, P], the probe offsets of each entry's block
+    qk_scale,
+    block_ids_ptr,  # [E] int; a negative id: nothing to write (fixed-size work lists)
+    src_ptr,  # FROM_SLOTS: int [E], the staging slot holding block e (its K/V rows, scores, probe queries)
+    work_ptr,  # int32 [E, H, N_PAD] scratch: each token's page row and salient bits, reread per row tile
+    cache_u8_ptr, cache_f16_ptr,  # kv_cache as uint8 and as fp16
+    stride_c_block, stride_c_head,  # bytes
+    N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+    BL: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+    K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
+    K_PAR_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, MASK_OFF: tl.constexpr,
+    FROM_SLOTS: tl.constexpr, SCORES: tl.constexpr,
+    P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
-    page = tl.load(block_ids_ptr + blk).to(tl.int64)
+    page = tl.load(block_ids_ptr + e).to(tl.int64)
     if page < 0:
         return
     page_off = page * stride_c_block + head * stride_c_head
-    src = blk
+    src = e
     if FROM_SLOTS:
-        src = tl.load(src_ptr + blk).to(tl.int64)
+        src = tl.load(src_ptr + e).to(tl.int64)
     t = tl.arange(0, N_PAD)
     tv = t < N
-    tok = src * N + t
-    # -- rank: tokens with a larger score, or an equal score and a smaller index (stable descending sort) ----
-    s = tl.load(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, mask=tv, other=0.0)
-    s = s.to(tl.float32)
-    if NORMALIZE:
-        cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
-        s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
+    # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
+    if SCORES >= 2:
+        s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
+                         pq_ptr + src * stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr + e * stride_off,
+                         head, qk_scale, N, N_PAD, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
+        if SCORES == 3:
+            tl.store(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, s, mask=tv)
+    else:
+        s = tl.load(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, mask=tv, other=0.0)
+        s = s.to(tl.float32)
+        if SCORES == 1:
+            cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
+            s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
     ksal, vsal, row = _page_rows(s, t, tv, SK, SV)
-    PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
+    _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
+    # the row tiles below need each token's row and bits: a register tensor cannot be sliced, so they take a
+    # round trip through a scratch row the program alone reads and writes (L1/L2)
+    work = work_ptr + (e * tl.num_programs(1) + head) * N_PAD
+    tl.store(work + t, row | (ksal.to(tl.int32) << 16) | (vsal.to(tl.int32) << 17))
+    tl.debug_barrier()
+    x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
-    if tl.program_id(2) == 0:  # -- keys (ZC-3): channelwise (step, mn) per precision group ----
-        sal = ksal
-        reg = tv & ~sal
-        x, ch = _load_tile(key_ptr + head * stride_x_head, stride_x_tok, tok, tv, D, PL)
+    _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
+                   page_off, hoff, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF, K_LO_OFF, K_PAR_OFF)  # fmt: skip
+    _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
+                     page_off, hoff, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF)  # fmt: skip
+
+
+@triton.jit
+def _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+              PL: tl.constexpr, BIT: tl.constexpr):  # fmt: skip
+    """Rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, D/PL, PL]`` (:func:`_load_tile`), each row's
+    page row, whether it is salient (bit ``BIT`` of its scratch word) and whether it exists."""
+    rr = r0 + tl.arange(0, R)
+    rv = rr < N
+    info = tl.load(work + rr, mask=rv, other=0)
+    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rv, D, PL)
+    sal = ((info >> BIT) & 1) != 0
+    return x, ch, info & 0xFFFF, sal & rv, rv
+
+
+@triton.jit
+def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                   N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+                   BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
+                   K_PAR_OFF: tl.constexpr):  # fmt: skip
+    """ZC-3: channelwise ``(step, mn)`` per precision group, from a first pass over the row tiles (running
+    elementwise min/max, reduced once), then the codes of each tile packed into its rows' regions."""
+    PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
+    mn_s = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx_s = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 16)
         s3 = sal[:, None, None]
-        r3 = reg[:, None, None]
-        has_s = tl.sum(sal.to(tl.int32), axis=0) > 0
-        has_r = tl.sum(reg.to(tl.int32), axis=0) > 0
-        mn_s = tl.where(has_s, tl.min(tl.where(s3, x, _BIG), axis=0), 0.0)
-        mx_s = tl.where(has_s, tl.max(tl.where(s3, x, -_BIG), axis=0), 0.0)
-        mn_r = tl.where(has_r, tl.min(tl.where(r3, x, _BIG), axis=0), 0.0)
-        mx_r = tl.where(has_r, tl.max(tl.where(r3, x, -_BIG), axis=0), 0.0)
-        step_s, mn16_s = _quant_params(mn_s, mx_s, (1 << BH) - 1.0)
-        step_r, mn16_r = _quant_params(mn_r, mx_r, (1 << BL) - 1.0)
-        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
-        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
-        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
-        tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
-        rstep_s = tl.math.div_rn(1.0, step_s.to(tl.float32))
-        rstep_r = tl.math.div_rn(1.0, step_r.to(tl.float32))
+        r3 = (rv & ~sal)[:, None, None]
+        mn_s = tl.minimum(mn_s, tl.where(s3, x, _BIG))
+        mx_s = tl.maximum(mx_s, tl.where(s3, x, -_BIG))
+        mn_r = tl.minimum(mn_r, tl.where(r3, x, _BIG))
+        mx_r = tl.maximum(mx_r, tl.where(r3, x, -_BIG))
+    # a group with no rows gets (EPS, 0), as quant.py's masked min/max of an empty group
+    has_s: tl.constexpr = SK > 0
+    has_r: tl.constexpr = SK < N
+    step_s, mn16_s = _quant_params(tl.where(has_s, tl.min(mn_s, axis=0), 0.0),
+                                   tl.where(has_s, tl.max(mx_s, axis=0), 0.0), (1 << BH) - 1.0)  # fmt: skip
+    step_r, mn16_r = _quant_params(tl.where(has_r, tl.min(mn_r, axis=0), 0.0),
+                                   tl.where(has_r, tl.max(mx_r, axis=0), 0.0), (1 << BL) - 1.0)  # fmt: skip
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
+    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
+    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
+    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
+    rstep_s = tl.math.div_rn(1.0, step_s.to(tl.float32))
+    rstep_r = tl.math.div_rn(1.0, step_r.to(tl.float32))
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 16)
+        s3 = sal[:, None, None]
         code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
                       tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
                       tl.where(s3, rstep_s[None, :, :], rstep_r[None, :, :]),
                       tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
-        _store_packed(code, sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, N_PAD, D, PL)
-        _store_packed(code, reg, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, N_PAD, D, PL)
-    else:  # -- values (ZC-2): c = sqrt(max |x|) per channel over the block, then per-token (step, mn) of x / c ----
-        sal = vsal
-        reg = tv & ~sal
-        x, ch = _load_tile(value_ptr + head * stride_x_head, stride_x_tok, tok, tv, D, PL)
-        c = tl.math.sqrt_rn(tl.max(tl.abs(x), axis=0)).to(tl.float16)  # padded rows load 0: neutral for max |x|
-        c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
-        tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
-        cf = c.to(tl.float32)
-        xn = _div(x, cf[None, :, :], tl.math.div_rn(1.0, cf)[None, :, :])
+        _store_packed(code, sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
+        _store_packed(code, rv & ~sal, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
+
+
+@triton.jit
+def _compress_values(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                     N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+                     BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
+                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr):  # fmt: skip
+    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass), then per row tile the tokenwise
+    ``(step, mn)`` of ``x / c`` and the codes packed into the rows' regions."""
+    PL: tl.constexpr = 8 // BL
+    amax = tl.zeros((R, D // PL, PL), tl.float32)
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
+        amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
+    c = tl.math.sqrt_rn(tl.max(amax, axis=0)).to(tl.float16)
+    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
+    cf = c.to(tl.float32)[None, :, :]
+    rc = tl.math.div_rn(1.0, c.to(tl.float32))[None, :, :]
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
+        xn = _div(x, cf, rc)
         qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
         step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax)
-        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=tv)
-        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=tv)
+        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=rv)
+        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=rv)
         rstep = tl.math.div_rn(1.0, step.to(tl.float32))
         code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax[:, None, None])
-        _store_packed(code, sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, N_PAD, D, PL)
-        _store_packed(code, reg, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, N_PAD, D, PL)
-        _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
+        _store_packed(code, sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, R, D, PL)
+        _store_packed(code, rv & ~sal, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, R, D, PL)
 
 
 @triton.jit
@@ -238,11 +290,17 @@ def _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N: tl.constexpr, N_PAD: t
 def compress_store(
     key: torch.Tensor,
     value: torch.Tensor,
-    scores: torch.Tensor,
+    scores: torch.Tensor | None,
     block_ids: torch.Tensor,
     kv_cache: torch.Tensor,
     layout,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    probe_query: torch.Tensor | None = None,
+    probe_offsets: torch.Tensor | None = None,
+    normalizer="probe_nnz",
+    saliency="normalized",
+    scale: float | None = None,
+    rows_per_tile: int | None = None,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -250,11 +308,17 @@ def compress_store(
     ----------
     key, value : ``[num_new_blocks * block_size, num_kv_heads, head_size]`` bf16/fp16/fp32, post-RoPE;
         rows ``i * block_size ...`` form block ``i``; same strides.
-    scores : ``[num_new_blocks * block_size, num_kv_heads]`` float, saliency per token (higher = salient).
+    scores : ``[num_new_blocks * block_size, num_kv_heads]`` float, saliency per token (higher = salient); with
+        ``probe_query``: None, or an fp32 tensor of that shape that receives the scores the kernel computed.
     block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
     layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
-    num_warps : per program (one program per block, head and K or V).
+    num_warps : per program (one program per block and KV head).
+    probe_query, probe_offsets : ``[num_new_blocks, num_probes, num_heads, head_size]`` and int32
+        ``[num_new_blocks, num_probes]``: score each block by its probes in the same kernel (the block rule,
+        ``block_scores.probe_scores``; ``normalizer``, ``saliency``, ``scale`` as ``block_probe_scores``), so
+        neither the scores nor a second read of the keys go through HBM.
+    rows_per_tile : rows of the block quantized at a time (a power of two; default 32).
 
     Example
     -------
@@ -272,39 +336,38 @@ def compress_store(
     check(key.shape[2] == d, f"head_size {key.shape[2]} != layout.head_size {d}")
     nb, h = block_ids.numel(), key.shape[1]
     check(key.shape[0] == nb * n, f"key has {key.shape[0]} tokens, expected {nb} blocks x {n}")
-    check_tensor(scores, "scores", 2, (torch.float32, torch.float16, torch.bfloat16), dev, last_contiguous=False)
-    check(tuple(scores.shape) == (nb * n, h), f"scores must be [{nb * n}, {h}], got {tuple(scores.shape)}")
+    if probe_query is None or scores is not None:
+        check_tensor(scores, "scores", 2, (torch.float32, torch.float16, torch.bfloat16), dev, last_contiguous=False)
+        check(tuple(scores.shape) == (nb * n, h), f"scores must be [{nb * n}, {h}], got {tuple(scores.shape)}")
     check_tensor(block_ids, "block_ids", 1, (torch.int32, torch.int64), dev)
     check_cache(kv_cache, layout, h, dev)
+    probes = None
+    if probe_query is not None:
+        probes = (probe_query, probe_offsets, normalizer, saliency, scale)
+        probe_key = key.as_strided((nb, n, h, d), (n * key.stride(0), key.stride(0), key.stride(1), 1))
     if nb == 0:
         return
-    _launch(
-        key,
-        value,
-        scores,
-        scores.stride(0) * n,
-        scores.stride(0),
-        scores.stride(1),
-        None,
-        0,
-        block_ids,
-        None,
-        kv_cache,
-        layout,
-        num_warps,
-    )
+    s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
+    _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
+            probes, probe_key if probes else None)  # fmt: skip
 
 
 def compress_slots(
     tail_key: torch.Tensor,
     tail_value: torch.Tensor,
-    scores: torch.Tensor,
+    scores: torch.Tensor | None,
     score_count: torch.Tensor | None,
     slots: torch.Tensor,
     block_ids: torch.Tensor,
     kv_cache: torch.Tensor,
     layout,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    probe_query: torch.Tensor | None = None,
+    probe_offsets: torch.Tensor | None = None,
+    normalizer="probe_nnz",
+    saliency="normalized",
+    scale: float | None = None,
+    rows_per_tile: int | None = None,
 ) -> None:
     """:func:`compress_store` of blocks that wait complete in bf16 staging slots, for a fixed-size work list
     (graph-capturable: no host sync, no data-dependent shapes).
@@ -313,7 +376,9 @@ def compress_slots(
     head_size]``) into page ``block_ids[i]``; entries with a negative block id do nothing. Scores: ``scores
     [num_slots, block_size, num_kv_heads]`` fp32, divided by ``max(score_count[slot, t], 1)`` (``score_count
     [num_slots, block_size]``, IEEE division as the twin's) unless ``score_count`` is None; a scores tensor
-    with slot stride 0 gives every block the same scores (the random-saliency ablation).
+    with slot stride 0 gives every block the same scores (the random-saliency ablation). With ``probe_query
+    [num_slots, num_probes, num_heads, head_size]`` and ``probe_offsets`` int32 ``[num_entries, num_probes]``
+    the kernel scores each block by its probes instead (``scores``: None, or receives them per slot).
 
     Twin: ``zipcache_vllm.engine.paged.compress_slots``.
     """
@@ -330,9 +395,11 @@ def compress_slots(
         f"tail_key must be [num_slots, {n}, {kv_cache.shape[1]}, {d}], got {tuple(tail_key.shape)}",
     )
     h = tail_key.shape[2]
-    check_tensor(scores, "scores", 3, (torch.float32,), dev)
-    check(tuple(scores.shape[1:]) == (n, h), f"scores must be [num_slots, {n}, {h}], got {tuple(scores.shape)}")
+    if probe_query is None or scores is not None:
+        check_tensor(scores, "scores", 3, (torch.float32,), dev)
+        check(tuple(scores.shape[1:]) == (n, h), f"scores must be [num_slots, {n}, {h}], got {tuple(scores.shape)}")
     if score_count is not None:
+        check(probe_query is None, "score_count divides given scores: not with probe_query")
         check_tensor(score_count, "score_count", 2, (torch.float32,), dev)
         check(score_count.shape[1] == n, f"score_count must be [num_slots, {n}]")
     check_tensor(slots, "slots", 1, (torch.int32, torch.int64), dev)
@@ -341,59 +408,45 @@ def compress_slots(
     check_cache(kv_cache, layout, h, dev)
     if block_ids.numel() == 0:
         return
-    key = tail_key.view(-1, h, d)
-    _launch(
-        key,
-        tail_value.view(-1, h, d),
-        scores,
-        scores.stride(0),
-        scores.stride(1),
-        scores.stride(2),
-        score_count,
-        0 if score_count is None else score_count.stride(0),
-        block_ids,
-        slots,
-        kv_cache,
-        layout,
-        num_warps,
-    )
+    probes = None if probe_query is None else (probe_query, probe_offsets, normalizer, saliency, scale)
+    s_strides = (0, 0, 0) if scores is None else tuple(scores.stride())
+    _launch(tail_key.view(-1, h, d), tail_value.view(-1, h, d), scores, *s_strides, score_count,
+            0 if score_count is None else score_count.stride(0), block_ids, slots, kv_cache, layout, num_warps,
+            rows_per_tile, probes, tail_key)  # fmt: skip
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
-    _compress_store_kernel[(block_ids.numel(), h, 2)](
-        key_ptr=key,
-        value_ptr=value,
-        stride_x_tok=key.stride(0),
-        stride_x_head=key.stride(1),
-        scores_ptr=scores,
-        stride_s_blk=stride_s_blk,
-        stride_s_tok=stride_s_tok,
-        stride_s_head=stride_s_head,
-        count_ptr=scores if score_count is None else score_count,
-        stride_cnt_blk=stride_cnt_blk,
-        block_ids_ptr=block_ids,
-        src_ptr=block_ids if slots is None else slots,
+    e = block_ids.numel()
+    n_pad = pow2(n)
+    if probes is None:
+        mode = 0 if score_count is None else 1
+        pq, offsets = key, block_ids.view(e, 1)  # unread
+        pargs = {"qk_scale": 1.0, "P": 1, "G": 1, "ROWS": 16, "NORMALIZER": 0, "DOT_FP32": False}
+    else:
+        pq, offsets, normalizer, saliency, scale = probes
+        mode = 2 if scores is None else 3
+        if mode == 3:
+            check(scores.dtype == torch.float32, "scores receives the probe scores: it must be float32")
+        pargs = probe_args(probe_key, pq, offsets, e, normalizer, saliency, scale)
+        del pargs["N"], pargs["N_PAD"], pargs["D"]
+    r = rows_per_tile or min(32, n_pad)
+    check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
+    work = torch.empty(e * h * n_pad, dtype=torch.int32, device=key.device)
+    _compress_store_kernel[(e, h)](
+        key, value, key.stride(0), key.stride(1),
+        key if scores is None else scores, stride_s_blk, stride_s_tok, stride_s_head,
+        key if score_count is None else score_count, stride_cnt_blk,
+        pq, pq.stride(0), pq.stride(1), pq.stride(2),
+        offsets, offsets.stride(0),
+        block_ids_ptr=block_ids, src_ptr=block_ids if slots is None else slots, work_ptr=work,
         **cache_args(kv_cache),
-        N=n,
-        N_PAD=pow2(n),
-        D=d,
-        BH=layout.bits_high,
-        BL=layout.bits_low,
-        SK=layout.num_salient_k,
-        SV=layout.num_salient_v,
-        K_HI_OFF=layout.k_hi_off,
-        K_LO_OFF=layout.k_lo_off,
-        V_HI_OFF=layout.v_hi_off,
-        V_LO_OFF=layout.v_lo_off,
-        K_PAR_OFF=layout.k_param_off,
-        V_NORM_OFF=layout.v_norm_off,
-        V_TOK_OFF=layout.v_tok_off,
-        MASK_OFF=layout.mask_off,
-        FROM_SLOTS=slots is not None,
-        NORMALIZE=score_count is not None,
-        num_warps=num_warps,
-        enable_fp_fusion=False,
-    )
+        N=n, N_PAD=n_pad, R=r, D=d, BH=layout.bits_high, BL=layout.bits_low,
+        SK=layout.num_salient_k, SV=layout.num_salient_v,
+        K_HI_OFF=layout.k_hi_off, K_LO_OFF=layout.k_lo_off, V_HI_OFF=layout.v_hi_off, V_LO_OFF=layout.v_lo_off,
+        K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
+        MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
+        num_warps=num_warps or (1 if interpreting() else 4), enable_fp_fusion=False, **pargs,
+    )  # fmt: skip

@@ -3,10 +3,12 @@
 import pytest
 import torch
 from conftest import DEVICE
-from zipcache_vllm.kernels.compress_store import compress_store
+from zipcache_vllm.kernels.compress_store import compress_slots, compress_store
 
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.method.config import ZipCacheConfig
+from zipcache_vllm.method.saliency import block_probe_offsets
 
 pytestmark = pytest.mark.interpret
 
@@ -93,3 +95,92 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="pages hold"):
         compress_store(k, k, torch.rand(16, 1, device=DEVICE), ids, cache[:, :, :64], layout)
 
+
+
+# (block_size, num_kv_heads, GQA group, head_size, salient_ratio, value_salient_ratio)
+PROBE_CASES = [
+    (128, 2, 4, 128, 0.8, 0.2),  # the vllm preset on LLaMA3-8B heads
+    (128, 3, 3, 64, 0.6, None),  # SmolLM2 heads, r = 0.6
+    (16, 2, 3, 64, 0.6, None),
+    (48, 1, 8, 64, 0.5, None),  # block size not a power of two
+]
+
+
+@pytest.mark.parametrize("n, h, g, d, r, rv", PROBE_CASES)
+@pytest.mark.parametrize("normalizer", ["probe_nnz", "causal_count"])
+def test_scored_by_probes_in_the_kernel(n, h, g, d, r, rv, normalizer):
+    """Blocks scored by their own probes inside compress_store (the block rule, fused): the scores it reports
+    agree with the twin's (block_probe_scores) within float tolerance, and every page byte equals the twin's
+    compression under those very scores (a near-tie may rank differently under other rounding, so pages are
+    compared at equal scores)."""
+    layout = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
+    nb = 3
+    cfg = ZipCacheConfig(block_size=n)
+    offsets = torch.stack([block_probe_offsets(cfg, n, i) for i in (0, 5, 2)]).int()
+    p = offsets.shape[1]
+    k = (torch.randn(nb * n, h, d) * torch.rand(d) * 3).bfloat16()
+    v = torch.randn(nb * n, h, d).bfloat16()
+    pq = torch.randn(nb, p, h * g, d).bfloat16()
+    ids = torch.tensor([4, 0, 2], dtype=torch.int32)
+    base = torch.randint(0, 256, (6, h, layout.page_bytes), dtype=torch.uint8)
+    got = base.to(DEVICE)
+    scores = torch.full((nb * n, h), -1.0, device=DEVICE)
+    compress_store(k.to(DEVICE), v.to(DEVICE), scores, ids.to(DEVICE), got, layout, probe_query=pq.to(DEVICE),
+                   probe_offsets=offsets.to(DEVICE), normalizer=normalizer, scale=d**-0.5)  # fmt: skip
+    want = paged.block_probe_scores(k.view(nb, n, h, d), pq, offsets, torch.arange(nb), torch.empty(nb, n, h),
+                                    normalizer, "normalized", d**-0.5)  # fmt: skip
+    tol = {"atol": 2e-3, "rtol": 2e-2} if DEVICE.type == "cuda" else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(scores.cpu().view(nb, n, h), want, **tol)
+    ref = base.clone()
+    paged.compress_store(k, v, scores.cpu(), ids, ref, layout)
+    assert torch.equal(got.cpu(), ref)
+    # without a scores tensor: the same pages
+    again = base.to(DEVICE)
+    compress_store(k.to(DEVICE), v.to(DEVICE), None, ids.to(DEVICE), again, layout, probe_query=pq.to(DEVICE),
+                   probe_offsets=offsets.to(DEVICE), normalizer=normalizer, scale=d**-0.5)  # fmt: skip
+    assert torch.equal(again.cpu(), ref)
+
+
+def test_slots_scored_by_probes_in_the_kernel():
+    """compress_slots with probe queries in the staging slots: a work list with idle entries, entries out of
+    slot order; the pages equal the twin's under the kernel's scores, the pages of idle entries stay."""
+    n, h, g, d = 32, 2, 4, 64
+    layout = PageLayout(n, d, salient_ratio=0.8, value_salient_ratio=0.2)
+    cfg = ZipCacheConfig(block_size=n)
+    num_slots = 5
+    offsets = torch.stack([block_probe_offsets(cfg, n, i) for i in (3, 0, 9, 1)]).int()
+    p = offsets.shape[1]
+    tk = (torch.randn(num_slots, n, h, d) * torch.rand(d) * 3).bfloat16()
+    tv = torch.randn(num_slots, n, h, d).bfloat16()
+    pq = torch.randn(num_slots, p, h * g, d).bfloat16()
+    slots = torch.tensor([4, 1, 0, 2], dtype=torch.int32)
+    ids = torch.tensor([3, -1, 0, 5], dtype=torch.int32)
+    base = torch.randint(0, 256, (6, h, layout.page_bytes), dtype=torch.uint8)
+    got = base.to(DEVICE)
+    scores = torch.full((num_slots, n, h), -1.0, device=DEVICE)
+    compress_slots(tk.to(DEVICE), tv.to(DEVICE), scores, None, slots.to(DEVICE), ids.to(DEVICE), got, layout,
+                   probe_query=pq.to(DEVICE), probe_offsets=offsets.to(DEVICE))  # fmt: skip
+    scores = scores.cpu()
+    assert (scores[[1, 3]] == -1.0).all()  # slot 1 (idle entry) and slot 3 (no entry): not scored
+    src = torch.where(ids >= 0, slots, -1)
+    want = paged.block_probe_scores(tk, pq, offsets, src, torch.full((num_slots, n, h), -1.0))
+    tol = {"atol": 2e-3, "rtol": 2e-2} if DEVICE.type == "cuda" else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(scores, want, **tol)
+    ref = base.clone()
+    paged.compress_slots(tk, tv, scores, None, slots, ids, ref, layout)
+    assert torch.equal(got.cpu(), ref)
+    assert torch.equal(got.cpu()[[1, 2, 4]], base[[1, 2, 4]])  # pages no entry writes
+
+
+@pytest.mark.parametrize("rows_per_tile", [16, 64, 128])
+def test_rows_per_tile_gives_the_same_pages(rows_per_tile):
+    layout = PageLayout(128, 64, salient_ratio=0.8, value_salient_ratio=0.2)
+    k = (torch.randn(256, 2, 64) * torch.rand(64) * 3).bfloat16().to(DEVICE)
+    v = torch.randn(256, 2, 64).bfloat16().to(DEVICE)
+    scores = torch.rand(256, 2, device=DEVICE)
+    ids = torch.tensor([1, 0], device=DEVICE)
+    a = torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8, device=DEVICE)
+    b = a.clone()
+    compress_store(k, v, scores, ids, a, layout)
+    compress_store(k, v, scores, ids, b, layout, rows_per_tile=rows_per_tile)
+    assert torch.equal(a, b)

@@ -60,8 +60,10 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int)
     # the probe scores as the engine computed them before the fusion: a kernel of their own
     scores = torch.empty(nb, n, H, device="cuda")
     src = torch.arange(nb, device="cuda", dtype=torch.int32)
-    rec["probe_scores_us"] = graph_time_us(
-        lambda: kernel_module("block_scores").block_probe_scores(k.view(nb, n, H, D), pq, offsets, src, scores), reps)
+    probe_warps = {w: graph_time_us(lambda w=w: kernel_module("block_scores").block_probe_scores(
+        k.view(nb, n, H, D), pq, offsets, src, scores, num_warps=w), reps) for w in (2, 4, 8)}  # fmt: skip
+    rec["probe_scores_us_by_warps"] = probe_warps
+    rec["probe_scores_us"] = probe_warps[4]  # the default
     scores = scores.view(nb * n, H)
     rec["configs"] = []
     ref = None
@@ -102,8 +104,8 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int)
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="4096,16384")
-    ap.add_argument("--num-warps", default="4,8")
-    ap.add_argument("--rows-per-tile", default="32,64")
+    ap.add_argument("--num-warps", default="2,4")
+    ap.add_argument("--rows-per-tile", default="16,32")
     ap.add_argument("--baseline", default=None, help="an earlier compress_store.py to time side by side")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")

@@ -86,7 +86,7 @@ def _block_scores_kernel(
 
 
 def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nnz", saliency="normalized",
-                       scale=None):  # fmt: skip
+                       scale=None, num_warps=None):  # fmt: skip
     """Scores of the complete blocks of a work list, written into ``out`` (the block rule).
 
     Parameters
@@ -98,6 +98,7 @@ def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nn
     src : int ``[E]``: entry ``e`` scores block ``src[e]``; negative entries do nothing.
     out : fp32 ``[S, block_size, num_kv_heads]`` (head stride 1): row ``src[e]`` written.
     normalizer, saliency : as ``saliency.block_saliency``. scale : softmax scale (default ``head_size ** -0.5``).
+    num_warps : per program (one program per entry and KV head; default 4).
 
     Returns ``out``.
     """
@@ -113,7 +114,7 @@ def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nn
         offsets, offsets.stride(0),
         src,
         out, out.stride(0), out.stride(1),
-        num_warps=1 if interpreting() else 4, **args,
+        num_warps=num_warps or (1 if interpreting() else 4), **args,
     )  # fmt: skip
     return out
 

@@ -1,22 +1,24 @@
 """Compress complete blocks into mixed-precision pages: saliency ranking, ZC-3 keys, ZC-2 values, packing.
 
 Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
-One program per (block, KV head), 4 warps. The page rows come from one bitonic sort of the scores (the top-k
+One program per (block, KV head), 2 warps. The page rows come from one bitonic sort of the scores (the top-k
 thresholds) and prefix sums (:func:`_page_rows`); each token's row and salient bits go to a small scratch row
-(a register tensor cannot be sliced) and the block is then quantized in tiles of ``R`` rows (32): keys in two
-passes (running elementwise min/max per precision group, reduced once; then codes), values in two (max |x|
-per channel; then each row's ``(step, mn)`` of ``x / c`` and codes); both bit widths are packed from the same
-code tile (:func:`_store_packed`) and each row is stored in its group's region. The per-element divisions
-divide by a reciprocal shared per channel or row with one Markstein correction (:func:`_div`), not by a full
-IEEE division each. With ``probe_query`` the program scores its block by its probes first
-(``block_scores.probe_scores``, the block rule), so the scores never leave the SM: measured slower than the
-two kernels in sequence (below), so the engine launches ``block_scores`` then this kernel.
+(a register tensor cannot be sliced) and the block is then quantized in tiles of ``R`` rows (16 at head size
+128): keys in two passes (running elementwise min/max per precision group, reduced once; then codes), values
+in two (max |x| per channel; then each row's ``(step, mn)`` of ``x / c`` and codes); both bit widths are
+packed from the same code tile (:func:`_store_packed`) and each row is stored in its group's region. The
+per-element divisions divide by a reciprocal shared per channel or row with one Markstein correction
+(:func:`_div`), not by a full IEEE division each. With ``probe_query`` the program scores its block by its
+probes first (``block_scores.probe_scores``, the block rule), so the scores never leave the SM: measured
+slower than the two kernels in sequence (below), so the engine launches ``block_scores`` then this kernel.
 
-H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k prompt, ``vllm`` preset (``benchmarks/bench_compress.py``):
-35 / 129 us (row tiles), against 55 / 188 us for the whole-tile kernel before it (255 registers, 12.5 %
-occupancy, instruction-cache misses) and 113 / 433 us for the first one; scoring in the kernel 57 / 270 us
-against 11 / 26 us (``block_probe_scores``) + 35 / 129. Unrolled tile loops (the loads of all tiles in flight)
-and a program per K or V were no faster (``benchmarks/results/h200_compress.json``).
+H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k prompt, ``vllm`` preset (``benchmarks/bench_compress.py``,
+CUDA-graph replays of one launch): 36 / 99 us, against 55 / 188 us for the whole-tile kernel before it (255
+registers, 12.5 % occupancy, instruction-cache misses) and 113 / 433 us for the first one. Tiles of 32 elements
+per thread are the sweet spot: 16 rows x 2 warps, 32 x 4 (36 / 128 us) and 8 x 1 (51 / 90 us); 16 elements per
+thread (16 x 4, 8 x 2) run 2-3x slower, 8 warps slower still. Scoring inside the kernel: 62 / 243 us against
+11 / 26 us (``block_probe_scores``) + 36 / 99. Prefetching the next tile, unrolled tile loops and a program per
+K or V were no faster (``benchmarks/results/h200_compress_*.json``).
 Bit-exactness rests on the conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE division and
 square root (``div_rn`` / ``sqrt_rn``, or :func:`_div`'s equal result), parameters rounded to fp16 before the
 codes, round-half-to-even, and no contraction into fused multiply-adds (the kernel is launched with fp fusion
@@ -313,12 +315,13 @@ def compress_store(
     block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
     layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
-    num_warps : per program (one program per block and KV head).
+    num_warps : per program (one program per block and KV head; default 2).
     probe_query, probe_offsets : ``[num_new_blocks, num_probes, num_heads, head_size]`` and int32
         ``[num_new_blocks, num_probes]``: score each block by its probes in the same kernel (the block rule,
         ``block_scores.probe_scores``; ``normalizer``, ``saliency``, ``scale`` as ``block_probe_scores``), so
         neither the scores nor a second read of the keys go through HBM.
-    rows_per_tile : rows of the block quantized at a time (a power of two; default 32).
+    rows_per_tile : rows of the block quantized at a time (a power of two; default: 32 tile elements per
+        thread, 16 rows at head size 128 and 2 warps).
 
     Example
     -------
@@ -432,7 +435,9 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
             check(scores.dtype == torch.float32, "scores receives the probe scores: it must be float32")
         pargs = probe_args(probe_key, pq, offsets, e, normalizer, saliency, scale)
         del pargs["N"], pargs["N_PAD"], pargs["D"]
-    r = rows_per_tile or min(32, n_pad)
+    warps = num_warps or (1 if interpreting() else 2)
+    # 32 elements of a tile per thread: the measured best (16 per thread is 2-3x slower: bench_compress.py)
+    r = rows_per_tile or min(n_pad, max(1, 1 << (1024 * warps // d).bit_length() - 1))
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
     work = torch.empty(e * h * n_pad, dtype=torch.int32, device=key.device)
     _compress_store_kernel[(e, h)](
@@ -448,5 +453,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_HI_OFF=layout.k_hi_off, K_LO_OFF=layout.k_lo_off, V_HI_OFF=layout.v_hi_off, V_LO_OFF=layout.v_lo_off,
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
-        num_warps=num_warps or (1 if interpreting() else 4), enable_fp_fusion=False, **pargs,
+        num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

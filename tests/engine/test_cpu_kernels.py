@@ -60,8 +60,8 @@ def test_exp_is_within_one_ulp_of_float64():
 
 @pytest.mark.parametrize("lo, hi", [(0, 16), (0, 1), (3, 6), (5, 12), (0, 7)])  # whole passes of four, remainders
 @pytest.mark.parametrize("g", [1, 3])  # GQA ratios
-def test_dot_rows_and_weighted_rows(lo, hi, g):
-    """The key dot products and the weighted value rows, four rows per pass plus the remainder, against numpy."""
+def test_dot_rows(lo, hi, g):
+    """The key dot products, four rows per pass plus the remainder, against numpy."""
     rng = np.random.default_rng(0)
     buf = rng.integers(0, 16, (16, 64)).astype(np.float32)
     qs = rng.standard_normal((g, 64)).astype(np.float32)
@@ -70,11 +70,26 @@ def test_dot_rows_and_weighted_rows(lo, hi, g):
     cpu_kernels._dot_rows(buf, lo, hi, qs, g, dst, 2, np.float32(0.125), bias)
     want = (qs.astype(np.float64) @ buf[lo:hi].T + bias[:, None]) * 0.125
     np.testing.assert_allclose(dst[:, 2 : 2 + hi - lo], want, rtol=1e-5, atol=1e-5)
-    assert np.isnan(dst[:, : 2]).all() and np.isnan(dst[:, 2 + hi - lo :]).all()
-    w = rng.standard_normal((g, 16)).astype(np.float32)
-    acc = rng.standard_normal((g, 64)).astype(np.float32)
-    want = acc + w[:, : hi - lo].astype(np.float64) @ buf[: hi - lo]
-    cpu_kernels._weighted_rows(buf, hi - lo, w, g, acc)
+    assert np.isnan(dst[:, :2]).all() and np.isnan(dst[:, 2 + hi - lo :]).all()
+
+
+@pytest.mark.parametrize("rows", [16, 1, 3, 7])  # whole passes of four, remainders
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("g, head_size", [(1, 64), (3, 64), (3, 128)])
+def test_weighted_code_rows(rows, bits, g, head_size):
+    """The value sums read straight from the packed codes (layout: byte i of a row holds channels i + j * D / m
+    at bit j * bits), against numpy on the unpacked codes."""
+    rng = np.random.default_rng(0)
+    m, d = 8 // bits, head_size
+    codes = rng.integers(0, 2**bits, (rows, d))
+    packed = np.zeros((rows, d // m), dtype=np.uint8)
+    for j in range(m):
+        packed |= (codes[:, j * (d // m) : (j + 1) * (d // m)] << (j * bits)).astype(np.uint8)
+    pg = np.concatenate([np.zeros(32, dtype=np.uint8), packed.reshape(-1)])
+    w = rng.standard_normal((g, rows + 5)).astype(np.float32)
+    acc = rng.standard_normal((g, d)).astype(np.float32)
+    want = acc + w[:, 5:].astype(np.float64) @ codes
+    cpu_kernels._weighted_code_rows(pg, 32, rows, bits, w, 5, g, acc)
     np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-4)
 
 

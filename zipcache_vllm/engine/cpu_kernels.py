@@ -152,27 +152,51 @@ def _dot_rows(buf, lo, hi, qs, g, dst, col, scale, bias):
         t += 1
 
 
-def _weighted_rows(buf, rows, w, g, acc):
-    """``acc[gi] += sum_t w[gi, t] * buf[t]`` over ``rows`` rows. Four rows per pass, so each accumulator row
-    is loaded and stored once per four rows (one row per pass: 2.0 -> 0.7 us for a SmolLM2 page)."""
-    d = buf.shape[1]
+def _weighted_codes(pg, off, rows, bits, w, col, g, acc):
+    """``acc[gi, c] += sum_t w[gi, col + t] * code[t, c]`` over ``rows`` page rows of ``bits``-bit codes at byte
+    ``off`` of ``pg``, read straight from the bytes: four rows per pass, one code plane (shift) at a time, so
+    each accumulator segment is loaded and stored once per four rows and the codes never go through a buffer.
+    SmolLM2 value page (32 rows at 4 bits, 96 at 2; g = 3): 0.93 us, against 0.55 (unpack) + 0.70 (four
+    buffered rows per pass) or 0.55 + 2.0 (one row per pass, before)."""
+    d = acc.shape[1]
+    m = 8 // bits
+    nb = d // m
+    mask = (1 << bits) - 1
     t = 0
     while t + 4 <= rows:
-        r0, r1, r2, r3 = buf[t], buf[t + 1], buf[t + 2], buf[t + 3]
+        r0 = pg[off + t * nb : off + (t + 1) * nb]
+        r1 = pg[off + (t + 1) * nb : off + (t + 2) * nb]
+        r2 = pg[off + (t + 2) * nb : off + (t + 3) * nb]
+        r3 = pg[off + (t + 3) * nb : off + (t + 4) * nb]
         for gi in range(g):
-            w0, w1, w2, w3 = w[gi, t], w[gi, t + 1], w[gi, t + 2], w[gi, t + 3]
-            arow = acc[gi]
-            for c in range(d):
-                arow[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
+            w0, w1, w2, w3 = w[gi, col + t], w[gi, col + t + 1], w[gi, col + t + 2], w[gi, col + t + 3]
+            for j in range(m):
+                sh = j * bits
+                a = acc[gi, j * nb : (j + 1) * nb]
+                for i in range(nb):
+                    a[i] += (w0 * np.float32((r0[i] >> sh) & mask) + w1 * np.float32((r1[i] >> sh) & mask)
+                             + w2 * np.float32((r2[i] >> sh) & mask) + w3 * np.float32((r3[i] >> sh) & mask))
         t += 4
     while t < rows:
-        row = buf[t]
+        r0 = pg[off + t * nb : off + (t + 1) * nb]
         for gi in range(g):
-            wt = w[gi, t]
-            arow = acc[gi]
-            for c in range(d):
-                arow[c] += wt * row[c]
+            w0 = w[gi, col + t]
+            for j in range(m):
+                sh = j * bits
+                a = acc[gi, j * nb : (j + 1) * nb]
+                for i in range(nb):
+                    a[i] += w0 * np.float32((r0[i] >> sh) & mask)
         t += 1
+
+
+def _weighted_code_rows(pg, off, rows, bits, w, col, g, acc):
+    """:func:`_weighted_codes` with the code width as a literal (constant shifts and masks, as _unpack_rows)."""
+    if bits == 2:
+        _weighted_codes(pg, off, rows, 2, w, col, g, acc)
+    elif bits == 4:
+        _weighted_codes(pg, off, rows, 4, w, col, g, acc)
+    else:
+        _weighted_codes(pg, off, rows, 8, w, col, g, acc)
 
 
 def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key, new_value,
@@ -256,8 +280,6 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
             acc[:] = 0.0
             for p in range(num_pages):
                 pg = pages[page_ids[page_start[r] + p], h]
-                _unpack_rows(pg, v_hi_off, 0, sv, bits_high, buf)
-                _unpack_rows(pg, v_lo_off, sv, n - sv, bits_low, buf)
                 _f16(pg, v_norm_off, d, norm)
                 _f16(pg, v_tok_off, 2 * n, vt.reshape(2 * n))
                 for gi in range(g):
@@ -268,7 +290,8 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
                         ws[gi, t] = prow[t] * vt[0, t]
                     bsum[gi] = a
                 part[:] = 0.0
-                _weighted_rows(buf, n, ws, g, part)
+                _weighted_code_rows(pg, v_hi_off, sv, bits_high, ws, 0, g, part)
+                _weighted_code_rows(pg, v_lo_off, n - sv, bits_low, ws, sv, g, part)
                 for gi in range(g):
                     for c in range(d):
                         acc[gi, c] += norm[c] * (part[gi, c] + bsum[gi])
@@ -296,7 +319,8 @@ if numba is not None:
     # so its instructions keep these flags when LLVM inlines it
     _exp_inplace = numba.njit(cache=True, fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})(_exp_inplace)
     _dot_rows = numba.njit(cache=True, fastmath=True, inline="always")(_dot_rows)
-    _weighted_rows = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_rows)
+    _weighted_codes = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_codes)
+    _weighted_code_rows = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_code_rows)
     _decode_rows = numba.njit(cache=True, fastmath=True)(_decode_rows)
 
 

@@ -58,15 +58,15 @@ def test_exp_is_within_one_ulp_of_float64():
     assert np.all((got[~normal] >= 0) & (got[~normal] < 2e-38))
 
 
-@pytest.mark.parametrize("lo, hi", [(0, 16), (0, 1), (3, 6), (5, 12), (0, 7)])  # whole passes of four, remainders
+@pytest.mark.parametrize("lo, hi", [(0, 16), (0, 1), (3, 6), (5, 20), (0, 7)])  # whole passes of eight, remainders
 @pytest.mark.parametrize("g", [1, 3])  # GQA ratios
 def test_dot_rows(lo, hi, g):
-    """The key dot products, four rows per pass plus the remainder, against numpy."""
+    """The key dot products, eight rows per pass plus the remainder, against numpy."""
     rng = np.random.default_rng(0)
-    buf = rng.integers(0, 16, (16, 64)).astype(np.float32)
+    buf = rng.integers(0, 16, (20, 64)).astype(np.float32)
     qs = rng.standard_normal((g, 64)).astype(np.float32)
     bias = rng.standard_normal(g).astype(np.float32)
-    dst = np.full((g, 20), np.nan, dtype=np.float32)
+    dst = np.full((g, 24), np.nan, dtype=np.float32)
     cpu_kernels._dot_rows(buf, lo, hi, qs, g, dst, 2, np.float32(0.125), bias)
     want = (qs.astype(np.float64) @ buf[lo:hi].T + bias[:, None]) * 0.125
     np.testing.assert_allclose(dst[:, 2 : 2 + hi - lo], want, rtol=1e-5, atol=1e-5)

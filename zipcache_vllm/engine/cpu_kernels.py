@@ -120,27 +120,37 @@ def _exp_inplace(x, scratch):
 
 
 def _dot_rows(buf, lo, hi, qs, g, dst, col, scale, bias):
-    """``dst[gi, col + t - lo] = (qs[gi] . buf[t] + bias[gi]) * scale`` for rows ``lo <= t < hi``. Four rows per
-    pass (four reductions share each load of ``qs``): 1.10 -> 0.76 us for a SmolLM2 page (128 x 64, g = 3)."""
+    """``dst[gi, col + t - lo] = (qs[gi] . buf[t] + bias[gi]) * scale`` for rows ``lo <= t < hi``. Eight rows per
+    pass (eight reductions share each load of ``qs``): a SmolLM2 page (128 x 64, g = 3) 1.10 us with one row
+    per pass, 0.65 with four, 0.55 with eight (two query heads x four rows: the same)."""
     d = buf.shape[1]
     t = lo
-    while t + 4 <= hi:
+    while t + 8 <= hi:
         r0, r1, r2, r3 = buf[t], buf[t + 1], buf[t + 2], buf[t + 3]
+        r4, r5, r6, r7 = buf[t + 4], buf[t + 5], buf[t + 6], buf[t + 7]
         for gi in range(g):
             qrow = qs[gi]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
             for c in range(d):
                 x = qrow[c]
                 a0 += x * r0[c]
                 a1 += x * r1[c]
                 a2 += x * r2[c]
                 a3 += x * r3[c]
+                a4 += x * r4[c]
+                a5 += x * r5[c]
+                a6 += x * r6[c]
+                a7 += x * r7[c]
             b, o = bias[gi], col + t - lo
             dst[gi, o] = (a0 + b) * scale
             dst[gi, o + 1] = (a1 + b) * scale
             dst[gi, o + 2] = (a2 + b) * scale
             dst[gi, o + 3] = (a3 + b) * scale
-        t += 4
+            dst[gi, o + 4] = (a4 + b) * scale
+            dst[gi, o + 5] = (a5 + b) * scale
+            dst[gi, o + 6] = (a6 + b) * scale
+            dst[gi, o + 7] = (a7 + b) * scale
+        t += 8
     while t < hi:
         row = buf[t]
         for gi in range(g):

@@ -1,9 +1,10 @@
 """CPU decode step of one layer: the torch path (dequantize every page) vs the numba path (read the codes).
 
-    python benchmarks/bench_cpu_decode.py [--rows 1,8] [--context 520,2000] [--threads 2]
+    python benchmarks/bench_cpu_decode.py [--rows 1,8] [--context 520,2000] [--threads 2] [--preset vllm]
 
-SmolLM2-135M geometry (9 query heads, 3 KV heads, head size 64, blocks of 128), the `paged` preset. Each row is
-one decode query over ``context`` tokens: full pages plus a bf16 tail. Prints one line per case and a table last.
+SmolLM2-135M geometry (9 query heads, 3 KV heads, head size 64, blocks of 128), the ``vllm`` preset (keys 0.8,
+values 0.2 salient; ``--preset paged``: 0.6 for both). Each row is one decode query over ``context`` tokens: full
+pages plus a bf16 tail. Prints one line per case and a table last.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from zipcache_vllm.method.saliency import num_block_probes
 N, H, G, D = 128, 3, 3, 64
 
 
-def case(rows: int, context: int, repeats: int) -> dict:
-    cfg = ZipCacheConfig.load("paged", block_size=N)
+def case(rows: int, context: int, repeats: int, preset: str = "vllm") -> dict:
+    cfg = ZipCacheConfig.load(preset, block_size=N)
     lay = PageLayout.from_config(cfg, D)
     pages = context // N
     tail = context - pages * N
@@ -60,11 +61,10 @@ def case(rows: int, context: int, repeats: int) -> dict:
     outs = {}
     for name, fn in (("torch", decode_attend), ("numba", decode_attend_codes)):
         out = torch.empty(rows, H * G, D)
-        sums = torch.zeros(rows, H)
-        fn(q, k1, cache, staging, step.decode, lay, D**-0.5, out, sums, v1)  # warm-up (numba compiles once)
+        fn(q, k1, v1, cache, staging, step.decode, lay, D**-0.5, out)  # warm-up (numba compiles once)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            fn(q, k1, cache, staging, step.decode, lay, D**-0.5, out, sums, v1)
+            fn(q, k1, v1, cache, staging, step.decode, lay, D**-0.5, out)
         result[f"{name}_ms"] = (time.perf_counter() - t0) / repeats * 1e3
         outs[name] = out.clone()
     result["max_abs_diff"] = (outs["torch"] - outs["numba"]).abs().max().item()
@@ -77,13 +77,14 @@ def main() -> None:
     ap.add_argument("--context", default="520,2000")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--preset", default="vllm", help="ZipCacheConfig preset (vllm, paged)")
     ap.add_argument("--output", default=None, help="JSON file for the results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = []
     for rows in map(int, args.rows.split(",")):
         for context in map(int, args.context.split(",")):
-            r = case(rows, context, args.repeats)
+            r = case(rows, context, args.repeats, args.preset)
             print(json.dumps(r), flush=True)
             results.append(r)
     if args.output:

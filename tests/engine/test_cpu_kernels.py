@@ -43,3 +43,103 @@ def test_warmup_compiles_the_signature_the_step_uses():
     finally:
         torch.set_default_dtype(default)
     assert len(cpu_kernels._decode_rows.signatures) == 1
+
+
+def test_exp_is_within_one_ulp_of_float64():
+    """The vectorizable exp of the softmax (logits minus their maximum, so x <= 0): ~1 ulp over the range where
+    fp32 is normal; far below it stays a negligible tiny positive number instead of underflowing."""
+    x = np.concatenate([np.linspace(-87, 0, 400_001), [-0.0, -1e-30, -88.0, -1e4, -np.inf]]).astype(np.float32)
+    got = x.copy()
+    cpu_kernels._exp_inplace(got, np.empty(x.size, dtype=np.uint32))
+    want = np.exp(x.astype(np.float64))
+    normal = x >= -87
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    assert rel.max() < 2e-7, rel.max()
+    assert np.all((got[~normal] >= 0) & (got[~normal] < 2e-38))
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 16), (0, 1), (3, 6), (5, 20), (0, 7)])  # whole passes of eight, remainders
+@pytest.mark.parametrize("g", [1, 3])  # GQA ratios
+def test_dot_rows(lo, hi, g):
+    """The key dot products, eight rows per pass plus the remainder, against numpy."""
+    rng = np.random.default_rng(0)
+    buf = rng.integers(0, 16, (20, 64)).astype(np.float32)
+    qs = rng.standard_normal((g, 64)).astype(np.float32)
+    bias = rng.standard_normal(g).astype(np.float32)
+    dst = np.full((g, 24), np.nan, dtype=np.float32)
+    cpu_kernels._dot_rows(buf, lo, hi, qs, g, dst, 2, np.float32(0.125), bias)
+    want = (qs.astype(np.float64) @ buf[lo:hi].T + bias[:, None]) * 0.125
+    np.testing.assert_allclose(dst[:, 2 : 2 + hi - lo], want, rtol=1e-5, atol=1e-5)
+    assert np.isnan(dst[:, :2]).all() and np.isnan(dst[:, 2 + hi - lo :]).all()
+
+
+@pytest.mark.parametrize("rows", [16, 1, 3, 7])  # whole passes of four, remainders
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("g, head_size", [(1, 64), (3, 64), (3, 128)])
+def test_weighted_code_rows(rows, bits, g, head_size):
+    """The value sums read straight from the packed codes (layout: byte i of a row holds channels i + j * D / m
+    at bit j * bits), against numpy on the unpacked codes."""
+    rng = np.random.default_rng(0)
+    m, d = 8 // bits, head_size
+    codes = rng.integers(0, 2**bits, (rows, d))
+    packed = np.zeros((rows, d // m), dtype=np.uint8)
+    for j in range(m):
+        packed |= (codes[:, j * (d // m) : (j + 1) * (d // m)] << (j * bits)).astype(np.uint8)
+    pg = np.concatenate([np.zeros(32, dtype=np.uint8), packed.reshape(-1)])
+    w = rng.standard_normal((g, rows + 5)).astype(np.float32)
+    acc = rng.standard_normal((g, d)).astype(np.float32)
+    want = acc + w[:, 5:].astype(np.float64) @ codes
+    cpu_kernels._weighted_code_rows(pg, 32, rows, bits, w, 5, g, acc)
+    np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-4)
+
+
+# one row per case of a decode row: no pages (an empty and a 1-token tail), one page (no tail, a 1-token tail),
+# several pages with a tail, a tail one short of a block
+CONTEXTS = lambda n: [0, 1, n, n + 1, 2 * n + n // 2 + 3, 3 * n - 1]  # noqa: E731
+
+
+@pytest.mark.parametrize("preset", ["vllm", "paged"])  # keys 0.8 / values 0.2 salient; r = 0.6 for both
+@pytest.mark.parametrize("block_size", [16, 128])  # block 16: quotas of 0 or 16 rows (a region is empty)
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(3, 3), (9, 3)])  # GQA 1 and 3 (SmolLM2's)
+def test_decode_rows_matches_the_torch_path(preset, block_size, head_size, num_heads, num_kv_heads):
+    """decode_attend_codes (numba, codes) against decode_attend (torch, dequantized pages) on one layer's decode
+    rows: equal up to fp32 summation order."""
+    from zipcache_vllm.engine import paged
+    from zipcache_vllm.engine.block_manager import StepPlan
+    from zipcache_vllm.engine.cpu_decode import build_index, decode_attend, decode_attend_codes
+    from zipcache_vllm.engine.layout import PageLayout
+    from zipcache_vllm.engine.staging import Staging
+    from zipcache_vllm.method.config import ZipCacheConfig
+
+    n, d, h, hq = block_size, head_size, num_kv_heads, num_heads
+    lay = PageLayout.from_config(ZipCacheConfig.load(preset, block_size=n), d)
+    ctx = CONTEXTS(n)
+    rows = len(ctx)
+    gen = torch.Generator().manual_seed(0)
+    pages = [c // n for c in ctx]
+    width = max(pages) + 1
+    cache = torch.zeros(rows * width + 1, h, lay.page_bytes, dtype=torch.uint8)
+    block_table = torch.zeros(rows, width, dtype=torch.int32)
+    for r in range(rows):
+        block_table[r] = torch.arange(1 + r * width, 1 + (r + 1) * width)
+    ids = torch.cat([block_table[r, : pages[r]].long() for r in range(rows)])
+    t = ids.numel() * n
+    k = (torch.randn(t, h, d, generator=gen) * torch.linspace(0.5, 4, d)).bfloat16()
+    v = torch.randn(t, h, d, generator=gen).bfloat16()
+    paged.compress_store(k, v, torch.rand(t, h, generator=gen), ids, cache, lay)
+    tails = [c % n for c in ctx]
+    plan = StepPlan(tail_slots=[r if tails[r] else -1 for r in range(rows)], tail_lens=tails,
+                    new_tail_lens=[(c + 1) % n for c in ctx], block_size=n)
+    index = build_index(plan, list(range(rows)), list(range(rows + 1)), ctx, block_table)
+    staging = Staging.allocate(rows, n, h, d, hq, 1)
+    staging.key.copy_(torch.randn(staging.key.shape, generator=gen))
+    staging.value.copy_(torch.randn(staging.value.shape, generator=gen))
+    q = torch.randn(rows, hq, d, generator=gen).bfloat16()
+    k1, v1 = torch.randn(2, rows, h, d, generator=gen).bfloat16()
+    outs = []
+    for fn in (decode_attend, decode_attend_codes):
+        out = torch.full((rows, hq, d), float("nan"))
+        fn(q, k1, v1, cache, staging, index, lay, d**-0.5, out)
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)

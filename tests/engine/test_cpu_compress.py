@@ -10,10 +10,19 @@ import torch
 numba = pytest.importorskip("numba")
 from zipcache_vllm.engine import cpu_compress, paged  # noqa: E402
 from zipcache_vllm.engine.layout import PageLayout  # noqa: E402
+from zipcache_vllm.method.config import ZipCacheConfig  # noqa: E402
 
-# (bits_high, bits_low, salient_ratio, value_salient_ratio): the `vllm` preset, r0.6 (`paged`, `default`),
-# 8-bit codes, 2/2 bits, and quotas of the whole block / none (a key precision group with no tokens)
-PRESETS = [(4, 2, 0.8, 0.2), (4, 2, 0.6, None), (8, 4, 0.6, None), (2, 2, 0.5, 0.25), (4, 2, 1.0, 0.0)]
+
+def _preset(name):
+    c = ZipCacheConfig.load(name)
+    return c.bits_high, c.bits_low, c.salient_ratio, c.value_salient_ratio
+
+
+# (bits_high, bits_low, salient_ratio, value_salient_ratio): the shipped presets (`vllm`: the plugin's default,
+# `paged`: r = 0.6 on both, `kv2` / `kv4`: no salient token / every token salient), then 8-bit codes, 2/2 bits
+# with separate shares, and keys all salient with no salient value (a key precision group with no tokens)
+PRESETS = {name: _preset(name) for name in ("vllm", "paged", "kv2", "kv4")} | {
+    "8/4": (8, 4, 0.6, None), "2/2 0.5/0.25": (2, 2, 0.5, 0.25), "1.0/0.0": (4, 2, 1.0, 0.0)}
 
 
 def _both(key, value, scores, block_ids, layout, num_pages=9, seed=0):
@@ -43,7 +52,7 @@ def _random_blocks(nb, n, h, d, dtype, g):
 @pytest.mark.parametrize("n", [16, 48, 128])
 @pytest.mark.parametrize("d", [64, 128])
 def test_random_blocks_are_bit_identical(preset, n, d):
-    bh, bl, r, rv = preset
+    bh, bl, r, rv = PRESETS[preset]
     layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv)
     g = torch.Generator().manual_seed(n * d)
     key, value, scores = _random_blocks(3, n, 3, d, torch.bfloat16, g)
@@ -57,15 +66,17 @@ def test_input_dtypes(dtype):
     _assert_same_bytes(*_both(key, value, scores, torch.tensor([1, 5]), layout))
 
 
-@pytest.mark.parametrize("preset", PRESETS[:2])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("n", [16, 48, 128])
-def test_ties_constants_subnormals_and_signed_zeros(preset, n):
-    """The edge cases of quant.py's conventions, in two blocks of SmolLM2's head geometry (3 KV heads, D 64):
+@pytest.mark.parametrize("d", [64, 128])
+def test_ties_constants_subnormals_and_signed_zeros(preset, n, d):
+    """The edge cases of quant.py's conventions, in two blocks of 3 KV heads (SmolLM2's), head sizes 64 / 128:
     tied scores (quota by token order), rounding ties (half-integer grids: round half to even), constant and
-    all-zero channels (step EPS, normalizer 1), fp32 subnormals and values at fp16's subnormal range,
-    zeros of both signs as a group's minimum (the sign of the stored fp16 min), magnitudes near 65504."""
-    bh, bl, r, rv = preset
-    h, d = 3, 64
+    all-zero channels (step EPS, normalizer 1), fp32 subnormals and values at fp16's subnormal range (keys'
+    minima, values' normalizers), zeros of both signs as a group's minimum (the sign of the stored fp16 min),
+    magnitudes near 65504."""
+    bh, bl, r, rv = PRESETS[preset]
+    h = 3
     layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv)
     g = torch.Generator().manual_seed(3)
     key = torch.randn(2 * n, h, d, generator=g)
@@ -77,15 +88,62 @@ def test_ties_constants_subnormals_and_signed_zeros(preset, n):
     key[:, :, 2] = torch.randn(2 * n, h, generator=g) * 1e-40  # fp32 subnormals
     value[:, :, 2] = torch.randn(2 * n, h, generator=g) * 1e-6  # fp16 subnormal range
     key[:, :, 3] = (torch.rand(2 * n, h, generator=g) * 2 - 1) * 65504  # up to fp16's max
+    key[:, :, 4] = torch.randn(2 * n, h, generator=g) * 1e-6  # minima among fp16's subnormals
+    value[:, :, 3] = torch.randn(2 * n, h, generator=g) * 1e-31  # normalizer below fp16's range: 1
+    value[:, :, 4] = torch.randn(2 * n, h, generator=g) * 1e-10  # normalizer an fp16 subnormal
+    value[:, :, d - 1] = -2.5  # constant value channel (negative)
     sign = torch.randint(0, 2, (2 * n, h, 8), generator=g).bool()
     zeros = torch.where(sign, -0.0, 0.0)
     key[:, :, 8:16] = torch.where(torch.rand(2 * n, h, 8, generator=g) < 0.3, zeros, key[:, :, 8:16].abs() + 0.1)
     value[:, 0] = value[:, 0].abs()  # rows whose minimum is a zero of either sign
     value[:, 0, 20:40] = zeros.repeat(1, 1, 3)[:, 0, :20]
-    value[5, 1] = torch.where(sign[5, 1].repeat(8), -0.0, 0.0)  # an all-zero row
+    value[5, 1] = torch.where(sign[5, 1].repeat(d // 8), -0.0, 0.0)  # an all-zero row
     scores = (torch.randint(0, 4, (2 * n, h), generator=g).float() / 7).contiguous()  # many ties
     scores[n:, 2] = 0.25  # a block of equal scores
     _assert_same_bytes(*_both(key, value, scores, torch.tensor([3, 0]), layout))
+
+
+@pytest.mark.parametrize("n, d, num_kv_heads, preset", [(8, 16, 1, "vllm"), (24, 80, 2, "paged"),
+                                                        (16, 128, 8, "vllm"), (128, 128, 1, "kv4"),
+                                                        (40, 48, 5, "8/4"), (128, 64, 4, "kv2")])
+def test_odd_shapes(n, d, num_kv_heads, preset):
+    """Block sizes that are not multiples of 16 (quotas by ceil, tiers of odd sizes), head sizes 16 / 48 / 80,
+    one to eight KV heads (MQA to GQA 8), one block to five."""
+    bh, bl, r, rv = PRESETS[preset]
+    layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv)
+    nb = 1 + n % 5
+    key, value, scores = _random_blocks(nb, n, num_kv_heads, d, torch.bfloat16, torch.Generator().manual_seed(n + d))
+    block_ids = torch.randperm(9, generator=torch.Generator().manual_seed(d))[:nb]
+    _assert_same_bytes(*_both(key, value, scores, block_ids, layout))
+
+
+def test_nan_scores_rank_as_the_twins():
+    """NaN scores (torch's sort ranks them first, numpy's last) leave the twin's pages."""
+    layout = PageLayout(block_size=32, head_size=64, salient_ratio=0.5, value_salient_ratio=0.5)
+    key, value, scores = _random_blocks(2, 32, 2, 64, torch.bfloat16, torch.Generator().manual_seed(5))
+    scores[[0, 7, 40], [0, 1, 1]] = float("nan")
+    _assert_same_bytes(*_both(key, value, scores, torch.tensor([2, 6]), layout))
+
+
+def test_mismatched_shapes_and_block_ids_raise_as_the_twin():
+    """What the kernel would write out of bounds (it does not check) goes to the twin, which raises."""
+    layout = PageLayout(block_size=16, head_size=64, salient_ratio=0.8, value_salient_ratio=0.2)
+    key, value, scores = _random_blocks(2, 16, 2, 64, torch.float32, torch.Generator().manual_seed(6))
+    cache = torch.zeros(3, 2, layout.page_bytes, dtype=torch.uint8)
+    cases = [
+        (key, value, scores, torch.tensor([1, 3]), cache),  # block id past the cache
+        (key, value, scores, torch.tensor([1]), cache),  # rows for two blocks, one id
+        (key, value, scores, torch.tensor([0, 1]), cache[:, :1]),  # a cache with fewer KV heads
+        (key[..., :48], value[..., :48], scores, torch.tensor([0, 1]), cache),  # head size not the layout's
+    ]
+    for i, (k, v, s, ids, c) in enumerate(cases):
+        with pytest.raises((ValueError, RuntimeError, IndexError)):
+            cpu_compress.compress_store(k, v, s, ids, c, layout)
+        assert not cache.any(), f"case {i} wrote"
+    want, got = cache.clone(), cache.clone()  # pages shorter than the layout's: whatever the twin does
+    paged.compress_store(key, value, scores, torch.tensor([0, 2]), want[:, :, :-8], layout)
+    cpu_compress.compress_store(key, value, scores, torch.tensor([0, 2]), got[:, :, :-8], layout)
+    _assert_same_bytes(want, got)
 
 
 @pytest.mark.parametrize("d", [16, 32, 48, 64, 80, 128])
@@ -121,7 +179,7 @@ def test_fp16_rounding_matches_torch():
     np.testing.assert_array_equal(got, want)
 
 
-@numba.njit(cache=True)
+@numba.njit  # not cached: numba's cache would not see a change to cpu_compress._f16_bits (another file)
 def _f16_all(x):
     out = np.empty(x.shape[0], dtype=np.uint16)
     bits = x.view(np.uint32)

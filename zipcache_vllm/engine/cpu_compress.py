@@ -17,8 +17,10 @@ result, through the sign bit of the stored fp16 ``mn``): a key channel's minimum
 of equal values, a value row's minimum over channels the one torch's vectorized reduction keeps
 (:func:`zero_priority`; tests/engine/test_cpu_compress.py checks both against the twin).
 
-Inputs that the twin refuses (NaN, infinities, ``|x| > 65504``) are detected before anything is written;
-:func:`compress_store` then calls the twin, which raises its ``ValueError``. One thread (vLLM's OpenMP threads
+Keys and values that the twin refuses (NaN, infinities, ``|x| > 65504``) and NaN scores are detected before
+anything is written; :func:`compress_store` then calls the twin, which raises its ``ValueError`` (or ranks the
+NaN scores as torch's sort does). Shapes, dtypes and block ids are checked before the call (the kernel does not
+check bounds); what does not fit goes to the twin too. One thread (vLLM's OpenMP threads
 own the cores). No vLLM import; numba is optional (:func:`zipcache_vllm.engine.cpu_kernels.available`).
 """
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from . import paged
-from .cpu_kernels import _f16
+from .cpu_kernels import _f16  # inlined: numba's cache keys on this file alone, touch it after changing _f16
 from .layout import PageLayout
 
 try:  # numba is an optional dependency: without it the torch twin runs
@@ -145,11 +147,6 @@ def _pack(codes, bits, dst, off, tmp):
         _pack_bits(codes, 8, dst, off, tmp)
 
 
-def _put_f16(dst, off, h):
-    dst[off] = np.uint8(h & np.uint16(0xFF))
-    dst[off + 1] = np.uint8(h >> np.uint16(8))
-
-
 def _steps(mn, mx, bits, step):
     """``step = max((mx - mn) / (2**bits - 1), EPS)`` in fp32, elementwise (quant.params_from_range)."""
     q = np.float32(2**bits - 1)
@@ -184,14 +181,23 @@ def _count_out_of_range(a):
     return bad
 
 
+def _count_nan(a):
+    """NaN entries of 1-D ``a`` (scores: torch's stable sort ranks NaN above everything, numpy's below)."""
+    bad = 0
+    for i in range(a.shape[0]):
+        bad += 0 if a[i] == a[i] else 1
+    return bad
+
+
 def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high, bits_low, k_hi_off, k_lo_off,
                      v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off, mask_off, prio):
     """Quantize ``len(block_ids)`` blocks of fp32 ``key, value [B * n, H, D]`` with ``scores [B * n, H]`` into
     ``pages [num_blocks, H, page_bytes]`` (uint8, in place); ``prio``: :func:`zero_priority` of ``D``. Returns
-    1 (nothing written) when an input is not finite or beyond fp16's range, else 0."""
+    1 (nothing written) when a key or value is not finite or beyond fp16's range or a score is NaN, else 0."""
     nb = block_ids.shape[0]
-    h_heads, d = key.shape[1], key.shape[2]
-    if _count_out_of_range(key.reshape(-1)) or _count_out_of_range(value.reshape(-1)):
+    num_kv_heads, d = key.shape[1], key.shape[2]
+    if (_count_out_of_range(key.reshape(-1)) or _count_out_of_range(value.reshape(-1))
+            or _count_nan(scores.reshape(-1))):
         return 1
     bh, bl = bits_high, bits_low
     qh, ql = np.float32(2**bh - 1), np.float32(2**bl - 1)
@@ -212,7 +218,7 @@ def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high,
     tst = np.empty(n, dtype=np.float32)
     fbuf = np.empty(max(n, d), dtype=np.float32)
     for b in range(nb):
-        for h in range(h_heads):
+        for h in range(num_kv_heads):
             t0 = b * n  # rows key[t0 + t, h]: 1-D C-contiguous views (a [n, D] slice would not be: no SIMD)
             pg = pages[block_ids[b], h]
             # salient sets: stable descending order of the scores (ties to the earlier token), quotas sk / sv
@@ -308,29 +314,41 @@ if numba is not None:
     _zero_sign = numba.njit(cache=True)(_zero_sign)
     _pack_bits = numba.njit(cache=True, inline="always")(_pack_bits)
     _pack = numba.njit(cache=True, inline="always")(_pack)
-    _put_f16 = numba.njit(cache=True, inline="always")(_put_f16)
     _encode = numba.njit(cache=True, inline="always")(_encode)
     _encode_row = numba.njit(cache=True, inline="always")(_encode_row)
     _count_out_of_range = numba.njit(cache=True)(_count_out_of_range)
+    _count_nan = numba.njit(cache=True)(_count_nan)
     _compress_blocks = numba.njit(cache=True)(_compress_blocks)  # no fastmath: IEEE division, no contraction
 
 
 def compress_store(key, value, scores, block_ids, kv_cache, layout: PageLayout) -> None:
     """:func:`zipcache_vllm.engine.paged.compress_store` (same arguments, same bytes) in one numba call; the
-    twin itself when numba is missing, on non-CPU tensors, or for inputs it refuses (it raises)."""
+    twin itself when numba is missing, on non-CPU tensors, for inputs it refuses (it raises: non-finite
+    values, shapes that do not match ``layout`` or ``kv_cache``, block ids outside it; the kernel does not
+    check bounds) and for NaN scores (the twin's sort decides where they rank)."""
     if numba is None or kv_cache.device.type != "cpu" or block_ids.numel() == 0:
         paged.compress_store(key, value, scores, block_ids, kv_cache, layout)
         return
-    n = layout.block_size
-    h, d = key.shape[1], key.shape[2]
-    k = key.reshape(-1, h, d).float().contiguous()
-    v = value.reshape(-1, h, d).float().contiguous()
-    s = scores.reshape(-1, h).float().contiguous()
-    if k.shape[0] != n * block_ids.numel():
-        raise ValueError(f"key holds {k.shape[0]} rows, expected {n} x {block_ids.numel()} blocks")
-    if kv_cache.stride(-1) != 1 or kv_cache.shape[-1] < layout.page_bytes:
-        paged.compress_store(key, value, scores, block_ids, kv_cache, layout)
+    n, num_blocks = layout.block_size, block_ids.numel()
+    num_kv_heads, d = key.shape[-2], key.shape[-1]
+    if (
+        d != layout.head_size
+        or key.numel() != num_blocks * n * num_kv_heads * d
+        or value.shape != key.shape
+        or scores.numel() != num_blocks * n * num_kv_heads
+        or kv_cache.dim() != 3
+        or kv_cache.shape[1] != num_kv_heads
+        or kv_cache.shape[2] < layout.page_bytes
+        or kv_cache.stride(-1) != 1
+        or kv_cache.dtype != torch.uint8
+        or int(block_ids.min()) < 0
+        or int(block_ids.max()) >= kv_cache.shape[0]
+    ):
+        paged.compress_store(key, value, scores, block_ids, kv_cache, layout)  # it raises (or stores what it accepts)
         return
+    k = key.reshape(-1, num_kv_heads, d).float().contiguous()
+    v = value.reshape(-1, num_kv_heads, d).float().contiguous()
+    s = scores.reshape(-1, num_kv_heads).float().contiguous()
     bad = _compress_blocks(
         k.numpy(), v.numpy(), s.numpy(), block_ids.long().contiguous().numpy(), kv_cache.numpy(), n,
         layout.num_salient_k, layout.num_salient_v, layout.bits_high, layout.bits_low, layout.k_hi_off,
@@ -338,8 +356,8 @@ def compress_store(key, value, scores, block_ids, kv_cache, layout: PageLayout) 
         layout.mask_off, zero_priority(d),
     )
     if bad:
-        paged.compress_store(key, value, scores, block_ids, kv_cache, layout)  # raises the twin's ValueError
-
+        paged.compress_store(key, value, scores, block_ids, kv_cache, layout)  # raises the twin's ValueError, or
+        # orders NaN scores as torch does
 
 
 def warmup(layout: PageLayout, num_kv_heads: int) -> None:

@@ -98,8 +98,11 @@ def main() -> None:
             if front:
                 ax.step([p["ratio"] for p in front], [min(p["rel"], top) for p in front], where="pre",
                         color="tab:purple", alpha=0.35, lw=4, label="Pareto front")
+            off = 0  # staggers the labels of off-scale points
             for pts, hollow in ((prim, False), (extra, True)):
                 for p in pts:
+                    if hollow and p["method"] == "bf16":
+                        continue  # (1, 1) by definition; would hide the primary bf16 point
                     c = COLORS[family(p["method"])]
                     y = min(p["rel"], top)
                     ax.scatter(p["ratio"], y, s=36, marker=("^" if p["rel"] >= COLLAPSED else "s" if hollow else "o"),
@@ -107,9 +110,12 @@ def main() -> None:
                     label = p["method"].replace("value_salient_ratio", "vsr").replace("salient_ratio", "sr")
                     if hollow:
                         label += f" ({p['windows']} w)"
+                    dy = 2
                     if p["rel"] >= COLLAPSED:
                         label += f" ×{p['rel']:.1f} (off scale)"
-                    ax.annotate(label, (p["ratio"], y), fontsize=6, xytext=(3, -8 if p["rel"] >= COLLAPSED else 2),
+                        off += 1
+                        dy = -8 * off
+                    ax.annotate(label, (p["ratio"], y), fontsize=6, xytext=(3, dy),
                                 textcoords="offset points", color=c)
             ax.set_ylim(top=top * 1.002)
             ax.set_title(f"{model}\n{corpus}", fontsize=9)

@@ -5,7 +5,8 @@
 # Opt-in (not part of `make accuracy`). Usage: bash scripts/accuracy_qwen.sh
 # Writes docs/results/qwen_baselines/*.json ($OUT/... if OUT is set), then renders the tables
 # (scripts/accuracy_qwen_table.py) and the Pareto plot (scripts/pareto_plot.py).
-# A 1.5B model on 2 shared CPU cores is slow (under load: ~35 s per window and method, quanto-int4 ~150 s), so
+# A 1.5B model on 2 shared CPU cores is slow (measured under load: 22-39 s per window and method, quanto-int4 up to
+# 100 s; ~28 s per ~1k passkey task and method, ~55 s per ~2k task; ~75 min in all), so
 # the defaults are the sample that was actually run for docs/accuracy.md; raise the knobs for more:
 #   WINDOWS   windows of 1024 + 128 tokens per corpus (default 2)
 #   PROMPTS   lines of data/agreement_long.jsonl, x 16 greedy tokens (default "1 2 5 6": 2 prose + 2 code)

@@ -85,8 +85,8 @@ def _attend_triton(query, key, kv_cache, layout, rows, staging, scale, out) -> N
 @functools.lru_cache(maxsize=4)
 def kernel_ops(kernels: str) -> KernelOps:
     """The operations of a kernel family, chosen once: ``triton`` (CUDA, or the interpreter) or ``torch`` (the
-    twins; ``numba`` hosts use them too, their one-token rows take the numba path of
-    :mod:`zipcache_vllm.engine.cpu_decode`)."""
+    twins; ``numba`` hosts use them too, except ``compress_store`` (:mod:`zipcache_vllm.engine.cpu_compress`,
+    the same bytes); their one-token rows take the numba path of :mod:`zipcache_vllm.engine.cpu_decode`)."""
     if kernels == "triton":
         return KernelOps(
             name="triton",
@@ -97,12 +97,17 @@ def kernel_ops(kernels: str) -> KernelOps:
             prefill_attention=_prefill_triton,
         )
     if kernels in ("torch", "numba"):
+        compress = paged.compress_store
+        if kernels == "numba":  # the same bytes in one numba pass (engine/cpu_compress.py; the twin without numba)
+            from . import cpu_compress
+
+            compress = cpu_compress.compress_store
         return KernelOps(
             name="torch",
             attend=_attend_torch,
             block_scores=paged.block_probe_scores,
             compress_slots=paged.compress_slots,
-            compress_store=paged.compress_store,
+            compress_store=compress,
             prefill_attention=_prefill_torch,
         )
     raise ValueError(f"kernels must be triton, torch or numba, got {kernels!r}")

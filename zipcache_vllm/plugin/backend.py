@@ -36,7 +36,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from ..engine import cpu_kernels
+from ..engine import cpu_compress, cpu_kernels
 from ..engine.builder import StepBuilder
 from ..engine.layout import PageLayout
 from ..engine.staging import Staging
@@ -275,6 +275,7 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         if self.kernels == "numba" and "numba_ready" not in _state:
             _state["numba_ready"] = True
             cpu_kernels.warmup(self.layout, num_kv_heads, num_heads // num_kv_heads)  # compile before requests
+            cpu_compress.warmup(self.layout, num_kv_heads)
         num_slots = num_staging_slots(vllm_config)
         device = "cuda" if self.kernels == "triton" else "cpu"
         num_probes = num_block_probes(self.config, block_size)

@@ -430,6 +430,7 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         pargs = {"qk_scale": 1.0, "P": 1, "G": 1, "ROWS": 16, "NORMALIZER": 0, "DOT_FP32": False}
     else:
         pq, offsets, normalizer, saliency, scale = probes
+        check(isinstance(offsets, torch.Tensor), "probe_query needs probe_offsets (int32 [entries, num_probes])")
         mode = 2 if scores is None else 3
         if mode == 3:
             check(scores.dtype == torch.float32, "scores receives the probe scores: it must be float32")

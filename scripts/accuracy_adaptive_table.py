@@ -2,7 +2,9 @@
 
 Usage: python scripts/accuracy_adaptive_table.py MODEL [RESULTS_DIR] [--before BEFORE_DIR]. RESULTS_DIR defaults
 to docs/results (the block rule runs); docs/results/pre_block_rule holds the runs made before the block probe
-rule and block attention. With --before, a before -> after table of the methods both folders hold follows.
+rule and block attention, docs/results/pre_recalibration the block-rule runs with the split calibrated under the
+old rule (and that calibration, adaptive.json). With --before, a before -> after table of the methods both
+folders hold follows.
 """
 
 import argparse
@@ -67,20 +69,25 @@ for m, label in ROWS.items():
     line += f" {p['compression_ratio']:.2f}× |"
     print(line)
 
-# the calibration behind the split (configs/calibration/adaptive.json)
-cal = json.loads((root / "configs" / "calibration" / "adaptive.json").read_text())
+# the calibration behind the split (configs/calibration/adaptive.json; with --before, also the folder's own
+# adaptive.json if it keeps one: the split its adaptive rows ran with)
+cals = [("", root / "configs" / "calibration" / "adaptive.json")]
+if args.before and (Path(args.before) / "adaptive.json").exists():
+    cals = [("before: ", Path(args.before) / "adaptive.json"), ("after: ", cals[0][1])]
 print()
-print("| model shape | salient rows | key rows per layer (values: the rest) | attention-output error: fixed / "
-      "per layer / per KV head | calibration windows |")
-print("|---|---|---|---|---|")
-for shape, entry in cal["models"].items():
-    if entry["model"] != model:
-        continue
-    for rows, b in sorted(entry["budgets"].items(), key=lambda kv: -int(kv[0])):
-        wins = ", ".join(f"{w['file']} {w['window']}/{w['of']}" for w in b["windows"])
-        print(f"| {shape} | {rows} | {' '.join(str(r) for r in b['key_rows'])} | {b['error_fixed']:.3f} "
-              f"({b['fixed_key_rows']}/{int(rows) - b['fixed_key_rows']}) / {b['error_adaptive']:.3f} / "
-              f"{b['error_per_head']:.3f} | {wins} |")
+print("| calibration | model shape | salient rows | key rows per layer (values: the rest) | attention-output error: "
+      "fixed / per layer / per KV head | calibration windows |")
+print("|---|---|---|---|---|---|")
+for tag, path in cals:
+    cal = json.loads(path.read_text())
+    for shape, entry in cal["models"].items():
+        if entry["model"] != model:
+            continue
+        for rows, b in sorted(entry["budgets"].items(), key=lambda kv: -int(kv[0])):
+            wins = ", ".join(f"{w['file']} {w['window']}/{w['of']}" for w in b["windows"])
+            print(f"| {tag}`{b.get('commit')}` | {shape} | {rows} | {' '.join(str(r) for r in b['key_rows'])} | "
+                  f"{b['error_fixed']:.3f} ({b['fixed_key_rows']}/{int(rows) - b['fixed_key_rows']}) / "
+                  f"{b['error_adaptive']:.3f} / {b['error_per_head']:.3f} | {wins} |")
 
 if args.before:
     B = load_all(args.before)

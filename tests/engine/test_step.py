@@ -91,18 +91,19 @@ class Engine:
         self.batched = batched  # one-token rows in the batched torch pass (else: every row via the twin)
         self.kernels = kernels  # "triton": the Triton kernels (CUDA, or the interpreter on CPU)
         self.dev = torch.device(device)
-        self.layout = PageLayout(block_size=N, head_size=head_size, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
+        self.n = n = cfg.block_size
+        self.layout = PageLayout(block_size=n, head_size=head_size, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
                                  salient_ratio=cfg.salient_ratio, value_salient_ratio=cfg.value_salient_ratio)
         # vLLM's view [num_blocks, H, N, C], flattened to pages as the backend does
-        c = self.layout.page_bytes // N
-        self.kv_view = torch.zeros(NUM_BLOCKS, num_kv_heads, N, c, dtype=torch.uint8, device=self.dev)
+        c = self.layout.page_bytes // n
+        self.kv_view = torch.zeros(NUM_BLOCKS, num_kv_heads, n, c, dtype=torch.uint8, device=self.dev)
         # engine_decode: leading one-token rows through the engine's decode step (as the CUDA backend runs them),
         # with one more staging slot for padded rows
-        p = num_block_probes(cfg, N)
-        self.decode_batch = DecodeBatch(8, N, NUM_SLOTS, self.dev, num_probes=p) if engine_decode else None
-        self.staging = Staging.allocate(NUM_SLOTS + engine_decode, N, num_kv_heads, head_size, num_heads, p,
+        p = num_block_probes(cfg, n)
+        self.decode_batch = DecodeBatch(8, n, NUM_SLOTS, self.dev, num_probes=p) if engine_decode else None
+        self.staging = Staging.allocate(NUM_SLOTS + engine_decode, n, num_kv_heads, head_size, num_heads, p,
                                         device=self.dev)
-        self.bm = BlockManager(NUM_SLOTS, N)
+        self.bm = BlockManager(NUM_SLOTS, n)
         self.free = list(range(1, NUM_BLOCKS))  # block 0 is vLLM's null block
         random.Random(0).shuffle(self.free)
         self.blocks: dict[str, list[int]] = {}
@@ -121,11 +122,11 @@ class Engine:
             if name not in self.ref:
                 self.ref[name], self.blocks[name] = RefSeq(self.hq, self.h, self.d), []
             ctx = len(self.ref[name])
-            need = -(-(ctx + ql) // N)
+            need = -(-(ctx + ql) // self.n)
             while len(self.blocks[name]) < need:
                 self.blocks[name].append(self.free.pop())
             b = self.blocks[name]
-            slots += [b[p // N] * N + p % N for p in range(ctx, ctx + ql)]
+            slots += [b[p // self.n] * self.n + p % self.n for p in range(ctx, ctx + ql)]
             rows.append(b)
             ctx_lens.append(ctx)
             qlens.append(ql)
@@ -166,7 +167,7 @@ class Engine:
         """The pages of a sequence's complete blocks dequantize to the reference's blocks (with the kernels:
         all but ``max_mismatch`` of the values, as fp32 probe sums in another order can flip a near-tie)."""
         seq = self.ref[name]
-        nb = seq.ck.shape[0] // N
+        nb = seq.ck.shape[0] // self.n
         if nb == 0:
             return
         ids = torch.tensor(self.blocks[name][:nb])
@@ -365,12 +366,12 @@ def test_numba_decode_leaves_the_same_pages_and_staging_as_torch():
         assert torch.equal(engines[1].kv_view, engines[0].kv_view)
 
 
-def _fixed_tokens(num_heads, num_kv_heads, length, seed=7):
+def _fixed_tokens(num_heads, num_kv_heads, length, seed=7, head_size=D):
     """The q, k, v of every position of one prompt, fixed: a chunking of the prompt sees the same inputs."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(length, num_heads, D, generator=gen).bfloat16()
-    k = (torch.randn(length, num_kv_heads, D, generator=gen) * torch.linspace(0.5, 4, D)).bfloat16()
-    v = torch.randn(length, num_kv_heads, D, generator=gen).bfloat16()
+    q = torch.randn(length, num_heads, head_size, generator=gen).bfloat16()
+    k = (torch.randn(length, num_kv_heads, head_size, generator=gen) * torch.linspace(0.5, 4, head_size)).bfloat16()
+    v = torch.randn(length, num_kv_heads, head_size, generator=gen).bfloat16()
     return lambda name, start, count: (q[start : start + count], k[start : start + count], v[start : start + count])
 
 
@@ -421,3 +422,39 @@ def test_pages_do_not_depend_on_chunking_or_batch(cfg_name, kernels, engine):
     first = next(iter(pages))
     for label, got in pages.items():
         assert torch.equal(got, pages[first]), f"{label} vs {first}: the pages differ"
+
+
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels):
+    """Not only the pages: the attention output of every prompt row is bit-identical however the prompt is
+    chunked and whatever else is in the batch (here one-token decode rows of another sequence), at the served
+    block size 128 and SmolLM2's heads (9 / 3 x 64). The CPU path gives every row the same arithmetic: the
+    block's whole key extent and query rows in aligned groups. The test can fail: with the key extent ending at
+    the chunk's end (the code before) rows from position 1 on differ in the last bits; with the extent fixed but
+    the query rows as the chunk gives them (``_QUERY_GROUP = 1``), rows 13, 14, 382 and 383. vLLM rounds the
+    output to bf16, where such a bit can flip and move a 2-bit code of the next layer. One-token chunks are
+    decode rows, another kernel: not part of this."""
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    cfg = ZipCacheConfig.load("vllm", block_size=128)
+    length, hq, h, d = 700, 9, 3, 64
+    fixed = _fixed_tokens(hq, h, length, head_size=d)
+    outs = {}
+    for chunks in ([700], [13, 2, 250, 17, 100, 318], [33] * 21 + [7], [200, 200, 300]):
+        e = Engine(cfg, hq, h, kernels=kernels, head_size=d)
+        gen = torch.Generator().manual_seed(len(chunks))
+
+        def tokens(name, start, count, gen=gen):
+            if name == "a":
+                return fixed(name, start, count)
+            return tuple(torch.randn(count, x, d, generator=gen).bfloat16() for x in (hq, h, h))
+
+        got = []
+        for i, c in enumerate(chunks):
+            work = [("a", c)] + ([("noise", 1)] if i % 2 else [])
+            got.append(e.step(work, gen, tokens=tokens)[0][:c])
+        outs[tuple(chunks)] = torch.cat(got)
+    first = outs[(700,)]
+    for chunks, got in outs.items():
+        rows = (got != first).flatten(1).any(1).nonzero().flatten().tolist()
+        assert not rows, f"chunks {chunks[:6]}: rows {rows[:8]} differ from the one-chunk prefill"

@@ -94,6 +94,13 @@ def test_rejects_bad_inputs():
         compress_store(k[:8], k[:8], torch.rand(8, 1, device=DEVICE), ids, cache, layout)
     with pytest.raises(ValueError, match="pages hold"):
         compress_store(k, k, torch.rand(16, 1, device=DEVICE), ids, cache[:, :, :64], layout)
+    pq = torch.randn(1, 2, 3, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="probe_offsets"):
+        compress_store(k, k, None, ids, cache, layout, probe_query=pq)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        compress_store(torch.randn(16, 2, 64, device=DEVICE), torch.randn(16, 2, 64, device=DEVICE), None, ids,
+                       torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8, device=DEVICE), layout,
+                       probe_query=pq, probe_offsets=torch.zeros(1, 2, dtype=torch.int32, device=DEVICE))
 
 
 

@@ -16,7 +16,9 @@ For every sequence of a batch (lengths as in :mod:`zipcache_vllm.engine.block_ma
 3. **stage**: the remaining ``seq_len % block_size`` tokens and the queries of their probe rows go to the
    sequence's slot.
 
-CPU: the chunks of a sequence in one masked SDPA over its dequantized pages, the one-token rows batched by
+CPU: the chunks of a sequence block by block, in masked SDPA calls over its dequantized pages whose shape
+depends on the block alone (so a prompt row's output is bit-identical whatever the chunking; the numba decode
+is per row, so a decode row's does not depend on the batch), the one-token rows batched by
 :mod:`zipcache_vllm.engine.cpu_decode` (dequantized pages with ``kernels="torch"``, the codes read in place by
 :mod:`zipcache_vllm.engine.cpu_kernels` with ``kernels="numba"``); CUDA: the Triton kernels of
 ``zipcache_vllm.kernels`` (same contracts). No vLLM import.
@@ -24,11 +26,11 @@ CPU: the chunks of a sequence in one masked SDPA over its dequantized pages, the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from ..method.config import Saliency, ZipCacheConfig
 from ..method.saliency import num_block_probes
@@ -372,6 +374,15 @@ def _chunk_subset(step: Step, cp: ChunkPlan, block_table, device, kernel: bool) 
     return dict(sub)
 
 
+_QUERY_GROUP = 32
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(j: int, n: int) -> torch.Tensor:
+    """``[n, (j + 1) n]`` bool: row ``i`` (position ``j n + i``) sees the keys at positions ``<= j n + i``."""
+    return torch.arange((j + 1) * n)[None, :] <= torch.arange(j * n, (j + 1) * n)[:, None]
+
+
 def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, scale, out) -> None:
     """CPU path: a chunk block by block (the semantics of ``prefill_attention``, fp32, with the faster CPU
     dequantization). One fp32 buffer per sequence holds its dequantized pages by position; for block ``j`` the
@@ -386,8 +397,11 @@ def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkP
         t0, sl = plan.tail_lens[s], ctx + ql
         num_pages = (sl - 1) // n  # every block before the last query's, compressed by now
         base = ctx - t0  # position of the first bf16 row (block-aligned)
-        kb = torch.empty(1, h, sl, d)
-        vb = torch.empty(1, h, sl, d)
+        last = (sl - 1) // n
+        # up to the end of the last block, zeros past the sequence: every block's queries attend a key extent
+        # that depends on the block alone, never on where the chunk ends (load independence, issue 13)
+        kb = torch.zeros(1, h, (last + 1) * n, d)
+        vb = torch.zeros(1, h, (last + 1) * n, d)
         if num_pages:
             pk, pv = cpu_decode.dequantize_pages_cpu(kv_cache, block_table[s, :num_pages].long(), layout)
             pk, pv = (x.reshape(-1, h, d).transpose(0, 1) for x in (pk, pv))  # [h, num_pages * n, d]
@@ -397,18 +411,20 @@ def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkP
         rk = torch.cat([staging.key[slot, :t0].float(), k[q0 : q0 + ql].float()]).transpose(0, 1)
         rv = torch.cat([staging.value[slot, :t0].float(), v[q0 : q0 + ql].float()]).transpose(0, 1)
         qh = q[q0 : q0 + ql].float().transpose(0, 1).unsqueeze(0)
-        last = (sl - 1) // n
         for j in range(ctx // n, last + 1):
-            a, b = j * n, min(sl, (j + 1) * n)
+            a, b, e = j * n, min(sl, (j + 1) * n), (j + 1) * n
             kb[0, :, a:b], vb[0, :, a:b] = rk[:, a - base : b - base], rv[:, a - base : b - base]
-            qa = max(ctx, a)  # the block's first query
-            qs = qh[:, :, qa - ctx : b - ctx]
-            if qa == 0:  # the first block of a prompt: plain causal
-                o = F.scaled_dot_product_attention(qs, kb[:, :, :b], vb[:, :, :b], scale=scale, enable_gqa=True,
-                                                   is_causal=True)
-            else:
-                o = F.scaled_dot_product_attention(qs, kb[:, :, :b], vb[:, :, :b], scale=scale, enable_gqa=True,
-                                                   attn_mask=causal_lower_right(b - qa, b))
-            out[q0 + qa - ctx : q0 + b - ctx] = o[0].transpose(0, 1).to(out.dtype)
+            qa = max(ctx, a)  # the block's first query in this chunk
+            # Every query row gets the same arithmetic whatever the chunking (load independence, issue 13): the
+            # block's whole key extent [0, e) (query p sees keys <= p; a call ending at the chunk's end rounds
+            # differently), and query rows in whole groups of _QUERY_GROUP aligned to the block (rows of other
+            # chunks zero, their outputs dropped; 32 is torch's CPU flash-attention row tile below 192 queries,
+            # and rows passed as the chunk gives them round differently: tests/engine/test_step.py).
+            r0, r1 = (qa - a) // _QUERY_GROUP * _QUERY_GROUP, min(n, -(-(b - a) // _QUERY_GROUP) * _QUERY_GROUP)
+            qs = qh.new_zeros(1, qh.shape[1], r1 - r0, d)
+            qs[:, :, qa - a - r0 : b - a - r0] = qh[:, :, qa - ctx : b - ctx]
+            o = F.scaled_dot_product_attention(qs, kb[:, :, :e], vb[:, :, :e], scale=scale, enable_gqa=True,
+                                               attn_mask=_block_mask(j, n)[r0:r1])
+            out[q0 + qa - ctx : q0 + b - ctx] = o[0, :, qa - a - r0 : b - a - r0].transpose(0, 1).to(out.dtype)
             if j < last:  # later blocks of the chunk see this block through its page
                 kb[0, :, a:b], vb[0, :, a:b] = pk[:, a:b], pv[:, a:b]

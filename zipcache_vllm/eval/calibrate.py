@@ -9,13 +9,17 @@ are both ``head_size / 2`` bytes), so every split of one total gives pages of on
 its own split without changing the bytes (vLLM needs one page size for all layers).
 
 **Sensitivity measure.** For each layer and each split (key rows in multiples of 16, the rest to values), the
-layer's blocks are compressed exactly as the ``zipcache-paged`` path does it (probe saliency over the context,
-per-block statistics and quota), and the continuation's queries attend over the compressed context plus their
-own bf16 keys, as in the perplexity measurement. The error is the relative squared error of the attention
-output against the same attention over bf16 K/V, summed over heads and queries and averaged over the
-calibration windows. Each layer takes the split with the smallest error: with a fixed total per layer, the
-layers' choices are independent. The per-KV-head optimum is measured too (``head_gain``: how much lower the
-error would be with a split per KV head), to tell whether a per-head page format would pay.
+layer's window (context + continuation) goes through the harness's own block-rule layer
+(:meth:`zipcache_vllm.hf.cache.CompressedLayer.attend_blocks`, what ``zipcache-paged`` / ``zipcache-vllm`` /
+``zipcache-adaptive`` run): every complete block is scored by its own probe rows (``saliency.block_probe_offsets``,
+``saliency.block_saliency``, the configured normalizer), compressed with its own statistics and quota, and each
+query attends over the blocks before its own compressed and its own block in bf16 up to itself, as the vLLM
+plugin serves it. The error is the relative squared error of the continuation's attention output against
+causal attention over bf16 K/V, summed over heads and queries and averaged over the calibration windows (the
+prompt's own queries, which now also see compressed blocks, are not scored; the layer's input comes from a bf16
+forward, so each layer is measured alone). Each layer takes the split with the smallest error: with a fixed
+total per layer, the layers' choices are independent. The per-KV-head optimum is measured too (``head_gain``:
+how much lower the error would be with a split per KV head), to tell whether a per-head page format would pay.
 
 **Calibration text** is never evaluation text: the harness evaluates the *first* windows of ``data/prose.txt``
 and ``data/code.txt`` (``text_windows``; at most 38 / 49 exist); calibration takes the *last* ``--windows``
@@ -34,11 +38,10 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..hf import base as hf_base
-from ..hf.cache import STORE_DTYPE
+from ..hf.cache import STORE_DTYPE, CompressedLayer
 from ..method import calibration
 from ..method.compressors import ZipCacheCompressor
-from ..method.config import QUOTA_ROWS, ZipCacheConfig
-from ..method.saliency import attention_probs, column_sums, layer_probes, normalizer_counts
+from ..method.config import QUOTA_ROWS, Granularity, ZipCacheConfig
 
 ATTN_IMPLEMENTATION = "zipcache_calibrate"
 _captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
@@ -75,32 +78,32 @@ def _attend(q, k, v, context_len, scaling):
                                           enable_gqa=True)
 
 
+def compressed_attention(base: ZipCacheConfig, layer_idx: int, query, key, value, scaling, context_len: int,
+                         key_rows: int) -> torch.Tensor:  # fmt: skip
+    """The continuation's attention output ``[1, Hq, T, D]`` (fp32) with the layer's K/V stored as the harness
+    serves them under the block rule with ``key_rows`` key salient rows per block (the rest of the budget to
+    values): ``query [1, Hq, context_len + T, D]``, ``key, value [1, H, context_len + T, D]`` (post-RoPE)."""
+    layer = CompressedLayer(ZipCacheCompressor(split_config(base, key_rows)), layer_idx)
+    layer.update(key, value)  # the window in bf16, as the cache stores it
+    out = layer.attend_blocks(query.float(), scaling)  # [1, L, Hq, D]: complete blocks compressed, then attended
+    return out[:, context_len:].transpose(1, 2)
+
+
 def layer_errors(base: ZipCacheConfig, layer_idx: int, query, key, value, scaling, context_len: int,
                  choices: list[int]) -> torch.Tensor:  # fmt: skip
     """Relative squared attention-output error per (split, KV head): ``[len(choices), num_kv_heads]``, each
     entry the head group's squared error over the group's reference energy."""
-    n = base.block_size
+    if base.granularity is not Granularity.BLOCK:
+        raise ValueError(f"calibration measures the served block rule: granularity must be block, not "
+                         f"{base.granularity.value}")
     h = key.shape[1]
     k = key.to(STORE_DTYPE).float()
     v = value.to(STORE_DTYPE).float()
-    q_cont = query[:, :, context_len:]
-    ref = _attend(q_cont, k, v, context_len, scaling)
+    ref = _attend(query[:, :, context_len:], k, v, context_len, scaling)
     ref_energy = ref.pow(2).sum(dim=(0, 2, 3)).view(h, -1).sum(dim=1)
-    # probe saliency over the context, as the reference cache computes it at prefill
-    pos = layer_probes(base, context_len, layer_idx)
-    probs = attention_probs(query[:, :, pos], key[:, :, :context_len], pos, scaling)
-    scores = column_sums(probs, h) / normalizer_counts(pos, context_len, base.normalizer)
     errors = torch.empty(len(choices), h)
     for i, rows in enumerate(choices):
-        comp = ZipCacheCompressor(split_config(base, rows))
-        ks, vs = [], []
-        for b0 in range(0, context_len, n):
-            seg = comp.compress(k[:, :, b0 : b0 + n], v[:, :, b0 : b0 + n], scores[..., b0 : b0 + n])
-            ks.append(seg.k)
-            vs.append(seg.v)
-        kk = torch.cat([*ks, k[:, :, context_len:]], dim=2)
-        vv = torch.cat([*vs, v[:, :, context_len:]], dim=2)
-        out = _attend(q_cont, kk, vv, context_len, scaling)
+        out = compressed_attention(base, layer_idx, query, key, value, scaling, context_len, rows)
         err = (out - ref).pow(2).sum(dim=(0, 2, 3)).view(h, -1).sum(dim=1)
         errors[i] = err / ref_energy
     return errors

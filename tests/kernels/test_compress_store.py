@@ -191,3 +191,48 @@ def test_rows_per_tile_gives_the_same_pages(rows_per_tile):
     compress_store(k, v, scores, ids, a, layout)
     compress_store(k, v, scores, ids, b, layout, rows_per_tile=rows_per_tile)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n, d, r, rv, bh, bl, programs", [
+    (128, 64, 0.8, 0.2, 4, 2, (4, 4)),
+    (48, 64, 0.5, None, 4, 2, (2, 8)),  # block size not a power of two: value slices past the last row
+    (32, 64, 0.3, 0.7, 8, 4, (8, 2)),
+    (16, 64, 0.6, None, 4, 2, (16, 16)),  # one byte column per key program, one row per value program
+])
+def test_programs_split_gives_the_twins_pages(n, d, r, rv, bh, bl, programs):
+    """Key programs over channel slices and value programs over row slices of a (block, KV head): every byte
+    equal to the twin's (given scores and scores from the probes in the kernel)."""
+    layout = PageLayout(n, d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv)
+    h, nb = 2, 2
+    k = (torch.randn(nb * n, h, d) * torch.rand(d) * 10).bfloat16()
+    v = torch.randn(nb * n, h, d).bfloat16()
+    scores = torch.rand(nb * n, h)
+    ids = torch.tensor([2, 0], dtype=torch.int32)
+    base = torch.randint(0, 256, (3, h, layout.page_bytes), dtype=torch.uint8)
+    ref = base.clone()
+    paged.compress_store(k, v, scores, ids, ref, layout)
+    got = base.to(DEVICE)
+    compress_store(k.to(DEVICE), v.to(DEVICE), scores.to(DEVICE), ids.to(DEVICE), got, layout, programs=programs)
+    assert torch.equal(got.cpu(), ref)
+    cfg = ZipCacheConfig(block_size=n)
+    offsets = torch.stack([block_probe_offsets(cfg, n, i) for i in range(nb)]).int()
+    pq = torch.randn(nb, offsets.shape[1], 2 * h, d).bfloat16()
+    fused = torch.full((nb * n, h), -1.0, device=DEVICE)
+    got = base.to(DEVICE)
+    compress_store(k.to(DEVICE), v.to(DEVICE), fused, ids.to(DEVICE), got, layout, probe_query=pq.to(DEVICE),
+                   probe_offsets=offsets.to(DEVICE), programs=programs)  # fmt: skip
+    ref = base.clone()
+    paged.compress_store(k, v, fused.cpu(), ids, ref, layout)
+    assert torch.equal(got.cpu(), ref)
+    assert (fused >= 0).all()  # every score written once (by program 0)
+
+
+def test_rejects_bad_programs():
+    layout = PageLayout(16, 64)
+    k = torch.randn(16, 1, 64, device=DEVICE)
+    cache = torch.zeros(2, 1, layout.page_bytes, dtype=torch.uint8, device=DEVICE)
+    ids = torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="key programs"):
+        compress_store(k, k, torch.rand(16, 1, device=DEVICE), ids, cache, layout, programs=(3, 1))
+    with pytest.raises(ValueError, match="value programs"):
+        compress_store(k, k, torch.rand(16, 1, device=DEVICE), ids, cache, layout, programs=(1, 32))

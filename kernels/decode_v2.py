@@ -42,7 +42,7 @@ MIN_PAGES_PER_SPLIT = 2  # fewer, longer splits at batch 1: the in-kernel merge 
 PREFETCH_PAGES = 0  # pages ahead a program asks L2 to fetch; 1, 2, 4 measured slower on the H200 (spike)
 RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
 STAGE_PAGES = 2  # pages in shared memory per program: the next page is copied (cp.async) while one is read
-MERGE = 0  # the in-kernel merge of the splits: 1 all query heads at once (splits unrolled), 0 one head at a time
+MERGE = 1  # the in-kernel merge of the splits: 1 all query heads at once (splits unrolled), 0 one head at a time
 
 
 # --------------------------------------------------------------------------------------------- channel maps

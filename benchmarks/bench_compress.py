@@ -39,10 +39,9 @@ def _load(path: str):
     return mod
 
 
-def case(context: int, configs: list[tuple], current, base, reps: int) -> dict:  # noqa: PLR0915
+def case(context: int, configs: list[tuple[int, int]], current, base, reps: int) -> dict:  # noqa: PLR0915
     """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
-    num_warps, (key programs, value programs)) config, against the standalone probe-score kernel + the baseline
-    compress (when given)."""
+    num_warps) config, against the standalone probe-score kernel + the baseline compress (when given)."""
     layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), D)
     n = layout.block_size
     nb = context // n
@@ -68,27 +67,29 @@ def case(context: int, configs: list[tuple], current, base, reps: int) -> dict: 
     scores = scores.view(nb * n, H)
     rec["configs"] = []
     ref = None
-    for r, w, pr in configs:
-        kw = {"num_warps": w, "rows_per_tile": r, "programs": pr}
-        t = graph_time_us(lambda kw=kw: current.compress_store(k, v, scores, ids, cache, layout, **kw), reps)
+    for r, w in configs:
+        t = graph_time_us(lambda r=r, w=w: current.compress_store(k, v, scores, ids, cache, layout, num_warps=w,
+                                                                  rows_per_tile=r), reps)  # fmt: skip
         ref = cache.clone() if ref is None else ref
         assert torch.equal(cache, ref), "pages differ between configs"
         fused_scores = torch.empty_like(scores)
-        tf = graph_time_us(lambda kw=kw: current.compress_store(
-            k, v, None, ids, cache, layout, probe_query=pq, probe_offsets=offsets, **kw), reps)  # fmt: skip
+        tf = graph_time_us(lambda r=r, w=w: current.compress_store(
+            k, v, None, ids, cache, layout, num_warps=w, rows_per_tile=r, probe_query=pq, probe_offsets=offsets),
+            reps)  # fmt: skip
         fused_pages = cache.clone()
-        current.compress_store(k, v, fused_scores, ids, cache, layout, probe_query=pq, probe_offsets=offsets, **kw)
+        current.compress_store(k, v, fused_scores, ids, cache, layout, num_warps=w, rows_per_tile=r,
+                               probe_query=pq, probe_offsets=offsets)  # fmt: skip
         assert torch.equal(cache, fused_pages), "the fused kernel's pages depend on whether it reports scores"
         check = cache.clone()
         current.compress_store(k, v, fused_scores, ids, check, layout)
         assert torch.equal(check, fused_pages), "fused pages differ from compression under the fused scores"
-        rec["configs"].append({"rows_per_tile": r, "num_warps": w, "programs": pr, "time_us": t, "fused_time_us": tf,
+        rec["configs"].append({"rows_per_tile": r, "num_warps": w, "time_us": t, "fused_time_us": tf,
                                "fused_scores_max_diff": float((fused_scores - scores).abs().max())})
     best = min(rec["configs"], key=lambda x: x["time_us"])
     best_f = min(rec["configs"], key=lambda x: x["fused_time_us"])
-    rec["time_us"], rec["best_config"] = best["time_us"], (best["rows_per_tile"], best["num_warps"], best["programs"])
-    rec["fused_time_us"], rec["best_fused_config"] = best_f["fused_time_us"], (
-        best_f["rows_per_tile"], best_f["num_warps"], best_f["programs"])
+    rec["time_us"], rec["best_config"] = best["time_us"], (best["rows_per_tile"], best["num_warps"])
+    rec["fused_time_us"], rec["best_fused_config"] = best_f["fused_time_us"], (best_f["rows_per_tile"],
+                                                                              best_f["num_warps"])
     rec["gbps"] = moved / rec["time_us"] / 1e3
     if base is not None:
         cache.zero_()
@@ -105,7 +106,6 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", default="4096,16384")
     ap.add_argument("--num-warps", default="2,4")
     ap.add_argument("--rows-per-tile", default="16,32")
-    ap.add_argument("--programs", default="1x1,4x4", help="key x value programs per (block, KV head)")
     ap.add_argument("--baseline", default=None, help="an earlier compress_store.py to time side by side")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")
@@ -115,18 +115,17 @@ def main(argv=None) -> None:
         sys.exit("bench_compress.py needs a CUDA GPU")
     base = _load(a.baseline) if a.baseline else None
     current = kernel_module("compress_store")
-    progs = [tuple(int(x) for x in p.split("x")) for p in a.programs.split(",")]
-    configs = [(int(r), int(w), p) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",") for p in progs]
+    configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
     records = [case(int(c), configs, current, base, a.reps) for c in a.contexts.split(",")]
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": a.commit,
            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(map(shlex.quote, sys.argv)),
            "records": records}  # fmt: skip
-    print("\n| context | pages | copy us | rows/tile x warps key+value programs: compress us (probes fused us) | "
-          "probe scores us | baseline compress us | compress speedup | probes + compress speedup |")
+    print("\n| context | pages | copy us | rows/tile x warps: compress us (probes fused us) | probe scores us | "
+          "baseline compress us | compress speedup | probes + compress speedup |")
     print("|---|---|---|---|---|---|---|---|")
     for r in records:
-        ts = ", ".join(f"{x['rows_per_tile']}x{x['num_warps']} {x['programs'][0]}+{x['programs'][1]}: "
-                       f"{x['time_us']:.1f} ({x['fused_time_us']:.1f})"
+        ts = ", ".join(f"{x['rows_per_tile']}x{x['num_warps']}: {x['time_us']:.1f} "
+                       f"({x['fused_time_us']:.1f})"
                        for x in r["configs"])  # fmt: skip
         print(f"| {r['context']} | {r['blocks'] * H} | {r['copy_us']:.1f} | {ts} | {r['probe_scores_us']:.1f} | "
               f"{r.get('baseline_time_us', 0):.1f} | {r.get('speedup', 0):.2f}x | {r.get('fused_speedup', 0):.2f}x |")

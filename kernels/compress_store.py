@@ -35,7 +35,6 @@ from ._common import cache_args, check, check_cache, check_tensor, interpreting,
 from .block_scores import probe_args, probe_scores
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
-PROGRAMS = (4, 4)  # (key, value) programs per (block, KV head): more, shorter programs (issue 11, see above)
 _BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element of masked min/max as in quant.py
 _RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
 
@@ -46,12 +45,11 @@ def _rint(y):
 
 
 @triton.jit
-def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr, DS: tl.constexpr, c0):
-    """Rows ``tok`` of one head as fp32 ``[rows, DS, PL]``: element ``[., i, j]`` is channel ``j * D/PL + c0 + i``,
+def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
+    """Rows ``tok`` of one head as fp32 ``[N_PAD, D/PL, PL]``: element ``[., i, j]`` is channel ``j * D/PL + i``,
     so the ``PL`` channels one byte of low-width codes holds (paged.pack_row) share the last axis (this order
-    and ``[rows, PL, D/PL]`` compile to nearly the same SASS: ``sass_compress.py``); ``DS = D/PL`` is the whole
-    head, less a channel slice of whole bytes. Padded rows load 0."""
-    ch = c0 + tl.arange(0, DS)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    and ``[N_PAD, PL, D/PL]`` compile to nearly the same SASS: ``sass_compress.py``). Padded rows load 0."""
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     return x.to(tl.float32), ch
 
@@ -82,16 +80,16 @@ def _codes(x, mn16, step16, rstep, qmax):
 
 
 @triton.jit
-def _store_packed(code, member, row, cache_u8_ptr, off, BITS: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                  PL: tl.constexpr, DS: tl.constexpr, c0):  # fmt: skip
-    """Pack a code tile ``[R, DS, PL]`` (channel ``j * D/PL + c0 + i``) at ``BITS`` bits and store the rows of
+def _store_packed(code, member, row, cache_u8_ptr, off, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr,
+                  PL: tl.constexpr):  # fmt: skip
+    """Pack a code tile ``[N_PAD, D/PL, PL]`` (channel ``j * D/PL + i``) at ``BITS`` bits and store the rows of
     ``member`` at page rows ``row`` of the region at byte offset ``off``. Byte ``b`` of a row holds channels
     ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte); with ``j = a * (PL/P) + jj`` the byte
-    of channel ``(i, a, jj)`` is ``jj * D/PL + c0 + i``: split ``j``, sum over ``a`` (disjoint bits: an or)."""
+    of channel ``(i, a, jj)`` is ``jj * D/PL + i``: split ``j``, sum over ``a`` (disjoint bits: an or)."""
     P: tl.constexpr = 8 // BITS
-    c4 = tl.reshape(code, (R, DS, P, PL // P))
+    c4 = tl.reshape(code, (N_PAD, D // PL, P, PL // P))
     packed = tl.sum(c4 << (tl.arange(0, P) * BITS)[None, None, :, None], axis=2).to(tl.uint8)
-    byte = c0 + tl.arange(0, DS)[:, None] + tl.arange(0, PL // P)[None, :] * (D // PL)
+    byte = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL // P)[None, :] * (D // PL)
     RB: tl.constexpr = D * BITS // 8
     tl.store(cache_u8_ptr + off + row[:, None, None] * RB + byte[None, :, :], packed, mask=member[:, None, None])
 
@@ -141,23 +139,18 @@ def _compress_store_kernel(
     qk_scale,
     block_ids_ptr,  # [E] int; a negative id: nothing to write (fixed-size work lists)
     src_ptr,  # FROM_SLOTS: int [E], the staging slot holding block e (its K/V rows, scores, probe queries)
-    work_ptr,  # int32 [E, H, KS + VS, N_PAD] scratch: each token's page row and salient bits, reread per row tile
+    work_ptr,  # int32 [E, H, N_PAD] scratch: each token's page row and salient bits, reread per row tile
     cache_u8_ptr, cache_f16_ptr,  # kv_cache as uint8 and as fp16
     stride_c_block, stride_c_head,  # bytes
-    N: tl.constexpr, N_PAD: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
-    BL: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, KS: tl.constexpr, VS: tl.constexpr,
+    N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+    BL: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
     K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
     K_PAR_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, MASK_OFF: tl.constexpr,
     FROM_SLOTS: tl.constexpr, SCORES: tl.constexpr,
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(E, H, KS + VS)``: programs ``0 .. KS - 1`` of a (block, KV head) quantize the keys of one slice
-    of ``D / KS`` channels each (ZC-3 is channel-separable), programs ``KS ..`` the values of one slice of
-    ``N_PAD / VS`` rows each (every one finds the channel normalizer over the whole block first). Each ranks
-    the block itself (the same sort, so the same rows); program 0 writes the bitmaps and the scores."""
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
-    part = tl.program_id(2)
     page = tl.load(block_ids_ptr + e).to(tl.int64)
     if page < 0:
         return
@@ -172,9 +165,8 @@ def _compress_store_kernel(
         s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
                          pq_ptr + src * stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr + e * stride_off,
                          head, qk_scale, N, N_PAD, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
-        if SCORES == 3:  # noqa: SIM102 (a constexpr and a runtime condition)
-            if part == 0:
-                tl.store(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, s, mask=tv)
+        if SCORES == 3:
+            tl.store(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, s, mask=tv)
     else:
         s = tl.load(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, mask=tv, other=0.0)
         s = s.to(tl.float32)
@@ -182,55 +174,47 @@ def _compress_store_kernel(
             cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
             s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
     ksal, vsal, row = _page_rows(s, t, tv, SK, SV)
-    if part == 0:
-        _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
+    _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
     # the row tiles below need each token's row and bits: a register tensor cannot be sliced, so they take a
     # round trip through a scratch row the program alone reads and writes (L1/L2)
-    work = work_ptr + ((e * tl.num_programs(1) + head) * (KS + VS) + part) * N_PAD
+    work = work_ptr + (e * tl.num_programs(1) + head) * N_PAD
     tl.store(work + t, row | (ksal.to(tl.int32) << 16) | (vsal.to(tl.int32) << 17))
     tl.debug_barrier()
     x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
-    if part < KS:
-        _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
-                       page_off, hoff, part, N, N_PAD, RK, D, BH, BL, SK, KS, K_HI_OFF, K_LO_OFF,
-                       K_PAR_OFF)  # fmt: skip
-    else:
-        _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
-                         page_off, hoff, part - KS, N, N_PAD, RV, D, BH, BL, SV, VS, V_HI_OFF, V_LO_OFF,
-                         V_NORM_OFF, V_TOK_OFF)  # fmt: skip
+    _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
+                   page_off, hoff, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF, K_LO_OFF, K_PAR_OFF)  # fmt: skip
+    _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
+                     page_off, hoff, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF)  # fmt: skip
 
 
 @triton.jit
 def _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-              PL: tl.constexpr, DS: tl.constexpr, c0, BIT: tl.constexpr):  # fmt: skip
-    """Rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, DS, PL]`` (:func:`_load_tile`), each row's
+              PL: tl.constexpr, BIT: tl.constexpr):  # fmt: skip
+    """Rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, D/PL, PL]`` (:func:`_load_tile`), each row's
     page row, whether it is salient (bit ``BIT`` of its scratch word) and whether it exists."""
     rr = r0 + tl.arange(0, R)
     rv = rr < N
     info = tl.load(work + rr, mask=rv, other=0)
-    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rv, D, PL, DS, c0)
+    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rv, D, PL)
     sal = ((info >> BIT) & 1) != 0
     return x, ch, info & 0xFFFF, sal & rv, rv
 
 
 @triton.jit
-def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff, part,
+def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
                    N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
-                   BL: tl.constexpr, SK: tl.constexpr, KS: tl.constexpr, K_HI_OFF: tl.constexpr,
-                   K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr):  # fmt: skip
-    """ZC-3 on channel slice ``part`` of ``KS``: channelwise ``(step, mn)`` per precision group, from a first
-    pass over the row tiles (running elementwise min/max, reduced once), then the codes of each tile packed
-    into its rows' regions."""
+                   BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
+                   K_PAR_OFF: tl.constexpr):  # fmt: skip
+    """ZC-3: channelwise ``(step, mn)`` per precision group, from a first pass over the row tiles (running
+    elementwise min/max, reduced once), then the codes of each tile packed into its rows' regions."""
     PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
-    DS: tl.constexpr = D // PL // KS
-    c0 = part * DS
-    mn_s = tl.full((R, DS, PL), _BIG, tl.float32)
-    mx_s = tl.full((R, DS, PL), -_BIG, tl.float32)
-    mn_r = tl.full((R, DS, PL), _BIG, tl.float32)
-    mx_r = tl.full((R, DS, PL), -_BIG, tl.float32)
+    mn_s = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx_s = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
     for r0 in range(0, N_PAD, R):
-        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, DS, c0, 16)
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 16)
         s3 = sal[:, None, None]
         r3 = (rv & ~sal)[:, None, None]
         mn_s = tl.minimum(mn_s, tl.where(s3, x, _BIG))
@@ -244,7 +228,7 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr
                                    tl.where(has_s, tl.max(mx_s, axis=0), 0.0), (1 << BH) - 1.0)  # fmt: skip
     step_r, mn16_r = _quant_params(tl.where(has_r, tl.min(mn_r, axis=0), 0.0),
                                    tl.where(has_r, tl.max(mx_r, axis=0), 0.0), (1 << BL) - 1.0)  # fmt: skip
-    ch = c0 + tl.arange(0, DS)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
     tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
     tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
@@ -252,41 +236,36 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr
     rstep_s = tl.math.div_rn(1.0, step_s.to(tl.float32))
     rstep_r = tl.math.div_rn(1.0, step_r.to(tl.float32))
     for r0 in range(0, N_PAD, R):
-        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, DS, c0, 16)
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 16)
         s3 = sal[:, None, None]
         code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
                       tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
                       tl.where(s3, rstep_s[None, :, :], rstep_r[None, :, :]),
                       tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
-        _store_packed(code, sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL, DS, c0)
-        _store_packed(code, rv & ~sal, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL, DS, c0)
+        _store_packed(code, sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
+        _store_packed(code, rv & ~sal, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
 
 
 @triton.jit
-def _compress_values(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff, part,
+def _compress_values(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
                      N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
-                     BL: tl.constexpr, SV: tl.constexpr, VS: tl.constexpr, V_HI_OFF: tl.constexpr,
-                     V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr):  # fmt: skip
-    """ZC-2 on row slice ``part`` of ``VS``: ``c = sqrt(max |x|)`` per channel over the whole block (first
-    pass), then per row tile of the slice the tokenwise ``(step, mn)`` of ``x / c`` and the codes packed into
-    the rows' regions."""
+                     BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
+                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr):  # fmt: skip
+    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass), then per row tile the tokenwise
+    ``(step, mn)`` of ``x / c`` and the codes packed into the rows' regions."""
     PL: tl.constexpr = 8 // BL
-    DS: tl.constexpr = D // PL
-    NV: tl.constexpr = N_PAD // VS  # rows of the slice
-    R2: tl.constexpr = R if R < NV else NV
-    amax = tl.zeros((R, DS, PL), tl.float32)
+    amax = tl.zeros((R, D // PL, PL), tl.float32)
     for r0 in range(0, N_PAD, R):
-        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, DS, 0, 17)
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
         amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
     c = tl.math.sqrt_rn(tl.max(amax, axis=0)).to(tl.float16)
     c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
-    ch = tl.arange(0, DS)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
-    if part == 0:
-        tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
     cf = c.to(tl.float32)[None, :, :]
     rc = tl.math.div_rn(1.0, c.to(tl.float32))[None, :, :]
-    for r0 in range(part * NV, (part + 1) * NV, R2):
-        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R2, D, PL, DS, 0, 17)
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
         xn = _div(x, cf, rc)
         qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
         step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax)
@@ -294,8 +273,8 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_p
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=rv)
         rstep = tl.math.div_rn(1.0, step.to(tl.float32))
         code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax[:, None, None])
-        _store_packed(code, sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, R2, D, PL, DS, 0)
-        _store_packed(code, rv & ~sal, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, R2, D, PL, DS, 0)
+        _store_packed(code, sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, R, D, PL)
+        _store_packed(code, rv & ~sal, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, R, D, PL)
 
 
 @triton.jit
@@ -324,7 +303,6 @@ def compress_store(
     saliency="normalized",
     scale: float | None = None,
     rows_per_tile: int | None = None,
-    programs: tuple[int, int] | None = None,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -344,8 +322,6 @@ def compress_store(
         neither the scores nor a second read of the keys go through HBM.
     rows_per_tile : rows of the block quantized at a time (a power of two; default: 32 tile elements per
         thread, 16 rows at head size 128 and 2 warps).
-    programs : ``(key programs, value programs)`` per (block, KV head), powers of two (default ``PROGRAMS``):
-        key programs split the channels, value programs the rows; every byte is the same for any split.
 
     Example
     -------
@@ -376,7 +352,7 @@ def compress_store(
         return
     s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
     _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
-            probes, probe_key if probes else None, programs)  # fmt: skip
+            probes, probe_key if probes else None)  # fmt: skip
 
 
 def compress_slots(
@@ -395,7 +371,6 @@ def compress_slots(
     saliency="normalized",
     scale: float | None = None,
     rows_per_tile: int | None = None,
-    programs: tuple[int, int] | None = None,
 ) -> None:
     """:func:`compress_store` of blocks that wait complete in bf16 staging slots, for a fixed-size work list
     (graph-capturable: no host sync, no data-dependent shapes).
@@ -440,11 +415,11 @@ def compress_slots(
     s_strides = (0, 0, 0) if scores is None else tuple(scores.stride())
     _launch(tail_key.view(-1, h, d), tail_value.view(-1, h, d), scores, *s_strides, score_count,
             0 if score_count is None else score_count.stride(0), block_ids, slots, kv_cache, layout, num_warps,
-            rows_per_tile, probes, tail_key, programs)  # fmt: skip
+            rows_per_tile, probes, tail_key)  # fmt: skip
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, programs=None) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -462,18 +437,11 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         pargs = probe_args(probe_key, pq, offsets, e, normalizer, saliency, scale)
         del pargs["N"], pargs["N_PAD"], pargs["D"]
     warps = num_warps or (1 if interpreting() else 2)
-    # the interpreter runs programs one by one: one per (block, KV head) there unless asked (tests do)
-    ks, vs = programs or ((1, 1) if interpreting() else PROGRAMS)
-    pl = 8 // layout.bits_low
-    check(ks >= 1 and ks & (ks - 1) == 0 and d // pl % ks == 0,
-          f"key programs must be a power of two dividing {d // pl}, got {ks}")
-    check(vs >= 1 and vs & (vs - 1) == 0 and vs <= n_pad, f"value programs must be a power of two <= {n_pad}, got {vs}")
     # 32 elements of a tile per thread: the measured best (16 per thread is 2-3x slower: bench_compress.py)
     r = rows_per_tile or min(n_pad, max(1, 1 << (1024 * warps // d).bit_length() - 1))
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
-    rk = min(n_pad, r * ks)  # a key program's tile spans D / ks channels: as many elements with ks x the rows
-    work = torch.empty(e * h * (ks + vs) * n_pad, dtype=torch.int32, device=key.device)
-    _compress_store_kernel[(e, h, ks + vs)](
+    work = torch.empty(e * h * n_pad, dtype=torch.int32, device=key.device)
+    _compress_store_kernel[(e, h)](
         key, value, key.stride(0), key.stride(1),
         key if scores is None else scores, stride_s_blk, stride_s_tok, stride_s_head,
         key if score_count is None else score_count, stride_cnt_blk,
@@ -481,8 +449,8 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         offsets, offsets.stride(0),
         block_ids_ptr=block_ids, src_ptr=block_ids if slots is None else slots, work_ptr=work,
         **cache_args(kv_cache),
-        N=n, N_PAD=n_pad, RK=rk, RV=r, D=d, BH=layout.bits_high, BL=layout.bits_low,
-        SK=layout.num_salient_k, SV=layout.num_salient_v, KS=ks, VS=vs,
+        N=n, N_PAD=n_pad, R=r, D=d, BH=layout.bits_high, BL=layout.bits_low,
+        SK=layout.num_salient_k, SV=layout.num_salient_v,
         K_HI_OFF=layout.k_hi_off, K_LO_OFF=layout.k_lo_off, V_HI_OFF=layout.v_hi_off, V_LO_OFF=layout.v_lo_off,
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,

@@ -2,7 +2,7 @@
 Triton's bundled ptxas, for the ``vllm`` preset page (block 128, head size 128) at each ``--num-warps`` and
 ``--rows-per-tile`` (``--probes``: the blocks scored by their probes in the kernel).
 
-    PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 4,8,16]
+    PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 2,4]
 """
 
 from __future__ import annotations

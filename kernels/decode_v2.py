@@ -42,7 +42,6 @@ MIN_PAGES_PER_SPLIT = 2  # fewer, longer splits at batch 1: the in-kernel merge 
 PREFETCH_PAGES = 0  # pages ahead a program asks L2 to fetch; 1, 2, 4 measured slower on the H200 (spike)
 RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
 STAGE_PAGES = 2  # pages in shared memory per program: the next page is copied (cp.async) while one is read
-MERGE = 1  # the in-kernel merge of the splits: 1 all query heads at once (splits unrolled), 0 one head at a time
 
 
 # --------------------------------------------------------------------------------------------- channel maps
@@ -734,10 +733,10 @@ def _decode_v2_kernel(
     K_PAR: gl.constexpr, V_NORM: gl.constexpr, V_TOK: gl.constexpr,
     K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr, K_CONS_L: gl.constexpr,
     V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr, V_CONS_L: gl.constexpr,
-    TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, RESCALE: gl.constexpr, SPLIT_PAD: gl.constexpr,
+    TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, RESCALE: gl.constexpr, GP: gl.constexpr,
     KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
     PREFETCH: gl.constexpr, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr,
-    SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr, MERGE: gl.constexpr,
+    SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
     ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone."""
@@ -860,43 +859,17 @@ def _decode_v2_kernel(
             hrow0 = (seq * (G * num_kv_heads) + kvh * G) * NUM_SPLITS
             out_row = out_ptr + seq * stride_o_seq + kvh * G * stride_o_head
             lse_row = lse_ptr + seq * (G * num_kv_heads) + kvh * G
-            if MERGE == 1:
-                _merge_heads(part_o_ptr, part_lse_ptr, hrow0, out_row, stride_o_head, lse_row, NUM_SPLITS, G,
-                             pow2_c(G), D, WRITE_LSE)
-            else:
-                _merge_per_head(part_o_ptr, part_lse_ptr, hrow0, out_row, stride_o_head, lse_row, NUM_SPLITS, G, D,
-                                SPLIT_PAD, WRITE_LSE)
-
-
-@gluon.jit
-def _merge_per_head(part_o_ptr, part_lse_ptr, hrow0, out_row, stride_o_head, lse_row, NUM_SPLITS: gl.constexpr,
-                    G: gl.constexpr, D: gl.constexpr, SPLIT_PAD: gl.constexpr, WRITE_LSE: gl.constexpr):
-    """The splits' partial rows merged one query head at a time (``[SPLIT_PAD, D]`` loads per head)."""
-    ML: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0])
-    sp = gl.arange(0, SPLIT_PAD, layout=gl.SliceLayout(1, ML))
-    dk = gl.arange(0, D, layout=gl.SliceLayout(0, ML))
-    for hh in range(G):
-        hrow = hrow0 + hh * NUM_SPLITS
-        lse_s = gl.load(part_lse_ptr + hrow + sp, mask=sp < NUM_SPLITS, other=float("-inf"), volatile=True)
-        mx = gl.max(lse_s, axis=0)
-        mx = gl.where(mx == float("-inf"), 0.0, mx)
-        w = gl.exp2(lse_s - mx)
-        parts = gl.load(part_o_ptr + (hrow + sp)[:, None] * D + dk[None, :], mask=(sp < NUM_SPLITS)[:, None],
-                        other=0.0, volatile=True)
-        tot = gl.sum(w, axis=0)
-        res = gl.sum(parts * w[:, None], axis=0) / gl.where(tot > 0, tot, 1.0)
-        gl.store(out_row + hh * stride_o_head + dk, res.to(out_row.dtype.element_ty))
-        if WRITE_LSE:
-            gl.store(lse_row + hh, (mx + gl.log2(gl.where(tot > 0, tot, 1.0))) * 0.6931471805599453
-                     + gl.where(tot > 0, 0.0, float("-inf")))
+            _merge_heads(part_o_ptr, part_lse_ptr, hrow0, out_row, stride_o_head, lse_row, NUM_SPLITS, G, GP, D,
+                         WRITE_LSE)
 
 
 @gluon.jit
 def _merge_heads(part_o_ptr, part_lse_ptr, hrow0, out_row, stride_o_head, lse_row, NUM_SPLITS: gl.constexpr,
                  G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr, WRITE_LSE: gl.constexpr):
     """The splits' partial rows merged for all ``G`` query heads at once (``GP`` = G rounded up to a power of
-    two): the splits unrolled, each a ``[GP, D]`` load independent of the others (the L2 round trips overlap
-    instead of one per head), read at L2 (``.cg``: rows written by other SMs)."""
+    two): the splits unrolled, each a ``[GP, D]`` load independent of the others (the L2 round trips overlap;
+    one head at a time, as before b224266, was 0.9 us slower at batch 1 / 4k), read at L2 (``.cg``: rows
+    written by other SMs)."""
     ML: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0])
     hh = gl.arange(0, GP, layout=gl.SliceLayout(1, ML))
     dk = gl.arange(0, D, layout=gl.SliceLayout(0, ML))
@@ -921,11 +894,6 @@ def _merge_heads(part_o_ptr, part_lse_ptr, hrow0, out_row, stride_o_head, lse_ro
     if WRITE_LSE:
         gl.store(lse_row + hh, (mx + gl.log2(gl.where(tot > 0, tot, 1.0))) * 0.6931471805599453
                  + gl.where(tot > 0, 0.0, float("-inf")), mask=hv)
-
-
-@gluon.constexpr_function
-def pow2_c(n):
-    return 1 << (n - 1).bit_length()
 
 
 # fmt: on
@@ -1001,7 +969,6 @@ def decode_attention_v2(
     max_chunk: int = MAX_CHUNK,
     prefetch: int = PREFETCH_PAGES,
     stage: bool | None = None,
-    merge: int = MERGE,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
@@ -1025,14 +992,13 @@ def decode_attention_v2(
     check(num_splits >= 1, "num_splits must be >= 1")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                     out, lse, scale, num_splits, max_chunk, prefetch, stage, merge)  # fmt: skip
+                     out, lse, scale, num_splits, max_chunk, prefetch, stage)  # fmt: skip
     return out
 
 
 def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK,
-                     prefetch: int = PREFETCH_PAGES, stage: bool | None = None,
-                     merge: int = MERGE) -> None:  # fmt: skip
+                     prefetch: int = PREFETCH_PAGES, stage: bool | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
@@ -1052,8 +1018,8 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         _counter(num_seqs * h, dev),
         scale * LOG2E, h,
         NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
-        WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, SPLIT_PAD=pow2(num_splits),
+        WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, GP=pow2(g),
         **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage),
-        PREFETCH=prefetch, MERGE=merge,
+        PREFETCH=prefetch,
         num_warps=1,
     )  # fmt: skip

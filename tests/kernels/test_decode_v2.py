@@ -87,20 +87,17 @@ def test_block_sizes(block_size):
 
 
 @gpu
-@pytest.mark.parametrize("merge", [0, 1])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64])
-def test_splits(num_splits, merge):
-    """Split boundaries anywhere, more splits than pages (empty splits), one launch (in-kernel merge, all
-    query heads at once or one at a time)."""
-    _compare(_layout(128, 128, "vllm"), 2, 4, [(128 * 9 + 5, 0), (128 * 2, 0), (1, 0)], num_splits=num_splits,
-             merge=merge)
+def test_splits(num_splits):
+    """Split boundaries anywhere, more splits than pages (empty splits), one launch (in-kernel merge of all
+    query heads at once)."""
+    _compare(_layout(128, 128, "vllm"), 2, 4, [(128 * 9 + 5, 0), (128 * 2, 0), (1, 0)], num_splits=num_splits)
 
 
 @gpu
-@pytest.mark.parametrize("merge", [0, 1])
-def test_merge_with_gqa_not_a_power_of_two(merge):
+def test_merge_with_gqa_not_a_power_of_two():
     """The merge of all query heads pads 3 heads to 4 (masked rows)."""
-    _compare(_layout(128, 64, "vllm"), 2, 3, [(128 * 5 + 3, 0), (300, 0)], num_splits=5, merge=merge)
+    _compare(_layout(128, 64, "vllm"), 2, 3, [(128 * 5 + 3, 0), (300, 0)], num_splits=5)
 
 
 @gpu

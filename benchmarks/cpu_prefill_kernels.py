@@ -35,7 +35,9 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def sdpa_blocks(q, k, v, scale):
-    """The zipcache CPU path's arithmetic shape: fp32, one SDPA per block over the keys up to the block's end."""
+    """The zipcache CPU path's cost, simplified: fp32, one masked SDPA per block over the keys up to the block's
+    end (``engine/step.py::_attend_chunks_cpu`` also pads each block's query rows to groups of 32 and its keys
+    to the whole block, which this leaves out: a lower bound of that path's time)."""
     t = q.shape[0]
     qh, kh, vh = (x.float().transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     out = torch.empty(1, HQ, t, D)

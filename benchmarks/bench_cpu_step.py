@@ -1,12 +1,14 @@
 """The vLLM backend's CPU decode step, without vLLM: the staging plan and 30 layers of ``zipcache_attention``.
 
-    python benchmarks/bench_cpu_step.py [--rows 8] [--context 520] [--steps 60]
+    python benchmarks/bench_cpu_step.py [--rows 8] [--context 520] [--steps 60] [--prefill sdpa,vllm] [--threads 1]
 
 SmolLM2-135M geometry (9 query heads, 3 KV heads, head size 64, 30 layers, blocks of 128), the ``vllm`` preset,
 the numba kernels (the CPU server's default, compiled before the timed steps as the server does), one torch
-thread. Every row is prefilled through the step itself (one chunk; its time is printed too), then decodes;
-prints the median time of a decode step (plan + all layers) over the last ``steps - 10`` steps. Used to check
-that a change leaves the CPU step no slower, on one machine, back to back.
+thread (``--threads``). Every row is prefilled through the step itself (one chunk; its time is printed too), then
+decodes; prints the median time of a decode step (plan + all layers) over the last ``steps - 10`` steps. Used to
+check that a change leaves the CPU step no slower, on one machine, back to back. ``--prefill``: the chunks'
+attention by masked SDPA per block (``sdpa``) or by vLLM's CPU kernel, blocks as requests (``vllm``, the
+server's default; needs vLLM's CPU build), one run each, side by side.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ from zipcache_vllm.method.saliency import num_block_probes
 N, H, HQ, D, LAYERS = 128, 3, 9, 64, 30
 
 
-def run(rows: int, context: int, steps: int) -> tuple[float, float]:
-    torch.set_num_threads(1)
+def run(rows: int, context: int, steps: int, prefill: str = "sdpa", threads: int = 1) -> tuple[float, float]:
+    torch.set_num_threads(threads)
+    paged_attention = None
+    if prefill == "vllm":
+        from zipcache_vllm.plugin.cpu_attention import CpuPagedAttention
+
+        paged_attention = CpuPagedAttention(N, D)
     cfg = ZipCacheConfig.load("vllm", block_size=N)
     lay = PageLayout.from_config(cfg, D)
     width = -(-(context + steps) // N)
@@ -43,7 +50,7 @@ def run(rows: int, context: int, steps: int) -> tuple[float, float]:
     def layers(q, k, v, step, sl, qsl, slots, out):
         for i in range(LAYERS):
             zipcache_attention(q, k, v, kv[i], bt, sl, qsl, slots, staging[i], step, lay, cfg, layer_idx=i, out=out,
-                               kernels="numba")
+                               kernels="numba", paged_attention=paged_attention)
 
     cpu_kernels.warmup(lay, H, HQ // H)  # as the backend at start-up: the timed steps load nothing
     cpu_compress.warmup(lay, H)
@@ -75,10 +82,14 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--context", type=int, default=520)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--prefill", default="sdpa", help="comma list of sdpa, vllm")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    prefill, ms = run(args.rows, args.context, args.steps)
-    print(f"rows {args.rows}, context {args.context}: prefill (one chunk per row, {LAYERS} layers' attention, "
-          f"probes, compression) {prefill:.0f} ms; median decode step {ms:.2f} ms (plan + {LAYERS} layers)")
+    for how in args.prefill.split(","):
+        prefill, ms = run(args.rows, args.context, args.steps, how, args.threads)
+        print(f"rows {args.rows}, context {args.context}, prefill by {how}, {args.threads} thread(s): prefill (one "
+              f"chunk per row, {LAYERS} layers' attention, probes, compression) {prefill:.0f} ms; median decode "
+              f"step {ms:.2f} ms (plan + {LAYERS} layers)", flush=True)
 
 
 if __name__ == "__main__":

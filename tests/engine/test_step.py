@@ -85,11 +85,12 @@ class Engine:
     """What vLLM does around the backend: block allocation, block tables, slot mappings, one layer."""
 
     def __init__(self, cfg, num_heads, num_kv_heads, layer_idx=3, batched=True, kernels="torch", device="cpu",
-                 head_size=D, engine_decode=False):
+                 head_size=D, engine_decode=False, paged_attention=None):
         self.cfg, self.hq, self.h, self.layer_idx = cfg, num_heads, num_kv_heads, layer_idx
         self.d = head_size
         self.batched = batched  # one-token rows in the batched torch pass (else: every row via the twin)
         self.kernels = kernels  # "triton": the Triton kernels (CUDA, or the interpreter on CPU)
+        self.paged_attention = paged_attention  # CPU chunks through this kernel (vLLM's: the backend's choice)
         self.dev = torch.device(device)
         self.n = n = cfg.block_size
         self.layout = PageLayout(block_size=n, head_size=head_size, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
@@ -154,7 +155,7 @@ class Engine:
             q.to(dev), k.to(dev), v.to(dev), self.kv_view.flatten(2), block_table.to(dev), seq_lens.to(dev),
             qsl.to(dev), torch.tensor(slots, device=dev), self.staging, step, self.layout, self.cfg,
             layer_idx=self.layer_idx, scale=self.scale, out=torch.empty(t, self.hq, d, dtype=torch.float32, device=dev),
-            kernels=self.kernels,
+            kernels=self.kernels, paged_attention=self.paged_attention,
         ).cpu()
         ref = torch.cat([
             ref_step(self.ref[name], q[qsl[i]:qsl[i + 1]], k[qsl[i]:qsl[i + 1]], v[qsl[i]:qsl[i + 1]],
@@ -231,6 +232,33 @@ def test_chunked_prefill_blocks_complete_mid_chunk(cfg_name, kernels):
         *[[("a", 1), ("b", 1)] for _ in range(15)],
         *[[("a", 1)] for _ in range(12)],  # a single row (no padding) over pages and a tail, to a full block
     ])
+
+
+def vllm_cpu_attention(block_size, head_size):
+    """vLLM's CPU attention kernel as the step's paged attention (what the CPU backend hands it)."""
+    pytest.importorskip("vllm._C", reason="needs vLLM's CPU build")
+    from zipcache_vllm.plugin.cpu_attention import CpuPagedAttention
+
+    return CpuPagedAttention(block_size, head_size)
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2), (3, 3)])
+def test_vllm_cpu_kernel_attends_the_block_rule(cfg_name, num_heads, num_kv_heads):
+    """The chunks through vLLM's CPU kernel, every block a pseudo-request over the dequantized pages and its raw
+    rows (``engine/step.py::block_requests``): the reference's outputs within bf16 rounding (pages rounded to
+    bf16 before attention, outputs bf16; measured max error 0.016 at outputs up to ~2), pages exact. Mixed
+    batches, blocks completing mid-chunk, a chunk over pages and a tail, two chunks in one call."""
+    pytest.importorskip("numba")
+    e = Engine(CONFIGS[cfg_name], num_heads, num_kv_heads, kernels="numba",
+               paged_attention=vllm_cpu_attention(N, D))
+    run(e, [
+        [("a", 37), ("b", 20)],  # a: 1 block + 5 staged; b: 20 staged
+        [("b", 1), ("c", 32), ("a", 1)],
+        *[[("a", 1), ("b", 1), ("c", 1)] for _ in range(12)],  # b's block completes at decode step 11
+        [("a", 40), ("c", 70), ("b", 1)],  # two chunks over pages and tails, blocks completing mid-chunk
+        [("d", 1), ("b", 1), ("a", 1)],  # a one-token prompt
+    ], atol=2e-2, rtol=1e-2)
 
 
 def test_finished_request_blocks_are_reused():
@@ -424,7 +452,8 @@ def test_pages_do_not_depend_on_chunking_or_batch(cfg_name, kernels, engine):
         assert torch.equal(got, pages[first]), f"{label} vs {first}: the pages differ"
 
 
-@pytest.mark.parametrize("kernels, block_size", [("torch", 128), ("numba", 128), ("numba", 256)])
+@pytest.mark.parametrize("kernels, block_size", [("torch", 128), ("numba", 128), ("numba", 256), ("vllm", 128),
+                                                ("vllm", 256)])
 def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size):
     """Not only the pages: the attention output of every prompt row is bit-identical however the prompt is
     chunked and whatever else is in the batch (here one-token decode rows of another sequence), at the served
@@ -434,15 +463,19 @@ def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size)
     the query rows as the chunk gives them (``_QUERY_GROUP = 1``), rows 13, 14, 382 and 383. vLLM rounds the
     output to bf16, where such a bit can flip and move a 2-bit code of the next layer. One-token chunks are
     decode rows, another kernel: not part of this. At block size 256 a whole block's rows would be one call of
-    more than 192 rows (another tile in torch's CPU flash attention): calls take at most 128 rows."""
-    if kernels == "numba":
+    more than 192 rows (another tile in torch's CPU flash attention): calls take at most 128 rows. ``vllm``: the
+    chunks through vLLM's CPU kernel (the served default), one call for the blocks of every chunk of the batch:
+    there the rest of the batch is also a chunk of another prompt, in the same call."""
+    if kernels != "torch":
         pytest.importorskip("numba")
+    paged_attention = vllm_cpu_attention(block_size, 64) if kernels == "vllm" else None
     cfg = ZipCacheConfig.load("vllm", block_size=block_size)
     length, hq, h, d = 700, 9, 3, 64
     fixed = _fixed_tokens(hq, h, length, head_size=d)
     outs = {}
     for chunks in ([700], [13, 2, 250, 17, 100, 318], [33] * 21 + [7], [200, 200, 300]):
-        e = Engine(cfg, hq, h, kernels=kernels, head_size=d)
+        e = Engine(cfg, hq, h, kernels="numba" if kernels == "vllm" else kernels, head_size=d,
+                   paged_attention=paged_attention)
         gen = torch.Generator().manual_seed(len(chunks))
 
         def tokens(name, start, count, gen=gen):
@@ -452,7 +485,8 @@ def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size)
 
         got = []
         for i, c in enumerate(chunks):
-            work = [("a", c)] + ([("noise", 1)] if i % 2 else [])
+            noise = 1 if paged_attention is None else 1 + 37 * (i % 3)  # a decode row, or a chunk in the same call
+            work = [("a", c)] + ([("noise", noise)] if i % 2 else [])
             got.append(e.step(work, gen, tokens=tokens)[0][:c])
         outs[tuple(chunks)] = torch.cat(got)
     first = outs[(700,)]

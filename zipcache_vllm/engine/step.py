@@ -27,6 +27,7 @@ is per row, so a decode row's does not depend on the batch), the one-token rows 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +227,7 @@ def zipcache_attention(
     out: torch.Tensor | None = None,
     kernels: str = "torch",
     random_scores: torch.Tensor | None = None,
+    paged_attention: PagedAttention | None = None,
 ) -> torch.Tensor:
     """Store the new tokens and attend, for one layer and one step (module docstring).
 
@@ -250,6 +252,9 @@ def zipcache_attention(
     random_scores : the random-saliency ablation's block scores ``[1 or num_slots, block_size,
         num_kv_heads]`` by staging slot (default: :func:`~zipcache_vllm.engine.decode.fixed_scores`, one
         draw for every block); unused by probe saliency.
+    paged_attention : on CPU, a paged attention kernel over a bf16 scratch cache (:data:`PagedAttention`; the
+        vLLM backend hands vLLM's own CPU kernel) for the chunks, each block of a chunk one pseudo-request
+        (:func:`block_requests`); default: masked SDPA calls per block.
 
     Returns
     -------
@@ -279,6 +284,8 @@ def zipcache_attention(
     if cp.seqs:
         if is_kernel or q.device.type != "cpu":  # (the twins on a GPU: kernels="torch" there)
             _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp, layout, ops, scale, out)
+        elif paged_attention is not None:
+            _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out, paged_attention)
         else:
             _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out)
     if not is_kernel and step.decode is not None:
@@ -440,3 +447,100 @@ def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkP
                 out[q0 + a + lo - ctx : q0 + a + hi - ctx] = o[0, :, lo - c0 : hi - c0].transpose(0, 1).to(out.dtype)
             if j < last:  # later blocks of the chunk see this block through its page
                 kb[0, :, a:b], vb[0, :, a:b] = pk[:, a:b], pv[:, a:b]
+
+
+
+PagedAttention = Callable[..., torch.Tensor]
+"""A paged attention kernel over a bf16 scratch cache it owns (vLLM's CPU kernel, handed by the backend), called as
+``paged_attention(query, key, value, slot_mapping, num_blocks, query_start_loc, seq_lens, block_table, scale)
+-> out``: write the rows ``key, value [M, num_kv_heads, head_size]`` at the scratch slots ``slot_mapping``
+(``block * block_size + offset``, ``num_blocks`` scratch blocks in all), then attend causally, request ``r``'s
+query rows ``query_start_loc[r] ..`` being its last positions of ``seq_lens[r]`` over the scratch blocks of
+``block_table[r]``; ``out`` like ``query`` (bf16). Its arithmetic of a query row must depend on that row's
+request alone (``tests/engine/test_step.py`` proves it of vLLM's kernel)."""
+
+
+@dataclass
+class BlockRequests:
+    """The chunks of a step as pseudo-requests of a :data:`PagedAttention` kernel, one per block a chunk touches
+    (built once per step, :func:`block_requests`). The scratch holds, per sequence, its pages dequantized (one
+    scratch block each, page row order: the blocks before a query's own are seen whole) and then its raw blocks
+    (the bf16 tail and chunk rows in token order); the request of block ``j`` has the block's query rows of the
+    chunk, ``seq_len`` its last position + 1, and the table ``[pages 0 .. j - 1, raw block j]``. So a query row
+    sees what ``prefill_attention``'s contract says, in a request whose keys depend on its block alone."""
+
+    query_rows: tuple[int, int] | torch.Tensor  # the chunk rows of the step in request order (a range if they can)
+    page_ids: torch.Tensor  # long: the pages to dequantize, every sequence's, in scratch order
+    tail_src: torch.Tensor  # long: flat staging rows ``slot * block_size + i`` of the tails
+    slot_mapping: torch.Tensor  # long: scratch slots of the rows [pages, tails, chunk rows]
+    num_blocks: int
+    query_start_loc: torch.Tensor  # int32 [num_requests + 1]
+    seq_lens: torch.Tensor  # int32 [num_requests]
+    block_table: torch.Tensor  # int32 [num_requests, max_blocks] (scratch blocks)
+
+
+def block_requests(step: Step, cp: ChunkPlan, block_table: torch.Tensor, block_size: int) -> BlockRequests:
+    """The :class:`BlockRequests` of the chunk sequences ``cp.seqs`` (cached on the step: the same for every
+    layer)."""
+    cached = step.__dict__.get("_block_requests")
+    if cached is not None:
+        return cached
+    n, plan = block_size, step.plan
+    nxt = 0  # the next free scratch block
+    pages, page_slots, tail_src, tail_slots, tok_slots, rows = [], [], [], [], [], []
+    starts, lens, tables = [0], [], []
+    for s in cp.seqs:
+        q0, ql, ctx = step.query_start[s], step.query_lens[s], step.context_lens[s]
+        t0, slot, sl = plan.tail_lens[s], plan.tail_slots[s], ctx + ql
+        first, last = ctx // n, (sl - 1) // n  # the blocks of the chunk's rows; pages before `last` by now
+        pages.append(block_table[s, :last].long())
+        page_slots.extend(range(nxt * n, (nxt + last) * n))
+        raw = nxt + last  # scratch block of the raw block `first` (its rows from position first * n on)
+        tail_src.extend(range(slot * n, slot * n + t0))
+        tail_slots.extend(range(raw * n, raw * n + t0))
+        tok_slots.extend(range(raw * n + t0, raw * n + t0 + ql))
+        rows.extend(range(q0, q0 + ql))
+        for j in range(first, last + 1):
+            a, b = max(ctx, j * n), min(sl, (j + 1) * n)
+            starts.append(starts[-1] + b - a)
+            lens.append(b)
+            tables.append([*range(nxt, nxt + j), raw + j - first])
+        nxt = raw + last - first + 1
+    table = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.int32)
+    for r, t in enumerate(tables):
+        table[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    br = BlockRequests(
+        query_rows=_as_range(rows) or long(rows),
+        page_ids=torch.cat(pages),
+        tail_src=long(tail_src),
+        slot_mapping=long(page_slots + tail_slots + tok_slots),
+        num_blocks=nxt,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_table=table,
+    )
+    step.__dict__["_block_requests"] = br
+    return br
+
+
+def _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out, paged_attention) -> None:
+    """CPU path with a paged attention kernel: the scratch rows of :class:`BlockRequests` (pages dequantized and
+    rounded to bf16, the tails, the chunk rows), then one call for every block of every chunk."""
+    br = block_requests(step, cp, block_table, layout.block_size)
+    h, d = k.shape[1], k.shape[2]
+    dt = torch.bfloat16
+    rows = slice(*br.query_rows) if isinstance(br.query_rows, tuple) else br.query_rows
+    keys, values = [], []
+    if br.page_ids.numel():
+        pk, pv = cpu_decode.dequantize_pages_cpu(kv_cache, br.page_ids, layout)
+        keys.append(pk.reshape(-1, h, d).to(dt))
+        values.append(pv.reshape(-1, h, d).to(dt))
+    if br.tail_src.numel():
+        keys.append(staging.key.view(-1, h, d).index_select(0, br.tail_src).to(dt))
+        values.append(staging.value.view(-1, h, d).index_select(0, br.tail_src).to(dt))
+    keys.append(k[rows].to(dt))
+    values.append(v[rows].to(dt))
+    o = paged_attention(q[rows].to(dt), torch.cat(keys), torch.cat(values), br.slot_mapping, br.num_blocks,
+                        br.query_start_loc, br.seq_lens, br.block_table, scale)
+    out[rows] = o.to(out.dtype)

@@ -44,6 +44,7 @@ from ..engine.step import Step, zipcache_attention
 from ..method.config import ZipCacheConfig
 from ..method.saliency import num_block_probes
 from . import envs
+from .cpu_attention import CpuPagedAttention
 from .settings import model_config_for, num_staging_slots, pick_kernels, reserve_staging, resolve_config
 
 logger = logging.getLogger("vllm.zipcache")
@@ -286,6 +287,14 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
                                         dtype=torch.bfloat16, device=device)
         reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size, num_heads, num_probes)
         self.layer_idx: int | None = None
+        # CPU prefill chunks through vLLM's own CPU attention kernel (one instance, its scratch, for all layers)
+        self.paged_attention = None
+        if device == "cpu" and envs.cpu_prefill() == "vllm":
+            if "cpu_attention" not in _state:
+                _state["cpu_attention"] = CpuPagedAttention(block_size, head_size)
+                logger.info("ZipCache CPU prefill: vLLM's CPU attention kernel (isa %s) over a bf16 scratch",
+                            _state["cpu_attention"].isa)
+            self.paged_attention = _state["cpu_attention"]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None) -> torch.Tensor:
@@ -306,7 +315,7 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         zipcache_attention(
             query, key, value, kv_cache.flatten(2), md.block_table, md.seq_lens, md.query_start_loc,
             md.slot_mapping, self.staging, md.step, self.layout, self.config, layer_idx=self.layer_idx,
-            scale=self.scale, out=output, kernels=self.kernels,
+            scale=self.scale, out=output, kernels=self.kernels, paged_attention=self.paged_attention,
         )
         return output
 

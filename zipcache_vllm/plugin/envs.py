@@ -15,6 +15,9 @@ variable                        default    meaning
 ``ZIPCACHE_KERNELS``            ``auto``   ``torch`` (the plain-torch twins), ``numba`` (CPU decode over the
                                            codes), ``triton``, or ``auto`` (Triton on CUDA, numba on CPU
                                            when it imports, else torch)
+``ZIPCACHE_CPU_PREFILL``        ``vllm``   CPU prefill chunks through ``vllm`` (vLLM's own CPU attention
+                                           kernel, every block a request over a bf16 scratch) or ``sdpa``
+                                           (masked torch SDPA per block, fp32: the engine's own path)
 =============================== ========== ===============================================================
 """
 
@@ -31,9 +34,11 @@ CONFIG = "ZIPCACHE_CONFIG"
 CONFIG_OVERRIDES = "ZIPCACHE_CONFIG_OVERRIDES"
 STAGING_SLOTS = "ZIPCACHE_STAGING_SLOTS"
 KERNELS = "ZIPCACHE_KERNELS"
+CPU_PREFILL = "ZIPCACHE_CPU_PREFILL"
 
 BACKENDS = ("auto", "zipcache")
 KERNEL_CHOICES = ("auto", "torch", "numba", "triton")
+CPU_PREFILL_CHOICES = ("vllm", "sdpa")
 DEFAULT_CONFIG = "vllm"
 
 
@@ -91,3 +96,7 @@ def staging_slots() -> int | None:
 
 def kernels() -> str:
     return _choice(KERNELS, "auto", KERNEL_CHOICES)
+
+
+def cpu_prefill() -> str:
+    return _choice(CPU_PREFILL, "vllm", CPU_PREFILL_CHOICES)

@@ -65,6 +65,12 @@ def test_envs_parsers(monkeypatch):
     monkeypatch.setenv(envs.CONFIG_OVERRIDES, "[1]")
     with pytest.raises(ValueError, match="JSON object"):
         envs.config_overrides()
+    assert envs.cpu_prefill() == "vllm"  # the default
+    monkeypatch.setenv(envs.CPU_PREFILL, " SDPA ")
+    assert envs.cpu_prefill() == "sdpa"
+    monkeypatch.setenv(envs.CPU_PREFILL, "flash")
+    with pytest.raises(ValueError, match="ZIPCACHE_CPU_PREFILL='flash' is invalid; choose one of: vllm, sdpa"):
+        envs.cpu_prefill()
 
 
 def test_vllm_cpu_metadata_patch():

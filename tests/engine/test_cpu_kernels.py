@@ -30,6 +30,49 @@ def test_bf16_rows_widen_exactly():
     np.testing.assert_array_equal(dst, x.float().numpy())
 
 
+def test_bf16_rounding_matches_torch():
+    """fp32 -> bf16 (the CPU prefill's dequantized pages): random values, ties to even either way, values that
+    round up into the next binade and to infinity, subnormals, signed zeros, infinities and NaN."""
+    gen = torch.Generator().manual_seed(0)
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F7FFFFF, 0x7F7FFFFF, 0x7F7F8000, 0x00008000,
+                         0x00018000, 0x80000001, 0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001, 0xFFFFFFFF],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32)  # fmt: skip
+    x = torch.cat([torch.randn(4096, generator=gen) * 10 ** torch.randint(-30, 30, (4096,), generator=gen).float(),
+                   ties, torch.tensor([0.0, -0.0])])
+    got = np.empty(x.numel(), dtype=np.uint16)
+    cpu_kernels._round_bf16(x.numpy(), got)
+    want = x.bfloat16()
+    got = torch.from_numpy(got.view(np.int16)).view(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))  # bit for bit, zeros' signs too
+
+
+@pytest.mark.parametrize("head_size, bits, block_size", [(64, (4, 2), 128), (128, (4, 2), 32), (32, (8, 4), 32),
+                                                         (128, (2, 2), 32)])
+def test_dequantize_pages_bf16_equals_the_torch_dequantization(head_size, bits, block_size):
+    """The numba dequantization of the CPU prefill (pages to bf16 rows for vLLM's kernel) equals the torch one
+    rounded to bf16, bit for bit, pages in any order and repeated."""
+    from zipcache_vllm.engine import paged
+    from zipcache_vllm.engine.cpu_decode import dequantize_pages_cpu
+    from zipcache_vllm.engine.layout import PageLayout
+
+    n = block_size
+    lay = PageLayout(block_size=n, head_size=head_size, bits_high=bits[0], bits_low=bits[1], salient_ratio=0.75,
+                     value_salient_ratio=0.25)
+    gen = torch.Generator().manual_seed(head_size)
+    k = (torch.randn(5 * n, 3, head_size, generator=gen) * torch.linspace(0.5, 4, head_size)).bfloat16()
+    v = torch.randn(5 * n, 3, head_size, generator=gen).bfloat16()
+    cache = torch.zeros(7, 3, lay.page_bytes, dtype=torch.uint8)
+    paged.compress_store(k, v, torch.rand(5 * n, 3, generator=gen), torch.tensor([6, 1, 3, 2, 5]), cache, lay)
+    ids = torch.tensor([3, 6, 5, 3, 1])
+    want = dequantize_pages_cpu(cache, ids, lay)
+    got = cpu_kernels.dequantize_pages_bf16(cache, ids, lay)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16 and g.shape == w.shape
+        assert torch.equal(g.view(torch.int16), w.bfloat16().view(torch.int16))
+
+
 def test_warmup_compiles_the_signature_the_step_uses():
     """The backend compiles the kernel at start-up; the step must then hit the same signature (no second
     compile in the first request): both pass C-contiguous arrays of the same dtypes."""
@@ -43,6 +86,7 @@ def test_warmup_compiles_the_signature_the_step_uses():
     finally:
         torch.set_default_dtype(default)
     assert len(cpu_kernels._decode_rows.signatures) == 1
+    assert len(cpu_kernels._dequantize_pages.signatures) == 1
 
 
 def test_exp_is_within_one_ulp_of_float64():

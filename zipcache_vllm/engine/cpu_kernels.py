@@ -332,6 +332,52 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
                     out[r, h, gi, c] = acc[gi, c]
 
 
+def _round_bf16(src, dst):
+    """fp32 ``src [D]`` -> bf16 bit patterns ``dst [D]`` (uint16), round to nearest even as torch's ``.to``
+    (NaN -> a quiet NaN)."""
+    bits = src.view(np.uint32)
+    for c in range(src.shape[0]):
+        b = bits[c]
+        if b & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000):
+            dst[c] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
+        else:
+            dst[c] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def _dequantize_pages(pages, page_ids, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off,
+                      v_tok_off, bits_high, bits_low, key_out, value_out):
+    """The pages ``page_ids`` dequantized and rounded to bf16, in page row order: ``key_out, value_out [P, n, H,
+    D]`` (uint16 bf16 bits). Keys ``mn_g + code * step_g`` per precision group, values ``(mn_t + code * step_t)
+    * norm``: :func:`zipcache_vllm.engine.cpu_decode.dequantize_pages_cpu`'s fp32 arithmetic in the same order
+    (no fused multiply-add: compiled without fastmath), so the same bf16 values."""
+    d = key_out.shape[3]
+    buf = np.empty((n, d), dtype=np.float32)
+    row = np.empty(d, dtype=np.float32)
+    kp = np.empty((4, d), dtype=np.float32)  # step_hi, mn_hi, step_lo, mn_lo
+    norm = np.empty(d, dtype=np.float32)
+    vt = np.empty((2, n), dtype=np.float32)  # value step, mn per page row
+    for p in range(page_ids.shape[0]):
+        for h in range(pages.shape[1]):
+            pg = pages[page_ids[p], h]
+            _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
+            _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
+            _f16(pg, k_param_off, 4 * d, kp.reshape(4 * d))
+            for t in range(n):
+                grp = 0 if t < sk else 2
+                for c in range(d):
+                    row[c] = kp[grp + 1, c] + buf[t, c] * kp[grp, c]
+                _round_bf16(row, key_out[p, t, h])
+            _unpack_rows(pg, v_hi_off, 0, sv, bits_high, buf)
+            _unpack_rows(pg, v_lo_off, sv, n - sv, bits_low, buf)
+            _f16(pg, v_norm_off, d, norm)
+            _f16(pg, v_tok_off, 2 * n, vt.reshape(2 * n))
+            for t in range(n):
+                step, mn = vt[0, t], vt[1, t]
+                for c in range(d):
+                    row[c] = (mn + buf[t, c] * step) * norm[c]
+                _round_bf16(row, value_out[p, t, h])
+
+
 if numba is not None:
     _unpack_bits = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_bits)
     _unpack_rows = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_rows)
@@ -345,6 +391,9 @@ if numba is not None:
     _weighted_code_rows = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_code_rows)
     _weighted_rows = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_rows)
     _decode_rows = numba.njit(cache=True, fastmath=True)(_decode_rows)
+    _round_bf16 = numba.njit(cache=True, inline="always")(_round_bf16)
+    # no fastmath: the same fp32 roundings as the torch dequantization (no contraction into fused multiply-adds)
+    _dequantize_pages = numba.njit(cache=True)(_dequantize_pages)
 
 
 def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, tail_slot, tail_start, key_rows,
@@ -361,9 +410,24 @@ def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, t
     )
 
 
+def dequantize_pages_bf16(kv_cache, page_ids, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_dequantize_pages` on torch tensors: bf16 ``key, value [len(page_ids), block_size, num_kv_heads,
+    head_size]`` in page row order, equal to ``cpu_decode.dequantize_pages_cpu(...)`` rounded to bf16."""
+    h, n, d = kv_cache.shape[1], layout.block_size, layout.head_size
+    key = torch.empty(page_ids.shape[0], n, h, d, dtype=torch.bfloat16)
+    value = torch.empty_like(key)
+    _dequantize_pages(
+        kv_cache.numpy(), page_ids.numpy(), n, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off,
+        layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
+        layout.bits_high, layout.bits_low, key.view(torch.uint16).numpy(), value.view(torch.uint16).numpy(),
+    )
+    return key, value
+
+
 def warmup(layout: PageLayout, num_kv_heads: int, num_queries_per_kv: int) -> None:
-    """Compile (or load from numba's cache) :func:`_decode_rows` before the first request: one row over one
-    all-zero page and a one-token tail. ~10 s the first time on a 2-core CPU, well under 1 s from the cache."""
+    """Compile (or load from numba's cache) :func:`_decode_rows` and :func:`_dequantize_pages` before the first
+    request: one row over one all-zero page and a one-token tail. ~10 s the first time on a 2-core CPU, well
+    under 1 s from the cache."""
     h, g, d, n = num_kv_heads, num_queries_per_kv, layout.head_size, layout.block_size
 
     def z(*shape, dtype=torch.float32):  # explicit dtypes: vLLM builds layers under a bf16 default dtype
@@ -374,3 +438,4 @@ def warmup(layout: PageLayout, num_kv_heads: int, num_queries_per_kv: int) -> No
     decode_rows(z(2, h, layout.page_bytes, dtype=torch.uint8), idx(1), idx(0, 1), z(1, h, g, d),
                 z(1, n, h, d, dtype=bf16), z(1, n, h, d, dtype=bf16), idx(0), idx(0, 1), z(1, h, d, dtype=bf16),
                 z(1, h, d, dtype=bf16), layout, 1.0, z(1, h, g, d))
+    dequantize_pages_bf16(z(2, h, layout.page_bytes, dtype=torch.uint8), idx(1), layout)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..method.config import Saliency, ZipCacheConfig
 from ..method.saliency import num_block_probes
-from . import cpu_decode
+from . import cpu_decode, cpu_kernels
 from .block_manager import StepPlan
 from .decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores, probe_ranks
 from .layout import PageLayout
@@ -285,7 +285,8 @@ def zipcache_attention(
         if is_kernel or q.device.type != "cpu":  # (the twins on a GPU: kernels="torch" there)
             _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp, layout, ops, scale, out)
         elif paged_attention is not None:
-            _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out, paged_attention)
+            _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out, paged_attention,
+                              kernels == "numba")
         else:
             _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out)
     if not is_kernel and step.decode is not None:
@@ -524,16 +525,21 @@ def block_requests(step: Step, cp: ChunkPlan, block_table: torch.Tensor, block_s
     return br
 
 
-def _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out, paged_attention) -> None:
+def _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout, scale, out, paged_attention,
+                      numba: bool) -> None:
     """CPU path with a paged attention kernel: the scratch rows of :class:`BlockRequests` (pages dequantized and
-    rounded to bf16, the tails, the chunk rows), then one call for every block of every chunk."""
+    rounded to bf16, by numba straight from the codes when ``numba``, the tails, the chunk rows), then one call
+    for every block of every chunk."""
     br = block_requests(step, cp, block_table, layout.block_size)
     h, d = k.shape[1], k.shape[2]
     dt = torch.bfloat16
     rows = slice(*br.query_rows) if isinstance(br.query_rows, tuple) else br.query_rows
     keys, values = [], []
     if br.page_ids.numel():
-        pk, pv = cpu_decode.dequantize_pages_cpu(kv_cache, br.page_ids, layout)
+        if numba:  # bf16 straight from the codes, the same values (tests/engine/test_cpu_kernels.py)
+            pk, pv = cpu_kernels.dequantize_pages_bf16(kv_cache, br.page_ids, layout)
+        else:
+            pk, pv = cpu_decode.dequantize_pages_cpu(kv_cache, br.page_ids, layout)
         keys.append(pk.reshape(-1, h, d).to(dt))
         values.append(pv.reshape(-1, h, d).to(dt))
     if br.tail_src.numel():

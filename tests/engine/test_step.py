@@ -452,9 +452,9 @@ def test_pages_do_not_depend_on_chunking_or_batch(cfg_name, kernels, engine):
         assert torch.equal(got, pages[first]), f"{label} vs {first}: the pages differ"
 
 
-@pytest.mark.parametrize("kernels, block_size", [("torch", 128), ("numba", 128), ("numba", 256), ("vllm", 128),
-                                                ("vllm", 256)])
-def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size):
+@pytest.mark.parametrize("kernels, block_size, length", [("torch", 128, 700), ("numba", 128, 700), ("numba", 256, 700),
+                                                        ("vllm", 128, 700), ("vllm", 256, 700), ("vllm", 128, 2200)])
+def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size, length):
     """Not only the pages: the attention output of every prompt row is bit-identical however the prompt is
     chunked and whatever else is in the batch (here one-token decode rows of another sequence), at the served
     block size 128 and SmolLM2's heads (9 / 3 x 64). The CPU path gives every row the same arithmetic: the
@@ -465,15 +465,18 @@ def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size)
     decode rows, another kernel: not part of this. At block size 256 a whole block's rows would be one call of
     more than 192 rows (another tile in torch's CPU flash attention): calls take at most 128 rows. ``vllm``: the
     chunks through vLLM's CPU kernel (the served default), one call for the blocks of every chunk of the batch:
-    there the rest of the batch is also a chunk of another prompt, in the same call."""
+    there the rest of the batch is also a chunk of another prompt, in the same call; at 2,200 tokens (18 blocks)
+    requests of the chunk's rows only (not whole blocks) gave other bits (vLLM's kernel tiles a request by its
+    shape from ~16 blocks of context on)."""
     if kernels != "torch":
         pytest.importorskip("numba")
     paged_attention = vllm_cpu_attention(block_size, 64) if kernels == "vllm" else None
     cfg = ZipCacheConfig.load("vllm", block_size=block_size)
-    length, hq, h, d = 700, 9, 3, 64
+    hq, h, d = 9, 3, 64
     fixed = _fixed_tokens(hq, h, length, head_size=d)
     outs = {}
-    for chunks in ([700], [13, 2, 250, 17, 100, 318], [33] * 21 + [7], [200, 200, 300]):
+    for chunks in ([length], [13, 2, 250, 17, 100, length - 382], [33] * (length // 33) + [length % 33],
+                   [200, 200, length - 400]):
         e = Engine(cfg, hq, h, kernels="numba" if kernels == "vllm" else kernels, head_size=d,
                    paged_attention=paged_attention)
         gen = torch.Generator().manual_seed(len(chunks))
@@ -489,7 +492,7 @@ def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size)
             work = [("a", c)] + ([("noise", noise)] if i % 2 else [])
             got.append(e.step(work, gen, tokens=tokens)[0][:c])
         outs[tuple(chunks)] = torch.cat(got)
-    first = outs[(700,)]
+    first = outs[(length,)]
     for chunks, got in outs.items():
         rows = (got != first).flatten(1).any(1).nonzero().flatten().tolist()
         assert not rows, f"chunks {chunks[:6]}: rows {rows[:8]} differ from the one-chunk prefill"

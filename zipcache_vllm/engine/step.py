@@ -457,26 +457,30 @@ PagedAttention = Callable[..., torch.Tensor]
 -> out``: write the rows ``key, value [M, num_kv_heads, head_size]`` at the scratch slots ``slot_mapping``
 (``block * block_size + offset``, ``num_blocks`` scratch blocks in all), then attend causally, request ``r``'s
 query rows ``query_start_loc[r] ..`` being its last positions of ``seq_lens[r]`` over the scratch blocks of
-``block_table[r]``; ``out`` like ``query`` (bf16). Its arithmetic of a query row must depend on that row's
-request alone (``tests/engine/test_step.py`` proves it of vLLM's kernel)."""
+``block_table[r]``; ``out`` like ``query`` (bf16). A row's arithmetic must not depend on the other rows and
+requests of the call (the backend checks this of vLLM's kernel at start-up: ``plugin/cpu_attention.py``)."""
 
 
 @dataclass
 class BlockRequests:
-    """The chunks of a step as pseudo-requests of a :data:`PagedAttention` kernel, one per block a chunk touches
-    (built once per step, :func:`block_requests`). The scratch holds, per sequence, its pages dequantized (one
-    scratch block each, page row order: the blocks before a query's own are seen whole) and then its raw blocks
-    (the bf16 tail and chunk rows in token order); the request of block ``j`` has the block's query rows of the
-    chunk, ``seq_len`` its last position + 1, and the table ``[pages 0 .. j - 1, raw block j]``. So a query row
-    sees what ``prefill_attention``'s contract says, in a request whose keys depend on its block alone."""
+    """The chunks of a step as requests of a :data:`PagedAttention` kernel, one per block a chunk touches, each
+    of the block's whole shape (built once per step, :func:`block_requests`). The scratch holds, per sequence,
+    its pages dequantized (one scratch block each, page row order: the blocks before a query's own are seen
+    whole) and then its raw blocks (the bf16 tail and chunk rows in token order); the request of block ``j`` has
+    ``block_size`` query rows (the chunk's rows of the block at their offsets, zeros elsewhere, their outputs
+    dropped), ``seq_len`` ``(j + 1) * block_size`` and the table ``[pages 0 .. j - 1, raw block j]``. Every
+    request of block ``j`` has that shape whatever the chunking (vLLM's kernel tiles a request by its shape:
+    a request of the chunk's rows only gave other bits at 16 blocks of context), so a query row sees what
+    ``prefill_attention``'s contract says, in arithmetic that depends on its block alone."""
 
     query_rows: tuple[int, int] | torch.Tensor  # the chunk rows of the step in request order (a range if they can)
+    query_slots: torch.Tensor  # long: their rows in the [num_requests * block_size] query buffer
     page_ids: torch.Tensor  # long: the pages to dequantize, every sequence's, in scratch order
     tail_src: torch.Tensor  # long: flat staging rows ``slot * block_size + i`` of the tails
     slot_mapping: torch.Tensor  # long: scratch slots of the rows [pages, tails, chunk rows]
     num_blocks: int
-    query_start_loc: torch.Tensor  # int32 [num_requests + 1]
-    seq_lens: torch.Tensor  # int32 [num_requests]
+    query_start_loc: torch.Tensor  # int32 [num_requests + 1]: multiples of block_size
+    seq_lens: torch.Tensor  # int32 [num_requests]: the ends of the requests' blocks
     block_table: torch.Tensor  # int32 [num_requests, max_blocks] (scratch blocks)
 
 
@@ -488,8 +492,8 @@ def block_requests(step: Step, cp: ChunkPlan, block_table: torch.Tensor, block_s
         return cached
     n, plan = block_size, step.plan
     nxt = 0  # the next free scratch block
-    pages, page_slots, tail_src, tail_slots, tok_slots, rows = [], [], [], [], [], []
-    starts, lens, tables = [0], [], []
+    pages, page_slots, tail_src, tail_slots, tok_slots, rows, qslots = [], [], [], [], [], [], []
+    lens, tables = [], []
     for s in cp.seqs:
         q0, ql, ctx = step.query_start[s], step.query_lens[s], step.context_lens[s]
         t0, slot, sl = plan.tail_lens[s], plan.tail_slots[s], ctx + ql
@@ -501,10 +505,10 @@ def block_requests(step: Step, cp: ChunkPlan, block_table: torch.Tensor, block_s
         tail_slots.extend(range(raw * n, raw * n + t0))
         tok_slots.extend(range(raw * n + t0, raw * n + t0 + ql))
         rows.extend(range(q0, q0 + ql))
+        # request r = len(lens) of block j: its query row i is position j * n + i; the chunk's rows are ctx .. sl
+        qslots.extend(range(len(lens) * n + ctx - first * n, len(lens) * n + sl - first * n))
         for j in range(first, last + 1):
-            a, b = max(ctx, j * n), min(sl, (j + 1) * n)
-            starts.append(starts[-1] + b - a)
-            lens.append(b)
+            lens.append((j + 1) * n)
             tables.append([*range(nxt, nxt + j), raw + j - first])
         nxt = raw + last - first + 1
     table = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.int32)
@@ -513,11 +517,12 @@ def block_requests(step: Step, cp: ChunkPlan, block_table: torch.Tensor, block_s
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     br = BlockRequests(
         query_rows=_as_range(rows) or long(rows),
+        query_slots=long(qslots),
         page_ids=torch.cat(pages),
         tail_src=long(tail_src),
         slot_mapping=long(page_slots + tail_slots + tok_slots),
         num_blocks=nxt,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        query_start_loc=torch.arange(0, (len(lens) + 1) * n, n, dtype=torch.int32),
         seq_lens=torch.tensor(lens, dtype=torch.int32),
         block_table=table,
     )
@@ -529,7 +534,7 @@ def _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout,
                       numba: bool) -> None:
     """CPU path with a paged attention kernel: the scratch rows of :class:`BlockRequests` (pages dequantized and
     rounded to bf16, by numba straight from the codes when ``numba``, the tails, the chunk rows), then one call
-    for every block of every chunk."""
+    for every block of every chunk, each request a whole block of query rows."""
     br = block_requests(step, cp, block_table, layout.block_size)
     h, d = k.shape[1], k.shape[2]
     dt = torch.bfloat16
@@ -547,6 +552,8 @@ def _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout,
         values.append(staging.value.view(-1, h, d).index_select(0, br.tail_src).to(dt))
     keys.append(k[rows].to(dt))
     values.append(v[rows].to(dt))
-    o = paged_attention(q[rows].to(dt), torch.cat(keys), torch.cat(values), br.slot_mapping, br.num_blocks,
+    query = q.new_zeros(int(br.query_start_loc[-1]), q.shape[1], d, dtype=dt)
+    query[br.query_slots] = q[rows].to(dt)
+    o = paged_attention(query, torch.cat(keys), torch.cat(values), br.slot_mapping, br.num_blocks,
                         br.query_start_loc, br.seq_lens, br.block_table, scale)
-    out[rows] = o.to(out.dtype)
+    out[rows] = o[br.query_slots].to(out.dtype)

@@ -44,7 +44,7 @@ from ..engine.step import Step, zipcache_attention
 from ..method.config import ZipCacheConfig
 from ..method.saliency import num_block_probes
 from . import envs
-from .cpu_attention import CpuPagedAttention
+from .cpu_attention import CpuPagedAttention, rows_are_request_local
 from .settings import model_config_for, num_staging_slots, pick_kernels, reserve_staging, resolve_config
 
 logger = logging.getLogger("vllm.zipcache")
@@ -139,6 +139,21 @@ class _Refuse(type):
 
 class ZipCacheRefusesMLA(metaclass=_Refuse):
     """Installed over vLLM's MLA backends while ZipCache is on: any use stops start-up with the reason."""
+
+
+def cpu_prefill_kernel(block_size: int, head_size: int, num_heads: int, num_kv_heads: int):
+    """vLLM's CPU attention kernel for the prefill chunks (:mod:`.cpu_attention`), if a query row's output
+    depends on its own request alone on this host's ISA (checked now, a few milliseconds), else None: the
+    engine's masked SDPA then, with a warning (load-independent answers come first)."""
+    kernel = CpuPagedAttention(block_size, head_size)
+    if not rows_are_request_local(kernel, num_heads, num_kv_heads):
+        logger.warning("ZipCache CPU prefill: vLLM's CPU attention kernel (isa %s) gives a row other bits when the "
+                       "rest of its call changes; prefill chunks go through masked SDPA instead (slower, "
+                       "load-independent)", kernel.isa)
+        return None
+    logger.info("ZipCache CPU prefill: vLLM's CPU attention kernel (isa %s), every block a request over a bf16 "
+                "scratch", kernel.isa)
+    return kernel
 
 
 # ----------------------------------------------------------------------------------------------- metadata
@@ -291,9 +306,7 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         self.paged_attention = None
         if device == "cpu" and envs.cpu_prefill() == "vllm":
             if "cpu_attention" not in _state:
-                _state["cpu_attention"] = CpuPagedAttention(block_size, head_size)
-                logger.info("ZipCache CPU prefill: vLLM's CPU attention kernel (isa %s) over a bf16 scratch",
-                            _state["cpu_attention"].isa)
+                _state["cpu_attention"] = cpu_prefill_kernel(block_size, head_size, num_heads, num_kv_heads)
             self.paged_attention = _state["cpu_attention"]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,

@@ -1,6 +1,7 @@
 """The vLLM backend's CPU decode step, without vLLM: the staging plan and 30 layers of ``zipcache_attention``.
 
     python benchmarks/bench_cpu_step.py [--rows 8] [--context 520] [--steps 60] [--prefill sdpa,vllm] [--threads 1]
+        [--request-rows 32,128]
 
 SmolLM2-135M geometry (9 query heads, 3 KV heads, head size 64, 30 layers, blocks of 128), the ``vllm`` preset,
 the numba kernels (the CPU server's default, compiled before the timed steps as the server does), one torch
@@ -8,7 +9,8 @@ thread (``--threads``). Every row is prefilled through the step itself (one chun
 decodes; prints the median time of a decode step (plan + all layers) over the last ``steps - 10`` steps. Used to
 check that a change leaves the CPU step no slower, on one machine, back to back. ``--prefill``: the chunks'
 attention by masked SDPA per block (``sdpa``) or by vLLM's CPU kernel, blocks as requests (``vllm``, the
-server's default; needs vLLM's CPU build), one run each, side by side.
+server's default; needs vLLM's CPU build), one run each, side by side; ``--request-rows``: the vLLM prefill with
+that many query rows per kernel request (``engine/step.py::REQUEST_ROWS``), each size twice, alternated.
 """
 
 from __future__ import annotations
@@ -84,9 +86,17 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--prefill", default="sdpa", help="comma list of sdpa, vllm")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--request-rows", default=None, help="comma list: query rows per kernel request (vllm prefill)")
     args = ap.parse_args(argv)
-    for how in args.prefill.split(","):
-        prefill, ms = run(args.rows, args.context, args.steps, how, args.threads)
+    from zipcache_vllm.engine import step as step_module
+
+    runs = args.prefill.split(",")
+    if args.request_rows:  # vllm prefill at each request size, in turn
+        runs = [f"vllm:{r}" for _ in range(2) for r in args.request_rows.split(",")]
+    for how in runs:
+        if how.startswith("vllm:"):
+            step_module.REQUEST_ROWS = int(how.split(":")[1])
+        prefill, ms = run(args.rows, args.context, args.steps, how.split(":")[0], args.threads)
         print(f"rows {args.rows}, context {args.context}, prefill by {how}, {args.threads} thread(s): prefill (one "
               f"chunk per row, {LAYERS} layers' attention, probes, compression) {prefill:.0f} ms; median decode "
               f"step {ms:.2f} ms (plan + {LAYERS} layers)", flush=True)

@@ -464,10 +464,10 @@ def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size,
     output to bf16, where such a bit can flip and move a 2-bit code of the next layer. One-token chunks are
     decode rows, another kernel: not part of this. At block size 256 a whole block's rows would be one call of
     more than 192 rows (another tile in torch's CPU flash attention): calls take at most 128 rows. ``vllm``: the
-    chunks through vLLM's CPU kernel (the served default), one call for the blocks of every chunk of the batch:
-    there the rest of the batch is also a chunk of another prompt, in the same call; at 2,200 tokens (18 blocks)
-    requests of the chunk's rows only (not whole blocks) gave other bits (vLLM's kernel tiles a request by its
-    shape from ~16 blocks of context on)."""
+    chunks through vLLM's CPU kernel (the served default), block-aligned groups of rows, a kernel call each: there
+    the rest of the batch is also a chunk of another prompt; at 2,200 tokens (18 blocks) requests of the chunk's
+    rows only, all in one call, gave other bits (vLLM's kernel tiles a request by its shape from ~16 blocks of
+    context on)."""
     if kernels != "torch":
         pytest.importorskip("numba")
     paged_attention = vllm_cpu_attention(block_size, 64) if kernels == "vllm" else None

@@ -1,14 +1,14 @@
 """vLLM's own CPU attention kernel as the engine step's paged attention for prefill chunks.
 
 The stock CPU server attends with ``cpu_attention_with_kv_cache`` over its bf16 paged cache. The ZipCache step
-(:func:`zipcache_vllm.engine.step.zipcache_attention`, ``paged_attention=``) hands it every block of a chunk as
-a request of the block's whole shape over a bf16 scratch cache (the sequence's pages dequantized, then its own
-raw rows: :class:`~zipcache_vllm.engine.step.BlockRequests`), so a prompt row is attended by the same C++ kernel
-as in stock, with arithmetic that depends on its block alone: the kernel tiles a request by its shape (query rows
-and their start: a request of a chunk's rows only gave some rows other bits from ~16 blocks of context on) and
-shares a call's work among its threads (requests in one call: other bits under other batches), so every request
-has its block's shape and goes in a call of its own, KV split off (chunk and batch invariance:
-``tests/engine/test_step.py``). The engine does not import vLLM: this module is the seam.
+(:func:`zipcache_vllm.engine.step.zipcache_attention`, ``paged_attention=``) hands it the rows of a chunk in
+requests of ``REQUEST_ROWS`` block-aligned rows over a bf16 scratch cache (the sequence's pages dequantized,
+then its own raw rows: :class:`~zipcache_vllm.engine.step.BlockRequests`), so a prompt row is attended by the
+same C++ kernel as in stock, with arithmetic that depends on its row group alone: the kernel tiles a request by
+its shape (query rows and their start: a request of a chunk's rows only gave some rows other bits from ~16
+blocks of context on) and shares a call's work among its threads (requests in one call: other bits under
+other batches), so every request has its group's shape and goes in a call of its own, KV split off (chunk and
+batch invariance: ``tests/engine/test_step.py``). The engine does not import vLLM: this module is the seam.
 
 That invariance is a property of the kernel on the host's ISA (``vec`` here; ``amx`` on recent Xeons, ``neon``
 on ARM), so the backend asks :func:`rows_are_request_local` at start-up and falls back to the masked SDPA
@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+from ..engine.step import REQUEST_ROWS
 
 
 class CpuPagedAttention:
@@ -73,29 +75,34 @@ class CpuPagedAttention:
 
 
 def rows_are_request_local(kernel: CpuPagedAttention, num_heads: int, num_kv_heads: int, seed: int = 0) -> bool:
-    """Whether ``kernel`` gives a query row of a block-shaped request (what
-    :func:`~zipcache_vllm.engine.step.block_requests` makes: the block's whole rows, the chunk's among them) the
-    same bits whatever the other rows hold and whatever other requests the step has: the last of 16 blocks of
-    context (where vLLM's kernel changes its tiling), with the chunk's rows 5 .. 23 alone (the rest zeros) and
-    among real rows, and next to two other requests. A guard for the host's ISA (``tests/engine/test_step.py``
-    proves chunk invariance through the engine on this one); random data, a few milliseconds."""
+    """Whether ``kernel`` gives a query row of a request shaped as
+    :func:`~zipcache_vllm.engine.step.block_requests` makes them (``REQUEST_ROWS`` block-aligned rows, the chunk's
+    among them) the same bits whatever the other rows hold and whatever other requests the step has: the second
+    row group of the last of 16 blocks of context (where vLLM's kernel changes its tiling), with the chunk's
+    rows alone (the rest zeros) and among real rows, and next to two other requests. A guard for the host's ISA
+    (``tests/engine/test_step.py`` proves chunk invariance through the engine on this one); random data, a few
+    milliseconds."""
     n, d, h, nb = kernel.block_size, kernel.head_size, num_kv_heads, 16
+    rows_per_request = REQUEST_ROWS if n % REQUEST_ROWS == 0 else n
+    m = rows_per_request
+    end = (nb - 1) * n + min(2 * m, n)  # the request's last position + 1 (its second group, if the block has one)
     g = torch.Generator().manual_seed(seed)
     rows = tuple(torch.randn((nb + 1) * n, h, d, generator=g).bfloat16() for _ in range(2))
-    query = torch.randn(2 * n, num_heads, d, generator=g).bfloat16()
+    query = torch.randn(3 * m, num_heads, d, generator=g).bfloat16()
     slots = torch.arange((nb + 1) * n)  # scratch blocks 0 .. nb - 1 (the request's), nb (another request's)
-    qsl = torch.arange(0, 4 * n, n, dtype=torch.int32)
+    qsl = torch.arange(0, 4 * m, m, dtype=torch.int32)
     table = torch.tensor([[nb, *range(nb - 1)], list(range(nb)), [nb, *range(nb - 1)]], dtype=torch.int32)
-    lens = torch.tensor([n, nb * n, 2 * n], dtype=torch.int32)
+    lens = torch.tensor([m, end, n + m], dtype=torch.int32)
 
-    def call(own, requests):  # the request's rows of block nb - 1, alone or between two others
+    def call(own, requests):  # the request's rows, alone or between two others
         if requests == 1:
             return kernel(own, *rows, slots, nb + 1, qsl[:2], lens[1:2], table[1:2], d**-0.5)
-        q = torch.cat([query[:n], own, query[n:]])
-        return kernel(q, *rows, slots, nb + 1, qsl, lens, table, d**-0.5)[n : 2 * n]
+        q = torch.cat([query[:m], own, query[2 * m :]])
+        return kernel(q, *rows, slots, nb + 1, qsl, lens, table, d**-0.5)[m : 2 * m]
 
-    real = query[:n]
+    real = query[m : 2 * m]
+    lo, hi = min(5, m - 1), min(23, m)  # the chunk's rows in the request
     chunk = torch.zeros_like(real)
-    chunk[5:24] = real[5:24]
-    want = call(real, 1)[5:24]
-    return all(torch.equal(call(x, r)[5:24], want) for x, r in ((chunk, 1), (real, 3), (chunk, 3)))
+    chunk[lo:hi] = real[lo:hi]
+    want = call(real, 1)[lo:hi]
+    return all(torch.equal(call(x, r)[lo:hi], want) for x, r in ((chunk, 1), (real, 3), (chunk, 3)))

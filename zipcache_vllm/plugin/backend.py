@@ -40,7 +40,7 @@ from ..engine import cpu_compress, cpu_kernels
 from ..engine.builder import StepBuilder
 from ..engine.layout import PageLayout
 from ..engine.staging import Staging
-from ..engine.step import Step, zipcache_attention
+from ..engine.step import REQUEST_ROWS, Step, zipcache_attention
 from ..method.config import ZipCacheConfig
 from ..method.saliency import num_block_probes
 from . import envs
@@ -151,8 +151,8 @@ def cpu_prefill_kernel(block_size: int, head_size: int, num_heads: int, num_kv_h
                        "rest of its call changes; prefill chunks go through masked SDPA instead (slower, "
                        "load-independent)", kernel.isa)
         return None
-    logger.info("ZipCache CPU prefill: vLLM's CPU attention kernel (isa %s), every block a request over a bf16 "
-                "scratch", kernel.isa)
+    logger.info("ZipCache CPU prefill: vLLM's CPU attention kernel (isa %s), requests of %d block-aligned rows "
+                "over a bf16 scratch", kernel.isa, REQUEST_ROWS if block_size % REQUEST_ROWS == 0 else block_size)
     return kernel
 
 

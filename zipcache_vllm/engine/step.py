@@ -16,7 +16,9 @@ For every sequence of a batch (lengths as in :mod:`zipcache_vllm.engine.block_ma
 3. **stage**: the remaining ``seq_len % block_size`` tokens and the queries of their probe rows go to the
    sequence's slot.
 
-CPU: the chunks of a sequence block by block, in masked SDPA calls over its dequantized pages whose shape
+CPU: the chunks through a paged attention kernel the caller hands over (the vLLM backend: vLLM's own CPU
+kernel, every group of ``REQUEST_ROWS`` block-aligned rows one request over a bf16 scratch of the pages and raw
+rows, :func:`block_requests`), else block by block in masked SDPA calls over the dequantized pages whose shape
 depends on the block alone (so a prompt row's output is bit-identical whatever the chunking; the numba decode
 is per row, so a decode row's does not depend on the batch), the one-token rows batched by
 :mod:`zipcache_vllm.engine.cpu_decode` (dequantized pages with ``kernels="torch"``, the codes read in place by
@@ -253,8 +255,8 @@ def zipcache_attention(
         num_kv_heads]`` by staging slot (default: :func:`~zipcache_vllm.engine.decode.fixed_scores`, one
         draw for every block); unused by probe saliency.
     paged_attention : on CPU, a paged attention kernel over a bf16 scratch cache (:data:`PagedAttention`; the
-        vLLM backend hands vLLM's own CPU kernel) for the chunks, each block of a chunk one pseudo-request
-        (:func:`block_requests`); default: masked SDPA calls per block.
+        vLLM backend hands vLLM's own CPU kernel) for the chunks, their rows in block-aligned groups of
+        ``REQUEST_ROWS``, one request each (:func:`block_requests`); default: masked SDPA calls per block.
 
     Returns
     -------
@@ -448,7 +450,6 @@ def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkP
                 out[q0 + a + lo - ctx : q0 + a + hi - ctx] = o[0, :, lo - c0 : hi - c0].transpose(0, 1).to(out.dtype)
             if j < last:  # later blocks of the chunk see this block through its page
                 kb[0, :, a:b], vb[0, :, a:b] = pk[:, a:b], pv[:, a:b]
-
 
 
 REQUEST_ROWS = 32  # query rows per request of the paged attention kernel (block-aligned groups)

@@ -454,6 +454,12 @@ def _attend_chunks_cpu(q, k, v, kv_cache, block_table, staging, step, cp: ChunkP
 
 REQUEST_ROWS = 32  # query rows per request of the paged attention kernel (block-aligned groups)
 
+
+def request_rows(block_size: int) -> int:
+    """Query rows per request of :func:`block_requests` at ``block_size``: ``REQUEST_ROWS``, or the whole block
+    where that does not divide it."""
+    return REQUEST_ROWS if block_size % REQUEST_ROWS == 0 else block_size
+
 PagedAttention = Callable[..., torch.Tensor]
 """A paged attention kernel over a bf16 scratch cache it owns (vLLM's CPU kernel, handed by the backend), called as
 ``paged_attention(query, key, value, slot_mapping, num_blocks, query_start_loc, seq_lens, block_table, scale)
@@ -549,7 +555,7 @@ def _attend_paged_cpu(q, k, v, kv_cache, block_table, staging, step, cp, layout,
     requests, each a block-aligned group of ``REQUEST_ROWS`` query rows (whole blocks where that does not divide
     the block size)."""
     n = layout.block_size
-    br = block_requests(step, cp, block_table, n, REQUEST_ROWS if n % REQUEST_ROWS == 0 else n)
+    br = block_requests(step, cp, block_table, n, request_rows(n))
     h, d = k.shape[1], k.shape[2]
     dt = torch.bfloat16
     rows = slice(*br.query_rows) if isinstance(br.query_rows, tuple) else br.query_rows

@@ -40,7 +40,7 @@ from ..engine import cpu_compress, cpu_kernels
 from ..engine.builder import StepBuilder
 from ..engine.layout import PageLayout
 from ..engine.staging import Staging
-from ..engine.step import REQUEST_ROWS, Step, zipcache_attention
+from ..engine.step import Step, request_rows, zipcache_attention
 from ..method.config import ZipCacheConfig
 from ..method.saliency import num_block_probes
 from . import envs
@@ -152,7 +152,7 @@ def cpu_prefill_kernel(block_size: int, head_size: int, num_heads: int, num_kv_h
                        "load-independent)", kernel.isa)
         return None
     logger.info("ZipCache CPU prefill: vLLM's CPU attention kernel (isa %s), requests of %d block-aligned rows "
-                "over a bf16 scratch", kernel.isa, REQUEST_ROWS if block_size % REQUEST_ROWS == 0 else block_size)
+                "over a bf16 scratch", kernel.isa, request_rows(block_size))
     return kernel
 
 

@@ -21,7 +21,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from ..engine.step import REQUEST_ROWS
+from ..engine.step import request_rows
 
 
 class CpuPagedAttention:
@@ -83,8 +83,7 @@ def rows_are_request_local(kernel: CpuPagedAttention, num_heads: int, num_kv_hea
     (``tests/engine/test_step.py`` proves chunk invariance through the engine on this one); random data, a few
     milliseconds."""
     n, d, h, nb = kernel.block_size, kernel.head_size, num_kv_heads, 16
-    rows_per_request = REQUEST_ROWS if n % REQUEST_ROWS == 0 else n
-    m = rows_per_request
+    m = request_rows(n)
     end = (nb - 1) * n + min(2 * m, n)  # the request's last position + 1 (its second group, if the block has one)
     g = torch.Generator().manual_seed(seed)
     rows = tuple(torch.randn((nb + 1) * n, h, d, generator=g).bfloat16() for _ in range(2))

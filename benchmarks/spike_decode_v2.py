@@ -1,6 +1,10 @@
 """Decode v2 spike (one device call): correctness at benchmark shapes and side-by-side times.
 
     PYTHONPATH=. python benchmarks/spike_decode_v2.py [--cases 16x32768,64x4096,1x4096] [--splits 0,8,16,32]
+    PYTHONPATH=. python benchmarks/spike_decode_v2.py --variants two-maps,one-map,one-map-ring-r168 [--presets vllm]
+
+``--variants``: page-loop schedules of ``VARIANTS`` side by side (each first checked against the twin), every
+one at the split count its resident programs per SM call for (``decode_v2.resident_programs``).
 
 v2 (Gluon) vs v1 (plain Triton) vs bf16 SDPA vs the page-gather roofline, LLaMA3-8B geometry, block 128,
 presets vllm (keys 0.8 / values 0.2) and r0.6. Prints a table last.
@@ -31,6 +35,57 @@ from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
 
 PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
+VARIANTS = {  # launch options of decode_attention_v2
+    "two-maps": {"maps": 2, "ring": False, "maxnreg": None},
+    "one-map": {"maps": 1, "ring": False, "maxnreg": None},
+    "two-maps-ring": {"maps": 2, "ring": True, "maxnreg": None},
+    "one-map-ring": {"maps": 1, "ring": True, "maxnreg": None},
+    "one-map-ring-r200": {"maps": 1, "ring": True, "maxnreg": 200},
+    "one-map-ring-r184": {"maps": 1, "ring": True, "maxnreg": 184},
+    "one-map-ring-r168": {"maps": 1, "ring": True, "maxnreg": 168},
+    "two-maps-ring-r168": {"maps": 2, "ring": True, "maxnreg": 168},
+}
+
+
+def variants(a) -> None:
+    """Every variant of ``--variants`` against the twin (small case), then timed per case next to SDPA."""
+    cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
+    names = a.variants.split(",")
+    rows = []
+    for preset in a.presets.split(","):
+        r, rv = PRESETS[preset]
+        layout = PageLayout(BLOCK, MODEL["head_size"], salient_ratio=r, value_salient_ratio=rv)
+        pool = page_pool(layout, 1024)
+        args = decode_inputs(layout, pool, 2, 4096)
+        ref = paged.decode_attention(**args)
+        for name in names:
+            out = decode_v2.decode_attention_v2(**args, out=torch.empty(args["query"].shape, device=DEV),
+                                                **VARIANTS[name])
+            print(f"{preset} {name}: rel_err {((out - ref).norm() / ref.norm()).item():.2e}", flush=True)
+        for batch, ctx in cases:
+            h = MODEL["num_kv_heads"]
+            nbytes = decode_bytes(layout, batch, ctx)
+            base_bytes = batch * (ctx + 64) * h * MODEL["head_size"] * 4
+            base_us, backend = time_sdpa(lambda b=batch, c=ctx: sdpa_inputs(b, c), base_bytes, a.reps)
+            sets = [decode_inputs(layout, pool, batch, ctx) for _ in range(copies_for(nbytes))]
+            first = None
+            for name in names:
+                kw = VARIANTS[name]
+                pps = decode_v2.resident_programs(layout, True, kw["ring"], kw["maxnreg"])
+                sp = decode_v2.choose_num_splits(batch, h, ctx // BLOCK, DEV, pps)
+                lses = [torch.empty(s["query"].shape[:2], device=DEV) for s in sets]
+                us = graph_time([lambda s=s, ls=ls, kw=kw, sp=sp: decode_v2.decode_attention_v2(
+                    **s, lse=ls, num_splits=sp, **kw) for s, ls in zip(sets, lses, strict=True)], a.reps)
+                first = first or us
+                row = (preset, batch, ctx, name, pps, sp, us, base_us, base_us / us, first / us, nbytes / us / 1e3)
+                rows.append(row)
+                print(row, flush=True)
+            del sets
+            torch.cuda.empty_cache()
+    print("\n| preset | batch | ctx | variant | programs/SM | splits | us | sdpa us | speedup | vs first | GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for p, b, c, n, pps, sp, us, bu, spd, rel, gbs in rows:
+        print(f"| {p} | {b} | {c} | {n} | {pps} | {sp} | {us:.1f} | {bu:.1f} | {spd:.2f}x | {rel:.3f}x | {gbs:.0f} |")
 
 
 def main() -> None:
@@ -44,7 +99,11 @@ def main() -> None:
     ap.add_argument("--stage", default="0,1", help="1: pages staged in shared memory (cp.async), 0: not")
     ap.add_argument("--lse", default="0", help="1: v2 also writes the row log-sum-exp (as the engine and "
                     "bench_kernels.py do), 0: not")
+    ap.add_argument("--variants", default="", help=f"comma-separated names of {sorted(VARIANTS)}")
     a = ap.parse_args()
+    if a.variants:
+        variants(a)
+        return
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
     rows = []
     for name in a.presets.split(","):

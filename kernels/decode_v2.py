@@ -42,6 +42,11 @@ MIN_PAGES_PER_SPLIT = 2  # fewer, longer splits at batch 1: the in-kernel merge 
 PREFETCH_PAGES = 0  # pages ahead a program asks L2 to fetch; 1, 2, 4 measured slower on the H200 (spike)
 RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
 STAGE_PAGES = 2  # pages in shared memory per program: the next page is copied (cp.async) while one is read
+MAPS = 2  # channel maps of the page loop: 2 = each code width its own (two value accumulators), 1 = 4-bit codes
+# read into the 2-bit map (one accumulator, one q, one value normalizer: fewer registers)
+RING = False  # staged pages in one buffer refilled piece by piece (page pg + 1's parameters once page pg's are in
+# registers, its chunk c once chunk c of page pg is read): half the shared memory of a staged pair
+MAXNREG = None  # ptxas register cap per thread (None: 255); with RING, more one-warp programs fit an SM
 
 
 # --------------------------------------------------------------------------------------------- channel maps
@@ -118,18 +123,30 @@ def _extract(dst: str, src: str, bits: int, field: int) -> str:
 _PRELUDE = ".reg .b32 x<8>, y<8>; "
 
 
-def key_unpack_asm(bits: int, d: int) -> tuple[str, str, int]:
+def crosses(bits: int, map_bits: int) -> bool:
+    """Whether a tile of ``bits``-bit codes is read into the channel map of ``map_bits`` (4-bit codes in the
+    2-bit map: then one map serves every tile of a page, see ``MAPS``)."""
+    return bits == 4 and map_bits == 2
+
+
+def key_unpack_asm(bits: int, d: int, map_bits: int = 0) -> tuple[str, str, int]:
     """(PTX, constraints, input registers) turning a lane's key bytes of one 16-row tile into ``D/16`` fp16
-    A-fragments (4 registers each). Input register ``q``: row ``g + 8 (q % 2)``, word ``q // 2`` of the
-    lane's ``D bits / 32`` bytes of that row (``_key_offsets``)."""
+    A-fragments (4 registers each), in the channel map of ``map_bits`` (default ``bits``). Input register
+    ``q``: row ``g + 8 (q % 2)``, word ``q // 2`` of the lane's ``D bits / 32`` bytes of that row
+    (``_key_offsets``). Read into the 2-bit map, a 4-bit row's byte ``b`` holds channels ``b`` and ``b + D/2``:
+    plane ``j`` takes nibble ``j1`` of the lane's words ``(j0, j2)`` (bit ``i`` of ``j`` is ``ji``)."""
     planes, nin = d // 16, d * bits // 64
+    cross = crosses(bits, map_bits)
     out = []
     body = ""
     shifted = set()
     for j in range(planes):
         for r in range(4):  # r = mh + 2 h: (row g | g + 8) x (columns 2t.. | 2t + 8..)
             mh, h = r % 2, r // 2
-            if bits == 4:
+            if cross:
+                word = (j & 1) * (2 if d == 64 else 4) + (j >> 2) * 2
+                q, sigma, field = mh + word, h, (j >> 1) & 1
+            elif bits == 4:
                 q, sigma, field = mh + 2 * (j // 2), j % 2, h
             else:
                 q, sigma, field = mh + 2 * (j // 4), h, j % 4
@@ -203,13 +220,17 @@ def _lg(n: int) -> int:
     return n.bit_length() - 1
 
 
-def key_address(bits: int, d: int, m: int, kk: int) -> int:
+def key_address(bits: int, d: int, m: int, kk: int, map_bits: int = 0) -> int:
     """Element address (units of the key load element, ``d * bits / 128`` bytes) of key operand ``(m, kk)``
     inside its chunk's codes: the byte offsets of ``_key_offsets`` divided by the element size."""
     es, rb, lb = d * bits // 128, d * bits // 8, d * bits // 32
     t, p, h, mh = (kk % 8) // 2, kk % 2, kk // 8, (m % 16) // 8
     base = (m // 16) * 16 + m % 8
-    if es == 4:
+    if crosses(bits, map_bits) and es == 4:  # words (j2, j0) = (mh, h) of row g + 8 p
+        off = (base + 8 * p) * rb + t * (d // 16) + 4 * mh + (d // 4) * h
+    elif crosses(bits, map_bits):  # halves p of word j0 = h of row g + 8 mh
+        off = (base + 8 * mh) * rb + t * (d // 16) + (d // 4) * h + 2 * p
+    elif es == 4:
         off = (base + 8 * p) * rb + t * lb + 4 * (mh + 2 * h)
     elif es == 2:
         off = m * rb + t * lb + 4 * h + 2 * p
@@ -218,12 +239,14 @@ def key_address(bits: int, d: int, m: int, kk: int) -> int:
     return off // es
 
 
-def value_address(bits: int, d: int, m: int, k: int) -> int:
+def value_address(bits: int, d: int, m: int, k: int, map_bits: int = 0) -> int:
     """Element address of value operand ``(m, k)`` (``V^T``: channel row m, token k) inside its chunk's codes,
     as ``_value_offsets`` loads it."""
     es, rb, lbv = d * bits // 128, d * bits // 8, d * bits // 64
     g, mh = m % 8, m // 8
-    if es == 1:
+    if crosses(bits, map_bits):  # the 2-bit map's lane bytes: two runs of D/32 bytes, D/4 apart
+        off = k * rb + g * (d // 32) + (d // 4) * mh
+    elif es == 1:
         off = ((k // 16) * 16 + 2 * ((k % 8) // 2) + mh + 8 * ((k % 16) // 8)) * rb + g * lbv + k % 2
     else:
         off = k * rb + g * lbv + es * mh
@@ -257,13 +280,13 @@ def _address_bases(shape: tuple, address) -> list:
 
 
 @functools.lru_cache(maxsize=256)
-def shared_operand(kind: str, bits: int, d: int, rows: int) -> tuple:
+def shared_operand(kind: str, bits: int, d: int, rows: int, map_bits: int = 0) -> tuple:
     """(view, load) layouts of one chunk's codes in shared memory: ``view`` a ``SharedLinearLayout`` of the
     operand tensor (keys ``[rows, 16]``, values ``[16, rows]``), ``load`` the operand's lane map with its
     registers ordered by address."""
     shape = (rows, 16) if kind == "key" else (16, rows)
     fn = key_address if kind == "key" else value_address
-    address = lambda i, j: fn(bits, d, i, j)  # noqa: E731
+    address = lambda i, j: fn(bits, d, i, j, map_bits)  # noqa: E731
     bases = _address_bases(shape, address)
     regs, lanes = operand_bases(shape)
     regs = sorted(regs, key=lambda c: address(*c))
@@ -304,6 +327,32 @@ def stage_plan(layout, tiles: tuple) -> tuple[tuple, tuple]:
         pieces.append((off, nb, seg, fill[seg]))
         fill[seg] += nb // 4
     return segments, tuple(pieces)
+
+
+def ring_groups(layout, tiles: tuple, pieces: tuple) -> tuple:
+    """``stage_plan``'s pieces with the group the ring refills them in, ``(off, bytes, segment, word, group)``:
+    group 0 the page parameters, group ``1 + c`` chunk ``c``'s."""
+    d, n = layout.head_size, layout.block_size
+    groups = [{(layout.k_param_off, 8 * d), (layout.v_norm_off, 2 * d)}]
+    for start, rows, k_hi, k_off, v_hi, v_off in tiles:
+        groups.append({(layout.v_tok_off + 2 * start, 2 * rows), (layout.v_tok_off + 2 * (n + start), 2 * rows),
+                       (k_off, rows * d * (layout.bits_high if k_hi else layout.bits_low) // 8),
+                       (v_off, rows * d * (layout.bits_high if v_hi else layout.bits_low) // 8)})
+    return tuple(pc + (i,) for i, g in enumerate(groups) for pc in pieces if (pc[0], pc[1]) in g)
+
+
+def stage_bytes(layout, stage: bool, ring: bool, max_chunk: int = MAX_CHUNK) -> int:
+    """Shared memory of one program: two staged pages, one (``ring``), or none."""
+    return (4 if ring else 8) * sum(stage_plan(layout, chunks(layout, max_chunk))[0]) if stage else 0
+
+
+def resident_programs(layout, stage: bool = True, ring: bool = RING, maxnreg: int | None = MAXNREG,
+                      max_chunk: int = MAX_CHUNK) -> int:  # fmt: skip
+    """One-warp programs that fit an H100/H200 SM: by registers (``maxnreg``, else 255; 64 K per SM, allocated
+    per warp in units of 256) and by shared memory (228 KB, 1 KB reserved per program)."""
+    by_regs = 65536 // (-(-(maxnreg or 255) * 32 // 256) * 256)
+    smem = stage_bytes(layout, stage, ring, max_chunk)
+    return max(1, min(by_regs, 233472 // (smem + 1024) if smem else 32))
 
 
 def stage_supported(layout) -> bool:
@@ -381,10 +430,13 @@ def _value_map(BITS: gl.constexpr, D: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _key_field_offset(BITS: gl.constexpr, D: gl.constexpr, layout: gl.constexpr):
-    """fp32 ``2^(10 - shift)`` that the unpacked key code of plane ``i // 16``, column ``i % 16`` carries."""
+def _key_field_offset(BITS: gl.constexpr, D: gl.constexpr, layout: gl.constexpr, MAPB: gl.constexpr):
+    """fp32 ``2^(10 - shift)`` that the unpacked key code of plane ``i // 16``, column ``i % 16`` carries (codes of
+    ``BITS`` read into the map of ``MAPB``)."""
     i = gl.arange(0, D, layout=layout)
-    if BITS == 4:  # noqa: SIM108 (constexpr branches)
+    if BITS == 4 and MAPB == 2:
+        sh = 4 * (((i // 16) // 2) % 2)
+    elif BITS == 4:
         sh = 4 * ((i % 16) // 8)
     else:
         sh = 2 * ((i // 16) % 4)
@@ -471,12 +523,12 @@ def _locate(pieces, off):
 
 
 @gluon.jit
-def _alloc_stage(SEGMENTS: gl.constexpr):
-    """Two buffers of every segment (a tuple of ``[2, words]`` int32 shared allocations)."""
+def _alloc_stage(SEGMENTS: gl.constexpr, NBUF: gl.constexpr):
+    """``NBUF`` buffers of every segment (a tuple of ``[NBUF, words]`` int32 shared allocations)."""
     L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # rank 1: each indexed buffer is flat
     bufs = ()
     for i in gl.static_range(len(SEGMENTS)):
-        bufs = bufs + (gl.allocate_shared_memory(gl.int32, [2, SEGMENTS[i]], L),)
+        bufs = bufs + (gl.allocate_shared_memory(gl.int32, [NBUF, SEGMENTS[i]], L),)
     return bufs
 
 
@@ -536,8 +588,10 @@ def _join_planes(planes, P: gl.constexpr, AXIS: gl.constexpr):
 
 
 @gluon.jit
-def _key_offsets(ROWS: gl.constexpr, RB: gl.constexpr, LB: gl.constexpr, ES: gl.constexpr, A: gl.constexpr):
-    """Byte offsets ``[ROWS, 16]`` (A layout) of the key elements a lane loads for ``key_unpack_asm``."""
+def _key_offsets(ROWS: gl.constexpr, RB: gl.constexpr, LB: gl.constexpr, ES: gl.constexpr, A: gl.constexpr,
+                 CROSS: gl.constexpr, D: gl.constexpr):  # fmt: skip
+    """Byte offsets ``[ROWS, 16]`` (A layout) of the key elements a lane loads for ``key_unpack_asm``
+    (``CROSS``: 4-bit codes into the 2-bit map, as ``key_address``)."""
     m = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A))[:, None]
     kk = gl.arange(0, 16, layout=gl.SliceLayout(0, A))[None, :]
     t = (kk % 8) // 2
@@ -545,7 +599,11 @@ def _key_offsets(ROWS: gl.constexpr, RB: gl.constexpr, LB: gl.constexpr, ES: gl.
     h = kk // 8
     mh = (m % 16) // 8
     base = (m // 16) * 16 + (m % 8)
-    if ES == 4:
+    if CROSS and ES == 4:
+        off = (base + 8 * p) * RB + t * (D // 16) + 4 * mh + (D // 4) * h
+    elif CROSS:
+        off = (base + 8 * mh) * RB + t * (D // 16) + (D // 4) * h + 2 * p
+    elif ES == 4:
         off = (base + 8 * p) * RB + t * LB + 4 * (mh + 2 * h)
     elif ES == 2:
         off = m * RB + t * LB + 4 * h + 2 * p
@@ -556,13 +614,16 @@ def _key_offsets(ROWS: gl.constexpr, RB: gl.constexpr, LB: gl.constexpr, ES: gl.
 
 @gluon.jit
 def _value_offsets(ROWS: gl.constexpr, RB: gl.constexpr, LBV: gl.constexpr, ES: gl.constexpr,
-                   A: gl.constexpr):  # fmt: skip
-    """Byte offsets ``[16, ROWS]`` (A layout of ``V^T``) of the value elements for ``value_unpack_asm``."""
+                   A: gl.constexpr, CROSS: gl.constexpr, D: gl.constexpr):  # fmt: skip
+    """Byte offsets ``[16, ROWS]`` (A layout of ``V^T``) of the value elements for ``value_unpack_asm``
+    (``CROSS``: 4-bit codes into the 2-bit map, as ``value_address``)."""
     m = gl.arange(0, 16, layout=gl.SliceLayout(1, A))[:, None]
     k = gl.arange(0, ROWS, layout=gl.SliceLayout(0, A))[None, :]
     g = m % 8
     mh = m // 8
-    if ES == 1:
+    if CROSS:
+        off = k * RB + g * (D // 32) + (D // 4) * mh
+    elif ES == 1:
         off = ((k // 16) * 16 + 2 * ((k % 8) // 2) + mh + 8 * ((k % 16) // 8)) * RB + g * LBV + k % 2
     else:
         off = k * RB + g * LBV + ES * mh
@@ -603,16 +664,18 @@ def _elem_type(es):
 
 
 @gluon.jit
-def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE: gl.constexpr):
+def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE: gl.constexpr, ONE: gl.constexpr):
     """Lazy online softmax over a chunk ``s [rows, NP]`` (log2 domain): rescale the state only when a column
-    max exceeds the reference by more than ``RESCALE``. Returns (p, m_ref, l_i, o_hi, o_lo)."""
+    max exceeds the reference by more than ``RESCALE``. Returns (p, m_ref, l_i, o_hi, o_lo); with one channel
+    map (``ONE``) ``o_lo`` is unused."""
     c_max = gl.max(s, axis=0)
     if gl.max(c_max - m_ref, axis=0) > RESCALE:
         m_new = gl.maximum(m_ref, c_max)
         alpha = gl.exp2(m_ref - m_new)
         l_i = l_i * alpha
         o_hi = o_hi * alpha[None, :]
-        o_lo = o_lo * alpha[None, :]
+        if not ONE:
+            o_lo = o_lo * alpha[None, :]
         m_ref = m_new
     p = gl.exp2(s - m_ref[None, :])
     return p, m_ref, l_i + gl.sum(p, axis=0), o_hi, o_lo
@@ -629,22 +692,23 @@ def _page_chunk(
     NP: gl.constexpr, V_TOK: gl.constexpr, K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr,
     K_CONS_L: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
     V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
-    SMEM: gl.constexpr, PIECES: gl.constexpr,
+    SMEM: gl.constexpr, PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr,
 ):
-    """Rows ``START .. START + ROWS`` of one page (one key group, one value group)."""
+    """Rows ``START .. START + ROWS`` of one page (one key group, one value group). ``MH``, ``ML``: the channel
+    maps (their bits) the high and low tiles are read into; ``ONE``: one map, one value accumulator."""
     P: gl.constexpr = D // 16
     # scores S^T [ROWS, NP] = (offset + K codes) @ q'^T + (bias - offset term), accumulated from the bias
     if K_HI:
         KES: gl.constexpr = D * BH // 128
-        kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BH // 8, D * BH // 32, KES, A), (ROWS, 16), KVIEW, KLOAD,
-                     K_ASM_H, K_CONS_H, KES, P, 1, A, SMEM, PIECES)
+        kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BH // 8, D * BH // 32, KES, A, BH == 4 and MH == 2, D),
+                     (ROWS, 16), KVIEW, KLOAD, K_ASM_H, K_CONS_H, KES, P, 1, A, SMEM, PIECES)
         s = mma_v2(kc, qp_h, _tile_rows(bias_h, ROWS, MMA))
     else:
         KES: gl.constexpr = D * BL // 128
-        kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BL // 8, D * BL // 32, KES, A), (ROWS, 16), KVIEW, KLOAD,
-                     K_ASM_L, K_CONS_L, KES, P, 1, A, SMEM, PIECES)
+        kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BL // 8, D * BL // 32, KES, A, BL == 4 and ML == 2, D),
+                     (ROWS, 16), KVIEW, KLOAD, K_ASM_L, K_CONS_L, KES, P, 1, A, SMEM, PIECES)
         s = mma_v2(kc, qp_l, _tile_rows(bias_l, ROWS, MMA))
-    p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE)
+    p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE, ONE)
     # values: P' = p * step_t (fp16 B operand); u = V^T P' + sum_t p_t mn_t, the code offsets taken out through
     # the sum of P' (as rounded); O^T += c * u
     vstep = _rows_f16(src, V_TOK + 2 * START, ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
@@ -656,26 +720,29 @@ def _page_chunk(
                       D, MMA)
     if V_HI:
         VES: gl.constexpr = D * BH // 128
-        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BH // 8, D * BH // 64, VES, A), (16, ROWS), VVIEW, VLOAD,
-                     V_ASM_H, V_CONS_H, VES, P, 0, A, SMEM, PIECES)
+        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BH // 8, D * BH // 64, VES, A, BH == 4 and MH == 2, D),
+                     (16, ROWS), VVIEW, VLOAD, V_ASM_H, V_CONS_H, VES, P, 0, A, SMEM, PIECES)
         u = mma_v2(vc, pb, pmin[None, :] - voff_h[:, None] * psum)
         o_hi = o_hi + cn_h[:, None] * u
     else:
         VES: gl.constexpr = D * BL // 128
-        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BL // 8, D * BL // 64, VES, A), (16, ROWS), VVIEW, VLOAD,
-                     V_ASM_L, V_CONS_L, VES, P, 0, A, SMEM, PIECES)
+        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BL // 8, D * BL // 64, VES, A, BL == 4 and ML == 2, D),
+                     (16, ROWS), VVIEW, VLOAD, V_ASM_L, V_CONS_L, VES, P, 0, A, SMEM, PIECES)
         u = mma_v2(vc, pb, pmin[None, :] - voff_l[:, None] * psum)
-        o_lo = o_lo + cn_l[:, None] * u
+        if ONE:
+            o_hi = o_hi + cn_l[:, None] * u
+        else:
+            o_lo = o_lo + cn_l[:, None] * u
     return m_ref, l_i, o_hi, o_lo
 
 
 @gluon.jit
 def _page_bias(mn, q, qp, BITS: gl.constexpr, D: gl.constexpr, NP: gl.constexpr, MMA: gl.constexpr,
-               A: gl.constexpr):  # fmt: skip
+               A: gl.constexpr, MAPB: gl.constexpr):  # fmt: skip
     """``sum_c q_c mn_c - sum_c' offset_c' q'_c'`` per query head ([NP], columns of the MMA layout): two MMAs
     with the row vectors ``mn`` (the page's key minima in map order) and ``-offset`` on all 16 rows of A."""
     mn = gl.convert_layout(mn, gl.SliceLayout(0, A))
-    neg_off = -_key_field_offset(BITS, D, gl.SliceLayout(0, A)).to(gl.float16)
+    neg_off = -_key_field_offset(BITS, D, gl.SliceLayout(0, A), MAPB).to(gl.float16)
     zero_a = gl.zeros([16, D], gl.float16, A)
     acc = mma_v2(gl.broadcast(neg_off[None, :], zero_a)[0], qp, gl.zeros([16, NP], gl.float32, layout=MMA))
     acc = mma_v2(gl.broadcast(mn[None, :], zero_a)[0], q, acc)
@@ -691,9 +758,14 @@ def _page(
     V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr, V_CONS_L: gl.constexpr,
     KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
     RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, SMEM: gl.constexpr,
-    PIECES: gl.constexpr,
+    PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr,
+    GROUPS: gl.constexpr, nxt, has_next,
 ):
-    """One page: its parameters, then its chunks (``src``: the page's byte pointer, or its shared view)."""
+    """One page: its parameters, then its chunks (``src``: the page's byte pointer, or its shared view). With
+    ``RING`` the shared view is refilled from ``nxt`` (the next page, if ``has_next``) piece group by piece
+    group (``ring_groups``) as soon as every lane is done with one; each group is one commit group (empty
+    without a next page), so the wait before each read is the same: ``len(CHUNKS)`` newer groups may still be
+    in flight."""
     ROW_B: gl.constexpr = gl.SliceLayout(1, B)
     ROW_C: gl.constexpr = gl.SliceLayout(1, MMA)
     # key parameters: q' = q * step (fp16), the bias of each group
@@ -701,19 +773,47 @@ def _page(
     qp_l = q_l * _params(src, K_PAR + 4 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)[:, None]
     mn_h = _params(src, K_PAR + 2 * D, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)
     mn_l = _params(src, K_PAR + 6 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)
-    bias_h = _page_bias(mn_h, q_h, qp_h, BH, D, NP, MMA, A)
-    bias_l = _page_bias(mn_l, q_l, qp_l, BL, D, NP, MMA, A)
+    bias_h = _page_bias(mn_h, q_h, qp_h, BH, D, NP, MMA, A, MH)
+    bias_l = _page_bias(mn_l, q_l, qp_l, BL, D, NP, MMA, A, ML)
     cn_h = _params(src, V_NORM, VP_H, gl.constexpr(SHARED[2]), D, ROW_C, SMEM, PIECES).to(gl.float32)
-    cn_l = _params(src, V_NORM, VP_L, gl.constexpr(SHARED[3]), D, ROW_C, SMEM, PIECES).to(gl.float32)
+    if ONE:  # noqa: SIM108 (constexpr branches)
+        cn_l = cn_h
+    else:
+        cn_l = _params(src, V_NORM, VP_L, gl.constexpr(SHARED[3]), D, ROW_C, SMEM, PIECES).to(gl.float32)
+    if RING:
+        _refill(src, nxt, has_next, GROUPS, 0)
     for ci in gl.static_range(len(CHUNKS)):
+        if RING:
+            async_copy.wait_group(len(CHUNKS))
+            gl.thread_barrier()  # the chunk's bytes, copied by all lanes, are visible to all
         m_ref, l_i, o_hi, o_lo = _page_chunk(
             src, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
             CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3], CHUNKS[ci][4], CHUNKS[ci][5],
             gl.constexpr(SHARED[4 + 4 * ci]), gl.constexpr(SHARED[5 + 4 * ci]), gl.constexpr(SHARED[6 + 4 * ci]),
             gl.constexpr(SHARED[7 + 4 * ci]), BH, BL, D, N, NP, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L,
-            V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES,
+            V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE,
         )
+        if RING:
+            _refill(src, nxt, has_next, GROUPS, 1 + ci)
     return m_ref, l_i, o_hi, o_lo
+
+
+@gluon.jit
+def _refill(dst, nxt, has_next, GROUPS: gl.constexpr, GI: gl.constexpr):
+    """Once every lane is done reading group ``GI`` of the staged page, copy that of the next page into its
+    place (one commit group, empty without a next page)."""
+    gl.thread_barrier()
+    if has_next:
+        _copy_group(dst, nxt, GROUPS, GI)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _copy_group(dst, src, GROUPS: gl.constexpr, GI: gl.constexpr):
+    """``_copy_page`` of the pieces of ring group ``GI`` (``ring_groups``)."""
+    for i in gl.static_range(len(GROUPS)):
+        if GROUPS[i][4] == GI:
+            _copy_piece(dst[GROUPS[i][2]], src, GROUPS[i][0], GROUPS[i][1] // 4, GROUPS[i][3])
 
 
 @gluon.jit
@@ -737,9 +837,11 @@ def _decode_v2_kernel(
     KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
     PREFETCH: gl.constexpr, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr,
     SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
+    MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr, GROUPS: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
-    ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone."""
+    ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone. ``MH``, ``ML``: bits of
+    the channel maps of the high and low tiles (equal with ``ONE`` map)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -765,13 +867,16 @@ def _decode_v2_kernel(
     # -- the query in the key maps, scaled (fp16, B layout [D, NP]) ----
     n_b = gl.arange(0, NP, layout=COL_B)
     q_row = q_ptr + seq * stride_q_seq + (kvh * G + n_b)[None, :] * stride_q_head
-    kmap_h = _key_map(BH, D, ROW_B)
-    kmap_l = _key_map(BL, D, ROW_B)
+    kmap_h = _key_map(MH, D, ROW_B)
     qmask = (n_b < G)[None, :]
     q_h = (gl.load(q_row + kmap_h[:, None], mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(gl.float16)
-    q_l = (gl.load(q_row + kmap_l[:, None], mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(gl.float16)
-    vmap_h = _value_map(BH, D, ROW_C)
-    vmap_l = _value_map(BL, D, ROW_C)
+    if ONE:  # noqa: SIM108 (constexpr branches)
+        q_l = q_h
+    else:
+        kmap_l = _key_map(ML, D, ROW_B)
+        q_l = (gl.load(q_row + kmap_l[:, None], mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(gl.float16)
+    vmap_h = _value_map(MH, D, ROW_C)
+    vmap_l = _value_map(ML, D, ROW_C)
     voff_h = _value_field_offset(BH, D, ROW_C)
     voff_l = _value_field_offset(BL, D, ROW_C)
 
@@ -787,14 +892,30 @@ def _decode_v2_kernel(
         if p_lo + pg < p_hi:
             _prefetch_l2(cache_ptr + gl.load(bt_row + p_lo + pg).to(gl.int64) * stride_c_block
                          + kvh * stride_c_head, lane, PF_BYTES, PF_ASM)
-    if SMEM:  # pages staged in shared memory: page pg + 1 is copied while page pg is read
-        ring = _alloc_stage(SEGMENTS)
+    if RING:  # one staged page, refilled group by group (_page): the first page's groups, one commit each
+        ring = _alloc_stage(SEGMENTS, 1)
+        first = cache_ptr + gl.load(bt_row + p_lo, mask=p_lo < p_hi, other=0).to(gl.int64) * stride_c_block \
+            + kvh * stride_c_head  # (no page: a block table row may be empty)
+        for gi in gl.static_range(len(CHUNKS) + 1):
+            if p_lo < p_hi:
+                _copy_group(_stage_view(ring, 0, SEGMENTS), first, GROUPS, gi)
+            async_copy.commit_group()
+    elif SMEM:  # pages staged in shared memory: page pg + 1 is copied while page pg is read
+        ring = _alloc_stage(SEGMENTS, 2)
         if p_lo < p_hi:
             _copy_page(_stage_view(ring, 0, SEGMENTS), cache_ptr + gl.load(bt_row + p_lo).to(gl.int64)
                        * stride_c_block + kvh * stride_c_head, PIECES)
         async_copy.commit_group()
     for pg in range(p_lo, p_hi):
-        if SMEM:
+        nxt = cache_ptr
+        has_next = pg + 1 < p_hi
+        if RING:
+            nxt = cache_ptr + gl.load(bt_row + gl.minimum(pg + 1, p_hi - 1)).to(gl.int64) * stride_c_block \
+                + kvh * stride_c_head
+            async_copy.wait_group(len(CHUNKS))  # this page's parameters (copied during the previous page)
+            gl.thread_barrier()
+            src = _stage_view(ring, 0, SEGMENTS)
+        elif SMEM:
             stage = (pg - p_lo) % 2
             gl.thread_barrier()  # every lane is done with the buffer the next copy overwrites
             if pg + 1 < p_hi:
@@ -812,23 +933,23 @@ def _decode_v2_kernel(
         m_ref, l_i, o_hi, o_lo = _page(
             src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N, NP, K_PAR, V_NORM,
             V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, KP_H, KP_L, VP_H,
-            VP_L, RESCALE, MMA, A, B, SMEM, PIECES,
+            VP_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, RING, GROUPS, nxt, has_next,
         )
 
     # -- the bf16 tail (the last split): keys in the high key map, values in the high value map ----
     if split == NUM_SPLITS - 1:
         t_base = gl.load(tail_slots_ptr + seq).to(gl.int64) * stride_t_slot + kvh * stride_t_head
         rk = gl.arange(0, TAIL, layout=gl.SliceLayout(1, A))
-        kmap_a = _key_map(BH, D, gl.SliceLayout(0, A))
+        kmap_a = _key_map(MH, D, gl.SliceLayout(0, A))
         rv = gl.arange(0, TAIL, layout=gl.SliceLayout(0, A))
-        vmap_a = _value_map(BH, D, gl.SliceLayout(1, A))
+        vmap_a = _value_map(MH, D, gl.SliceLayout(1, A))
         r_c = gl.arange(0, TAIL, layout=ROW_C)
         for t0 in range(0, tail_len, TAIL):
             kt = gl.load(tk_ptr + t_base + (t0 + rk)[:, None] * stride_t_tok + kmap_a[None, :],
                          mask=(t0 + rk < tail_len)[:, None], other=0.0).to(gl.float16)
             s = mma_v2(kt, q_h, gl.zeros([TAIL, NP], gl.float32, MMA))
             s = gl.where((t0 + r_c < tail_len)[:, None], s, float("-inf"))
-            p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE)
+            p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE, ONE)
             vt = gl.load(tv_ptr + t_base + (t0 + rv)[None, :] * stride_t_tok + vmap_a[:, None],
                          mask=(t0 + rv < tail_len)[None, :], other=0.0).to(gl.float16)
             o_hi = mma_v2(vt, gl.convert_layout(p.to(gl.float16), B), o_hi)
@@ -839,10 +960,13 @@ def _decode_v2_kernel(
     hmask = (n_c < G)[None, :]
     row = (seq * (G * num_kv_heads) + heads_c) * NUM_SPLITS + split  # [NP]
     part = part_o_ptr + row[None, :] * D
-    gl.store(part + vmap_h[:, None], o_hi, mask=hmask)
-    gl.thread_barrier()
     safe_l = gl.where(l_i > 0, l_i, 1.0)
-    o = (gl.load(part + vmap_l[:, None], mask=hmask, other=0.0) + o_lo) / safe_l[None, :]
+    if ONE:  # noqa: SIM108 (constexpr branches)
+        o = o_hi / safe_l[None, :]
+    else:
+        gl.store(part + vmap_h[:, None], o_hi, mask=hmask)
+        gl.thread_barrier()
+        o = (gl.load(part + vmap_l[:, None], mask=hmask, other=0.0) + o_lo) / safe_l[None, :]
     lse2 = gl.where(l_i > 0, m_ref + gl.log2(safe_l), float("-inf"))  # base 2, of the scaled logits
     if NUM_SPLITS == 1:
         dst = out_ptr + seq * stride_o_seq + heads_c[None, :] * stride_o_head + vmap_l[:, None]
@@ -911,29 +1035,40 @@ def _counter(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device: torch.device) -> int:
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device: torch.device,
+                      programs_per_sm: int = PROGRAMS_PER_SM) -> int:  # fmt: skip
     """Programs per (sequence, KV head) from shapes only (no host sync): page splits of at least
-    MIN_PAGES_PER_SPLIT pages, about PROGRAMS_PER_SM one-warp programs per SM, plus one for the bf16 tail."""
+    MIN_PAGES_PER_SPLIT pages, about ``programs_per_sm`` one-warp programs per SM (``resident_programs``),
+    plus one for the bf16 tail."""
     if max_blocks == 0:
         return 1
     programs = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(PROGRAMS_PER_SM * num_sms(device), programs)
+    want = triton.cdiv(programs_per_sm * num_sms(device), programs)
     most = max(1, max_blocks // MIN_PAGES_PER_SPLIT)
     return 1 + max(1, min(want - 1, most, 63))
 
 
+def map_bits(layout, maps: int) -> tuple[int, int]:
+    """Bits of the channel maps the high and the low tiles are read into: their own (two maps), or the smaller
+    width's for both (one map: 4-bit codes are read into the 2-bit map, one value accumulator)."""
+    bh, bl = layout.bits_high, layout.bits_low
+    return (bh, bl) if maps == 2 else (min(bh, bl),) * 2
+
+
 @functools.lru_cache(maxsize=64)
-def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False) -> dict:
+def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: int = 2, ring: bool = False) -> dict:
     d, bh, bl = layout.head_size, layout.bits_high, layout.bits_low
-    plans = [param_load_plan("key", bh, d), param_load_plan("key", bl, d), param_load_plan("value", bh, d),
-             param_load_plan("value", bl, d)]
+    mh, ml = map_bits(layout, maps)
+    plans = [param_load_plan("key", mh, d), param_load_plan("key", ml, d), param_load_plan("value", mh, d),
+             param_load_plan("value", ml, d)]
     tiles = chunks(layout, max_chunk)
     segments, pieces = stage_plan(layout, tiles) if stage else ((32,), ())
     shared = tuple(shared_params(p) for p in plans) + tuple(
-        x for c in tiles for x in shared_operand("key", bh if c[2] else bl, d, c[1])
-        + shared_operand("value", bh if c[4] else bl, d, c[1])) if stage else (None,) * (4 + 4 * len(tiles))
-    kh, kch, _ = key_unpack_asm(bh, d)
-    kl, kcl, _ = key_unpack_asm(bl, d)
+        x for c in tiles for x in shared_operand("key", bh if c[2] else bl, d, c[1], mh if c[2] else ml)
+        + shared_operand("value", bh if c[4] else bl, d, c[1], mh if c[4] else ml)) if stage else (
+        None,) * (4 + 4 * len(tiles))
+    kh, kch, _ = key_unpack_asm(bh, d, mh)
+    kl, kcl, _ = key_unpack_asm(bl, d, ml)
     vh, vch, _ = value_unpack_asm(bh, d)
     vl, vcl, _ = value_unpack_asm(bl, d)
     return {
@@ -942,7 +1077,9 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False) -> dict
         "K_ASM_H": kh, "K_CONS_H": kch, "K_ASM_L": kl, "K_CONS_L": kcl,
         "V_ASM_H": vh, "V_CONS_H": vch, "V_ASM_L": vl, "V_CONS_L": vcl,
         "KP_H": plans[0], "KP_L": plans[1], "VP_H": plans[2], "VP_L": plans[3],
-        "SMEM": stage, "SHARED": shared, "SEGMENTS": segments, "PIECES": pieces,
+        "SMEM": stage, "SHARED": shared, "SEGMENTS": segments, "PIECES": pieces, "MH": mh, "ML": ml,
+        "ONE": mh == ml and maps == 1, "RING": stage and ring,
+        "GROUPS": ring_groups(layout, tiles, pieces) if stage and ring else (),
         "PF_BYTES": _pf_bytes(layout),  # codes + parameters, a multiple of 16 bytes
         "PF_ASM": f"cp.async.bulk.prefetch.L2.global [$1], {_pf_bytes(layout)}; mov.u32 $0, 0;",
     }  # fmt: skip
@@ -969,11 +1106,16 @@ def decode_attention_v2(
     max_chunk: int = MAX_CHUNK,
     prefetch: int = PREFETCH_PAGES,
     stage: bool | None = None,
+    maps: int = MAPS,
+    ring: bool = RING,
+    maxnreg: int | None = MAXNREG,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
     Arguments as ``decode_attention`` (v1). ``lse``: optional fp32 ``[num_seqs, num_heads]`` that receives
-    the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). Returns ``out``.
+    the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). ``maps``: channel
+    maps of the page loop (``MAPS``); ``ring``: one staged page refilled piece by piece (``RING``); ``maxnreg``:
+    a register cap (``MAXNREG``). Returns ``out``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -987,18 +1129,23 @@ def decode_attention_v2(
         check(tuple(lse.shape) == (num_seqs, num_heads) and lse.is_contiguous(), "lse must be [num_seqs, num_heads]")
     if num_seqs == 0:
         return out
+    if stage is None:
+        stage = STAGE_PAGES > 0 and stage_supported(layout)
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev)
+        num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev,
+                                       resident_programs(layout, stage, ring, maxnreg, max_chunk))
     check(num_splits >= 1, "num_splits must be >= 1")
+    check(maps in (1, 2), "maps must be 1 or 2")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                     out, lse, scale, num_splits, max_chunk, prefetch, stage)  # fmt: skip
+                     out, lse, scale, num_splits, max_chunk, prefetch, stage, maps, ring, maxnreg)  # fmt: skip
     return out
 
 
 def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK,
-                     prefetch: int = PREFETCH_PAGES, stage: bool | None = None) -> None:  # fmt: skip
+                     prefetch: int = PREFETCH_PAGES, stage: bool | None = None,
+                     maps: int = MAPS, ring: bool = RING, maxnreg: int | None = MAXNREG) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
@@ -1019,7 +1166,9 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         scale * LOG2E, h,
         NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, GP=pow2(g),
-        **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage),
+        **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage,
+                      maps, ring),
         PREFETCH=prefetch,
         num_warps=1,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip

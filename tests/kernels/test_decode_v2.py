@@ -108,6 +108,35 @@ def test_launch_options(prefetch, max_chunk, stage):
              stage=stage)
 
 
+SCHEDULES = {  # launch options of the page loop: channel maps, one staged page refilled piece by piece, register cap
+    "one-map": {"maps": 1, "ring": False},
+    "one-map-ring": {"maps": 1, "ring": True},
+    "one-map-ring-r168": {"maps": 1, "ring": True, "maxnreg": 168},
+    "one-map-unstaged": {"maps": 1, "stage": False},
+    "two-maps-ring": {"maps": 2, "ring": True},
+}
+
+
+@gpu
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_schedules(schedule, preset, head_size):
+    """One channel map (4-bit codes read into the 2-bit map), the ring of one staged page and a register cap
+    change the schedule, not the function; several pages per split so that the ring refills."""
+    _compare(_layout(128, head_size, preset), 2, 4, LENGTHS[128] + [(128 * 11 + 3, 0)], num_splits=3,
+             **SCHEDULES[schedule])
+
+
+@gpu
+@pytest.mark.parametrize("schedule", ["one-map-ring", "one-map-ring-r168"])
+@pytest.mark.parametrize("num_splits", [1, 2, 64])
+def test_schedule_splits(schedule, num_splits):
+    """The ring with one split (every page in one program), two, and more splits than pages (empty splits)."""
+    _compare(_layout(128, 128, "vllm"), 2, 4, [(128 * 9 + 5, 0), (128 * 2, 0), (1, 0)], num_splits=num_splits,
+             **SCHEDULES[schedule])
+
+
 @gpu
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("head_size", [64, 128])
@@ -146,6 +175,19 @@ def test_stage_plan(block_size, head_size, preset):
             assert len(view.offset_bases) == (rows * 16).bit_length() - 1
     for off, nb in reads:
         assert any(p[0] == off and p[1] == nb for p in pieces), (off, nb)
+    groups = v2.ring_groups(layout, tiles, pieces)  # the ring refills every piece once, in its chunk's group
+    assert sorted(p[:4] for p in groups) == sorted(pieces)
+    assert {p[4] for p in groups} == set(range(len(tiles) + 1))
+    for off, _nb, _, _, gi in groups:
+        if gi:
+            start = tiles[gi - 1][0]
+            assert off in (tiles[gi - 1][3], tiles[gi - 1][5], layout.v_tok_off + 2 * start,
+                           layout.v_tok_off + 2 * (layout.block_size + start)), (off, gi)
+    if layout.bits_high == 4 and layout.bits_low == 2:  # one map: the 4-bit tiles' views in the 2-bit map
+        for _start, rows, k_hi, _, v_hi, _ in tiles:
+            for kind, hi in (("key", k_hi), ("value", v_hi)):
+                view, _ = v2.shared_operand(kind, 4 if hi else 2, d, rows, 2)
+                assert len(view.offset_bases) == (rows * 16).bit_length() - 1
 
 
 @gpu
@@ -183,11 +225,11 @@ def test_channel_maps_are_permutations(d, bits):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("bits", [2, 4])
-def test_unpack_asm_operands(d, bits):
+@pytest.mark.parametrize("bits, map_bits", [(2, 2), (4, 4), (4, 2)])
+def test_unpack_asm_operands(d, bits, map_bits):
     """Every output register is written once; inputs are the registers the loads provide."""
     for make in (v2.key_unpack_asm, v2.value_unpack_asm):
-        asm, cons, nin = make(bits, d)
+        asm, cons, nin = make(bits, d, map_bits) if make is v2.key_unpack_asm else make(bits, d)
         outs = 4 * (d // 16)
         assert cons.count("=r") == outs and cons.count(",r") + cons.startswith("r") == nin
         assert nin == d * bits // 64
@@ -196,8 +238,99 @@ def test_unpack_asm_operands(d, bits):
         assert f"${outs + nin}" not in asm
 
 
+def test_resident_programs():
+    """Programs per SM by registers and shared memory: the staged pair of the vllm page (28 KB) allows 8, a ring
+    of one page 15; 168 registers allow 12, 255 allow 8."""
+    layout = _layout(128, 128, "vllm")
+    assert v2.resident_programs(layout, True, False, None) == 8
+    assert v2.resident_programs(layout, True, True, None) == 8
+    assert v2.resident_programs(layout, True, True, 168) == 12
+    assert v2.resident_programs(layout, True, True, 128) == 15
+    assert v2.resident_programs(layout, True, False, 168) == 8
+
+
 def test_supported():
     assert v2.supported(_layout(128, 128, "vllm")) and v2.supported(_layout(128, 64, "r0.6"))
     assert not v2.supported(PageLayout(128, 128, bits_high=8, bits_low=4))
     assert not v2.supported(PageLayout(128, 256))
     assert math.isclose(PageLayout(128, 128, salient_ratio=0.6).num_salient_k % 16, 0)
+
+
+# ------------------------------------------------------------------ the lane's loads + unpack PTX, emulated on the CPU
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """Execute the unpack PTX (``shr``, ``prmt``, ``lop3 0xEA``) on 32-bit register values."""
+
+    def val(name):
+        return regs[name] if name in regs else int(name, 0)
+
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        if op == "shr.b32":
+            regs[a[0]] = val(a[1]) >> int(a[2])
+        elif op == "lop3.b32":
+            assert a[4] == "0xEA"  # (a & b) | c
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op == "prmt.b32":
+            pool = val(a[1]) | val(a[2]) << 32
+            sel = int(a[3], 0)
+            regs[a[0]] = sum(((pool >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        else:
+            raise AssertionError(f"unexpected PTX {op}")
+    return regs
+
+
+def _halves(word: int) -> tuple[float, float]:
+    import struct
+
+    return struct.unpack("<2e", word.to_bytes(4, "little"))
+
+
+def _lane_inputs(packed, es: int, nin: int, offsets: list[int], first: int) -> dict:
+    """The asm's input registers ``$first ..`` from the lane's 8 loaded elements (register order), as Triton
+    packs them (16- and 8-bit elements share a 32-bit register, the first in the low bits)."""
+    elems = [int.from_bytes(bytes(packed[o : o + es]), "little") for o in offsets]
+    per = 4 // es
+    return {f"${first + i}": sum(elems[per * i + k] << (8 * es * k) for k in range(per)) for i in range(nin)}
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bits, map_bits", [(2, 2), (4, 4), (4, 2)])
+def test_unpack_reads_the_channel_map(d, bits, map_bits):
+    """Every lane's loads (``key_address`` / ``value_address``) and unpack PTX give ``offset + code`` of exactly
+    the channel its map names, for a random tile of 32 page rows packed as pages store them (``pack_row``);
+    ``(4, 2)``: 4-bit codes read into the 2-bit map (``maps=1``)."""
+    rows, planes = 32, d // 16
+    gen = torch.Generator().manual_seed(bits * d)
+    codes = torch.randint(0, 1 << bits, (rows, d), generator=gen, dtype=torch.uint8)
+    flat = paged.pack_row(codes, bits).reshape(-1).tolist()
+    es = d * bits // 128
+    for kind in ("key", "value"):
+        make = v2.key_unpack_asm if kind == "key" else v2.value_unpack_asm
+        asm, _, nin = make(bits, d, map_bits) if kind == "key" else make(bits, d)
+        base = 4 * planes
+        for tile in range(rows // 16):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                offs = []
+                for e in range(8):  # register order of the A fragment: bit 0 -> +1, bit 1 -> row + 8, bit 2 -> +8
+                    lo, mid, hi = e & 1, (e >> 1) & 1, e >> 2
+                    if kind == "key":  # A = K [rows, 16]: (page row, column)
+                        addr = v2.key_address(bits, d, 16 * tile + g + 8 * mid, 2 * t + lo + 8 * hi, map_bits)
+                    else:  # A = V^T [16, rows]: (channel row, page row)
+                        addr = v2.value_address(bits, d, g + 8 * mid, 16 * tile + 2 * t + lo + 8 * hi, map_bits)
+                    offs.append(addr * es)
+                regs = _run_ptx(asm, _lane_inputs(flat, es, nin, offs, base))
+                for j in range(planes):
+                    for r in range(4):
+                        mh, h = r % 2, r // 2
+                        for half, x in enumerate(_halves(regs[f"${4 * j + r}"])):
+                            if kind == "key":
+                                row, ch = 16 * tile + g + 8 * mh, v2.key_channel(map_bits, d, j, 2 * t + half + 8 * h)
+                            else:
+                                row, ch = 16 * tile + 2 * t + half + 8 * h, v2.value_channel(map_bits, d, j, g + 8 * mh)
+                            offset = 2.0 ** math.floor(math.log2(x))
+                            assert x - offset == codes[row, ch], (kind, tile, lane, j, r, half, x)

@@ -1,7 +1,7 @@
 """The vLLM backend's CPU decode step, without vLLM: the staging plan and 30 layers of ``zipcache_attention``.
 
     python benchmarks/bench_cpu_step.py [--rows 8] [--context 520] [--steps 60] [--prefill sdpa,vllm] [--threads 1]
-        [--request-rows 32,128]
+        [--request-rows 32,128] [--decode-threads 1,2]
 
 SmolLM2-135M geometry (9 query heads, 3 KV heads, head size 64, 30 layers, blocks of 128), the ``vllm`` preset,
 the numba kernels (the CPU server's default, compiled before the timed steps as the server does), one torch
@@ -32,8 +32,12 @@ from zipcache_vllm.method.saliency import num_block_probes
 N, H, HQ, D, LAYERS = 128, 3, 9, 64, 30
 
 
-def run(rows: int, context: int, steps: int, prefill: str = "sdpa", threads: int = 1) -> tuple[float, float]:
+def run(rows: int, context: int, steps: int, prefill: str = "sdpa", threads: int = 1,
+        decode_threads: int = 1) -> tuple[float, float]:  # fmt: skip
     torch.set_num_threads(threads)
+    got, why = cpu_kernels.decode_threads(decode_threads)
+    if got != decode_threads:
+        print(f"numba decode on {got} thread(s), not {decode_threads}: {why}", flush=True)
     paged_attention = None
     if prefill == "vllm":
         from zipcache_vllm.plugin.cpu_attention import CpuPagedAttention
@@ -86,6 +90,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--prefill", default="sdpa", help="comma list of sdpa, vllm")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--decode-threads", default="1", help="comma list: threads of the numba decode, each a run "
+                    "(more than one needs numba and torch on one OpenMP runtime: cpu_kernels.decode_threads)")
     ap.add_argument("--request-rows", default=None, help="comma list: query rows per kernel request (vllm prefill)")
     args = ap.parse_args(argv)
     from zipcache_vllm.engine import step as step_module
@@ -93,11 +99,12 @@ def main(argv=None) -> None:
     runs = args.prefill.split(",")
     if args.request_rows:  # vllm prefill at each request size, in turn
         runs = [f"vllm:{r}" for _ in range(2) for r in args.request_rows.split(",")]
-    for how in runs:
+    for how, dt in [(h, int(x)) for h in runs for x in args.decode_threads.split(",")]:
         if how.startswith("vllm:"):
             step_module.REQUEST_ROWS = int(how.split(":")[1])
-        prefill, ms = run(args.rows, args.context, args.steps, how.split(":")[0], args.threads)
-        print(f"rows {args.rows}, context {args.context}, prefill by {how}, {args.threads} thread(s): prefill (one "
+        prefill, ms = run(args.rows, args.context, args.steps, how.split(":")[0], args.threads, dt)
+        print(f"rows {args.rows}, context {args.context}, prefill by {how}, {args.threads} thread(s), decode on {dt}: "
+              f"prefill (one "
               f"chunk per row, {LAYERS} layers' attention, probes, compression) {prefill:.0f} ms; median decode "
               f"step {ms:.2f} ms (plan + {LAYERS} layers)", flush=True)
 

@@ -142,16 +142,12 @@ def test_weighted_code_rows(rows, bits, g, head_size):
 CONTEXTS = lambda n: [0, 1, n, n + 1, 2 * n + n // 2 + 3, 3 * n - 1]  # noqa: E731
 
 
-@pytest.mark.parametrize("preset", ["vllm", "paged"])  # keys 0.8 / values 0.2 salient; r = 0.6 for both
-@pytest.mark.parametrize("block_size", [16, 128])  # block 16: quotas of 0 or 16 rows (a region is empty)
-@pytest.mark.parametrize("head_size", [64, 128])
-@pytest.mark.parametrize("num_heads, num_kv_heads", [(3, 3), (9, 3)])  # GQA 1 and 3 (SmolLM2's)
-def test_decode_rows_matches_the_torch_path(preset, block_size, head_size, num_heads, num_kv_heads):
-    """decode_attend_codes (numba, codes) against decode_attend (torch, dequantized pages) on one layer's decode
-    rows: equal up to fp32 summation order."""
+def _decode_case(preset, block_size, head_size, num_heads, num_kv_heads):
+    """One layer's decode rows (CONTEXTS) over random compressed pages: the arguments of decode_attend(_codes)
+    without ``out``, and the output shape."""
     from zipcache_vllm.engine import paged
     from zipcache_vllm.engine.block_manager import StepPlan
-    from zipcache_vllm.engine.cpu_decode import build_index, decode_attend, decode_attend_codes
+    from zipcache_vllm.engine.cpu_decode import build_index
     from zipcache_vllm.engine.layout import PageLayout
     from zipcache_vllm.engine.staging import Staging
     from zipcache_vllm.method.config import ZipCacheConfig
@@ -181,9 +177,64 @@ def test_decode_rows_matches_the_torch_path(preset, block_size, head_size, num_h
     staging.value.copy_(torch.randn(staging.value.shape, generator=gen))
     q = torch.randn(rows, hq, d, generator=gen).bfloat16()
     k1, v1 = torch.randn(2, rows, h, d, generator=gen).bfloat16()
+    return (q, k1, v1, cache, staging, index, lay, d**-0.5), (rows, hq, d)
+
+
+@pytest.mark.parametrize("preset", ["vllm", "paged"])  # keys 0.8 / values 0.2 salient; r = 0.6 for both
+@pytest.mark.parametrize("block_size", [16, 128])  # block 16: quotas of 0 or 16 rows (a region is empty)
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(3, 3), (9, 3)])  # GQA 1 and 3 (SmolLM2's)
+def test_decode_rows_matches_the_torch_path(preset, block_size, head_size, num_heads, num_kv_heads):
+    """decode_attend_codes (numba, codes) against decode_attend (torch, dequantized pages) on one layer's decode
+    rows: equal up to fp32 summation order."""
+    from zipcache_vllm.engine.cpu_decode import decode_attend, decode_attend_codes
+
+    args, shape = _decode_case(preset, block_size, head_size, num_heads, num_kv_heads)
     outs = []
     for fn in (decode_attend, decode_attend_codes):
-        out = torch.full((rows, hq, d), float("nan"))
-        fn(q, k1, v1, cache, staging, index, lay, d**-0.5, out)
+        out = torch.full(shape, float("nan"))
+        fn(*args, out)
         outs.append(out)
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset, block_size, head_size", [("vllm", 128, 64), ("paged", 16, 128)])
+def test_parallel_decode_does_not_depend_on_its_threads(preset, block_size, head_size, monkeypatch):
+    """The (row, KV head) pairs shared among numba's threads (_decode_rows_parallel): the same bits on one thread
+    and on two (a pair is computed the same way by any thread), and the serial loop's values up to fp32
+    rounding (the two drivers are compiled separately: 4e-7 apart here; a server runs one of them throughout)."""
+    from zipcache_vllm.engine.cpu_decode import decode_attend_codes
+
+    args, shape = _decode_case(preset, block_size, head_size, 9, 3)
+    outs = []
+    for driver_threads, numba_threads in ((1, 1), (2, 1), (2, 2)):
+        monkeypatch.setattr(cpu_kernels, "_THREADS", driver_threads)
+        numba.set_num_threads(numba_threads)
+        out = torch.full(shape, float("nan"))
+        decode_attend_codes(*args, out)
+        outs.append(out)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert torch.equal(outs[1], outs[2])
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
+    assert len(cpu_kernels._decode_rows_parallel.signatures) == 1
+
+
+def test_decode_threads_share_torchs_openmp_runtime():
+    """In a fresh process that imports torch first (as vLLM's worker does), decode_threads(2) finds numba's
+    OpenMP layer on torch's runtime and grants 2 threads; torch's runtime is left without nested parallelism
+    (numba switches it on when its layer starts: SDPA ran 20x slower with it on); one thread asked, one given."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from zipcache_vllm.engine import cpu_kernels\n"
+        "print(cpu_kernels.decode_threads(1)[0])\n"
+        "n, why = cpu_kernels.decode_threads(2)\n"
+        "omp = cpu_kernels._torch_openmp()\n"
+        "print(n, omp.omp_get_max_active_levels(), omp.omp_get_nested(), why)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    assert lines[0] == "1", run.stdout + run.stderr
+    assert lines[1].split()[:3] == ["2", "1", "0"], run.stdout + run.stderr

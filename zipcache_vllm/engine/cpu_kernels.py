@@ -15,10 +15,16 @@ then the bf16 tail and the row's own new token, one softmax per query head. Layo
 Results equal the torch twin up to fp32 summation order (tests/engine/test_step.py).
 
 No vLLM import; numba is optional (the ``cpu`` extra installs it): :func:`available` says whether it imports.
-One thread: the vLLM CPU worker's OpenMP threads stay with torch (benchmarks/bench_cpu_decode.py).
+Threads: one, or torch's OpenMP worker threads where numba and torch share one OpenMP runtime
+(:func:`decode_threads`; the (row, KV head) pairs are shared among them, each computed as on one thread).
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -233,6 +239,111 @@ def _weighted_code_rows(pg, off, rows, bits, w, col, g, acc):
         _weighted_codes(pg, off, rows, 8, w, col, g, acc)
 
 
+def _scratch(threads, n, d, g, width):
+    """Scratch arrays of :func:`_decode_pair`, one set per thread (leading dimension ``threads``)."""
+    return (
+        np.empty((threads, n, d), dtype=np.float32),  # buf: a page's key codes, widened
+        np.empty((threads, n + 1, d), dtype=np.float32),  # tbuf: the bf16 tail and the new token, widened
+        np.empty((threads, d), dtype=np.uint32),  # bits
+        np.empty((threads, 2, g, d), dtype=np.float32),  # qs: query times key step, per precision group
+        np.empty((threads, 2, g), dtype=np.float32),  # bias: query . key min, per precision group
+        np.empty((threads, g, width), dtype=np.float32),  # probs
+        np.empty((threads, width), dtype=np.uint32),  # scratch of _exp_inplace
+        np.empty((threads, g, d), dtype=np.float32),  # acc
+        np.empty((threads, g, d), dtype=np.float32),  # part
+        np.empty((threads, g, n), dtype=np.float32),  # ws: probability times value step, per page row
+        np.empty((threads, g), dtype=np.float32),  # bsum
+        np.empty((threads, 4, d), dtype=np.float32),  # kp: step_hi, mn_hi, step_lo, mn_lo
+        np.empty((threads, d), dtype=np.float32),  # norm
+        np.empty((threads, 2, n), dtype=np.float32),  # vt: value step, mn per page row
+    )
+
+
+def _decode_pair(r, h, tid, sc, pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key,
+                 new_value, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off,
+                 v_tok_off, bits_high, bits_low, out):
+    """Row ``r``, KV head ``h`` of :func:`_decode_rows` with thread ``tid``'s scratch ``sc`` (:func:`_scratch`)."""
+    g, d = q.shape[2], q.shape[3]
+    buf, tbuf, bits, qs, bias, probs = sc[0][tid], sc[1][tid], sc[2][tid], sc[3][tid], sc[4][tid], sc[5][tid]
+    scratch, acc, part, ws, bsum, kp = sc[6][tid], sc[7][tid], sc[8][tid], sc[9][tid], sc[10][tid], sc[11][tid]
+    norm, vt = sc[12][tid], sc[13][tid]
+    zero = np.zeros(g, dtype=np.float32)
+    num_pages = page_start[r + 1] - page_start[r]
+    tl = tail_start[r + 1] - tail_start[r]
+    wp = num_pages * n
+    length = wp + tl + 1
+    qr = q[r, h]
+    # logits: pages (codes; step and min folded into the query), tail, the new token
+    for p in range(num_pages):
+        pg = pages[page_ids[page_start[r] + p], h]
+        _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
+        _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
+        _f16(pg, k_param_off, 4 * d, kp.reshape(4 * d))
+        for part_i in range(2):
+            step, mn = kp[2 * part_i], kp[2 * part_i + 1]
+            for gi in range(g):
+                a = np.float32(0.0)
+                for c in range(d):
+                    qs[part_i, gi, c] = qr[gi, c] * step[c]
+                    a += qr[gi, c] * mn[c]
+                bias[part_i, gi] = a
+        _dot_rows(buf, 0, sk, qs[0], g, probs, p * n, scale, bias[0])
+        _dot_rows(buf, sk, n, qs[1], g, probs, p * n + sk, scale, bias[1])
+    for t in range(tl):
+        _bf16_row(tail_key[tail_slot[r], t, h], tbuf[t], bits)
+    _bf16_row(new_key[r, h], tbuf[tl], bits)
+    _dot_rows(tbuf, 0, tl + 1, qr, g, probs, wp, scale, zero)
+    # softmax over the row
+    for gi in range(g):
+        row = probs[gi, :length]
+        m = row[0]
+        for x in range(1, length):
+            m = max(m, row[x])
+        for x in range(length):
+            row[x] -= m
+        _exp_inplace(row, scratch)
+        total = np.float32(0.0)
+        for x in range(length):
+            total += row[x]
+        inv = np.float32(1.0) / total
+        for x in range(length):
+            row[x] *= inv
+    # P @ V: pages (codes; norm, step and min folded into the weights), tail, the new token
+    acc[:] = 0.0
+    for p in range(num_pages):
+        pg = pages[page_ids[page_start[r] + p], h]
+        _f16(pg, v_norm_off, d, norm)
+        _f16(pg, v_tok_off, 2 * n, vt.reshape(2 * n))
+        for gi in range(g):
+            prow = probs[gi, p * n : (p + 1) * n]
+            a = np.float32(0.0)
+            for t in range(n):
+                a += prow[t] * vt[1, t]
+                ws[gi, t] = prow[t] * vt[0, t]
+            bsum[gi] = a
+        part[:] = 0.0
+        _weighted_code_rows(pg, v_hi_off, sv, bits_high, ws, 0, g, part)
+        _weighted_code_rows(pg, v_lo_off, n - sv, bits_low, ws, sv, g, part)
+        for gi in range(g):
+            for c in range(d):
+                acc[gi, c] += norm[c] * (part[gi, c] + bsum[gi])
+    for t in range(tl):
+        _bf16_row(tail_value[tail_slot[r], t, h], tbuf[t], bits)
+    _bf16_row(new_value[r, h], tbuf[tl], bits)
+    _weighted_rows(tbuf, tl + 1, probs, wp, g, acc)
+    for gi in range(g):
+        for c in range(d):
+            out[r, h, gi, c] = acc[gi, c]
+
+
+def _width(page_start, tail_start, n):
+    """The longest row's logits: its pages' tokens, its tail and its new token."""
+    width = 1
+    for r in range(page_start.shape[0] - 1):
+        width = max(width, (page_start[r + 1] - page_start[r]) * n + tail_start[r + 1] - tail_start[r] + 1)
+    return width
+
+
 def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key, new_value,
                  scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off,
                  bits_high, bits_low, out):
@@ -242,94 +353,27 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
     (codes and fp16 parameters at the layout's offsets), the
     ``tail_start[r + 1] - tail_start[r]`` tokens of staging slot ``tail_slot[r]`` (``tail_key/value
     [slots, n, H, D]`` as int16 bf16 bits) and its own new token ``new_key/value[r] [H, D]`` (int16 bf16
-    bits). Writes ``out [R, H, G, D]``."""
+    bits). Writes ``out [R, H, G, D]``. One thread, (row, KV head) pairs in order."""
     num_rows, num_kv_heads, g, d = q.shape
-    width = 1
+    sc = _scratch(1, n, d, g, _width(page_start, tail_start, n))
     for r in range(num_rows):
-        width = max(width, (page_start[r + 1] - page_start[r]) * n + tail_start[r + 1] - tail_start[r] + 1)
-    buf = np.empty((n, d), dtype=np.float32)
-    tbuf = np.empty((n + 1, d), dtype=np.float32)  # the bf16 tail and the new token, widened
-    zero = np.zeros(g, dtype=np.float32)
-    bits = np.empty(d, dtype=np.uint32)
-    qs = np.empty((2, g, d), dtype=np.float32)  # query times key step, per precision group
-    bias = np.empty((2, g), dtype=np.float32)  # query . key min, per precision group
-    probs = np.empty((g, width), dtype=np.float32)
-    scratch = np.empty(width, dtype=np.uint32)
-    acc = np.empty((g, d), dtype=np.float32)
-    part = np.empty((g, d), dtype=np.float32)
-    ws = np.empty((g, n), dtype=np.float32)  # probability times value step, per page row
-    bsum = np.empty(g, dtype=np.float32)
-    kp = np.empty((4, d), dtype=np.float32)  # step_hi, mn_hi, step_lo, mn_lo
-    norm = np.empty(d, dtype=np.float32)
-    vt = np.empty((2, n), dtype=np.float32)  # value step, mn per page row
-    for r in range(num_rows):
-        num_pages = page_start[r + 1] - page_start[r]
-        tl = tail_start[r + 1] - tail_start[r]
-        wp = num_pages * n
-        length = wp + tl + 1
         for h in range(num_kv_heads):
-            qr = q[r, h]
-            # logits: pages (codes; step and min folded into the query), tail, the new token
-            for p in range(num_pages):
-                pg = pages[page_ids[page_start[r] + p], h]
-                _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
-                _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
-                _f16(pg, k_param_off, 4 * d, kp.reshape(4 * d))
-                for part_i in range(2):
-                    step, mn = kp[2 * part_i], kp[2 * part_i + 1]
-                    for gi in range(g):
-                        a = np.float32(0.0)
-                        for c in range(d):
-                            qs[part_i, gi, c] = qr[gi, c] * step[c]
-                            a += qr[gi, c] * mn[c]
-                        bias[part_i, gi] = a
-                _dot_rows(buf, 0, sk, qs[0], g, probs, p * n, scale, bias[0])
-                _dot_rows(buf, sk, n, qs[1], g, probs, p * n + sk, scale, bias[1])
-            for t in range(tl):
-                _bf16_row(tail_key[tail_slot[r], t, h], tbuf[t], bits)
-            _bf16_row(new_key[r, h], tbuf[tl], bits)
-            _dot_rows(tbuf, 0, tl + 1, qr, g, probs, wp, scale, zero)
-            # softmax over the row
-            for gi in range(g):
-                row = probs[gi, :length]
-                m = row[0]
-                for x in range(1, length):
-                    m = max(m, row[x])
-                for x in range(length):
-                    row[x] -= m
-                _exp_inplace(row, scratch)
-                total = np.float32(0.0)
-                for x in range(length):
-                    total += row[x]
-                inv = np.float32(1.0) / total
-                for x in range(length):
-                    row[x] *= inv
-            # P @ V: pages (codes; norm, step and min folded into the weights), tail, the new token
-            acc[:] = 0.0
-            for p in range(num_pages):
-                pg = pages[page_ids[page_start[r] + p], h]
-                _f16(pg, v_norm_off, d, norm)
-                _f16(pg, v_tok_off, 2 * n, vt.reshape(2 * n))
-                for gi in range(g):
-                    prow = probs[gi, p * n : (p + 1) * n]
-                    a = np.float32(0.0)
-                    for t in range(n):
-                        a += prow[t] * vt[1, t]
-                        ws[gi, t] = prow[t] * vt[0, t]
-                    bsum[gi] = a
-                part[:] = 0.0
-                _weighted_code_rows(pg, v_hi_off, sv, bits_high, ws, 0, g, part)
-                _weighted_code_rows(pg, v_lo_off, n - sv, bits_low, ws, sv, g, part)
-                for gi in range(g):
-                    for c in range(d):
-                        acc[gi, c] += norm[c] * (part[gi, c] + bsum[gi])
-            for t in range(tl):
-                _bf16_row(tail_value[tail_slot[r], t, h], tbuf[t], bits)
-            _bf16_row(new_value[r, h], tbuf[tl], bits)
-            _weighted_rows(tbuf, tl + 1, probs, wp, g, acc)
-            for gi in range(g):
-                for c in range(d):
-                    out[r, h, gi, c] = acc[gi, c]
+            _decode_pair(r, h, 0, sc, pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start,
+                         new_key, new_value, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off,
+                         v_norm_off, v_tok_off, bits_high, bits_low, out)
+
+
+def _decode_rows_parallel(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key,
+                          new_value, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off,
+                          v_norm_off, v_tok_off, bits_high, bits_low, out, threads):
+    """:func:`_decode_rows` with the (row, KV head) pairs shared among numba's ``threads`` threads (``prange``;
+    each pair is computed exactly as in the serial loop, so the results are the same bits)."""
+    num_rows, num_kv_heads, g, d = q.shape
+    sc = _scratch(threads, n, d, g, _width(page_start, tail_start, n))  # threads: every id get_thread_id gives
+    for i in numba.prange(num_rows * num_kv_heads):
+        _decode_pair(i // num_kv_heads, i % num_kv_heads, numba.get_thread_id(), sc, pages, page_ids, page_start, q,
+                     tail_key, tail_value, tail_slot, tail_start, new_key, new_value, scale, n, sk, sv, k_hi_off,
+                     k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off, bits_high, bits_low, out)
 
 
 def _round_bf16(src, dst):
@@ -390,24 +434,102 @@ if numba is not None:
     _weighted_codes = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_codes)
     _weighted_code_rows = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_code_rows)
     _weighted_rows = numba.njit(cache=True, fastmath=True, inline="always")(_weighted_rows)
+    _scratch = numba.njit(cache=True, inline="always")(_scratch)
+    _width = numba.njit(cache=True, inline="always")(_width)
+    _decode_pair = numba.njit(cache=True, fastmath=True)(_decode_pair)
     _decode_rows = numba.njit(cache=True, fastmath=True)(_decode_rows)
+    _decode_rows_parallel = numba.njit(cache=True, fastmath=True, parallel=True)(_decode_rows_parallel)
     _round_bf16 = numba.njit(cache=True, inline="always")(_round_bf16)
     # no fastmath: the same fp32 roundings as the torch dequantization (no contraction into fused multiply-adds)
     _dequantize_pages = numba.njit(cache=True)(_dequantize_pages)
 
 
+_THREADS = 1  # threads of the numba decode: decode_threads() sets more where numba and torch share one OpenMP runtime
+
+
+def openmp_runtimes() -> list[str]:
+    """Files of the GNU OpenMP runtimes (``libgomp``) mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return []
+
+
+def _torch_openmp():
+    """The OpenMP API of the runtime torch's kernels run on (symbols looked up through ``libtorch_cpu``)."""
+    return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+
+
+def decode_threads(threads: int) -> tuple[int, str]:
+    """Run the numba decode's (row, KV head) pairs on ``threads`` threads, if that is safe; returns ``(threads
+    set, why)``. Safe means that numba's OpenMP layer runs on the OpenMP runtime torch runs on, so that its
+    parallel regions use torch's (pinned) worker threads instead of a second pool spinning on the same cores.
+    numba's ``omppool`` asks the loader for ``libgomp.so.1.0.0`` while torch's wheel ships ``libgomp.so.1``, so a
+    second runtime may be mapped; what counts is where numba's OpenMP calls bind (the global scope, where torch's
+    runtime usually comes first). The test is therefore functional: numba's layer switches nested parallelism on
+    in its runtime when it starts; torch's runtime seeing that change means they are one. Nesting is then switched
+    off again: in the shared runtime it lets torch's kernels nest parallel regions (SDPA measured 20x slower on
+    2 cores; what made an earlier parallel decode slower as served, docs/vllm-plugin.md)."""
+    global _THREADS
+    _THREADS = 1
+    if threads <= 1 or numba is None:
+        return 1, "one thread requested" if numba is not None else "numba not installed"
+    why = _shared_runtime(threads)
+    if why:
+        return 1, why
+    _THREADS = min(threads, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(_THREADS)
+    return _THREADS, "numba runs on torch's OpenMP runtime"
+
+
+@functools.cache
+def _shared_runtime(threads: int) -> str:
+    """Empty if numba's OpenMP layer runs on torch's OpenMP runtime, else why not. Starts the layer (once per
+    process) with a pool of at least ``threads``: numba sizes it by the CPUs the calling thread may run on, and
+    vLLM's CPU worker pins its main thread to one core."""
+    try:
+        omp = _torch_openmp()
+        from numba.np.ufunc import parallel
+
+        if parallel._is_initialized:
+            return "numba's threading layer started before this check"
+        pool = max(numba.config.NUMBA_NUM_THREADS, threads)
+        os.environ["NUMBA_NUM_THREADS"] = str(pool)  # numba re-reads its config from the environment
+        numba.config.reload_config()
+        parallel.NUM_THREADS = pool  # read at numba's import, used by the launch
+        parallel.snt_check = parallel.gen_snt_check()  # set_num_threads' bound, also fixed at import
+        numba.config.THREADING_LAYER = "omp"
+        omp.omp_set_nested(0)
+        parallel._launch_threads()
+        layer = numba.threading_layer()
+        shared = omp.omp_get_nested() == 1
+        omp.omp_set_nested(0)
+        omp.omp_set_max_active_levels(1)
+    except (OSError, AttributeError, ImportError, ValueError, RuntimeError) as e:
+        return f"numba's OpenMP layer is not available ({e})"
+    if layer != "omp" or not shared:
+        return f"numba's threading layer ({layer}) runs on another OpenMP runtime than torch ({openmp_runtimes()})"
+    return ""
+
+
 def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, tail_slot, tail_start, key_rows,
                 value_rows, layout: PageLayout, scale: float, out) -> None:
     """:func:`_decode_rows` on torch tensors (CPU): uint8 pages, bf16 staging, each row's new key/value
-    ``[R, H, D]`` bf16, fp32 ``q`` and outputs. All arrays C-contiguous: one compiled signature."""
-    _decode_rows(
+    ``[R, H, D]`` bf16, fp32 ``q`` and outputs. All arrays C-contiguous: one compiled signature. On
+    :func:`decode_threads` threads (:func:`_decode_rows_parallel`) where more than one is set."""
+    args = (
         kv_cache.numpy(), page_ids.numpy(), page_start.numpy(), q.numpy(), staging_key.view(torch.int16).numpy(),
         staging_value.view(torch.int16).numpy(), tail_slot.numpy(), tail_start.numpy(),
         key_rows.contiguous().view(torch.int16).numpy(), value_rows.contiguous().view(torch.int16).numpy(),
         np.float32(scale), layout.block_size, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off,
         layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
         layout.bits_high, layout.bits_low, out.numpy(),
-    )
+    )  # fmt: skip
+    if _THREADS > 1:  # scratch for every thread id numba may hand out (its pool size, not only ours)
+        _decode_rows_parallel(*args, max(_THREADS, numba.config.NUMBA_NUM_THREADS))
+    else:
+        _decode_rows(*args)
 
 
 def dequantize_pages_bf16(kv_cache, page_ids, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -290,6 +290,8 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         self.kernels = pick_kernels(envs.kernels(), torch.cuda.is_available())
         if self.kernels == "numba" and "numba_ready" not in _state:
             _state["numba_ready"] = True
+            threads, why = cpu_kernels.decode_threads(envs.cpu_decode_threads() or torch.get_num_threads())
+            logger.info("ZipCache CPU decode (numba) on %d thread(s): %s", threads, why)
             cpu_kernels.warmup(self.layout, num_kv_heads, num_heads // num_kv_heads)  # compile before requests
             cpu_compress.warmup(self.layout, num_kv_heads)
         num_slots = num_staging_slots(vllm_config)

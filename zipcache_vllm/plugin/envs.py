@@ -18,6 +18,8 @@ variable                        default    meaning
 ``ZIPCACHE_CPU_PREFILL``        ``vllm``   CPU prefill chunks through ``vllm`` (vLLM's own CPU attention
                                            kernel, every block a request over a bf16 scratch) or ``sdpa``
                                            (masked torch SDPA per block, fp32: the engine's own path)
+``ZIPCACHE_CPU_DECODE_THREADS`` (auto)     threads of the numba decode; default torch's thread count where
+                                           numba and torch share one OpenMP runtime, else 1
 =============================== ========== ===============================================================
 """
 
@@ -35,6 +37,7 @@ CONFIG_OVERRIDES = "ZIPCACHE_CONFIG_OVERRIDES"
 STAGING_SLOTS = "ZIPCACHE_STAGING_SLOTS"
 KERNELS = "ZIPCACHE_KERNELS"
 CPU_PREFILL = "ZIPCACHE_CPU_PREFILL"
+CPU_DECODE_THREADS = "ZIPCACHE_CPU_DECODE_THREADS"
 
 BACKENDS = ("auto", "zipcache")
 KERNEL_CHOICES = ("auto", "torch", "numba", "triton")
@@ -81,17 +84,27 @@ def load_config(extra: dict[str, Any] | None = None) -> ZipCacheConfig:
     return ZipCacheConfig.load(config_source(), **overrides)
 
 
-def staging_slots() -> int | None:
-    raw = os.environ.get(STAGING_SLOTS, "").strip()
+def _positive(name: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return None
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{STAGING_SLOTS} must be a positive integer, got {raw!r}") from None
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from None
     if value < 1:
-        raise ValueError(f"{STAGING_SLOTS} must be a positive integer, got {raw!r}")
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
     return value
+
+
+def staging_slots() -> int | None:
+    return _positive(STAGING_SLOTS)
+
+
+def cpu_decode_threads() -> int | None:
+    """Threads of the numba decode (None: torch's thread count, where safe)."""
+    return _positive(CPU_DECODE_THREADS)
+
 
 
 def kernels() -> str:

@@ -445,6 +445,10 @@ if numba is not None:
 
 
 _THREADS = 1  # threads of the numba decode: decode_threads() sets more where numba and torch share one OpenMP runtime
+PARALLEL_MIN_PAGES = 24  # (page, KV head) pairs of a layer's decode below which one thread does it: the parallel
+# region's wake-up and the uneven split of a few (row, KV head) pairs cost more than they save (served, one stream of
+# ~650 tokens: 5 pages x 3 heads on two threads 4.57 s vs 4.33 on one for 128 tokens)
+_numba_threads = [0]  # what numba.set_num_threads was last given (thread-local in numba; set from this thread)
 
 
 def openmp_runtimes() -> list[str]:
@@ -527,6 +531,12 @@ def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, t
         layout.bits_high, layout.bits_low, out.numpy(),
     )  # fmt: skip
     if _THREADS > 1:  # scratch for every thread id numba may hand out (its pool size, not only ours)
+        # the same bits on any number of threads (a pair is computed alike by any thread): the count may follow
+        # the work without making a row's output depend on the rest of the batch
+        threads = _THREADS if page_ids.shape[0] * q.shape[1] >= PARALLEL_MIN_PAGES else 1
+        if _numba_threads[0] != threads:
+            numba.set_num_threads(threads)
+            _numba_threads[0] = threads
         _decode_rows_parallel(*args, max(_THREADS, numba.config.NUMBA_NUM_THREADS))
     else:
         _decode_rows(*args)

@@ -346,10 +346,13 @@ def stage_bytes(layout, stage: bool, ring: bool, max_chunk: int = MAX_CHUNK) -> 
     return (4 if ring else 8) * sum(stage_plan(layout, chunks(layout, max_chunk))[0]) if stage else 0
 
 
-def resident_programs(layout, stage: bool = True, ring: bool = RING, maxnreg: int | None = MAXNREG,
+def resident_programs(layout, stage: bool = True, ring: bool | None = None, maxnreg: int | None = None,
                       max_chunk: int = MAX_CHUNK) -> int:  # fmt: skip
     """One-warp programs that fit an H100/H200 SM: by registers (``maxnreg``, else 255; 64 K per SM, allocated
-    per warp in units of 256) and by shared memory (228 KB, 1 KB reserved per program)."""
+    per warp in units of 256) and by shared memory (228 KB, 1 KB reserved per program). ``ring``/``maxnreg``:
+    None = the module's ``RING``/``MAXNREG``."""
+    ring = RING if ring is None else ring
+    maxnreg = MAXNREG if maxnreg is None else maxnreg
     by_regs = 65536 // (-(-(maxnreg or 255) * 32 // 256) * 256)
     smem = stage_bytes(layout, stage, ring, max_chunk)
     return max(1, min(by_regs, 233472 // (smem + 1024) if smem else 32))
@@ -1089,6 +1092,12 @@ def _pf_bytes(layout) -> int:
     return -(-layout.mask_off // 16) * 16
 
 
+def _schedule(maps, ring, maxnreg) -> tuple:
+    """Launch options, None meaning the module's default at the time of the call."""
+    return (MAPS if maps is None else maps, RING if ring is None else ring,
+            MAXNREG if maxnreg is None else maxnreg)  # fmt: skip
+
+
 def decode_attention_v2(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -1106,16 +1115,16 @@ def decode_attention_v2(
     max_chunk: int = MAX_CHUNK,
     prefetch: int = PREFETCH_PAGES,
     stage: bool | None = None,
-    maps: int = MAPS,
-    ring: bool = RING,
-    maxnreg: int | None = MAXNREG,
+    maps: int | None = None,
+    ring: bool | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
     Arguments as ``decode_attention`` (v1). ``lse``: optional fp32 ``[num_seqs, num_heads]`` that receives
     the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). ``maps``: channel
-    maps of the page loop (``MAPS``); ``ring``: one staged page refilled piece by piece (``RING``); ``maxnreg``:
-    a register cap (``MAXNREG``). Returns ``out``.
+    maps of the page loop; ``ring``: one staged page refilled piece by piece; ``maxnreg``: a register cap (each
+    None: the module's ``MAPS``, ``RING``, ``MAXNREG``, read at the call). Returns ``out``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -1135,6 +1144,7 @@ def decode_attention_v2(
         num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev,
                                        resident_programs(layout, stage, ring, maxnreg, max_chunk))
     check(num_splits >= 1, "num_splits must be >= 1")
+    maps, ring, maxnreg = _schedule(maps, ring, maxnreg)
     check(maps in (1, 2), "maps must be 1 or 2")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
@@ -1145,8 +1155,10 @@ def decode_attention_v2(
 def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK,
                      prefetch: int = PREFETCH_PAGES, stage: bool | None = None,
-                     maps: int = MAPS, ring: bool = RING, maxnreg: int | None = MAXNREG) -> None:  # fmt: skip
+                     maps: int | None = None, ring: bool | None = None,
+                     maxnreg: int | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
+    maps, ring, maxnreg = _schedule(maps, ring, maxnreg)
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
     g = num_heads // h

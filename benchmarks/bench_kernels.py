@@ -351,7 +351,7 @@ def decode_case(preset, layout, pool, v1_cfg, batch, ctx, base, copy_gbps, reps)
     """v2, v1 and the roofline for one preset and case; one record per variant (``base``: :func:`sdpa_case`)."""
     h, pages = MODEL["num_kv_heads"], ctx // BLOCK
     nbytes = decode_bytes(layout, batch, ctx)
-    v2_splits = decode_v2.choose_num_splits(batch, h, pages, DEV, decode_v2.resident_programs(layout))
+    v2_splits = decode_v2.choose_num_splits(batch, h, pages, DEV, decode_v2.split_programs(layout))
     splits = {"v2": v2_splits, "v1": choose_num_splits(batch, h, pages, DEV)}
     launch = {"v2": {"max_chunk": decode_v2.MAX_CHUNK, "writes_lse": True, "maps": decode_v2.MAPS,
                      "ring": decode_v2.RING, "maxnreg": decode_v2.MAXNREG}, "v1": v1_cfg}

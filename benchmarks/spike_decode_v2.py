@@ -71,7 +71,7 @@ def variants(a) -> None:
             first = None
             for name in names:
                 kw = VARIANTS[name]
-                pps = decode_v2.resident_programs(layout, True, kw["ring"], kw["maxnreg"])
+                pps = decode_v2.split_programs(layout, True, kw["ring"], kw["maxnreg"])
                 sp = decode_v2.choose_num_splits(batch, h, ctx // BLOCK, DEV, pps)
                 lses = [torch.empty(s["query"].shape[:2], device=DEV) for s in sets]
                 us = graph_time([lambda s=s, ls=ls, kw=kw, sp=sp: decode_v2.decode_attention_v2(

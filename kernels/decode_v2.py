@@ -42,11 +42,14 @@ MIN_PAGES_PER_SPLIT = 2  # fewer, longer splits at batch 1: the in-kernel merge 
 PREFETCH_PAGES = 0  # pages ahead a program asks L2 to fetch; 1, 2, 4 measured slower on the H200 (spike)
 RESCALE_LOG2 = 8.0  # lazy rescale: the running max moves only when a score exceeds it by 2^8
 STAGE_PAGES = 2  # pages in shared memory per program: the next page is copied (cp.async) while one is read
-MAPS = 2  # channel maps of the page loop: 2 = each code width its own (two value accumulators), 1 = 4-bit codes
-# read into the 2-bit map (one accumulator, one q, one value normalizer: fewer registers)
+MAPS = 1  # channel maps of the page loop: 1 = 4-bit codes read into the 2-bit map (one value accumulator, one q,
+# one value normalizer), 2 = each code width its own. H200 spike (3be1840), vllm preset, us, 2 -> 1 maps: B16/32k
+# 155.7 -> 152.1, B64/4k 95.3 -> 86.9, B1/4k 13.3 -> 12.5
 RING = False  # staged pages in one buffer refilled piece by piece (page pg + 1's parameters once page pg's are in
-# registers, its chunk c once chunk c of page pg is read): half the shared memory of a staged pair
-MAXNREG = None  # ptxas register cap per thread (None: 255); with RING, more one-warp programs fit an SM
+# registers, its chunk c once chunk c of page pg is read): half the shared memory of a staged pair; same speed at 8
+# programs per SM (H200: 152.7 vs 152.1 us at B16/32k), and the register caps that would let more programs in lose
+MAXNREG = None  # ptxas register cap per thread (None: 255); one map + ring at 200 / 184 / 168: B16/32k 200 / 198 /
+# 188 us (10 / 11 / 12 programs per SM) against 152 at 255
 
 
 # --------------------------------------------------------------------------------------------- channel maps
@@ -344,6 +347,14 @@ def ring_groups(layout, tiles: tuple, pieces: tuple) -> tuple:
 def stage_bytes(layout, stage: bool, ring: bool, max_chunk: int = MAX_CHUNK) -> int:
     """Shared memory of one program: two staged pages, one (``ring``), or none."""
     return (4 if ring else 8) * sum(stage_plan(layout, chunks(layout, max_chunk))[0]) if stage else 0
+
+
+def split_programs(layout, stage: bool = True, ring: bool | None = None, maxnreg: int | None = None) -> int:
+    """The programs per SM the split count aims at: ``PROGRAMS_PER_SM`` (the measured sweep) for staged page
+    pairs without a register cap, else :func:`resident_programs`."""
+    ring = RING if ring is None else ring
+    maxnreg = MAXNREG if maxnreg is None else maxnreg
+    return PROGRAMS_PER_SM if not ring and maxnreg is None else resident_programs(layout, stage, ring, maxnreg)
 
 
 def resident_programs(layout, stage: bool = True, ring: bool | None = None, maxnreg: int | None = None,
@@ -1142,7 +1153,7 @@ def decode_attention_v2(
         stage = STAGE_PAGES > 0 and stage_supported(layout)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev,
-                                       resident_programs(layout, stage, ring, maxnreg, max_chunk))
+                                       split_programs(layout, stage, ring, maxnreg))
     check(num_splits >= 1, "num_splits must be >= 1")
     maps, ring, maxnreg = _schedule(maps, ring, maxnreg)
     check(maps in (1, 2), "maps must be 1 or 2")

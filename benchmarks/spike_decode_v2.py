@@ -47,27 +47,40 @@ VARIANTS = {  # launch options of decode_attention_v2
 }
 
 
+def _preset(name: str) -> tuple:
+    """``(layout, page pool, small check case, its twin output)`` of a preset."""
+    r, rv = PRESETS[name]
+    layout = PageLayout(BLOCK, MODEL["head_size"], salient_ratio=r, value_salient_ratio=rv)
+    pool = page_pool(layout, 1024)
+    args = decode_inputs(layout, pool, 2, 4096)
+    return layout, pool, args, paged.decode_attention(**args)
+
+
+def _rel_err(args: dict, ref: torch.Tensor, **kw) -> float:
+    out = decode_v2.decode_attention_v2(**args, out=torch.empty(args["query"].shape, device=DEV), **kw)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _case(layout, pool, batch: int, ctx: int, reps: int) -> tuple:
+    """``(bytes v2 reads, SDPA us, SDPA backend, input sets)`` of one timed case (enough sets to read HBM)."""
+    nbytes = decode_bytes(layout, batch, ctx)
+    base_bytes = batch * (ctx + 64) * MODEL["num_kv_heads"] * MODEL["head_size"] * 4
+    base_us, backend = time_sdpa(lambda: sdpa_inputs(batch, ctx), base_bytes, reps)
+    return nbytes, base_us, backend, [decode_inputs(layout, pool, batch, ctx) for _ in range(copies_for(nbytes))]
+
+
 def variants(a) -> None:
     """Every variant of ``--variants`` against the twin (small case), then timed per case next to SDPA."""
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
     names = a.variants.split(",")
     rows = []
+    h = MODEL["num_kv_heads"]
     for preset in a.presets.split(","):
-        r, rv = PRESETS[preset]
-        layout = PageLayout(BLOCK, MODEL["head_size"], salient_ratio=r, value_salient_ratio=rv)
-        pool = page_pool(layout, 1024)
-        args = decode_inputs(layout, pool, 2, 4096)
-        ref = paged.decode_attention(**args)
+        layout, pool, args, ref = _preset(preset)
         for name in names:
-            out = decode_v2.decode_attention_v2(**args, out=torch.empty(args["query"].shape, device=DEV),
-                                                **VARIANTS[name])
-            print(f"{preset} {name}: rel_err {((out - ref).norm() / ref.norm()).item():.2e}", flush=True)
+            print(f"{preset} {name}: rel_err {_rel_err(args, ref, **VARIANTS[name]):.2e}", flush=True)
         for batch, ctx in cases:
-            h = MODEL["num_kv_heads"]
-            nbytes = decode_bytes(layout, batch, ctx)
-            base_bytes = batch * (ctx + 64) * h * MODEL["head_size"] * 4
-            base_us, backend = time_sdpa(lambda b=batch, c=ctx: sdpa_inputs(b, c), base_bytes, a.reps)
-            sets = [decode_inputs(layout, pool, batch, ctx) for _ in range(copies_for(nbytes))]
+            nbytes, base_us, _, sets = _case(layout, pool, batch, ctx, a.reps)
             first = None
             for name in names:
                 kw = VARIANTS[name]
@@ -106,23 +119,14 @@ def main() -> None:
         return
     cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
     rows = []
+    h = MODEL["num_kv_heads"]
     for name in a.presets.split(","):
-        r, rv = PRESETS[name]
-        layout = PageLayout(BLOCK, MODEL["head_size"], salient_ratio=r, value_salient_ratio=rv)
-        pool = page_pool(layout, 1024)
-        args = decode_inputs(layout, pool, 2, 4096)
-        ref = paged.decode_attention(**args)
+        layout, pool, args, ref = _preset(name)
         for st in (False, True):
-            out = decode_v2.decode_attention_v2(**args, out=torch.empty(args["query"].shape, device=DEV), stage=st)
-            rel = ((out - ref).norm() / ref.norm()).item()
             print(f"{name}: page_bytes {layout.page_bytes} chunks {decode_v2.chunks(layout)} stage {st} "
-                  f"rel_err v2 {rel:.2e}")
+                  f"rel_err v2 {_rel_err(args, ref, stage=st):.2e}")
         for batch, ctx in cases:
-            h = MODEL["num_kv_heads"]
-            nbytes = decode_bytes(layout, batch, ctx)
-            base_bytes = batch * (ctx + 64) * h * MODEL["head_size"] * 4
-            base_us, backend = time_sdpa(lambda b=batch, c=ctx: sdpa_inputs(b, c), base_bytes, a.reps)
-            sets = [decode_inputs(layout, pool, batch, ctx) for _ in range(copies_for(nbytes))]
+            nbytes, base_us, backend, sets = _case(layout, pool, batch, ctx, a.reps)
             v1_us = graph_time([lambda s=s: decode_attention(**s) for s in sets], a.reps)
             auto = decode_v2.choose_num_splits(batch, h, ctx // BLOCK, DEV)
             for sp in [int(x) or auto for x in a.splits.split(",")]:

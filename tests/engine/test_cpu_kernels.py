@@ -223,8 +223,9 @@ def test_decode_threads_share_torchs_openmp_runtime():
     """decode_threads' verdict is the truth about the runtime, checked by counting threads in a fresh process that
     imports torch first (as vLLM's worker does): where it grants 2 threads, a 2-thread numba parallel region runs
     on torch's OpenMP workers (no thread is added) and torch's runtime is left without nested parallelism (numba
-    switches it on when its layer starts: SDPA ran 20x slower with it on); where it keeps one thread (numba bound
-    to a second libgomp, as on the H200 host of 2026-12-05), the same region adds the second runtime's threads.
+    switches it on when its layer starts: SDPA 20-50x slower with it on, benchmarks/probe_openmp_nesting.py);
+    where it keeps one thread (numba bound to a second libgomp, as on the H200 host of 2026-12-05), the same region
+    adds the second runtime's threads.
     One thread asked, one given."""
     import subprocess
     import sys

@@ -473,8 +473,8 @@ def decode_threads(threads: int) -> tuple[int, str]:
     second runtime may be mapped; what counts is where numba's OpenMP calls bind (the global scope, where torch's
     runtime usually comes first). The test is therefore functional: numba's layer switches nested parallelism on
     in its runtime when it starts; torch's runtime seeing that change means they are one. Nesting is then switched
-    off again: in the shared runtime it lets torch's kernels nest parallel regions (SDPA measured 20x slower on
-    2 cores; what made an earlier parallel decode slower as served, docs/vllm-plugin.md)."""
+    off again: in the shared runtime it lets torch's kernels nest parallel regions (SDPA 20-50x slower on 2 cores,
+    benchmarks/probe_openmp_nesting.py; what made an earlier parallel decode slower as served, docs/vllm-plugin.md)."""
     global _THREADS
     _THREADS = 1
     if threads <= 1 or numba is None:

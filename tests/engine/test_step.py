@@ -496,3 +496,48 @@ def test_prefill_outputs_do_not_depend_on_chunking_or_batch(kernels, block_size,
     for chunks, got in outs.items():
         rows = (got != first).flatten(1).any(1).nonzero().flatten().tolist()
         assert not rows, f"chunks {chunks[:6]}: rows {rows[:8]} differ from the one-chunk prefill"
+
+
+@pytest.mark.parametrize("kernels", ["numba", "vllm"])
+def test_decode_outputs_do_not_depend_on_batch(kernels):
+    """One-token rows too (the CPU decode, which the prefill test above leaves out): a prompt served alone, then
+    decoded token by token, gives bit-identical attention outputs at every position when copies of it run in
+    the same steps, staggered by a step, with prompts of the copies in the decode steps, and in other row
+    orders (served at block size 128 with SmolLM2's heads, bf16 outputs as vLLM hands them). ``vllm``: the
+    chunks through vLLM's CPU kernel, decode rows through numba (the served default). Not the torch twins'
+    batched decode (``ZIPCACHE_KERNELS=torch``, or no numba): it pads the rows of a step to one key width, so
+    its matmuls and softmax reduce over another length with more rows in the step (measured here: "together"
+    differs from the prompt alone at position 18); numba computes every (row, KV head) pair on its own."""
+    pytest.importorskip("numba")
+    paged_attention = vllm_cpu_attention(128, 64) if kernels == "vllm" else None
+    cfg = ZipCacheConfig.load("vllm", block_size=128)
+    hq, h, d, prompt, steps = 9, 3, 64, 9, 12
+    fixed = _fixed_tokens(hq, h, prompt + steps + 1, head_size=d)
+
+    def served(schedule, names):
+        e = Engine(cfg, hq, h, kernels="numba" if kernels == "vllm" else kernels, head_size=d,
+                   paged_attention=paged_attention)
+        pos, got = dict.fromkeys(names, 0), {nm: {} for nm in names}
+        for work in schedule:
+            out, _ = e.step(work, None, tokens=lambda name, start, count: fixed("a", start, count))
+            row = 0
+            for nm, c in work:
+                for j in range(c):
+                    got[nm][pos[nm] + j] = out[row + j].bfloat16()
+                pos[nm], row = pos[nm] + c, row + c
+        return got
+
+    alone = served([[("a0", prompt)]] + [[("a0", 1)]] * steps, ["a0"])["a0"]
+    names = ["a0", "a1", "a2"]
+    schedules = {
+        "together": [[(nm, prompt) for nm in names]] + [[(nm, 1) for nm in names]] * steps,
+        "staggered": [[("a0", prompt)], [("a0", 1), ("a1", prompt), ("a2", prompt)]]
+                     + [[(nm, 1) for nm in names]] * (steps - 1),
+        "reordered": [[("a1", prompt), ("a0", prompt)], [("a2", prompt), ("a0", 1), ("a1", 1)]]
+                     + [[(nm, 1) for nm in reversed(names)]] * (steps - 1),
+    }  # fmt: skip
+    for label, schedule in schedules.items():
+        got = served(schedule, names)
+        for nm in names:
+            bad = [p for p, x in got[nm].items() if not torch.equal(x, alone[p])]
+            assert not bad, f"{label}: {nm} differs from the prompt alone at positions {bad[:8]}"

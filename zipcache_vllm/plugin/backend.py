@@ -43,7 +43,7 @@ from ..engine.staging import Staging
 from ..engine.step import Step, request_rows, zipcache_attention
 from ..method.config import ZipCacheConfig
 from ..method.saliency import num_block_probes
-from . import envs
+from . import envs, trace
 from .cpu_attention import CpuPagedAttention, rows_are_request_local
 from .settings import model_config_for, num_staging_slots, pick_kernels, reserve_staging, resolve_config
 
@@ -288,6 +288,7 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         self.config = self.model_config.for_layer(0)
         self.layout = PageLayout.from_config(self.config, head_size)
         self.kernels = pick_kernels(envs.kernels(), torch.cuda.is_available())
+        self.trace_dir = envs.trace_dir()  # debugging: every call's rows saved (plugin/trace.py)
         if self.kernels == "numba" and "numba_ready" not in _state:
             _state["numba_ready"] = True
             threads, why = cpu_kernels.decode_threads(envs.cpu_decode_threads() or torch.get_num_threads())
@@ -332,6 +333,8 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
             md.slot_mapping, self.staging, md.step, self.layout, self.config, layer_idx=self.layer_idx,
             scale=self.scale, out=output, kernels=self.kernels, paged_attention=self.paged_attention,
         )
+        if self.trace_dir is not None:
+            trace.write(self.trace_dir, self.layer_idx, md.step, query, key, value, output)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:

@@ -20,6 +20,9 @@ variable                        default    meaning
                                            (masked torch SDPA per block, fp32: the engine's own path)
 ``ZIPCACHE_CPU_DECODE_THREADS`` (auto)     threads of the numba decode; default torch's thread count where
                                            numba and torch share one OpenMP runtime, else 1
+``ZIPCACHE_TRACE_DIR``          (none)     a folder: save every attention call's rows there (positions, q, k,
+                                           v, output; slow, for debugging load-dependent answers:
+                                           ``benchmarks/trace_load_divergence.py``)
 =============================== ========== ===============================================================
 """
 
@@ -38,6 +41,7 @@ STAGING_SLOTS = "ZIPCACHE_STAGING_SLOTS"
 KERNELS = "ZIPCACHE_KERNELS"
 CPU_PREFILL = "ZIPCACHE_CPU_PREFILL"
 CPU_DECODE_THREADS = "ZIPCACHE_CPU_DECODE_THREADS"
+TRACE_DIR = "ZIPCACHE_TRACE_DIR"
 
 BACKENDS = ("auto", "zipcache")
 KERNEL_CHOICES = ("auto", "torch", "numba", "triton")
@@ -105,6 +109,14 @@ def cpu_decode_threads() -> int | None:
     """Threads of the numba decode (None: torch's thread count, where safe)."""
     return _positive(CPU_DECODE_THREADS)
 
+
+
+def trace_dir() -> str | None:
+    """The folder of :mod:`zipcache_vllm.plugin.trace`'s attention traces (None: no tracing); it must exist."""
+    raw = os.environ.get(TRACE_DIR, "").strip()
+    if raw and not os.path.isdir(raw):
+        raise ValueError(f"{TRACE_DIR}={raw!r} is not a directory")
+    return raw or None
 
 
 def kernels() -> str:

@@ -12,7 +12,11 @@ attention gave each prompt row one arithmetic whatever the chunking (687010e) zi
 
 The counts are small and both servers now diverge only where vLLM's own kernels round differently under another
 batch shape, so two runs of equal rate differ by a count or two: the check allows zipcache ``NOISE`` more than
-stock (it still fails on the old rule's 8 vs 3, and on any divergence rate clearly above stock's).
+stock (it still fails on the old rule's 8 vs 3, and on any divergence rate clearly above stock's). Where a
+zipcache answer splits, ``benchmarks/trace_load_divergence.py`` traces both runs and tells whether the first
+differing row entered in the ZipCache attention or before it (2026-12-05, a short prompt alone vs 8 copies:
+before it, in the MLP's down projection, whose CPU GEMM rounds a row differently with other rows beside it:
+``benchmarks/probe_gemm_batch_invariance.py``; docs/vllm-plugin.md, *Determinism*).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 With ``ZIPCACHE_TRACE_DIR`` set, the ZipCache backend saves every layer call of every step (the rows' positions
 and their query, key, value and attention output, as given to and returned by the engine step) to a file of
-that folder (:func:`write`; slow: for debugging only). :func:`first_divergence` compares two traces of the same
+that folder (:func:`write`; slow, for debugging only: every call copies to the host, so on CUDA run eagerly,
+``--enforce-eager``, as a captured graph cannot copy). :func:`first_divergence` compares two traces of the same
 prompt served under different loads (alone, then among copies of itself) position by position in token order
 and layer by layer: the first row whose inputs or output differ tells where the runs part. Attention inputs
 that differ while every earlier layer's attention output agreed mean the divergence entered outside the

@@ -41,14 +41,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(backend: str, max_num_seqs: int, log_path: Path, env: dict[str, str] | None = None):
-    """``zipcache-vllm serve`` of the bundled model with ``make serve``'s flags on a free port (``env``: more
+def server(backend: str, max_num_seqs: int, log_path: Path, extra_env: dict[str, str] | None = None):
+    """``zipcache-vllm serve`` of the bundled model with ``make serve``'s flags on a free port (``extra_env``: more
     environment variables): yields (port, process) once /health answers; stops it by PID on exit."""
     from zipcache_vllm.models import resolve_model
 
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", **(env or {})}
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", **(extra_env or {})}
     cmd = [str(SCRIPT), "serve", resolve_model(None), "--kv-cache-backend", backend, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "bfloat16", "--served-model-name", "smollm2", "--enforce-eager",
            "--max-model-len", "2048", "--max-num-seqs", str(max_num_seqs)]

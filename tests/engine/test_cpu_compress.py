@@ -1,5 +1,6 @@
 """The numba compressor (zipcache_vllm.engine.cpu_compress) writes every byte of a page as the torch twin
-paged.compress_store does: codes, fp16 parameters, bitmaps, and leaves the bytes between the regions alone."""
+paged.compress_store does: codes, parameters (fp16, or one byte under fp16 scales), bitmaps, and leaves the bytes
+between the regions alone."""
 
 from __future__ import annotations
 
@@ -51,9 +52,11 @@ def _random_blocks(nb, n, h, d, dtype, g):
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("n", [16, 48, 128])
 @pytest.mark.parametrize("d", [64, 128])
-def test_random_blocks_are_bit_identical(preset, n, d):
+@pytest.mark.parametrize("param_bits", [16, 8])  # fp16 or one-byte parameters
+def test_random_blocks_are_bit_identical(preset, n, d, param_bits):
     bh, bl, r, rv = PRESETS[preset]
-    layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv)
+    layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv,
+                        param_bits=param_bits)
     g = torch.Generator().manual_seed(n * d)
     key, value, scores = _random_blocks(3, n, 3, d, torch.bfloat16, g)
     _assert_same_bytes(*_both(key, value, scores, torch.tensor([7, 2, 4]), layout))
@@ -69,7 +72,8 @@ def test_input_dtypes(dtype):
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("n", [16, 48, 128])
 @pytest.mark.parametrize("d", [64, 128])
-def test_ties_constants_subnormals_and_signed_zeros(preset, n, d):
+@pytest.mark.parametrize("param_bits", [16, 8])  # fp16 or one-byte parameters
+def test_ties_constants_subnormals_and_signed_zeros(preset, n, d, param_bits):
     """The edge cases of quant.py's conventions, in two blocks of 3 KV heads (SmolLM2's), head sizes 64 / 128:
     tied scores (quota by token order), rounding ties (half-integer grids: round half to even), constant and
     all-zero channels (step EPS, normalizer 1), fp32 subnormals and values at fp16's subnormal range (keys'
@@ -77,7 +81,8 @@ def test_ties_constants_subnormals_and_signed_zeros(preset, n, d):
     magnitudes near 65504."""
     bh, bl, r, rv = PRESETS[preset]
     h = 3
-    layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv)
+    layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv,
+                        param_bits=param_bits)
     g = torch.Generator().manual_seed(3)
     key = torch.randn(2 * n, h, d, generator=g)
     value = torch.randn(2 * n, h, d, generator=g)
@@ -106,11 +111,13 @@ def test_ties_constants_subnormals_and_signed_zeros(preset, n, d):
 @pytest.mark.parametrize("n, d, num_kv_heads, preset", [(8, 16, 1, "vllm"), (24, 80, 2, "paged"),
                                                         (16, 128, 8, "vllm"), (128, 128, 1, "kv4"),
                                                         (40, 48, 5, "8/4"), (128, 64, 4, "kv2")])
-def test_odd_shapes(n, d, num_kv_heads, preset):
+@pytest.mark.parametrize("param_bits", [16, 8])  # fp16 or one-byte parameters
+def test_odd_shapes(n, d, num_kv_heads, preset, param_bits):
     """Block sizes that are not multiples of 16 (quotas by ceil, tiers of odd sizes), head sizes 16 / 48 / 80,
     one to eight KV heads (MQA to GQA 8), one block to five."""
     bh, bl, r, rv = PRESETS[preset]
-    layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv)
+    layout = PageLayout(block_size=n, head_size=d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv,
+                        param_bits=param_bits)
     nb = 1 + n % 5
     key, value, scores = _random_blocks(nb, n, num_kv_heads, d, torch.bfloat16, torch.Generator().manual_seed(n + d))
     block_ids = torch.randperm(9, generator=torch.Generator().manual_seed(d))[:nb]

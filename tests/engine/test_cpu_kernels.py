@@ -50,7 +50,8 @@ def test_bf16_rounding_matches_torch():
 
 @pytest.mark.parametrize("head_size, bits, block_size", [(64, (4, 2), 128), (128, (4, 2), 32), (32, (8, 4), 32),
                                                          (128, (2, 2), 32)])
-def test_dequantize_pages_bf16_equals_the_torch_dequantization(head_size, bits, block_size):
+@pytest.mark.parametrize("param_bits", [16, 8])
+def test_dequantize_pages_bf16_equals_the_torch_dequantization(head_size, bits, block_size, param_bits):
     """The numba dequantization of the CPU prefill (pages to bf16 rows for vLLM's kernel) equals the torch one
     rounded to bf16, bit for bit, pages in any order and repeated."""
     from zipcache_vllm.engine import paged
@@ -59,7 +60,7 @@ def test_dequantize_pages_bf16_equals_the_torch_dequantization(head_size, bits, 
 
     n = block_size
     lay = PageLayout(block_size=n, head_size=head_size, bits_high=bits[0], bits_low=bits[1], salient_ratio=0.75,
-                     value_salient_ratio=0.25)
+                     value_salient_ratio=0.25, param_bits=param_bits)
     gen = torch.Generator().manual_seed(head_size)
     k = (torch.randn(5 * n, 3, head_size, generator=gen) * torch.linspace(0.5, 4, head_size)).bfloat16()
     v = torch.randn(5 * n, 3, head_size, generator=gen).bfloat16()
@@ -142,7 +143,7 @@ def test_weighted_code_rows(rows, bits, g, head_size):
 CONTEXTS = lambda n: [0, 1, n, n + 1, 2 * n + n // 2 + 3, 3 * n - 1]  # noqa: E731
 
 
-def _decode_case(preset, block_size, head_size, num_heads, num_kv_heads):
+def _decode_case(preset, block_size, head_size, num_heads, num_kv_heads, param_bits=16):
     """One layer's decode rows (CONTEXTS) over random compressed pages: the arguments of decode_attend(_codes)
     without ``out``, and the output shape."""
     from zipcache_vllm.engine import paged
@@ -153,7 +154,7 @@ def _decode_case(preset, block_size, head_size, num_heads, num_kv_heads):
     from zipcache_vllm.method.config import ZipCacheConfig
 
     n, d, h, hq = block_size, head_size, num_kv_heads, num_heads
-    lay = PageLayout.from_config(ZipCacheConfig.load(preset, block_size=n), d)
+    lay = PageLayout.from_config(ZipCacheConfig.load(preset, block_size=n, param_bits=param_bits), d)
     ctx = CONTEXTS(n)
     rows = len(ctx)
     gen = torch.Generator().manual_seed(0)
@@ -184,12 +185,13 @@ def _decode_case(preset, block_size, head_size, num_heads, num_kv_heads):
 @pytest.mark.parametrize("block_size", [16, 128])  # block 16: quotas of 0 or 16 rows (a region is empty)
 @pytest.mark.parametrize("head_size", [64, 128])
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(3, 3), (9, 3)])  # GQA 1 and 3 (SmolLM2's)
-def test_decode_rows_matches_the_torch_path(preset, block_size, head_size, num_heads, num_kv_heads):
+@pytest.mark.parametrize("param_bits", [16, 8])  # fp16 or one-byte page parameters
+def test_decode_rows_matches_the_torch_path(preset, block_size, head_size, num_heads, num_kv_heads, param_bits):
     """decode_attend_codes (numba, codes) against decode_attend (torch, dequantized pages) on one layer's decode
     rows: equal up to fp32 summation order."""
     from zipcache_vllm.engine.cpu_decode import decode_attend, decode_attend_codes
 
-    args, shape = _decode_case(preset, block_size, head_size, num_heads, num_kv_heads)
+    args, shape = _decode_case(preset, block_size, head_size, num_heads, num_kv_heads, param_bits)
     outs = []
     for fn in (decode_attend, decode_attend_codes):
         out = torch.full(shape, float("nan"))

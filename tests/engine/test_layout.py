@@ -9,27 +9,29 @@ from zipcache_vllm.method.config import ZipCacheConfig
 def _regions(lay: PageLayout):
     n, d, bh, bl = lay.block_size, lay.head_size, lay.bits_high, lay.bits_low
     sk, sv = lay.num_salient_k, lay.num_salient_v
+    w = lay.param_bits // 8  # bytes per parameter
     return [
         (lay.k_hi_off, sk * d * bh // 8),
         (lay.k_lo_off, (n - sk) * d * bl // 8),
         (lay.v_hi_off, sv * d * bh // 8),
         (lay.v_lo_off, (n - sv) * d * bl // 8),
-        (lay.k_param_off, 8 * d),
-        (lay.v_norm_off, 2 * d),
-        (lay.v_tok_off, 4 * n),
+        (lay.k_param_off, 4 * w * d),
+        (lay.v_norm_off, w * d),
+        (lay.v_tok_off, 2 * w * n),
         (lay.mask_off, n // 4),
-    ]
+    ] + ([(lay.scale_off, 10)] if w == 1 else [])  # five fp16 scales right after the bitmaps
 
 
 @pytest.mark.parametrize("n", [16, 32, 48, 64, 128, 256])
 @pytest.mark.parametrize("d", [64, 128, 96])
 @pytest.mark.parametrize("r, rv", [(0.6, None), (0.8, 0.2), (0.0, 1.0), (1.0, 0.0)])
-def test_regions_disjoint_aligned_and_inside(n, d, r, rv):
-    lay = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
+@pytest.mark.parametrize("param_bits", [16, 8])
+def test_regions_disjoint_aligned_and_inside(n, d, r, rv, param_bits):
+    lay = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv, param_bits=param_bits)
     regions = _regions(lay)
     end = 0
     for off, size in regions:
-        assert off % ALIGN == 0 and off >= end
+        assert off >= end and (off % ALIGN == 0 or off == lay.scale_off)
         end = off + size
     assert end <= lay.used_bytes <= lay.page_bytes
     assert lay.page_bytes == n * lay.state_content_bytes and lay.page_bytes % ALIGN == 0
@@ -59,6 +61,16 @@ def test_vllm_preset_numbers():
     lay64 = PageLayout(128, 64, salient_ratio=0.8, value_salient_ratio=0.2)
     assert (lay64.num_salient_k, lay64.num_salient_v, lay64.page_bytes) == (96, 32, 7424)
     assert lay64.capacity_vs_bf16 == pytest.approx(256 / 58)
+
+
+def test_one_byte_parameter_numbers():
+    """The ``vllm`` preset with one-byte parameters: 4 D + D + 2 N bytes plus five fp16 scales instead of
+    8 D + 2 D + 4 N: 53 B/token at head size 64 (58 with fp16), 104 at 128 (111)."""
+    lay64 = PageLayout(128, 64, salient_ratio=0.8, value_salient_ratio=0.2, param_bits=8)
+    assert lay64.breakdown()["params"] == 4 * 64 + 64 + 2 * 128 + 10 and lay64.state_content_bytes == 53
+    assert lay64.capacity_vs_bf16 == pytest.approx(256 / 53)
+    lay = PageLayout(128, 128, salient_ratio=0.8, value_salient_ratio=0.2, param_bits=8)
+    assert lay.state_content_bytes == 104 and lay.capacity_vs_bf16 == pytest.approx(512 / 104)
 
 
 @pytest.mark.parametrize("n", [16, 32, 48, 64, 128, 256])
@@ -96,7 +108,8 @@ def test_from_config_and_table():
     assert "4.30x" in format_capacity_table(rows)  # head size 128, block 128, r = 0.6 (layout v2)
 
 
-@pytest.mark.parametrize("kw", [dict(block_size=12), dict(head_size=40), dict(bits_low=3), dict(salient_ratio=1.5)])
+@pytest.mark.parametrize("kw", [dict(block_size=12), dict(head_size=40), dict(bits_low=3), dict(salient_ratio=1.5),
+                                dict(param_bits=4)])
 def test_rejects_bad_layouts(kw):
     args = dict(block_size=16, head_size=64) | kw
     with pytest.raises(ValueError):

@@ -31,6 +31,7 @@ import functools
 import numpy as np
 import torch
 
+from ..method import params8
 from . import paged
 from .cpu_kernels import _f16  # inlined: numba's cache keys on this file alone, touch it after changing _f16
 from .layout import PageLayout
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover - exercised on machines without numba
 
 _EPS = np.float32(1e-6)  # quant.EPS as torch's clamp sees it (the scalar cast to the tensor's fp32)
 _F16_MAX = np.float32(65504.0)
+_STEP_TABLE = params8.STEP_TABLE.numpy()  # fp32 [256]: one-byte parameter codes -> multiples of the region scale
 
 
 def _f16_bits(b):
@@ -173,6 +175,61 @@ def _encode_row(x, mn, step, qmax, codes):
         codes[c] = np.uint8(q)
 
 
+def _store_scale(m, pg, off, one):
+    """The smallest fp16 value ``>= m`` (``m >= 0``; 1 when ``m`` is 0) written at byte ``off`` of ``pg``;
+    returns it as fp32 (params8.scale_up; ``one``: fp32 scratch of one element)."""
+    one[0] = m
+    hb = _f16_bits(one.view(np.uint32)[0])
+    pg[off : off + 2].view(np.uint16)[0] = hb
+    _f16(pg, off, 1, one)
+    if one[0] < m:
+        pg[off : off + 2].view(np.uint16)[0] = hb + np.uint16(1)
+        _f16(pg, off, 1, one)
+    if one[0] == np.float32(0.0):
+        pg[off : off + 2].view(np.uint16)[0] = np.uint16(0x3C00)
+        one[0] = np.float32(1.0)
+    return one[0]
+
+
+def _code_up(x, s, table):
+    """The largest ``e`` in 0..255 with ``s * table[e] >= x`` (0 when none): params8.code_up by bisection (the
+    products do not increase with ``e``)."""
+    if s * table[255] >= x:
+        return 255
+    lo, hi = 0, 255
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if s * table[mid] >= x:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _store_params_u8(mn, step, pg, code_off, zero_off, scale_off, table, one):
+    """One-byte (step, mn) of a region (params8.params_u8): ``step`` (fp32, ``max(range / qmax, EPS)``) is raised
+    to ``|mn| / 127``, coded up under the region's scale (written at ``scale_off``), the zero point
+    ``z = round(-mn / step_q)`` clamped to int8; codes at ``code_off``, zero points at ``zero_off``. ``step`` and
+    ``mn`` get the decoded values (``step_q``, ``-z * step_q``)."""
+    m = np.float32(0.0)
+    for i in range(step.shape[0]):
+        r = abs(mn[i]) / np.float32(127.0)
+        step[i] = r if r > step[i] else step[i]
+        m = step[i] if step[i] > m else m
+    s = _store_scale(m, pg, scale_off, one)
+    for i in range(step.shape[0]):
+        e = _code_up(step[i], s, table)
+        sq = s * table[e]
+        z = np.rint(-mn[i] / sq)
+        z = z if z > np.float32(-128.0) else np.float32(-128.0)
+        z = z if z < np.float32(127.0) else np.float32(127.0)
+        z = z + np.float32(0.0)  # no negative zero
+        pg[code_off + i] = np.uint8(e)
+        pg[zero_off + i] = np.uint8(np.int32(z) & np.int32(0xFF))
+        step[i] = sq
+        mn[i] = -z * sq
+
+
 def _count_out_of_range(a):
     """Entries of 1-D ``a`` that are NaN, infinite or beyond fp16's range (quant.check_finite refuses them)."""
     bad = 0
@@ -190,9 +247,11 @@ def _count_nan(a):
 
 
 def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high, bits_low, k_hi_off, k_lo_off,
-                     v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off, mask_off, prio):
+                     v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off, mask_off, prio, param_bits, scale_off,
+                     table):
     """Quantize ``len(block_ids)`` blocks of fp32 ``key, value [B * n, H, D]`` with ``scores [B * n, H]`` into
-    ``pages [num_blocks, H, page_bytes]`` (uint8, in place); ``prio``: :func:`zero_priority` of ``D``. Returns
+    ``pages [num_blocks, H, page_bytes]`` (uint8, in place); ``prio``: :func:`zero_priority` of ``D``;
+    ``param_bits`` 16 (fp16 parameters) or 8 (one-byte, scales at ``scale_off``, ``table``: params8.STEP_TABLE). Returns
     1 (nothing written) when a key or value is not finite or beyond fp16's range or a score is NaN, else 0."""
     nb = block_ids.shape[0]
     num_kv_heads, d = key.shape[1], key.shape[2]
@@ -217,6 +276,7 @@ def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high,
     tmx = np.empty(n, dtype=np.float32)
     tst = np.empty(n, dtype=np.float32)
     fbuf = np.empty(max(n, d), dtype=np.float32)
+    one = np.empty(1, dtype=np.float32)
     for b in range(nb):
         for h in range(num_kv_heads):
             t0 = b * n  # rows key[t0 + t, h]: 1-D C-contiguous views (a [n, D] slice would not be: no SIMD)
@@ -249,8 +309,13 @@ def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high,
                     kmn[g] = 0.0
                     kmx[g] = 0.0
                 _steps(kmn[g], kmx[g], bh if g == 0 else bl, fbuf[:d])
-                _store_f16(fbuf[:d], pg, k_param_off + 4 * g * d, kst[g])
-                _store_f16(kmn[g], pg, k_param_off + (4 * g + 2) * d, kmn[g])
+                if param_bits == 16:
+                    _store_f16(fbuf[:d], pg, k_param_off + 4 * g * d, kst[g])
+                    _store_f16(kmn[g], pg, k_param_off + (4 * g + 2) * d, kmn[g])
+                else:
+                    _store_params_u8(kmn[g], fbuf[:d], pg, k_param_off + 2 * g * d, k_param_off + (2 * g + 1) * d,
+                                     scale_off + 2 * g, table, one)
+                    kst[g, :] = fbuf[:d]
             for r in range(n):
                 if r < sk:
                     _encode(key[t0 + perm[r], h], kmn[0], kst[0], qh, codes)
@@ -267,12 +332,22 @@ def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high,
                     amax[c] = a if a > amax[c] else amax[c]
             for c in range(d):
                 amax[c] = np.sqrt(amax[c])
-            _store_f16(amax, pg, v_norm_off, cnorm)
-            for c in range(d):
-                if cnorm[c] == np.float32(0.0):  # a zero channel (or one below fp16's range): normalizer 1
-                    cnorm[c] = np.float32(1.0)
-                    pg[v_norm_off + 2 * c] = np.uint8(0)
-                    pg[v_norm_off + 2 * c + 1] = np.uint8(0x3C)
+            if param_bits == 16:
+                _store_f16(amax, pg, v_norm_off, cnorm)
+                for c in range(d):
+                    if cnorm[c] == np.float32(0.0):  # a zero channel (or one below fp16's range): normalizer 1
+                        cnorm[c] = np.float32(1.0)
+                        pg[v_norm_off + 2 * c] = np.uint8(0)
+                        pg[v_norm_off + 2 * c + 1] = np.uint8(0x3C)
+            else:  # coded up under one scale (params8.channel_normalizer_u8): a zero channel keeps a tiny c
+                m = np.float32(0.0)
+                for c in range(d):
+                    m = amax[c] if amax[c] > m else m
+                s = _store_scale(m, pg, scale_off + 4, one)
+                for c in range(d):
+                    e = _code_up(amax[c], s, table)
+                    pg[v_norm_off + c] = np.uint8(e)
+                    cnorm[c] = s * table[e]
             for t in range(n):
                 row, dst = value[t0 + t, h], xn[t]
                 for c in range(d):
@@ -284,8 +359,14 @@ def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high,
                 tmx[r] = mx
             _steps(tmn[:sv], tmx[:sv], bh, fbuf[:sv])
             _steps(tmn[sv:], tmx[sv:], bl, fbuf[sv:])
-            _store_f16(fbuf[:n], pg, v_tok_off, tst)
-            _store_f16(tmn, pg, v_tok_off + 2 * n, tmn)
+            if param_bits == 16:
+                _store_f16(fbuf[:n], pg, v_tok_off, tst)
+                _store_f16(tmn, pg, v_tok_off + 2 * n, tmn)
+            else:  # one scale per precision group, over the group's own rows
+                _store_params_u8(tmn[:sv], fbuf[:sv], pg, v_tok_off, v_tok_off + n, scale_off + 6, table, one)
+                _store_params_u8(tmn[sv:], fbuf[sv:n], pg, v_tok_off + sv, v_tok_off + n + sv, scale_off + 8,
+                                 table, one)
+                tst[:] = fbuf[:n]
             for r in range(n):
                 if r < sv:
                     _encode_row(xn[perm[r]], tmn[r], tst[r], qh, codes)
@@ -309,6 +390,9 @@ if numba is not None:
     _f16_bits = numba.njit(cache=True, inline="always")(_f16_bits)
     _store_f16 = numba.njit(cache=True, inline="always")(_store_f16)
     _steps = numba.njit(cache=True, inline="always")(_steps)
+    _store_scale = numba.njit(cache=True, inline="always")(_store_scale)
+    _code_up = numba.njit(cache=True, inline="always")(_code_up)
+    _store_params_u8 = numba.njit(cache=True, inline="always")(_store_params_u8)
     # fast-math reductions: called, not inlined in numba's IR, so only its instructions carry the flags
     _row_minmax = numba.njit(cache=True, fastmath={"nnan", "ninf", "nsz"})(_row_minmax)
     _zero_sign = numba.njit(cache=True)(_zero_sign)
@@ -353,7 +437,7 @@ def compress_store(key, value, scores, block_ids, kv_cache, layout: PageLayout) 
         k.numpy(), v.numpy(), s.numpy(), block_ids.long().contiguous().numpy(), kv_cache.numpy(), n,
         layout.num_salient_k, layout.num_salient_v, layout.bits_high, layout.bits_low, layout.k_hi_off,
         layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
-        layout.mask_off, zero_priority(d),
+        layout.mask_off, zero_priority(d), layout.param_bits, layout.scale_off, _STEP_TABLE,
     )
     if bad:
         paged.compress_store(key, value, scores, block_ids, kv_cache, layout)  # raises the twin's ValueError, or

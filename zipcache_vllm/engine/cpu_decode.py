@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import paged
 from .block_manager import StepPlan
 from .layout import PageLayout
 
@@ -101,18 +102,18 @@ def dequantize_pages_cpu(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout
         vals = torch.index_select(_code_table(bits), 0, raw).view(nb, h, rows, d // m, m)
         return vals.transpose(-1, -2).reshape(nb, h, rows, d)
 
-    def f16(off: int, count: int) -> torch.Tensor:
-        return page[..., off : off + 2 * count].contiguous().view(torch.float16).float()
-
-    kp = f16(layout.k_param_off, 4 * d).view(nb, h, 4, 1, d)
+    kp, c, tp = paged.page_params(page, layout)  # either parameter format, fp32
+    kp = kp.unsqueeze(-2)  # [B, H, 4, 1, D]
+    # products then sums, never fused: one-byte parameters' steps use all 24 bits, where a fused multiply-add
+    # would round differently from the twin and the numba kernels
     k = torch.empty(nb, h, n, d)
-    torch.addcmul(kp[:, :, 1], codes(layout.k_hi_off, sk, bh), kp[:, :, 0], out=k[:, :, :sk])
-    torch.addcmul(kp[:, :, 3], codes(layout.k_lo_off, n - sk, bl), kp[:, :, 2], out=k[:, :, sk:])
-    c = f16(layout.v_norm_off, d).view(nb, h, 1, d)
-    tp = f16(layout.v_tok_off, 2 * n).view(nb, h, 2, n, 1)
+    torch.mul(codes(layout.k_hi_off, sk, bh), kp[:, :, 0], out=k[:, :, :sk]).add_(kp[:, :, 1])
+    torch.mul(codes(layout.k_lo_off, n - sk, bl), kp[:, :, 2], out=k[:, :, sk:]).add_(kp[:, :, 3])
+    c = c.unsqueeze(2)  # [B, H, 1, D]
+    tp = tp.unsqueeze(-1)  # [B, H, 2, N, 1]
     v = torch.empty(nb, h, n, d)
-    torch.addcmul(tp[:, :, 1, :sv], codes(layout.v_hi_off, sv, bh), tp[:, :, 0, :sv], out=v[:, :, :sv])
-    torch.addcmul(tp[:, :, 1, sv:], codes(layout.v_lo_off, n - sv, bl), tp[:, :, 0, sv:], out=v[:, :, sv:])
+    torch.mul(codes(layout.v_hi_off, sv, bh), tp[:, :, 0, :sv], out=v[:, :, :sv]).add_(tp[:, :, 1, :sv])
+    torch.mul(codes(layout.v_lo_off, n - sv, bl), tp[:, :, 0, sv:], out=v[:, :, sv:]).add_(tp[:, :, 1, sv:])
     v.mul_(c)
     return k.transpose(1, 2), v.transpose(1, 2)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..method import params8
 from .layout import PageLayout
 
 try:  # numba is an optional dependency: without it the torch path runs
@@ -92,6 +93,48 @@ def _f16(pg, off, count, dst):
         if h & np.uint32(0x7C00) == 0:  # zero or subnormal: m * 2**-24
             v = np.float32(h & np.uint32(0x3FF)) * np.float32(2.0**-24)
             dst[i] = -v if h & np.uint32(0x8000) else v
+
+
+_STEP_TABLE = params8.STEP_TABLE.numpy()  # fp32 [256]: one-byte parameter codes -> multiples of the region scale
+
+
+def _int8(b):
+    """A page byte read as int8, as fp32."""
+    z = np.int32(b)
+    return np.float32(z - 256 if z > 127 else z)
+
+
+def _key_params(pg, k_param_off, scale_off, param_bits, kp, sbuf):
+    """Key (step, mn) of both precision groups -> fp32 ``kp [4, D]`` (step_hi, mn_hi, step_lo, mn_lo), from fp16
+    parameters or one-byte codes under their scales (paged.page_params; ``sbuf``: fp32 scratch of 5)."""
+    d = kp.shape[1]
+    if param_bits == 16:
+        _f16(pg, k_param_off, 4 * d, kp.reshape(4 * d))
+        return
+    _f16(pg, scale_off, 5, sbuf)
+    for g in range(2):
+        s = sbuf[g]
+        base = k_param_off + 2 * g * d
+        for c in range(d):
+            st = s * _STEP_TABLE[pg[base + c]]
+            kp[2 * g, c] = st
+            kp[2 * g + 1, c] = -_int8(pg[base + d + c]) * st
+
+
+def _value_params(pg, v_norm_off, v_tok_off, scale_off, param_bits, sv, norm, vt, sbuf):
+    """Value normalizers -> ``norm [D]`` and each page row's (step, mn) -> ``vt [2, N]`` (fp32), either format."""
+    d, n = norm.shape[0], vt.shape[1]
+    if param_bits == 16:
+        _f16(pg, v_norm_off, d, norm)
+        _f16(pg, v_tok_off, 2 * n, vt.reshape(2 * n))
+        return
+    _f16(pg, scale_off, 5, sbuf)
+    for c in range(d):
+        norm[c] = sbuf[2] * _STEP_TABLE[pg[v_norm_off + c]]
+    for t in range(n):
+        st = (sbuf[3] if t < sv else sbuf[4]) * _STEP_TABLE[pg[v_tok_off + t]]
+        vt[0, t] = st
+        vt[1, t] = -_int8(pg[v_tok_off + n + t]) * st
 
 
 _LOG2E = np.float32(1.4426950408889634)
@@ -261,13 +304,14 @@ def _scratch(threads, n, d, g, width):
 
 def _decode_pair(r, h, tid, sc, pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key,
                  new_value, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off,
-                 v_tok_off, bits_high, bits_low, out):
+                 v_tok_off, bits_high, bits_low, param_bits, scale_off, out):
     """Row ``r``, KV head ``h`` of :func:`_decode_rows` with thread ``tid``'s scratch ``sc`` (:func:`_scratch`)."""
     g, d = q.shape[2], q.shape[3]
     buf, tbuf, bits, qs, bias, probs = sc[0][tid], sc[1][tid], sc[2][tid], sc[3][tid], sc[4][tid], sc[5][tid]
     scratch, acc, part, ws, bsum, kp = sc[6][tid], sc[7][tid], sc[8][tid], sc[9][tid], sc[10][tid], sc[11][tid]
     norm, vt = sc[12][tid], sc[13][tid]
     zero = np.zeros(g, dtype=np.float32)
+    sbuf = np.empty(5, dtype=np.float32)
     num_pages = page_start[r + 1] - page_start[r]
     tl = tail_start[r + 1] - tail_start[r]
     wp = num_pages * n
@@ -278,7 +322,7 @@ def _decode_pair(r, h, tid, sc, pages, page_ids, page_start, q, tail_key, tail_v
         pg = pages[page_ids[page_start[r] + p], h]
         _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
         _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
-        _f16(pg, k_param_off, 4 * d, kp.reshape(4 * d))
+        _key_params(pg, k_param_off, scale_off, param_bits, kp, sbuf)
         for part_i in range(2):
             step, mn = kp[2 * part_i], kp[2 * part_i + 1]
             for gi in range(g):
@@ -312,8 +356,7 @@ def _decode_pair(r, h, tid, sc, pages, page_ids, page_start, q, tail_key, tail_v
     acc[:] = 0.0
     for p in range(num_pages):
         pg = pages[page_ids[page_start[r] + p], h]
-        _f16(pg, v_norm_off, d, norm)
-        _f16(pg, v_tok_off, 2 * n, vt.reshape(2 * n))
+        _value_params(pg, v_norm_off, v_tok_off, scale_off, param_bits, sv, norm, vt, sbuf)
         for gi in range(g):
             prow = probs[gi, p * n : (p + 1) * n]
             a = np.float32(0.0)
@@ -346,11 +389,11 @@ def _width(page_start, tail_start, n):
 
 def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key, new_value,
                  scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off,
-                 bits_high, bits_low, out):
+                 bits_high, bits_low, param_bits, scale_off, out):
     """One decode query per row over its pages (codes), its bf16 tail and its own new token, in one pass.
 
     Row ``r`` (query ``q[r] [H, G, D]`` fp32) reads the pages ``page_ids[page_start[r]:page_start[r + 1]]``
-    (codes and fp16 parameters at the layout's offsets), the
+    (codes and parameters at the layout's offsets, fp16 or one-byte: ``param_bits``, ``scale_off``), the
     ``tail_start[r + 1] - tail_start[r]`` tokens of staging slot ``tail_slot[r]`` (``tail_key/value
     [slots, n, H, D]`` as int16 bf16 bits) and its own new token ``new_key/value[r] [H, D]`` (int16 bf16
     bits). Writes ``out [R, H, G, D]``. One thread, (row, KV head) pairs in order."""
@@ -360,12 +403,12 @@ def _decode_rows(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot
         for h in range(num_kv_heads):
             _decode_pair(r, h, 0, sc, pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start,
                          new_key, new_value, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off,
-                         v_norm_off, v_tok_off, bits_high, bits_low, out)
+                         v_norm_off, v_tok_off, bits_high, bits_low, param_bits, scale_off, out)
 
 
 def _decode_rows_parallel(pages, page_ids, page_start, q, tail_key, tail_value, tail_slot, tail_start, new_key,
                           new_value, scale, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off,
-                          v_norm_off, v_tok_off, bits_high, bits_low, out, threads):
+                          v_norm_off, v_tok_off, bits_high, bits_low, param_bits, scale_off, out, threads):
     """:func:`_decode_rows` with the (row, KV head) pairs shared among numba's ``threads`` threads (``prange``;
     each pair is computed exactly as in the serial loop, so the results are the same bits)."""
     num_rows, num_kv_heads, g, d = q.shape
@@ -373,7 +416,8 @@ def _decode_rows_parallel(pages, page_ids, page_start, q, tail_key, tail_value, 
     for i in numba.prange(num_rows * num_kv_heads):
         _decode_pair(i // num_kv_heads, i % num_kv_heads, numba.get_thread_id(), sc, pages, page_ids, page_start, q,
                      tail_key, tail_value, tail_slot, tail_start, new_key, new_value, scale, n, sk, sv, k_hi_off,
-                     k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off, bits_high, bits_low, out)
+                     k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off, bits_high, bits_low,
+                     param_bits, scale_off, out)
 
 
 def _round_bf16(src, dst):
@@ -389,7 +433,7 @@ def _round_bf16(src, dst):
 
 
 def _dequantize_pages(pages, page_ids, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, v_lo_off, k_param_off, v_norm_off,
-                      v_tok_off, bits_high, bits_low, key_out, value_out):
+                      v_tok_off, bits_high, bits_low, param_bits, scale_off, key_out, value_out):
     """The pages ``page_ids`` dequantized and rounded to bf16, in page row order: ``key_out, value_out [P, n, H,
     D]`` (uint16 bf16 bits). Keys ``mn_g + code * step_g`` per precision group, values ``(mn_t + code * step_t)
     * norm``: :func:`zipcache_vllm.engine.cpu_decode.dequantize_pages_cpu`'s fp32 arithmetic in the same order
@@ -400,12 +444,13 @@ def _dequantize_pages(pages, page_ids, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, 
     kp = np.empty((4, d), dtype=np.float32)  # step_hi, mn_hi, step_lo, mn_lo
     norm = np.empty(d, dtype=np.float32)
     vt = np.empty((2, n), dtype=np.float32)  # value step, mn per page row
+    sbuf = np.empty(5, dtype=np.float32)
     for p in range(page_ids.shape[0]):
         for h in range(pages.shape[1]):
             pg = pages[page_ids[p], h]
             _unpack_rows(pg, k_hi_off, 0, sk, bits_high, buf)
             _unpack_rows(pg, k_lo_off, sk, n - sk, bits_low, buf)
-            _f16(pg, k_param_off, 4 * d, kp.reshape(4 * d))
+            _key_params(pg, k_param_off, scale_off, param_bits, kp, sbuf)
             for t in range(n):
                 grp = 0 if t < sk else 2
                 for c in range(d):
@@ -413,8 +458,7 @@ def _dequantize_pages(pages, page_ids, n, sk, sv, k_hi_off, k_lo_off, v_hi_off, 
                 _round_bf16(row, key_out[p, t, h])
             _unpack_rows(pg, v_hi_off, 0, sv, bits_high, buf)
             _unpack_rows(pg, v_lo_off, sv, n - sv, bits_low, buf)
-            _f16(pg, v_norm_off, d, norm)
-            _f16(pg, v_tok_off, 2 * n, vt.reshape(2 * n))
+            _value_params(pg, v_norm_off, v_tok_off, scale_off, param_bits, sv, norm, vt, sbuf)
             for t in range(n):
                 step, mn = vt[0, t], vt[1, t]
                 for c in range(d):
@@ -427,6 +471,9 @@ if numba is not None:
     _unpack_rows = numba.njit(cache=True, fastmath=True, inline="always")(_unpack_rows)
     _bf16_row = numba.njit(cache=True, inline="always")(_bf16_row)
     _f16 = numba.njit(cache=True, inline="always")(_f16)
+    _int8 = numba.njit(cache=True, inline="always")(_int8)
+    _key_params = numba.njit(cache=True, inline="always")(_key_params)
+    _value_params = numba.njit(cache=True, inline="always")(_value_params)
     # no reassoc: the reduction to [-ln 2 / 2, ln 2 / 2] must keep its order; called, not inlined in numba's IR,
     # so its instructions keep these flags when LLVM inlines it
     _exp_inplace = numba.njit(cache=True, fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})(_exp_inplace)
@@ -528,7 +575,7 @@ def decode_rows(kv_cache, page_ids, page_start, q, staging_key, staging_value, t
         key_rows.contiguous().view(torch.int16).numpy(), value_rows.contiguous().view(torch.int16).numpy(),
         np.float32(scale), layout.block_size, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off,
         layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
-        layout.bits_high, layout.bits_low, out.numpy(),
+        layout.bits_high, layout.bits_low, layout.param_bits, layout.scale_off, out.numpy(),
     )  # fmt: skip
     if _THREADS > 1:  # scratch for every thread id numba may hand out (its pool size, not only ours)
         # the same bits on any number of threads (a pair is computed alike by any thread): the count may follow
@@ -551,7 +598,8 @@ def dequantize_pages_bf16(kv_cache, page_ids, layout: PageLayout) -> tuple[torch
     _dequantize_pages(
         kv_cache.numpy(), page_ids.numpy(), n, layout.num_salient_k, layout.num_salient_v, layout.k_hi_off,
         layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
-        layout.bits_high, layout.bits_low, key.view(torch.uint16).numpy(), value.view(torch.uint16).numpy(),
+        layout.bits_high, layout.bits_low, layout.param_bits, layout.scale_off, key.view(torch.uint16).numpy(),
+        value.view(torch.uint16).numpy(),
     )
     return key, value
 

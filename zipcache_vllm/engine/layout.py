@@ -47,6 +47,19 @@ multiple of 16 bytes; fp16 = quantization parameters, rounded before the codes w
                 | padding up to N * state_content_bytes     |
     page_bytes  +-------------------------------------------+
 
+One-byte parameters (``param_bits = 8``, :mod:`zipcache_vllm.method.params8`): the same regions, each
+parameter a byte under fp16 region scales (``S * STEP_TABLE[e]`` for steps and ``c``, ``-z * step`` for
+minimums); the five scales follow the bitmaps::
+
+    k_param_off : step_hi code[D] (u8), zero_hi[D] (i8), step_lo code[D], zero_lo[D]  4 * D
+    v_norm_off  : c code[D] (u8)                                                      D
+    v_tok_off   : step code[N] (u8), then zero[N] (i8), page row order                2 * N
+    mask_off    : the two bitmaps, then at scale_off S_k_hi, S_k_lo, S_c, S_v_hi, S_v_lo (fp16)
+                                                                                      2 * N/8 + 10
+                  (value rows 0..sv-1 use S_v_hi, the others S_v_lo)
+
+At head size 64, block 128 and the ``vllm`` preset that is 53 bytes per token and head instead of 58.
+
 Codes are packed per row with ``quant.pack_bits`` over a channel permutation (``paged.pack_row``): byte ``i``
 holds channels ``i, i + D/m, ...`` (``m`` codes per byte), the released ZipCache code's half/quarter packing,
 so every byte column block unpacks to a contiguous channel block. Dequantization:
@@ -62,6 +75,7 @@ from dataclasses import dataclass, field
 
 from ..method.config import ZipCacheConfig, quota_count
 
+NUM_SCALES = 5  # fp16 region scales of a one-byte-parameter page: key hi/lo steps, c, value hi/lo steps
 ALIGN = 16  # bytes: every region starts 16-byte aligned so kernels issue 16-byte vector loads
 
 
@@ -106,6 +120,7 @@ class PageLayout:
     block_size, head_size : tokens per page, channels per head (``block_size`` a multiple of 8,
         ``head_size`` a multiple of 16).
     bits_high, bits_low : code widths of salient and regular rows (2, 4 or 8).
+    param_bits : 16 (fp16 parameters) or 8 (one-byte parameters, see the module docstring).
     salient_ratio : share of salient key rows; ``value_salient_ratio`` the same for values (None: same); the
         rows per page are ``config.quota_count(block_size, ratio)``.
 
@@ -128,6 +143,7 @@ class PageLayout:
     bits_low: int = 2
     salient_ratio: float = 0.6
     value_salient_ratio: float | None = None
+    param_bits: int = 16
     num_salient_k: int = field(init=False)
     num_salient_v: int = field(init=False)
     k_hi_off: int = field(init=False)
@@ -138,6 +154,7 @@ class PageLayout:
     v_norm_off: int = field(init=False)
     v_tok_off: int = field(init=False)
     mask_off: int = field(init=False)
+    scale_off: int = field(init=False)
     used_bytes: int = field(init=False)
     state_content_bytes: int = field(init=False)
     page_bytes: int = field(init=False)
@@ -155,27 +172,38 @@ class PageLayout:
         for name, r in (("salient_ratio", self.salient_ratio), ("value_salient_ratio", rv)):
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {r}")
+        if self.param_bits not in (8, 16):
+            raise ValueError(f"param_bits must be 16 or 8, got {self.param_bits!r}")
         sk, sv = quota_count(n, self.salient_ratio), quota_count(n, rv)
+        k_par, v_norm, v_tok = self._param_sizes()
         sizes = [
             ("k_hi_off", sk * d * bh // 8),
             ("k_lo_off", (n - sk) * d * bl // 8),
             ("v_hi_off", sv * d * bh // 8),
             ("v_lo_off", (n - sv) * d * bl // 8),
-            ("k_param_off", 8 * d),
-            ("v_norm_off", 2 * d),
-            ("v_tok_off", 4 * n),
-            ("mask_off", 2 * (n // 8)),
+            ("k_param_off", k_par),
+            ("v_norm_off", v_norm),
+            ("v_tok_off", v_tok),
+            ("mask_off", 2 * (n // 8) + (0 if self.param_bits == 16 else 2 * NUM_SCALES)),
         ]
         off = 0
         for name, size in sizes:
             object.__setattr__(self, name, off)
             off = _align(off + size)
+        object.__setattr__(self, "scale_off", self.mask_off + 2 * (n // 8))
         object.__setattr__(self, "num_salient_k", sk)
         object.__setattr__(self, "num_salient_v", sv)
         object.__setattr__(self, "used_bytes", off)
         scb = -(-off // n)
         object.__setattr__(self, "state_content_bytes", scb)
         object.__setattr__(self, "page_bytes", scb * n)
+
+    def _param_sizes(self) -> tuple[int, int, int]:
+        """Bytes of the key parameters, the value normalizers and the value token parameters."""
+        n, d = self.block_size, self.head_size
+        if self.param_bits == 16:
+            return 8 * d, 2 * d, 4 * n
+        return 4 * d, d, 2 * n  # one-byte codes (method/params8.py); their fp16 scales follow the bitmaps
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -187,6 +215,7 @@ class PageLayout:
             bits_low=config.bits_low,
             salient_ratio=config.salient_ratio,
             value_salient_ratio=config.value_salient_ratio,
+            param_bits=config.param_bits,
         )
 
     # -- sizes ---------------------------------------------------------------------------------------------
@@ -209,7 +238,7 @@ class PageLayout:
         n, d, bh, bl = self.block_size, self.head_size, self.bits_high, self.bits_low
         sk, sv = self.num_salient_k, self.num_salient_v
         codes = (sk + sv) * d * bh // 8 + (2 * n - sk - sv) * d * bl // 8
-        params = 8 * d + 2 * d + 4 * n
+        params = sum(self._param_sizes()) + (0 if self.param_bits == 16 else 2 * NUM_SCALES)
         masks = 2 * (n // 8)
         return {
             "codes": codes,
@@ -234,7 +263,7 @@ class PageLayout:
             vb = bh if v_hi else bl
             k_off = self.k_hi_off + a * d * bh // 8 if k_hi else self.k_lo_off + (a - sk) * d * bl // 8
             v_off = self.v_hi_off + a * d * bh // 8 if v_hi else self.v_lo_off + (a - sv) * d * bl // 8
-            k_par = self.k_param_off + (0 if k_hi else 4 * d)
+            k_par = self.k_param_off + (0 if k_hi else (4 if self.param_bits == 16 else 2) * d)
             regions.append((a, b, kb, k_off, k_par, vb, v_off, a))
         return regions
 

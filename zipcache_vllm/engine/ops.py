@@ -83,6 +83,15 @@ def _attend_triton(query, key, kv_cache, layout, rows, staging, scale, out) -> N
                          rows.slots, rows.tail_lens_after, out, scale, splits, _v1_tiles(layout))
 
 
+def check_layout(ops: KernelOps, layout) -> None:
+    """Refuse a page layout that a kernel family does not read: the Triton kernels read fp16 parameters only
+    (one-byte parameters are read by the twins and the CPU kernels)."""
+    if ops.name == "triton" and layout.param_bits != 16:
+        raise NotImplementedError("one-byte page parameters (param_bits=8) are read by the torch twins and the CPU "
+                                  "(numba) kernels only; the Triton kernels read fp16 parameters: use param_bits=16 "
+                                  "on CUDA (docs/performance.md)")
+
+
 @functools.lru_cache(maxsize=4)
 def kernel_ops(kernels: str) -> KernelOps:
     """The operations of a kernel family, chosen once: ``triton`` (CUDA, or the interpreter) or ``torch`` (the

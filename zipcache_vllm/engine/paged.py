@@ -26,10 +26,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..method import params8
 from ..method.config import Normalizer, Saliency, Selection
 from ..method.quant import pack_bits, quantize_channelwise_mixed, quantize_cst_mixed, unpack_bits
 from ..method.saliency import block_saliency, select_salient
-from .layout import PageLayout
+from .layout import NUM_SCALES, PageLayout
 
 __all__ = [
     "pack_row",
@@ -37,6 +38,7 @@ __all__ = [
     "compress_store",
     "compress_slots",
     "page_order",
+    "page_params",
     "dequantize_pages",
     "decode_attention",
     "block_probe_scores",
@@ -83,6 +85,11 @@ def page_order(scores: torch.Tensor, layout: PageLayout) -> tuple[torch.Tensor, 
     return ks, vs, perm
 
 
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    """int8 -> the same bytes as uint8."""
+    return x.contiguous().view(torch.uint8)
+
+
 def _bytes(x: torch.Tensor) -> torch.Tensor:
     """fp16 [..., m] -> uint8 [..., 2m] (little-endian, as the kernels read the same memory)."""
     return x.contiguous().view(torch.uint8)
@@ -116,8 +123,12 @@ def compress_store(
     ks, vs, perm = page_order(s, layout)
     sk, sv, bh, bl = layout.num_salient_k, layout.num_salient_v, layout.bits_high, layout.bits_low
 
-    k_hi, k_lo = quantize_channelwise_mixed(x, ks, bh, bl)
-    c, v_hi, v_lo = quantize_cst_mixed(v, vs, bh, bl)
+    if layout.param_bits == 8:
+        (k_hi, k_lo), kst = params8.quantize_channelwise_mixed_u8(x, ks, bh, bl)
+        c, v_hi, v_lo, vst = params8.quantize_cst_mixed_u8(v, vs, bh, bl)
+    else:
+        k_hi, k_lo = quantize_channelwise_mixed(x, ks, bh, bl)
+        c, v_hi, v_lo = quantize_cst_mixed(v, vs, bh, bl)
 
     def rows(codes: torch.Tensor) -> torch.Tensor:  # codes in page row order
         return codes.gather(2, perm.unsqueeze(-1).expand_as(codes))
@@ -132,13 +143,25 @@ def compress_store(
     put(layout.k_lo_off, pack_row(rows(k_lo.codes)[:, :, sk:], bl))
     put(layout.v_hi_off, pack_row(rows(v_hi.codes)[:, :, :sv], bh))
     put(layout.v_lo_off, pack_row(rows(v_lo.codes)[:, :, sv:], bl))
-    kpar = torch.cat([k_hi.step, k_hi.mn, k_lo.step, k_lo.mn], dim=-1)  # [B, H, 1, 4D] fp16
-    put(layout.k_param_off, _bytes(kpar))
-    put(layout.v_norm_off, _bytes(c))
     vmask = vs.unsqueeze(-1)
-    v_step = torch.where(vmask, v_hi.step, v_lo.step).squeeze(-1).gather(2, perm)  # [B, H, N] fp16
-    v_mn = torch.where(vmask, v_hi.mn, v_lo.mn).squeeze(-1).gather(2, perm)
-    put(layout.v_tok_off, _bytes(torch.cat([v_step, v_mn], dim=-1)))
+
+    def by_row(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:  # per-token parameter of the own group
+        return torch.where(vmask, hi, lo).squeeze(-1).gather(2, perm)  # [B, H, N], page row order
+
+    if layout.param_bits == 8:
+        put(layout.k_param_off, torch.cat([kst["k_high_step_code"], _u8(kst["k_high_zero"]),
+                                           kst["k_low_step_code"], _u8(kst["k_low_zero"])], dim=-1))
+        put(layout.v_norm_off, vst["v_c_code"])
+        put(layout.v_tok_off, torch.cat([by_row(vst["v_high_step_code"], vst["v_low_step_code"]),
+                                         _u8(by_row(vst["v_high_zero"], vst["v_low_zero"]))], dim=-1))
+        scales = [kst["k_high_scale"], kst["k_low_scale"], vst["v_c_scale"], vst["v_high_scale"],
+                  vst["v_low_scale"]]
+        put(layout.scale_off, _bytes(torch.cat([t.reshape(nb, h, 1) for t in scales], dim=-1)))
+    else:
+        kpar = torch.cat([k_hi.step, k_hi.mn, k_lo.step, k_lo.mn], dim=-1)  # [B, H, 1, 4D] fp16
+        put(layout.k_param_off, _bytes(kpar))
+        put(layout.v_norm_off, _bytes(c))
+        put(layout.v_tok_off, _bytes(torch.cat([by_row(v_hi.step, v_lo.step), by_row(v_hi.mn, v_lo.mn)], dim=-1)))
     put(layout.mask_off, torch.cat([pack_bits(ks.to(torch.uint8), 1), pack_bits(vs.to(torch.uint8), 1)], -1))
     kv_cache[block_ids.long(), :, : layout.page_bytes] = page
 
@@ -177,6 +200,31 @@ def _f16(page: torch.Tensor, off: int, count: int) -> torch.Tensor:
     return page[..., off : off + 2 * count].contiguous().view(torch.float16).float()
 
 
+def page_params(page: torch.Tensor, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float32 quantization parameters of pages ``page [..., >= page_bytes]`` (uint8), either format:
+    ``kp [..., 4, D]`` (key step and mn of the salient group, then of the regular one, per channel), ``c [...,
+    D]`` (value normalizers), ``tp [..., 2, N]`` (value step and mn of each page row)."""
+    n, d = layout.block_size, layout.head_size
+    if layout.param_bits == 16:
+        return (_f16(page, layout.k_param_off, 4 * d).unflatten(-1, (4, d)), _f16(page, layout.v_norm_off, d),
+                _f16(page, layout.v_tok_off, 2 * n).unflatten(-1, (2, n)))
+    sc = _f16(page, layout.scale_off, NUM_SCALES)  # [..., 5]: S_k_hi, S_k_lo, S_c, S_v_hi, S_v_lo
+    kb = page[..., layout.k_param_off : layout.k_param_off + 4 * d].unflatten(-1, (2, 2, d))  # group, code/zero
+    kstep = params8.decode_code(kb[..., 0, :], sc[..., 0:2, None])  # [..., 2, D]
+    kmn = -_i8(kb[..., 1, :]) * kstep
+    kp = torch.stack([kstep[..., 0, :], kmn[..., 0, :], kstep[..., 1, :], kmn[..., 1, :]], dim=-2)
+    c = params8.decode_code(page[..., layout.v_norm_off : layout.v_norm_off + d], sc[..., 2:3])
+    row_scale = torch.where(torch.arange(n, device=page.device) < layout.num_salient_v, sc[..., 3:4], sc[..., 4:5])
+    tstep = params8.decode_code(page[..., layout.v_tok_off : layout.v_tok_off + n], row_scale)
+    tmn = -_i8(page[..., layout.v_tok_off + n : layout.v_tok_off + 2 * n]) * tstep
+    return kp, c, torch.stack([tstep, tmn], dim=-2)
+
+
+def _i8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes -> their int8 values as float32."""
+    return x.contiguous().view(torch.int8).float()
+
+
 def dequantize_pages(
     kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: PageLayout, order: str = "token"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +243,8 @@ def dequantize_pages(
         raw = page[..., off : off + rows_ * d * bits // 8].reshape(nb, h, rows_, d * bits // 8)
         return unpack_row(raw, bits).float()
 
-    kp = _f16(page, layout.k_param_off, 4 * d).reshape(nb, h, 4, 1, d)
+    kp, c, tp = page_params(page, layout)
+    kp = kp.unsqueeze(-2)  # [B, H, 4, 1, D]
     k = torch.cat(
         [
             codes(layout.k_hi_off, sk, bh) * kp[:, :, 0] + kp[:, :, 1],
@@ -203,8 +252,8 @@ def dequantize_pages(
         ],
         dim=2,
     )
-    c = _f16(page, layout.v_norm_off, d).unsqueeze(2)  # [B, H, 1, D]
-    tp = _f16(page, layout.v_tok_off, 2 * n).reshape(nb, h, 2, n, 1)
+    c = c.unsqueeze(2)  # [B, H, 1, D]
+    tp = tp.unsqueeze(-1)  # [B, H, 2, N, 1]
     vq = torch.cat([codes(layout.v_hi_off, sv, bh), codes(layout.v_lo_off, n - sv, bl)], dim=2)
     v = c * (vq * tp[:, :, 0] + tp[:, :, 1])
     if order == "token":

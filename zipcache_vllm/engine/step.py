@@ -41,7 +41,7 @@ from . import cpu_decode, cpu_kernels
 from .block_manager import StepPlan
 from .decode import DecodeBatch, DecodeRows, decode_rows_of_plan, decode_step, fixed_scores, probe_ranks
 from .layout import PageLayout
-from .ops import KernelOps, kernel_module, kernel_ops
+from .ops import KernelOps, check_layout, kernel_module, kernel_ops
 from .staging import Staging
 
 
@@ -264,6 +264,7 @@ def zipcache_attention(
     """
     num_tokens = step.query_start[-1]
     ops = kernels if isinstance(kernels, KernelOps) else kernel_ops(kernels)
+    check_layout(ops, layout)
     is_kernel = ops.name == "triton"
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if out is None:

@@ -42,7 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..engine.block_manager import StepPlan
 from ..engine.decode import DecodeBatch, probe_ranks
 from ..engine.layout import PageLayout
-from ..engine.ops import kernel_ops
+from ..engine.ops import check_layout, kernel_ops
 from ..engine.step import prepare_step
 from ..method.config import Granularity, KeyScheme, Selection, ZipCacheConfig
 from ..method.saliency import num_block_probes, random_scores
@@ -194,6 +194,7 @@ class PagedZipCache(hf_base.HandshakeCache):
         dev = torch.device(device)
         self.use_triton = self.kernels == "triton" or (self.kernels == "auto" and dev.type == "cuda")
         self.ops = kernel_ops("triton" if self.use_triton else "torch")
+        check_layout(self.ops, self.layout)
         self.slots = torch.arange(batch, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(batch, 0, dtype=torch.int32, device=dev)
         blocks = -(-self.reserve_len // self.layout.block_size) if self.reserve_len else 1

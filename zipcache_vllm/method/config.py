@@ -114,8 +114,8 @@ class ZipCacheConfig:
     # a salient-split calibration (configs/calibration/NAME.json, or a path) that fills layer_salient_ratios for
     # the model's shape (for_model); written by ``python -m zipcache_vllm.eval.calibrate``
     calibration: str | None = None
-    # bits of each stored quantization parameter: 16 (fp16, the page format) or 8 (method/params8.py: a proposed
-    # compact format, measured in the harness only; the vLLM plugin refuses it)
+    # bits of each stored quantization parameter: 16 (fp16) or 8 (one byte under fp16 region scales,
+    # method/params8.py; pages read by the twins and the CPU kernels, not yet by the Triton kernels)
     param_bits: int = 16
 
     def __post_init__(self) -> None:

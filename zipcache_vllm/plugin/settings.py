@@ -26,9 +26,9 @@ def resolve_config(block_size: int, additional: dict | None = None) -> ZipCacheC
     if not isinstance(section, dict):
         raise ValueError("additional_config 'zipcache' must be a mapping of ZipCacheConfig keys")
     cfg = envs.load_config(section)
-    if cfg.param_bits != 16:
-        raise ValueError("param_bits 8 (one-byte parameters) is measured in the harness only: the page format, "
-                         "its kernels and the CPU decode read fp16 parameters (docs/performance.md)")
+    if cfg.param_bits != 16 and torch.cuda.is_available():
+        raise ValueError("param_bits 8 (one-byte page parameters) is served by the CPU build only: the Triton "
+                         "kernels read fp16 parameters (docs/performance.md); use param_bits 16 on CUDA")
     if cfg.key_scheme is not KeyScheme.CHANNELWISE:
         raise ValueError("ZipCache in vLLM stores keys channelwise (ZC-3); key_scheme=cst is not supported")
     paged = {"granularity": Granularity.BLOCK, "selection": Selection.QUOTA, "block_size": block_size}

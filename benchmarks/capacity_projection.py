@@ -8,11 +8,11 @@ measured by ``tests/e2e/test_openai_server.py::test_kv_capacity_vs_stock_bf16`` 
 2 %); the GPU rows are projections (no GPU server has run here). CPU rows count no dummy staging slot, GPU
 rows one (the CUDA builder's padded graph rows). Prints a table last.
 
-``--params-u8`` projects a page format that does not exist yet (docs/performance.md, "Page layout and
-capacity"): the same codes and masks, quantization parameters in one byte each (key step and zero point per
-channel and precision group, value normalizer per channel, value step and zero point per token) plus two fp16
-page scales per region; ``--salient-rows`` moves the budget of salient rows per block (keys + values; the
-`vllm` preset has 128: key rows stay at the preset's, values take the rest).
+``--params-u8`` takes the one-byte-parameter pages (``param_bits = 8``, the `compact` preset's format: key step
+and zero point per channel and precision group, value normalizer per channel, value step and zero point per
+token, one byte each, plus five fp16 region scales; engine/layout.py); ``--salient-rows`` moves the budget of
+salient rows per block (keys + values; the `vllm` preset has 128: key rows stay at the preset's, values take the
+rest).
 """
 
 from __future__ import annotations
@@ -35,17 +35,8 @@ MODELS = {  # layers, KV heads, head size
 }
 
 
-def u8_params_state_bytes(lay: PageLayout) -> int:
-    """Bytes per (token, KV head) of the proposed one-byte-parameter page (a projection, see the docstring)."""
-    n, d = lay.block_size, lay.head_size
-    codes = lay.breakdown()["codes"]
-    params = 4 * d + d + 2 * n + 3 * 2 * 2  # key (step, zero) x 2 groups, value c, value (step, zero); 6 fp16 scales
-    used = codes + params + 2 * (n // 8) + 4 * 16  # masks; up to 16 bytes of alignment per region boundary
-    return -(-used // n)
-
-
-def config_for(preset: str, block_size: int, salient_rows: int | None) -> ZipCacheConfig:
-    cfg = ZipCacheConfig.load(preset).replace(block_size=block_size)
+def config_for(preset: str, block_size: int, salient_rows: int | None, params_u8: bool = False) -> ZipCacheConfig:
+    cfg = ZipCacheConfig.load(preset).replace(block_size=block_size, **({"param_bits": 8} if params_u8 else {}))
     if salient_rows is not None:
         k = min(round(cfg.salient_ratio * block_size), salient_rows)
         cfg = cfg.replace(salient_ratio=k / block_size, value_salient_ratio=(salient_rows - k) / block_size)
@@ -60,26 +51,27 @@ def tokens(model: str, kv_gib: float, max_num_seqs: int, preset: str | None, blo
     if preset is None:  # stock bf16
         per_block = layers * h * block_size * 2 * d * 2
         return budget // per_block * block_size
-    cfg = config_for(preset, block_size, salient_rows)
+    cfg = config_for(preset, block_size, salient_rows, params_u8)
     lay = PageLayout.from_config(cfg, d)
     slots = (default_num_slots(max_num_seqs) if staging_slots is None else staging_slots) + (0 if cpu else 1)
     per_slot = Staging.bytes_per_slot(block_size, h, d, QUERY_HEADS[model], num_block_probes(cfg, block_size))
     budget -= slots * layers * per_slot
-    scb = u8_params_state_bytes(lay) if params_u8 else lay.state_content_bytes
-    per_block = layers * h * block_size * scb
+    per_block = layers * h * block_size * lay.state_content_bytes
     return max(budget, 0) // per_block * block_size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="paged,vllm")
-    ap.add_argument("--params-u8", action="store_true", help="project the one-byte-parameter page format")
+    ap.add_argument("--params-u8", action="store_true", help="one-byte-parameter pages (param_bits 8)")
     ap.add_argument("--salient-rows", type=int, default=None, help="salient rows per block, keys + values")
     ap.add_argument("--staging-slots", type=int, default=None,
                     help="staging slots (ZIPCACHE_STAGING_SLOTS; default max_num_seqs + max(4, max_num_seqs // 8))")
     args = ap.parse_args()
-    cases = [("SmolLM2-135M", 1, 16), ("SmolLM2-135M", 1, 32), ("SmolLM2-135M", 1, 128), ("SmolLM2-135M", 4, 16),
-             ("SmolLM2-135M", 4, 32), ("Qwen2.5-Coder-1.5B", 1, 32), ("Llama-3-8B", 100, 64),
+    cases = [("SmolLM2-135M", 1, 16), ("SmolLM2-135M", 1, 32), ("SmolLM2-135M", 1, 128), ("SmolLM2-135M", 2, 32),
+             ("SmolLM2-135M", 4, 16),
+             ("SmolLM2-135M", 4, 32), ("Qwen2.5-Coder-1.5B", 1, 32), ("Qwen2.5-Coder-1.5B", 2, 32),
+             ("Qwen2.5-Coder-1.5B", 4, 32), ("Llama-3-8B", 100, 64),
              ("Llama-3-8B", 100, 256), ("Qwen2.5-7B", 100, 256)]
     presets = args.presets.split(",")
     head = "| model | KV GiB | max_num_seqs | bf16 tokens | " + " | ".join(f"`{p}` tokens (ratio)" for p in presets)
@@ -96,9 +88,8 @@ def main() -> None:
         d = MODELS[model][2]
         bound = []
         for p in presets:
-            lay = PageLayout.from_config(config_for(p, 128, args.salient_rows), d)
-            scb = u8_params_state_bytes(lay) if args.params_u8 else lay.state_content_bytes
-            bound.append(f"{4 * d / scb:.2f}x")
+            lay = PageLayout.from_config(config_for(p, 128, args.salient_rows, args.params_u8), d)
+            bound.append(f"{4 * d / lay.state_content_bytes:.2f}x")
         bounds = "/".join(bound)
         print(f"| {model} | {gib} | {seqs} | {b:,} | " + " | ".join(cells) + f" | {bounds} |")
 

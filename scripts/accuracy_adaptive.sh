@@ -2,7 +2,8 @@
 # Issue 12 item 2: the per-layer salient split (preset `adaptive`, method `zipcache-adaptive`) against the fixed
 # split at equal bytes, on one model. Usage: bash scripts/accuracy_adaptive.sh smollm2-135m|qwen2.5-coder-1.5b
 # Writes docs/results/adaptive_<model>_*.json ($OUT/... if OUT is set). Two budgets: 128 salient rows per block
-# (the `vllm` preset's 96 + 32) and 112 (96 + 16, or 80 + 32), the second for >= 4.5x measured bytes.
+# (the `vllm` preset's 96 + 32) and 112 (96 + 16, or 80 + 32), the second for >= 4.5x measured bytes. METHODS
+# replaces the method list, PK_METHODS Qwen's passkey list (the `compact` preset: zipcache-adaptive:param_bits=8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -11,6 +12,8 @@ OUT=${OUT:-docs/results}
 mkdir -p "$OUT"
 M="bf16,zipcache-vllm,zipcache-adaptive,zipcache-vllm:value_salient_ratio=0.125,zipcache-vllm:salient_ratio=0.625"
 M="$M,zipcache-adaptive:value_salient_ratio=0.125"
+M=${METHODS:-$M}  # e.g. METHODS=bf16,zipcache-adaptive,zipcache-adaptive:param_bits=8 (bf16 first: the ratios' base)
+PK_METHODS=${PK_METHODS:-bf16,zipcache-vllm,zipcache-adaptive}  # Qwen's passkey run: the 128-row presets
 if [ "$MODEL" = smollm2-135m ]; then
   # the windows, prompts and tasks of docs/accuracy.md's preset tables (fp32 compute)
   ARGS="--model $MODEL --threads 1"
@@ -37,6 +40,6 @@ else
       --max-new-tokens 16 --methods "$M" --output $OUT/adaptive_${MODEL}_agreement_long.json
   # passkey: the task file and count of docs/accuracy.md's first Qwen passkey run, the 128-row presets only
   $PY -m zipcache_vllm.eval retrieval $ARGS --tasks-file data/retrieval_passkey.jsonl --max-tasks 10 \
-      --methods bf16,zipcache-vllm,zipcache-adaptive --output $OUT/adaptive_${MODEL}_retrieval_passkey.json
+      --methods "$PK_METHODS" --output $OUT/adaptive_${MODEL}_retrieval_passkey.json
 fi
 $PY scripts/accuracy_adaptive_table.py "$MODEL" "$OUT"

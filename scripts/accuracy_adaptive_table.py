@@ -35,7 +35,9 @@ agree, agree_long, passkey = R["agreement"], R["agreement_long"], R["retrieval_p
 ROWS = {"bf16": "bf16", "zipcache-vllm": "128 (96/32) fixed", "zipcache-adaptive": "128 per layer",
         "zipcache-vllm:value_salient_ratio=0.125": "112 (96/16) fixed",
         "zipcache-vllm:salient_ratio=0.625": "112 (80/32) fixed",
-        "zipcache-adaptive:value_salient_ratio=0.125": "112 per layer"}
+        "zipcache-adaptive:value_salient_ratio=0.125": "112 per layer",
+        "zipcache-vllm:param_bits=8": "128 (96/32) fixed, one-byte parameters",
+        "zipcache-adaptive:param_bits=8": "128 per layer, one-byte parameters (`compact`)"}
 
 
 def passkey_cell(pk, m):
@@ -58,12 +60,14 @@ sep += "---|"
 print(head)
 print(sep)
 for m, label in ROWS.items():
+    if m not in prose:  # a run of some of the methods (METHODS=... bash scripts/accuracy_adaptive.sh)
+        continue
     p, c = prose[m], code[m]
     line = (f"| `{m}` | {label} | {p['perplexity']:.3f} ({p['perplexity'] / prose['bf16']['perplexity']:.3f}) | "
             f"{c['perplexity']:.3f} ({c['perplexity'] / code['bf16']['perplexity']:.3f}) |")
     for r in (agree, agree_long):
         if r:
-            line += f" {r[m]['agreement']:.3f} / {r[m]['kl']:.4f} |"
+            line += f" {r[m]['agreement']:.3f} / {r[m]['kl']:.4f} |" if m in r else " – |"
     if passkey:
         line += f" {passkey_cell(passkey, m)} |"
     line += f" {p['compression_ratio']:.2f}× |"
@@ -109,6 +113,6 @@ if args.before:
     print("| method | " + " | ".join(f"{name}: before → after" for name, _, _ in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for m in ROWS:
-        if m == "bf16":
+        if m == "bf16" or m not in prose:
             continue
         print(f"| `{m}` | " + " | ".join(f"{f(B, kind, m)} → {f(R, kind, m)}" for _, f, kind in cols) + " |")

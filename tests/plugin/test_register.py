@@ -123,7 +123,7 @@ def test_stat_logger_publishes_the_compression_figures(clean_registry):
     value = REGISTRY.get_sample_value
     assert value("zipcache:capacity_ratio_vs_bf16") == pytest.approx(4.129, abs=1e-3)  # 256 / 62
     assert value("zipcache:bits_per_value") == pytest.approx(7936 * 8 / (128 * 128))
-    assert (value("zipcache:bits_high"), value("zipcache:bits_low")) == (4, 2)
+    assert (value("zipcache:bits_high"), value("zipcache:bits_low"), value("zipcache:param_bits")) == (4, 2, 16)
     assert value("zipcache:salient_ratio") == pytest.approx(80 / 128)
     assert value("zipcache:kv_cache_tokens") == 12800 and value("zipcache:staging_slots") == 20
 

@@ -104,10 +104,12 @@ class ZipCacheAttentionBackend(CPUAttentionBackend):
             _state["spec_logged"] = True
             bf16 = spec.page_size_bytes
             logger.info(
-                "ZipCache layout: %d-token blocks, %d/%d bits, %d/%d salient rows (K/V); %d bytes per (block, "
-                "KV head) = %.2f bytes/token/head vs %d in bf16 -> %.2fx capacity; page_size_bytes %d -> %d",
+                "ZipCache layout: %d-token blocks, %d/%d bits, %d/%d salient rows (K/V), %s parameters; %d bytes "
+                "per (block, KV head) = %.2f bytes/token/head vs %d in bf16 -> %.2fx capacity; page_size_bytes %d "
+                "-> %d",
                 layout.block_size, layout.bits_high, layout.bits_low, layout.num_salient_k,
-                layout.num_salient_v, layout.page_bytes, layout.bytes_per_token, 4 * layout.head_size,
+                layout.num_salient_v, "fp16" if layout.param_bits == 16 else "one-byte", layout.page_bytes,
+                layout.bytes_per_token, 4 * layout.head_size,
                 bf16 / new.page_size_bytes, bf16, new.page_size_bytes,
             )
         return new

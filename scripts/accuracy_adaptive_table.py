@@ -37,7 +37,10 @@ ROWS = {"bf16": "bf16", "zipcache-vllm": "128 (96/32) fixed", "zipcache-adaptive
         "zipcache-vllm:salient_ratio=0.625": "112 (80/32) fixed",
         "zipcache-adaptive:value_salient_ratio=0.125": "112 per layer",
         "zipcache-vllm:param_bits=8": "128 (96/32) fixed, one-byte parameters",
-        "zipcache-adaptive:param_bits=8": "128 per layer, one-byte parameters (`compact`)"}
+        "zipcache-adaptive:param_bits=8": "128 per layer, one-byte parameters",
+        "zipcache-adaptive:value_rotation=true": "128 per layer, values rotated",
+        "zipcache-adaptive:param_bits=8,value_rotation=true": "128 per layer, one-byte parameters, values rotated "
+                                                              "(`compact`)"}
 
 
 def passkey_cell(pk, m):

@@ -21,6 +21,7 @@ from zipcache_vllm.engine.decode import DecodeBatch
 from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.engine.staging import Staging
 from zipcache_vllm.engine.step import prepare_step, zipcache_attention
+from zipcache_vllm.method import rotation
 from zipcache_vllm.method.config import Saliency, ZipCacheConfig
 from zipcache_vllm.method.saliency import block_probe_offsets, block_saliency, num_block_probes, random_scores
 
@@ -49,6 +50,8 @@ def ref_step(seq: RefSeq, q, k, v, cfg: ZipCacheConfig, layout: PageLayout, scal
     """Append; compress every block that became complete (scored by its own probes, the block rule); attend:
     query ``p`` over the dequantized blocks before its own and the bf16 tokens of its own block up to ``p``."""
     ctx, ql = len(seq), q.shape[0]
+    if cfg.value_rotation:  # the engine stages and compresses bf16(v H), and rotates the outputs back
+        v = rotation.rotate(v.bfloat16())
     seq.q = torch.cat([seq.q, q.float()])
     seq.k = torch.cat([seq.k, k.float()])
     seq.v = torch.cat([seq.v, v.float()])
@@ -78,7 +81,7 @@ def ref_step(seq: RefSeq, q, k, v, cfg: ZipCacheConfig, layout: PageLayout, scal
         kk, vv = keys.repeat_interleave(g, 1).transpose(0, 1), vals.repeat_interleave(g, 1).transpose(0, 1)
         probs = torch.softmax(torch.matmul(q[i].float().unsqueeze(1), kk.transpose(1, 2)) * scale, -1)  # [Hq, 1, L]
         out[i] = torch.matmul(probs, vv)[:, 0]
-    return out
+    return rotation.rotate(out) if cfg.value_rotation else out
 
 
 class Engine:
@@ -93,8 +96,7 @@ class Engine:
         self.paged_attention = paged_attention  # CPU chunks through this kernel (vLLM's: the backend's choice)
         self.dev = torch.device(device)
         self.n = n = cfg.block_size
-        self.layout = PageLayout(block_size=n, head_size=head_size, bits_high=cfg.bits_high, bits_low=cfg.bits_low,
-                                 salient_ratio=cfg.salient_ratio, value_salient_ratio=cfg.value_salient_ratio)
+        self.layout = PageLayout.from_config(cfg, head_size)
         # vLLM's view [num_blocks, H, N, C], flattened to pages as the backend does
         c = self.layout.page_bytes // n
         self.kv_view = torch.zeros(NUM_BLOCKS, num_kv_heads, n, c, dtype=torch.uint8, device=self.dev)
@@ -189,6 +191,8 @@ CONFIGS = {
     "probe_nnz": ZipCacheConfig.load("paged", block_size=N, normalizer="probe_nnz", probe_recent=0.2),
     "accumulated": ZipCacheConfig.load("paged", block_size=N, saliency="accumulated", salient_ratio=0.3),
     "random": ZipCacheConfig.load("paged", block_size=N, saliency="random"),
+    # the `compact` preset's page format and value rotation: one-byte parameters, values in the Hadamard basis
+    "compact": ZipCacheConfig.load("vllm", block_size=N, salient_ratio=0.7, param_bits=8, value_rotation=True),
 }
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..method import rotation
 from ..method.config import Saliency, ZipCacheConfig
 from ..method.saliency import num_block_probes
 from . import cpu_decode, cpu_kernels
@@ -244,7 +245,9 @@ def zipcache_attention(
         block_size + offset`` of each new token (the page of a completed block is read from it).
     staging : this layer's :class:`Staging`; step : :func:`prepare_step` of this step's
         :meth:`BlockManager.plan`, shared by all layers.
-    layout, config : the page layout and the ZipCache settings (block granularity, the block probe rule).
+    layout, config : the page layout and the ZipCache settings (block granularity, the block probe rule;
+        ``value_rotation``: values stored in the Hadamard basis of :mod:`~zipcache_vllm.method.rotation`, the
+        outputs rotated back).
     layer_idx : unused by the block rule (its probes are the same in every layer). scale : softmax scale
         (default ``D ** -0.5``).
     out : optional ``[num_tokens, num_heads, head_size]`` output. kernels : ``torch``, ``numba`` or ``triton``
@@ -262,6 +265,38 @@ def zipcache_attention(
     -------
     ``out [num_tokens, num_heads, head_size]`` (dtype of ``out``, else of ``query``).
     """
+    if config.value_rotation:  # values live in the Hadamard basis (method/rotation.py): stored rotated, and the
+        value = rotation.rotate(value)  # outputs rotated back
+    out = _store_and_attend(query, key, value, kv_cache, block_table, seq_lens, query_start_loc, slot_mapping,
+                            staging, step, layout, config, layer_idx, scale, out, kernels, random_scores,
+                            paged_attention)
+    if config.value_rotation:
+        n = step.query_start[-1]
+        out[:n] = rotation.rotate(out[:n])
+    return out
+
+
+def _store_and_attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    staging: Staging,
+    step: Step,
+    layout: PageLayout,
+    config: ZipCacheConfig,
+    layer_idx: int = 0,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    kernels: str = "torch",
+    random_scores: torch.Tensor | None = None,
+    paged_attention: PagedAttention | None = None,
+) -> torch.Tensor:
+    """:func:`zipcache_attention` without the value rotation."""
     num_tokens = step.query_start[-1]
     ops = kernels if isinstance(kernels, KernelOps) else kernel_ops(kernels)
     check_layout(ops, layout)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import params8, quant
+from . import params8, quant, rotation
 from .config import Granularity, KeyScheme, Saliency, ZipCacheConfig
 from .saliency import random_scores, select_salient
 
@@ -191,6 +191,12 @@ class ZipCacheCompressor(Compressor):
         return quant.select_mixed(hi.dequantize(), lo.dequantize(), mask)
 
     def _cst(self, name, x, mask, stored) -> torch.Tensor:
+        c = self.config
+        if name == "v" and c.value_rotation:  # quantized in the Hadamard basis, reconstructed in the model's
+            return rotation.rotate(self._cst_plain(name, rotation.rotate(x.float()), mask, stored))
+        return self._cst_plain(name, x, mask, stored)
+
+    def _cst_plain(self, name, x, mask, stored) -> torch.Tensor:
         c = self.config
         if c.param_bits == 8:
             return self._cst_u8(name, x, mask, stored)

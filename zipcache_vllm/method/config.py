@@ -117,6 +117,9 @@ class ZipCacheConfig:
     # bits of each stored quantization parameter: 16 (fp16) or 8 (one byte under fp16 region scales,
     # method/params8.py; pages read by the twins and the CPU kernels, not yet by the Triton kernels)
     param_bits: int = 16
+    # values stored in a Hadamard basis (method/rotation.py): per-token quantization of rotated values loses less;
+    # attention outputs are rotated back, keys are not rotated
+    value_rotation: bool = False
 
     def __post_init__(self) -> None:
         for name, cls in _ENUMS.items():
@@ -151,6 +154,8 @@ class ZipCacheConfig:
             raise ValueError(f"probe_compat must be true or false, got {self.probe_compat!r}")
         if self.block_size % 8:
             raise ValueError(f"block_size must be a multiple of 8 (bit packing), got {self.block_size}")
+        if not isinstance(self.value_rotation, bool):
+            raise ValueError(f"value_rotation must be true or false, got {self.value_rotation!r}")
         if isinstance(self.param_bits, bool) or self.param_bits not in (8, 16):
             raise ValueError(f"param_bits must be 16 or 8, got {self.param_bits!r}")
         if self.calibration is not None and (not isinstance(self.calibration, str) or not self.calibration.strip()):

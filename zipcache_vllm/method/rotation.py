@@ -29,15 +29,20 @@ def _hadamard_cpu(head_size: int) -> torch.Tensor:
 
 
 def hadamard(head_size: int, device=None) -> torch.Tensor:
-    """The fp32 ``[head_size, head_size]`` rotation (symmetric, orthonormal: ``H @ H = I``)."""
+    """The fp32 ``[head_size, head_size]`` rotation (symmetric, orthonormal: ``H @ H = I``), one copy per device
+    (call it once before a CUDA graph is captured: the first call copies it to the device)."""
     if head_size < 1:
         raise ValueError(f"head_size must be positive, got {head_size}")
-    h = _hadamard_cpu(head_size)
-    return h if device is None or torch.device(device).type == "cpu" else _on_device(head_size, str(device))
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cpu":
+        return _hadamard_cpu(head_size)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _on_device(head_size, dev)
 
 
 @functools.lru_cache(maxsize=16)
-def _on_device(head_size: int, device: str) -> torch.Tensor:
+def _on_device(head_size: int, device: torch.device) -> torch.Tensor:
     return _hadamard_cpu(head_size).to(device)
 
 

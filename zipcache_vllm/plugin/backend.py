@@ -41,6 +41,7 @@ from ..engine.builder import StepBuilder
 from ..engine.layout import PageLayout
 from ..engine.staging import Staging
 from ..engine.step import Step, request_rows, zipcache_attention
+from ..method import rotation
 from ..method.config import ZipCacheConfig
 from ..method.saliency import num_block_probes
 from . import envs, trace
@@ -306,6 +307,8 @@ class ZipCacheAttentionImpl(CPUAttentionBackendImpl):
         self.staging = Staging.allocate(num_slots, block_size, num_kv_heads, head_size, num_heads, num_probes,
                                         dtype=torch.bfloat16, device=device)
         reserve_staging(vllm_config, num_slots, block_size, num_kv_heads, head_size, num_heads, num_probes)
+        if self.config.value_rotation:  # its device copy exists before a CUDA graph is captured
+            rotation.hadamard(head_size, device)
         self.layer_idx: int | None = None
         # CPU prefill chunks through vLLM's own CPU attention kernel (one instance, its scratch, for all layers)
         self.paged_attention = None

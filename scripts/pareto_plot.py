@@ -18,12 +18,14 @@ from pathlib import Path
 R = Path("docs/results")
 SOURCES = {
     "SmolLM2-135M (hd 64, 6 windows of 1024 + 256, fp32)": {
-        "primary": [R / "perplexity_{c}.json", R / "adaptive_smollm2-135m_perplexity_{c}.json"],
+        "primary": [R / "perplexity_{c}.json", R / "adaptive_smollm2-135m_perplexity_{c}.json",
+                    R / "compact/adaptive_smollm2-135m_perplexity_{c}.json"],
         "extra": [],
     },
     "Qwen2.5-Coder-1.5B (hd 128, 2 windows of 1024 + 128, bf16)": {
         "primary": [R / "qwen_baselines/perplexity_{c}.json", R / "adaptive_qwen2.5-coder-1.5b_perplexity_{c}.json"],
-        "extra": [R / "qwen_6windows_v2/adaptive_qwen2.5-coder-1.5b_perplexity_{c}.json"],
+        "extra": [R / "qwen_6windows_v2/adaptive_qwen2.5-coder-1.5b_perplexity_{c}.json",
+                  R / "compact/adaptive_qwen2.5-coder-1.5b_perplexity_{c}.json"],
     },
 }
 CORPORA = ("prose", "code")
@@ -32,6 +34,8 @@ COLLAPSED = 1.5
 
 def family(method: str) -> str:
     m = method.split(":")[0]
+    if "value_rotation=true" in method:
+        return "zipcache, values rotated"
     if m == "bf16":
         return "bf16"
     if m.startswith(("int", "quanto")):
@@ -44,7 +48,8 @@ def family(method: str) -> str:
 
 
 COLORS = {"bf16": "black", "per-token int / quanto": "tab:gray", "KIVI": "tab:blue",
-          "zipcache (harness variants)": "tab:orange", "zipcache-vllm": "tab:red", "zipcache-adaptive": "tab:green"}
+          "zipcache (harness variants)": "tab:orange", "zipcache-vllm": "tab:red", "zipcache-adaptive": "tab:green",
+          "zipcache, values rotated": "tab:brown"}
 
 
 def points(files: list[Path], corpus: str) -> list[dict]:

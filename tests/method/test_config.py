@@ -240,6 +240,7 @@ NON_DEFAULT = dict(
     layer_salient_ratios=[[0.5, 0.5], [1.0, 0.0]],  # 64 salient rows per block of 64, as 0.7 / 0.2 (48 + 16)
     calibration="toy",
     param_bits=8,
+    value_rotation=True,
 )
 
 

@@ -4,6 +4,8 @@ than fp16 parameters, and the page twin storing exactly what the harness quantiz
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,7 +111,7 @@ def test_the_triton_kernels_refuse_one_byte_pages():
     from zipcache_vllm.engine.layout import PageLayout
     from zipcache_vllm.engine.ops import KernelOps, check_layout
 
-    triton = KernelOps("triton", *[None] * 5)
+    triton = KernelOps(**{f.name: None for f in dataclasses.fields(KernelOps)} | {"name": "triton"})
     check_layout(triton, PageLayout(128, 64))
     with pytest.raises(NotImplementedError, match="param_bits=8"):
         check_layout(triton, PageLayout(128, 64, param_bits=8))

@@ -9,7 +9,8 @@ is one pass over its 128 x 64 keys and values: rank the scores, min/max, codes, 
 The conventions are :mod:`zipcache_vllm.method.quant`'s, reproduced operation by operation (so the result is
 the twin's bit for bit, not merely close): fp32 arithmetic with IEEE division (compiled without fastmath, so
 no reciprocal, contraction or reassociation), ``step = max((max - min) / (2**bits - 1), EPS)``, both
-parameters rounded to fp16 (round to nearest even, :func:`_f16_bits`) *before* the codes ``clamp(
+parameters rounded to fp16 (round to nearest even, :func:`_f16_bits`; with one-byte parameters coded as
+:mod:`zipcache_vllm.method.params8` does, :func:`_store_params_u8`) *before* the codes ``clamp(
 round_half_even((x - mn) / step), 0, 2**bits - 1)``; quota selection by a stable descending sort (ties to the
 earlier token), page rows in tier order (layout.py). Two details follow torch's CPU reductions rather than any
 spec, because they decide the sign of a zero minimum (the only case where reduction order shows in the

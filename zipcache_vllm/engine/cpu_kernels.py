@@ -11,7 +11,9 @@ probabilities (the algebra of the Triton decode kernel):
 
 then the bf16 tail and the row's own new token, one softmax per query head. Layout and packing:
 :mod:`zipcache_vllm.engine.layout` (byte ``i`` of a row holds channels ``i + j * D / m`` at bit ``j * bits``,
-``m = 8 // bits``). The fp16 page parameters are widened to fp32 inside (bit by bit: numba has no float16).
+``m = 8 // bits``). The fp16 page parameters are widened to fp32 inside (bit by bit: numba has no float16);
+one-byte parameters (``param_bits = 8``) are decoded as :func:`zipcache_vllm.engine.paged.page_params` does
+(:func:`_key_params`, :func:`_value_params`).
 Results equal the torch twin up to fp32 summation order (tests/engine/test_step.py).
 
 No vLLM import; numba is optional (the ``cpu`` extra installs it): :func:`available` says whether it imports.

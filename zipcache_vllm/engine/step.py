@@ -266,37 +266,7 @@ def zipcache_attention(
     ``out [num_tokens, num_heads, head_size]`` (dtype of ``out``, else of ``query``).
     """
     if config.value_rotation:  # values live in the Hadamard basis (method/rotation.py): stored rotated, and the
-        value = rotation.rotate(value)  # outputs rotated back
-    out = _store_and_attend(query, key, value, kv_cache, block_table, seq_lens, query_start_loc, slot_mapping,
-                            staging, step, layout, config, layer_idx, scale, out, kernels, random_scores,
-                            paged_attention)
-    if config.value_rotation:
-        n = step.query_start[-1]
-        out[:n] = rotation.rotate(out[:n])
-    return out
-
-
-def _store_and_attend(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    staging: Staging,
-    step: Step,
-    layout: PageLayout,
-    config: ZipCacheConfig,
-    layer_idx: int = 0,
-    scale: float | None = None,
-    out: torch.Tensor | None = None,
-    kernels: str = "torch",
-    random_scores: torch.Tensor | None = None,
-    paged_attention: PagedAttention | None = None,
-) -> torch.Tensor:
-    """:func:`zipcache_attention` without the value rotation."""
+        value = rotation.rotate(value)  # outputs rotated back (_rotate_back) at each return
     num_tokens = step.query_start[-1]
     ops = kernels if isinstance(kernels, KernelOps) else kernel_ops(kernels)
     check_layout(ops, layout)
@@ -311,7 +281,7 @@ def _store_and_attend(
         decode_step(query, key, value, kv_cache, staging, step.decode_rows, layout, ops, config, scale, out,
                     random_scores)
         if not step.others:
-            return out
+            return _rotate_back(out, step, config)
         engine_rows = step.num_decode_rows
     # new tokens are bf16 from the start, as the reference cache's window (identity for bf16 models)
     dt = staging.key.dtype
@@ -338,6 +308,14 @@ def _store_and_attend(
     if cp.put_pq_tok.numel():
         staging.probe_query.view(-1, q.shape[1], d).index_copy_(0, cp.put_pq_flat,
                                                                 q.index_select(0, cp.put_pq_tok).to(dt))
+    return _rotate_back(out, step, config)
+
+
+def _rotate_back(out: torch.Tensor, step: Step, config: ZipCacheConfig) -> torch.Tensor:
+    """The step's output rows back from the values' Hadamard basis (``config.value_rotation``)."""
+    if config.value_rotation:
+        n = step.query_start[-1]
+        out[:n] = rotation.rotate(out[:n])
     return out
 
 

@@ -2,7 +2,7 @@
 instruction histogram of the page loop (the code between the first backward branch's target and the branch).
 
     python benchmarks/sass_decode_v2.py [--ratio 0.8 --value-ratio 0.2 --head-size 128 --g 4 --splits 4]
-                                        [--maps 1|2 --ring 0|1 --maxnreg 168]
+                                        [--maps 1|2 --ring 0|1 --maxnreg 168 --defer-sum 0|1]
 
 Needs triton 3.6 (the H200's version; ``pip install triton==3.6.0`` in a scratch venv) and this repository's
 ``kernels/`` importable as ``zipcache_vllm.kernels`` (editable install or a link). Pointer arguments are
@@ -41,13 +41,15 @@ def main() -> None:
     ap.add_argument("--maps", type=int, default=decode_v2.MAPS, help="channel maps of the page loop (1 or 2)")
     ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (0: none)")
     ap.add_argument("--ring", type=int, default=int(decode_v2.RING), help="1: one staged page refilled piece by piece")
+    ap.add_argument("--defer-sum", type=int, default=int(decode_v2.DEFER_SUM),
+                    help="1: the softmax denominator as per-lane partial sums (one cross-lane sum per program)")
     a = ap.parse_args()
     layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=a.value_ratio)
     fn = decode_v2._decode_v2_kernel
     ce = dict(decode_v2._constexprs(layout, a.max_chunk, bool(a.stage), a.maps, bool(a.ring)))
     ce.update(NUM_SPLITS=a.splits, G=a.g, NP=max(8, triton.next_power_of_2(a.g)), TAIL=decode_v2.TAIL_CHUNK,
               WRITE_LSE=True, RESCALE=decode_v2.RESCALE_LOG2, GP=triton.next_power_of_2(a.g),
-              PREFETCH=decode_v2.PREFETCH_PAGES)  # fmt: skip
+              PREFETCH=decode_v2.PREFETCH_PAGES, TAIL_FIRST=decode_v2.TAIL_FIRST, DEFER=bool(a.defer_sum))  # fmt: skip
     sig = {n: "constexpr" if n in ce else TYPES.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n in ALIGNED)}  # fmt: skip

@@ -44,6 +44,9 @@ VARIANTS = {  # launch options of decode_attention_v2
     "one-map-ring-r184": {"maps": 1, "ring": True, "maxnreg": 184},
     "one-map-ring-r168": {"maps": 1, "ring": True, "maxnreg": 168},
     "two-maps-ring-r168": {"maps": 2, "ring": True, "maxnreg": 168},
+    "one-map-tail-first": {"maps": 1, "ring": False, "maxnreg": None, "tail_first": True},
+    "one-map-defer": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True},
+    "one-map-tail-first-defer": {"maps": 1, "ring": False, "maxnreg": None, "tail_first": True, "defer_sum": True},
 }
 
 

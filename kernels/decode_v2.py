@@ -50,6 +50,10 @@ RING = False  # staged pages in one buffer refilled piece by piece (page pg + 1'
 # programs per SM (H200: 152.7 vs 152.1 us at B16/32k), and the register caps that would let more programs in lose
 MAXNREG = None  # ptxas register cap per thread (None: 255); one map + ring at 200 / 184 / 168: B16/32k 200 / 198 /
 # 188 us (10 / 11 / 12 programs per SM) against 152 at 255
+TAIL_FIRST = False  # the bf16 tail programs launched before the page programs (grid order), so that they run while
+# the page programs start instead of queueing for the few slots the page programs leave free
+DEFER_SUM = False  # the softmax denominator kept as per-lane partial sums over 16-row tiles, summed across lanes
+# once per program instead of once per chunk (three shuffle rounds fewer per chunk)
 
 
 # --------------------------------------------------------------------------------------------- channel maps
@@ -678,21 +682,43 @@ def _elem_type(es):
 
 
 @gluon.jit
-def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE: gl.constexpr, ONE: gl.constexpr):
+def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE: gl.constexpr, ONE: gl.constexpr, DEFER: gl.constexpr,
+                   MMA: gl.constexpr):  # fmt: skip
     """Lazy online softmax over a chunk ``s [rows, NP]`` (log2 domain): rescale the state only when a column
     max exceeds the reference by more than ``RESCALE``. Returns (p, m_ref, l_i, o_hi, o_lo); with one channel
-    map (``ONE``) ``o_lo`` is unused."""
+    map (``ONE``) ``o_lo`` is unused. ``DEFER``: ``l_i`` is ``[16, NP]`` partial sums (MMA layout; the column
+    sums are its row sums, taken once at the end), else ``[NP]``."""
     c_max = gl.max(s, axis=0)
     if gl.max(c_max - m_ref, axis=0) > RESCALE:
         m_new = gl.maximum(m_ref, c_max)
         alpha = gl.exp2(m_ref - m_new)
-        l_i = l_i * alpha
+        if DEFER:  # noqa: SIM108 (constexpr branches)
+            l_i = l_i * alpha[None, :]
+        else:
+            l_i = l_i * alpha
         o_hi = o_hi * alpha[None, :]
         if not ONE:
             o_lo = o_lo * alpha[None, :]
         m_ref = m_new
     p = gl.exp2(s - m_ref[None, :])
-    return p, m_ref, l_i + gl.sum(p, axis=0), o_hi, o_lo
+    if DEFER:  # noqa: SIM108 (constexpr branches)
+        l_i = l_i + _fold_rows(p, MMA)
+    else:
+        l_i = l_i + gl.sum(p, axis=0)
+    return p, m_ref, l_i, o_hi, o_lo
+
+
+@gluon.jit
+def _fold_rows(x, MMA: gl.constexpr):
+    """``x [ROWS, NP]`` (MMA layout) summed over its 16-row tiles to ``[16, NP]``: in-lane adds only (the
+    inverse of ``_tile_rows``)."""
+    if x.shape[0] == 16:
+        res = x
+    else:
+        y = gl.permute(gl.reshape(x, (2, x.shape[0] // 2, x.shape[1])), (1, 2, 0))  # [R/2, NP, 2]
+        a, b = gl.split(y)
+        res = _fold_rows(gl.convert_layout(a + b, MMA, assert_trivial=True), MMA)
+    return res
 
 
 # fmt: off
@@ -707,6 +733,7 @@ def _page_chunk(
     K_CONS_L: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
     V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
     SMEM: gl.constexpr, PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr,
+    DEFER: gl.constexpr,
 ):
     """Rows ``START .. START + ROWS`` of one page (one key group, one value group). ``MH``, ``ML``: the channel
     maps (their bits) the high and low tiles are read into; ``ONE``: one map, one value accumulator."""
@@ -722,7 +749,7 @@ def _page_chunk(
         kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BL // 8, D * BL // 32, KES, A, BL == 4 and ML == 2, D),
                      (ROWS, 16), KVIEW, KLOAD, K_ASM_L, K_CONS_L, KES, P, 1, A, SMEM, PIECES)
         s = mma_v2(kc, qp_l, _tile_rows(bias_l, ROWS, MMA))
-    p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE, ONE)
+    p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE, ONE, DEFER, MMA)
     # values: P' = p * step_t (fp16 B operand); u = V^T P' + sum_t p_t mn_t, the code offsets taken out through
     # the sum of P' (as rounded); O^T += c * u
     vstep = _rows_f16(src, V_TOK + 2 * START, ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
@@ -773,7 +800,7 @@ def _page(
     KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
     RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, SMEM: gl.constexpr,
     PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr,
-    GROUPS: gl.constexpr, nxt, has_next,
+    GROUPS: gl.constexpr, DEFER: gl.constexpr, nxt, has_next,
 ):
     """One page: its parameters, then its chunks (``src``: the page's byte pointer, or its shared view). With
     ``RING`` the shared view is refilled from ``nxt`` (the next page, if ``has_next``) piece group by piece
@@ -805,7 +832,7 @@ def _page(
             CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3], CHUNKS[ci][4], CHUNKS[ci][5],
             gl.constexpr(SHARED[4 + 4 * ci]), gl.constexpr(SHARED[5 + 4 * ci]), gl.constexpr(SHARED[6 + 4 * ci]),
             gl.constexpr(SHARED[7 + 4 * ci]), BH, BL, D, N, NP, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L,
-            V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE,
+            V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, DEFER,
         )
         if RING:
             _refill(src, nxt, has_next, GROUPS, 1 + ci)
@@ -852,10 +879,12 @@ def _decode_v2_kernel(
     PREFETCH: gl.constexpr, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr,
     SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
     MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr, GROUPS: gl.constexpr,
+    TAIL_FIRST: gl.constexpr, DEFER: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
-    ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone. ``MH``, ``ML``: bits of
-    the channel maps of the high and low tiles (equal with ``ONE`` map)."""
+    ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone (``TAIL_FIRST``: the
+    tail's programs are the grid's first, ``program_id(2) == 0``). ``MH``, ``ML``: bits of the channel maps of
+    the high and low tiles (equal with ``ONE`` map). ``DEFER``: the softmax denominator as per-lane partials."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -867,6 +896,8 @@ def _decode_v2_kernel(
     seq = gl.program_id(0).to(gl.int64)
     kvh = gl.program_id(1)
     split = gl.program_id(2)
+    if TAIL_FIRST:  # grid z 0 is the tail, 1.. the page splits
+        split = (split + NUM_SPLITS - 1) % NUM_SPLITS
     seq_len = gl.load(seq_lens_ptr + seq)
     tail_len = gl.load(tail_lens_ptr + seq)
     num_pages = (seq_len - tail_len) // N
@@ -895,7 +926,10 @@ def _decode_v2_kernel(
     voff_l = _value_field_offset(BL, D, ROW_C)
 
     m_ref = gl.full([NP], float("-inf"), gl.float32, layout=COL_C)
-    l_i = gl.zeros([NP], gl.float32, layout=COL_C)
+    if DEFER:  # noqa: SIM108 (constexpr branches)
+        l_i = gl.zeros([16, NP], gl.float32, layout=MMA)
+    else:
+        l_i = gl.zeros([NP], gl.float32, layout=COL_C)
     o_hi = gl.zeros([D, NP], gl.float32, layout=MMA)
     o_lo = gl.zeros([D, NP], gl.float32, layout=MMA)
 
@@ -947,7 +981,7 @@ def _decode_v2_kernel(
         m_ref, l_i, o_hi, o_lo = _page(
             src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N, NP, K_PAR, V_NORM,
             V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, KP_H, KP_L, VP_H,
-            VP_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, RING, GROUPS, nxt, has_next,
+            VP_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, RING, GROUPS, DEFER, nxt, has_next,
         )
 
     # -- the bf16 tail (the last split): keys in the high key map, values in the high value map ----
@@ -963,12 +997,14 @@ def _decode_v2_kernel(
                          mask=(t0 + rk < tail_len)[:, None], other=0.0).to(gl.float16)
             s = mma_v2(kt, q_h, gl.zeros([TAIL, NP], gl.float32, MMA))
             s = gl.where((t0 + r_c < tail_len)[:, None], s, float("-inf"))
-            p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE, ONE)
+            p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE, ONE, DEFER, MMA)
             vt = gl.load(tv_ptr + t_base + (t0 + rv)[None, :] * stride_t_tok + vmap_a[:, None],
                          mask=(t0 + rv < tail_len)[None, :], other=0.0).to(gl.float16)
             o_hi = mma_v2(vt, gl.convert_layout(p.to(gl.float16), B), o_hi)
 
     # -- combine the two value maps through this program's partial row, then finish or merge ----
+    if DEFER:
+        l_i = gl.sum(l_i, axis=0)
     n_c = gl.arange(0, NP, layout=COL_C)
     heads_c = kvh * G + n_c
     hmask = (n_c < G)[None, :]
@@ -1103,10 +1139,11 @@ def _pf_bytes(layout) -> int:
     return -(-layout.mask_off // 16) * 16
 
 
-def _schedule(maps, ring, maxnreg) -> tuple:
+def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None) -> tuple:
     """Launch options, None meaning the module's default at the time of the call."""
     return (MAPS if maps is None else maps, RING if ring is None else ring,
-            MAXNREG if maxnreg is None else maxnreg)  # fmt: skip
+            MAXNREG if maxnreg is None else maxnreg, TAIL_FIRST if tail_first is None else tail_first,
+            DEFER_SUM if defer_sum is None else defer_sum)  # fmt: skip
 
 
 def decode_attention_v2(
@@ -1129,13 +1166,17 @@ def decode_attention_v2(
     maps: int | None = None,
     ring: bool | None = None,
     maxnreg: int | None = None,
+    tail_first: bool | None = None,
+    defer_sum: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
     Arguments as ``decode_attention`` (v1). ``lse``: optional fp32 ``[num_seqs, num_heads]`` that receives
     the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). ``maps``: channel
-    maps of the page loop; ``ring``: one staged page refilled piece by piece; ``maxnreg``: a register cap (each
-    None: the module's ``MAPS``, ``RING``, ``MAXNREG``, read at the call). Returns ``out``.
+    maps of the page loop; ``ring``: one staged page refilled piece by piece; ``maxnreg``: a register cap;
+    ``tail_first``: the tail programs first in the grid; ``defer_sum``: the softmax denominator as per-lane
+    partials (each None: the module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, read at
+    the call). Returns ``out``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -1155,11 +1196,12 @@ def decode_attention_v2(
         num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev,
                                        split_programs(layout, stage, ring, maxnreg))
     check(num_splits >= 1, "num_splits must be >= 1")
-    maps, ring, maxnreg = _schedule(maps, ring, maxnreg)
+    maps, ring, maxnreg, tail_first, defer_sum = _schedule(maps, ring, maxnreg, tail_first, defer_sum)
     check(maps in (1, 2), "maps must be 1 or 2")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
-                     out, lse, scale, num_splits, max_chunk, prefetch, stage, maps, ring, maxnreg)  # fmt: skip
+                     out, lse, scale, num_splits, max_chunk, prefetch, stage, maps, ring, maxnreg, tail_first,
+                     defer_sum)  # fmt: skip
     return out
 
 
@@ -1167,9 +1209,10 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
                      out, lse, scale: float, num_splits: int, max_chunk: int = MAX_CHUNK,
                      prefetch: int = PREFETCH_PAGES, stage: bool | None = None,
                      maps: int | None = None, ring: bool | None = None,
-                     maxnreg: int | None = None) -> None:  # fmt: skip
+                     maxnreg: int | None = None, tail_first: bool | None = None,
+                     defer_sum: bool | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
-    maps, ring, maxnreg = _schedule(maps, ring, maxnreg)
+    maps, ring, maxnreg, tail_first, defer_sum = _schedule(maps, ring, maxnreg, tail_first, defer_sum)
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
     g = num_heads // h
@@ -1191,7 +1234,7 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, GP=pow2(g),
         **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage,
                       maps, ring),
-        PREFETCH=prefetch,
+        PREFETCH=prefetch, TAIL_FIRST=bool(tail_first), DEFER=bool(defer_sum),
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip

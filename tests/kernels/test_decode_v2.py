@@ -114,6 +114,8 @@ SCHEDULES = {  # launch options of the page loop: channel maps, one staged page 
     "one-map-ring-r168": {"maps": 1, "ring": True, "maxnreg": 168},
     "one-map-unstaged": {"maps": 1, "stage": False},
     "two-maps-ring": {"maps": 2, "ring": True},
+    "one-map-tail-first-defer": {"maps": 1, "tail_first": True, "defer_sum": True},  # grid order, partial sums
+    "two-maps-defer": {"maps": 2, "defer_sum": True},
 }
 
 
@@ -129,10 +131,11 @@ def test_schedules(schedule, preset, head_size):
 
 
 @gpu
-@pytest.mark.parametrize("schedule", ["one-map-ring", "one-map-ring-r168"])
+@pytest.mark.parametrize("schedule", ["one-map-ring", "one-map-ring-r168", "one-map-tail-first-defer"])
 @pytest.mark.parametrize("num_splits", [1, 2, 64])
 def test_schedule_splits(schedule, num_splits):
-    """The ring with one split (every page in one program), two, and more splits than pages (empty splits)."""
+    """The ring with one split (every page in one program), two, and more splits than pages (empty splits); the
+    tail's programs first in the grid with one split (no tail program of its own), two and many."""
     _compare(_layout(128, 128, "vllm"), 2, 4, [(128 * 9 + 5, 0), (128 * 2, 0), (1, 0)], num_splits=num_splits,
              **SCHEDULES[schedule])
 

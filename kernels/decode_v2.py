@@ -51,9 +51,11 @@ RING = False  # staged pages in one buffer refilled piece by piece (page pg + 1'
 MAXNREG = None  # ptxas register cap per thread (None: 255); one map + ring at 200 / 184 / 168: B16/32k 200 / 198 /
 # 188 us (10 / 11 / 12 programs per SM) against 152 at 255
 TAIL_FIRST = False  # the bf16 tail programs launched before the page programs (grid order), so that they run while
-# the page programs start instead of queueing for the few slots the page programs leave free
-DEFER_SUM = False  # the softmax denominator kept as per-lane partial sums over 16-row tiles, summed across lanes
-# once per program instead of once per chunk (three shuffle rounds fewer per chunk)
+# the page programs start instead of queueing for the few slots the page programs leave free. H200 spike (cad2561):
+# slower at 4k (B64 90.0 -> 92.0 us, B16 35.1 -> 36.4), faster only at B64/32k (550 -> 531); kept off
+DEFER_SUM = True  # the softmax denominator kept as per-lane partial sums over 16-row tiles, summed across lanes
+# once per program instead of once per chunk (three shuffle rounds fewer per chunk). H200 spike (cad2561), vllm
+# preset, us, off -> on: B64/4k 90.0 -> 86.6, B16/32k 152.3 -> 150.0, B64/32k 550.2 -> 523.2, B1/4k 12.4 -> 12.5
 
 
 # --------------------------------------------------------------------------------------------- channel maps

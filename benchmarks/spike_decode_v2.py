@@ -47,6 +47,7 @@ VARIANTS = {  # launch options of decode_attention_v2
     "one-map-tail-first": {"maps": 1, "ring": False, "maxnreg": None, "tail_first": True},
     "one-map-defer": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True},
     "one-map-tail-first-defer": {"maps": 1, "ring": False, "maxnreg": None, "tail_first": True, "defer_sum": True},
+    "one-map-defer-fold": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True, "fold_tail": True},
 }
 
 
@@ -89,6 +90,8 @@ def variants(a) -> None:
                 kw = VARIANTS[name]
                 pps = decode_v2.split_programs(layout, True, kw["ring"], kw["maxnreg"])
                 sp = decode_v2.choose_num_splits(batch, h, ctx // BLOCK, DEV, pps)
+                if kw.get("fold_tail") and sp > 1:  # the same page splits, the tail taken by the last of them
+                    sp -= 1
                 lses = [torch.empty(s["query"].shape[:2], device=DEV) for s in sets]
                 us = graph_time([lambda s=s, ls=ls, kw=kw, sp=sp: decode_v2.decode_attention_v2(
                     **s, lse=ls, num_splits=sp, **kw) for s, ls in zip(sets, lses, strict=True)], a.reps)

@@ -46,7 +46,7 @@ def main() -> None:
     name = a.variant or best_of(a.best_of, a.case)
     kw = VARIANTS[name]
     decode_v2.MAPS, decode_v2.RING, decode_v2.MAXNREG = kw["maps"], kw["ring"], kw["maxnreg"]
-    decode_v2.TAIL_FIRST, decode_v2.DEFER_SUM = kw.get("tail_first", False), kw.get("defer_sum", False)
+    decode_v2.TAIL_FIRST, decode_v2.DEFER_SUM = kw.get("tail_first", False), kw.get("defer_sum", decode_v2.DEFER_SUM)
     print(f"decode v2 schedule: {name} {kw}", flush=True)
     target = a.target[1:] if a.target[:1] == ["--"] else a.target
     sys.argv = target

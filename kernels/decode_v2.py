@@ -50,6 +50,9 @@ RING = False  # staged pages in one buffer refilled piece by piece (page pg + 1'
 # programs per SM (H200: 152.7 vs 152.1 us at B16/32k), and the register caps that would let more programs in lose
 MAXNREG = None  # ptxas register cap per thread (None: 255); one map + ring at 200 / 184 / 168: B16/32k 200 / 198 /
 # 188 us (10 / 11 / 12 programs per SM) against 152 at 255
+FOLD_TAIL = False  # the bf16 tail taken by the last page split instead of a program of its own (num_splits then
+# counts page splits only): True, False, or "auto" (:func:`plan_splits`: fold when the tail programs would queue
+# for the few slots the page programs leave free in their wave)
 TAIL_FIRST = False  # the bf16 tail programs launched before the page programs (grid order), so that they run while
 # the page programs start instead of queueing for the few slots the page programs leave free. H200 spike (cad2561):
 # slower at 4k (B64 90.0 -> 92.0 us, B16 35.1 -> 36.4), faster only at B64/32k (550 -> 531); kept off
@@ -881,12 +884,13 @@ def _decode_v2_kernel(
     PREFETCH: gl.constexpr, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr,
     SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
     MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr, GROUPS: gl.constexpr,
-    TAIL_FIRST: gl.constexpr, DEFER: gl.constexpr,
+    TAIL_FIRST: gl.constexpr, DEFER: gl.constexpr, FOLD_TAIL: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
     ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone (``TAIL_FIRST``: the
     tail's programs are the grid's first, ``program_id(2) == 0``). ``MH``, ``ML``: bits of the channel maps of
-    the high and low tiles (equal with ``ONE`` map). ``DEFER``: the softmax denominator as per-lane partials."""
+    the high and low tiles (equal with ``ONE`` map). ``DEFER``: the softmax denominator as per-lane partials.
+    ``FOLD_TAIL``: every split shares the pages and the last one also takes the tail (no program of its own)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -907,7 +911,7 @@ def _decode_v2_kernel(
         p_lo = 0
         p_hi = num_pages
     else:
-        per_split = gl.cdiv(num_pages, NUM_SPLITS - 1)
+        per_split = gl.cdiv(num_pages, NUM_SPLITS if FOLD_TAIL else NUM_SPLITS - 1)
         p_lo = gl.minimum(num_pages, split * per_split)
         p_hi = gl.minimum(num_pages, p_lo + per_split)
 
@@ -1100,6 +1104,32 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device:
     return 1 + max(1, min(want - 1, most, 63))
 
 
+def fold_tail_rule(num_seqs: int, num_kv_heads: int, num_splits: int, max_blocks: int, device: torch.device,
+                   programs_per_sm: int = PROGRAMS_PER_SM) -> bool:  # fmt: skip
+    """Whether the last of ``num_splits - 1`` page splits should take the bf16 tail instead of a program of its
+    own. The page programs fill a wave and leave ``spare`` resident slots; the tail programs run there in
+    ``rounds`` turns of about one page's time each, and they delay the step when that exceeds half a page
+    split's pages (shapes only, no host sync: valid for CUDA graphs)."""
+    if num_splits <= 1:
+        return False
+    pairs = num_seqs * num_kv_heads
+    spare = programs_per_sm * num_sms(device) - pairs * (num_splits - 1)
+    if spare <= 0:
+        return True
+    rounds = triton.cdiv(pairs, spare)
+    return 2 * rounds > triton.cdiv(max_blocks, num_splits - 1)
+
+
+def plan_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device: torch.device,
+                programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, bool]:  # fmt: skip
+    """``(num_splits, fold_tail)`` for a launch: :func:`choose_num_splits`, then, when ``FOLD_TAIL`` says so (or
+    ``"auto"`` and :func:`fold_tail_rule`), the same page splits with the tail taken by the last of them."""
+    splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, device, programs_per_sm)
+    fold = FOLD_TAIL if isinstance(FOLD_TAIL, bool) else fold_tail_rule(
+        num_seqs, num_kv_heads, splits, max_blocks, device, programs_per_sm)  # fmt: skip
+    return (splits - 1, True) if fold and splits > 1 else (splits, False)
+
+
 def map_bits(layout, maps: int) -> tuple[int, int]:
     """Bits of the channel maps the high and the low tiles are read into: their own (two maps), or the smaller
     width's for both (one map: 4-bit codes are read into the 2-bit map, one value accumulator)."""
@@ -1141,11 +1171,12 @@ def _pf_bytes(layout) -> int:
     return -(-layout.mask_off // 16) * 16
 
 
-def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None) -> tuple:
+def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=None) -> tuple:
     """Launch options, None meaning the module's default at the time of the call."""
     return (MAPS if maps is None else maps, RING if ring is None else ring,
             MAXNREG if maxnreg is None else maxnreg, TAIL_FIRST if tail_first is None else tail_first,
-            DEFER_SUM if defer_sum is None else defer_sum)  # fmt: skip
+            DEFER_SUM if defer_sum is None else defer_sum,
+            FOLD_TAIL is True if fold_tail is None else fold_tail)  # fmt: skip
 
 
 def decode_attention_v2(
@@ -1170,6 +1201,7 @@ def decode_attention_v2(
     maxnreg: int | None = None,
     tail_first: bool | None = None,
     defer_sum: bool | None = None,
+    fold_tail: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
@@ -1177,8 +1209,9 @@ def decode_attention_v2(
     the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). ``maps``: channel
     maps of the page loop; ``ring``: one staged page refilled piece by piece; ``maxnreg``: a register cap;
     ``tail_first``: the tail programs first in the grid; ``defer_sum``: the softmax denominator as per-lane
-    partials (each None: the module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, read at
-    the call). Returns ``out``.
+    partials; ``fold_tail``: the last page split takes the tail (``num_splits`` then counts page splits; None:
+    :func:`plan_splits`'s choice when ``num_splits`` is None, else ``FOLD_TAIL is True``) (the others None: the
+    module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, read at the call). Returns ``out``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -1195,15 +1228,17 @@ def decode_attention_v2(
     if stage is None:
         stage = STAGE_PAGES > 0 and stage_supported(layout)
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev,
-                                       split_programs(layout, stage, ring, maxnreg))
+        num_splits, planned = plan_splits(num_seqs, h, block_table.shape[1], dev,
+                                          split_programs(layout, stage, ring, maxnreg))
+        fold_tail = planned if fold_tail is None else fold_tail
     check(num_splits >= 1, "num_splits must be >= 1")
-    maps, ring, maxnreg, tail_first, defer_sum = _schedule(maps, ring, maxnreg, tail_first, defer_sum)
+    maps, ring, maxnreg, tail_first, defer_sum, fold_tail = _schedule(maps, ring, maxnreg, tail_first, defer_sum,
+                                                                      fold_tail)
     check(maps in (1, 2), "maps must be 1 or 2")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale, num_splits, max_chunk, prefetch, stage, maps, ring, maxnreg, tail_first,
-                     defer_sum)  # fmt: skip
+                     defer_sum, fold_tail)  # fmt: skip
     return out
 
 
@@ -1212,9 +1247,10 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
                      prefetch: int = PREFETCH_PAGES, stage: bool | None = None,
                      maps: int | None = None, ring: bool | None = None,
                      maxnreg: int | None = None, tail_first: bool | None = None,
-                     defer_sum: bool | None = None) -> None:  # fmt: skip
+                     defer_sum: bool | None = None, fold_tail: bool | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
-    maps, ring, maxnreg, tail_first, defer_sum = _schedule(maps, ring, maxnreg, tail_first, defer_sum)
+    maps, ring, maxnreg, tail_first, defer_sum, fold_tail = _schedule(maps, ring, maxnreg, tail_first, defer_sum,
+                                                                      fold_tail)
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
     g = num_heads // h
@@ -1236,7 +1272,7 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, GP=pow2(g),
         **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage,
                       maps, ring),
-        PREFETCH=prefetch, TAIL_FIRST=bool(tail_first), DEFER=bool(defer_sum),
+        PREFETCH=prefetch, TAIL_FIRST=bool(tail_first), DEFER=bool(defer_sum), FOLD_TAIL=bool(fold_tail),
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip

@@ -351,11 +351,11 @@ def decode_case(preset, layout, pool, v1_cfg, batch, ctx, base, copy_gbps, reps)
     """v2, v1 and the roofline for one preset and case; one record per variant (``base``: :func:`sdpa_case`)."""
     h, pages = MODEL["num_kv_heads"], ctx // BLOCK
     nbytes = decode_bytes(layout, batch, ctx)
-    v2_splits, v2_fold = decode_v2.plan_splits(batch, h, pages, DEV, decode_v2.split_programs(layout))
+    v2_splits = decode_v2.choose_num_splits(batch, h, pages, DEV, decode_v2.split_programs(layout))
     splits = {"v2": v2_splits, "v1": choose_num_splits(batch, h, pages, DEV)}
     launch = {"v2": {"max_chunk": decode_v2.MAX_CHUNK, "writes_lse": True, "maps": decode_v2.MAPS,
                      "ring": decode_v2.RING, "maxnreg": decode_v2.MAXNREG, "defer_sum": decode_v2.DEFER_SUM,
-                     "fold_tail": v2_fold}, "v1": v1_cfg}
+                     "fold_tail": decode_v2.FOLD_TAIL, "tail_first": decode_v2.TAIL_FIRST}, "v1": v1_cfg}
     recs = {
         v: {"kernel": "decode", "variant": v, "preset": preset, "batch": batch, "context": ctx, "bytes_read": nbytes,
             "copy_gbps": copy_gbps, "num_splits": splits[v], "launch": launch[v], **base}
@@ -369,7 +369,7 @@ def decode_case(preset, layout, pool, v1_cfg, batch, ctx, base, copy_gbps, reps)
             r["error"] = _err(e)
         return list(recs.values())
     try:
-        roof = roofline(layout, sets, batch, ctx, v2_splits + int(v2_fold), reps)  # the split count before a fold
+        roof = roofline(layout, sets, batch, ctx, v2_splits, reps)
     except Exception as e:  # noqa: BLE001
         roof = {"roofline_error": _err(e)}
     outs = [(torch.empty_like(s["query"]), torch.empty(s["query"].shape[:2], device=DEV)) for s in sets]

@@ -50,7 +50,7 @@ def main() -> None:
     ce.update(NUM_SPLITS=a.splits, G=a.g, NP=max(8, triton.next_power_of_2(a.g)), TAIL=decode_v2.TAIL_CHUNK,
               WRITE_LSE=True, RESCALE=decode_v2.RESCALE_LOG2, GP=triton.next_power_of_2(a.g),
               PREFETCH=decode_v2.PREFETCH_PAGES, TAIL_FIRST=decode_v2.TAIL_FIRST, DEFER=bool(a.defer_sum),
-              FOLD_TAIL=decode_v2.FOLD_TAIL is True)  # fmt: skip
+              FOLD_TAIL=decode_v2.FOLD_TAIL)  # fmt: skip
     sig = {n: "constexpr" if n in ce else TYPES.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n in ALIGNED)}  # fmt: skip

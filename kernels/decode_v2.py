@@ -51,8 +51,8 @@ RING = False  # staged pages in one buffer refilled piece by piece (page pg + 1'
 MAXNREG = None  # ptxas register cap per thread (None: 255); one map + ring at 200 / 184 / 168: B16/32k 200 / 198 /
 # 188 us (10 / 11 / 12 programs per SM) against 152 at 255
 FOLD_TAIL = False  # the bf16 tail taken by the last page split instead of a program of its own (num_splits then
-# counts page splits only): True, False, or "auto" (:func:`plan_splits`: fold when the tail programs would queue
-# for the few slots the page programs leave free in their wave)
+# counts page splits only). H100 spike (5fc2ebe; the same page splits, one program fewer per (sequence, KV head)),
+# us, off -> on: B64/4k 107.3 -> 113.4, B16/32k 185.0 -> 192.4, B1/4k 12.8 -> 18.2, B16/4k 41.5 -> 40.7; kept off
 TAIL_FIRST = False  # the bf16 tail programs launched before the page programs (grid order), so that they run while
 # the page programs start instead of queueing for the few slots the page programs leave free. H200 spike (cad2561):
 # slower at 4k (B64 90.0 -> 92.0 us, B16 35.1 -> 36.4), faster only at B64/32k (550 -> 531); kept off
@@ -1104,32 +1104,6 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device:
     return 1 + max(1, min(want - 1, most, 63))
 
 
-def fold_tail_rule(num_seqs: int, num_kv_heads: int, num_splits: int, max_blocks: int, device: torch.device,
-                   programs_per_sm: int = PROGRAMS_PER_SM) -> bool:  # fmt: skip
-    """Whether the last of ``num_splits - 1`` page splits should take the bf16 tail instead of a program of its
-    own. The page programs fill a wave and leave ``spare`` resident slots; the tail programs run there in
-    ``rounds`` turns of about one page's time each, and they delay the step when that exceeds half a page
-    split's pages (shapes only, no host sync: valid for CUDA graphs)."""
-    if num_splits <= 1:
-        return False
-    pairs = num_seqs * num_kv_heads
-    spare = programs_per_sm * num_sms(device) - pairs * (num_splits - 1)
-    if spare <= 0:
-        return True
-    rounds = triton.cdiv(pairs, spare)
-    return 2 * rounds > triton.cdiv(max_blocks, num_splits - 1)
-
-
-def plan_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, device: torch.device,
-                programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, bool]:  # fmt: skip
-    """``(num_splits, fold_tail)`` for a launch: :func:`choose_num_splits`, then, when ``FOLD_TAIL`` says so (or
-    ``"auto"`` and :func:`fold_tail_rule`), the same page splits with the tail taken by the last of them."""
-    splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, device, programs_per_sm)
-    fold = FOLD_TAIL if isinstance(FOLD_TAIL, bool) else fold_tail_rule(
-        num_seqs, num_kv_heads, splits, max_blocks, device, programs_per_sm)  # fmt: skip
-    return (splits - 1, True) if fold and splits > 1 else (splits, False)
-
-
 def map_bits(layout, maps: int) -> tuple[int, int]:
     """Bits of the channel maps the high and the low tiles are read into: their own (two maps), or the smaller
     width's for both (one map: 4-bit codes are read into the 2-bit map, one value accumulator)."""
@@ -1176,7 +1150,7 @@ def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=No
     return (MAPS if maps is None else maps, RING if ring is None else ring,
             MAXNREG if maxnreg is None else maxnreg, TAIL_FIRST if tail_first is None else tail_first,
             DEFER_SUM if defer_sum is None else defer_sum,
-            FOLD_TAIL is True if fold_tail is None else fold_tail)  # fmt: skip
+            FOLD_TAIL if fold_tail is None else fold_tail)  # fmt: skip
 
 
 def decode_attention_v2(
@@ -1209,9 +1183,9 @@ def decode_attention_v2(
     the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). ``maps``: channel
     maps of the page loop; ``ring``: one staged page refilled piece by piece; ``maxnreg``: a register cap;
     ``tail_first``: the tail programs first in the grid; ``defer_sum``: the softmax denominator as per-lane
-    partials; ``fold_tail``: the last page split takes the tail (``num_splits`` then counts page splits; None:
-    :func:`plan_splits`'s choice when ``num_splits`` is None, else ``FOLD_TAIL is True``) (the others None: the
-    module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, read at the call). Returns ``out``.
+    partials; ``fold_tail``: the last page split takes the tail (``num_splits`` then counts page splits) (each
+    None: the module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, ``FOLD_TAIL``, read at
+    the call). Returns ``out``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -1228,9 +1202,8 @@ def decode_attention_v2(
     if stage is None:
         stage = STAGE_PAGES > 0 and stage_supported(layout)
     if num_splits is None:
-        num_splits, planned = plan_splits(num_seqs, h, block_table.shape[1], dev,
-                                          split_programs(layout, stage, ring, maxnreg))
-        fold_tail = planned if fold_tail is None else fold_tail
+        num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev,
+                                       split_programs(layout, stage, ring, maxnreg))
     check(num_splits >= 1, "num_splits must be >= 1")
     maps, ring, maxnreg, tail_first, defer_sum, fold_tail = _schedule(maps, ring, maxnreg, tail_first, defer_sum,
                                                                       fold_tail)

@@ -254,30 +254,6 @@ def test_resident_programs():
     assert v2.resident_programs(layout, True, False, 168) == 8
 
 
-@pytest.mark.parametrize(("batch", "context", "splits", "fold"), [
-    (64, 4096, 3, True),  # 1,024 page programs leave 32 of 1,056 slots for 512 tails: 16 turns vs 16-page splits
-    (16, 4096, 9, True),  # 128 tails in 32 spare slots: 4 turns vs 4-page splits
-    (16, 32768, 9, False),  # 4 turns vs 32-page splits
-    (64, 32768, 3, False),  # 16 turns vs 128-page splits
-    (1, 4096, 17, False),  # 8 tails, 928 spare slots
-])
-def test_fold_tail_rule(monkeypatch, batch, context, splits, fold):
-    """The tail joins the last page split exactly where its programs would queue (H200: 132 SMs, 8 programs each);
-    ``plan_splits`` then keeps the page splits and drops the tail's program, and ``FOLD_TAIL`` True / False
-    overrides the rule."""
-    monkeypatch.setattr(v2, "num_sms", lambda device: 132)
-    dev = torch.device("cpu")
-    assert v2.choose_num_splits(batch, 8, context // 128, dev) == splits
-    assert v2.fold_tail_rule(batch, 8, splits, context // 128, dev) is fold
-    monkeypatch.setattr(v2, "FOLD_TAIL", "auto")
-    assert v2.plan_splits(batch, 8, context // 128, dev) == ((splits - 1, True) if fold else (splits, False))
-    monkeypatch.setattr(v2, "FOLD_TAIL", False)
-    assert v2.plan_splits(batch, 8, context // 128, dev) == (splits, False)
-    monkeypatch.setattr(v2, "FOLD_TAIL", True)
-    assert v2.plan_splits(batch, 8, context // 128, dev) == (splits - 1, True)
-    assert not v2.fold_tail_rule(batch, 8, 1, context // 128, dev)  # one program: pages and tail already together
-
-
 def test_supported():
     assert v2.supported(_layout(128, 128, "vllm")) and v2.supported(_layout(128, 64, "r0.6"))
     assert not v2.supported(PageLayout(128, 128, bits_high=8, bits_low=4))

@@ -72,10 +72,10 @@ def _attend_triton(query, key, kv_cache, layout, rows, staging, scale, out) -> N
     width = rows.block_table.shape[1]
     if query.device.type == "cuda" and v2.supported(layout) and num_heads // h <= 16:  # v2 is Gluon: no interpreter
         lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=query.device)
-        splits, fold = v2.plan_splits(num_rows, h, width, query.device,
+        splits = v2.choose_num_splits(num_rows, h, width, query.device,
                                       v2.split_programs(layout, v2.STAGE_PAGES > 0 and v2.stage_supported(layout)))
         v2.launch_decode_v2(query, kv_cache, layout, rows.block_table, rows.seq_lens, staging.key, staging.value,
-                            rows.slots, rows.tail_lens_after, out, lse, scale, splits, fold_tail=fold)
+                            rows.slots, rows.tail_lens_after, out, lse, scale, splits)
     else:  # layouts v2 does not read (8-bit codes, head size 256, quotas off the 16-row grid): v1
         v1 = kernel_module("decode_attention")
         splits = max(2, v1.choose_num_splits(num_rows, h, width, query.device))

@@ -29,12 +29,8 @@ VARIANTS = ("keys-rotated", "keys-u8-only", "values-u8-only", "zero-int16", "key
 
 def _keys_fp16_min(x, salient, bits_high, bits_low):
     xf, out, stored = x.float(), [], {}
-    big = torch.finfo(torch.float32).max
     for tag, bits, mask in (("high", bits_high, salient), ("low", bits_low, ~salient)):
-        m = mask.unsqueeze(-1)
-        empty = ~m.any(dim=-2, keepdim=True)
-        mn = torch.where(empty, 0.0, torch.where(m, xf, big).amin(dim=-2, keepdim=True))
-        mx = torch.where(empty, 0.0, torch.where(m, xf, -big).amax(dim=-2, keepdim=True))
+        mn, mx = quant.group_range(xf, mask)
         mn16 = mn.half().float()
         step = torch.clamp((mx - mn16) / float(2**bits - 1), min=EPS)
         scale = params8.scale_up(step.amax(-1, keepdim=True))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import EPS, Quantized, check_finite, encode
+from .quant import EPS, Quantized, check_finite, encode, group_range
 
 LOG_STEPS = 16  # codes per octave: 256 codes span 16 octaves below the region's scale
 ZERO_MAX = 127  # int8 zero point
@@ -103,14 +103,8 @@ def quantize_channelwise_mixed_u8(x, salient, bits_high, bits_low):
     check_finite(x)
     xf = x.float()
     out, stored = [], {}
-    big = torch.finfo(torch.float32).max
     for tag, bits, mask in (("high", bits_high, salient), ("low", bits_low, ~salient)):
-        m = mask.unsqueeze(-1)
-        mn = torch.where(m, xf, big).amin(dim=-2, keepdim=True)
-        mx = torch.where(m, xf, -big).amax(dim=-2, keepdim=True)
-        empty = ~m.any(dim=-2, keepdim=True)
-        mn = torch.where(empty, torch.zeros_like(mn), mn)
-        mx = torch.where(empty, torch.zeros_like(mx), mx)
+        mn, mx = group_range(xf, mask)
         step, mn_q, parts = params_u8(mn, mx, bits, dims=(-1,))
         out.append(Quantized(encode(xf, step, mn_q, bits), step, mn_q, bits))
         stored.update({f"k_{tag}_{k}": v for k, v in parts.items()})

@@ -54,6 +54,17 @@ def params_from_range(mn: torch.Tensor, mx: torch.Tensor, bits: int) -> tuple[to
     return step, mn.to(PARAM_DTYPE)
 
 
+def group_range(xf: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over tokens (``dim=-2``, kept) of ``xf [..., tokens, channels]`` among the tokens where
+    ``member [..., tokens]`` is set; (0, 0) for a group with no tokens."""
+    m = member.unsqueeze(-1)
+    big = torch.finfo(torch.float32).max
+    mn = torch.where(m, xf, big).amin(dim=-2, keepdim=True)
+    mx = torch.where(m, xf, -big).amax(dim=-2, keepdim=True)
+    empty = ~m.any(dim=-2, keepdim=True)
+    return torch.where(empty, torch.zeros_like(mn), mn), torch.where(empty, torch.zeros_like(mx), mx)
+
+
 def encode(x: torch.Tensor, step: torch.Tensor, mn: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (uint8, unpacked) of ``x`` for broadcastable stored parameters ``step``/``mn``."""
     qmax = float(2**bits - 1)
@@ -190,13 +201,7 @@ def quantize_channelwise_mixed(
     xf = x.float()
     out = []
     for bits, mask in ((bits_high, salient), (bits_low, ~salient)):
-        m = mask.unsqueeze(-1)
-        big = torch.finfo(torch.float32).max
-        mn = torch.where(m, xf, big).amin(dim=-2, keepdim=True)
-        mx = torch.where(m, xf, -big).amax(dim=-2, keepdim=True)
-        empty = ~m.any(dim=-2, keepdim=True)
-        mn = torch.where(empty, torch.zeros_like(mn), mn)
-        mx = torch.where(empty, torch.zeros_like(mx), mx)
+        mn, mx = group_range(xf, mask)
         step, mn16 = params_from_range(mn, mx, bits)
         out.append(Quantized(encode(xf, step, mn16, bits), step, mn16, bits))
     return out[0], out[1]

@@ -35,6 +35,15 @@ from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
 
 PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
+OFF = {"tail_first": False, "defer_sum": False, "fold_tail": False}  # what a variant does not name is off, so a
+# variant means the same kernel whatever the module defaults are (DEFER_SUM is on since eb205d8)
+
+
+def variant_options(name: str) -> dict:
+    """The launch options of ``VARIANTS[name]``, the options it does not name off."""
+    return {**OFF, **VARIANTS[name]}
+
+
 VARIANTS = {  # launch options of decode_attention_v2
     "two-maps": {"maps": 2, "ring": False, "maxnreg": None},
     "one-map": {"maps": 1, "ring": False, "maxnreg": None},
@@ -82,12 +91,12 @@ def variants(a) -> None:
     for preset in a.presets.split(","):
         layout, pool, args, ref = _preset(preset)
         for name in names:
-            print(f"{preset} {name}: rel_err {_rel_err(args, ref, **VARIANTS[name]):.2e}", flush=True)
+            print(f"{preset} {name}: rel_err {_rel_err(args, ref, **variant_options(name)):.2e}", flush=True)
         for batch, ctx in cases:
             nbytes, base_us, _, sets = _case(layout, pool, batch, ctx, a.reps)
             first = None
             for name in names:
-                kw = VARIANTS[name]
+                kw = variant_options(name)
                 pps = decode_v2.split_programs(layout, True, kw["ring"], kw["maxnreg"])
                 sp = decode_v2.choose_num_splits(batch, h, ctx // BLOCK, DEV, pps)
                 if kw.get("fold_tail") and sp > 1:  # the same page splits, the tail taken by the last of them

@@ -18,7 +18,7 @@ import sys
 
 from zipcache_vllm.kernels import decode_v2
 
-from benchmarks.spike_decode_v2 import VARIANTS
+from benchmarks.spike_decode_v2 import VARIANTS, variant_options
 
 
 def best_of(log: str, case: str) -> str:
@@ -44,10 +44,9 @@ def main() -> None:
     ap.add_argument("target", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS]")
     a = ap.parse_args()
     name = a.variant or best_of(a.best_of, a.case)
-    kw = VARIANTS[name]
+    kw = variant_options(name)
     decode_v2.MAPS, decode_v2.RING, decode_v2.MAXNREG = kw["maps"], kw["ring"], kw["maxnreg"]
-    decode_v2.TAIL_FIRST, decode_v2.DEFER_SUM = kw.get("tail_first", False), kw.get("defer_sum", decode_v2.DEFER_SUM)
-    decode_v2.FOLD_TAIL = kw.get("fold_tail", False)
+    decode_v2.TAIL_FIRST, decode_v2.DEFER_SUM, decode_v2.FOLD_TAIL = kw["tail_first"], kw["defer_sum"], kw["fold_tail"]
     print(f"decode v2 schedule: {name} {kw}", flush=True)
     target = a.target[1:] if a.target[:1] == ["--"] else a.target
     sys.argv = target

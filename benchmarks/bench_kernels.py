@@ -355,7 +355,10 @@ def decode_case(preset, layout, pool, v1_cfg, batch, ctx, base, copy_gbps, reps)
     splits = {"v2": v2_splits, "v1": choose_num_splits(batch, h, pages, DEV)}
     launch = {"v2": {"max_chunk": decode_v2.MAX_CHUNK, "writes_lse": True, "maps": decode_v2.MAPS,
                      "ring": decode_v2.RING, "maxnreg": decode_v2.MAXNREG, "defer_sum": decode_v2.DEFER_SUM,
-                     "fold_tail": decode_v2.FOLD_TAIL, "tail_first": decode_v2.TAIL_FIRST}, "v1": v1_cfg}
+                     "fold_tail": decode_v2.FOLD_TAIL, "tail_first": decode_v2.TAIL_FIRST,
+                     "subnormal_values": decode_v2.SUBNORMAL_VALUES, "piece_buffers": decode_v2.PIECE_BUFFERS,
+                     "page_max": decode_v2.PAGE_MAX},
+              "v1": v1_cfg}
     recs = {
         v: {"kernel": "decode", "variant": v, "preset": preset, "batch": batch, "context": ctx, "bytes_read": nbytes,
             "copy_gbps": copy_gbps, "num_splits": splits[v], "launch": launch[v], **base}

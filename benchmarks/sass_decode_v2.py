@@ -2,7 +2,8 @@
 instruction histogram of the page loop (the code between the first backward branch's target and the branch).
 
     python benchmarks/sass_decode_v2.py [--ratio 0.8 --value-ratio 0.2 --head-size 128 --g 4 --splits 4]
-                                        [--maps 1|2 --ring 0|1 --maxnreg 168 --defer-sum 0|1]
+                                        [--maps 1|2 --ring 0|1 --maxnreg 168 --defer-sum 0|1 --subnormal-values 0|1
+                                         --piece-buffers 0|1 --page-max 0|1]
 
 Needs triton 3.6 (the H200's version; ``pip install triton==3.6.0`` in a scratch venv) and this repository's
 ``kernels/`` importable as ``zipcache_vllm.kernels`` (editable install or a link). Pointer arguments are
@@ -43,14 +44,21 @@ def main() -> None:
     ap.add_argument("--ring", type=int, default=int(decode_v2.RING), help="1: one staged page refilled piece by piece")
     ap.add_argument("--defer-sum", type=int, default=int(decode_v2.DEFER_SUM),
                     help="1: the softmax denominator as per-lane partial sums (one cross-lane sum per program)")
+    ap.add_argument("--subnormal-values", type=int, default=int(decode_v2.SUBNORMAL_VALUES),
+                    help="1: value codes as fp16 subnormals, scaled once per value group (no code-offset sums)")
+    ap.add_argument("--piece-buffers", type=int, default=int(decode_v2.PIECE_BUFFERS),
+                    help="1: every staged piece in its own shared allocation")
+    ap.add_argument("--page-max", type=int, default=int(decode_v2.PAGE_MAX),
+                    help="1: one softmax rescale check per page")
     a = ap.parse_args()
     layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=a.value_ratio)
     fn = decode_v2._decode_v2_kernel
-    ce = dict(decode_v2._constexprs(layout, a.max_chunk, bool(a.stage), a.maps, bool(a.ring)))
+    ce = dict(decode_v2._constexprs(layout, a.max_chunk, bool(a.stage), a.maps, bool(a.ring),
+                                           bool(a.subnormal_values), bool(a.piece_buffers)))
     ce.update(NUM_SPLITS=a.splits, G=a.g, NP=max(8, triton.next_power_of_2(a.g)), TAIL=decode_v2.TAIL_CHUNK,
               WRITE_LSE=True, RESCALE=decode_v2.RESCALE_LOG2, GP=triton.next_power_of_2(a.g),
               PREFETCH=decode_v2.PREFETCH_PAGES, TAIL_FIRST=decode_v2.TAIL_FIRST, DEFER=bool(a.defer_sum),
-              FOLD_TAIL=decode_v2.FOLD_TAIL)  # fmt: skip
+              FOLD_TAIL=decode_v2.FOLD_TAIL, PAGE_MAX=bool(a.page_max))  # fmt: skip
     sig = {n: "constexpr" if n in ce else TYPES.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n in ALIGNED)}  # fmt: skip

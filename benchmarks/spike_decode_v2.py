@@ -35,8 +35,10 @@ from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
 
 PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
-OFF = {"tail_first": False, "defer_sum": False, "fold_tail": False}  # what a variant does not name is off, so a
-# variant means the same kernel whatever the module defaults are (DEFER_SUM is on since eb205d8)
+# what a variant does not name is off, so a variant means the same kernel whatever the module defaults are
+# (DEFER_SUM is on since eb205d8)
+OFF = {"tail_first": False, "defer_sum": False, "fold_tail": False, "subnormal_values": False, "piece_buffers": False,
+       "page_max": False}
 
 
 def variant_options(name: str) -> dict:
@@ -57,6 +59,15 @@ VARIANTS = {  # launch options of decode_attention_v2
     "one-map-defer": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True},
     "one-map-tail-first-defer": {"maps": 1, "ring": False, "maxnreg": None, "tail_first": True, "defer_sum": True},
     "one-map-defer-fold": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True, "fold_tail": True},
+    "one-map-defer-subnormal": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True, "subnormal_values": True},
+    "one-map-defer-pieces": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True, "piece_buffers": True},
+    "one-map-defer-subnormal-pieces": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True,
+                                       "subnormal_values": True, "piece_buffers": True},
+    "one-map-defer-page-max": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True, "page_max": True},
+    "one-map-defer-subnormal-page-max": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True,
+                                         "subnormal_values": True, "page_max": True},
+    "one-map-defer-subnormal-pieces-page-max": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True,
+                                                "subnormal_values": True, "piece_buffers": True, "page_max": True},
 }
 
 

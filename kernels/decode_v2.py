@@ -56,6 +56,12 @@ FOLD_TAIL = False  # the bf16 tail taken by the last page split instead of a pro
 TAIL_FIRST = False  # the bf16 tail programs launched before the page programs (grid order), so that they run while
 # the page programs start instead of queueing for the few slots the page programs leave free. H200 spike (cad2561):
 # slower at 4k (B64 90.0 -> 92.0 us, B16 35.1 -> 36.4), faster only at B64/32k (550 -> 531); kept off
+PIECE_BUFFERS = False  # every piece of a staged page (stage_plan) in a shared allocation of its own instead of packed
+# into power-of-two segments: Triton then sees the cp.async writes of one page as disjoint (no barrier between them)
+PAGE_MAX = False  # the scores of a whole page first, then one softmax max and rescale check for the page instead
+# of one per chunk (fewer cross-lane reductions and branches; all of the page's scores live at once; not with RING)
+SUBNORMAL_VALUES = False  # value codes unpacked as fp16 subnormals (``code * 2^(shift - 24)``, no offset): the
+# value accumulator of a page is scaled once per value group instead of corrected per chunk (no code-offset sums)
 DEFER_SUM = True  # the softmax denominator kept as per-lane partial sums over 16-row tiles, summed across lanes
 # once per program instead of once per chunk (three shuffle rounds fewer per chunk). H200 spike (cad2561), vllm
 # preset, us, off -> on: B64/4k 90.0 -> 86.6, B16/32k 152.3 -> 150.0, B64/32k 550.2 -> 523.2, B1/4k 12.4 -> 12.5
@@ -125,11 +131,15 @@ def _magic(shift: int) -> int:
     return (25 - shift) << 10
 
 
-def _extract(dst: str, src: str, bits: int, field: int) -> str:
+def _extract(dst: str, src: str, bits: int, field: int, subnormal: bool = False) -> str:
     """fp16 pair ``offset + code`` of the code at ``field`` (in units of ``bits``) of both 16-bit halves of
-    ``src``: one ``lop3`` ((src & mask) | magic)."""
+    ``src``: one ``lop3`` ((src & mask) | magic). ``subnormal``: no magic, the pair is the subnormal
+    ``code * 2^(field * bits - 24)`` (exact while the field ends below bit 10)."""
     mask = ((1 << bits) - 1) << (field * bits)
-    return f"lop3.b32 {dst}, {src}, {mask * 0x10001:#x}, {_magic(field * bits) * 0x10001:#x}, 0xEA; "
+    magic = 0 if subnormal else _magic(field * bits) * 0x10001
+    if subnormal and field * bits + bits > 10:
+        raise ValueError(f"a {bits}-bit field at bit {field * bits} is not a subnormal fp16")
+    return f"lop3.b32 {dst}, {src}, {mask * 0x10001:#x}, {magic:#x}, 0xEA; "
 
 
 _PRELUDE = ".reg .b32 x<8>, y<8>; "
@@ -175,10 +185,11 @@ def key_unpack_asm(bits: int, d: int, map_bits: int = 0) -> tuple[str, str, int]
     return "{ " + _PRELUDE + body + "}", cons, nin
 
 
-def value_unpack_asm(bits: int, d: int) -> tuple[str, str, int]:
+def value_unpack_asm(bits: int, d: int, subnormal: bool = False) -> tuple[str, str, int]:
     """(PTX, constraints, input registers) turning a lane's value bytes of one 16-token step into ``D/16``
     fp16 A-fragments of ``V^T`` (4 registers each; a register pairs tokens ``2t, 2t + 1`` of one channel).
-    Input registers as ``_value_offsets`` loads them (``value_es`` bytes per element)."""
+    Input registers as ``_value_offsets`` loads them (``value_es`` bytes per element). ``subnormal``: the
+    fragments hold ``code * 2^(shift - 24)`` instead of ``offset + code`` (``SUBNORMAL_VALUES``)."""
     planes, lbv = d // 16, d * bits // 64
     es = lbv // 2
     nin = lbv
@@ -216,7 +227,7 @@ def value_unpack_asm(bits: int, d: int) -> tuple[str, str, int]:
                     shifted[src] = f"y{len(shifted)}"
                     body += f"shr.b32 {shifted[src]}, {src}, 8; "
                 src = shifted[src]
-            body += _extract(f"${4 * j + r}", src, bits, field)
+            body += _extract(f"${4 * j + r}", src, bits, field, subnormal)
     cons = ",".join(["=r"] * (4 * planes) + ["r"] * nin)
     return "{ " + _PRELUDE + body + "}", cons, nin
 
@@ -315,12 +326,13 @@ def shared_params(plan: tuple) -> gl.SharedLinearLayout:
     return gl.SharedLinearLayout(offset_bases=_address_bases((no, nl, run), lambda o, ln, r: o * os_ + ln * run + r))
 
 
-def stage_plan(layout, tiles: tuple) -> tuple[tuple, tuple]:
+def stage_plan(layout, tiles: tuple, piece_buffers: bool = False) -> tuple[tuple, tuple]:
     """Where a staged page lives in shared memory: ``(segments, pieces)``. Triton allocates power-of-two shapes,
     so the bytes a program reads (each chunk's key and value codes and per-token value parameters, the key
     parameters, the value normalizer: power-of-two pieces, 16-byte aligned) are packed into segments whose sizes are
     the binary digits of their total, largest pieces first (no padding). ``segments``: int32 words of each;
-    ``pieces``: ``(page byte offset, bytes, segment, word offset)``."""
+    ``pieces``: ``(page byte offset, bytes, segment, word offset)``. ``piece_buffers``: every piece a segment
+    of its own (``PIECE_BUFFERS``)."""
     d, n = layout.head_size, layout.block_size
     reads = {(layout.k_param_off, 8 * d), (layout.v_norm_off, 2 * d)}
     for start, rows, k_hi, k_off, v_hi, v_off in tiles:  # a view must start at a multiple of its size
@@ -330,12 +342,15 @@ def stage_plan(layout, tiles: tuple) -> tuple[tuple, tuple]:
     reads = sorted(reads, key=lambda r: (-r[1], r[0]))
     words = sum(nb // 4 for _, nb in reads)
     segments = tuple(1 << b for b in range(_lg(words), -1, -1) if words >> b & 1)
+    if piece_buffers:
+        segments = tuple(nb // 4 for _, nb in reads)
     fill = [0] * len(segments)
     pieces = []
     for off, nb in reads:
         if nb & (nb - 1) or off % 16:
             raise ValueError(f"page piece at {off} of {nb} bytes is not a 16-byte aligned power of two")
-        seg = next(i for i, size in enumerate(segments) if size - fill[i] >= nb // 4)
+        seg = next(i for i, size in enumerate(segments)
+                   if size - fill[i] >= nb // 4 and not (piece_buffers and fill[i]))
         pieces.append((off, nb, seg, fill[seg]))
         fill[seg] += nb // 4
     return segments, tuple(pieces)
@@ -687,13 +702,30 @@ def _elem_type(es):
 
 
 @gluon.jit
-def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE: gl.constexpr, ONE: gl.constexpr, DEFER: gl.constexpr,
-                   MMA: gl.constexpr):  # fmt: skip
+def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, u, pm, RESCALE: gl.constexpr, ONE: gl.constexpr,
+                   DEFER: gl.constexpr, SUBN: gl.constexpr, CHECK: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
     """Lazy online softmax over a chunk ``s [rows, NP]`` (log2 domain): rescale the state only when a column
-    max exceeds the reference by more than ``RESCALE``. Returns (p, m_ref, l_i, o_hi, o_lo); with one channel
-    map (``ONE``) ``o_lo`` is unused. ``DEFER``: ``l_i`` is ``[16, NP]`` partial sums (MMA layout; the column
-    sums are its row sums, taken once at the end), else ``[NP]``."""
-    c_max = gl.max(s, axis=0)
+    max exceeds the reference by more than ``RESCALE`` (``CHECK``; else the caller has, for the whole page).
+    Returns (p, m_ref, l_i, o_hi, o_lo, u, pm); with one channel map (``ONE``) ``o_lo`` is unused. ``DEFER``:
+    ``l_i`` is ``[16, NP]`` partial sums (MMA layout; the column sums are its row sums, taken once at the end),
+    else ``[NP]``. ``SUBN``: which of the page's value-minimum partials ``pm`` and value group accumulator ``u``
+    hold state to rescale too (0: neither, 1: ``pm``, 2: both)."""
+    if CHECK:
+        m_ref, l_i, o_hi, o_lo, u, pm = _rescale(gl.max(s, axis=0), m_ref, l_i, o_hi, o_lo, u, pm, RESCALE, ONE,
+                                                 DEFER, SUBN)
+    p = gl.exp2(s - m_ref[None, :])
+    if DEFER:  # noqa: SIM108 (constexpr branches)
+        l_i = l_i + _fold_rows(p, MMA)
+    else:
+        l_i = l_i + gl.sum(p, axis=0)
+    return p, m_ref, l_i, o_hi, o_lo, u, pm
+
+
+@gluon.jit
+def _rescale(c_max, m_ref, l_i, o_hi, o_lo, u, pm, RESCALE: gl.constexpr, ONE: gl.constexpr, DEFER: gl.constexpr,
+             SUBN: gl.constexpr):  # fmt: skip
+    """The lazy rescale of ``_softmax_chunk`` for column maxima ``c_max [NP]``: returns (m_ref, l_i, o_hi, o_lo,
+    u, pm)."""
     if gl.max(c_max - m_ref, axis=0) > RESCALE:
         m_new = gl.maximum(m_ref, c_max)
         alpha = gl.exp2(m_ref - m_new)
@@ -704,46 +736,40 @@ def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE: gl.constexpr, ONE: gl.con
         o_hi = o_hi * alpha[None, :]
         if not ONE:
             o_lo = o_lo * alpha[None, :]
+        if SUBN >= 1:
+            pm = pm * alpha[None, :]
+        if SUBN == 2:
+            u = u * alpha[None, :]
         m_ref = m_new
-    p = gl.exp2(s - m_ref[None, :])
-    if DEFER:  # noqa: SIM108 (constexpr branches)
-        l_i = l_i + _fold_rows(p, MMA)
-    else:
-        l_i = l_i + gl.sum(p, axis=0)
-    return p, m_ref, l_i, o_hi, o_lo
+    return m_ref, l_i, o_hi, o_lo, u, pm
 
 
 @gluon.jit
-def _fold_rows(x, MMA: gl.constexpr):
-    """``x [ROWS, NP]`` (MMA layout) summed over its 16-row tiles to ``[16, NP]``: in-lane adds only (the
-    inverse of ``_tile_rows``)."""
+def _fold_rows(x, MMA: gl.constexpr, MAX: gl.constexpr = False):
+    """``x [ROWS, NP]`` (MMA layout) summed (``MAX``: maxed) over its 16-row tiles to ``[16, NP]``: in-lane
+    operations only (the inverse of ``_tile_rows``)."""
     if x.shape[0] == 16:
         res = x
     else:
         y = gl.permute(gl.reshape(x, (2, x.shape[0] // 2, x.shape[1])), (1, 2, 0))  # [R/2, NP, 2]
         a, b = gl.split(y)
-        res = _fold_rows(gl.convert_layout(a + b, MMA, assert_trivial=True), MMA)
+        if MAX:  # noqa: SIM108 (constexpr branches)
+            c = gl.maximum(a, b)
+        else:
+            c = a + b
+        res = _fold_rows(gl.convert_layout(c, MMA, assert_trivial=True), MMA, MAX)
     return res
 
 
-# fmt: off
 @gluon.jit
-def _page_chunk(
-    src, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
-    START: gl.constexpr, ROWS: gl.constexpr, K_HI: gl.constexpr, K_OFF: gl.constexpr, V_HI: gl.constexpr,
-    V_OFF: gl.constexpr, KVIEW: gl.constexpr, KLOAD: gl.constexpr, VVIEW: gl.constexpr, VLOAD: gl.constexpr,
-    BH: gl.constexpr, BL: gl.constexpr,
-    D: gl.constexpr, N: gl.constexpr,
-    NP: gl.constexpr, V_TOK: gl.constexpr, K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr,
-    K_CONS_L: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
-    V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
-    SMEM: gl.constexpr, PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr,
-    DEFER: gl.constexpr,
-):
-    """Rows ``START .. START + ROWS`` of one page (one key group, one value group). ``MH``, ``ML``: the channel
-    maps (their bits) the high and low tiles are read into; ``ONE``: one map, one value accumulator."""
+def _chunk_scores(src, qp_h, qp_l, bias_h, bias_l, ROWS: gl.constexpr, K_HI: gl.constexpr, K_OFF: gl.constexpr,
+                  KVIEW: gl.constexpr, KLOAD: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr, D: gl.constexpr,
+                  K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr, K_CONS_L: gl.constexpr,
+                  MMA: gl.constexpr, A: gl.constexpr, SMEM: gl.constexpr, PIECES: gl.constexpr, MH: gl.constexpr,
+                  ML: gl.constexpr):  # fmt: skip
+    """Scores ``S^T [ROWS, NP] = (offset + K codes) @ q'^T + (bias - offset term)`` of one chunk (one key group),
+    accumulated from the bias."""
     P: gl.constexpr = D // 16
-    # scores S^T [ROWS, NP] = (offset + K codes) @ q'^T + (bias - offset term), accumulated from the bias
     if K_HI:
         KES: gl.constexpr = D * BH // 128
         kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BH // 8, D * BH // 32, KES, A, BH == 4 and MH == 2, D),
@@ -754,7 +780,65 @@ def _page_chunk(
         kc = _unpack(src, K_OFF, _key_offsets(ROWS, D * BL // 8, D * BL // 32, KES, A, BL == 4 and ML == 2, D),
                      (ROWS, 16), KVIEW, KLOAD, K_ASM_L, K_CONS_L, KES, P, 1, A, SMEM, PIECES)
         s = mma_v2(kc, qp_l, _tile_rows(bias_l, ROWS, MMA))
-    p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE, ONE, DEFER, MMA)
+    return s
+
+
+# fmt: off
+@gluon.jit
+def _page_chunk(
+    src, s, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, u, pm,
+    START: gl.constexpr, ROWS: gl.constexpr, K_HI: gl.constexpr, K_OFF: gl.constexpr, V_HI: gl.constexpr,
+    V_OFF: gl.constexpr, KVIEW: gl.constexpr, KLOAD: gl.constexpr, VVIEW: gl.constexpr, VLOAD: gl.constexpr,
+    BH: gl.constexpr, BL: gl.constexpr,
+    D: gl.constexpr, N: gl.constexpr,
+    NP: gl.constexpr, V_TOK: gl.constexpr, K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr,
+    K_CONS_L: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
+    V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
+    SMEM: gl.constexpr, PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr,
+    DEFER: gl.constexpr, SUBN: gl.constexpr, FIRST: gl.constexpr, CHECK: gl.constexpr,
+):
+    """Rows ``START .. START + ROWS`` of one page (one key group, one value group) with their scores ``s``.
+    ``MH``, ``ML``: the channel maps (their bits) the high and low tiles are read into; ``ONE``: one map, one
+    value accumulator. ``SUBN``: subnormal value codes, accumulated in ``u`` (``FIRST``: the chunk starts its
+    value group) and ``pm`` (the value-minimum term as ``[16, NP]`` partials), both scaled into the output by
+    ``_page``. ``CHECK``: this chunk's maxima may rescale the state (else ``_page`` checked the whole page)."""
+    P: gl.constexpr = D // 16
+    LIVE: gl.constexpr = (0 if START == 0 else (1 if FIRST else 2)) if SUBN else 0  # the state pm, u hold
+    p, m_ref, l_i, o_hi, o_lo, u, pm = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, u, pm, RESCALE, ONE, DEFER, LIVE,
+                                                     CHECK, MMA)
+    # values: P' = p * step_t (fp16 B operand)
+    vstep = _rows_f16(src, V_TOK + 2 * START, ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
+    vmn = _rows_f16(src, V_TOK + 2 * (N + START), ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
+    pb = gl.convert_layout((p * vstep[:, None]).to(gl.float16), B)
+    if V_HI:
+        VES: gl.constexpr = D * BH // 128
+        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BH // 8, D * BH // 64, VES, A, BH == 4 and MH == 2, D),
+                     (16, ROWS), VVIEW, VLOAD, V_ASM_H, V_CONS_H, VES, P, 0, A, SMEM, PIECES)
+    else:
+        VES: gl.constexpr = D * BL // 128
+        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BL // 8, D * BL // 64, VES, A, BL == 4 and ML == 2, D),
+                     (16, ROWS), VVIEW, VLOAD, V_ASM_L, V_CONS_L, VES, P, 0, A, SMEM, PIECES)
+    if SUBN:  # u += V^T P' (codes * 2^(shift - 24): no offset), pm += p * mn_t as per-lane partials
+        pm = pm + _fold_rows(p * vmn[:, None], MMA)
+        if FIRST:  # noqa: SIM108 (constexpr branches)
+            u = mma_v2(vc, pb, gl.zeros([D, NP], gl.float32, MMA))
+        else:
+            u = mma_v2(vc, pb, u)
+    else:  # u = V^T P' + sum_t p_t mn_t, the code offsets taken out through the sum of P' (as rounded); O^T += c u
+        pmin = gl.sum(p * vmn[:, None], axis=0)
+        # sum_t P'[t] exactly as the MMA sees it, on every row (an MMA with a ones operand: no shuffles)
+        psum = _tile_rows(mma_v2(gl.full([16, ROWS], 1.0, gl.float16, A), pb, gl.zeros([16, NP], gl.float32, MMA)),
+                          D, MMA)
+        if V_HI:
+            u = mma_v2(vc, pb, pmin[None, :] - voff_h[:, None] * psum)
+            o_hi = o_hi + cn_h[:, None] * u
+        else:
+            u = mma_v2(vc, pb, pmin[None, :] - voff_l[:, None] * psum)
+            if ONE:
+                o_hi = o_hi + cn_l[:, None] * u
+            else:
+                o_lo = o_lo + cn_l[:, None] * u
+    return m_ref, l_i, o_hi, o_lo, u, pm
     # values: P' = p * step_t (fp16 B operand); u = V^T P' + sum_t p_t mn_t, the code offsets taken out through
     # the sum of P' (as rounded); O^T += c * u
     vstep = _rows_f16(src, V_TOK + 2 * START, ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
@@ -779,7 +863,7 @@ def _page_chunk(
             o_hi = o_hi + cn_l[:, None] * u
         else:
             o_lo = o_lo + cn_l[:, None] * u
-    return m_ref, l_i, o_hi, o_lo
+    return m_ref, l_i, o_hi, o_lo, u, pm
 
 
 @gluon.jit
@@ -795,6 +879,13 @@ def _page_bias(mn, q, qp, BITS: gl.constexpr, D: gl.constexpr, NP: gl.constexpr,
     return acc  # [16, NP]: every row holds the same sums
 
 
+@gluon.constexpr_function
+def _value_groups(chunks):
+    """Per chunk: (it starts a value group, it ends one); a group is a run of chunks of one value width."""
+    v = [c[4] for c in chunks]
+    return tuple((i == 0 or v[i - 1] != v[i], i == len(v) - 1 or v[i + 1] != v[i]) for i in range(len(v)))
+
+
 @gluon.jit
 def _page(
     src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
@@ -805,13 +896,15 @@ def _page(
     KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
     RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, SMEM: gl.constexpr,
     PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr,
-    GROUPS: gl.constexpr, DEFER: gl.constexpr, nxt, has_next,
+    GROUPS: gl.constexpr, DEFER: gl.constexpr, SUBN: gl.constexpr, PAGE_MAX: gl.constexpr, nxt, has_next,
 ):
     """One page: its parameters, then its chunks (``src``: the page's byte pointer, or its shared view). With
     ``RING`` the shared view is refilled from ``nxt`` (the next page, if ``has_next``) piece group by piece
     group (``ring_groups``) as soon as every lane is done with one; each group is one commit group (empty
     without a next page), so the wait before each read is the same: ``len(CHUNKS)`` newer groups may still be
-    in flight."""
+    in flight. ``SUBN``: each value group's accumulator is added to the output once, scaled by the value
+    normalizer times ``2^(24 - shift)`` (``voff_* * 2^14``), then the value-minimum term ``c * sum_t p_t mn_t``.
+    ``PAGE_MAX``: the scores of every chunk first, one rescale check for the page (not with ``RING``)."""
     ROW_B: gl.constexpr = gl.SliceLayout(1, B)
     ROW_C: gl.constexpr = gl.SliceLayout(1, MMA)
     # key parameters: q' = q * step (fp16), the bias of each group
@@ -828,19 +921,51 @@ def _page(
         cn_l = _params(src, V_NORM, VP_L, gl.constexpr(SHARED[3]), D, ROW_C, SMEM, PIECES).to(gl.float32)
     if RING:
         _refill(src, nxt, has_next, GROUPS, 0)
+    EDGES: gl.constexpr = _value_groups(CHUNKS)
+    u = gl.zeros([D, NP], gl.float32, MMA)  # (SUBN) the current value group's V^T P'
+    pm = gl.zeros([16, NP], gl.float32, MMA)  # (SUBN) sum_t p_t mn_t, per-lane partials
+    scores = ()
+    if PAGE_MAX:  # every chunk's scores, their maxima folded in-lane, one cross-lane max and check per page
+        for ci in gl.static_range(len(CHUNKS)):
+            scores = scores + (_chunk_scores(
+                src, qp_h, qp_l, bias_h, bias_l, CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3],
+                gl.constexpr(SHARED[4 + 4 * ci]), gl.constexpr(SHARED[5 + 4 * ci]), BH, BL, D, K_ASM_H, K_CONS_H,
+                K_ASM_L, K_CONS_L, MMA, A, SMEM, PIECES, MH, ML),)
+        f = _fold_rows(scores[0], MMA, True)
+        for ci in gl.static_range(1, len(CHUNKS)):
+            f = gl.maximum(f, _fold_rows(scores[ci], MMA, True))
+        m_ref, l_i, o_hi, o_lo, u, pm = _rescale(gl.max(f, axis=0), m_ref, l_i, o_hi, o_lo, u, pm, RESCALE, ONE,
+                                                 DEFER, 0)
     for ci in gl.static_range(len(CHUNKS)):
         if RING:
             async_copy.wait_group(len(CHUNKS))
             gl.thread_barrier()  # the chunk's bytes, copied by all lanes, are visible to all
-        m_ref, l_i, o_hi, o_lo = _page_chunk(
-            src, qp_h, qp_l, bias_h, bias_l, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo,
+        if PAGE_MAX:  # noqa: SIM108 (constexpr branches)
+            s = scores[ci]
+        else:
+            s = _chunk_scores(
+                src, qp_h, qp_l, bias_h, bias_l, CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3],
+                gl.constexpr(SHARED[4 + 4 * ci]), gl.constexpr(SHARED[5 + 4 * ci]), BH, BL, D, K_ASM_H, K_CONS_H,
+                K_ASM_L, K_CONS_L, MMA, A, SMEM, PIECES, MH, ML)
+        m_ref, l_i, o_hi, o_lo, u, pm = _page_chunk(
+            src, s, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, u, pm,
             CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3], CHUNKS[ci][4], CHUNKS[ci][5],
             gl.constexpr(SHARED[4 + 4 * ci]), gl.constexpr(SHARED[5 + 4 * ci]), gl.constexpr(SHARED[6 + 4 * ci]),
             gl.constexpr(SHARED[7 + 4 * ci]), BH, BL, D, N, NP, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L,
-            V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, DEFER,
+            V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, DEFER, SUBN,
+            EDGES[ci][0], not PAGE_MAX,
         )
+        if SUBN and EDGES[ci][1]:  # the value group ends: O^T += (c * 2^(24 - shift)) u
+            if CHUNKS[ci][4]:
+                o_hi = o_hi + (cn_h * (voff_h * 16384.0))[:, None] * u
+            elif ONE:
+                o_hi = o_hi + (cn_l * (voff_l * 16384.0))[:, None] * u
+            else:
+                o_lo = o_lo + (cn_l * (voff_l * 16384.0))[:, None] * u
         if RING:
             _refill(src, nxt, has_next, GROUPS, 1 + ci)
+    if SUBN:
+        o_hi = o_hi + cn_h[:, None] * gl.sum(pm, axis=0)[None, :]
     return m_ref, l_i, o_hi, o_lo
 
 
@@ -884,7 +1009,8 @@ def _decode_v2_kernel(
     PREFETCH: gl.constexpr, PF_BYTES: gl.constexpr, PF_ASM: gl.constexpr,
     SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
     MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr, GROUPS: gl.constexpr,
-    TAIL_FIRST: gl.constexpr, DEFER: gl.constexpr, FOLD_TAIL: gl.constexpr,
+    TAIL_FIRST: gl.constexpr, DEFER: gl.constexpr, FOLD_TAIL: gl.constexpr, SUBN: gl.constexpr,
+    PAGE_MAX: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
     ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone (``TAIL_FIRST``: the
@@ -987,7 +1113,8 @@ def _decode_v2_kernel(
         m_ref, l_i, o_hi, o_lo = _page(
             src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N, NP, K_PAR, V_NORM,
             V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, KP_H, KP_L, VP_H,
-            VP_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, RING, GROUPS, DEFER, nxt, has_next,
+            VP_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, RING, GROUPS, DEFER, SUBN, PAGE_MAX, nxt,
+            has_next,
         )
 
     # -- the bf16 tail (the last split): keys in the high key map, values in the high value map ----
@@ -1003,7 +1130,8 @@ def _decode_v2_kernel(
                          mask=(t0 + rk < tail_len)[:, None], other=0.0).to(gl.float16)
             s = mma_v2(kt, q_h, gl.zeros([TAIL, NP], gl.float32, MMA))
             s = gl.where((t0 + r_c < tail_len)[:, None], s, float("-inf"))
-            p, m_ref, l_i, o_hi, o_lo = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, RESCALE, ONE, DEFER, MMA)
+            p, m_ref, l_i, o_hi, o_lo, _, _ = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, o_lo, l_i, RESCALE, ONE,
+                                                             DEFER, 0, True, MMA)
             vt = gl.load(tv_ptr + t_base + (t0 + rv)[None, :] * stride_t_tok + vmap_a[:, None],
                          mask=(t0 + rv < tail_len)[None, :], other=0.0).to(gl.float16)
             o_hi = mma_v2(vt, gl.convert_layout(p.to(gl.float16), B), o_hi)
@@ -1112,21 +1240,22 @@ def map_bits(layout, maps: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: int = 2, ring: bool = False) -> dict:
+def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: int = 2, ring: bool = False,
+                subnormal: bool = False, piece_buffers: bool = False) -> dict:  # fmt: skip
     d, bh, bl = layout.head_size, layout.bits_high, layout.bits_low
     mh, ml = map_bits(layout, maps)
     plans = [param_load_plan("key", mh, d), param_load_plan("key", ml, d), param_load_plan("value", mh, d),
              param_load_plan("value", ml, d)]
     tiles = chunks(layout, max_chunk)
-    segments, pieces = stage_plan(layout, tiles) if stage else ((32,), ())
+    segments, pieces = stage_plan(layout, tiles, piece_buffers) if stage else ((32,), ())
     shared = tuple(shared_params(p) for p in plans) + tuple(
         x for c in tiles for x in shared_operand("key", bh if c[2] else bl, d, c[1], mh if c[2] else ml)
         + shared_operand("value", bh if c[4] else bl, d, c[1], mh if c[4] else ml)) if stage else (
         None,) * (4 + 4 * len(tiles))
     kh, kch, _ = key_unpack_asm(bh, d, mh)
     kl, kcl, _ = key_unpack_asm(bl, d, ml)
-    vh, vch, _ = value_unpack_asm(bh, d)
-    vl, vcl, _ = value_unpack_asm(bl, d)
+    vh, vch, _ = value_unpack_asm(bh, d, subnormal)
+    vl, vcl, _ = value_unpack_asm(bl, d, subnormal)
     return {
         "D": d, "N": layout.block_size, "CHUNKS": chunks(layout, max_chunk), "BH": bh, "BL": bl,
         "K_PAR": layout.k_param_off, "V_NORM": layout.v_norm_off, "V_TOK": layout.v_tok_off,
@@ -1134,7 +1263,7 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: i
         "V_ASM_H": vh, "V_CONS_H": vch, "V_ASM_L": vl, "V_CONS_L": vcl,
         "KP_H": plans[0], "KP_L": plans[1], "VP_H": plans[2], "VP_L": plans[3],
         "SMEM": stage, "SHARED": shared, "SEGMENTS": segments, "PIECES": pieces, "MH": mh, "ML": ml,
-        "ONE": mh == ml and maps == 1, "RING": stage and ring,
+        "ONE": mh == ml and maps == 1, "RING": stage and ring, "SUBN": subnormal,
         "GROUPS": ring_groups(layout, tiles, pieces) if stage and ring else (),
         "PF_BYTES": _pf_bytes(layout),  # codes + parameters, a multiple of 16 bytes
         "PF_ASM": f"cp.async.bulk.prefetch.L2.global [$1], {_pf_bytes(layout)}; mov.u32 $0, 0;",
@@ -1145,12 +1274,16 @@ def _pf_bytes(layout) -> int:
     return -(-layout.mask_off // 16) * 16
 
 
-def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=None) -> tuple:
+def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=None, subnormal_values=None,
+              piece_buffers=None, page_max=None) -> tuple:  # fmt: skip
     """Launch options, None meaning the module's default at the time of the call."""
     return (MAPS if maps is None else maps, RING if ring is None else ring,
             MAXNREG if maxnreg is None else maxnreg, TAIL_FIRST if tail_first is None else tail_first,
             DEFER_SUM if defer_sum is None else defer_sum,
-            FOLD_TAIL if fold_tail is None else fold_tail)  # fmt: skip
+            FOLD_TAIL if fold_tail is None else fold_tail,
+            SUBNORMAL_VALUES if subnormal_values is None else subnormal_values,
+            PIECE_BUFFERS if piece_buffers is None else piece_buffers,
+            PAGE_MAX if page_max is None else page_max)  # fmt: skip
 
 
 def decode_attention_v2(
@@ -1176,6 +1309,9 @@ def decode_attention_v2(
     tail_first: bool | None = None,
     defer_sum: bool | None = None,
     fold_tail: bool | None = None,
+    subnormal_values: bool | None = None,
+    piece_buffers: bool | None = None,
+    page_max: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
@@ -1183,9 +1319,11 @@ def decode_attention_v2(
     the natural-log log-sum-exp of ``scale * q.k`` per row (what the saliency update needs). ``maps``: channel
     maps of the page loop; ``ring``: one staged page refilled piece by piece; ``maxnreg``: a register cap;
     ``tail_first``: the tail programs first in the grid; ``defer_sum``: the softmax denominator as per-lane
-    partials; ``fold_tail``: the last page split takes the tail (``num_splits`` then counts page splits) (each
-    None: the module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, ``FOLD_TAIL``, read at
-    the call). Returns ``out``.
+    partials; ``fold_tail``: the last page split takes the tail (``num_splits`` then counts page splits);
+    ``subnormal_values``: value codes as fp16 subnormals, scaled once per value group; ``piece_buffers``: each
+    staged piece in its own shared allocation; ``page_max``: one softmax rescale check per page (each None: the
+    module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, ``FOLD_TAIL``, ``SUBNORMAL_VALUES``,
+    ``PIECE_BUFFERS``, ``PAGE_MAX``, read at the call). Returns ``out``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -1205,13 +1343,14 @@ def decode_attention_v2(
         num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev,
                                        split_programs(layout, stage, ring, maxnreg))
     check(num_splits >= 1, "num_splits must be >= 1")
-    maps, ring, maxnreg, tail_first, defer_sum, fold_tail = _schedule(maps, ring, maxnreg, tail_first, defer_sum,
-                                                                      fold_tail)
+    maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max = _schedule(
+        maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max)
     check(maps in (1, 2), "maps must be 1 or 2")
+    check(not (page_max and ring), "page_max reads a page's scores before its values: not with ring")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale, num_splits, max_chunk, prefetch, stage, maps, ring, maxnreg, tail_first,
-                     defer_sum, fold_tail)  # fmt: skip
+                     defer_sum, fold_tail, subnormal_values, piece_buffers, page_max)  # fmt: skip
     return out
 
 
@@ -1220,10 +1359,12 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
                      prefetch: int = PREFETCH_PAGES, stage: bool | None = None,
                      maps: int | None = None, ring: bool | None = None,
                      maxnreg: int | None = None, tail_first: bool | None = None,
-                     defer_sum: bool | None = None, fold_tail: bool | None = None) -> None:  # fmt: skip
+                     defer_sum: bool | None = None, fold_tail: bool | None = None,
+                     subnormal_values: bool | None = None, piece_buffers: bool | None = None,
+                     page_max: bool | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
-    maps, ring, maxnreg, tail_first, defer_sum, fold_tail = _schedule(maps, ring, maxnreg, tail_first, defer_sum,
-                                                                      fold_tail)
+    maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max = _schedule(
+        maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max)
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
     g = num_heads // h
@@ -1244,8 +1385,9 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, GP=pow2(g),
         **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage,
-                      maps, ring),
+                      maps, ring, bool(subnormal_values), bool(piece_buffers)),
         PREFETCH=prefetch, TAIL_FIRST=bool(tail_first), DEFER=bool(defer_sum), FOLD_TAIL=bool(fold_tail),
+        PAGE_MAX=bool(page_max),
         num_warps=1,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip

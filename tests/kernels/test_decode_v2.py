@@ -117,6 +117,15 @@ SCHEDULES = {  # launch options of the page loop: channel maps, one staged page 
     "one-map-tail-first-defer": {"maps": 1, "tail_first": True, "defer_sum": True},  # grid order, partial sums
     "two-maps-defer": {"maps": 2, "defer_sum": True},
     "one-map-fold": {"maps": 1, "fold_tail": True},  # the tail taken by the last page split
+    "one-map-subnormal": {"maps": 1, "subnormal_values": True},  # value codes as fp16 subnormals
+    "two-maps-subnormal": {"maps": 2, "subnormal_values": True},
+    "one-map-ring-subnormal": {"maps": 1, "ring": True, "subnormal_values": True},
+    "one-map-pieces": {"maps": 1, "piece_buffers": True},  # a shared allocation per staged piece
+    "one-map-ring-pieces": {"maps": 1, "ring": True, "piece_buffers": True},
+    "one-map-page-max": {"maps": 1, "page_max": True},  # a page's scores first, one rescale check per page
+    "one-map-subnormal-page-max": {"maps": 1, "subnormal_values": True, "page_max": True},
+    "two-maps-subnormal-page-max": {"maps": 2, "subnormal_values": True, "page_max": True},
+    "one-map-unstaged-subnormal-page-max": {"maps": 1, "stage": False, "subnormal_values": True, "page_max": True},
 }
 
 
@@ -132,7 +141,8 @@ def test_schedules(schedule, preset, head_size):
 
 
 @gpu
-@pytest.mark.parametrize("schedule", ["one-map-ring", "one-map-ring-r168", "one-map-tail-first-defer", "one-map-fold"])
+@pytest.mark.parametrize("schedule", ["one-map-ring", "one-map-ring-r168", "one-map-tail-first-defer", "one-map-fold",
+                                      "one-map-subnormal-page-max"])
 @pytest.mark.parametrize("num_splits", [1, 2, 64])
 def test_schedule_splits(schedule, num_splits):
     """The ring with one split (every page in one program), two, and more splits than pages (empty splits); the
@@ -150,18 +160,23 @@ def test_unstaged_presets(preset, head_size):
     _compare(_layout(128, head_size, preset), 2, 4, LENGTHS[128], stage=False)
 
 
+@pytest.mark.parametrize("piece_buffers", [False, True])
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128])
 @pytest.mark.parametrize("head_size", [64, 128])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_stage_plan(block_size, head_size, preset):
+def test_stage_plan(block_size, head_size, preset, piece_buffers):
     """Staged pages: every byte the kernel reads is in exactly one aligned piece, pieces do not overlap in shared
-    memory, views start at multiples of their size, and the operand views are bit permutations."""
+    memory, views start at multiples of their size, and the operand views are bit permutations;
+    ``piece_buffers``: one piece per segment, the same bytes in all."""
     layout = _layout(block_size, head_size, preset)
     if not v2.supported(layout):
         pytest.skip("layout not read by v2")
     tiles = v2.chunks(layout)
-    segments, pieces = v2.stage_plan(layout, tiles)
+    segments, pieces = v2.stage_plan(layout, tiles, piece_buffers)
     assert all(s & (s - 1) == 0 for s in segments)
+    if piece_buffers:
+        assert len(segments) == len(pieces) and sorted(p[2] for p in pieces) == list(range(len(pieces)))
+        assert sum(segments) == sum(v2.stage_plan(layout, tiles)[0])
     used = [set() for _ in segments]
     for off, nb, seg, word in pieces:
         assert off % 16 == 0 and nb & (nb - 1) == 0 and word % (nb // 4) == 0
@@ -329,6 +344,8 @@ def test_unpack_reads_the_channel_map(d, bits, map_bits):
                         addr = v2.value_address(bits, d, g + 8 * mid, 16 * tile + 2 * t + lo + 8 * hi, map_bits)
                     offs.append(addr * es)
                 regs = _run_ptx(asm, _lane_inputs(flat, es, nin, offs, base))
+                if kind == "value":
+                    sub = _run_ptx(v2.value_unpack_asm(bits, d, True)[0], _lane_inputs(flat, es, nin, offs, base))
                 for j in range(planes):
                     for r in range(4):
                         mh, h = r % 2, r // 2
@@ -339,3 +356,6 @@ def test_unpack_reads_the_channel_map(d, bits, map_bits):
                                 row, ch = 16 * tile + 2 * t + half + 8 * h, v2.value_channel(map_bits, d, j, g + 8 * mh)
                             offset = 2.0 ** math.floor(math.log2(x))
                             assert x - offset == codes[row, ch], (kind, tile, lane, j, r, half, x)
+                            if kind == "value":  # the subnormal twin: code * 2^(shift - 24), offset 2^(10 - shift)
+                                y = _halves(sub[f"${4 * j + r}"])[half]
+                                assert y == codes[row, ch] * 2.0**-14 / offset, (tile, lane, j, r, half, y)

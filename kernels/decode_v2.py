@@ -787,12 +787,9 @@ def _chunk_scores(src, qp_h, qp_l, bias_h, bias_l, ROWS: gl.constexpr, K_HI: gl.
 @gluon.jit
 def _page_chunk(
     src, s, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, u, pm,
-    START: gl.constexpr, ROWS: gl.constexpr, K_HI: gl.constexpr, K_OFF: gl.constexpr, V_HI: gl.constexpr,
-    V_OFF: gl.constexpr, KVIEW: gl.constexpr, KLOAD: gl.constexpr, VVIEW: gl.constexpr, VLOAD: gl.constexpr,
-    BH: gl.constexpr, BL: gl.constexpr,
-    D: gl.constexpr, N: gl.constexpr,
-    NP: gl.constexpr, V_TOK: gl.constexpr, K_ASM_H: gl.constexpr, K_CONS_H: gl.constexpr, K_ASM_L: gl.constexpr,
-    K_CONS_L: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
+    START: gl.constexpr, ROWS: gl.constexpr, V_HI: gl.constexpr, V_OFF: gl.constexpr, VVIEW: gl.constexpr,
+    VLOAD: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
+    NP: gl.constexpr, V_TOK: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
     V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
     SMEM: gl.constexpr, PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr,
     DEFER: gl.constexpr, SUBN: gl.constexpr, FIRST: gl.constexpr, CHECK: gl.constexpr,
@@ -949,11 +946,9 @@ def _page(
                 K_ASM_L, K_CONS_L, MMA, A, SMEM, PIECES, MH, ML)
         m_ref, l_i, o_hi, o_lo, u, pm = _page_chunk(
             src, s, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, u, pm,
-            CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][2], CHUNKS[ci][3], CHUNKS[ci][4], CHUNKS[ci][5],
-            gl.constexpr(SHARED[4 + 4 * ci]), gl.constexpr(SHARED[5 + 4 * ci]), gl.constexpr(SHARED[6 + 4 * ci]),
-            gl.constexpr(SHARED[7 + 4 * ci]), BH, BL, D, N, NP, V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L,
-            V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, DEFER, SUBN,
-            EDGES[ci][0], not PAGE_MAX,
+            CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][4], CHUNKS[ci][5], gl.constexpr(SHARED[6 + 4 * ci]),
+            gl.constexpr(SHARED[7 + 4 * ci]), BH, BL, D, N, NP, V_TOK, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L,
+            RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, DEFER, SUBN, EDGES[ci][0], not PAGE_MAX,
         )
         if SUBN and EDGES[ci][1]:  # the value group ends: O^T += (c * 2^(24 - shift)) u
             if CHUNKS[ci][4]:

@@ -56,12 +56,18 @@ FOLD_TAIL = False  # the bf16 tail taken by the last page split instead of a pro
 TAIL_FIRST = False  # the bf16 tail programs launched before the page programs (grid order), so that they run while
 # the page programs start instead of queueing for the few slots the page programs leave free. H200 spike (cad2561):
 # slower at 4k (B64 90.0 -> 92.0 us, B16 35.1 -> 36.4), faster only at B64/32k (550 -> 531); kept off
-PIECE_BUFFERS = False  # every piece of a staged page (stage_plan) in a shared allocation of its own instead of packed
-# into power-of-two segments: Triton then sees the cp.async writes of one page as disjoint (no barrier between them)
-PAGE_MAX = False  # the scores of a whole page first, then one softmax max and rescale check for the page instead
-# of one per chunk (fewer cross-lane reductions and branches; all of the page's scores live at once; not with RING)
-SUBNORMAL_VALUES = False  # value codes unpacked as fp16 subnormals (``code * 2^(shift - 24)``, no offset): the
-# value accumulator of a page is scaled once per value group instead of corrected per chunk (no code-offset sums)
+PIECE_BUFFERS = True  # every piece of a staged page (stage_plan) in a shared allocation of its own instead of packed
+# into power-of-two segments: Triton then sees the cp.async writes of one page as disjoint (no barrier between them;
+# the page loop loses 10 BAR.SYNC). H200 spike (4a1062c, vllm preset, us, with SUBNORMAL_VALUES): B16/32k 141.2 ->
+# 139.6, B64/4k 84.8 -> 86.6, B1/4k 12.9 -> 12.8; H100 (bdba9d3, with both others): B16/32k 179.3 -> 178.5
+PAGE_MAX = True  # the scores of a whole page first, then one softmax max and rescale check for the page instead
+# of one per chunk (fewer cross-lane reductions and branches; all of the page's scores live at once; not with RING):
+# page loop 1,712 -> 1,635 instructions executed without a rescale (sass_decode_v2.py), 254 registers, no spill. H100
+# spike (bdba9d3, vllm, us, with SUBNORMAL_VALUES): B16/32k 181.7 -> 179.3, B64/4k 108.3 -> 107.7, B16/4k 40.2 -> 41.5
+SUBNORMAL_VALUES = True  # value codes unpacked as fp16 subnormals (``code * 2^(shift - 24)``, no offset): the
+# value accumulator of a page is scaled once per value group instead of corrected per chunk (no code-offset sums:
+# 8 HMMA and 12 SHFL fewer per page). H200 spike (4a1062c, vllm preset, us, against the default measured twice in
+# the same run): B16/32k 148.9 / 145.6 -> 141.2, B64/4k 87.5 / 87.3 -> 84.8, B1/4k 13.1 / 13.0 -> 12.9
 DEFER_SUM = True  # the softmax denominator kept as per-lane partial sums over 16-row tiles, summed across lanes
 # once per program instead of once per chunk (three shuffle rounds fewer per chunk). H200 spike (cad2561), vllm
 # preset, us, off -> on: B64/4k 90.0 -> 86.6, B16/32k 152.3 -> 150.0, B64/32k 550.2 -> 523.2, B1/4k 12.4 -> 12.5
@@ -1271,14 +1277,18 @@ def _pf_bytes(layout) -> int:
 
 def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=None, subnormal_values=None,
               piece_buffers=None, page_max=None) -> tuple:  # fmt: skip
-    """Launch options, None meaning the module's default at the time of the call."""
-    return (MAPS if maps is None else maps, RING if ring is None else ring,
+    """Launch options, None meaning the module's default at the time of the call (``PAGE_MAX`` only where the
+    ring is off: the ring refills a chunk's bytes once its values are read)."""
+    ring = RING if ring is None else ring
+    if page_max is None:
+        page_max = PAGE_MAX and not ring
+    return (MAPS if maps is None else maps, ring,
             MAXNREG if maxnreg is None else maxnreg, TAIL_FIRST if tail_first is None else tail_first,
             DEFER_SUM if defer_sum is None else defer_sum,
             FOLD_TAIL if fold_tail is None else fold_tail,
             SUBNORMAL_VALUES if subnormal_values is None else subnormal_values,
             PIECE_BUFFERS if piece_buffers is None else piece_buffers,
-            PAGE_MAX if page_max is None else page_max)  # fmt: skip
+            page_max)  # fmt: skip
 
 
 def decode_attention_v2(

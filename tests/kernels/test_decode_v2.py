@@ -359,3 +359,11 @@ def test_unpack_reads_the_channel_map(d, bits, map_bits):
                             if kind == "value":  # the subnormal twin: code * 2^(shift - 24), offset 2^(10 - shift)
                                 y = _halves(sub[f"${4 * j + r}"])[half]
                                 assert y == codes[row, ch] * 2.0**-14 / offset, (tile, lane, j, r, half, y)
+
+
+def test_page_max_default_only_without_ring():
+    """``PAGE_MAX`` applies where the ring is off (the ring refills a chunk's bytes once its values are read);
+    asked for together with the ring, the launch refuses."""
+    assert v2._schedule(1, True, None)[-1] is False
+    assert v2._schedule(1, False, None)[-1] == v2.PAGE_MAX
+    assert v2._schedule(1, True, None, page_max=True)[-1] is True  # explicit: decode_attention_v2 refuses it

@@ -357,7 +357,7 @@ def decode_case(preset, layout, pool, v1_cfg, batch, ctx, base, copy_gbps, reps)
                      "ring": decode_v2.RING, "maxnreg": decode_v2.MAXNREG, "defer_sum": decode_v2.DEFER_SUM,
                      "fold_tail": decode_v2.FOLD_TAIL, "tail_first": decode_v2.TAIL_FIRST,
                      "subnormal_values": decode_v2.SUBNORMAL_VALUES, "piece_buffers": decode_v2.PIECE_BUFFERS,
-                     "page_max": decode_v2.PAGE_MAX},
+                     "page_max": decode_v2.PAGE_MAX, "subnormal_keys": decode_v2.SUBNORMAL_KEYS},
               "v1": v1_cfg}
     recs = {
         v: {"kernel": "decode", "variant": v, "preset": preset, "batch": batch, "context": ctx, "bytes_read": nbytes,

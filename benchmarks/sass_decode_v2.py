@@ -48,13 +48,15 @@ def main() -> None:
                     help="1: value codes as fp16 subnormals, scaled once per value group (no code-offset sums)")
     ap.add_argument("--piece-buffers", type=int, default=int(decode_v2.PIECE_BUFFERS),
                     help="1: every staged piece in its own shared allocation")
+    ap.add_argument("--subnormal-keys", type=int, default=int(decode_v2.SUBNORMAL_KEYS),
+                    help="1: key codes as fp16 subnormals (no offset half of the page bias)")
     ap.add_argument("--page-max", type=int, default=int(decode_v2.PAGE_MAX),
                     help="1: one softmax rescale check per page")
     a = ap.parse_args()
     layout = PageLayout(128, a.head_size, salient_ratio=a.ratio, value_salient_ratio=a.value_ratio)
     fn = decode_v2._decode_v2_kernel
     ce = dict(decode_v2._constexprs(layout, a.max_chunk, bool(a.stage), a.maps, bool(a.ring),
-                                           bool(a.subnormal_values), bool(a.piece_buffers)))
+                                           bool(a.subnormal_values), bool(a.piece_buffers), bool(a.subnormal_keys)))
     ce.update(NUM_SPLITS=a.splits, G=a.g, NP=max(8, triton.next_power_of_2(a.g)), TAIL=decode_v2.TAIL_CHUNK,
               WRITE_LSE=True, RESCALE=decode_v2.RESCALE_LOG2, GP=triton.next_power_of_2(a.g),
               PREFETCH=decode_v2.PREFETCH_PAGES, TAIL_FIRST=decode_v2.TAIL_FIRST, DEFER=bool(a.defer_sum),

@@ -38,7 +38,7 @@ PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
 # what a variant does not name is off, so a variant means the same kernel whatever the module defaults are
 # (DEFER_SUM is on since eb205d8)
 OFF = {"tail_first": False, "defer_sum": False, "fold_tail": False, "subnormal_values": False, "piece_buffers": False,
-       "page_max": False}
+       "page_max": False, "subnormal_keys": False}
 
 
 def variant_options(name: str) -> dict:
@@ -68,6 +68,9 @@ VARIANTS = {  # launch options of decode_attention_v2
                                          "subnormal_values": True, "page_max": True},
     "one-map-defer-subnormal-pieces-page-max": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True,
                                                 "subnormal_values": True, "piece_buffers": True, "page_max": True},
+    "one-map-defer-subnormal-kv-pieces-page-max": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True,
+                                                   "subnormal_values": True, "piece_buffers": True, "page_max": True,
+                                                   "subnormal_keys": True},
 }
 
 

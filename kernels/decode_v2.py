@@ -64,6 +64,8 @@ PAGE_MAX = True  # the scores of a whole page first, then one softmax max and re
 # of one per chunk (fewer cross-lane reductions and branches; all of the page's scores live at once; not with RING):
 # page loop 1,712 -> 1,635 instructions executed without a rescale (sass_decode_v2.py), 254 registers, no spill. H100
 # spike (bdba9d3, vllm, us, with SUBNORMAL_VALUES): B16/32k 181.7 -> 179.3, B64/4k 108.3 -> 107.7, B16/4k 40.2 -> 41.5
+SUBNORMAL_KEYS = False  # key codes as fp16 subnormals too: q' carries 2^-shift, the scores come out in units of
+# 2^-24 (scaled back inside the softmax's subtraction) and the page bias loses its offset half (one MMA chain)
 SUBNORMAL_VALUES = True  # value codes unpacked as fp16 subnormals (``code * 2^(shift - 24)``, no offset): the
 # value accumulator of a page is scaled once per value group instead of corrected per chunk (no code-offset sums:
 # 8 HMMA and 12 SHFL fewer per page). H200 spike (4a1062c, vllm preset, us, against the default measured twice in
@@ -157,7 +159,7 @@ def crosses(bits: int, map_bits: int) -> bool:
     return bits == 4 and map_bits == 2
 
 
-def key_unpack_asm(bits: int, d: int, map_bits: int = 0) -> tuple[str, str, int]:
+def key_unpack_asm(bits: int, d: int, map_bits: int = 0, subnormal: bool = False) -> tuple[str, str, int]:
     """(PTX, constraints, input registers) turning a lane's key bytes of one 16-row tile into ``D/16`` fp16
     A-fragments (4 registers each), in the channel map of ``map_bits`` (default ``bits``). Input register
     ``q``: row ``g + 8 (q % 2)``, word ``q // 2`` of the lane's ``D bits / 32`` bytes of that row
@@ -185,7 +187,7 @@ def key_unpack_asm(bits: int, d: int, map_bits: int = 0) -> tuple[str, str, int]
                     shifted.add(q)
                 src = f"y{q}"
             dst = f"${4 * j + r}"
-            body += _extract(dst, src, bits, field)
+            body += _extract(dst, src, bits, field, subnormal)
             out.append(dst)
     cons = ",".join(["=r"] * (4 * planes) + ["r"] * nin)
     return "{ " + _PRELUDE + body + "}", cons, nin
@@ -709,17 +711,22 @@ def _elem_type(es):
 
 @gluon.jit
 def _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, u, pm, RESCALE: gl.constexpr, ONE: gl.constexpr,
-                   DEFER: gl.constexpr, SUBN: gl.constexpr, CHECK: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                   DEFER: gl.constexpr, SUBN: gl.constexpr, CHECK: gl.constexpr, MMA: gl.constexpr,
+                   KSCALE: gl.constexpr = 1.0):  # fmt: skip
     """Lazy online softmax over a chunk ``s [rows, NP]`` (log2 domain): rescale the state only when a column
     max exceeds the reference by more than ``RESCALE`` (``CHECK``; else the caller has, for the whole page).
     Returns (p, m_ref, l_i, o_hi, o_lo, u, pm); with one channel map (``ONE``) ``o_lo`` is unused. ``DEFER``:
     ``l_i`` is ``[16, NP]`` partial sums (MMA layout; the column sums are its row sums, taken once at the end),
     else ``[NP]``. ``SUBN``: which of the page's value-minimum partials ``pm`` and value group accumulator ``u``
-    hold state to rescale too (0: neither, 1: ``pm``, 2: both)."""
+    hold state to rescale too (0: neither, 1: ``pm``, 2: both). ``KSCALE``: ``s`` is in units of ``1 / KSCALE``
+    (subnormal key codes)."""
     if CHECK:
-        m_ref, l_i, o_hi, o_lo, u, pm = _rescale(gl.max(s, axis=0), m_ref, l_i, o_hi, o_lo, u, pm, RESCALE, ONE,
-                                                 DEFER, SUBN)
-    p = gl.exp2(s - m_ref[None, :])
+        m_ref, l_i, o_hi, o_lo, u, pm = _rescale(gl.max(s, axis=0) * KSCALE, m_ref, l_i, o_hi, o_lo, u, pm, RESCALE,
+                                                 ONE, DEFER, SUBN)
+    if KSCALE == 1.0:  # noqa: SIM108 (constexpr branches)
+        p = gl.exp2(s - m_ref[None, :])
+    else:
+        p = gl.exp2(s * KSCALE - m_ref[None, :])
     if DEFER:  # noqa: SIM108 (constexpr branches)
         l_i = l_i + _fold_rows(p, MMA)
     else:
@@ -798,7 +805,7 @@ def _page_chunk(
     NP: gl.constexpr, V_TOK: gl.constexpr, V_ASM_H: gl.constexpr, V_CONS_H: gl.constexpr, V_ASM_L: gl.constexpr,
     V_CONS_L: gl.constexpr, RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
     SMEM: gl.constexpr, PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr,
-    DEFER: gl.constexpr, SUBN: gl.constexpr, FIRST: gl.constexpr, CHECK: gl.constexpr,
+    DEFER: gl.constexpr, SUBN: gl.constexpr, FIRST: gl.constexpr, CHECK: gl.constexpr, KSCALE: gl.constexpr,
 ):
     """Rows ``START .. START + ROWS`` of one page (one key group, one value group) with their scores ``s``.
     ``MH``, ``ML``: the channel maps (their bits) the high and low tiles are read into; ``ONE``: one map, one
@@ -808,7 +815,7 @@ def _page_chunk(
     P: gl.constexpr = D // 16
     LIVE: gl.constexpr = (0 if START == 0 else (1 if FIRST else 2)) if SUBN else 0  # the state pm, u hold
     p, m_ref, l_i, o_hi, o_lo, u, pm = _softmax_chunk(s, m_ref, l_i, o_hi, o_lo, u, pm, RESCALE, ONE, DEFER, LIVE,
-                                                     CHECK, MMA)
+                                                     CHECK, MMA, KSCALE)
     # values: P' = p * step_t (fp16 B operand)
     vstep = _rows_f16(src, V_TOK + 2 * START, ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
     vmn = _rows_f16(src, V_TOK + 2 * (N + START), ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
@@ -871,14 +878,19 @@ def _page_chunk(
 
 @gluon.jit
 def _page_bias(mn, q, qp, BITS: gl.constexpr, D: gl.constexpr, NP: gl.constexpr, MMA: gl.constexpr,
-               A: gl.constexpr, MAPB: gl.constexpr):  # fmt: skip
+               A: gl.constexpr, MAPB: gl.constexpr, SUBK: gl.constexpr):  # fmt: skip
     """``sum_c q_c mn_c - sum_c' offset_c' q'_c'`` per query head ([NP], columns of the MMA layout): two MMAs
-    with the row vectors ``mn`` (the page's key minima in map order) and ``-offset`` on all 16 rows of A."""
+    with the row vectors ``mn`` (the page's key minima in map order) and ``-offset`` on all 16 rows of A.
+    ``SUBK`` (subnormal key codes, no offset): ``2^-24 sum_c q_c mn_c``, the scores' unit."""
     mn = gl.convert_layout(mn, gl.SliceLayout(0, A))
-    neg_off = -_key_field_offset(BITS, D, gl.SliceLayout(0, A), MAPB).to(gl.float16)
     zero_a = gl.zeros([16, D], gl.float16, A)
-    acc = mma_v2(gl.broadcast(neg_off[None, :], zero_a)[0], qp, gl.zeros([16, NP], gl.float32, layout=MMA))
-    acc = mma_v2(gl.broadcast(mn[None, :], zero_a)[0], q, acc)
+    if SUBK:
+        acc = mma_v2(gl.broadcast(mn[None, :], zero_a)[0], q, gl.zeros([16, NP], gl.float32, layout=MMA))
+        acc = acc * (1.0 / 16777216.0)
+    else:
+        neg_off = -_key_field_offset(BITS, D, gl.SliceLayout(0, A), MAPB).to(gl.float16)
+        acc = mma_v2(gl.broadcast(neg_off[None, :], zero_a)[0], qp, gl.zeros([16, NP], gl.float32, layout=MMA))
+        acc = mma_v2(gl.broadcast(mn[None, :], zero_a)[0], q, acc)
     return acc  # [16, NP]: every row holds the same sums
 
 
@@ -899,7 +911,8 @@ def _page(
     KP_H: gl.constexpr, KP_L: gl.constexpr, VP_H: gl.constexpr, VP_L: gl.constexpr,
     RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, SMEM: gl.constexpr,
     PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr,
-    GROUPS: gl.constexpr, DEFER: gl.constexpr, SUBN: gl.constexpr, PAGE_MAX: gl.constexpr, nxt, has_next,
+    GROUPS: gl.constexpr, DEFER: gl.constexpr, SUBN: gl.constexpr, PAGE_MAX: gl.constexpr, SUBK: gl.constexpr,
+    nxt, has_next,
 ):
     """One page: its parameters, then its chunks (``src``: the page's byte pointer, or its shared view). With
     ``RING`` the shared view is refilled from ``nxt`` (the next page, if ``has_next``) piece group by piece
@@ -910,13 +923,19 @@ def _page(
     ``PAGE_MAX``: the scores of every chunk first, one rescale check for the page (not with ``RING``)."""
     ROW_B: gl.constexpr = gl.SliceLayout(1, B)
     ROW_C: gl.constexpr = gl.SliceLayout(1, MMA)
-    # key parameters: q' = q * step (fp16), the bias of each group
-    qp_h = q_h * _params(src, K_PAR, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)[:, None]
-    qp_l = q_l * _params(src, K_PAR + 4 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)[:, None]
+    # key parameters: q' = q * step (fp16; SUBK: times 2^-shift, the subnormal codes' 2^shift), the bias of each group
+    step_h = _params(src, K_PAR, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)
+    step_l = _params(src, K_PAR + 4 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)
+    if SUBK:
+        step_h = step_h * (_key_field_offset(BH, D, ROW_B, MH) * (1.0 / 1024.0)).to(gl.float16)
+        step_l = step_l * (_key_field_offset(BL, D, ROW_B, ML) * (1.0 / 1024.0)).to(gl.float16)
+    qp_h = q_h * step_h[:, None]
+    qp_l = q_l * step_l[:, None]
     mn_h = _params(src, K_PAR + 2 * D, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)
     mn_l = _params(src, K_PAR + 6 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)
-    bias_h = _page_bias(mn_h, q_h, qp_h, BH, D, NP, MMA, A, MH)
-    bias_l = _page_bias(mn_l, q_l, qp_l, BL, D, NP, MMA, A, ML)
+    bias_h = _page_bias(mn_h, q_h, qp_h, BH, D, NP, MMA, A, MH, SUBK)
+    bias_l = _page_bias(mn_l, q_l, qp_l, BL, D, NP, MMA, A, ML, SUBK)
+    KSCALE: gl.constexpr = 16777216.0 if SUBK else 1.0
     cn_h = _params(src, V_NORM, VP_H, gl.constexpr(SHARED[2]), D, ROW_C, SMEM, PIECES).to(gl.float32)
     if ONE:  # noqa: SIM108 (constexpr branches)
         cn_l = cn_h
@@ -937,8 +956,8 @@ def _page(
         f = _fold_rows(scores[0], MMA, True)
         for ci in gl.static_range(1, len(CHUNKS)):
             f = gl.maximum(f, _fold_rows(scores[ci], MMA, True))
-        m_ref, l_i, o_hi, o_lo, u, pm = _rescale(gl.max(f, axis=0), m_ref, l_i, o_hi, o_lo, u, pm, RESCALE, ONE,
-                                                 DEFER, 0)
+        m_ref, l_i, o_hi, o_lo, u, pm = _rescale(gl.max(f, axis=0) * KSCALE, m_ref, l_i, o_hi, o_lo, u, pm,
+                                                 RESCALE, ONE, DEFER, 0)
     for ci in gl.static_range(len(CHUNKS)):
         if RING:
             async_copy.wait_group(len(CHUNKS))
@@ -954,7 +973,7 @@ def _page(
             src, s, cn_h, cn_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, u, pm,
             CHUNKS[ci][0], CHUNKS[ci][1], CHUNKS[ci][4], CHUNKS[ci][5], gl.constexpr(SHARED[6 + 4 * ci]),
             gl.constexpr(SHARED[7 + 4 * ci]), BH, BL, D, N, NP, V_TOK, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L,
-            RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, DEFER, SUBN, EDGES[ci][0], not PAGE_MAX,
+            RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, DEFER, SUBN, EDGES[ci][0], not PAGE_MAX, KSCALE,
         )
         if SUBN and EDGES[ci][1]:  # the value group ends: O^T += (c * 2^(24 - shift)) u
             if CHUNKS[ci][4]:
@@ -1011,7 +1030,7 @@ def _decode_v2_kernel(
     SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
     MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr, GROUPS: gl.constexpr,
     TAIL_FIRST: gl.constexpr, DEFER: gl.constexpr, FOLD_TAIL: gl.constexpr, SUBN: gl.constexpr,
-    PAGE_MAX: gl.constexpr,
+    PAGE_MAX: gl.constexpr, SUBK: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
     ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone (``TAIL_FIRST``: the
@@ -1114,8 +1133,8 @@ def _decode_v2_kernel(
         m_ref, l_i, o_hi, o_lo = _page(
             src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N, NP, K_PAR, V_NORM,
             V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, KP_H, KP_L, VP_H,
-            VP_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, RING, GROUPS, DEFER, SUBN, PAGE_MAX, nxt,
-            has_next,
+            VP_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, RING, GROUPS, DEFER, SUBN, PAGE_MAX, SUBK,
+            nxt, has_next,
         )
 
     # -- the bf16 tail (the last split): keys in the high key map, values in the high value map ----
@@ -1242,7 +1261,8 @@ def map_bits(layout, maps: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=64)
 def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: int = 2, ring: bool = False,
-                subnormal: bool = False, piece_buffers: bool = False) -> dict:  # fmt: skip
+                subnormal: bool = False, piece_buffers: bool = False,
+                subnormal_keys: bool = False) -> dict:  # fmt: skip
     d, bh, bl = layout.head_size, layout.bits_high, layout.bits_low
     mh, ml = map_bits(layout, maps)
     plans = [param_load_plan("key", mh, d), param_load_plan("key", ml, d), param_load_plan("value", mh, d),
@@ -1253,8 +1273,8 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: i
         x for c in tiles for x in shared_operand("key", bh if c[2] else bl, d, c[1], mh if c[2] else ml)
         + shared_operand("value", bh if c[4] else bl, d, c[1], mh if c[4] else ml)) if stage else (
         None,) * (4 + 4 * len(tiles))
-    kh, kch, _ = key_unpack_asm(bh, d, mh)
-    kl, kcl, _ = key_unpack_asm(bl, d, ml)
+    kh, kch, _ = key_unpack_asm(bh, d, mh, subnormal_keys)
+    kl, kcl, _ = key_unpack_asm(bl, d, ml, subnormal_keys)
     vh, vch, _ = value_unpack_asm(bh, d, subnormal)
     vl, vcl, _ = value_unpack_asm(bl, d, subnormal)
     return {
@@ -1265,6 +1285,7 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: i
         "KP_H": plans[0], "KP_L": plans[1], "VP_H": plans[2], "VP_L": plans[3],
         "SMEM": stage, "SHARED": shared, "SEGMENTS": segments, "PIECES": pieces, "MH": mh, "ML": ml,
         "ONE": mh == ml and maps == 1, "RING": stage and ring, "SUBN": subnormal,
+        "SUBK": subnormal_keys,
         "GROUPS": ring_groups(layout, tiles, pieces) if stage and ring else (),
         "PF_BYTES": _pf_bytes(layout),  # codes + parameters, a multiple of 16 bytes
         "PF_ASM": f"cp.async.bulk.prefetch.L2.global [$1], {_pf_bytes(layout)}; mov.u32 $0, 0;",
@@ -1276,7 +1297,7 @@ def _pf_bytes(layout) -> int:
 
 
 def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=None, subnormal_values=None,
-              piece_buffers=None, page_max=None) -> tuple:  # fmt: skip
+              piece_buffers=None, page_max=None, subnormal_keys=None) -> tuple:  # fmt: skip
     """Launch options, None meaning the module's default at the time of the call (``PAGE_MAX`` only where the
     ring is off: the ring refills a chunk's bytes once its values are read)."""
     ring = RING if ring is None else ring
@@ -1288,7 +1309,7 @@ def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=No
             FOLD_TAIL if fold_tail is None else fold_tail,
             SUBNORMAL_VALUES if subnormal_values is None else subnormal_values,
             PIECE_BUFFERS if piece_buffers is None else piece_buffers,
-            page_max)  # fmt: skip
+            page_max, SUBNORMAL_KEYS if subnormal_keys is None else subnormal_keys)  # fmt: skip
 
 
 def decode_attention_v2(
@@ -1317,6 +1338,7 @@ def decode_attention_v2(
     subnormal_values: bool | None = None,
     piece_buffers: bool | None = None,
     page_max: bool | None = None,
+    subnormal_keys: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
@@ -1326,9 +1348,10 @@ def decode_attention_v2(
     ``tail_first``: the tail programs first in the grid; ``defer_sum``: the softmax denominator as per-lane
     partials; ``fold_tail``: the last page split takes the tail (``num_splits`` then counts page splits);
     ``subnormal_values``: value codes as fp16 subnormals, scaled once per value group; ``piece_buffers``: each
-    staged piece in its own shared allocation; ``page_max``: one softmax rescale check per page (each None: the
-    module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, ``FOLD_TAIL``, ``SUBNORMAL_VALUES``,
-    ``PIECE_BUFFERS``, ``PAGE_MAX``, read at the call). Returns ``out``.
+    staged piece in its own shared allocation; ``page_max``: one softmax rescale check per page (only where the
+    ring is off); ``subnormal_keys``: key codes as fp16 subnormals too (each None: the module's ``MAPS``,
+    ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, ``FOLD_TAIL``, ``SUBNORMAL_VALUES``, ``PIECE_BUFFERS``,
+    ``PAGE_MAX``, ``SUBNORMAL_KEYS``, read at the call). Returns ``out``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -1348,14 +1371,15 @@ def decode_attention_v2(
         num_splits = choose_num_splits(num_seqs, h, block_table.shape[1], dev,
                                        split_programs(layout, stage, ring, maxnreg))
     check(num_splits >= 1, "num_splits must be >= 1")
-    maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max = _schedule(
-        maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max)
+    (maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max,
+     subnormal_keys) = _schedule(maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values,
+                                 piece_buffers, page_max, subnormal_keys)
     check(maps in (1, 2), "maps must be 1 or 2")
     check(not (page_max and ring), "page_max reads a page's scores before its values: not with ring")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale, num_splits, max_chunk, prefetch, stage, maps, ring, maxnreg, tail_first,
-                     defer_sum, fold_tail, subnormal_values, piece_buffers, page_max)  # fmt: skip
+                     defer_sum, fold_tail, subnormal_values, piece_buffers, page_max, subnormal_keys)  # fmt: skip
     return out
 
 
@@ -1366,10 +1390,11 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
                      maxnreg: int | None = None, tail_first: bool | None = None,
                      defer_sum: bool | None = None, fold_tail: bool | None = None,
                      subnormal_values: bool | None = None, piece_buffers: bool | None = None,
-                     page_max: bool | None = None) -> None:  # fmt: skip
+                     page_max: bool | None = None, subnormal_keys: bool | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
-    maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max = _schedule(
-        maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max)
+    (maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max,
+     subnormal_keys) = _schedule(maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values,
+                                 piece_buffers, page_max, subnormal_keys)
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
     g = num_heads // h
@@ -1390,7 +1415,7 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, GP=pow2(g),
         **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage,
-                      maps, ring, bool(subnormal_values), bool(piece_buffers)),
+                      maps, ring, bool(subnormal_values), bool(piece_buffers), bool(subnormal_keys)),
         PREFETCH=prefetch, TAIL_FIRST=bool(tail_first), DEFER=bool(defer_sum), FOLD_TAIL=bool(fold_tail),
         PAGE_MAX=bool(page_max),
         num_warps=1,

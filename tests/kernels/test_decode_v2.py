@@ -126,6 +126,9 @@ SCHEDULES = {  # launch options of the page loop: channel maps, one staged page 
     "one-map-subnormal-page-max": {"maps": 1, "subnormal_values": True, "page_max": True},
     "two-maps-subnormal-page-max": {"maps": 2, "subnormal_values": True, "page_max": True},
     "one-map-unstaged-subnormal-page-max": {"maps": 1, "stage": False, "subnormal_values": True, "page_max": True},
+    "one-map-subnormal-keys": {"maps": 1, "subnormal_keys": True},  # key codes as subnormals too (with the defaults)
+    "two-maps-subnormal-keys": {"maps": 2, "subnormal_keys": True},
+    "one-map-ring-subnormal-keys": {"maps": 1, "ring": True, "subnormal_keys": True},
 }
 
 
@@ -344,8 +347,9 @@ def test_unpack_reads_the_channel_map(d, bits, map_bits):
                         addr = v2.value_address(bits, d, g + 8 * mid, 16 * tile + 2 * t + lo + 8 * hi, map_bits)
                     offs.append(addr * es)
                 regs = _run_ptx(asm, _lane_inputs(flat, es, nin, offs, base))
-                if kind == "value":
-                    sub = _run_ptx(v2.value_unpack_asm(bits, d, True)[0], _lane_inputs(flat, es, nin, offs, base))
+                sub_asm = v2.key_unpack_asm(bits, d, map_bits, True) if kind == "key" else v2.value_unpack_asm(
+                    bits, d, True)
+                sub = _run_ptx(sub_asm[0], _lane_inputs(flat, es, nin, offs, base))
                 for j in range(planes):
                     for r in range(4):
                         mh, h = r % 2, r // 2
@@ -356,14 +360,14 @@ def test_unpack_reads_the_channel_map(d, bits, map_bits):
                                 row, ch = 16 * tile + 2 * t + half + 8 * h, v2.value_channel(map_bits, d, j, g + 8 * mh)
                             offset = 2.0 ** math.floor(math.log2(x))
                             assert x - offset == codes[row, ch], (kind, tile, lane, j, r, half, x)
-                            if kind == "value":  # the subnormal twin: code * 2^(shift - 24), offset 2^(10 - shift)
-                                y = _halves(sub[f"${4 * j + r}"])[half]
-                                assert y == codes[row, ch] * 2.0**-14 / offset, (tile, lane, j, r, half, y)
+                            y = _halves(sub[f"${4 * j + r}"])[half]  # subnormal: code * 2^(shift - 24)
+                            assert y == codes[row, ch] * 2.0**-14 / offset, (kind, tile, lane, j, r, half, y)
 
 
 def test_page_max_default_only_without_ring():
     """``PAGE_MAX`` applies where the ring is off (the ring refills a chunk's bytes once its values are read);
     asked for together with the ring, the launch refuses."""
-    assert v2._schedule(1, True, None)[-1] is False
-    assert v2._schedule(1, False, None)[-1] == v2.PAGE_MAX
-    assert v2._schedule(1, True, None, page_max=True)[-1] is True  # explicit: decode_attention_v2 refuses it
+    page_max = 8  # its place in _schedule's tuple
+    assert v2._schedule(1, True, None)[page_max] is False
+    assert v2._schedule(1, False, None)[page_max] == v2.PAGE_MAX
+    assert v2._schedule(1, True, None, page_max=True)[page_max] is True  # explicit: decode_attention_v2 refuses it

@@ -924,13 +924,11 @@ def _page(
     ROW_B: gl.constexpr = gl.SliceLayout(1, B)
     ROW_C: gl.constexpr = gl.SliceLayout(1, MMA)
     # key parameters: q' = q * step (fp16; SUBK: times 2^-shift, the subnormal codes' 2^shift), the bias of each group
-    step_h = _params(src, K_PAR, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)
-    step_l = _params(src, K_PAR + 4 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)
-    if SUBK:
-        step_h = step_h * (_key_field_offset(BH, D, ROW_B, MH) * (1.0 / 1024.0)).to(gl.float16)
-        step_l = step_l * (_key_field_offset(BL, D, ROW_B, ML) * (1.0 / 1024.0)).to(gl.float16)
-    qp_h = q_h * step_h[:, None]
-    qp_l = q_l * step_l[:, None]
+    qp_h = q_h * _params(src, K_PAR, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)[:, None]
+    qp_l = q_l * _params(src, K_PAR + 4 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)[:, None]
+    if SUBK:  # after the product: q * step is far from fp16's subnormals, step * 2^-6 may not be
+        qp_h = qp_h * (_key_field_offset(BH, D, ROW_B, MH) * (1.0 / 1024.0)).to(gl.float16)[:, None]
+        qp_l = qp_l * (_key_field_offset(BL, D, ROW_B, ML) * (1.0 / 1024.0)).to(gl.float16)[:, None]
     mn_h = _params(src, K_PAR + 2 * D, KP_H, gl.constexpr(SHARED[0]), D, ROW_B, SMEM, PIECES)
     mn_l = _params(src, K_PAR + 6 * D, KP_L, gl.constexpr(SHARED[1]), D, ROW_B, SMEM, PIECES)
     bias_h = _page_bias(mn_h, q_h, qp_h, BH, D, NP, MMA, A, MH, SUBK)

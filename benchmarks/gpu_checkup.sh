@@ -1,32 +1,39 @@
 #!/usr/bin/env bash
-# One device call that re-checks the GPU side at a commit: the GPU test suite, the kernel records, the open
-# question of decode v2 at batch 1 / 4k (row lse written or not, side by side) and the served decode step.
+# One device call that re-checks the GPU side at a commit: the decode variants still to be decided (side by side),
+# the kernel records, the served decode step and the GPU test suite (last: the longest; a cut run still shows how
+# far it got).
 #
-#   bash benchmarks/gpu_checkup.sh [OUT_DIR]      # on the H200 (device tool: run from the repository root)
+#   bash benchmarks/gpu_checkup.sh [OUT_DIR [COMMIT]]   # on the H200 (device tool: run from the repository root)
 #
-# Each stage writes its log under OUT_DIR (default $OUT, else benchmarks/results/checkup) as it finishes, in the
-# order of their worth, so that a call cut short by its time limit still returns the stages that ran. Needs a
-# CUDA device, torch and triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
+# COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
+# Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
+# the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
+# ran. Five files in all (checkup.log, h200.json, h200.md, h200_decode.png, serving_gpu.json): the device tool
+# returns at most 8. At most 560 s of stages (the device tool's limit per command is 600 s). Needs a CUDA device, torch and triton; no vLLM (the
+# kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results/checkup}}
+commit=${2:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 mkdir -p "$out"
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+log="$out/checkup.log"
 ln -sfn ../kernels zipcache_vllm/kernels  # the package's kernels/ as installed (pip install puts it there)
 export PYTHONPATH=.
-stage() {  # name, command...: run, tee the log, record the exit status and the seconds it took
-  local name=$1
-  shift
+stage() {  # name, seconds, command...: run under a time limit, append the output, record status and seconds
+  local name=$1 limit=$2
+  shift 2
   local t0=$SECONDS
-  echo "== $name ($commit): $*" | tee "$out/$name.log"
-  "$@" 2>&1 | tee -a "$out/$name.log"
-  echo "== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$out/$name.log" "$out/summary.log"
+  echo "== $name ($commit): $*" >>"$log"
+  timeout "$limit" "$@" >>"$log" 2>&1
+  echo "== $name: rc $?, $((SECONDS - t0)) s" | tee -a "$log"
 }
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.log"
-stage gpu_suite python -m pytest -n 12 -q tests/kernels tests/hf/test_hf_paged.py tests/engine \
-  tests/plugin/test_cuda_builder_api.py -k "not numba" -p no:cacheprovider
-stage bench_kernels python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"
-stage spike_lse python benchmarks/spike_decode_v2.py --cases 1x4096,16x32768,64x4096 --presets vllm --stage 1 \
-  --lse 0,1
-stage serving_gpu python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json" \
-  --plot "$out/serving_gpu.png"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$log"
+# the decode default against the options still to be decided, interleaved twice (run-to-run spread)
+D=one-map-defer-subnormal-pieces-page-max
+K=one-map-defer-subnormal-kv-pieces-page-max
+stage spike 110 python benchmarks/spike_decode_v2.py --variants $D,$K,$D,$K --presets vllm \
+  --cases 16x32768,64x4096,1x4096,16x4096
+stage bench_kernels 100 python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"
+stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
+stage gpu_suite 220 python -m pytest -n 14 -q -p no:cacheprovider tests/kernels tests/hf/test_hf_paged.py \
+  tests/engine tests/plugin/test_cuda_builder_api.py -k "not numba"
 rm -f zipcache_vllm/kernels

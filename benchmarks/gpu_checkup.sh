@@ -9,8 +9,8 @@
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
 # the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
 # ran. Five files in all (checkup.log, h200.json, h200.md, h200_decode.png, serving_gpu.json): the device tool
-# returns at most 8. At most 560 s of stages (the device tool's limit per command is 600 s). Needs a CUDA device, torch and triton; no vLLM (the
-# kernels, the engine step and the benchmarks that drive them).
+# returns at most 8. At most 560 s of stages (the device tool's limit per command is 600 s). Needs a CUDA device,
+# torch and triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results/checkup}}
 commit=${2:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}

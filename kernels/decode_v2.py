@@ -849,31 +849,6 @@ def _page_chunk(
             else:
                 o_lo = o_lo + cn_l[:, None] * u
     return m_ref, l_i, o_hi, o_lo, u, pm
-    # values: P' = p * step_t (fp16 B operand); u = V^T P' + sum_t p_t mn_t, the code offsets taken out through
-    # the sum of P' (as rounded); O^T += c * u
-    vstep = _rows_f16(src, V_TOK + 2 * START, ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
-    vmn = _rows_f16(src, V_TOK + 2 * (N + START), ROWS, gl.SliceLayout(1, MMA), SMEM, PIECES)
-    pmin = gl.sum(p * vmn[:, None], axis=0)
-    pb = gl.convert_layout((p * vstep[:, None]).to(gl.float16), B)
-    # sum_t P'[t] exactly as the MMA sees it, on every row (an MMA with a ones operand: no shuffles)
-    psum = _tile_rows(mma_v2(gl.full([16, ROWS], 1.0, gl.float16, A), pb, gl.zeros([16, NP], gl.float32, MMA)),
-                      D, MMA)
-    if V_HI:
-        VES: gl.constexpr = D * BH // 128
-        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BH // 8, D * BH // 64, VES, A, BH == 4 and MH == 2, D),
-                     (16, ROWS), VVIEW, VLOAD, V_ASM_H, V_CONS_H, VES, P, 0, A, SMEM, PIECES)
-        u = mma_v2(vc, pb, pmin[None, :] - voff_h[:, None] * psum)
-        o_hi = o_hi + cn_h[:, None] * u
-    else:
-        VES: gl.constexpr = D * BL // 128
-        vc = _unpack(src, V_OFF, _value_offsets(ROWS, D * BL // 8, D * BL // 64, VES, A, BL == 4 and ML == 2, D),
-                     (16, ROWS), VVIEW, VLOAD, V_ASM_L, V_CONS_L, VES, P, 0, A, SMEM, PIECES)
-        u = mma_v2(vc, pb, pmin[None, :] - voff_l[:, None] * psum)
-        if ONE:
-            o_hi = o_hi + cn_l[:, None] * u
-        else:
-            o_lo = o_lo + cn_l[:, None] * u
-    return m_ref, l_i, o_hi, o_lo, u, pm
 
 
 @gluon.jit

@@ -76,6 +76,12 @@ def main() -> None:
     ops = collections.Counter(op for addr, op, _ in ins if lo <= addr <= hi)
     print(f"page loop {lo:#x}..{hi:#x}: {sum(ops.values())} instructions per (page, KV head) per warp")
     print(", ".join(f"{k} {v}" for k, v in ops.most_common(40)))
+    skips = [(addr + 16, int(t.group(1), 16)) for addr, op, line in ins  # predicated forward branches in the loop
+             if lo <= addr <= hi and op == "BRA" and re.search(r"@!?U?P\w+\s+BRA", line)
+             and (t := re.search(r"BRA 0x([0-9a-f]+)", line)) and int(t.group(1), 16) > addr]
+    outside = sum(1 for addr, _, _ in ins if lo <= addr <= hi and not any(a <= addr < b for a, b in skips))
+    print(f"outside the loop's conditional regions (the rarely taken rescale; the next page's copy where it is "
+          f"branched around): {outside} instructions")
     after = [op for addr, op, _ in ins if addr > hi]
     print(f"after the page loop (tail, partial rows, merge): {len(after)} instructions, "
           f"{sum(op.startswith('LDG') for op in after)} global loads")

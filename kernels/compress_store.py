@@ -8,9 +8,12 @@ thresholds) and prefix sums (:func:`_page_rows`); each token's row and salient b
 in two (max |x| per channel; then each row's ``(step, mn)`` of ``x / c`` and codes); both bit widths are
 packed from the same code tile (:func:`_store_packed`) and each row is stored in its group's region. The
 per-element divisions divide by a reciprocal shared per channel or row with one Markstein correction
-(:func:`_div`), not by a full IEEE division each. With ``probe_query`` the program scores its block by its
-probes first (``block_scores.probe_scores``, the block rule), so the scores never leave the SM: measured
-slower than the two kernels in sequence (below), so the engine launches ``block_scores`` then this kernel.
+(:func:`_div`), not by a full IEEE division each; so does the parameters' division by ``2^bits - 1`` (a
+host-rounded reciprocal, :func:`reciprocal32`): sm_90 SASS 8,240 -> 7,376 instructions, 397 -> 332 branches
+(``benchmarks/sass_compress.py``, R 16, 2 warps; not yet timed on a GPU). With ``probe_query`` the program
+scores its block by its probes first (``block_scores.probe_scores``, the block rule), so the scores never leave
+the SM: measured slower than the two kernels in sequence (below), so the engine launches ``block_scores`` then
+this kernel.
 
 H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k prompt, ``vllm`` preset (``benchmarks/bench_compress.py``,
 CUDA-graph replays of one launch): 36 / 99 us, against 55 / 188 us for the whole-tile kernel before it (255
@@ -39,6 +42,11 @@ _BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element o
 _RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
 
 
+def reciprocal32(x: float) -> float:
+    """``1 / x`` rounded to float32 as IEEE division does (``div_rn(1, x)``), as a Python float."""
+    return (torch.ones((), dtype=torch.float32) / torch.tensor(x, dtype=torch.float32)).item()
+
+
 @triton.jit
 def _rint(y):
     return (y + _RINT_MAGIC) - _RINT_MAGIC
@@ -55,9 +63,15 @@ def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
 
 
 @triton.jit
-def _quant_params(mn, mx, QMAX):
-    """fp16 ``(step, mn)`` of the range ``[mn, mx]`` on ``QMAX + 1`` levels (``quant.EPS`` the smallest step)."""
-    return tl.maximum(tl.math.div_rn(mx - mn, QMAX), EPS).to(tl.float16), mn.to(tl.float16)
+def _quant_params(mn, mx, QMAX, RQMAX):
+    """fp16 ``(step, mn)`` of the range ``[mn, mx]`` on ``QMAX + 1`` levels (``quant.EPS`` the smallest step).
+    The division by ``QMAX`` is :func:`_div` with ``RQMAX = div_rn(1, QMAX)`` rounded on the host
+    (:func:`reciprocal32`): equal to ``div_rn`` for every range (a subnormal range, where ``_div`` may be 1 ulp
+    off, gives a quotient far below ``EPS``; an infinite one is kept), without ``div_rn``'s slow-path branch at
+    each of the thread's elements."""
+    a = mx - mn
+    q = tl.where(a == float("inf"), a, _div(a, QMAX, RQMAX))
+    return tl.maximum(q, EPS).to(tl.float16), mn.to(tl.float16)
 
 
 @triton.jit
@@ -148,6 +162,7 @@ def _compress_store_kernel(
     K_PAR_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, MASK_OFF: tl.constexpr,
     FROM_SLOTS: tl.constexpr, SCORES: tl.constexpr,
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
+    RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -183,9 +198,10 @@ def _compress_store_kernel(
     x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
     _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
-                   page_off, hoff, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF, K_LO_OFF, K_PAR_OFF)  # fmt: skip
+                   page_off, hoff, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF, K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
     _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
-                     page_off, hoff, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF)  # fmt: skip
+                     page_off, hoff, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H,
+                     RQ_L)  # fmt: skip
 
 
 @triton.jit
@@ -205,7 +221,7 @@ def _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, R: tl.const
 def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
                    N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
                    BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
-                   K_PAR_OFF: tl.constexpr):  # fmt: skip
+                   K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr):  # fmt: skip
     """ZC-3: channelwise ``(step, mn)`` per precision group, from a first pass over the row tiles (running
     elementwise min/max, reduced once), then the codes of each tile packed into its rows' regions."""
     PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
@@ -225,9 +241,9 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr
     has_s: tl.constexpr = SK > 0
     has_r: tl.constexpr = SK < N
     step_s, mn16_s = _quant_params(tl.where(has_s, tl.min(mn_s, axis=0), 0.0),
-                                   tl.where(has_s, tl.max(mx_s, axis=0), 0.0), (1 << BH) - 1.0)  # fmt: skip
+                                   tl.where(has_s, tl.max(mx_s, axis=0), 0.0), (1 << BH) - 1.0, RQ_H)  # fmt: skip
     step_r, mn16_r = _quant_params(tl.where(has_r, tl.min(mn_r, axis=0), 0.0),
-                                   tl.where(has_r, tl.max(mx_r, axis=0), 0.0), (1 << BL) - 1.0)  # fmt: skip
+                                   tl.where(has_r, tl.max(mx_r, axis=0), 0.0), (1 << BL) - 1.0, RQ_L)  # fmt: skip
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
     tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
@@ -250,7 +266,8 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr
 def _compress_values(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
                      N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
                      BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
-                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr):  # fmt: skip
+                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
+                     RQ_L: tl.constexpr):  # fmt: skip
     """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass), then per row tile the tokenwise
     ``(step, mn)`` of ``x / c`` and the codes packed into the rows' regions."""
     PL: tl.constexpr = 8 // BL
@@ -268,7 +285,8 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_p
         x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
         xn = _div(x, cf, rc)
         qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
-        step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax)
+        step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax,
+                                   tl.where(sal, RQ_H, RQ_L))
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=rv)
         tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=rv)
         rstep = tl.math.div_rn(1.0, step.to(tl.float32))
@@ -454,5 +472,6 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_HI_OFF=layout.k_hi_off, K_LO_OFF=layout.k_lo_off, V_HI_OFF=layout.v_hi_off, V_LO_OFF=layout.v_lo_off,
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
+        RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
         num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

@@ -1,9 +1,10 @@
 """compress_store kernel vs its torch twin: every byte of every page equal (codes, fp16 params, bitmaps)."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
-from zipcache_vllm.kernels.compress_store import compress_slots, compress_store
+from zipcache_vllm.kernels.compress_store import compress_slots, compress_store, reciprocal32
 
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
@@ -191,3 +192,11 @@ def test_rows_per_tile_gives_the_same_pages(rows_per_tile):
     compress_store(k, v, scores, ids, a, layout)
     compress_store(k, v, scores, ids, b, layout, rows_per_tile=rows_per_tile)
     assert torch.equal(a, b)
+
+
+def test_reciprocal32_is_the_rounded_ieee_reciprocal():
+    """The host-rounded ``1 / (2^bits - 1)`` that the kernel's parameter division (``_div``) multiplies by."""
+    for bits in (1, 2, 3, 4, 8):
+        q = (1 << bits) - 1
+        assert reciprocal32(q) == float(np.float32(1.0) / np.float32(q))
+        assert float(np.float32(reciprocal32(q))) == reciprocal32(q)  # exactly a float32

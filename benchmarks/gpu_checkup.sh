@@ -4,23 +4,27 @@
 # far it got).
 #
 #   bash benchmarks/gpu_checkup.sh [OUT_DIR [COMMIT]]   # on the H200 (device tool: run from the repository root)
+#   STAGES="spike bench_kernels compress serving_gpu" bash benchmarks/gpu_checkup.sh ...   # then STAGES=gpu_suite
 #
 # COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
 # the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
-# ran. Five files in all (checkup.log, h200.json, h200.md, h200_decode.png, serving_gpu.json): the device tool
-# returns at most 8. At most 560 s of stages (the device tool's limit per command is 600 s). Needs a CUDA device,
-# torch and triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
+# ran. Six files in all (checkup.log, h200.json, h200.md, h200_decode.png, compress.json, serving_gpu.json): the
+# device tool returns at most 8. All stages take up to 640 s, more than one command may run (600 s): run them as two
+# calls with STAGES (the machine stays warm between calls that follow within 30 s). Needs a CUDA device, torch and
+# triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results/checkup}}
 commit=${2:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+stages=${STAGES:-spike bench_kernels compress serving_gpu gpu_suite}
 mkdir -p "$out"
 log="$out/checkup.log"
 ln -sfn ../kernels zipcache_vllm/kernels  # the package's kernels/ as installed (pip install puts it there)
 export PYTHONPATH=.
-stage() {  # name, seconds, command...: run under a time limit, append the output, record status and seconds
-  local name=$1 limit=$2
+stage() {  # name, seconds, command...: if STAGES names it, run under a time limit, append the output, record
+  local name=$1 limit=$2  # status and seconds
   shift 2
+  [[ " $stages " == *" $name "* ]] || return 0
   local t0=$SECONDS
   echo "== $name ($commit): $*" >>"$log"
   timeout "$limit" "$@" >>"$log" 2>&1
@@ -33,6 +37,12 @@ K=one-map-defer-subnormal-kv-pieces-page-max
 stage spike 110 python benchmarks/spike_decode_v2.py --variants $D,$K,$D,$K --presets vllm \
   --cases 16x32768,64x4096,1x4096,16x4096
 stage bench_kernels 100 python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"
+# compress_store against an earlier version, side by side, when one was put in kernels/ before the call, e.g.
+# git show 2f6339e:kernels/compress_store.py > kernels/_compress_store_base.py (untracked files travel)
+base=()
+[[ -f kernels/_compress_store_base.py ]] && base=(--baseline kernels/_compress_store_base.py)
+stage compress 80 python benchmarks/bench_compress.py --num-warps 2 --rows-per-tile 16 ${base[@]+"${base[@]}"} \
+  --commit "$commit" --out "$out/compress.json"
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
 stage gpu_suite 220 python -m pytest -n 14 -q -p no:cacheprovider tests/kernels tests/hf/test_hf_paged.py \
   tests/engine tests/plugin/test_cuda_builder_api.py -k "not numba"

@@ -353,11 +353,7 @@ def decode_case(preset, layout, pool, v1_cfg, batch, ctx, base, copy_gbps, reps)
     nbytes = decode_bytes(layout, batch, ctx)
     v2_splits = decode_v2.choose_num_splits(batch, h, pages, DEV, decode_v2.split_programs(layout))
     splits = {"v2": v2_splits, "v1": choose_num_splits(batch, h, pages, DEV)}
-    launch = {"v2": {"max_chunk": decode_v2.MAX_CHUNK, "writes_lse": True, "maps": decode_v2.MAPS,
-                     "ring": decode_v2.RING, "maxnreg": decode_v2.MAXNREG, "defer_sum": decode_v2.DEFER_SUM,
-                     "fold_tail": decode_v2.FOLD_TAIL, "tail_first": decode_v2.TAIL_FIRST,
-                     "subnormal_values": decode_v2.SUBNORMAL_VALUES, "piece_buffers": decode_v2.PIECE_BUFFERS,
-                     "page_max": decode_v2.PAGE_MAX, "subnormal_keys": decode_v2.SUBNORMAL_KEYS},
+    launch = {"v2": {"max_chunk": decode_v2.MAX_CHUNK, "writes_lse": True, **decode_v2.schedule_defaults()},
               "v1": v1_cfg}
     recs = {
         v: {"kernel": "decode", "variant": v, "preset": preset, "batch": batch, "context": ctx, "bytes_read": nbytes,

@@ -35,10 +35,9 @@ from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
 
 PRESETS = {"vllm": (0.8, 0.2), "r0.6": (0.6, None)}
-# what a variant does not name is off, so a variant means the same kernel whatever the module defaults are
-# (DEFER_SUM is on since eb205d8)
-OFF = {"tail_first": False, "defer_sum": False, "fold_tail": False, "subnormal_values": False, "piece_buffers": False,
-       "page_max": False, "subnormal_keys": False}
+# what a variant does not name is off (every variant names maps, ring and maxnreg), so a variant means the same
+# kernel whatever the module defaults are (DEFER_SUM is on since eb205d8)
+OFF = {name: False for name in decode_v2.SCHEDULE if name not in ("maps", "ring", "maxnreg")}
 
 
 def variant_options(name: str) -> dict:

@@ -3,9 +3,8 @@
     PYTHONPATH=. python benchmarks/v2_options.py --variant one-map-ring-r168 -- benchmarks/bench_kernels.py --quick
     PYTHONPATH=. python benchmarks/v2_options.py --best-of spike.log --case 16x32768 -- benchmarks/bench_kernels.py
 
-The schedule is the module's defaults (``kernels/decode_v2.py``: ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``,
-``DEFER_SUM``, ``FOLD_TAIL``, ``SUBNORMAL_VALUES``, ``PIECE_BUFFERS``, ``PAGE_MAX``, ``SUBNORMAL_KEYS``, read at each
-call), so everything the target runs (the kernel records, the engine's decode step) uses it. ``--best-of``: the
+The schedule is the module's defaults (``kernels/decode_v2.py``, ``SCHEDULE``, read at each call), so everything
+the target runs (the kernel records, the engine's decode step) uses it. ``--best-of``: the
 variant with the lowest time at ``--case`` in the table a ``spike_decode_v2.py --variants`` run printed (so one
 device call can measure the variants and then record the fastest). Prints the variant first.
 """
@@ -45,10 +44,7 @@ def main() -> None:
     a = ap.parse_args()
     name = a.variant or best_of(a.best_of, a.case)
     kw = variant_options(name)
-    decode_v2.MAPS, decode_v2.RING, decode_v2.MAXNREG = kw["maps"], kw["ring"], kw["maxnreg"]
-    decode_v2.TAIL_FIRST, decode_v2.DEFER_SUM, decode_v2.FOLD_TAIL = kw["tail_first"], kw["defer_sum"], kw["fold_tail"]
-    decode_v2.SUBNORMAL_VALUES, decode_v2.PIECE_BUFFERS = kw["subnormal_values"], kw["piece_buffers"]
-    decode_v2.PAGE_MAX, decode_v2.SUBNORMAL_KEYS = kw["page_max"], kw["subnormal_keys"]
+    decode_v2.set_schedule_defaults(**kw)
     print(f"decode v2 schedule: {name} {kw}", flush=True)
     target = a.target[1:] if a.target[:1] == ["--"] else a.target
     sys.argv = target

@@ -1269,6 +1269,24 @@ def _pf_bytes(layout) -> int:
     return -(-layout.mask_off // 16) * 16
 
 
+SCHEDULE = {  # the page loop's launch options -> their module defaults, in _schedule's order
+    "maps": "MAPS", "ring": "RING", "maxnreg": "MAXNREG", "tail_first": "TAIL_FIRST", "defer_sum": "DEFER_SUM",
+    "fold_tail": "FOLD_TAIL", "subnormal_values": "SUBNORMAL_VALUES", "piece_buffers": "PIECE_BUFFERS",
+    "page_max": "PAGE_MAX", "subnormal_keys": "SUBNORMAL_KEYS",
+}
+
+
+def schedule_defaults() -> dict:
+    """The schedule a call that names no launch option runs, by option name (``PAGE_MAX`` as resolved)."""
+    return dict(zip(SCHEDULE, _schedule(None, None, None), strict=True))
+
+
+def set_schedule_defaults(**options) -> None:
+    """Set module defaults by launch option name (a benchmark runs a variant everywhere, the engine included)."""
+    for name, value in options.items():
+        globals()[SCHEDULE[name]] = value
+
+
 def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=None, subnormal_values=None,
               piece_buffers=None, page_max=None, subnormal_keys=None) -> tuple:  # fmt: skip
     """Launch options, None meaning the module's default at the time of the call (``PAGE_MAX`` only where the

@@ -5,6 +5,7 @@ H200 of the device tool; see docs/performance.md for the date and commit of the 
 the CPU is the pure-Python part: the channel maps are permutations and the unpack PTX is well formed.
 """
 
+import inspect
 import math
 
 import pytest
@@ -371,3 +372,9 @@ def test_page_max_default_only_without_ring():
     assert v2._schedule(1, True, None)[page_max] is False
     assert v2._schedule(1, False, None)[page_max] == v2.PAGE_MAX
     assert v2._schedule(1, True, None, page_max=True)[page_max] is True  # explicit: decode_attention_v2 refuses it
+
+
+def test_schedule_names_follow_the_launch_options():
+    """``SCHEDULE`` lists ``_schedule``'s parameters in order, each with its module default."""
+    assert list(v2.SCHEDULE) == list(inspect.signature(v2._schedule).parameters)
+    assert v2.schedule_defaults()["defer_sum"] == v2.DEFER_SUM and all(hasattr(v2, c) for c in v2.SCHEDULE.values())

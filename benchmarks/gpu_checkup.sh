@@ -31,10 +31,10 @@ stage() {  # name, seconds, command...: if STAGES names it, run under a time lim
   echo "== $name: rc $?, $((SECONDS - t0)) s" | tee -a "$log"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$log"
-# the decode default against the options still to be decided, interleaved twice (run-to-run spread)
-D=one-map-defer-subnormal-pieces-page-max
-K=one-map-defer-subnormal-kv-pieces-page-max
-stage spike 110 python benchmarks/spike_decode_v2.py --variants $D,$K,$D,$K --presets vllm \
+# the decode default (subnormal keys since 4785aa9) against the one before it, interleaved twice (run-to-run spread)
+D=one-map-defer-subnormal-kv-pieces-page-max
+P=one-map-defer-subnormal-pieces-page-max
+stage spike 110 python benchmarks/spike_decode_v2.py --variants $D,$P,$D,$P --presets vllm \
   --cases 16x32768,64x4096,1x4096,16x4096
 stage bench_kernels 100 python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"
 # compress_store against an earlier version, side by side, when one was put in kernels/ before the call, e.g.
@@ -44,6 +44,6 @@ base=()
 stage compress 80 python benchmarks/bench_compress.py --num-warps 2 --rows-per-tile 16 ${base[@]+"${base[@]}"} \
   --commit "$commit" --out "$out/compress.json"
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
-stage gpu_suite 220 python -m pytest -n 14 -q -p no:cacheprovider tests/kernels tests/hf/test_hf_paged.py \
+stage gpu_suite 330 python -m pytest -n 14 -q -p no:cacheprovider tests/kernels tests/hf/test_hf_paged.py \
   tests/engine tests/plugin/test_cuda_builder_api.py -k "not numba"
 rm -f zipcache_vllm/kernels

@@ -64,8 +64,10 @@ PAGE_MAX = True  # the scores of a whole page first, then one softmax max and re
 # of one per chunk (fewer cross-lane reductions and branches; all of the page's scores live at once; not with RING):
 # page loop 1,712 -> 1,635 instructions executed without a rescale (sass_decode_v2.py), 254 registers, no spill. H100
 # spike (bdba9d3, vllm, us, with SUBNORMAL_VALUES): B16/32k 181.7 -> 179.3, B64/4k 108.3 -> 107.7, B16/4k 40.2 -> 41.5
-SUBNORMAL_KEYS = False  # key codes as fp16 subnormals too: q' carries 2^-shift, the scores come out in units of
-# 2^-24 (scaled back inside the softmax's subtraction) and the page bias loses its offset half (one MMA chain)
+SUBNORMAL_KEYS = True  # key codes as fp16 subnormals too: q' carries 2^-shift, the scores come out in units of
+# 2^-24 (scaled back inside the softmax's subtraction) and the page bias loses its offset half (one MMA chain):
+# page loop 1,806 -> 1,772 instructions. H100 spike (4785aa9, vllm, us, off / on interleaved twice): B16/32k
+# 183.3 / 181.6 -> 180.1 / 180.5, B64/4k 107.6 / 107.8 -> 107.6 / 108.4, B1/4k 13.1 / 13.0 -> 12.9 / 12.8
 SUBNORMAL_VALUES = True  # value codes unpacked as fp16 subnormals (``code * 2^(shift - 24)``, no offset): the
 # value accumulator of a page is scaled once per value group instead of corrected per chunk (no code-offset sums:
 # 8 HMMA and 12 SHFL fewer per page). H200 spike (4a1062c, vllm preset, us, against the default measured twice in

@@ -70,6 +70,13 @@ VARIANTS = {  # launch options of decode_attention_v2
     "one-map-defer-subnormal-kv-pieces-page-max": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True,
                                                    "subnormal_values": True, "piece_buffers": True, "page_max": True,
                                                    "subnormal_keys": True},
+    "one-map-defer-subnormal-kv-pieces-page-max-tma": {"maps": 1, "ring": False, "maxnreg": None, "defer_sum": True,
+                                                       "subnormal_values": True, "piece_buffers": True,
+                                                       "page_max": True, "subnormal_keys": True, "tma_pages": True},
+    "one-map-defer-subnormal-kv-pieces-page-max-tma-auto": {"maps": 1, "ring": False, "maxnreg": None,
+                                                            "defer_sum": True, "subnormal_values": True,
+                                                            "piece_buffers": True, "page_max": True,
+                                                            "subnormal_keys": True, "tma_pages": "auto"},
 }
 
 

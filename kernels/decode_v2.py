@@ -31,6 +31,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._common import LOG2E, check, check_decode_inputs, check_tensor, num_sms, pow2
 
@@ -72,6 +74,16 @@ SUBNORMAL_VALUES = True  # value codes unpacked as fp16 subnormals (``code * 2^(
 # value accumulator of a page is scaled once per value group instead of corrected per chunk (no code-offset sums:
 # 8 HMMA and 12 SHFL fewer per page). H200 spike (4a1062c, vllm preset, us, against the default measured twice in
 # the same run): B16/32k 148.9 / 145.6 -> 141.2, B64/4k 87.5 / 87.3 -> 84.8, B1/4k 13.1 / 13.0 -> 12.9
+TMA_PAGES = "auto"  # a staged page copied by the tensor memory accelerator (one TMA copy per piece into its own
+# buffer, completion counted on an mbarrier) instead of cp.async by every lane: page loop 1,772 -> 1,718 instructions
+# (no LDGSTS and their addresses; 10 UTMALDG, each after a BAR.SYNC that Triton puts between copies signalling one
+# mbarrier). Needs staged pages without the ring and a cache whose pages start at multiples of 128 bytes (else
+# cp.async). H100 spike (2e58f31 + this option, us, off / on, twice each): vllm B16/32k 180.6 / 180.6 -> 177.0 /
+# 178.3, B64/4k 105.8 / 106.4 -> 107.3 / 107.5, B1/4k 12.7 / 12.8 -> 13.2 / 13.4, B16/4k 42.3 / 42.5 -> 44.2 / 44.5;
+# r0.6 B16/32k 248.2 -> 231.0, B64/4k 139.2 -> 131.6, B1/4k 13.0 -> 13.6: it pays over many pages per program and
+# costs ~0.5 us per program at the start (the descriptors' first fetch), so "auto" = where a page split of the
+# block table holds at least TMA_MIN_PAGES pages
+TMA_MIN_PAGES = 32
 DEFER_SUM = True  # the softmax denominator kept as per-lane partial sums over 16-row tiles, summed across lanes
 # once per program instead of once per chunk (three shuffle rounds fewer per chunk). H200 spike (cad2561), vllm
 # preset, us, off -> on: B64/4k 90.0 -> 86.6, B16/32k 152.3 -> 150.0, B64/32k 550.2 -> 523.2, B1/4k 12.4 -> 12.5
@@ -336,17 +348,22 @@ def shared_params(plan: tuple) -> gl.SharedLinearLayout:
     return gl.SharedLinearLayout(offset_bases=_address_bases((no, nl, run), lambda o, ln, r: o * os_ + ln * run + r))
 
 
-def stage_plan(layout, tiles: tuple, piece_buffers: bool = False) -> tuple[tuple, tuple]:
+def stage_plan(layout, tiles: tuple, piece_buffers: bool = False, tma: bool = False) -> tuple[tuple, tuple]:
     """Where a staged page lives in shared memory: ``(segments, pieces)``. Triton allocates power-of-two shapes,
     so the bytes a program reads (each chunk's key and value codes and per-token value parameters, the key
     parameters, the value normalizer: power-of-two pieces, 16-byte aligned) are packed into segments whose sizes are
     the binary digits of their total, largest pieces first (no padding). ``segments``: int32 words of each;
     ``pieces``: ``(page byte offset, bytes, segment, word offset)``. ``piece_buffers``: every piece a segment
-    of its own (``PIECE_BUFFERS``)."""
+    of its own (``PIECE_BUFFERS``). ``tma`` (``TMA_PAGES``, piece buffers): the per-token value parameters as one
+    piece (read at any offset: flat views) and the value normalizer not staged (read from global memory once per
+    page), so that a page takes few TMA copies and two staged pages and their mbarrier fit the shared memory of
+    eight programs per SM."""
     d, n = layout.head_size, layout.block_size
-    reads = {(layout.k_param_off, 8 * d), (layout.v_norm_off, 2 * d)}
+    reads = {(layout.k_param_off, 8 * d)} | ({(layout.v_tok_off, 4 * n)} if tma else {(layout.v_norm_off, 2 * d)})
+    piece_buffers = piece_buffers or tma
     for start, rows, k_hi, k_off, v_hi, v_off in tiles:  # a view must start at a multiple of its size
-        reads |= {(layout.v_tok_off + 2 * start, 2 * rows), (layout.v_tok_off + 2 * (n + start), 2 * rows)}
+        if not tma:
+            reads |= {(layout.v_tok_off + 2 * start, 2 * rows), (layout.v_tok_off + 2 * (n + start), 2 * rows)}
         reads.add((k_off, rows * d * (layout.bits_high if k_hi else layout.bits_low) // 8))
         reads.add((v_off, rows * d * (layout.bits_high if v_hi else layout.bits_low) // 8))
     reads = sorted(reads, key=lambda r: (-r[1], r[0]))
@@ -376,6 +393,41 @@ def ring_groups(layout, tiles: tuple, pieces: tuple) -> tuple:
                        (k_off, rows * d * (layout.bits_high if k_hi else layout.bits_low) // 8),
                        (v_off, rows * d * (layout.bits_high if v_hi else layout.bits_low) // 8)})
     return tuple(pc + (i,) for i, g in enumerate(groups) for pc in pieces if (pc[0], pc[1]) in g)
+
+
+def tma_boxes(pieces: tuple) -> tuple[tuple, tuple]:
+    """TMA copies of a staged page's pieces (``TMA_PAGES``): ``(boxes, shapes)``. The cache is viewed as rows of
+    ``W`` int32 words, ``W`` the widest of 32, 16, 8, 4 that divides the piece's page offset and size with at most
+    256 rows per copy; ``shapes``: the distinct ``(rows, W)`` boxes, one tensor descriptor each; ``boxes``: per
+    piece ``(segment, descriptor, first row counted from the page's, rows per 128 bytes, rows, W)`` (a page starts
+    at a multiple of 128 bytes). Raises ``ValueError`` where a piece fits no box."""
+    shapes, boxes = [], []
+    for off, nb, seg, word in pieces:
+        w = next((w for w in (32, 16, 8, 4) if off % (4 * w) == 0 and nb % (4 * w) == 0 and nb // (4 * w) <= 256),
+                 None)  # fmt: skip
+        if w is None or word:
+            raise ValueError(f"page piece at {off} of {nb} bytes fits no TMA box")
+        shape = (nb // (4 * w), w)
+        if shape not in shapes:
+            shapes.append(shape)
+        if len(shapes) > TMA_DESCRIPTORS:
+            raise ValueError(f"a page needs more than {TMA_DESCRIPTORS} TMA box shapes")
+        boxes.append((seg, shapes.index(shape), off // (4 * w), 32 // w) + shape)
+    return tuple(boxes), tuple(shapes)
+
+
+def tma_supported(layout, max_chunk: int = MAX_CHUNK) -> bool:
+    """Whether a staged page of this layout can be copied by TMA: ``tma_boxes`` of its pieces, each piece a
+    multiple of 128 bytes (every shared buffer then starts at one: Triton places buffers by decreasing size), and
+    the page size a multiple of 128 bytes (every page of a contiguous cache starts at one)."""
+    if not stage_supported(layout) or layout.page_bytes % 128:
+        return False
+    try:
+        pieces = stage_plan(layout, chunks(layout, max_chunk, True), True, True)[1]
+        tma_boxes(pieces)
+    except ValueError:
+        return False
+    return all(nb % 128 == 0 for _, nb, _, _ in pieces)
 
 
 def stage_bytes(layout, stage: bool, ring: bool, max_chunk: int = MAX_CHUNK) -> int:
@@ -413,10 +465,11 @@ def stage_supported(layout) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- chunks
-def chunks(layout, max_rows: int = MAX_CHUNK) -> tuple:
+def chunks(layout, max_rows: int = MAX_CHUNK, aligned: bool = False) -> tuple:
     """Compile-time tiles of page rows: ``(start, rows, k_hi, k_off, v_hi, v_off)`` with one key group and one
     value group each (``*_hi``: 1 for the salient rows), ``rows`` a power of two in [16, max_rows]; byte offsets
-    of the first row's codes."""
+    of the first row's codes. ``aligned``: ``start`` a multiple of ``rows`` (``TMA_PAGES``: the per-token value
+    parameters of a chunk are then a view of the page's at a multiple of its size)."""
     n, d = layout.block_size, layout.head_size
     sk, sv = layout.num_salient_k, layout.num_salient_v
     cuts = sorted({0, sk, sv, n})
@@ -425,6 +478,8 @@ def chunks(layout, max_rows: int = MAX_CHUNK) -> tuple:
         start = a
         while start < b:
             rows = min(max_rows, 1 << ((b - start).bit_length() - 1))
+            while aligned and start % rows:
+                rows //= 2
             kb = layout.bits_high if start < sk else layout.bits_low
             vb = layout.bits_high if start < sv else layout.bits_low
             k_off = (layout.k_hi_off + start * d * kb // 8) if start < sk else (
@@ -603,6 +658,24 @@ def _copy_piece(dst, src, OFF: gl.constexpr, NW: gl.constexpr, WORD: gl.constexp
     L: gl.constexpr = gl.BlockedLayout([VEC], [32], [1], [0])
     offs = gl.arange(0, NW, layout=L)
     async_copy.async_copy_global_to_shared(dst.slice(WORD, NW), (src + OFF).to(gl.pointer_type(gl.int32)) + offs)
+
+
+@gluon.jit
+def _tma_page(dst, descs, row, bar, BOXES: gl.constexpr, NBYTES: gl.constexpr):
+    """TMA copies of the pieces of the page whose first 128-byte row of the cache is ``row`` into the stage views
+    ``dst`` (``tma_boxes``), completing on the mbarrier ``bar`` (``NBYTES`` in all)."""
+    NV: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    mbarrier.expect(bar, NBYTES)
+    for i in gl.static_range(len(BOXES)):
+        view = dst[BOXES[i][0]].slice(0, BOXES[i][4] * BOXES[i][5])._reinterpret(
+            gl.int32, [BOXES[i][4], BOXES[i][5]], NV)
+        tma.async_copy_global_to_shared(descs[BOXES[i][1]], [row * BOXES[i][3] + BOXES[i][2], 0], bar, view)
+
+
+@gluon.jit
+def _page_row(bt_row, pg, kvh, stride_c_block, stride_c_head):
+    """The page's first 128-byte row of the cache (its byte offset / 128)."""
+    return gl.load(bt_row + pg) * (stride_c_block // 128) + kvh * (stride_c_head // 128)
 
 
 @gluon.jit
@@ -889,7 +962,7 @@ def _page(
     RESCALE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, SMEM: gl.constexpr,
     PIECES: gl.constexpr, MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr,
     GROUPS: gl.constexpr, DEFER: gl.constexpr, SUBN: gl.constexpr, PAGE_MAX: gl.constexpr, SUBK: gl.constexpr,
-    nxt, has_next,
+    nxt, has_next, gsrc, TMA: gl.constexpr,
 ):
     """One page: its parameters, then its chunks (``src``: the page's byte pointer, or its shared view). With
     ``RING`` the shared view is refilled from ``nxt`` (the next page, if ``has_next``) piece group by piece
@@ -897,7 +970,8 @@ def _page(
     without a next page), so the wait before each read is the same: ``len(CHUNKS)`` newer groups may still be
     in flight. ``SUBN``: each value group's accumulator is added to the output once, scaled by the value
     normalizer times ``2^(24 - shift)`` (``voff_* * 2^14``), then the value-minimum term ``c * sum_t p_t mn_t``.
-    ``PAGE_MAX``: the scores of every chunk first, one rescale check for the page (not with ``RING``)."""
+    ``PAGE_MAX``: the scores of every chunk first, one rescale check for the page (not with ``RING``). ``TMA``: the
+    value normalizer is not staged, read from the page in global memory (``gsrc``, its byte pointer)."""
     ROW_B: gl.constexpr = gl.SliceLayout(1, B)
     ROW_C: gl.constexpr = gl.SliceLayout(1, MMA)
     # key parameters: q' = q * step (fp16; SUBK: times 2^-shift, the subnormal codes' 2^shift), the bias of each group
@@ -911,9 +985,14 @@ def _page(
     bias_h = _page_bias(mn_h, q_h, qp_h, BH, D, NP, MMA, A, MH, SUBK)
     bias_l = _page_bias(mn_l, q_l, qp_l, BL, D, NP, MMA, A, ML, SUBK)
     KSCALE: gl.constexpr = 16777216.0 if SUBK else 1.0
-    cn_h = _params(src, V_NORM, VP_H, gl.constexpr(SHARED[2]), D, ROW_C, SMEM, PIECES).to(gl.float32)
+    if TMA:  # the value normalizer from global memory (not staged)
+        cn_h = _params(gsrc, V_NORM, VP_H, gl.constexpr(SHARED[2]), D, ROW_C, False, PIECES).to(gl.float32)
+    else:
+        cn_h = _params(src, V_NORM, VP_H, gl.constexpr(SHARED[2]), D, ROW_C, SMEM, PIECES).to(gl.float32)
     if ONE:  # noqa: SIM108 (constexpr branches)
         cn_l = cn_h
+    elif TMA:
+        cn_l = _params(gsrc, V_NORM, VP_L, gl.constexpr(SHARED[3]), D, ROW_C, False, PIECES).to(gl.float32)
     else:
         cn_l = _params(src, V_NORM, VP_L, gl.constexpr(SHARED[3]), D, ROW_C, SMEM, PIECES).to(gl.float32)
     if RING:
@@ -993,6 +1072,7 @@ def _decode_v2_kernel(
     lse_ptr,  # fp32 [num_seqs, num_heads] natural-log log-sum-exp (written when WRITE_LSE)
     part_o_ptr, part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, D], [num_seqs, num_heads, NUM_SPLITS]
     counter_ptr,  # int32 [num_seqs * num_kv_heads], zero between launches
+    desc0, desc1, desc2, desc3, desc4, desc5,  # TMA: descriptors of the cache as int32 rows (tma_boxes' shapes)
     qk_scale, num_kv_heads,
     NUM_SPLITS: gl.constexpr, G: gl.constexpr, NP: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
     CHUNKS: gl.constexpr, BH: gl.constexpr, BL: gl.constexpr,
@@ -1005,7 +1085,7 @@ def _decode_v2_kernel(
     SMEM: gl.constexpr, SHARED: gl.constexpr, SEGMENTS: gl.constexpr, PIECES: gl.constexpr,
     MH: gl.constexpr, ML: gl.constexpr, ONE: gl.constexpr, RING: gl.constexpr, GROUPS: gl.constexpr,
     TAIL_FIRST: gl.constexpr, DEFER: gl.constexpr, FOLD_TAIL: gl.constexpr, SUBN: gl.constexpr,
-    PAGE_MAX: gl.constexpr, SUBK: gl.constexpr,
+    PAGE_MAX: gl.constexpr, SUBK: gl.constexpr, TMA: gl.constexpr, BOXES: gl.constexpr, TMA_BYTES: gl.constexpr,
 ):
     """Grid ``(num_seqs, num_kv_heads, NUM_SPLITS)``, one warp each. With several splits, splits
     ``0 .. NUM_SPLITS - 2`` share the pages and the last one takes the bf16 tail alone (``TAIL_FIRST``: the
@@ -1075,6 +1155,15 @@ def _decode_v2_kernel(
             if p_lo < p_hi:
                 _copy_group(_stage_view(ring, 0, SEGMENTS), first, GROUPS, gi)
             async_copy.commit_group()
+    elif TMA:  # staged as below, each page's pieces copied by TMA, completing on the stage's mbarrier
+        descs = (desc0, desc1, desc2, desc3, desc4, desc5)
+        ring = _alloc_stage(SEGMENTS, 2)
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bars.index(0), count=1)
+        mbarrier.init(bars.index(1), count=1)
+        if p_lo < p_hi:
+            _tma_page(_stage_view(ring, 0, SEGMENTS), descs,
+                      _page_row(bt_row, p_lo, kvh, stride_c_block, stride_c_head), bars.index(0), BOXES, TMA_BYTES)
     elif SMEM:  # pages staged in shared memory: page pg + 1 is copied while page pg is read
         ring = _alloc_stage(SEGMENTS, 2)
         if p_lo < p_hi:
@@ -1083,8 +1172,19 @@ def _decode_v2_kernel(
         async_copy.commit_group()
     for pg in range(p_lo, p_hi):
         nxt = cache_ptr
+        gsrc = cache_ptr
         has_next = pg + 1 < p_hi
-        if RING:
+        if TMA:
+            stage = (pg - p_lo) % 2
+            gl.thread_barrier()  # every lane is done with the buffer the next copy overwrites
+            if pg + 1 < p_hi:
+                _tma_page(_stage_view(ring, 1 - stage, SEGMENTS), descs,
+                          _page_row(bt_row, pg + 1, kvh, stride_c_block, stride_c_head), bars.index(1 - stage), BOXES,
+                          TMA_BYTES)
+            gsrc = cache_ptr + gl.load(bt_row + pg).to(gl.int64) * stride_c_block + kvh * stride_c_head
+            mbarrier.wait(bars.index(stage), ((pg - p_lo) // 2) & 1)
+            src = _stage_view(ring, stage, SEGMENTS)
+        elif RING:
             nxt = cache_ptr + gl.load(bt_row + gl.minimum(pg + 1, p_hi - 1)).to(gl.int64) * stride_c_block \
                 + kvh * stride_c_head
             async_copy.wait_group(len(CHUNKS))  # this page's parameters (copied during the previous page)
@@ -1109,7 +1209,7 @@ def _decode_v2_kernel(
             src, q_h, q_l, voff_h, voff_l, m_ref, l_i, o_hi, o_lo, CHUNKS, SHARED, BH, BL, D, N, NP, K_PAR, V_NORM,
             V_TOK, K_ASM_H, K_CONS_H, K_ASM_L, K_CONS_L, V_ASM_H, V_CONS_H, V_ASM_L, V_CONS_L, KP_H, KP_L, VP_H,
             VP_L, RESCALE, MMA, A, B, SMEM, PIECES, MH, ML, ONE, RING, GROUPS, DEFER, SUBN, PAGE_MAX, SUBK,
-            nxt, has_next,
+            nxt, has_next, gsrc, TMA,
         )
 
     # -- the bf16 tail (the last split): keys in the high key map, values in the high value map ----
@@ -1237,13 +1337,15 @@ def map_bits(layout, maps: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=64)
 def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: int = 2, ring: bool = False,
                 subnormal: bool = False, piece_buffers: bool = False,
-                subnormal_keys: bool = False) -> dict:  # fmt: skip
+                subnormal_keys: bool = False, tma: bool = False) -> dict:  # fmt: skip
     d, bh, bl = layout.head_size, layout.bits_high, layout.bits_low
     mh, ml = map_bits(layout, maps)
     plans = [param_load_plan("key", mh, d), param_load_plan("key", ml, d), param_load_plan("value", mh, d),
              param_load_plan("value", ml, d)]
-    tiles = chunks(layout, max_chunk)
-    segments, pieces = stage_plan(layout, tiles, piece_buffers) if stage else ((32,), ())
+    tma = tma and stage and not ring
+    tiles = chunks(layout, max_chunk, tma)
+    segments, pieces = stage_plan(layout, tiles, piece_buffers, tma) if stage else ((32,), ())
+    boxes = tma_boxes(pieces)[0] if tma else ()
     shared = tuple(shared_params(p) for p in plans) + tuple(
         x for c in tiles for x in shared_operand("key", bh if c[2] else bl, d, c[1], mh if c[2] else ml)
         + shared_operand("value", bh if c[4] else bl, d, c[1], mh if c[4] else ml)) if stage else (
@@ -1253,14 +1355,14 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: i
     vh, vch, _ = value_unpack_asm(bh, d, subnormal)
     vl, vcl, _ = value_unpack_asm(bl, d, subnormal)
     return {
-        "D": d, "N": layout.block_size, "CHUNKS": chunks(layout, max_chunk), "BH": bh, "BL": bl,
+        "D": d, "N": layout.block_size, "CHUNKS": tiles, "BH": bh, "BL": bl,
         "K_PAR": layout.k_param_off, "V_NORM": layout.v_norm_off, "V_TOK": layout.v_tok_off,
         "K_ASM_H": kh, "K_CONS_H": kch, "K_ASM_L": kl, "K_CONS_L": kcl,
         "V_ASM_H": vh, "V_CONS_H": vch, "V_ASM_L": vl, "V_CONS_L": vcl,
         "KP_H": plans[0], "KP_L": plans[1], "VP_H": plans[2], "VP_L": plans[3],
         "SMEM": stage, "SHARED": shared, "SEGMENTS": segments, "PIECES": pieces, "MH": mh, "ML": ml,
         "ONE": mh == ml and maps == 1, "RING": stage and ring, "SUBN": subnormal,
-        "SUBK": subnormal_keys,
+        "SUBK": subnormal_keys, "TMA": tma, "BOXES": boxes, "TMA_BYTES": sum(p[1] for p in pieces) if tma else 0,
         "GROUPS": ring_groups(layout, tiles, pieces) if stage and ring else (),
         "PF_BYTES": _pf_bytes(layout),  # codes + parameters, a multiple of 16 bytes
         "PF_ASM": f"cp.async.bulk.prefetch.L2.global [$1], {_pf_bytes(layout)}; mov.u32 $0, 0;",
@@ -1271,10 +1373,53 @@ def _pf_bytes(layout) -> int:
     return -(-layout.mask_off // 16) * 16
 
 
+def tma_wanted(tma_pages, width: int, num_splits: int, fold_tail: bool = False) -> bool:
+    """``tma_pages`` resolved from shapes (no host sync, as the split count): ``"auto"`` wants TMA where a page
+    split of a block table ``width`` pages wide holds at least ``TMA_MIN_PAGES`` pages."""
+    if tma_pages == "auto":
+        return width >= TMA_MIN_PAGES * max(1, num_splits - (num_splits > 1 and not fold_tail))
+    return bool(tma_pages)
+
+
+def tma_cache(kv_cache: torch.Tensor) -> bool:
+    """Whether every page of ``kv_cache`` (uint8 ``[num_blocks, num_kv_heads, page_bytes]``) starts at a multiple
+    of 128 bytes, as ``tma_descriptors`` needs."""
+    return kv_cache.data_ptr() % 128 == 0 and kv_cache.stride(0) % 128 == 0 and kv_cache.stride(1) % 128 == 0
+
+
+_DESCRIPTORS: dict = {}
+TMA_DESCRIPTORS = 6  # descriptor parameters of the kernel (box shapes a page may need)
+
+
+def _descriptor_args(kv_cache, layout, max_chunk: int, tma: bool) -> tuple:
+    """The kernel's ``TMA_DESCRIPTORS`` descriptor arguments (None where unused)."""
+    descs = tma_descriptors(kv_cache, tma_boxes(stage_plan(layout, chunks(layout, max_chunk, True), True,
+                                                           True)[1])[1]) if tma else ()  # fmt: skip
+    return descs + (None,) * (TMA_DESCRIPTORS - len(descs))
+
+
+def tma_descriptors(kv_cache: torch.Tensor, shapes: tuple) -> tuple:
+    """Tensor descriptors of the cache's bytes as int32 rows of ``W`` words, one per ``(rows, W)`` box of
+    ``tma_boxes`` (kept per cache tensor: the same objects at every call, valid across CUDA-graph replays while the
+    cache stays where it is)."""
+    span = 1 + sum((n - 1) * st for n, st in zip(kv_cache.shape, kv_cache.stride(), strict=True))
+    key = (kv_cache.data_ptr(), span, shapes)
+    descs = _DESCRIPTORS.get(key)
+    if descs is None:
+        if len(_DESCRIPTORS) > 256:
+            _DESCRIPTORS.clear()
+        flat = torch.as_strided(kv_cache, (span,), (1,))
+        nv = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        descs = _DESCRIPTORS[key] = tuple(
+            TensorDescriptor.from_tensor(flat[: span // (4 * w) * 4 * w].view(torch.int32).view(-1, w), [r, w], nv)
+            for r, w in shapes)
+    return descs
+
+
 SCHEDULE = {  # the page loop's launch options -> their module defaults, in _schedule's order
     "maps": "MAPS", "ring": "RING", "maxnreg": "MAXNREG", "tail_first": "TAIL_FIRST", "defer_sum": "DEFER_SUM",
     "fold_tail": "FOLD_TAIL", "subnormal_values": "SUBNORMAL_VALUES", "piece_buffers": "PIECE_BUFFERS",
-    "page_max": "PAGE_MAX", "subnormal_keys": "SUBNORMAL_KEYS",
+    "page_max": "PAGE_MAX", "subnormal_keys": "SUBNORMAL_KEYS", "tma_pages": "TMA_PAGES",
 }
 
 
@@ -1290,7 +1435,7 @@ def set_schedule_defaults(**options) -> None:
 
 
 def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=None, subnormal_values=None,
-              piece_buffers=None, page_max=None, subnormal_keys=None) -> tuple:  # fmt: skip
+              piece_buffers=None, page_max=None, subnormal_keys=None, tma_pages=None) -> tuple:  # fmt: skip
     """Launch options, None meaning the module's default at the time of the call (``PAGE_MAX`` only where the
     ring is off: the ring refills a chunk's bytes once its values are read)."""
     ring = RING if ring is None else ring
@@ -1302,7 +1447,8 @@ def _schedule(maps, ring, maxnreg, tail_first=None, defer_sum=None, fold_tail=No
             FOLD_TAIL if fold_tail is None else fold_tail,
             SUBNORMAL_VALUES if subnormal_values is None else subnormal_values,
             PIECE_BUFFERS if piece_buffers is None else piece_buffers,
-            page_max, SUBNORMAL_KEYS if subnormal_keys is None else subnormal_keys)  # fmt: skip
+            page_max, SUBNORMAL_KEYS if subnormal_keys is None else subnormal_keys,
+            TMA_PAGES if tma_pages is None else tma_pages)  # fmt: skip
 
 
 def decode_attention_v2(
@@ -1332,6 +1478,7 @@ def decode_attention_v2(
     piece_buffers: bool | None = None,
     page_max: bool | None = None,
     subnormal_keys: bool | None = None,
+    tma_pages: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its compressed pages and its bf16 tail (CUDA).
 
@@ -1342,9 +1489,11 @@ def decode_attention_v2(
     partials; ``fold_tail``: the last page split takes the tail (``num_splits`` then counts page splits);
     ``subnormal_values``: value codes as fp16 subnormals, scaled once per value group; ``piece_buffers``: each
     staged piece in its own shared allocation; ``page_max``: one softmax rescale check per page (only where the
-    ring is off); ``subnormal_keys``: key codes as fp16 subnormals too (each None: the module's ``MAPS``,
-    ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, ``FOLD_TAIL``, ``SUBNORMAL_VALUES``, ``PIECE_BUFFERS``,
-    ``PAGE_MAX``, ``SUBNORMAL_KEYS``, read at the call). Returns ``out``.
+    ring is off); ``subnormal_keys``: key codes as fp16 subnormals too; ``tma_pages``: staged pages copied by TMA
+    (where ``tma_supported`` and the cache's pages start at multiples of 128 bytes; else cp.async; ``"auto"``: where
+    a page split of the block table holds at least ``TMA_MIN_PAGES`` pages) (each None: the
+    module's ``MAPS``, ``RING``, ``MAXNREG``, ``TAIL_FIRST``, ``DEFER_SUM``, ``FOLD_TAIL``, ``SUBNORMAL_VALUES``,
+    ``PIECE_BUFFERS``, ``PAGE_MAX``, ``SUBNORMAL_KEYS``, ``TMA_PAGES``, read at the call). Returns ``out``.
     """
     dev = query.device
     check(dev.type == "cuda", "decode_attention_v2 runs on CUDA only (use decode_attention elsewhere)")
@@ -1365,14 +1514,17 @@ def decode_attention_v2(
                                        split_programs(layout, stage, ring, maxnreg))
     check(num_splits >= 1, "num_splits must be >= 1")
     (maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max,
-     subnormal_keys) = _schedule(maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values,
-                                 piece_buffers, page_max, subnormal_keys)
+     subnormal_keys, tma_pages) = _schedule(maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values,
+                                            piece_buffers, page_max, subnormal_keys, tma_pages)
     check(maps in (1, 2), "maps must be 1 or 2")
     check(not (page_max and ring), "page_max reads a page's scores before its values: not with ring")
+    check(tma_pages in (True, False, "auto"), "tma_pages must be True, False or 'auto'")
+    check(not (tma_pages is True and ring), "tma_pages copies whole pages into a staged pair: not with ring")
     scale = d**-0.5 if scale is None else scale
     launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, tail_value, tail_slots, tail_lens,
                      out, lse, scale, num_splits, max_chunk, prefetch, stage, maps, ring, maxnreg, tail_first,
-                     defer_sum, fold_tail, subnormal_values, piece_buffers, page_max, subnormal_keys)  # fmt: skip
+                     defer_sum, fold_tail, subnormal_values, piece_buffers, page_max, subnormal_keys,
+                     tma_pages)  # fmt: skip
     return out
 
 
@@ -1383,11 +1535,16 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
                      maxnreg: int | None = None, tail_first: bool | None = None,
                      defer_sum: bool | None = None, fold_tail: bool | None = None,
                      subnormal_values: bool | None = None, piece_buffers: bool | None = None,
-                     page_max: bool | None = None, subnormal_keys: bool | None = None) -> None:  # fmt: skip
+                     page_max: bool | None = None, subnormal_keys: bool | None = None,
+                     tma_pages: bool | None = None) -> None:  # fmt: skip
     """The kernel of :func:`decode_attention_v2` on checked arguments (no checks, no host sync)."""
     (maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values, piece_buffers, page_max,
-     subnormal_keys) = _schedule(maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values,
-                                 piece_buffers, page_max, subnormal_keys)
+     subnormal_keys, tma_pages) = _schedule(maps, ring, maxnreg, tail_first, defer_sum, fold_tail, subnormal_values,
+                                            piece_buffers, page_max, subnormal_keys, tma_pages)
+    if stage is None:
+        stage = STAGE_PAGES > 0 and stage_supported(layout)
+    tma_pages = tma_wanted(tma_pages, block_table.shape[1], num_splits, bool(fold_tail))
+    tma_pages = bool(tma_pages and stage and not ring and tma_supported(layout, max_chunk) and tma_cache(kv_cache))
     num_seqs, num_heads, d = query.shape
     h = tail_key.shape[2]
     g = num_heads // h
@@ -1404,11 +1561,12 @@ def launch_decode_v2(query, kv_cache, layout, block_table, seq_lens, tail_key, t
         part_lse if lse is None else lse,
         part_o, part_lse,
         _counter(num_seqs * h, dev),
+        *_descriptor_args(kv_cache, layout, max_chunk, tma_pages),
         scale * LOG2E, h,
         NUM_SPLITS=num_splits, G=g, NP=max(8, pow2(g)), TAIL=TAIL_CHUNK,
         WRITE_LSE=lse is not None, RESCALE=RESCALE_LOG2, GP=pow2(g),
-        **_constexprs(layout, max_chunk, STAGE_PAGES > 0 and stage_supported(layout) if stage is None else stage,
-                      maps, ring, bool(subnormal_values), bool(piece_buffers), bool(subnormal_keys)),
+        **_constexprs(layout, max_chunk, stage, maps, ring, bool(subnormal_values), bool(piece_buffers),
+                      bool(subnormal_keys), tma_pages),
         PREFETCH=prefetch, TAIL_FIRST=bool(tail_first), DEFER=bool(defer_sum), FOLD_TAIL=bool(fold_tail),
         PAGE_MAX=bool(page_max),
         num_warps=1,

@@ -130,6 +130,9 @@ SCHEDULES = {  # launch options of the page loop: channel maps, one staged page 
     "one-map-subnormal-keys": {"maps": 1, "subnormal_keys": True},  # key codes as subnormals too (with the defaults)
     "two-maps-subnormal-keys": {"maps": 2, "subnormal_keys": True},
     "one-map-ring-subnormal-keys": {"maps": 1, "ring": True, "subnormal_keys": True},
+    "one-map-tma": {"maps": 1, "tma_pages": True},  # staged pages copied by TMA (aligned chunks, an mbarrier)
+    "two-maps-tma": {"maps": 2, "tma_pages": True},
+    "one-map-no-tma": {"maps": 1, "tma_pages": False},  # cp.async staging (the default picks TMA for long splits)
 }
 
 
@@ -146,7 +149,7 @@ def test_schedules(schedule, preset, head_size):
 
 @gpu
 @pytest.mark.parametrize("schedule", ["one-map-ring", "one-map-ring-r168", "one-map-tail-first-defer", "one-map-fold",
-                                      "one-map-subnormal-page-max"])
+                                      "one-map-subnormal-page-max", "one-map-tma"])
 @pytest.mark.parametrize("num_splits", [1, 2, 64])
 def test_schedule_splits(schedule, num_splits):
     """The ring with one split (every page in one program), two, and more splits than pages (empty splits); the
@@ -378,3 +381,43 @@ def test_schedule_names_follow_the_launch_options():
     """``SCHEDULE`` lists ``_schedule``'s parameters in order, each with its module default."""
     assert list(v2.SCHEDULE) == list(inspect.signature(v2._schedule).parameters)
     assert v2.schedule_defaults()["defer_sum"] == v2.DEFER_SUM and all(hasattr(v2, c) for c in v2.SCHEDULE.values())
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_tma_boxes(block_size, head_size, preset):
+    """TMA staging (``tma_pages``): aligned chunks start at multiples of their rows and tile the page; every
+    piece is one box of at most 256 rows of ``W`` words at a row offset that lands on its page bytes, the per-token
+    value parameters are one piece holding every chunk's view at a multiple of its size, the value normalizer is not
+    staged, and two staged pages plus their mbarriers fit the shared memory of eight programs per SM."""
+    layout = _layout(block_size, head_size, preset)
+    if not v2.supported(layout) or not v2.tma_supported(layout):
+        pytest.skip("layout not staged by TMA")
+    tiles = v2.chunks(layout, v2.MAX_CHUNK, True)
+    assert all(start % rows == 0 for start, rows, *_ in tiles)
+    assert sum(rows for _, rows, *_ in tiles) == layout.block_size
+    assert [t[0] for t in tiles] == sorted(t[0] for t in tiles)
+    segments, pieces = v2.stage_plan(layout, tiles, True, True)
+    boxes, shapes = v2.tma_boxes(pieces)
+    assert len(boxes) == len(pieces) == len(segments)
+    for (off, nb, seg, word), (bseg, desc, row, per128, rows, w) in zip(pieces, boxes, strict=True):
+        assert bseg == seg and word == 0 and shapes[desc] == (rows, w) and rows <= 256 and w * 4 >= 16
+        assert rows * w * 4 == nb == segments[seg] * 4 and row * w * 4 == off and per128 * w == 32
+    assert (layout.v_norm_off, 2 * head_size) not in {(o, n) for o, n, _, _ in pieces}
+    vtok = v2._locate(pieces, layout.v_tok_off)
+    for start, rows, *_ in tiles:
+        for off in (layout.v_tok_off + 2 * start, layout.v_tok_off + 2 * (layout.block_size + start)):
+            seg, word = v2._locate(pieces, off)
+            assert seg == vtok[0] and word % (rows // 2) == 0
+    if layout.page_bytes <= 14208:  # the vllm preset at head size 128 and smaller pages
+        assert 8 * (2 * 4 * sum(segments) + 16 + 1024) <= 233472
+
+
+def test_tma_wanted():
+    """``tma_pages="auto"`` takes TMA only for long page splits (the last split holds the tail unless folded)."""
+    n = v2.TMA_MIN_PAGES
+    assert v2.tma_wanted("auto", 8 * n, 9) and not v2.tma_wanted("auto", 8 * n - 1, 9)
+    assert v2.tma_wanted("auto", n, 1) and not v2.tma_wanted("auto", n - 1, 1)
+    assert v2.tma_wanted("auto", 3 * n, 3, True) and not v2.tma_wanted("auto", 3 * n, 4, True)
+    assert v2.tma_wanted(True, 1, 64) and not v2.tma_wanted(False, 10**6, 1)

@@ -25,6 +25,7 @@ Pages need ``bits_high, bits_low`` in {2, 4}, ``head_size`` 64 or 128, salient q
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import triton
@@ -1400,8 +1401,8 @@ def _descriptor_args(kv_cache, layout, max_chunk: int, tma: bool) -> tuple:
 
 def tma_descriptors(kv_cache: torch.Tensor, shapes: tuple) -> tuple:
     """Tensor descriptors of the cache's bytes as int32 rows of ``W`` words, one per ``(rows, W)`` box of
-    ``tma_boxes`` (kept per cache tensor: the same objects at every call, valid across CUDA-graph replays while the
-    cache stays where it is)."""
+    ``tma_boxes`` (kept while the cache tensor lives: the same objects at every call, valid across CUDA-graph
+    replays; they hold a view of the cache's memory, so the entry goes with the tensor, not to keep it alive)."""
     span = 1 + sum((n - 1) * st for n, st in zip(kv_cache.shape, kv_cache.stride(), strict=True))
     key = (kv_cache.data_ptr(), span, shapes)
     descs = _DESCRIPTORS.get(key)
@@ -1413,6 +1414,7 @@ def tma_descriptors(kv_cache: torch.Tensor, shapes: tuple) -> tuple:
         descs = _DESCRIPTORS[key] = tuple(
             TensorDescriptor.from_tensor(flat[: span // (4 * w) * 4 * w].view(torch.int32).view(-1, w), [r, w], nv)
             for r, w in shapes)
+        weakref.finalize(kv_cache, _DESCRIPTORS.pop, key, None)
     return descs
 
 

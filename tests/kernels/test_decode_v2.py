@@ -421,3 +421,17 @@ def test_tma_wanted():
     assert v2.tma_wanted("auto", n, 1) and not v2.tma_wanted("auto", n - 1, 1)
     assert v2.tma_wanted("auto", 3 * n, 3, True) and not v2.tma_wanted("auto", 3 * n, 4, True)
     assert v2.tma_wanted(True, 1, 64) and not v2.tma_wanted(False, 10**6, 1)
+
+
+@gpu
+def test_tma_descriptors_do_not_keep_the_cache_alive():
+    """The descriptors kept per cache tensor hold a view of its memory: they go with the tensor."""
+    import gc
+
+    cache = torch.zeros(4, 2, 14208, dtype=torch.uint8, device="cuda")
+    key_count = len(v2._DESCRIPTORS)
+    first = v2.tma_descriptors(cache, ((32, 32), (8, 32)))
+    assert v2.tma_descriptors(cache, ((32, 32), (8, 32))) is first and len(v2._DESCRIPTORS) == key_count + 1
+    del cache, first
+    gc.collect()
+    assert len(v2._DESCRIPTORS) == key_count

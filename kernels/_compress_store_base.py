@@ -1,0 +1,458 @@
+"""Compress complete blocks into mixed-precision pages: saliency ranking, ZC-3 keys, ZC-2 values, packing.
+
+Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
+One program per (block, KV head), 2 warps. The page rows come from one bitonic sort of the scores (the top-k
+thresholds) and prefix sums (:func:`_page_rows`); each token's row and salient bits go to a small scratch row
+(a register tensor cannot be sliced) and the block is then quantized in tiles of ``R`` rows (16 at head size
+128): keys in two passes (running elementwise min/max per precision group, reduced once; then codes), values
+in two (max |x| per channel; then each row's ``(step, mn)`` of ``x / c`` and codes); both bit widths are
+packed from the same code tile (:func:`_store_packed`) and each row is stored in its group's region. The
+per-element divisions divide by a reciprocal shared per channel or row with one Markstein correction
+(:func:`_div`), not by a full IEEE division each. With ``probe_query`` the program scores its block by its
+probes first (``block_scores.probe_scores``, the block rule), so the scores never leave the SM: measured
+slower than the two kernels in sequence (below), so the engine launches ``block_scores`` then this kernel.
+
+H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k prompt, ``vllm`` preset (``benchmarks/bench_compress.py``,
+CUDA-graph replays of one launch): 36 / 99 us, against 55 / 188 us for the whole-tile kernel before it (255
+registers, 12.5 % occupancy, instruction-cache misses) and 113 / 433 us for the first one. Tiles of 32 elements
+per thread are the sweet spot: 16 rows x 2 warps, 32 x 4 (36 / 128 us) and 8 x 1 (51 / 90 us); 16 elements per
+thread (16 x 4, 8 x 2) run 2-3x slower, 8 warps slower still. Scoring inside the kernel: 62 / 243 us against
+11 / 26 us (``block_probe_scores``) + 36 / 99. Prefetching the next tile, unrolled tile loops and a program per
+K or V were no faster (``benchmarks/results/h200_compress_*.json``).
+Bit-exactness rests on the conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE division and
+square root (``div_rn`` / ``sqrt_rn``, or :func:`_div`'s equal result), parameters rounded to fp16 before the
+codes, round-half-to-even, and no contraction into fused multiply-adds (the kernel is launched with fp fusion
+off; :func:`_div`'s two explicit FMAs are part of its exact division).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cache_args, check, check_cache, check_tensor, interpreting, pow2
+from .block_scores import probe_args, probe_scores
+
+EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
+_BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element of masked min/max as in quant.py
+_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
+
+
+@triton.jit
+def _rint(y):
+    return (y + _RINT_MAGIC) - _RINT_MAGIC
+
+
+@triton.jit
+def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
+    """Rows ``tok`` of one head as fp32 ``[N_PAD, D/PL, PL]``: element ``[., i, j]`` is channel ``j * D/PL + i``,
+    so the ``PL`` channels one byte of low-width codes holds (paged.pack_row) share the last axis (this order
+    and ``[N_PAD, PL, D/PL]`` compile to nearly the same SASS: ``sass_compress.py``). Padded rows load 0."""
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
+    return x.to(tl.float32), ch
+
+
+@triton.jit
+def _quant_params(mn, mx, QMAX):
+    """fp16 ``(step, mn)`` of the range ``[mn, mx]`` on ``QMAX + 1`` levels (``quant.EPS`` the smallest step)."""
+    return tl.maximum(tl.math.div_rn(mx - mn, QMAX), EPS).to(tl.float16), mn.to(tl.float16)
+
+
+@triton.jit
+def _div(a, b, rb):
+    """``a / b`` rounded as IEEE division from ``rb = div_rn(1, b)``, for a divisor shared by many dividends:
+    ``q = a * rb`` then one Markstein correction ``q + (a - q b) * rb`` (two FMAs; no per-element reciprocal, no
+    slow-path branch as in ``div_rn``). Equal to ``div_rn`` for every dividend that is zero (sign kept) or
+    normal (checked on 8 M random pairs over every positive fp16 divisor); a subnormal dividend can be 1 ulp
+    off, at quotients below 2^-100 that round to the same codes and fp16 parameters (tests/kernels)."""
+    q = a * rb
+    return tl.where(a == 0, q, tl.fma(tl.fma(-q, b, a), rb, q))
+
+
+@triton.jit
+def _codes(x, mn16, step16, rstep, qmax):
+    """``rint((x - mn) / step)`` clamped to ``[0, qmax]`` as int32 (operands broadcast to ``x``; ``rstep`` =
+    ``div_rn(1, step)``)."""
+    y = _div(x - mn16.to(tl.float32), step16.to(tl.float32), rstep)
+    return tl.minimum(tl.maximum(_rint(y), 0.0), qmax).to(tl.int32)
+
+
+@triton.jit
+def _store_packed(code, member, row, cache_u8_ptr, off, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr,
+                  PL: tl.constexpr):  # fmt: skip
+    """Pack a code tile ``[N_PAD, D/PL, PL]`` (channel ``j * D/PL + i``) at ``BITS`` bits and store the rows of
+    ``member`` at page rows ``row`` of the region at byte offset ``off``. Byte ``b`` of a row holds channels
+    ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte); with ``j = a * (PL/P) + jj`` the byte
+    of channel ``(i, a, jj)`` is ``jj * D/PL + i``: split ``j``, sum over ``a`` (disjoint bits: an or)."""
+    P: tl.constexpr = 8 // BITS
+    c4 = tl.reshape(code, (N_PAD, D // PL, P, PL // P))
+    packed = tl.sum(c4 << (tl.arange(0, P) * BITS)[None, None, :, None], axis=2).to(tl.uint8)
+    byte = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL // P)[None, :] * (D // PL)
+    RB: tl.constexpr = D * BITS // 8
+    tl.store(cache_u8_ptr + off + row[:, None, None] * RB + byte[None, :, :], packed, mask=member[:, None, None])
+
+
+@triton.jit
+def _top(sm, srt, t, tv, S: tl.constexpr):
+    """Tokens among the ``S`` largest scores ``sm`` (``srt``: sorted descending), ties to the earlier token (the
+    twin's stable descending sort): every token above the ``S``-th largest score, then the earliest tokens equal
+    to it until ``S`` are taken."""
+    if S == 0:
+        return t < 0
+    thr = tl.max(tl.where(t == S - 1, srt, float("-inf")), axis=0)
+    above = (sm > thr) & tv
+    tie = (sm == thr) & tv
+    need = S - tl.sum(above.to(tl.int32), axis=0)
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+
+
+@triton.jit
+def _page_rows(s, t, tv, SK: tl.constexpr, SV: tl.constexpr):
+    """``(key salient, value salient, page row)`` of every token from one bitonic sort of the scores (O(N log^2 N),
+    not the O(N^2) rank of every token): tiers A (both salient), B (one), C (none), each in token order
+    (layout.py); a token's row = the sizes of the earlier tiers + its place in its tier (prefix sums)."""
+    sm = tl.where(tv, s, float("-inf"))
+    srt = tl.sort(sm, descending=True)
+    ksal = _top(sm, srt, t, tv, SK)
+    vsal = _top(sm, srt, t, tv, SV)
+    a = ksal & vsal
+    b = (ksal ^ vsal) & tv
+    c = tv & ~(ksal | vsal)
+    na = tl.sum(a.to(tl.int32), axis=0)
+    nb = tl.sum(b.to(tl.int32), axis=0)
+    ra = tl.cumsum(a.to(tl.int32), axis=0) - 1
+    rb = na + tl.cumsum(b.to(tl.int32), axis=0) - 1
+    rc = na + nb + tl.cumsum(c.to(tl.int32), axis=0) - 1
+    return ksal, vsal, tl.where(a, ra, tl.where(b, rb, rc))
+
+
+@triton.jit
+def _compress_store_kernel(
+    key_ptr, value_ptr,  # [num_blocks * N, H, D] (or staging slots [num_slots * N, H, D])
+    stride_x_tok, stride_x_head,  # same strides for key and value (checked by the launcher)
+    scores_ptr, stride_s_blk, stride_s_tok, stride_s_head,  # SCORES 0/1: read; 3: the probe scores written
+    count_ptr, stride_cnt_blk,  # SCORES 1: the score is divided by max(count[b * stride_cnt_blk + t], 1)
+    pq_ptr, stride_pq_blk, stride_pq_probe, stride_pq_head,  # SCORES 2/3: probe queries [S, P, num_heads, D]
+    off_ptr, stride_off,  # SCORES 2/3: int32 [E, P], the probe offsets of each entry's block
+    qk_scale,
+    block_ids_ptr,  # [E] int; a negative id: nothing to write (fixed-size work lists)
+    src_ptr,  # FROM_SLOTS: int [E], the staging slot holding block e (its K/V rows, scores, probe queries)
+    work_ptr,  # int32 [E, H, N_PAD] scratch: each token's page row and salient bits, reread per row tile
+    cache_u8_ptr, cache_f16_ptr,  # kv_cache as uint8 and as fp16
+    stride_c_block, stride_c_head,  # bytes
+    N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+    BL: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+    K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
+    K_PAR_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, MASK_OFF: tl.constexpr,
+    FROM_SLOTS: tl.constexpr, SCORES: tl.constexpr,
+    P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    e = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    page = tl.load(block_ids_ptr + e).to(tl.int64)
+    if page < 0:
+        return
+    page_off = page * stride_c_block + head * stride_c_head
+    src = e
+    if FROM_SLOTS:
+        src = tl.load(src_ptr + e).to(tl.int64)
+    t = tl.arange(0, N_PAD)
+    tv = t < N
+    # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
+    if SCORES >= 2:
+        s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
+                         pq_ptr + src * stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr + e * stride_off,
+                         head, qk_scale, N, N_PAD, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
+        if SCORES == 3:
+            tl.store(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, s, mask=tv)
+    else:
+        s = tl.load(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, mask=tv, other=0.0)
+        s = s.to(tl.float32)
+        if SCORES == 1:
+            cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
+            s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
+    ksal, vsal, row = _page_rows(s, t, tv, SK, SV)
+    _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
+    # the row tiles below need each token's row and bits: a register tensor cannot be sliced, so they take a
+    # round trip through a scratch row the program alone reads and writes (L1/L2)
+    work = work_ptr + (e * tl.num_programs(1) + head) * N_PAD
+    tl.store(work + t, row | (ksal.to(tl.int32) << 16) | (vsal.to(tl.int32) << 17))
+    tl.debug_barrier()
+    x_tok = src * N  # the block's first row in key / value
+    hoff = page_off // 2
+    _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
+                   page_off, hoff, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF, K_LO_OFF, K_PAR_OFF)  # fmt: skip
+    _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
+                     page_off, hoff, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF)  # fmt: skip
+
+
+@triton.jit
+def _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+              PL: tl.constexpr, BIT: tl.constexpr):  # fmt: skip
+    """Rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, D/PL, PL]`` (:func:`_load_tile`), each row's
+    page row, whether it is salient (bit ``BIT`` of its scratch word) and whether it exists."""
+    rr = r0 + tl.arange(0, R)
+    rv = rr < N
+    info = tl.load(work + rr, mask=rv, other=0)
+    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rv, D, PL)
+    sal = ((info >> BIT) & 1) != 0
+    return x, ch, info & 0xFFFF, sal & rv, rv
+
+
+@triton.jit
+def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                   N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+                   BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
+                   K_PAR_OFF: tl.constexpr):  # fmt: skip
+    """ZC-3: channelwise ``(step, mn)`` per precision group, from a first pass over the row tiles (running
+    elementwise min/max, reduced once), then the codes of each tile packed into its rows' regions."""
+    PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
+    mn_s = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx_s = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 16)
+        s3 = sal[:, None, None]
+        r3 = (rv & ~sal)[:, None, None]
+        mn_s = tl.minimum(mn_s, tl.where(s3, x, _BIG))
+        mx_s = tl.maximum(mx_s, tl.where(s3, x, -_BIG))
+        mn_r = tl.minimum(mn_r, tl.where(r3, x, _BIG))
+        mx_r = tl.maximum(mx_r, tl.where(r3, x, -_BIG))
+    # a group with no rows gets (EPS, 0), as quant.py's masked min/max of an empty group
+    has_s: tl.constexpr = SK > 0
+    has_r: tl.constexpr = SK < N
+    step_s, mn16_s = _quant_params(tl.where(has_s, tl.min(mn_s, axis=0), 0.0),
+                                   tl.where(has_s, tl.max(mx_s, axis=0), 0.0), (1 << BH) - 1.0)  # fmt: skip
+    step_r, mn16_r = _quant_params(tl.where(has_r, tl.min(mn_r, axis=0), 0.0),
+                                   tl.where(has_r, tl.max(mx_r, axis=0), 0.0), (1 << BL) - 1.0)  # fmt: skip
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
+    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
+    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
+    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
+    rstep_s = tl.math.div_rn(1.0, step_s.to(tl.float32))
+    rstep_r = tl.math.div_rn(1.0, step_r.to(tl.float32))
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 16)
+        s3 = sal[:, None, None]
+        code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
+                      tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
+                      tl.where(s3, rstep_s[None, :, :], rstep_r[None, :, :]),
+                      tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
+        _store_packed(code, sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
+        _store_packed(code, rv & ~sal, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
+
+
+@triton.jit
+def _compress_values(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                     N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+                     BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
+                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr):  # fmt: skip
+    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass), then per row tile the tokenwise
+    ``(step, mn)`` of ``x / c`` and the codes packed into the rows' regions."""
+    PL: tl.constexpr = 8 // BL
+    amax = tl.zeros((R, D // PL, PL), tl.float32)
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
+        amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
+    c = tl.math.sqrt_rn(tl.max(amax, axis=0)).to(tl.float16)
+    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
+    cf = c.to(tl.float32)[None, :, :]
+    rc = tl.math.div_rn(1.0, c.to(tl.float32))[None, :, :]
+    for r0 in range(0, N_PAD, R):
+        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
+        xn = _div(x, cf, rc)
+        qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
+        step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax)
+        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=rv)
+        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=rv)
+        rstep = tl.math.div_rn(1.0, step.to(tl.float32))
+        code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax[:, None, None])
+        _store_packed(code, sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, R, D, PL)
+        _store_packed(code, rv & ~sal, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, R, D, PL)
+
+
+@triton.jit
+def _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N: tl.constexpr, N_PAD: tl.constexpr,
+                   MASK_OFF: tl.constexpr):  # fmt: skip
+    """Salient bitmaps in token order (bit t % 8 of byte t // 8)."""
+    bit = tl.arange(0, 8)
+    kbits = tl.sum(tl.reshape(ksal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
+    vbits = tl.sum(tl.reshape(vsal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
+    mb = tl.arange(0, N_PAD // 8)
+    tl.store(cache_u8_ptr + page_off + MASK_OFF + mb, kbits, mask=mb < N // 8)
+    tl.store(cache_u8_ptr + page_off + MASK_OFF + N // 8 + mb, vbits, mask=mb < N // 8)
+
+
+def compress_store(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scores: torch.Tensor | None,
+    block_ids: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout,
+    num_warps: int | None = None,
+    probe_query: torch.Tensor | None = None,
+    probe_offsets: torch.Tensor | None = None,
+    normalizer="probe_nnz",
+    saliency="normalized",
+    scale: float | None = None,
+    rows_per_tile: int | None = None,
+) -> None:
+    """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
+
+    Parameters
+    ----------
+    key, value : ``[num_new_blocks * block_size, num_kv_heads, head_size]`` bf16/fp16/fp32, post-RoPE;
+        rows ``i * block_size ...`` form block ``i``; same strides.
+    scores : ``[num_new_blocks * block_size, num_kv_heads]`` float, saliency per token (higher = salient); with
+        ``probe_query``: None, or an fp32 tensor of that shape that receives the scores the kernel computed.
+    block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
+    kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
+    layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
+    num_warps : per program (one program per block and KV head; default 2).
+    probe_query, probe_offsets : ``[num_new_blocks, num_probes, num_heads, head_size]`` and int32
+        ``[num_new_blocks, num_probes]``: score each block by its probes in the same kernel (the block rule,
+        ``block_scores.probe_scores``; ``normalizer``, ``saliency``, ``scale`` as ``block_probe_scores``), so
+        neither the scores nor a second read of the keys go through HBM.
+    rows_per_tile : rows of the block quantized at a time (a power of two; default: 32 tile elements per
+        thread, 16 rows at head size 128 and 2 warps).
+
+    Example
+    -------
+    >>> lay = PageLayout(block_size=128, head_size=128)                          # doctest: +SKIP
+    >>> compress_store(k, v, scores, torch.tensor([3, 7]), kv_cache, lay)      # doctest: +SKIP
+    """
+    n, d = layout.block_size, layout.head_size
+    dev = key.device
+    check_tensor(key, "key", 3, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(value, "value", 3, (key.dtype,), dev)
+    check(
+        value.shape == key.shape and value.stride() == key.stride(),
+        "key and value must match in shape/strides",
+    )
+    check(key.shape[2] == d, f"head_size {key.shape[2]} != layout.head_size {d}")
+    nb, h = block_ids.numel(), key.shape[1]
+    check(key.shape[0] == nb * n, f"key has {key.shape[0]} tokens, expected {nb} blocks x {n}")
+    if probe_query is None or scores is not None:
+        check_tensor(scores, "scores", 2, (torch.float32, torch.float16, torch.bfloat16), dev, last_contiguous=False)
+        check(tuple(scores.shape) == (nb * n, h), f"scores must be [{nb * n}, {h}], got {tuple(scores.shape)}")
+    check_tensor(block_ids, "block_ids", 1, (torch.int32, torch.int64), dev)
+    check_cache(kv_cache, layout, h, dev)
+    probes = None
+    if probe_query is not None:
+        probes = (probe_query, probe_offsets, normalizer, saliency, scale)
+        probe_key = key.as_strided((nb, n, h, d), (n * key.stride(0), key.stride(0), key.stride(1), 1))
+    if nb == 0:
+        return
+    s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
+    _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
+            probes, probe_key if probes else None)  # fmt: skip
+
+
+def compress_slots(
+    tail_key: torch.Tensor,
+    tail_value: torch.Tensor,
+    scores: torch.Tensor | None,
+    score_count: torch.Tensor | None,
+    slots: torch.Tensor,
+    block_ids: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout,
+    num_warps: int | None = None,
+    probe_query: torch.Tensor | None = None,
+    probe_offsets: torch.Tensor | None = None,
+    normalizer="probe_nnz",
+    saliency="normalized",
+    scale: float | None = None,
+    rows_per_tile: int | None = None,
+) -> None:
+    """:func:`compress_store` of blocks that wait complete in bf16 staging slots, for a fixed-size work list
+    (graph-capturable: no host sync, no data-dependent shapes).
+
+    Entry ``i`` compresses slot ``slots[i]`` (``tail_key / tail_value [num_slots, block_size, num_kv_heads,
+    head_size]``) into page ``block_ids[i]``; entries with a negative block id do nothing. Scores: ``scores
+    [num_slots, block_size, num_kv_heads]`` fp32, divided by ``max(score_count[slot, t], 1)`` (``score_count
+    [num_slots, block_size]``, IEEE division as the twin's) unless ``score_count`` is None; a scores tensor
+    with slot stride 0 gives every block the same scores (the random-saliency ablation). With ``probe_query
+    [num_slots, num_probes, num_heads, head_size]`` and ``probe_offsets`` int32 ``[num_entries, num_probes]``
+    the kernel scores each block by its probes instead (``scores``: None, or receives them per slot).
+
+    Twin: ``zipcache_vllm.engine.paged.compress_slots``.
+    """
+    n, d = layout.block_size, layout.head_size
+    dev = tail_key.device
+    check_tensor(tail_key, "tail_key", 4, (torch.bfloat16, torch.float16, torch.float32), dev)
+    check_tensor(tail_value, "tail_value", 4, (tail_key.dtype,), dev)
+    check(
+        tail_key.is_contiguous() and tail_value.is_contiguous() and tail_key.shape == tail_value.shape,
+        "tail_key and tail_value must be contiguous and of one shape",
+    )
+    check(
+        tuple(tail_key.shape[1:]) == (n, kv_cache.shape[1], d),
+        f"tail_key must be [num_slots, {n}, {kv_cache.shape[1]}, {d}], got {tuple(tail_key.shape)}",
+    )
+    h = tail_key.shape[2]
+    if probe_query is None or scores is not None:
+        check_tensor(scores, "scores", 3, (torch.float32,), dev)
+        check(tuple(scores.shape[1:]) == (n, h), f"scores must be [num_slots, {n}, {h}], got {tuple(scores.shape)}")
+    if score_count is not None:
+        check(probe_query is None, "score_count divides given scores: not with probe_query")
+        check_tensor(score_count, "score_count", 2, (torch.float32,), dev)
+        check(score_count.shape[1] == n, f"score_count must be [num_slots, {n}]")
+    check_tensor(slots, "slots", 1, (torch.int32, torch.int64), dev)
+    check_tensor(block_ids, "block_ids", 1, (torch.int32, torch.int64), dev)
+    check(slots.numel() == block_ids.numel(), "slots and block_ids must have one entry per block")
+    check_cache(kv_cache, layout, h, dev)
+    if block_ids.numel() == 0:
+        return
+    probes = None if probe_query is None else (probe_query, probe_offsets, normalizer, saliency, scale)
+    s_strides = (0, 0, 0) if scores is None else tuple(scores.stride())
+    _launch(tail_key.view(-1, h, d), tail_value.view(-1, h, d), scores, *s_strides, score_count,
+            0 if score_count is None else score_count.stride(0), block_ids, slots, kv_cache, layout, num_warps,
+            rows_per_tile, probes, tail_key)  # fmt: skip
+
+
+def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key) -> None:  # fmt: skip
+    n, d = layout.block_size, layout.head_size
+    h = key.shape[1]
+    e = block_ids.numel()
+    n_pad = pow2(n)
+    if probes is None:
+        mode = 0 if score_count is None else 1
+        pq, offsets = key, block_ids.view(e, 1)  # unread
+        pargs = {"qk_scale": 1.0, "P": 1, "G": 1, "ROWS": 16, "NORMALIZER": 0, "DOT_FP32": False}
+    else:
+        pq, offsets, normalizer, saliency, scale = probes
+        check(isinstance(offsets, torch.Tensor), "probe_query needs probe_offsets (int32 [entries, num_probes])")
+        mode = 2 if scores is None else 3
+        if mode == 3:
+            check(scores.dtype == torch.float32, "scores receives the probe scores: it must be float32")
+        pargs = probe_args(probe_key, pq, offsets, e, normalizer, saliency, scale)
+        del pargs["N"], pargs["N_PAD"], pargs["D"]
+    warps = num_warps or (1 if interpreting() else 2)
+    # 32 elements of a tile per thread: the measured best (16 per thread is 2-3x slower: bench_compress.py)
+    r = rows_per_tile or min(n_pad, max(1, 1 << (1024 * warps // d).bit_length() - 1))
+    check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
+    work = torch.empty(e * h * n_pad, dtype=torch.int32, device=key.device)
+    _compress_store_kernel[(e, h)](
+        key, value, key.stride(0), key.stride(1),
+        key if scores is None else scores, stride_s_blk, stride_s_tok, stride_s_head,
+        key if score_count is None else score_count, stride_cnt_blk,
+        pq, pq.stride(0), pq.stride(1), pq.stride(2),
+        offsets, offsets.stride(0),
+        block_ids_ptr=block_ids, src_ptr=block_ids if slots is None else slots, work_ptr=work,
+        **cache_args(kv_cache),
+        N=n, N_PAD=n_pad, R=r, D=d, BH=layout.bits_high, BL=layout.bits_low,
+        SK=layout.num_salient_k, SV=layout.num_salient_v,
+        K_HI_OFF=layout.k_hi_off, K_LO_OFF=layout.k_lo_off, V_HI_OFF=layout.v_hi_off, V_LO_OFF=layout.v_lo_off,
+        K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
+        MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
+        num_warps=warps, enable_fp_fusion=False, **pargs,
+    )  # fmt: skip

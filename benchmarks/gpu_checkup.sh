@@ -31,9 +31,10 @@ stage() {  # name, seconds, command...: if STAGES names it, run under a time lim
   echo "== $name: rc $?, $((SECONDS - t0)) s" | tee -a "$log"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$log"
-# the decode default (subnormal keys since 4785aa9) against the one before it, interleaved twice (run-to-run spread)
-D=one-map-defer-subnormal-kv-pieces-page-max
-P=one-map-defer-subnormal-pieces-page-max
+# the decode default (TMA staging for long page splits since 9d2e0da) against the one before it (cp.async staging),
+# interleaved twice (run-to-run spread)
+P=one-map-defer-subnormal-kv-pieces-page-max
+D=$P-tma-auto
 stage spike 110 python benchmarks/spike_decode_v2.py --variants $D,$P,$D,$P --presets vllm \
   --cases 16x32768,64x4096,1x4096,16x4096
 stage bench_kernels 100 python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"

@@ -1382,10 +1382,17 @@ def tma_wanted(tma_pages, width: int, num_splits: int, fold_tail: bool = False) 
     return bool(tma_pages)
 
 
+def _span(kv_cache: torch.Tensor) -> int:
+    """Bytes from the cache's first to its last byte."""
+    return 1 + sum((n - 1) * st for n, st in zip(kv_cache.shape, kv_cache.stride(), strict=True))
+
+
 def tma_cache(kv_cache: torch.Tensor) -> bool:
     """Whether every page of ``kv_cache`` (uint8 ``[num_blocks, num_kv_heads, page_bytes]``) starts at a multiple
-    of 128 bytes, as ``tma_descriptors`` needs."""
-    return kv_cache.data_ptr() % 128 == 0 and kv_cache.stride(0) % 128 == 0 and kv_cache.stride(1) % 128 == 0
+    of 128 bytes and its 128-byte rows are counted in int32 (the kernel's page rows, TMA's coordinates), as
+    ``tma_descriptors`` needs."""
+    return (kv_cache.data_ptr() % 128 == 0 and kv_cache.stride(0) % 128 == 0 and kv_cache.stride(1) % 128 == 0
+            and _span(kv_cache) // 128 < 2**31)
 
 
 _DESCRIPTORS: dict = {}
@@ -1403,7 +1410,7 @@ def tma_descriptors(kv_cache: torch.Tensor, shapes: tuple) -> tuple:
     """Tensor descriptors of the cache's bytes as int32 rows of ``W`` words, one per ``(rows, W)`` box of
     ``tma_boxes`` (kept while the cache tensor lives: the same objects at every call, valid across CUDA-graph
     replays; they hold a view of the cache's memory, so the entry goes with the tensor, not to keep it alive)."""
-    span = 1 + sum((n - 1) * st for n, st in zip(kv_cache.shape, kv_cache.stride(), strict=True))
+    span = _span(kv_cache)
     key = (kv_cache.data_ptr(), span, shapes)
     descs = _DESCRIPTORS.get(key)
     if descs is None:

@@ -435,3 +435,13 @@ def test_tma_descriptors_do_not_keep_the_cache_alive():
     del cache, first
     gc.collect()
     assert len(v2._DESCRIPTORS) == key_count
+
+
+def test_tma_cache():
+    """TMA staging needs pages at multiples of 128 bytes (layout and strides) and int32 row counts."""
+    cache = torch.zeros(4, 2, 14208, dtype=torch.uint8)
+    assert v2.tma_cache(cache)
+    assert not v2.tma_cache(torch.zeros(4, 2, 14208 + 16, dtype=torch.uint8)[:, :, :14208])  # stride off the grid
+    assert not v2.tma_cache(torch.zeros(4 * 2 * 14208 + 16, dtype=torch.uint8)[16:].view(4, 2, 14208))  # address
+    assert v2.tma_cache(torch.empty(2**21, 8, 14208, dtype=torch.uint8, device="meta"))  # 238 GB: rows fit int32
+    assert not v2.tma_cache(torch.empty(2**22, 8, 14208, dtype=torch.uint8, device="meta"))  # 477 GB: they do not

@@ -439,9 +439,11 @@ def test_tma_descriptors_do_not_keep_the_cache_alive():
 
 def test_tma_cache():
     """TMA staging needs pages at multiples of 128 bytes (layout and strides) and int32 row counts."""
-    cache = torch.zeros(4, 2, 14208, dtype=torch.uint8)
-    assert v2.tma_cache(cache)
-    assert not v2.tma_cache(torch.zeros(4, 2, 14208 + 16, dtype=torch.uint8)[:, :, :14208])  # stride off the grid
-    assert not v2.tma_cache(torch.zeros(4 * 2 * 14208 + 16, dtype=torch.uint8)[16:].view(4, 2, 14208))  # address
+    n = 4 * 2 * 14208
+    base = torch.zeros(n + 256, dtype=torch.uint8)
+    at = -base.data_ptr() % 128  # a host allocation need not start at a multiple of 128 bytes
+    assert v2.tma_cache(base[at:at + n].view(4, 2, 14208))
+    assert not v2.tma_cache(base[at + 16:at + 16 + n].view(4, 2, 14208))  # the address off the grid
+    assert not v2.tma_cache(torch.empty(4, 2, 14208 + 16, dtype=torch.uint8, device="meta")[:, :, :14208])  # stride
     assert v2.tma_cache(torch.empty(2**21, 8, 14208, dtype=torch.uint8, device="meta"))  # 238 GB: rows fit int32
     assert not v2.tma_cache(torch.empty(2**22, 8, 14208, dtype=torch.uint8, device="meta"))  # 477 GB: they do not

@@ -18,7 +18,6 @@ import re
 
 import torch
 import triton
-from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import mangle_type
@@ -36,11 +35,9 @@ TYPES = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_l
 
 def _descriptor_types(layout, max_chunk: int) -> tuple:
     """Signature types of the TMA descriptors (as the launcher specializes them; made on a CPU tensor)."""
-    nv = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    tiles = decode_v2.chunks(layout, max_chunk, True)
-    shapes = decode_v2.tma_boxes(decode_v2.stage_plan(layout, tiles, True, True)[1])[1]
-    return tuple(mangle_type(TensorDescriptor.from_tensor(torch.zeros(256, w, dtype=torch.int32), [r, w], nv))
-                 for r, w in shapes)
+    return tuple(mangle_type(TensorDescriptor.from_tensor(torch.zeros(256, w, dtype=torch.int32), [r, w],
+                                                          decode_v2.TMA_LAYOUT.value))
+                 for r, w in decode_v2.tma_plan(layout, max_chunk)[4])
 
 
 def main() -> None:

@@ -85,6 +85,8 @@ TMA_PAGES = "auto"  # a staged page copied by the tensor memory accelerator (one
 # costs ~0.5 us per program at the start (the descriptors' first fetch), so "auto" = where a page split of the
 # block table holds at least TMA_MIN_PAGES pages
 TMA_MIN_PAGES = 32
+TMA_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))  # a TMA box in
+# shared memory: rows of int32 words, unswizzled (the staged piece's bytes in page order)
 DEFER_SUM = True  # the softmax denominator kept as per-lane partial sums over 16-row tiles, summed across lanes
 # once per program instead of once per chunk (three shuffle rounds fewer per chunk). H200 spike (cad2561), vllm
 # preset, us, off -> on: B64/4k 90.0 -> 86.6, B16/32k 152.3 -> 150.0, B64/32k 550.2 -> 523.2, B1/4k 12.4 -> 12.5
@@ -417,18 +419,26 @@ def tma_boxes(pieces: tuple) -> tuple[tuple, tuple]:
     return tuple(boxes), tuple(shapes)
 
 
-def tma_supported(layout, max_chunk: int = MAX_CHUNK) -> bool:
-    """Whether a staged page of this layout can be copied by TMA: ``tma_boxes`` of its pieces, each piece a
-    multiple of 128 bytes (every shared buffer then starts at one: Triton places buffers by decreasing size), and
-    the page size a multiple of 128 bytes (every page of a contiguous cache starts at one)."""
+@functools.lru_cache(maxsize=64)
+def tma_plan(layout, max_chunk: int = MAX_CHUNK) -> tuple | None:
+    """A page of this layout staged by TMA: ``(tiles, segments, pieces, boxes, shapes)`` (aligned ``chunks``,
+    ``stage_plan(..., tma=True)``, ``tma_boxes``), or None where it cannot be: TMA needs ``tma_boxes`` of its
+    pieces, each piece a multiple of 128 bytes (every shared buffer then starts at one: Triton places buffers by
+    decreasing size), and the page size a multiple of 128 bytes (every page of a contiguous cache starts at one)."""
     if not stage_supported(layout) or layout.page_bytes % 128:
-        return False
+        return None
+    tiles = chunks(layout, max_chunk, True)
     try:
-        pieces = stage_plan(layout, chunks(layout, max_chunk, True), True, True)[1]
-        tma_boxes(pieces)
+        segments, pieces = stage_plan(layout, tiles, True, True)
+        boxes, shapes = tma_boxes(pieces)
     except ValueError:
-        return False
-    return all(nb % 128 == 0 for _, nb, _, _ in pieces)
+        return None
+    return (tiles, segments, pieces, boxes, shapes) if all(nb % 128 == 0 for _, nb, _, _ in pieces) else None
+
+
+def tma_supported(layout, max_chunk: int = MAX_CHUNK) -> bool:
+    """Whether a staged page of this layout can be copied by TMA (:func:`tma_plan`)."""
+    return tma_plan(layout, max_chunk) is not None
 
 
 def stage_bytes(layout, stage: bool, ring: bool, max_chunk: int = MAX_CHUNK) -> int:
@@ -665,11 +675,10 @@ def _copy_piece(dst, src, OFF: gl.constexpr, NW: gl.constexpr, WORD: gl.constexp
 def _tma_page(dst, descs, row, bar, BOXES: gl.constexpr, NBYTES: gl.constexpr):
     """TMA copies of the pieces of the page whose first 128-byte row of the cache is ``row`` into the stage views
     ``dst`` (``tma_boxes``), completing on the mbarrier ``bar`` (``NBYTES`` in all)."""
-    NV: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     mbarrier.expect(bar, NBYTES)
     for i in gl.static_range(len(BOXES)):
         view = dst[BOXES[i][0]].slice(0, BOXES[i][4] * BOXES[i][5])._reinterpret(
-            gl.int32, [BOXES[i][4], BOXES[i][5]], NV)
+            gl.int32, [BOXES[i][4], BOXES[i][5]], TMA_LAYOUT)
         tma.async_copy_global_to_shared(descs[BOXES[i][1]], [row * BOXES[i][3] + BOXES[i][2], 0], bar, view)
 
 
@@ -1344,9 +1353,12 @@ def _constexprs(layout, max_chunk: int = MAX_CHUNK, stage: bool = False, maps: i
     plans = [param_load_plan("key", mh, d), param_load_plan("key", ml, d), param_load_plan("value", mh, d),
              param_load_plan("value", ml, d)]
     tma = tma and stage and not ring
-    tiles = chunks(layout, max_chunk, tma)
-    segments, pieces = stage_plan(layout, tiles, piece_buffers, tma) if stage else ((32,), ())
-    boxes = tma_boxes(pieces)[0] if tma else ()
+    if tma:
+        check(tma_supported(layout, max_chunk), f"pages of this layout cannot be staged by TMA: {layout}")
+        tiles, segments, pieces, boxes, _ = tma_plan(layout, max_chunk)
+    else:
+        tiles, boxes = chunks(layout, max_chunk), ()
+        segments, pieces = stage_plan(layout, tiles, piece_buffers) if stage else ((32,), ())
     shared = tuple(shared_params(p) for p in plans) + tuple(
         x for c in tiles for x in shared_operand("key", bh if c[2] else bl, d, c[1], mh if c[2] else ml)
         + shared_operand("value", bh if c[4] else bl, d, c[1], mh if c[4] else ml)) if stage else (
@@ -1401,8 +1413,7 @@ TMA_DESCRIPTORS = 6  # descriptor parameters of the kernel (box shapes a page ma
 
 def _descriptor_args(kv_cache, layout, max_chunk: int, tma: bool) -> tuple:
     """The kernel's ``TMA_DESCRIPTORS`` descriptor arguments (None where unused)."""
-    descs = tma_descriptors(kv_cache, tma_boxes(stage_plan(layout, chunks(layout, max_chunk, True), True,
-                                                           True)[1])[1]) if tma else ()  # fmt: skip
+    descs = tma_descriptors(kv_cache, tma_plan(layout, max_chunk)[4]) if tma else ()
     return descs + (None,) * (TMA_DESCRIPTORS - len(descs))
 
 
@@ -1417,9 +1428,9 @@ def tma_descriptors(kv_cache: torch.Tensor, shapes: tuple) -> tuple:
         if len(_DESCRIPTORS) > 256:
             _DESCRIPTORS.clear()
         flat = torch.as_strided(kv_cache, (span,), (1,))
-        nv = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
         descs = _DESCRIPTORS[key] = tuple(
-            TensorDescriptor.from_tensor(flat[: span // (4 * w) * 4 * w].view(torch.int32).view(-1, w), [r, w], nv)
+            TensorDescriptor.from_tensor(flat[: span // (4 * w) * 4 * w].view(torch.int32).view(-1, w), [r, w],
+                                         TMA_LAYOUT.value)
             for r, w in shapes)
         weakref.finalize(kv_cache, _DESCRIPTORS.pop, key, None)
     return descs

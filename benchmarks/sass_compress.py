@@ -2,7 +2,11 @@
 Triton's bundled ptxas, for the ``vllm`` preset page (block 128, head size 128) at each ``--num-warps`` and
 ``--rows-per-tile`` (``--probes``: the blocks scored by their probes in the kernel).
 
-    PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 2,4]
+    PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 2,4] [--kernel FILE]
+
+Per config: registers, spills, the instruction mix, the tile loops' sizes, the straight-line rest and the
+instructions one warp executes (loop sizes x trip counts + the rest; a 4k prompt's compression runs about one
+warp per scheduler, so this is about its length in issue slots).
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import importlib.util
 import re
 
 from triton.compiler import ASTSource
 
 from benchmarks._sass import compile_sm90
 from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.kernels.compress_store import tile_rows
 from zipcache_vllm.method.config import ZipCacheConfig
 
 _OP = re.compile(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
@@ -27,16 +33,24 @@ def main() -> None:
     ap.add_argument("--num-warps", default="2,4")
     ap.add_argument("--rows-per-tile", default="16,32", help="comma-separated R values")
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
+    ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     a = ap.parse_args()
     lay = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), a.head_size)
-    fn = importlib.import_module("zipcache_vllm.kernels.compress_store")._compress_store_kernel
+    if a.kernel:  # loaded as a module of the package, so that its relative imports resolve
+        spec = importlib.util.spec_from_file_location("zipcache_vllm.kernels._compress_store_other", a.kernel)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module("zipcache_vllm.kernels.compress_store")
+    fn = mod._compress_store_kernel
     ce = dict(N=lay.block_size, N_PAD=lay.block_size, D=lay.head_size, BH=lay.bits_high, BL=lay.bits_low,
               SK=lay.num_salient_k, SV=lay.num_salient_v, K_HI_OFF=lay.k_hi_off, K_LO_OFF=lay.k_lo_off,
               V_HI_OFF=lay.v_hi_off, V_LO_OFF=lay.v_lo_off, K_PAR_OFF=lay.k_param_off, V_NORM_OFF=lay.v_norm_off,
               V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, SCORES=2 if a.probes else 0,
               P=13, G=4, ROWS=64, NORMALIZER=2, DOT_FP32=False)  # fmt: skip (13 probes x 4 heads: LLaMA3-8B)
     types = {"key_ptr": "*bf16", "value_ptr": "*bf16", "scores_ptr": "*fp32", "count_ptr": "*fp32",
-             "pq_ptr": "*bf16", "cache_u8_ptr": "*u8", "cache_f16_ptr": "*fp16", "qk_scale": "fp32"}  # fmt: skip
+             "pq_ptr": "*bf16", "tiles_ptr": "*bf16", "red_ptr": "*fp32", "cache_u8_ptr": "*u8",
+             "cache_f16_ptr": "*fp16", "qk_scale": "fp32"}  # fmt: skip
     sig = {n: "constexpr" if n in ce else types.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride"))}  # fmt: skip
@@ -48,6 +62,34 @@ def main() -> None:
         ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _OP.search(line)))
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
         print(f"R {r} num_warps {w}: {regs} | {sum(ops.values())} instructions | {top}")
+        print("  " + _loops(sass, sum(ops.values()), _trips(lay, r)))
+
+
+def _trips(lay: PageLayout, r: int) -> dict[int, list[int]]:
+    """Trip counts of the kernel's tile loops in program order, by the number of loops: seven since 2026-12-05
+    (keys' min/max over the salient then the regular page-row tiles, keys' codes (same two), values' max |x|
+    (every tile), values' codes (salient, regular)); four before (each pass over every tile in token order)."""
+    n_pad = 1 << (lay.block_size - 1).bit_length()
+    t = n_pad // r
+    r = tile_rows(r, lay.num_salient_k, lay.num_salient_v)
+    sk, sv, n = lay.num_salient_k // r, lay.num_salient_v // r, n_pad // r
+    return {7: [sk, n - sk, sk, n - sk, n, sv, n - sv], 4: [t] * 4}
+
+
+def _loops(sass: str, total: int, trips: dict[int, list[int]]) -> str:
+    """The SASS loops (a backward branch's target .. the branch), the straight-line rest and, when the loops are
+    the kernel's tile loops (:func:`_trips`), the instructions one warp executes (sizes x trip counts + the rest)."""
+    ins = [(int(m.group(1), 16), line) for line in sass.splitlines() if (m := re.search(r"/\*([0-9a-f]{4,5})\*/", line))
+           and _OP.search(line)]  # fmt: skip
+    loops = [(int(t.group(1), 16), addr) for addr, line in ins
+             if (t := re.search(r"BRA 0x([0-9a-f]+)", line)) and int(t.group(1), 16) < addr]  # fmt: skip
+    sizes = [sum(1 for addr, _ in ins if lo <= addr <= hi) for lo, hi in loops]
+    rest = total - sum(sizes)
+    out = f"loops {sizes}, straight-line {rest}"
+    if len(sizes) in trips:
+        tr = trips[len(sizes)]
+        out += f", executed per warp ~{rest + sum(n * t for n, t in zip(sizes, tr, strict=True)):,} (trips {tr})"
+    return out
 
 
 if __name__ == "__main__":

@@ -2,16 +2,26 @@
 
 Twin: ``zipcache_vllm.engine.paged.compress_store``; every byte it writes (codes, fp16 parameters, bitmaps) is equal.
 One program per (block, KV head), 2 warps. The page rows come from one bitonic sort of the scores (the top-k
-thresholds) and prefix sums (:func:`_page_rows`); each token's row and salient bits go to a small scratch row
-(a register tensor cannot be sliced) and the block is then quantized in tiles of ``R`` rows (16 at head size
-128): keys in two passes (running elementwise min/max per precision group, reduced once; then codes), values
-in two (max |x| per channel; then each row's ``(step, mn)`` of ``x / c`` and codes); both bit widths are
-packed from the same code tile (:func:`_store_packed`) and each row is stored in its group's region. The
-per-element divisions divide by a reciprocal shared per channel or row with one Markstein correction
-(:func:`_div`), not by a full IEEE division each; so does the parameters' division by ``2^bits - 1`` (a
-host-rounded reciprocal, :func:`reciprocal32`): sm_90 SASS 8,240 -> 7,376 instructions, 397 -> 332 branches
-(``benchmarks/sass_compress.py``, R 16, 2 warps); timed side by side on an H100 at 4785aa9 the same at 4k
-(37.0 vs 36.7 us) and 5 % faster at 16k (99.1 vs 104.5 us). With ``probe_query`` the program
+thresholds) and prefix sums (:func:`_page_rows`, each reduction serving keys and values at once); the token of
+each page row goes to a small scratch row (a register tensor cannot be sliced) and the block is then quantized
+in tiles of ``R`` page rows (16 at head size 128). Page rows ``0 .. SK-1`` are the key-salient tokens and
+``0 .. SV-1`` the value-salient ones, and ``R`` divides both quotas (:func:`tile_rows`; layout v2 quotas are
+multiples of 16), so every tile is of one key and one value group: it is quantized with one set of parameters,
+packed at one width (:func:`_store_packed`) and stored as whole rows. Keys take two passes (running elementwise
+min/max of each group; then codes), values two (max |x| per channel; then each row's ``(step, mn)`` of ``x / c``
+and codes). The running tiles are reduced per channel through a scratch (:func:`_channel_reduce`), so each
+channel's parameters are computed by few lanes, not by the 16 that held it. The per-element divisions divide by
+a reciprocal shared per channel or row with one Markstein correction (:func:`_div`), not by a full IEEE division
+each; so does the parameters' division by ``2^bits - 1`` (a host-rounded reciprocal, :func:`reciprocal32`). The
+tile loops take their bounds at run time (ptxas unrolls constant-trip loops: measured slower, below).
+
+sm_90 SASS (``benchmarks/sass_compress.py``, ``vllm`` page, R 16, 2 warps): 8,240 instructions before
+:func:`reciprocal32`, 7,376 after it (timed side by side on an H100 at 4785aa9: the same at 4k, 37.0 vs 36.7 us,
+5 % faster at 16k, 99.1 vs 104.5 us); **4,856** with page-row tiles, the scratch reductions, codes rounded by the
+float addition alone (:func:`_codes`) and the ranking's packed reductions (2026-12-05), 255 -> 168 registers, and
+per warp ~20,200 -> ~12,600 executed instructions (loop sizes x trip counts + the straight-line rest, which
+fell from ~5,500 to ~2,400); at R 32 and 4 warps ~7,400. **Not timed yet** (no GPU was lent that session).
+With ``probe_query`` the program
 scores its block by its probes first (``block_scores.probe_scores``, the block rule), so the scores never leave
 the SM: measured slower than the two kernels in sequence (below), so the engine launches ``block_scores`` then
 this kernel.
@@ -42,18 +52,13 @@ from .block_scores import probe_args, probe_scores
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
 _BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element of masked min/max as in quant.py
-_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
+_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: y + M holds rint(y) (half-to-even) in its low bits (_codes)
 
 
 @functools.lru_cache(maxsize=16)
 def reciprocal32(x: float) -> float:
     """``1 / x`` rounded to float32 as IEEE division does (``div_rn(1, x)``), as a Python float."""
     return (torch.ones((), dtype=torch.float32) / torch.tensor(x, dtype=torch.float32)).item()
-
-
-@triton.jit
-def _rint(y):
-    return (y + _RINT_MAGIC) - _RINT_MAGIC
 
 
 @triton.jit
@@ -79,22 +84,29 @@ def _quant_params(mn, mx, QMAX, RQMAX):
 
 
 @triton.jit
-def _div(a, b, rb):
+def _div(a, b, rb, SIGNED_ZERO: tl.constexpr = True):
     """``a / b`` rounded as IEEE division from ``rb = div_rn(1, b)``, for a divisor shared by many dividends:
     ``q = a * rb`` then one Markstein correction ``q + (a - q b) * rb`` (two FMAs; no per-element reciprocal, no
     slow-path branch as in ``div_rn``). Equal to ``div_rn`` for every dividend that is zero (sign kept) or
     normal (checked on 8 M random pairs over every positive fp16 divisor); a subnormal dividend can be 1 ulp
-    off, at quotients below 2^-100 that round to the same codes and fp16 parameters (tests/kernels)."""
+    off, at quotients below 2^-100 that round to the same codes and fp16 parameters (tests/kernels). Without
+    ``SIGNED_ZERO`` a zero dividend may give ``+0`` for ``-0`` (the correction adds ``+0``): for quotients
+    only rounded to integer codes, where the sign of a zero does not matter (one select fewer per element)."""
     q = a * rb
-    return tl.where(a == 0, q, tl.fma(tl.fma(-q, b, a), rb, q))
+    if SIGNED_ZERO:
+        return tl.where(a == 0, q, tl.fma(tl.fma(-q, b, a), rb, q))
+    return tl.fma(tl.fma(-q, b, a), rb, q)
 
 
 @triton.jit
 def _codes(x, mn16, step16, rstep, qmax):
-    """``rint((x - mn) / step)`` clamped to ``[0, qmax]`` as int32 (operands broadcast to ``x``; ``rstep`` =
-    ``div_rn(1, step)``)."""
-    y = _div(x - mn16.to(tl.float32), step16.to(tl.float32), rstep)
-    return tl.minimum(tl.maximum(_rint(y), 0.0), qmax).to(tl.int32)
+    """``rint((x - mn) / step)`` clamped to ``[0, qmax]`` (operands broadcast to ``x``; ``rstep`` =
+    ``div_rn(1, step)``; a zero quotient's sign does not reach the code), in the low 8 bits of an int32: the
+    bits of ``y + 1.5 * 2^23``, whose float addition rounds ``y`` half-to-even to an integer kept in the low
+    mantissa bits (bits 8 and up hold the constant's, which packing into bytes drops). Clamping before
+    rounding gives the same codes (the bounds are integers) and no conversion instruction."""
+    y = _div(x - mn16.to(tl.float32), step16.to(tl.float32), rstep, False)
+    return (tl.minimum(tl.maximum(y, 0.0), qmax) + _RINT_MAGIC).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -103,7 +115,8 @@ def _store_packed(code, member, row, cache_u8_ptr, off, BITS: tl.constexpr, N_PA
     """Pack a code tile ``[N_PAD, D/PL, PL]`` (channel ``j * D/PL + i``) at ``BITS`` bits and store the rows of
     ``member`` at page rows ``row`` of the region at byte offset ``off``. Byte ``b`` of a row holds channels
     ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte); with ``j = a * (PL/P) + jj`` the byte
-    of channel ``(i, a, jj)`` is ``jj * D/PL + i``: split ``j``, sum over ``a`` (disjoint bits: an or)."""
+    of channel ``(i, a, jj)`` is ``jj * D/PL + i``: split ``j``, sum over ``a`` (disjoint bits: an or). A code is
+    the low 8 bits of its int32 (:func:`_codes`): the bits above them never carry into the byte kept."""
     P: tl.constexpr = 8 // BITS
     c4 = tl.reshape(code, (N_PAD, D // PL, P, PL // P))
     packed = tl.sum(c4 << (tl.arange(0, P) * BITS)[None, None, :, None], axis=2).to(tl.uint8)
@@ -113,37 +126,45 @@ def _store_packed(code, member, row, cache_u8_ptr, off, BITS: tl.constexpr, N_PA
 
 
 @triton.jit
-def _top(sm, srt, t, tv, S: tl.constexpr):
-    """Tokens among the ``S`` largest scores ``sm`` (``srt``: sorted descending), ties to the earlier token (the
-    twin's stable descending sort): every token above the ``S``-th largest score, then the earliest tokens equal
-    to it until ``S`` are taken."""
+def _top(sm, t, tv, thr, cnt, cum, S: tl.constexpr):
+    """Tokens among the ``S`` largest scores ``sm``, ties to the earlier token (the twin's stable descending
+    sort): every token above the ``S``-th largest score ``thr``, then the earliest tokens equal to it until
+    ``S`` are taken (``cnt``: how many are above it, ``cum``: inclusive prefix count of the ties)."""
     if S == 0:
         return t < 0
-    thr = tl.max(tl.where(t == S - 1, srt, float("-inf")), axis=0)
-    above = (sm > thr) & tv
-    tie = (sm == thr) & tv
-    need = S - tl.sum(above.to(tl.int32), axis=0)
-    return above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+    return (sm > thr) & tv | ((sm == thr) & tv & (cum <= S - cnt))
 
 
 @triton.jit
-def _page_rows(s, t, tv, SK: tl.constexpr, SV: tl.constexpr):
+def _page_rows(s, t, tv, SK: tl.constexpr, SV: tl.constexpr, N_PAD: tl.constexpr):
     """``(key salient, value salient, page row)`` of every token from one bitonic sort of the scores (O(N log^2 N),
     not the O(N^2) rank of every token): tiers A (both salient), B (one), C (none), each in token order
-    (layout.py); a token's row = the sizes of the earlier tiers + its place in its tier (prefix sums)."""
+    (layout.py); a token's row = the sizes of the earlier tiers + its place in its tier (prefix sums). Every
+    reduction and scan serves the key and the value sets at once, their counts packed in one integer (a
+    reduction across warps costs a shared-memory round trip and barriers whatever it carries): the two
+    thresholds are the only terms of the two halves of one int64 sum; the tie and tier counts fields of an
+    int32."""
+    tl.static_assert(N_PAD < 1024, "tier counts are packed in 10-bit fields")
     sm = tl.where(tv, s, float("-inf"))
     srt = tl.sort(sm, descending=True)
-    ksal = _top(sm, srt, t, tv, SK)
-    vsal = _top(sm, srt, t, tv, SV)
-    a = ksal & vsal
-    b = (ksal ^ vsal) & tv
-    c = tv & ~(ksal | vsal)
-    na = tl.sum(a.to(tl.int32), axis=0)
-    nb = tl.sum(b.to(tl.int32), axis=0)
-    ra = tl.cumsum(a.to(tl.int32), axis=0) - 1
-    rb = na + tl.cumsum(b.to(tl.int32), axis=0) - 1
-    rc = na + nb + tl.cumsum(c.to(tl.int32), axis=0) - 1
-    return ksal, vsal, tl.where(a, ra, tl.where(b, rb, rc))
+    bits = srt.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    both = tl.sum(tl.where(t == SK - 1, bits << 32, 0) + tl.where(t == SV - 1, bits, 0), axis=0)
+    thr_k = (both >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    thr_v = both.to(tl.int32).to(tl.float32, bitcast=True)
+    above = ((sm > thr_k) & tv).to(tl.int32) + (((sm > thr_v) & tv).to(tl.int32) << 16)
+    ties = tl.cumsum(((sm == thr_k) & tv).to(tl.int32) + (((sm == thr_v) & tv).to(tl.int32) << 16), axis=0)
+    cnt = tl.sum(above, axis=0)
+    ksal = _top(sm, t, tv, thr_k, cnt & 0xFFFF, ties & 0xFFFF, SK)
+    vsal = _top(sm, t, tv, thr_v, cnt >> 16, ties >> 16, SV)
+    tier = (ksal & vsal).to(tl.int32) + (((ksal ^ vsal) & tv).to(tl.int32) << 10)
+    tier += ((tv & ~(ksal | vsal)).to(tl.int32) << 20)
+    n = tl.sum(tier, axis=0)
+    cum = tl.cumsum(tier, axis=0)
+    na = n & 0x3FF
+    nb = (n >> 10) & 0x3FF
+    row = tl.where(ksal & vsal, (cum & 0x3FF) - 1,
+                   tl.where((ksal ^ vsal) & tv, na + ((cum >> 10) & 0x3FF) - 1, na + nb + (cum >> 20) - 1))
+    return ksal, vsal, row
 
 
 @triton.jit
@@ -157,7 +178,10 @@ def _compress_store_kernel(
     qk_scale,
     block_ids_ptr,  # [E] int; a negative id: nothing to write (fixed-size work lists)
     src_ptr,  # FROM_SLOTS: int [E], the staging slot holding block e (its K/V rows, scores, probe queries)
-    work_ptr,  # int32 [E, H, N_PAD] scratch: each token's page row and salient bits, reread per row tile
+    work_ptr,  # int32 [E, H, N_PAD] scratch: the token of each page row, reread per row tile
+    tiles_ptr,  # key dtype [E, H, 4, R, D] scratch: running min / max tiles, reduced per channel from there
+    red_ptr,  # fp32 [E, H, 3, D] scratch: per-channel reciprocals of the key steps and the value normalizer
+    sk_rows, sv_rows, n_rows,  # SK, SV, N_PAD as run-time loop bounds: ptxas unrolls constant-trip tile loops
     cache_u8_ptr, cache_f16_ptr,  # kv_cache as uint8 and as fp16
     stride_c_block, stride_c_head,  # bytes
     N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
@@ -192,111 +216,171 @@ def _compress_store_kernel(
         if SCORES == 1:
             cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
             s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
-    ksal, vsal, row = _page_rows(s, t, tv, SK, SV)
+    ksal, vsal, row = _page_rows(s, t, tv, SK, SV, N_PAD)
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
-    # the row tiles below need each token's row and bits: a register tensor cannot be sliced, so they take a
-    # round trip through a scratch row the program alone reads and writes (L1/L2)
+    # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
+    # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
     work = work_ptr + (e * tl.num_programs(1) + head) * N_PAD
-    tl.store(work + t, row | (ksal.to(tl.int32) << 16) | (vsal.to(tl.int32) << 17))
+    tiles = tiles_ptr + (e * tl.num_programs(1) + head) * (4 * R * D)
+    red = red_ptr + (e * tl.num_programs(1) + head) * (3 * D)
+    tl.store(work + row, t.to(tl.int32), mask=tv)
     tl.debug_barrier()
     x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
-    _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
-                   page_off, hoff, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF, K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
-    _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr,
-                     page_off, hoff, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H,
-                     RQ_L)  # fmt: skip
+    _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                   cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF, K_LO_OFF,
+                   K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+    _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                     cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF, V_LO_OFF,
+                     V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
 
 
 @triton.jit
-def _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-              PL: tl.constexpr, BIT: tl.constexpr):  # fmt: skip
-    """Rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, D/PL, PL]`` (:func:`_load_tile`), each row's
-    page row, whether it is salient (bit ``BIT`` of its scratch word) and whether it exists."""
+def _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr,
+               D: tl.constexpr, PL: tl.constexpr):  # fmt: skip
+    """Page rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, D/PL, PL]`` (:func:`_load_tile`) of the
+    tokens the scratch row puts there, the page rows and whether each exists (only a padded block has rows
+    that do not)."""
     rr = r0 + tl.arange(0, R)
     rv = rr < N
-    info = tl.load(work + rr, mask=rv, other=0)
-    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rv, D, PL)
-    sal = ((info >> BIT) & 1) != 0
-    return x, ch, info & 0xFFFF, sal & rv, rv
+    tok = tl.load(work + rr, mask=rv, other=0)
+    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + tok, rv, D, PL)
+    return x, rr, rv
 
 
 @triton.jit
-def _compress_keys(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
-                   N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
-                   BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
+def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                   sk_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                   BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
                    K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr):  # fmt: skip
     """ZC-3: channelwise ``(step, mn)`` per precision group, from a first pass over the row tiles (running
-    elementwise min/max, reduced once), then the codes of each tile packed into its rows' regions."""
+    elementwise min/max, reduced once), then the codes of each tile packed into its group's region. The tiles
+    walk the page rows: rows ``0 .. SK-1`` are the salient group and ``R`` divides ``SK``, so every tile is
+    of one group (no per-element choice of parameters, one packing, whole rows stored)."""
     PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
     mn_s = tl.full((R, D // PL, PL), _BIG, tl.float32)
     mx_s = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    for r0 in range(0, sk_rows, R):
+        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+        mn_s = tl.minimum(mn_s, x)
+        mx_s = tl.maximum(mx_s, x)
     mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
     mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
-    for r0 in range(0, N_PAD, R):
-        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 16)
-        s3 = sal[:, None, None]
-        r3 = (rv & ~sal)[:, None, None]
-        mn_s = tl.minimum(mn_s, tl.where(s3, x, _BIG))
-        mx_s = tl.maximum(mx_s, tl.where(s3, x, -_BIG))
-        mn_r = tl.minimum(mn_r, tl.where(r3, x, _BIG))
-        mx_r = tl.maximum(mx_r, tl.where(r3, x, -_BIG))
-    # a group with no rows gets (EPS, 0), as quant.py's masked min/max of an empty group
+    for r0 in range(sk_rows, n_rows, R):
+        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+        if N < N_PAD:  # padded rows load 0: keep them out of the range
+            mn_r = tl.minimum(mn_r, tl.where(rv[:, None, None], x, _BIG))
+            mx_r = tl.maximum(mx_r, tl.where(rv[:, None, None], x, -_BIG))
+        else:
+            mn_r = tl.minimum(mn_r, x)
+            mx_r = tl.maximum(mx_r, x)
+    # the parameters of every channel and group, each computed once (by the lanes of one warp that hold it)
+    # from the running tiles reduced through the scratch (_channel_reduce), stored, and read back per tile
     has_s: tl.constexpr = SK > 0
     has_r: tl.constexpr = SK < N
-    step_s, mn16_s = _quant_params(tl.where(has_s, tl.min(mn_s, axis=0), 0.0),
-                                   tl.where(has_s, tl.max(mx_s, axis=0), 0.0), (1 << BH) - 1.0, RQ_H)  # fmt: skip
-    step_r, mn16_r = _quant_params(tl.where(has_r, tl.min(mn_r, axis=0), 0.0),
-                                   tl.where(has_r, tl.max(mx_r, axis=0), 0.0), (1 << BL) - 1.0, RQ_L)  # fmt: skip
+    mn = _channel_reduce(mn_s, tiles, 0, False, R, D, PL)
+    mx = _channel_reduce(mx_s, tiles, 1, True, R, D, PL)
+    _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)
+    mn = _channel_reduce(mn_r, tiles, 2, False, R, D, PL)
+    mx = _channel_reduce(mx_r, tiles, 3, True, R, D, PL)
+    _key_params(mn, mx, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)
+    tl.debug_barrier()
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
-    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch, step_s)
-    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch, mn16_s)
-    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch, step_r)
-    tl.store(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch, mn16_r)
-    rstep_s = tl.math.div_rn(1.0, step_s.to(tl.float32))
-    rstep_r = tl.math.div_rn(1.0, step_r.to(tl.float32))
-    for r0 in range(0, N_PAD, R):
-        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 16)
-        s3 = sal[:, None, None]
-        code = _codes(x, tl.where(s3, mn16_s[None, :, :], mn16_r[None, :, :]),
-                      tl.where(s3, step_s[None, :, :], step_r[None, :, :]),
-                      tl.where(s3, rstep_s[None, :, :], rstep_r[None, :, :]),
-                      tl.where(s3, (1 << BH) - 1.0, (1 << BL) - 1.0))  # fmt: skip
-        _store_packed(code, sal, row, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
-        _store_packed(code, rv & ~sal, row - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
+    if has_s:
+        step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch)[None, :, :]
+        mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch)[None, :, :]
+        rstep = tl.load(red + ch)[None, :, :]
+        for r0 in range(0, sk_rows, R):
+            x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+            code = _codes(x, mn16, step, rstep, (1 << BH) - 1.0)
+            _store_packed(code, rv, rr, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
+    if has_r:
+        step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch)[None, :, :]
+        mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch)[None, :, :]
+        rstep = tl.load(red + D + ch)[None, :, :]
+        for r0 in range(sk_rows, n_rows, R):
+            x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+            code = _codes(x, mn16, step, rstep, (1 << BL) - 1.0)
+            _store_packed(code, rv, rr - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
 
 
 @triton.jit
-def _compress_values(x_ptr, stride_x_tok, x_tok, work, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
-                     N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+def _channel_reduce(tile, tiles, slot, MAX: tl.constexpr, R: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
+    """Min (or max) over the rows of a running tile ``[R, D/PL, PL]``, as ``[D]`` in channel order: the tile
+    goes to area ``slot`` of the scratch as ``R`` rows of ``D`` and comes back in the layout of a plain
+    ``[R, D]`` load, where a lane holds several rows of a few channels (reduced in registers), instead of being
+    reduced in place, where a lane holds one row of 32 channels (every channel across 16 lanes, then the
+    channel's parameters repeated by each of them)."""
+    rr = tl.arange(0, R)
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    tl.store(tiles + slot * R * D + rr[:, None, None] * D + ch[None, :, :], tile.to(tiles.dtype.element_ty))
+    tl.debug_barrier()
+    full = tl.load(tiles + slot * R * D + rr[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
+    if MAX:
+        return tl.max(full, axis=0)
+    return tl.min(full, axis=0)
+
+
+@triton.jit
+def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, D: tl.constexpr, BITS: tl.constexpr,
+                RQ: tl.constexpr):  # fmt: skip
+    """A key group's fp16 ``(step, mn)`` per channel from its ``[D]`` min / max (a group with no rows gets
+    ``(EPS, 0)``, as quant.py's masked min/max of an empty group) stored at fp16 offset ``par``, and
+    ``div_rn(1, step)`` at ``rstep_ptr``."""
+    step, mn16 = _quant_params(tl.where(HAS, mn, 0.0), tl.where(HAS, mx, 0.0), (1 << BITS) - 1.0, RQ)
+    d = tl.arange(0, D)
+    tl.store(cache_f16_ptr + par + d, step)
+    tl.store(cache_f16_ptr + par + D + d, mn16)
+    tl.store(rstep_ptr + d, tl.math.div_rn(1.0, step.to(tl.float32)))
+
+
+@triton.jit
+def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sv_rows,
+                     n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
                      BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
                      V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
                      RQ_L: tl.constexpr):  # fmt: skip
-    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass), then per row tile the tokenwise
-    ``(step, mn)`` of ``x / c`` and the codes packed into the rows' regions."""
+    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass, in token order), then per row tile
+    (page rows; ``R`` divides ``SV``, so a tile is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and
+    the codes packed into the group's region."""
     PL: tl.constexpr = 8 // BL
     amax = tl.zeros((R, D // PL, PL), tl.float32)
-    for r0 in range(0, N_PAD, R):
-        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
+    for r0 in range(0, n_rows, R):
+        rr = r0 + tl.arange(0, R)
+        x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, D, PL)
         amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
-    c = tl.math.sqrt_rn(tl.max(amax, axis=0)).to(tl.float16)
+    c = tl.math.sqrt_rn(_channel_reduce(amax, tiles, 0, True, R, D, PL)).to(tl.float16)  # (after the keys' barrier)
     c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
+    d = tl.arange(0, D)
+    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
+    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
+    tl.debug_barrier()
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
-    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch, c)
-    cf = c.to(tl.float32)[None, :, :]
-    rc = tl.math.div_rn(1.0, c.to(tl.float32))[None, :, :]
-    for r0 in range(0, N_PAD, R):
-        x, ch, row, sal, rv = _row_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, R, D, PL, 17)
-        xn = _div(x, cf, rc)
-        qmax = tl.where(sal, (1 << BH) - 1.0, (1 << BL) - 1.0)
-        step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax,
-                                   tl.where(sal, RQ_H, RQ_L))
-        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + row, step, mask=rv)
-        tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + row, mn16, mask=rv)
-        rstep = tl.math.div_rn(1.0, step.to(tl.float32))
-        code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax[:, None, None])
-        _store_packed(code, sal, row, cache_u8_ptr, page_off + V_HI_OFF, BH, R, D, PL)
-        _store_packed(code, rv & ~sal, row - SV, cache_u8_ptr, page_off + V_LO_OFF, BL, R, D, PL)
+    cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
+    rc = tl.load(red + 2 * D + ch)[None, :, :]
+    for r0 in range(0, sv_rows, R):
+        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+        _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
+                    N, R, D, PL, BH, V_TOK_OFF, RQ_H)  # fmt: skip
+    for r0 in range(sv_rows, n_rows, R):
+        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+        _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
+                    N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
+
+
+@triton.jit
+def _value_rows(xn, rr, rv, cache_u8_ptr, cache_f16_ptr, off, hoff, region_row, N: tl.constexpr, R: tl.constexpr,
+                D: tl.constexpr, PL: tl.constexpr, BITS: tl.constexpr, V_TOK_OFF: tl.constexpr,
+                RQ: tl.constexpr):  # fmt: skip
+    """Tokenwise ``(step, mn)`` of the normalized rows ``xn`` (page rows ``rr``) on ``BITS`` bits, stored with
+    the rows' codes at rows ``region_row`` of the region at byte offset ``off``."""
+    qmax: tl.constexpr = (1 << BITS) - 1.0
+    step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax, RQ)
+    tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + rr, step, mask=rv)
+    tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + rr, mn16, mask=rv)
+    rstep = tl.math.div_rn(1.0, step.to(tl.float32))
+    code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax)
+    _store_packed(code, rv, region_row, cache_u8_ptr, off, BITS, R, D, PL)
 
 
 @triton.jit
@@ -309,6 +393,17 @@ def _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N: tl.constexpr, N_PAD: t
     mb = tl.arange(0, N_PAD // 8)
     tl.store(cache_u8_ptr + page_off + MASK_OFF + mb, kbits, mask=mb < N // 8)
     tl.store(cache_u8_ptr + page_off + MASK_OFF + N // 8 + mb, vbits, mask=mb < N // 8)
+
+
+def tile_rows(rows_per_tile: int, num_salient_k: int, num_salient_v: int) -> int:
+    """The rows of a tile: the largest power of two <= ``rows_per_tile`` that divides both salient quotas, so
+    every tile of page rows is of one key and one value group (page layout v2 quotas are multiples of 16 rows;
+    an odd quota, of a block size that is no multiple of 16, gives smaller tiles)."""
+    r = rows_per_tile
+    for s in (num_salient_k, num_salient_v):
+        if s:
+            r = min(r, s & -s)
+    return r
 
 
 def compress_store(
@@ -343,7 +438,7 @@ def compress_store(
         ``block_scores.probe_scores``; ``normalizer``, ``saliency``, ``scale`` as ``block_probe_scores``), so
         neither the scores nor a second read of the keys go through HBM.
     rows_per_tile : rows of the block quantized at a time (a power of two; default: 32 tile elements per
-        thread, 16 rows at head size 128 and 2 warps).
+        thread, 16 rows at head size 128 and 2 warps), lowered to divide the salient quotas (:func:`tile_rows`).
 
     Example
     -------
@@ -462,14 +557,19 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
     # 32 elements of a tile per thread: the measured best (16 per thread is 2-3x slower: bench_compress.py)
     r = rows_per_tile or min(n_pad, max(1, 1 << (1024 * warps // d).bit_length() - 1))
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
+    r = tile_rows(r, layout.num_salient_k, layout.num_salient_v)
     work = torch.empty(e * h * n_pad, dtype=torch.int32, device=key.device)
+    tiles = torch.empty(e * h * 4 * r * d, dtype=key.dtype, device=key.device)
+    red = torch.empty(e * h * 3 * d, dtype=torch.float32, device=key.device)
     _compress_store_kernel[(e, h)](
         key, value, key.stride(0), key.stride(1),
         key if scores is None else scores, stride_s_blk, stride_s_tok, stride_s_head,
         key if score_count is None else score_count, stride_cnt_blk,
         pq, pq.stride(0), pq.stride(1), pq.stride(2),
         offsets, offsets.stride(0),
-        block_ids_ptr=block_ids, src_ptr=block_ids if slots is None else slots, work_ptr=work,
+        block_ids_ptr=block_ids, src_ptr=block_ids if slots is None else slots,
+        work_ptr=work, tiles_ptr=tiles, red_ptr=red,
+        sk_rows=layout.num_salient_k, sv_rows=layout.num_salient_v, n_rows=n_pad,
         **cache_args(kv_cache),
         N=n, N_PAD=n_pad, R=r, D=d, BH=layout.bits_high, BL=layout.bits_low,
         SK=layout.num_salient_k, SV=layout.num_salient_v,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
-from zipcache_vllm.kernels.compress_store import compress_slots, compress_store, reciprocal32
+from zipcache_vllm.kernels.compress_store import compress_slots, compress_store, reciprocal32, tile_rows
 
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
@@ -23,6 +23,7 @@ CASES = [
     (32, 64, 0.3, 0.7, 8, 4),  # value ratio above the key ratio; 8-bit codes
     (16, 64, 0.0, 1.0, 4, 2),  # an empty key group (parameters EPS, 0) and an all-salient value group
     (48, 64, 0.5, None, 4, 2),  # block size not a power of two (padded lanes)
+    (104, 64, 0.6, 0.3, 4, 2),  # no multiple of 16: quotas 63 and 32 (ceil), tiles of one row (tile_rows)
 ]
 
 
@@ -181,8 +182,9 @@ def test_slots_scored_by_probes_in_the_kernel():
 
 
 @pytest.mark.parametrize("rows_per_tile", [32, 64, 128])  # not 16: the interpreter default at D 64
-def test_rows_per_tile_gives_the_same_pages(rows_per_tile):
-    layout = PageLayout(128, 64, salient_ratio=0.8, value_salient_ratio=0.2)
+@pytest.mark.parametrize("ratios", [(0.8, 0.2), (0.5, 0.5)])  # quotas 96 / 32 (tiles of 32 at most), 64 / 64
+def test_rows_per_tile_gives_the_same_pages(rows_per_tile, ratios):
+    layout = PageLayout(128, 64, salient_ratio=ratios[0], value_salient_ratio=ratios[1])
     k = (torch.randn(256, 2, 64) * torch.rand(64) * 3).bfloat16().to(DEVICE)
     v = torch.randn(256, 2, 64).bfloat16().to(DEVICE)
     scores = torch.rand(256, 2, device=DEVICE)
@@ -200,3 +202,15 @@ def test_reciprocal32_is_the_rounded_ieee_reciprocal():
         q = (1 << bits) - 1
         assert reciprocal32(q) == float(np.float32(1.0) / np.float32(q))
         assert float(np.float32(reciprocal32(q))) == reciprocal32(q)  # exactly a float32
+
+
+def test_tile_rows_divide_both_quotas():
+    """A tile of page rows holds one key and one value group: its rows divide both salient quotas."""
+    assert tile_rows(16, 96, 32) == 16
+    assert tile_rows(64, 96, 32) == 32
+    assert tile_rows(128, 64, 64) == 64
+    assert tile_rows(32, 0, 128) == 32  # an empty group does not bound the tile
+    assert tile_rows(16, 15, 8) == 1
+    for r, sk, sv in ((16, 80, 80), (32, 96, 32), (64, 112, 16), (8, 0, 0)):
+        t = tile_rows(r, sk, sv)
+        assert t <= r and t & (t - 1) == 0 and sk % t == 0 and sv % t == 0

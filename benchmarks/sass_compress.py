@@ -18,10 +18,10 @@ import importlib.util
 import re
 
 from triton.compiler import ASTSource
+from zipcache_vllm.kernels.compress_store import tile_rows
 
 from benchmarks._sass import compile_sm90
 from zipcache_vllm.engine.layout import PageLayout
-from zipcache_vllm.kernels.compress_store import tile_rows
 from zipcache_vllm.method.config import ZipCacheConfig
 
 _OP = re.compile(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")

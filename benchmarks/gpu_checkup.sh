@@ -10,7 +10,7 @@
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
 # the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
 # ran. Six files in all (checkup.log, h200.json, h200.md, h200_decode.png, compress.json, serving_gpu.json): the
-# device tool returns at most 8. All stages take up to 640 s, more than one command may run (600 s): run them as two
+# device tool returns at most 8. All stages take up to 820 s, more than one command may run (600 s): run them as two
 # calls with STAGES (the machine stays warm between calls that follow within 30 s). Needs a CUDA device, torch and
 # triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
@@ -39,11 +39,12 @@ stage spike 110 python benchmarks/spike_decode_v2.py --variants $D,$P,$D,$P --pr
   --cases 16x32768,64x4096,1x4096,16x4096
 stage bench_kernels 100 python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"
 # compress_store against an earlier version, side by side, when one was put in kernels/ before the call, e.g.
-# git show 2f6339e:kernels/compress_store.py > kernels/_compress_store_base.py (untracked files travel)
+# git show 9dded8a:kernels/compress_store.py > kernels/_compress_store_base.py (untracked files travel; 9dded8a:
+# the last kernel timed, before page-row tiles), at 2 and 4 warps (16 / 32 rows: 32 tile elements per thread)
 base=()
 [[ -f kernels/_compress_store_base.py ]] && base=(--baseline kernels/_compress_store_base.py)
-stage compress 80 python benchmarks/bench_compress.py --num-warps 2 --rows-per-tile 16 ${base[@]+"${base[@]}"} \
-  --commit "$commit" --out "$out/compress.json"
+stage compress 150 python benchmarks/bench_compress.py --num-warps 2,4 --rows-per-tile 16,32 \
+  ${base[@]+"${base[@]}"} --commit "$commit" --out "$out/compress.json"
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
 stage gpu_suite 330 python -m pytest -n 14 -q -p no:cacheprovider tests/kernels tests/hf/test_hf_paged.py \
   tests/engine tests/plugin/test_cuda_builder_api.py -k "not numba"

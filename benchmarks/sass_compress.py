@@ -3,6 +3,7 @@ Triton's bundled ptxas, for the ``vllm`` preset page (block 128, head size 128) 
 ``--rows-per-tile`` (``--probes``: the blocks scored by their probes in the kernel).
 
     PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 2,4] [--kernel FILE]
+    PYTHONPATH=. python benchmarks/sass_compress.py --block-scores --num-warps 4 [--kernel FILE]
 
 Per config: registers, spills, the instruction mix, the tile loops' sizes, the straight-line rest and the
 instructions one warp executes (loop sizes x trip counts + the rest; a 4k prompt's compression runs about one
@@ -34,8 +35,13 @@ def main() -> None:
     ap.add_argument("--rows-per-tile", default="16,32", help="comma-separated R values")
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
+    ap.add_argument("--block-scores", action="store_true",
+                    help="compile block_scores._block_scores_kernel instead (the probe scores launched before)")
     a = ap.parse_args()
     lay = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), a.head_size)
+    if a.block_scores:
+        _block_scores(a.kernel, [int(w) for w in a.num_warps.split(",")])
+        return
     if a.kernel:  # loaded as a module of the package, so that its relative imports resolve
         spec = importlib.util.spec_from_file_location("zipcache_vllm.kernels._compress_store_other", a.kernel)
         mod = importlib.util.module_from_spec(spec)
@@ -63,6 +69,29 @@ def main() -> None:
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
         print(f"R {r} num_warps {w}: {regs} | {sum(ops.values())} instructions | {top}")
         print("  " + _loops(sass, sum(ops.values()), _trips(lay, r)))
+
+
+def _block_scores(path: str | None, warps: list[int]) -> None:
+    """Registers and instruction mix of the block-rule score kernel (``kernels/block_scores.py``, or ``path``),
+    13 probes x 4 query heads per KV head (LLaMA3-8B), block 128, ``probe_nnz``."""
+    if path:
+        spec = importlib.util.spec_from_file_location("zipcache_vllm.kernels._block_scores_other", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module("zipcache_vllm.kernels.block_scores")
+    fn = mod._block_scores_kernel
+    ce = dict(N=128, N_PAD=128, P=13, G=4, ROWS=64, D=128, NORMALIZER=2, DOT_FP32=False)
+    types = {"k_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*fp32", "qk_scale": "fp32"}
+    sig = {n: "constexpr" if n in ce else types.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
+             if sig[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride"))}  # fmt: skip
+    for w in warps:
+        info, sass = compile_sm90(ASTSource(fn, sig, ce, attrs), num_warps=w)
+        regs = " ".join(x.strip() for x in info.replace("\n", " ").split(",") if "registers" in x or "spill" in x)
+        ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _OP.search(line)))
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
+        print(f"block_scores num_warps {w}: {regs} | {sum(ops.values())} instructions | {top}")
 
 
 def _trips(lay: PageLayout, r: int) -> dict[int, list[int]]:

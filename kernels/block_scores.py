@@ -10,7 +10,9 @@ Grid ``(entries, num_kv_heads)``: one program loads the block's ``N`` keys of on
 probe queries x ``G`` query heads as the rows of one ``tl.dot`` (``P * G`` rows, 117 for 13 probes of 9:3
 GQA). Entries with a negative source do nothing, so the decode step launches it with a fixed grid
 (graph-capturable); a program reads and writes only its own block, so a block's scores never depend on the
-other entries of the launch.
+other entries of the launch. The normalizer divides after the column sums went out and came back one per lane
+(:func:`normalize_scores`; counted from the offsets, not summed from the mask): sm_90 SASS at 4 warps 2,312 ->
+1,768 instructions (``benchmarks/sass_compress.py --block-scores``; 2026-12-05, not timed yet).
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ def probe_scores(
     off_ptr,  # int32 [P]: the probe offsets
     kvh, qk_scale,
     N: tl.constexpr, N_PAD: tl.constexpr, P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
-    D: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
+    D: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    """The block rule's scores ``[N_PAD]`` (fp32) of one block and KV head: its ``P`` probes x ``G`` query
-    heads as the rows of one ``tl.dot`` over the block's keys (shared by ``_block_scores_kernel`` and the
-    fused scoring of ``compress_store``)."""
+    """The block rule's column sums ``[N_PAD]`` (fp32) of one block and KV head, before the normalizer
+    (:func:`normalize_scores`): its ``P`` probes x ``G`` query heads as the rows of one ``tl.dot`` over the
+    block's keys (shared by ``_block_scores_kernel`` and the fused scoring of ``compress_store``)."""
     j = tl.arange(0, N_PAD)
     dk = tl.arange(0, D)
     k = tl.load(k_ptr + j[:, None] * stride_k_tok + dk[None, :], mask=(j < N)[:, None], other=0.0)
@@ -55,9 +57,21 @@ def probe_scores(
     m = tl.maximum(tl.max(s, axis=1), -1e30)
     w = tl.where(seen, tl.exp2(s - m[:, None]), 0.0)
     w = w / tl.maximum(tl.sum(w, axis=1), 1e-30)[:, None]
-    acc = tl.sum(w, axis=0)
+    return tl.sum(w, axis=0)
+
+
+@triton.jit
+def normalize_scores(acc, j, off_ptr, N: tl.constexpr, P: tl.constexpr, NORMALIZER: tl.constexpr):
+    """The block rule's normalizer applied to the column sums ``acc`` of :func:`probe_scores` (tokens ``j``):
+    ``probe_nnz`` divides by the probes at or after each token, counted from the ``P`` offsets (not a column
+    sum of the ``[P * G, N]`` mask); ``causal_count`` by ``N - j``. Each lane divides the tokens it holds, so
+    callers pass ``acc`` in a layout where a lane holds few (the sums come out of the dot's layout with 32 per
+    lane)."""
     if NORMALIZER == 2:
-        acc = acc / tl.maximum(tl.sum(seen.to(tl.float32), axis=0) / G, 1.0)
+        nnz = tl.zeros(j.shape, tl.int32)
+        for i in tl.static_range(P):
+            nnz += (j <= tl.load(off_ptr + i)).to(tl.int32)
+        acc = acc / tl.maximum(nnz, 1).to(tl.float32)
     elif NORMALIZER == 1:
         acc = acc / tl.maximum(N - j, 1).to(tl.float32)
     return acc
@@ -80,9 +94,16 @@ def _block_scores_kernel(
     if blk >= 0:
         acc = probe_scores(k_ptr + blk * stride_k_blk + kvh * stride_k_head, stride_k_tok,
                            q_ptr + blk * stride_q_blk, stride_q_probe, stride_q_head, off_ptr + e * stride_off,
-                           kvh, qk_scale, N, N_PAD, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
+                           kvh, qk_scale, N, N_PAD, P, G, ROWS, D, DOT_FP32)  # fmt: skip
         j = tl.arange(0, N_PAD)
-        tl.store(out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh, acc, mask=j < N)
+        o = out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh
+        if NORMALIZER == 0:
+            tl.store(o, acc, mask=j < N)
+        else:  # the sums go out and come back one per lane, where the normalizer is cheap (normalize_scores)
+            tl.store(o, acc, mask=j < N)
+            tl.debug_barrier()
+            acc = tl.load(o, mask=j < N, other=0.0)
+            tl.store(o, normalize_scores(acc, j, off_ptr + e * stride_off, N, P, NORMALIZER), mask=j < N)
 
 
 def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nnz", saliency="normalized",

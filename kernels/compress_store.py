@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._common import cache_args, check, check_cache, check_tensor, interpreting, pow2
-from .block_scores import probe_args, probe_scores
+from .block_scores import normalize_scores, probe_args, probe_scores
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
 _BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element of masked min/max as in quant.py
@@ -207,7 +207,8 @@ def _compress_store_kernel(
     if SCORES >= 2:
         s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
                          pq_ptr + src * stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr + e * stride_off,
-                         head, qk_scale, N, N_PAD, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
+                         head, qk_scale, N, N_PAD, P, G, ROWS, D, DOT_FP32)  # fmt: skip
+        s = normalize_scores(s, t, off_ptr + e * stride_off, N, P, NORMALIZER)
         if SCORES == 3:
             tl.store(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, s, mask=tv)
     else:

@@ -11,8 +11,9 @@ probe queries x ``G`` query heads as the rows of one ``tl.dot`` (``P * G`` rows,
 GQA). Entries with a negative source do nothing, so the decode step launches it with a fixed grid
 (graph-capturable); a program reads and writes only its own block, so a block's scores never depend on the
 other entries of the launch. The normalizer divides after the column sums went out and came back one per lane
-(:func:`normalize_scores`; counted from the offsets, not summed from the mask): sm_90 SASS at 4 warps 2,312 ->
-1,768 instructions (``benchmarks/sass_compress.py --block-scores``; 2026-12-05, not timed yet).
+(:func:`normalize_scores`; counted from the offsets, not summed from the mask), and the softmax's unseen keys
+are zeros of ``exp2(-inf)`` (no second mask): sm_90 SASS at 4 warps 2,312 -> 1,488 instructions, 147 -> 102
+registers (``benchmarks/sass_compress.py --block-scores``; 2026-12-05, not timed yet).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def probe_scores(
     seen = (j[None, :] <= off[:, None]) & (j < N)[None, :]  # off = -1 on padded rows: nothing seen
     s = tl.where(seen, s * qk_scale, float("-inf"))
     m = tl.maximum(tl.max(s, axis=1), -1e30)
-    w = tl.where(seen, tl.exp2(s - m[:, None]), 0.0)
+    w = tl.exp2(s - m[:, None])  # 0 where unseen: s is -inf there and m finite
     w = w / tl.maximum(tl.sum(w, axis=1), 1e-30)[:, None]
     return tl.sum(w, axis=0)
 

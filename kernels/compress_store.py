@@ -203,11 +203,17 @@ def _compress_store_kernel(
         src = tl.load(src_ptr + e).to(tl.int64)
     t = tl.arange(0, N_PAD)
     tv = t < N
+    work = work_ptr + (e * tl.num_programs(1) + head) * N_PAD
     # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
     if SCORES >= 2:
         s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
                          pq_ptr + src * stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr + e * stride_off,
                          head, qk_scale, N, N_PAD, P, G, ROWS, D, DOT_FP32)  # fmt: skip
+        # the sums leave the dot's layout (32 tokens a lane) through the scratch row: normalized and ranked
+        # with a few tokens a lane (block_scores.normalize_scores)
+        tl.store(work + t, s.to(tl.int32, bitcast=True))
+        tl.debug_barrier()
+        s = tl.load(work + t).to(tl.float32, bitcast=True)
         s = normalize_scores(s, t, off_ptr + e * stride_off, N, P, NORMALIZER)
         if SCORES == 3:
             tl.store(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, s, mask=tv)
@@ -221,9 +227,10 @@ def _compress_store_kernel(
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
     # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
     # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
-    work = work_ptr + (e * tl.num_programs(1) + head) * N_PAD
     tiles = tiles_ptr + (e * tl.num_programs(1) + head) * (4 * R * D)
     red = red_ptr + (e * tl.num_programs(1) + head) * (3 * D)
+    if SCORES >= 2:
+        tl.debug_barrier()  # every lane has read its scores from the scratch row
     tl.store(work + row, t.to(tl.int32), mask=tv)
     tl.debug_barrier()
     x_tok = src * N  # the block's first row in key / value

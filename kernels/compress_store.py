@@ -17,10 +17,11 @@ tile loops take their bounds at run time (ptxas unrolls constant-trip loops: mea
 
 sm_90 SASS (``benchmarks/sass_compress.py``, ``vllm`` page, R 16, 2 warps): 8,240 instructions before
 :func:`reciprocal32`, 7,376 after it (timed side by side on an H100 at 4785aa9: the same at 4k, 37.0 vs 36.7 us,
-5 % faster at 16k, 99.1 vs 104.5 us); **4,856** with page-row tiles, the scratch reductions, codes rounded by the
-float addition alone (:func:`_codes`) and the ranking's packed reductions (2026-12-05), 255 -> 168 registers, and
-per warp ~20,200 -> ~12,600 executed instructions (loop sizes x trip counts + the straight-line rest, which
-fell from ~5,500 to ~2,400); at R 32 and 4 warps ~7,400. **Not timed yet** (no GPU was lent that session).
+5 % faster at 16k, 99.1 vs 104.5 us); **4,896** with page-row tiles, the scratch reductions, codes rounded by the
+float addition alone (:func:`_codes`), the ranking's packed reductions and the next tile's tokens loaded ahead
+(2026-12-05), 255 -> 168 registers, and per warp ~20,250 -> ~12,670 executed instructions (loop sizes x trip
+counts + the straight-line rest, which fell from ~5,500 to ~2,500); at R 32 and 4 warps ~7,480. **Not timed
+yet** (no GPU was lent that session).
 With ``probe_query`` the program
 scores its block by its probes first (``block_scores.probe_scores``, the block rule), so the scores never leave
 the SM: measured slower than the two kernels in sequence (below), so the engine launches ``block_scores`` then
@@ -244,14 +245,21 @@ def _compress_store_kernel(
 
 
 @triton.jit
-def _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr,
-               D: tl.constexpr, PL: tl.constexpr):  # fmt: skip
-    """Page rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, D/PL, PL]`` (:func:`_load_tile`) of the
-    tokens the scratch row puts there, the page rows and whether each exists (only a padded block has rows
+def _tile_tokens(work, r0, N: tl.constexpr, R: tl.constexpr):
+    """The tokens at page rows ``r0 .. r0 + R`` (from the scratch row; 0 past the block). A loop loads the next
+    tile's while it quantizes the current one, so that no tile waits on this load before its own."""
+    rr = r0 + tl.arange(0, R)
+    return tl.load(work + rr, mask=rr < N, other=0)
+
+
+@triton.jit
+def _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+               PL: tl.constexpr):  # fmt: skip
+    """Page rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, D/PL, PL]`` (:func:`_load_tile`) of their
+    tokens ``tok`` (:func:`_tile_tokens`), the page rows and whether each exists (only a padded block has rows
     that do not)."""
     rr = r0 + tl.arange(0, R)
     rv = rr < N
-    tok = tl.load(work + rr, mask=rv, other=0)
     x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + tok, rv, D, PL)
     return x, rr, rv
 
@@ -268,20 +276,26 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
     PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
     mn_s = tl.full((R, D // PL, PL), _BIG, tl.float32)
     mx_s = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    tok = _tile_tokens(work, 0, N, R)
     for r0 in range(0, sk_rows, R):
-        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+        nxt = _tile_tokens(work, r0 + R, N, R)
+        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
         mn_s = tl.minimum(mn_s, x)
         mx_s = tl.maximum(mx_s, x)
+        tok = nxt
     mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
     mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    tok = _tile_tokens(work, sk_rows, N, R)
     for r0 in range(sk_rows, n_rows, R):
-        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+        nxt = _tile_tokens(work, r0 + R, N, R)
+        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
         if N < N_PAD:  # padded rows load 0: keep them out of the range
             mn_r = tl.minimum(mn_r, tl.where(rv[:, None, None], x, _BIG))
             mx_r = tl.maximum(mx_r, tl.where(rv[:, None, None], x, -_BIG))
         else:
             mn_r = tl.minimum(mn_r, x)
             mx_r = tl.maximum(mx_r, x)
+        tok = nxt
     # the parameters of every channel and group, each computed once (by the lanes of one warp that hold it)
     # from the running tiles reduced through the scratch (_channel_reduce), stored, and read back per tile
     has_s: tl.constexpr = SK > 0
@@ -298,18 +312,24 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
         step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch)[None, :, :]
         mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch)[None, :, :]
         rstep = tl.load(red + ch)[None, :, :]
+        tok = _tile_tokens(work, 0, N, R)
         for r0 in range(0, sk_rows, R):
-            x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+            nxt = _tile_tokens(work, r0 + R, N, R)
+            x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
             code = _codes(x, mn16, step, rstep, (1 << BH) - 1.0)
             _store_packed(code, rv, rr, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
+            tok = nxt
     if has_r:
         step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch)[None, :, :]
         mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch)[None, :, :]
         rstep = tl.load(red + D + ch)[None, :, :]
+        tok = _tile_tokens(work, sk_rows, N, R)
         for r0 in range(sk_rows, n_rows, R):
-            x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+            nxt = _tile_tokens(work, r0 + R, N, R)
+            x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
             code = _codes(x, mn16, step, rstep, (1 << BL) - 1.0)
             _store_packed(code, rv, rr - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
+            tok = nxt
 
 
 @triton.jit
@@ -366,14 +386,20 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
+    tok = _tile_tokens(work, 0, N, R)
     for r0 in range(0, sv_rows, R):
-        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+        nxt = _tile_tokens(work, r0 + R, N, R)
+        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
                     N, R, D, PL, BH, V_TOK_OFF, RQ_H)  # fmt: skip
+        tok = nxt
+    tok = _tile_tokens(work, sv_rows, N, R)
     for r0 in range(sv_rows, n_rows, R):
-        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, work, r0, N, N_PAD, R, D, PL)
+        nxt = _tile_tokens(work, r0 + R, N, R)
+        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
                     N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
+        tok = nxt
 
 
 @triton.jit

@@ -4,6 +4,7 @@ same bf16 keys and values (the memory floor), the standalone probe-score kernel 
 version of the kernel loaded from a file, side by side in one run.
 
     git show 79a671a:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
+    git show 79a671a:kernels/block_scores.py > kernels/_block_scores_base.py       # (--baseline-scores)
     PYTHONPATH=. python benchmarks/bench_compress.py --baseline kernels/_compress_store_base.py \\
         --commit $(git rev-parse --short HEAD) --out benchmarks/results/h200_compress.json
 
@@ -32,16 +33,18 @@ from zipcache_vllm.method.config import ZipCacheConfig
 H, HQ, D = 8, 32, 128
 
 
-def _load(path: str):
-    spec = importlib.util.spec_from_file_location("zipcache_vllm.kernels._compress_store_base", path)
+def _load(path: str, name: str = "_compress_store_base"):
+    spec = importlib.util.spec_from_file_location(f"zipcache_vllm.kernels.{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def case(context: int, configs: list[tuple[int, int]], current, base, reps: int) -> dict:  # noqa: PLR0915
+def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,  # noqa: PLR0915
+         base_scores=None) -> dict:
     """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
-    num_warps) config, against the standalone probe-score kernel + the baseline compress (when given)."""
+    num_warps) config, against the standalone probe-score kernel + the baseline compress (when given), and the
+    probe-score kernel against a baseline one (``base_scores``, when given)."""
     layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), D)
     n = layout.block_size
     nb = context // n
@@ -64,6 +67,13 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int)
         k.view(nb, n, H, D), pq, offsets, src, scores, num_warps=w), reps) for w in (2, 4, 8)}  # fmt: skip
     rec["probe_scores_us_by_warps"] = probe_warps
     rec["probe_scores_us"] = probe_warps[4]  # the default
+    if base_scores is not None:
+        ref_scores = torch.empty_like(scores)
+        rec["baseline_probe_scores_us"] = graph_time_us(lambda: base_scores.block_probe_scores(
+            k.view(nb, n, H, D), pq, offsets, src, ref_scores), reps)  # fmt: skip
+        rec["baseline_probe_scores_max_rel_diff"] = float(((ref_scores - scores).abs() / ref_scores.abs().clamp_min(
+            1e-6)).max())  # fmt: skip
+        rec["probe_scores_speedup"] = rec["baseline_probe_scores_us"] / rec["probe_scores_us"]
     scores = scores.view(nb * n, H)
     rec["configs"] = []
     ref = None
@@ -107,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--num-warps", default="2,4")
     ap.add_argument("--rows-per-tile", default="16,32")
     ap.add_argument("--baseline", default=None, help="an earlier compress_store.py to time side by side")
+    ap.add_argument("--baseline-scores", default=None, help="an earlier block_scores.py to time side by side")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)
@@ -114,9 +125,10 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_compress.py needs a CUDA GPU")
     base = _load(a.baseline) if a.baseline else None
+    base_scores = _load(a.baseline_scores, "_block_scores_base") if a.baseline_scores else None
     current = kernel_module("compress_store")
     configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
-    records = [case(int(c), configs, current, base, a.reps) for c in a.contexts.split(",")]
+    records = [case(int(c), configs, current, base, a.reps, base_scores) for c in a.contexts.split(",")]
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": a.commit,
            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(map(shlex.quote, sys.argv)),
            "records": records}  # fmt: skip
@@ -127,7 +139,9 @@ def main(argv=None) -> None:
         ts = ", ".join(f"{x['rows_per_tile']}x{x['num_warps']}: {x['time_us']:.1f} "
                        f"({x['fused_time_us']:.1f})"
                        for x in r["configs"])  # fmt: skip
-        print(f"| {r['context']} | {r['blocks'] * H} | {r['copy_us']:.1f} | {ts} | {r['probe_scores_us']:.1f} | "
+        ps = f"{r['probe_scores_us']:.1f}" + (f" (baseline {r['baseline_probe_scores_us']:.1f})"
+                                              if "baseline_probe_scores_us" in r else "")
+        print(f"| {r['context']} | {r['blocks'] * H} | {r['copy_us']:.1f} | {ts} | {ps} | "
               f"{r.get('baseline_time_us', 0):.1f} | {r.get('speedup', 0):.2f}x | {r.get('fused_speedup', 0):.2f}x |")
     if a.out:
         with open(a.out, "w") as f:

@@ -41,8 +41,10 @@ stage bench_kernels 100 python benchmarks/bench_kernels.py --quick --commit "$co
 # compress_store against an earlier version, side by side, when one was put in kernels/ before the call, e.g.
 # git show 9dded8a:kernels/compress_store.py > kernels/_compress_store_base.py (untracked files travel; 9dded8a:
 # the last kernel timed, before page-row tiles), at 2 and 4 warps (16 / 32 rows: 32 tile elements per thread)
+# (and git show 9dded8a:kernels/block_scores.py > kernels/_block_scores_base.py: the probe-score kernel too)
 base=()
 [[ -f kernels/_compress_store_base.py ]] && base=(--baseline kernels/_compress_store_base.py)
+[[ -f kernels/_block_scores_base.py ]] && base+=(--baseline-scores kernels/_block_scores_base.py)
 stage compress 150 python benchmarks/bench_compress.py --num-warps 2,4 --rows-per-tile 16,32 \
   ${base[@]+"${base[@]}"} --commit "$commit" --out "$out/compress.json"
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"

@@ -98,10 +98,8 @@ def _block_scores_kernel(
                            kvh, qk_scale, N, N_PAD, P, G, ROWS, D, DOT_FP32)  # fmt: skip
         j = tl.arange(0, N_PAD)
         o = out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh
-        if NORMALIZER == 0:
-            tl.store(o, acc, mask=j < N)
-        else:  # the sums go out and come back one per lane, where the normalizer is cheap (normalize_scores)
-            tl.store(o, acc, mask=j < N)
+        tl.store(o, acc, mask=j < N)
+        if NORMALIZER != 0:  # the sums come back one per lane, where the normalizer is cheap (normalize_scores)
             tl.debug_barrier()
             acc = tl.load(o, mask=j < N, other=0.0)
             tl.store(o, normalize_scores(acc, j, off_ptr + e * stride_off, N, P, NORMALIZER), mask=j < N)

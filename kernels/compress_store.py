@@ -296,8 +296,8 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
             mn_r = tl.minimum(mn_r, x)
             mx_r = tl.maximum(mx_r, x)
         tok = nxt
-    # the parameters of every channel and group, each computed once (by the lanes of one warp that hold it)
-    # from the running tiles reduced through the scratch (_channel_reduce), stored, and read back per tile
+    # the parameters of every channel and group, computed by the few lanes that hold the channel once the
+    # running tiles are reduced through the scratch (_channel_reduce), stored, and read back in the tile's layout
     has_s: tl.constexpr = SK > 0
     has_r: tl.constexpr = SK < N
     mn = _channel_reduce(mn_s, tiles, 0, False, R, D, PL)

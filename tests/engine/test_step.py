@@ -545,3 +545,19 @@ def test_decode_outputs_do_not_depend_on_batch(kernels):
         for nm in names:
             bad = [p for p, x in got[nm].items() if not torch.equal(x, alone[p])]
             assert not bad, f"{label}: {nm} differs from the prompt alone at positions {bad[:8]}"
+
+
+def test_block_ids_kept_per_slot_mapping():
+    """The pages of a step's completed blocks are computed by the first layer and reused by the layers that get
+    the same ``slot_mapping`` tensor; another tensor (other slots) is computed anew."""
+    from types import SimpleNamespace
+
+    from zipcache_vllm.engine.step import _block_ids
+
+    cp = SimpleNamespace(last_tok=torch.tensor([3, 7]))
+    sm = torch.arange(100, 108)
+    ids = _block_ids(cp, sm, 4)
+    assert ids.tolist() == [25, 26]
+    assert _block_ids(cp, sm, 4) is ids
+    other = torch.arange(200, 208)
+    assert _block_ids(cp, other, 4).tolist() == [50, 51]

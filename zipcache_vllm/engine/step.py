@@ -134,6 +134,7 @@ class ChunkPlan:
     offsets: torch.Tensor  # int32 [num_blocks, num_probes]
     last_tok: torch.Tensor  # int64 [num_blocks]: the token holding each block's last position (its page id)
     block_slots: torch.Tensor  # int64 [num_blocks]: the staging slot of each block's sequence
+    block_index: torch.Tensor  # int64 [num_blocks]: 0 .. num_blocks - 1 (the score kernel's work list)
     put_kv_tok: torch.Tensor  # stage: tokens of the new tails ...
     put_kv_flat: torch.Tensor  # ... and where they go
     put_pq_tok: torch.Tensor  # queries of the new tails' probe rows ...
@@ -197,7 +198,8 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
         kv_new_range=_as_range(kv[2]) if not kv[0] and kv[3] == list(range(len(kv[3]))) else None,
         pq_stage_src=long(pq[0]), pq_stage_dst=long(pq[1]), pq_new_tok=long(pq[2]), pq_new_dst=long(pq[3]),
         offsets=torch.tensor(offsets, dtype=torch.int32, device=dev).view(len(last_tok), p),
-        last_tok=long(last_tok), block_slots=long(block_slots), put_kv_tok=long(put_kv),
+        last_tok=long(last_tok), block_slots=long(block_slots), block_index=long(range(len(last_tok))),
+        put_kv_tok=long(put_kv),
         put_kv_flat=long(put_kv_flat), put_pq_tok=long(put_pq),
         put_pq_flat=long(put_pq_flat),
     )  # fmt: skip
@@ -343,12 +345,22 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
             pq.index_copy_(0, cp.pq_stage_dst, staging.probe_query.view(-1, hq, d).index_select(0, cp.pq_stage_src))
         pq.index_copy_(0, cp.pq_new_dst, q.index_select(0, cp.pq_new_tok).to(dt))
         scores = torch.empty(b, n, h, dtype=torch.float32, device=k.device)
-        src = torch.arange(b, device=k.device)
-        ops.block_scores(bk.view(b, n, h, d), pq.view(b, p, hq, d), cp.offsets, src, scores, config.normalizer,
-                         config.saliency, scale)
+        ops.block_scores(bk.view(b, n, h, d), pq.view(b, p, hq, d), cp.offsets, cp.block_index, scores,
+                         config.normalizer, config.saliency, scale)
         scores = scores.view(b * n, h)
-    block_ids = torch.div(slot_mapping[cp.last_tok], n, rounding_mode="floor")
-    ops.compress_store(bk, bv, scores, block_ids, kv_cache, layout)
+    ops.compress_store(bk, bv, scores, _block_ids(cp, slot_mapping, n), kv_cache, layout)
+
+
+def _block_ids(cp: ChunkPlan, slot_mapping: torch.Tensor, n: int) -> torch.Tensor:
+    """The page of each block completed in the step, from the slot of its last token: computed by the first
+    layer and kept on the plan for the others, which get the same ``slot_mapping`` (vLLM's metadata of the
+    step; another tensor, e.g. a caller's own per layer, is computed anew)."""
+    cached = cp.__dict__.get("_block_ids")
+    if cached is not None and cached[0] is slot_mapping:
+        return cached[1]
+    ids = torch.div(slot_mapping[cp.last_tok], n, rounding_mode="floor")
+    cp.__dict__["_block_ids"] = (slot_mapping, ids)
+    return ids
 
 
 def _attend_blocks(q, k, v, kv_cache, block_table, staging, step, cp: ChunkPlan, layout, ops, scale, out) -> None:

@@ -131,6 +131,7 @@ class ChunkPlan:
     pq_stage_dst: torch.Tensor  # ... and their rows in the [num_blocks * num_probes] gather
     pq_new_tok: torch.Tensor
     pq_new_dst: torch.Tensor
+    pq_new_only: bool  # every probe query is of this step, in gather order (a prompt): one gather, no scatter
     offsets: torch.Tensor  # int32 [num_blocks, num_probes]
     last_tok: torch.Tensor  # int64 [num_blocks]: the token holding each block's last position (its page id)
     block_slots: torch.Tensor  # int64 [num_blocks]: the staging slot of each block's sequence
@@ -197,6 +198,7 @@ def chunk_plan(step: Step, config: ZipCacheConfig, engine_rows: int, kernel_rows
         kv_stage_src=long(kv[0]), kv_stage_dst=long(kv[1]), kv_new_tok=long(kv[2]), kv_new_dst=long(kv[3]),
         kv_new_range=_as_range(kv[2]) if not kv[0] and kv[3] == list(range(len(kv[3]))) else None,
         pq_stage_src=long(pq[0]), pq_stage_dst=long(pq[1]), pq_new_tok=long(pq[2]), pq_new_dst=long(pq[3]),
+        pq_new_only=not pq[0] and pq[3] == list(range(len(pq[3]))),
         offsets=torch.tensor(offsets, dtype=torch.int32, device=dev).view(len(last_tok), p),
         last_tok=long(last_tok), block_slots=long(block_slots), block_index=long(range(len(last_tok))),
         put_kv_tok=long(put_kv),
@@ -340,10 +342,14 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
     if config.saliency is Saliency.RANDOM:  # ablation: the draw of each block's staging slot
         scores = random.expand(staging.key.shape[0], -1, -1).index_select(0, cp.block_slots).reshape(b * n, h)
     else:
-        pq = torch.empty(b * p, hq, d, dtype=dt, device=q.device)
-        if cp.pq_stage_src.numel():
-            pq.index_copy_(0, cp.pq_stage_dst, staging.probe_query.view(-1, hq, d).index_select(0, cp.pq_stage_src))
-        pq.index_copy_(0, cp.pq_new_dst, q.index_select(0, cp.pq_new_tok).to(dt))
+        if cp.pq_new_only:
+            pq = q.index_select(0, cp.pq_new_tok).to(dt)
+        else:
+            pq = torch.empty(b * p, hq, d, dtype=dt, device=q.device)
+            if cp.pq_stage_src.numel():
+                pq.index_copy_(0, cp.pq_stage_dst,
+                               staging.probe_query.view(-1, hq, d).index_select(0, cp.pq_stage_src))  # fmt: skip
+            pq.index_copy_(0, cp.pq_new_dst, q.index_select(0, cp.pq_new_tok).to(dt))
         scores = torch.empty(b, n, h, dtype=torch.float32, device=k.device)
         ops.block_scores(bk.view(b, n, h, d), pq.view(b, p, hq, d), cp.offsets, cp.block_index, scores,
                          config.normalizer, config.saliency, scale)

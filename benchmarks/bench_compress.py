@@ -33,7 +33,9 @@ from zipcache_vllm.method.config import ZipCacheConfig
 H, HQ, D = 8, 32, 128
 
 
-def _load(path: str, name: str = "_compress_store_base"):
+def load_kernel_file(path: str, name: str = "_compress_store_base"):
+    """The kernel file ``path`` (e.g. an earlier commit's) as module ``zipcache_vllm.kernels.<name>``, so that its
+    relative imports resolve (also used by ``sass_compress.py``)."""
     spec = importlib.util.spec_from_file_location(f"zipcache_vllm.kernels.{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -124,8 +126,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_compress.py needs a CUDA GPU")
-    base = _load(a.baseline) if a.baseline else None
-    base_scores = _load(a.baseline_scores, "_block_scores_base") if a.baseline_scores else None
+    base = load_kernel_file(a.baseline) if a.baseline else None
+    base_scores = load_kernel_file(a.baseline_scores, "_block_scores_base") if a.baseline_scores else None
     current = kernel_module("compress_store")
     configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
     records = [case(int(c), configs, current, base, a.reps, base_scores) for c in a.contexts.split(",")]

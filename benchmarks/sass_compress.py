@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
-import importlib.util
 import re
 
 from triton.compiler import ASTSource
 from zipcache_vllm.kernels.compress_store import tile_rows
 
 from benchmarks._sass import compile_sm90
+from benchmarks.bench_compress import load_kernel_file
 from zipcache_vllm.engine.layout import PageLayout
 from zipcache_vllm.method.config import ZipCacheConfig
 
@@ -42,13 +42,7 @@ def main() -> None:
     if a.block_scores:
         _block_scores(a.kernel, [int(w) for w in a.num_warps.split(",")])
         return
-    if a.kernel:  # loaded as a module of the package, so that its relative imports resolve
-        spec = importlib.util.spec_from_file_location("zipcache_vllm.kernels._compress_store_other", a.kernel)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    else:
-        mod = importlib.import_module("zipcache_vllm.kernels.compress_store")
-    fn = mod._compress_store_kernel
+    fn = _module(a.kernel, "compress_store")._compress_store_kernel
     ce = dict(N=lay.block_size, N_PAD=lay.block_size, D=lay.head_size, BH=lay.bits_high, BL=lay.bits_low,
               SK=lay.num_salient_k, SV=lay.num_salient_v, K_HI_OFF=lay.k_hi_off, K_LO_OFF=lay.k_lo_off,
               V_HI_OFF=lay.v_hi_off, V_LO_OFF=lay.v_lo_off, K_PAR_OFF=lay.k_param_off, V_NORM_OFF=lay.v_norm_off,
@@ -57,41 +51,42 @@ def main() -> None:
     types = {"key_ptr": "*bf16", "value_ptr": "*bf16", "scores_ptr": "*fp32", "count_ptr": "*fp32",
              "pq_ptr": "*bf16", "tiles_ptr": "*bf16", "red_ptr": "*fp32", "cache_u8_ptr": "*u8",
              "cache_f16_ptr": "*fp16", "qk_scale": "fp32"}  # fmt: skip
+    for r, w in ((int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")):
+        sass, total = _report(f"R {r} num_warps {w}", fn, {**ce, "R": r}, types, num_warps=w, enable_fp_fusion=False)
+        print("  " + _loops(sass, total, _trips(lay, r)))
+
+
+def _module(path: str | None, name: str):
+    """``zipcache_vllm.kernels.<name>``, or the file ``path`` (e.g. an earlier commit's) loaded as a module of
+    the package, so that its relative imports resolve."""
+    if not path:
+        return importlib.import_module(f"zipcache_vllm.kernels.{name}")
+    return load_kernel_file(path, f"_{name}_other")
+
+
+def _report(label: str, fn, ce: dict, types: dict, **options) -> tuple[str, int]:
+    """Compile ``fn`` for sm_90 (constexprs ``ce``, pointer and scalar ``types``; other ``*_ptr`` int32, other
+    scalars i32; pointers and strides 16-divisible) and print its registers, spills and instruction mix; returns
+    the SASS and its instruction count."""
     sig = {n: "constexpr" if n in ce else types.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride"))}  # fmt: skip
-    for r, w in ((int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")):
-        ce["R"] = r
-        sig["R"] = "constexpr"
-        info, sass = compile_sm90(ASTSource(fn, sig, ce, attrs), num_warps=w, enable_fp_fusion=False)
-        regs = " ".join(x.strip() for x in info.replace("\n", " ").split(",") if "registers" in x or "spill" in x)
-        ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _OP.search(line)))
-        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
-        print(f"R {r} num_warps {w}: {regs} | {sum(ops.values())} instructions | {top}")
-        print("  " + _loops(sass, sum(ops.values()), _trips(lay, r)))
+    info, sass = compile_sm90(ASTSource(fn, sig, ce, attrs), **options)
+    regs = " ".join(x.strip() for x in info.replace("\n", " ").split(",") if "registers" in x or "spill" in x)
+    ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _OP.search(line)))
+    top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
+    print(f"{label}: {regs} | {sum(ops.values())} instructions | {top}")
+    return sass, sum(ops.values())
 
 
 def _block_scores(path: str | None, warps: list[int]) -> None:
     """Registers and instruction mix of the block-rule score kernel (``kernels/block_scores.py``, or ``path``),
     13 probes x 4 query heads per KV head (LLaMA3-8B), block 128, ``probe_nnz``."""
-    if path:
-        spec = importlib.util.spec_from_file_location("zipcache_vllm.kernels._block_scores_other", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    else:
-        mod = importlib.import_module("zipcache_vllm.kernels.block_scores")
-    fn = mod._block_scores_kernel
+    fn = _module(path, "block_scores")._block_scores_kernel
     ce = dict(N=128, N_PAD=128, P=13, G=4, ROWS=64, D=128, NORMALIZER=2, DOT_FP32=False)
     types = {"k_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*fp32", "qk_scale": "fp32"}
-    sig = {n: "constexpr" if n in ce else types.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
-             if sig[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride"))}  # fmt: skip
     for w in warps:
-        info, sass = compile_sm90(ASTSource(fn, sig, ce, attrs), num_warps=w)
-        regs = " ".join(x.strip() for x in info.replace("\n", " ").split(",") if "registers" in x or "spill" in x)
-        ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _OP.search(line)))
-        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
-        print(f"block_scores num_warps {w}: {regs} | {sum(ops.values())} instructions | {top}")
+        _report(f"block_scores num_warps {w}", fn, ce, types, num_warps=w)
 
 
 def _trips(lay: PageLayout, r: int) -> dict[int, list[int]]:

@@ -27,13 +27,13 @@ scores its block by its probes first (``block_scores.probe_scores``, the block r
 the SM: measured slower than the two kernels in sequence (below), so the engine launches ``block_scores`` then
 this kernel.
 
-H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k prompt, ``vllm`` preset (``benchmarks/bench_compress.py``,
-CUDA-graph replays of one launch): 36 / 99 us, against 55 / 188 us for the whole-tile kernel before it (255
-registers, 12.5 % occupancy, instruction-cache misses) and 113 / 433 us for the first one. Tiles of 32 elements
-per thread are the sweet spot: 16 rows x 2 warps, 32 x 4 (36 / 128 us) and 8 x 1 (51 / 90 us); 16 elements per
-thread (16 x 4, 8 x 2) run 2-3x slower, 8 warps slower still. Scoring inside the kernel: 62 / 243 us against
-11 / 26 us (``block_probe_scores``) + 36 / 99. Prefetching the next tile, unrolled tile loops and a program per
-K or V were no faster (``benchmarks/results/h200_compress_*.json``).
+The row-tile kernel before page-row tiles (170904c) on the H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k
+prompt, ``vllm`` preset (``benchmarks/bench_compress.py``, CUDA-graph replays of one launch): 36 / 99 us, against 55
+/ 188 us for the whole-tile kernel before it (255 registers, 12.5 % occupancy, instruction-cache misses) and 113 /
+433 us for the first one. Tiles of 32 elements per thread are the sweet spot: 16 rows x 2 warps, 32 x 4 (36 / 128
+us) and 8 x 1 (51 / 90 us); 16 elements per thread (16 x 4, 8 x 2) run 2-3x slower, 8 warps slower still. Scoring
+inside the kernel: 62 / 243 us against 11 / 26 us (``block_probe_scores``) + 36 / 99. Prefetching the next tile,
+unrolled tile loops and a program per K or V were no faster (``benchmarks/results/h200_compress_*.json``).
 Bit-exactness rests on the conventions of ``zipcache_vllm/method/quant.py``: float32 min/max, IEEE division and
 square root (``div_rn`` / ``sqrt_rn``, or :func:`_div`'s equal result), parameters rounded to fp16 before the
 codes, round-half-to-even, and no contraction into fused multiply-adds (the kernel is launched with fp fusion

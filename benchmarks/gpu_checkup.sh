@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_checkup.sh [OUT_DIR [COMMIT]]   # on the H200 (device tool: run from the repository root)
 #   STAGES="spike bench_kernels compress serving_gpu" bash benchmarks/gpu_checkup.sh ...   # then STAGES=gpu_suite
+#   STAGES="compress spike bench_kernels prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~480 s)
 #
 # COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
@@ -48,6 +49,10 @@ base=()
 stage compress 150 python benchmarks/bench_compress.py --num-warps 2,4 --rows-per-tile 16,32 \
   ${base[@]+"${base[@]}"} --commit "$commit" --out "$out/compress.json"
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
+# the GPU tests of what the prefill side changed since the last complete suite (compress, probe scores, the engine
+# step): to go with the stages above in one call when a second call for gpu_suite may not come
+stage prefill_tests 120 python -m pytest -n 14 -q -p no:cacheprovider tests/kernels/test_compress_store.py \
+  tests/kernels/test_decode_step_kernels.py tests/engine/test_step.py -k "not numba"
 stage gpu_suite 330 python -m pytest -n 14 -q -p no:cacheprovider tests/kernels tests/hf/test_hf_paged.py \
   tests/engine tests/plugin/test_cuda_builder_api.py -k "not numba"
 rm -f zipcache_vllm/kernels

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cache_args, check, check_cache, check_tensor, interpreting, pow2
+from ._common import cache_args, check, check_cache, check_tensor, interpreting, num_sms, pow2
 from .block_scores import normalize_scores, probe_args, probe_scores
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
@@ -466,7 +466,8 @@ def compress_store(
     block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
     layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
-    num_warps : per program (one program per block and KV head; default 2).
+    num_warps : per program (one program per block and KV head; default 4 where the programs fit two per SM,
+        one wave, else 2).
     probe_query, probe_offsets : ``[num_new_blocks, num_probes, num_heads, head_size]`` and int32
         ``[num_new_blocks, num_probes]``: score each block by its probes in the same kernel (the block rule,
         ``block_scores.probe_scores``; ``normalizer``, ``saliency``, ``scale`` as ``block_probe_scores``), so
@@ -587,6 +588,11 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
             check(scores.dtype == torch.float32, "scores receives the probe scores: it must be float32")
         pargs = probe_args(probe_key, pq, offsets, e, normalizer, saliency, scale)
         del pargs["N"], pargs["N_PAD"], pargs["D"]
+    if num_warps is None and rows_per_tile is None and slots is None and not interpreting():
+        # a prompt's blocks: 4 warps (32 rows at head size 128) where the programs are one wave of them (e.g. 256
+        # for a 4k prompt of 8 KV heads on 132 SMs), so that each warp's share is shorter; 2 warps otherwise
+        # (H100, 35dbe21, bench_compress.py: 4k 26.4 vs 28.5 us, fused scores 30.7 vs 36.2; 16k 2 warps 81 vs 106)
+        num_warps = 4 if e * h <= 2 * num_sms(key.device) else 2
     warps = num_warps or (1 if interpreting() else 2)
     # 32 elements of a tile per thread: the measured best (16 per thread is 2-3x slower: bench_compress.py)
     r = rows_per_tile or min(n_pad, max(1, 1 << (1024 * warps // d).bit_length() - 1))

@@ -350,6 +350,12 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
                 pq.index_copy_(0, cp.pq_stage_dst,
                                staging.probe_query.view(-1, hq, d).index_select(0, cp.pq_stage_src))  # fmt: skip
             pq.index_copy_(0, cp.pq_new_dst, q.index_select(0, cp.pq_new_tok).to(dt))
+        if ops.name == "triton":  # the blocks scored by their probes inside the compression kernel (one launch;
+            # the scores never go through memory): faster than the two launches (docs/performance.md)
+            ops.compress_store(bk, bv, None, _block_ids(cp, slot_mapping, n), kv_cache, layout,
+                               probe_query=pq.view(b, p, hq, d), probe_offsets=cp.offsets,
+                               normalizer=config.normalizer, saliency=config.saliency, scale=scale)  # fmt: skip
+            return
         scores = torch.empty(b, n, h, dtype=torch.float32, device=k.device)
         ops.block_scores(bk.view(b, n, h, d), pq.view(b, p, hq, d), cp.offsets, cp.block_index, scores,
                          config.normalizer, config.saliency, scale)

@@ -590,9 +590,12 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         del pargs["N"], pargs["N_PAD"], pargs["D"]
     if num_warps is None and rows_per_tile is None and slots is None and not interpreting():
         # a prompt's blocks: 4 warps (32 rows at head size 128) where the programs are one wave of them (e.g. 256
-        # for a 4k prompt of 8 KV heads on 132 SMs), so that each warp's share is shorter; 2 warps otherwise
+        # for a 4k prompt of 8 KV heads on 132 SMs), so that each warp's share is shorter, and the quotas take
+        # tiles of 32 elements per thread (r0.6's 80 rows take 16: 4 warps would be 2x slower); 2 warps otherwise
         # (H100, 35dbe21, bench_compress.py: 4k 26.4 vs 28.5 us, fused scores 30.7 vs 36.2; 16k 2 warps 81 vs 106)
-        num_warps = 4 if e * h <= 2 * num_sms(key.device) else 2
+        r4 = min(n_pad, max(1, 1 << (4096 // d).bit_length() - 1))
+        one_wave = e * h <= 2 * num_sms(key.device)
+        num_warps = 4 if one_wave and tile_rows(r4, layout.num_salient_k, layout.num_salient_v) == r4 else 2
     warps = num_warps or (1 if interpreting() else 2)
     # 32 elements of a tile per thread: the measured best (16 per thread is 2-3x slower: bench_compress.py)
     r = rows_per_tile or min(n_pad, max(1, 1 << (1024 * warps // d).bit_length() - 1))

@@ -5,13 +5,13 @@
 #
 #   bash benchmarks/gpu_checkup.sh [OUT_DIR [COMMIT]]   # on the H200 (device tool: run from the repository root)
 #   STAGES="spike bench_kernels compress serving_gpu" bash benchmarks/gpu_checkup.sh ...   # then STAGES=gpu_suite
-#   STAGES="compress spike bench_kernels prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~480 s)
+#   STAGES="compress spike bench_kernels prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~510 s)
 #
 # COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
 # the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
 # ran. Six files in all (checkup.log, h200.json, h200.md, h200_decode.png, compress.json, serving_gpu.json): the
-# device tool returns at most 8. All stages take up to 820 s, more than one command may run (600 s): run them as two
+# device tool returns at most 8. All stages take up to 990 s, more than one command may run (600 s): run them as two
 # calls with STAGES (the machine stays warm between calls that follow within 30 s). Needs a CUDA device, torch and
 # triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
@@ -38,7 +38,7 @@ P=one-map-defer-subnormal-kv-pieces-page-max
 D=$P-tma-auto
 stage spike 110 python benchmarks/spike_decode_v2.py --variants $D,$P,$D,$P --presets vllm \
   --cases 16x32768,64x4096,1x4096,16x4096
-stage bench_kernels 100 python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"
+stage bench_kernels 130 python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"
 # compress_store against an earlier version, side by side, when one was put in kernels/ before the call, e.g.
 # git show 9dded8a:kernels/compress_store.py > kernels/_compress_store_base.py (untracked files travel; 9dded8a:
 # the last kernel timed, before page-row tiles), at 2 and 4 warps (16 / 32 rows: 32 tile elements per thread)

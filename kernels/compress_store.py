@@ -20,12 +20,13 @@ sm_90 SASS (``benchmarks/sass_compress.py``, ``vllm`` page, R 16, 2 warps): 8,24
 5 % faster at 16k, 99.1 vs 104.5 us); **4,896** with page-row tiles, the scratch reductions, codes rounded by the
 float addition alone (:func:`_codes`), the ranking's packed reductions and the next tile's tokens loaded ahead
 (2026-12-05), 255 -> 168 registers, and per warp ~20,250 -> ~12,670 executed instructions (loop sizes x trip
-counts + the straight-line rest, which fell from ~5,500 to ~2,500); at R 32 and 4 warps ~7,480. **Not timed
-yet** (no GPU was lent that session).
-With ``probe_query`` the program
-scores its block by its probes first (``block_scores.probe_scores``, the block rule), so the scores never leave
-the SM: measured slower than the two kernels in sequence (below), so the engine launches ``block_scores`` then
-this kernel.
+counts + the straight-line rest, which fell from ~5,500 to ~2,500); at R 32 and 4 warps ~7,480. Timed on an
+H100 (35dbe21, ``vllm`` page, 4k / 16k prompt): 28.5 / 81.3 us at 16 x 2 against 35.3 / 97.3 before; 32 x 4
+26.4 / 106.0 (faster where the programs are one wave: the default picks it there, ``_launch``).
+With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
+rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
+against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below), so the engine step on CUDA
+launches this path.
 
 The row-tile kernel before page-row tiles (170904c) on the H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k
 prompt, ``vllm`` preset (``benchmarks/bench_compress.py``, CUDA-graph replays of one launch): 36 / 99 us, against 55

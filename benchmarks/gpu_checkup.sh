@@ -5,13 +5,13 @@
 #
 #   bash benchmarks/gpu_checkup.sh [OUT_DIR [COMMIT]]   # on the H200 (device tool: run from the repository root)
 #   STAGES="spike bench_kernels compress serving_gpu" bash benchmarks/gpu_checkup.sh ...   # then STAGES=gpu_suite
-#   STAGES="compress spike bench_kernels prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~510 s)
+#   STAGES="compress spike bench_kernels prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~560 s)
 #
 # COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
 # the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
 # ran. Six files in all (checkup.log, h200.json, h200.md, h200_decode.png, compress.json, serving_gpu.json): the
-# device tool returns at most 8. All stages take up to 990 s, more than one command may run (600 s): run them as two
+# device tool returns at most 8. All stages take up to 1040 s, more than one command may run (600 s): run them as two
 # calls with STAGES (the machine stays warm between calls that follow within 30 s). Needs a CUDA device, torch and
 # triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
@@ -46,7 +46,7 @@ stage bench_kernels 130 python benchmarks/bench_kernels.py --quick --commit "$co
 base=()
 [[ -f kernels/_compress_store_base.py ]] && base=(--baseline kernels/_compress_store_base.py)
 [[ -f kernels/_block_scores_base.py ]] && base+=(--baseline-scores kernels/_block_scores_base.py)
-stage compress 150 python benchmarks/bench_compress.py --num-warps 2,4 --rows-per-tile 16,32 \
+stage compress 200 python benchmarks/bench_compress.py --num-warps 2,4 --rows-per-tile 16,32 --split-kv \
   ${base[@]+"${base[@]}"} --commit "$commit" --out "$out/compress.json"
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
 # the GPU tests of what the prefill side changed since the last complete suite (compress, probe scores, the engine

@@ -193,6 +193,7 @@ def _compress_store_kernel(
     FROM_SLOTS: tl.constexpr, SCORES: tl.constexpr,
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
+    SPLIT_KV: tl.constexpr,  # two programs per (block, KV head): axis 2 is 0 for the keys, 1 for the values
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -205,7 +206,10 @@ def _compress_store_kernel(
         src = tl.load(src_ptr + e).to(tl.int64)
     t = tl.arange(0, N_PAD)
     tv = t < N
-    work = work_ptr + (e * tl.num_programs(1) + head) * N_PAD
+    sidx = e * tl.num_programs(1) + head  # the program's scratch
+    if SPLIT_KV:  # both programs rank the block (same scores, same rows, same bitmap bytes), each in its own scratch
+        sidx = sidx * 2 + tl.program_id(2)
+    work = work_ptr + sidx * N_PAD
     # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
     if SCORES >= 2:
         s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
@@ -229,20 +233,30 @@ def _compress_store_kernel(
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
     # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
     # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
-    tiles = tiles_ptr + (e * tl.num_programs(1) + head) * (4 * R * D)
-    red = red_ptr + (e * tl.num_programs(1) + head) * (3 * D)
+    tiles = tiles_ptr + sidx * (4 * R * D)
+    red = red_ptr + sidx * (3 * D)
     if SCORES >= 2:
         tl.debug_barrier()  # every lane has read its scores from the scratch row
     tl.store(work + row, t.to(tl.int32), mask=tv)
     tl.debug_barrier()
     x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
-    _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                   cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF, K_LO_OFF,
-                   K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
-    _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                     cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF, V_LO_OFF,
-                     V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+    if SPLIT_KV:
+        if tl.program_id(2) == 0:
+            _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                           cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
+                           K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+        else:
+            _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                             cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
+                             V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+    else:
+        _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
+                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+        _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                         cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
+                         V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
 
 
 @triton.jit
@@ -455,6 +469,7 @@ def compress_store(
     saliency="normalized",
     scale: float | None = None,
     rows_per_tile: int | None = None,
+    split_kv: bool = False,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -475,6 +490,9 @@ def compress_store(
         neither the scores nor a second read of the keys go through HBM.
     rows_per_tile : rows of the block quantized at a time (a power of two; default: 32 tile elements per
         thread, 16 rows at head size 128 and 2 warps), lowered to divide the salient quotas (:func:`tile_rows`).
+    split_kv : two programs per block and KV head, one quantizing the keys and one the values (both rank the
+        block; with ``probe_query`` both score it): twice the programs, each with a shorter instruction stream
+        (for prompts whose programs are less than a wave; not timed yet, off by default).
 
     Example
     -------
@@ -505,7 +523,7 @@ def compress_store(
         return
     s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
     _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
-            probes, probe_key if probes else None)  # fmt: skip
+            probes, probe_key if probes else None, split_kv)  # fmt: skip
 
 
 def compress_slots(
@@ -572,7 +590,7 @@ def compress_slots(
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=False) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -602,10 +620,11 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
     r = rows_per_tile or min(n_pad, max(1, 1 << (1024 * warps // d).bit_length() - 1))
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
     r = tile_rows(r, layout.num_salient_k, layout.num_salient_v)
-    work = torch.empty(e * h * n_pad, dtype=torch.int32, device=key.device)
-    tiles = torch.empty(e * h * 4 * r * d, dtype=key.dtype, device=key.device)
-    red = torch.empty(e * h * 3 * d, dtype=torch.float32, device=key.device)
-    _compress_store_kernel[(e, h)](
+    parts = 2 if split_kv else 1
+    work = torch.empty(e * h * parts * n_pad, dtype=torch.int32, device=key.device)
+    tiles = torch.empty(e * h * parts * 4 * r * d, dtype=key.dtype, device=key.device)
+    red = torch.empty(e * h * parts * 3 * d, dtype=torch.float32, device=key.device)
+    _compress_store_kernel[(e, h, parts)](
         key, value, key.stride(0), key.stride(1),
         key if scores is None else scores, stride_s_blk, stride_s_tok, stride_s_head,
         key if score_count is None else score_count, stride_cnt_blk,
@@ -621,5 +640,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        num_warps=warps, enable_fp_fusion=False, **pargs,
+        SPLIT_KV=split_kv, num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

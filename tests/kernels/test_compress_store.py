@@ -150,6 +150,37 @@ def test_scored_by_probes_in_the_kernel(n, h, g, d, r, rv, normalizer):
     assert torch.equal(again.cpu(), ref)
 
 
+@pytest.mark.parametrize("n, h, g, d, r, rv", [PROBE_CASES[1], PROBE_CASES[3]])
+def test_split_kv_writes_the_same_pages(n, h, g, d, r, rv):
+    """``split_kv`` (a program for the keys and one for the values of each block and head, each ranking the block
+    in its own scratch): the twin's pages under given scores, and the fused kernel's pages and scores when the
+    blocks are scored by their probes; a negative block id writes nothing."""
+    layout = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
+    nb = 3
+    cfg = ZipCacheConfig(block_size=n)
+    offsets = torch.stack([block_probe_offsets(cfg, n, i) for i in (1, 0, 4)]).int()
+    k = (torch.randn(nb * n, h, d) * torch.rand(d) * 3).bfloat16()
+    v = torch.randn(nb * n, h, d).bfloat16()
+    pq = torch.randn(nb, offsets.shape[1], h * g, d).bfloat16()
+    ids = torch.tensor([3, -1, 1], dtype=torch.int32)
+    base = torch.randint(0, 256, (5, h, layout.page_bytes), dtype=torch.uint8)
+    scores = torch.rand(nb * n, h)
+    ref = base.clone()
+    paged.compress_store(k[[*range(n), *range(2 * n, 3 * n)]], v[[*range(n), *range(2 * n, 3 * n)]],
+                         scores[[*range(n), *range(2 * n, 3 * n)]], torch.tensor([3, 1]), ref, layout)  # fmt: skip
+    kd, vd, idd = k.to(DEVICE), v.to(DEVICE), ids.to(DEVICE)
+    got = base.to(DEVICE)
+    compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, split_kv=True)
+    assert torch.equal(got.cpu(), ref)
+    probe = {"probe_query": pq.to(DEVICE), "probe_offsets": offsets.to(DEVICE), "scale": d**-0.5}
+    want, want_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
+    compress_store(kd, vd, want_scores, idd, want, layout, **probe)
+    got, got_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
+    compress_store(kd, vd, got_scores, idd, got, layout, split_kv=True, **probe)
+    assert torch.equal(got.cpu(), want.cpu())
+    assert torch.equal(got_scores.cpu(), want_scores.cpu())
+
+
 def test_slots_scored_by_probes_in_the_kernel():
     """compress_slots with probe queries in the staging slots: a work list with idle entries, entries out of
     slot order; the pages equal the twin's under the kernel's scores, the pages of idle entries stay."""

@@ -35,8 +35,7 @@ Geometry: LLaMA3-8B attention (32 query heads, 8 KV heads, head size 128), one l
   CUDA, compress_store scoring the blocks by their probes, timed in a graph of its own; ``probe_us`` +
   ``compress_us``: the two kernels apart; ``added_to_sdpa_graph_us``: what the step's path adds to SDPA's time
   when it follows SDPA in one graph; ``two_kernels_added_to_sdpa_graph_us``: the same for the two kernels);
-  our own prefill attention
-  (block rule: dequantize + flash kernel) too;
+  our own prefill attention (block rule: dequantize + flash kernel) too;
 * chunked prefill (``vllm`` preset): 2048 queries over 30,720 compressed tokens through
   ``bench_prefill_step.chunked_case`` (record ``chunked_prefill``: ``time_us`` our attention, ``baseline_time_us``
   SDPA over as many bf16 keys, ``speedup``).

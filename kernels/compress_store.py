@@ -206,9 +206,15 @@ def _compress_store_kernel(
         src = tl.load(src_ptr + e).to(tl.int64)
     t = tl.arange(0, N_PAD)
     tv = t < N
-    sidx = e * tl.num_programs(1) + head  # the program's scratch
-    if SPLIT_KV:  # both programs rank the block (same scores, same rows, same bitmap bytes), each in its own scratch
-        sidx = sidx * 2 + tl.program_id(2)
+    # one program quantizes the keys and the values, or (SPLIT_KV) part 0 the keys and part 1 the values, each
+    # ranking the block (same scores, same rows, same bitmap bytes) in its own scratch; a constexpr, so that the
+    # unsplit kernel has no branch on the part and the split one is compiled (and allocates registers) apart
+    part = 0
+    num_parts = 1
+    if SPLIT_KV:
+        part = tl.program_id(2)
+        num_parts = 2
+    sidx = (e * tl.num_programs(1) + head) * num_parts + part
     work = work_ptr + sidx * N_PAD
     # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
     if SCORES >= 2:
@@ -241,19 +247,11 @@ def _compress_store_kernel(
     tl.debug_barrier()
     x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
-    if SPLIT_KV:
-        if tl.program_id(2) == 0:
-            _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                           cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
-                           K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
-        else:
-            _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                             cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
-                             V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
-    else:
+    if part == 0:
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                        cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
                        K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+    if part == num_parts - 1:
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                          cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
                          V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
@@ -589,6 +587,12 @@ def compress_slots(
             rows_per_tile, probes, tail_key)  # fmt: skip
 
 
+def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
+    """Rows per tile for 32 tile elements per thread: the measured best (16 per thread is 2-3x slower:
+    ``bench_compress.py``)."""
+    return min(n_pad, max(1, 1 << (1024 * num_warps // d).bit_length() - 1))
+
+
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
             slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=False) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
@@ -612,12 +616,11 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         # for a 4k prompt of 8 KV heads on 132 SMs), so that each warp's share is shorter, and the quotas take
         # tiles of 32 elements per thread (r0.6's 80 rows take 16: 4 warps would be 2x slower); 2 warps otherwise
         # (H100, 35dbe21, bench_compress.py: 4k 26.4 vs 28.5 us, fused scores 30.7 vs 36.2; 16k 2 warps 81 vs 106)
-        r4 = min(n_pad, max(1, 1 << (4096 // d).bit_length() - 1))
+        r4 = _default_rows(4, d, n_pad)
         one_wave = e * h <= 2 * num_sms(key.device)
         num_warps = 4 if one_wave and tile_rows(r4, layout.num_salient_k, layout.num_salient_v) == r4 else 2
     warps = num_warps or (1 if interpreting() else 2)
-    # 32 elements of a tile per thread: the measured best (16 per thread is 2-3x slower: bench_compress.py)
-    r = rows_per_tile or min(n_pad, max(1, 1 << (1024 * warps // d).bit_length() - 1))
+    r = rows_per_tile or _default_rows(warps, d, n_pad)
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
     r = tile_rows(r, layout.num_salient_k, layout.num_salient_v)
     parts = 2 if split_kv else 1

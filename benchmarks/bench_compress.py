@@ -2,7 +2,7 @@
 with the blocks scored by their probes inside the kernel, per (rows per tile, ``num_warps``), against a copy of the
 same bf16 keys and values (the memory floor), the standalone probe-score kernel and, optionally, an earlier
 version of the kernel loaded from a file (and, with ``--split-kv``, a program for the keys and one for the values
-of each block and head), side by side in one run.
+of each block and head; with ``--joint``, keys and values in the same passes), side by side in one run.
 
     git show 79a671a:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
     git show 79a671a:kernels/block_scores.py > kernels/_block_scores_base.py       # (--baseline-scores)
@@ -44,10 +44,11 @@ def load_kernel_file(path: str, name: str = "_compress_store_base"):
 
 
 def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,  # noqa: PLR0915
-         base_scores=None, split_kv=False) -> dict:
+         base_scores=None, ways=()) -> dict:
     """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
     num_warps) config, against the standalone probe-score kernel + the baseline compress (when given), and the
-    probe-score kernel against a baseline one (``base_scores``, when given)."""
+    probe-score kernel against a baseline one (``base_scores``, when given); ``ways``: compress_store's other
+    divisions of the work to time per config too (``split_kv``, ``joint``)."""
     layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), D)
     n = layout.block_size
     nb = context // n
@@ -98,15 +99,15 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,
         assert torch.equal(check, fused_pages), "fused pages differ from compression under the fused scores"
         rec["configs"].append({"rows_per_tile": r, "num_warps": w, "time_us": t, "fused_time_us": tf,
                                "fused_scores_max_diff": float((fused_scores - scores).abs().max())})
-        if split_kv:  # a program for the keys and one for the values, given scores and scored in the kernel
-            ts = graph_time_us(lambda r=r, w=w: current.compress_store(
-                k, v, scores, ids, cache, layout, num_warps=w, rows_per_tile=r, split_kv=True), reps)  # fmt: skip
-            assert torch.equal(cache, ref), "split_kv pages differ"
-            tsf = graph_time_us(lambda r=r, w=w: current.compress_store(
+        for way in ways:  # the other divisions of the work (split_kv, joint), given scores and scored in the kernel
+            ts = graph_time_us(lambda r=r, w=w, way=way: current.compress_store(
+                k, v, scores, ids, cache, layout, num_warps=w, rows_per_tile=r, **{way: True}), reps)  # fmt: skip
+            assert torch.equal(cache, ref), f"{way} pages differ"
+            tsf = graph_time_us(lambda r=r, w=w, way=way: current.compress_store(
                 k, v, None, ids, cache, layout, num_warps=w, rows_per_tile=r, probe_query=pq, probe_offsets=offsets,
-                split_kv=True), reps)  # fmt: skip
-            assert torch.equal(cache, fused_pages), "split_kv pages differ from the fused kernel's"
-            rec["configs"][-1].update(split_time_us=ts, split_fused_time_us=tsf)
+                **{way: True}), reps)  # fmt: skip
+            assert torch.equal(cache, fused_pages), f"{way} pages differ from the fused kernel's"
+            rec["configs"][-1].update({f"{way}_time_us": ts, f"{way}_fused_time_us": tsf})
     best = min(rec["configs"], key=lambda x: x["time_us"])
     best_f = min(rec["configs"], key=lambda x: x["fused_time_us"])
     rec["time_us"], rec["best_config"] = best["time_us"], (best["rows_per_tile"], best["num_warps"])
@@ -128,9 +129,12 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", default="4096,16384")
     ap.add_argument("--num-warps", default="2,4")
     ap.add_argument("--rows-per-tile", default="16,32")
+    ap.add_argument("--configs", default=None, help="rows x warps pairs, e.g. 16x2,32x4 (instead of every pair of "
+                    "--rows-per-tile and --num-warps)")
     ap.add_argument("--baseline", default=None, help="an earlier compress_store.py to time side by side")
     ap.add_argument("--baseline-scores", default=None, help="an earlier block_scores.py to time side by side")
     ap.add_argument("--split-kv", action="store_true", help="also time a program per keys and per values")
+    ap.add_argument("--joint", action="store_true", help="also time keys and values in the same passes")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)
@@ -141,7 +145,10 @@ def main(argv=None) -> None:
     base_scores = load_kernel_file(a.baseline_scores, "_block_scores_base") if a.baseline_scores else None
     current = kernel_module("compress_store")
     configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
-    records = [case(int(c), configs, current, base, a.reps, base_scores, a.split_kv) for c in a.contexts.split(",")]
+    if a.configs:
+        configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
+    ways = [w for w, on in (("split_kv", a.split_kv), ("joint", a.joint)) if on]
+    records = [case(int(c), configs, current, base, a.reps, base_scores, ways) for c in a.contexts.split(",")]
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": a.commit,
            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(map(shlex.quote, sys.argv)),
            "records": records}  # fmt: skip
@@ -150,8 +157,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in records:
         ts = ", ".join(f"{x['rows_per_tile']}x{x['num_warps']}: {x['time_us']:.1f} ({x['fused_time_us']:.1f})"
-                       + (f" split {x['split_time_us']:.1f} ({x['split_fused_time_us']:.1f})"
-                          if "split_time_us" in x else "")
+                       + "".join(f" {w} {x[w + '_time_us']:.1f} ({x[w + '_fused_time_us']:.1f})" for w in ways)
                        for x in r["configs"])  # fmt: skip
         ps = f"{r['probe_scores_us']:.1f}" + (f" (baseline {r['baseline_probe_scores_us']:.1f})"
                                               if "baseline_probe_scores_us" in r else "")

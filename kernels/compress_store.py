@@ -181,7 +181,7 @@ def _compress_store_kernel(
     block_ids_ptr,  # [E] int; a negative id: nothing to write (fixed-size work lists)
     src_ptr,  # FROM_SLOTS: int [E], the staging slot holding block e (its K/V rows, scores, probe queries)
     work_ptr,  # int32 [E, H, N_PAD] scratch: the token of each page row, reread per row tile
-    tiles_ptr,  # key dtype [E, H, 4, R, D] scratch: running min / max tiles, reduced per channel from there
+    tiles_ptr,  # key dtype [E, H, 4 (JOINT: 5), R, D] scratch: running min / max tiles, reduced per channel there
     red_ptr,  # fp32 [E, H, 3, D] scratch: per-channel reciprocals of the key steps and the value normalizer
     sk_rows, sv_rows, n_rows,  # SK, SV, N_PAD as run-time loop bounds: ptxas unrolls constant-trip tile loops
     cache_u8_ptr, cache_f16_ptr,  # kv_cache as uint8 and as fp16
@@ -194,6 +194,7 @@ def _compress_store_kernel(
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
     SPLIT_KV: tl.constexpr,  # two programs per (block, KV head): axis 2 is 0 for the keys, 1 for the values
+    JOINT: tl.constexpr,  # keys and values in the same two passes over the page rows (_compress_joint)
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -239,7 +240,7 @@ def _compress_store_kernel(
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
     # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
     # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
-    tiles = tiles_ptr + sidx * (4 * R * D)
+    tiles = tiles_ptr + sidx * ((4 + JOINT) * R * D)
     red = red_ptr + sidx * (3 * D)
     if SCORES >= 2:
         tl.debug_barrier()  # every lane has read its scores from the scratch row
@@ -247,11 +248,16 @@ def _compress_store_kernel(
     tl.debug_barrier()
     x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
-    if part == 0:
+    if JOINT:
+        _compress_joint(key_ptr + head * stride_x_head, value_ptr + head * stride_x_head, stride_x_tok, x_tok, work,
+                        tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sk_rows, sv_rows, n_rows, N, N_PAD,
+                        R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF, V_HI_OFF, V_LO_OFF, V_NORM_OFF,
+                        V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+    elif part == 0:
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                        cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
                        K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
-    if part == num_parts - 1:
+    if not JOINT and part == num_parts - 1:
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                          cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
                          V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
@@ -352,10 +358,24 @@ def _channel_reduce(tile, tiles, slot, MAX: tl.constexpr, R: tl.constexpr, D: tl
     ``[R, D]`` load, where a lane holds several rows of a few channels (reduced in registers), instead of being
     reduced in place, where a lane holds one row of 32 channels (every channel across 16 lanes, then the
     channel's parameters repeated by each of them)."""
+    _channel_put(tile, tiles, slot, R, D, PL)
+    tl.debug_barrier()
+    return _channel_get(tiles, slot, MAX, R, D)
+
+
+@triton.jit
+def _channel_put(tile, tiles, slot, R: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
+    """A running tile ``[R, D/PL, PL]`` into area ``slot`` of the scratch as ``R`` rows of ``D`` (read back by
+    :func:`_channel_get` after a barrier)."""
     rr = tl.arange(0, R)
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     tl.store(tiles + slot * R * D + rr[:, None, None] * D + ch[None, :, :], tile.to(tiles.dtype.element_ty))
-    tl.debug_barrier()
+
+
+@triton.jit
+def _channel_get(tiles, slot, MAX: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """Min (or max) over the ``R`` rows of scratch area ``slot``, as ``[D]`` in channel order."""
+    rr = tl.arange(0, R)
     full = tl.load(tiles + slot * R * D + rr[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
     if MAX:
         return tl.max(full, axis=0)
@@ -416,6 +436,120 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
 
 
 @triton.jit
+def _compress_joint(k_ptr, v_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                    sk_rows, sv_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                    BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, K_HI_OFF: tl.constexpr,
+                    K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
+                    V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
+                    RQ_L: tl.constexpr):  # fmt: skip
+    """ZC-3 keys and ZC-2 values in the same two passes over the page rows (:func:`_compress_keys` and
+    :func:`_compress_values` take two each, one after the other): a tile's keys and values are the same tokens,
+    so each step loads both (two independent loads and chains per step, half the steps). Statistics: the key
+    groups' running min / max and the values' max |x| (order-free: page-row order gives the same maxima), reduced
+    per channel in one scratch round trip (one barrier, not three); codes: one loop per run of page rows of one
+    key group and one value group (:func:`_joint_codes`). Same bytes as the two-function path."""
+    PL: tl.constexpr = 8 // BL
+    mn = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    amax = tl.zeros((R, D // PL, PL), tl.float32)
+    tok = _tile_tokens(work, 0, N, R)
+    for r0 in range(0, sk_rows, R):
+        nxt = _tile_tokens(work, r0 + R, N, R)
+        xk, rr, rv = _page_tile(k_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        xv, rr, rv = _page_tile(v_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        mn = tl.minimum(mn, xk)
+        mx = tl.maximum(mx, xk)
+        amax = tl.maximum(amax, tl.abs(xv))
+        tok = nxt
+    _channel_put(mn, tiles, 0, R, D, PL)  # out of the registers before the regular rows' tiles come in
+    _channel_put(mx, tiles, 1, R, D, PL)
+    mn = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    tok = _tile_tokens(work, sk_rows, N, R)
+    for r0 in range(sk_rows, n_rows, R):
+        nxt = _tile_tokens(work, r0 + R, N, R)
+        xk, rr, rv = _page_tile(k_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        xv, rr, rv = _page_tile(v_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        if N < N_PAD:  # padded rows load 0: keep them out of the key range (0 is neutral for max |x|)
+            mn = tl.minimum(mn, tl.where(rv[:, None, None], xk, _BIG))
+            mx = tl.maximum(mx, tl.where(rv[:, None, None], xk, -_BIG))
+        else:
+            mn = tl.minimum(mn, xk)
+            mx = tl.maximum(mx, xk)
+        amax = tl.maximum(amax, tl.abs(xv))
+        tok = nxt
+    _channel_put(mn, tiles, 2, R, D, PL)
+    _channel_put(mx, tiles, 3, R, D, PL)
+    _channel_put(amax, tiles, 4, R, D, PL)
+    tl.debug_barrier()
+    has_s: tl.constexpr = SK > 0
+    has_r: tl.constexpr = SK < N
+    _key_params(_channel_get(tiles, 0, False, R, D), _channel_get(tiles, 1, True, R, D), has_s, cache_f16_ptr,
+                hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)  # fmt: skip
+    _key_params(_channel_get(tiles, 2, False, R, D), _channel_get(tiles, 3, True, R, D), has_r, cache_f16_ptr,
+                hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)  # fmt: skip
+    c = tl.math.sqrt_rn(_channel_get(tiles, 4, True, R, D)).to(tl.float16)
+    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
+    d = tl.arange(0, D)
+    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
+    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
+    tl.debug_barrier()
+    # runs of page rows with one key group and one value group: [0, lo), [lo, hi), [hi, N_PAD)
+    LO: tl.constexpr = SK if SK < SV else SV
+    HI: tl.constexpr = SV if SK < SV else SK
+    lo_rows = tl.minimum(sk_rows, sv_rows)
+    hi_rows = tl.maximum(sk_rows, sv_rows)
+    if LO > 0:
+        _joint_codes(k_ptr, v_ptr, stride_x_tok, x_tok, work, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, 0,
+                     lo_rows, True, True, N, R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF, V_HI_OFF, V_LO_OFF,
+                     V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+    if HI > LO:
+        _joint_codes(k_ptr, v_ptr, stride_x_tok, x_tok, work, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                     lo_rows, hi_rows, SK > SV, SV > SK, N, R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF,
+                     V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+    if HI < N:
+        _joint_codes(k_ptr, v_ptr, stride_x_tok, x_tok, work, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                     hi_rows, n_rows, False, False, N, R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF, V_HI_OFF,
+                     V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+
+
+@triton.jit
+def _joint_codes(k_ptr, v_ptr, stride_x_tok, x_tok, work, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, a_rows,
+                 b_rows, K_HIGH: tl.constexpr, V_HIGH: tl.constexpr, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                 BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, K_HI_OFF: tl.constexpr,
+                 K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
+                 V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
+                 RQ_L: tl.constexpr):  # fmt: skip
+    """Codes of page rows ``a_rows .. b_rows`` (one key group, ``K_HIGH``, and one value group, ``V_HIGH``):
+    each tile's keys and values loaded together, quantized with the parameters the statistics pass stored."""
+    PL: tl.constexpr = 8 // BL
+    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    KG: tl.constexpr = 0 if K_HIGH else 1  # the key group's parameters: fp16 (step, mn) pairs, then reciprocals
+    KB: tl.constexpr = BH if K_HIGH else BL
+    VB: tl.constexpr = BH if V_HIGH else BL
+    KOFF: tl.constexpr = K_HI_OFF if K_HIGH else K_LO_OFF
+    VOFF: tl.constexpr = V_HI_OFF if V_HIGH else V_LO_OFF
+    KROW: tl.constexpr = 0 if K_HIGH else SK  # the first page row of the key group's region
+    VROW: tl.constexpr = 0 if V_HIGH else SV
+    VRQ: tl.constexpr = RQ_H if V_HIGH else RQ_L
+    step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + KG * 2 * D + ch)[None, :, :]
+    mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + KG * 2 * D + D + ch)[None, :, :]
+    rstep = tl.load(red + KG * D + ch)[None, :, :]
+    cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
+    rc = tl.load(red + 2 * D + ch)[None, :, :]
+    tok = _tile_tokens(work, a_rows, N, R)
+    for r0 in range(a_rows, b_rows, R):
+        nxt = _tile_tokens(work, r0 + R, N, R)
+        xk, rr, rv = _page_tile(k_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        xv, rr, rv = _page_tile(v_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        code = _codes(xk, mn16, step, rstep, (1 << KB) - 1.0)
+        _store_packed(code, rv, rr - KROW, cache_u8_ptr, page_off + KOFF, KB, R, D, PL)
+        _value_rows(_div(xv, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + VOFF, hoff, rr - VROW,
+                    N, R, D, PL, VB, V_TOK_OFF, VRQ)  # fmt: skip
+        tok = nxt
+
+
+@triton.jit
 def _value_rows(xn, rr, rv, cache_u8_ptr, cache_f16_ptr, off, hoff, region_row, N: tl.constexpr, R: tl.constexpr,
                 D: tl.constexpr, PL: tl.constexpr, BITS: tl.constexpr, V_TOK_OFF: tl.constexpr,
                 RQ: tl.constexpr):  # fmt: skip
@@ -468,6 +602,7 @@ def compress_store(
     scale: float | None = None,
     rows_per_tile: int | None = None,
     split_kv: bool = False,
+    joint: bool = False,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -491,6 +626,9 @@ def compress_store(
     split_kv : two programs per block and KV head, one quantizing the keys and one the values (both rank the
         block; with ``probe_query`` both score it): twice the programs, each with a shorter instruction stream
         (for prompts whose programs are less than a wave; not timed yet, off by default).
+    joint : keys and values in the same two passes over the page rows (statistics, then codes), each step
+        loading a tile of both (half the steps of the default, which quantizes the keys and then the values; not
+        timed yet, off by default).
 
     Example
     -------
@@ -521,7 +659,7 @@ def compress_store(
         return
     s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
     _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
-            probes, probe_key if probes else None, split_kv)  # fmt: skip
+            probes, probe_key if probes else None, split_kv, joint)  # fmt: skip
 
 
 def compress_slots(
@@ -594,7 +732,8 @@ def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=False) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=False,
+            joint=False) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -623,9 +762,10 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
     r = rows_per_tile or _default_rows(warps, d, n_pad)
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
     r = tile_rows(r, layout.num_salient_k, layout.num_salient_v)
+    check(not (split_kv and joint), "split_kv and joint are two ways of dividing the work: one at a time")
     parts = 2 if split_kv else 1
     work = torch.empty(e * h * parts * n_pad, dtype=torch.int32, device=key.device)
-    tiles = torch.empty(e * h * parts * 4 * r * d, dtype=key.dtype, device=key.device)
+    tiles = torch.empty(e * h * parts * (4 + joint) * r * d, dtype=key.dtype, device=key.device)
     red = torch.empty(e * h * parts * 3 * d, dtype=torch.float32, device=key.device)
     _compress_store_kernel[(e, h, parts)](
         key, value, key.stride(0), key.stride(1),
@@ -643,5 +783,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        SPLIT_KV=split_kv, num_warps=warps, enable_fp_fusion=False, **pargs,
+        SPLIT_KV=split_kv, JOINT=joint, num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

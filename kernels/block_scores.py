@@ -54,10 +54,10 @@ def probe_scores(
     else:
         s = tl.dot(q.to(k.dtype), tl.trans(k))
     seen = (j[None, :] <= off[:, None]) & (j < N)[None, :]  # off = -1 on padded rows: nothing seen
-    s = tl.where(seen, s * qk_scale, float("-inf"))
-    m = tl.maximum(tl.max(s, axis=1), -1e30)
-    w = tl.exp2(s - m[:, None])  # 0 where unseen: s is -inf there and m finite
-    w = w / tl.maximum(tl.sum(w, axis=1), 1e-30)[:, None]
+    s = tl.where(seen, s, float("-inf"))
+    m = tl.maximum(tl.max(s, axis=1), -1e30) * qk_scale  # the scale > 0 commutes with the max
+    w = tl.exp2(tl.fma(s, qk_scale, -m[:, None]))  # one FMA an element; 0 where unseen (s is -inf there, m finite)
+    w = w * (1.0 / tl.maximum(tl.sum(w, axis=1), 1e-30))[:, None]  # a reciprocal per row, not a division each
     return tl.sum(w, axis=0)
 
 

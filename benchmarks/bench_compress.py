@@ -2,7 +2,8 @@
 with the blocks scored by their probes inside the kernel, per (rows per tile, ``num_warps``), against a copy of the
 same bf16 keys and values (the memory floor), the standalone probe-score kernel and, optionally, an earlier
 version of the kernel loaded from a file (and, with ``--split-kv``, a program for the keys and one for the values
-of each block and head; with ``--joint``, keys and values in the same passes), side by side in one run.
+of each block and head, ``--handoff`` the same with the values' program taking the keys' program's page rows;
+with ``--joint``, keys and values in the same passes), side by side in one run.
 
     git show 79a671a:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
     git show 79a671a:kernels/block_scores.py > kernels/_block_scores_base.py       # (--baseline-scores)
@@ -32,6 +33,9 @@ from zipcache_vllm.method import saliency
 from zipcache_vllm.method.config import ZipCacheConfig
 
 H, HQ, D = 8, 32, 128
+# compress_store's other divisions of the work: a program for the keys and one for the values of each block and
+# head (both rank it, or the values' one takes the keys' one's page rows), or keys and values in the same passes
+WAYS = {"split_kv": {"split_kv": True}, "handoff": {"split_kv": "handoff"}, "joint": {"joint": True}}
 
 
 def load_kernel_file(path: str, name: str = "_compress_store_base"):
@@ -48,7 +52,7 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,
     """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
     num_warps) config, against the standalone probe-score kernel + the baseline compress (when given), and the
     probe-score kernel against a baseline one (``base_scores``, when given); ``ways``: compress_store's other
-    divisions of the work to time per config too (``split_kv``, ``joint``)."""
+    divisions of the work to time per config too (names of ``WAYS``)."""
     layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), D)
     n = layout.block_size
     nb = context // n
@@ -99,13 +103,14 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,
         assert torch.equal(check, fused_pages), "fused pages differ from compression under the fused scores"
         rec["configs"].append({"rows_per_tile": r, "num_warps": w, "time_us": t, "fused_time_us": tf,
                                "fused_scores_max_diff": float((fused_scores - scores).abs().max())})
-        for way in ways:  # the other divisions of the work (split_kv, joint), given scores and scored in the kernel
-            ts = graph_time_us(lambda r=r, w=w, way=way: current.compress_store(
-                k, v, scores, ids, cache, layout, num_warps=w, rows_per_tile=r, **{way: True}), reps)  # fmt: skip
+        for way in ways:  # the other divisions of the work (WAYS), given scores and scored in the kernel
+            kw = WAYS[way]
+            ts = graph_time_us(lambda r=r, w=w, kw=kw: current.compress_store(
+                k, v, scores, ids, cache, layout, num_warps=w, rows_per_tile=r, **kw), reps)  # fmt: skip
             assert torch.equal(cache, ref), f"{way} pages differ"
-            tsf = graph_time_us(lambda r=r, w=w, way=way: current.compress_store(
+            tsf = graph_time_us(lambda r=r, w=w, kw=kw: current.compress_store(
                 k, v, None, ids, cache, layout, num_warps=w, rows_per_tile=r, probe_query=pq, probe_offsets=offsets,
-                **{way: True}), reps)  # fmt: skip
+                **kw), reps)  # fmt: skip
             assert torch.equal(cache, fused_pages), f"{way} pages differ from the fused kernel's"
             rec["configs"][-1].update({f"{way}_time_us": ts, f"{way}_fused_time_us": tsf})
     best = min(rec["configs"], key=lambda x: x["time_us"])
@@ -135,6 +140,7 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline-scores", default=None, help="an earlier block_scores.py to time side by side")
     ap.add_argument("--split-kv", action="store_true", help="also time a program per keys and per values")
     ap.add_argument("--joint", action="store_true", help="also time keys and values in the same passes")
+    ap.add_argument("--handoff", action="store_true", help="also time split_kv='handoff'")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)
@@ -147,7 +153,7 @@ def main(argv=None) -> None:
     configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
     if a.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
-    ways = [w for w, on in (("split_kv", a.split_kv), ("joint", a.joint)) if on]
+    ways = [w for w, on in (("split_kv", a.split_kv), ("handoff", a.handoff), ("joint", a.joint)) if on]
     records = [case(int(c), configs, current, base, a.reps, base_scores, ways) for c in a.contexts.split(",")]
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": a.commit,
            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(map(shlex.quote, sys.argv)),

@@ -46,8 +46,9 @@ stage bench_kernels 130 python benchmarks/bench_kernels.py --quick --commit "$co
 base=()
 [[ -f kernels/_compress_store_base.py ]] && base=(--baseline kernels/_compress_store_base.py)
 [[ -f kernels/_block_scores_base.py ]] && base+=(--baseline-scores kernels/_block_scores_base.py)
-# (16 x 2 and 32 x 4: the two launches the default picks from; each also as split_kv and joint)
-stage compress 200 python benchmarks/bench_compress.py --configs 16x2,32x4 --split-kv --joint \
+# (16 x 2 and 32 x 4: the two launches the default picks from, and 16 x 4; each also as split_kv, its hand-off
+# and joint)
+stage compress 200 python benchmarks/bench_compress.py --configs 16x2,32x4,16x4 --split-kv --handoff --joint \
   ${base[@]+"${base[@]}"} --commit "$commit" --out "$out/compress.json"
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
 # the GPU tests of what the prefill side changed since the last complete suite (compress, probe scores, the engine

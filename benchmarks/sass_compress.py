@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
     ap.add_argument("--split-kv", action="store_true", help="a program for the keys and one for the values")
     ap.add_argument("--joint", action="store_true", help="keys and values in the same passes over the page rows")
+    ap.add_argument("--handoff", action="store_true", help="with --split-kv: the values' program takes the keys' "
+                    "program's page rows")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     ap.add_argument("--block-scores", action="store_true",
                     help="compile block_scores._block_scores_kernel instead (the probe scores launched before)")
@@ -50,7 +52,7 @@ def main() -> None:
               V_HI_OFF=lay.v_hi_off, V_LO_OFF=lay.v_lo_off, K_PAR_OFF=lay.k_param_off, V_NORM_OFF=lay.v_norm_off,
               V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, SCORES=2 if a.probes else 0,
               P=13, G=4, ROWS=64, NORMALIZER=2, DOT_FP32=False,  # 13 probes x 4 heads: LLaMA3-8B
-              SPLIT_KV=a.split_kv, JOINT=a.joint,
+              SPLIT_KV=a.split_kv or a.handoff, JOINT=a.joint, HANDOFF=a.handoff,
               RQ_H=reciprocal32((1 << lay.bits_high) - 1), RQ_L=reciprocal32((1 << lay.bits_low) - 1))  # fmt: skip
     types = {"key_ptr": "*bf16", "value_ptr": "*bf16", "scores_ptr": "*fp32", "count_ptr": "*fp32",
              "pq_ptr": "*bf16", "tiles_ptr": "*bf16", "red_ptr": "*fp32", "cache_u8_ptr": "*u8",

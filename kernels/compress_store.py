@@ -195,18 +195,9 @@ def _compress_store_kernel(
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
     SPLIT_KV: tl.constexpr,  # two programs per (block, KV head): axis 2 is 0 for the keys, 1 for the values
     JOINT: tl.constexpr,  # keys and values in the same two passes over the page rows (_compress_joint)
+    HANDOFF: tl.constexpr,  # SPLIT_KV whose values' program takes the keys' program's page rows (no ranking)
+    sync_ptr,  # HANDOFF: int32 [1 + E * H], a ticket counter then a flag per (block, KV head); zero between launches
 ):  # fmt: skip
-    e = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    page = tl.load(block_ids_ptr + e).to(tl.int64)
-    if page < 0:
-        return
-    page_off = page * stride_c_block + head * stride_c_head
-    src = e
-    if FROM_SLOTS:
-        src = tl.load(src_ptr + e).to(tl.int64)
-    t = tl.arange(0, N_PAD)
-    tv = t < N
     # one program quantizes the keys and the values, or (SPLIT_KV) part 0 the keys and part 1 the values, each
     # ranking the block (same scores, same rows, same bitmap bytes) in its own scratch; a constexpr, so that the
     # unsplit kernel has no branch on the part and the split one is compiled (and allocates registers) apart
@@ -215,9 +206,73 @@ def _compress_store_kernel(
     if SPLIT_KV:
         part = tl.program_id(2)
         num_parts = 2
+    if HANDOFF:  # (block, head, part) from a ticket, so that a values' program, which waits for the keys' program
+        # of its pair, starts after it (tickets are taken in the order programs run: the keys' half first)
+        pairs = tl.num_programs(0) * tl.num_programs(1)
+        ticket = tl.atomic_add(sync_ptr, 1)
+        if ticket == 2 * pairs - 1:  # the last ticket: the counter back to zero for the next launch
+            tl.atomic_xchg(sync_ptr, 0)
+        part = ticket // pairs
+        pair = ticket - part * pairs
+        e = (pair // tl.num_programs(1)).to(tl.int64)
+        head = (pair % tl.num_programs(1)).to(tl.int64)
+    else:
+        e = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+    page = tl.load(block_ids_ptr + e).to(tl.int64)
+    if page < 0:
+        return
+    page_off = page * stride_c_block + head * stride_c_head
+    src = e
+    if FROM_SLOTS:
+        src = tl.load(src_ptr + e).to(tl.int64)
     sidx = (e * tl.num_programs(1) + head) * num_parts + part
     work = work_ptr + sidx * N_PAD
-    # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
+    tiles = tiles_ptr + sidx * ((4 + JOINT) * R * D)
+    red = red_ptr + sidx * (3 * D)
+    flag = sync_ptr + 1 + e * tl.num_programs(1) + head
+    if HANDOFF:
+        if part == 0:
+            _rank_block(key_ptr, stride_x_tok, stride_x_head, scores_ptr, stride_s_blk, stride_s_tok, stride_s_head,
+                        count_ptr, stride_cnt_blk, pq_ptr, stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr,
+                        stride_off, qk_scale, e, head, src, work, cache_u8_ptr, page_off, N, N_PAD, SK, SV, MASK_OFF,
+                        SCORES, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
+            tl.atomic_xchg(flag, 1, sem="release")  # the page rows are in the scratch row (after its barrier)
+        else:
+            work = work_ptr + (sidx - 1) * N_PAD  # the keys' program's rows, once its flag is up (_compress_values)
+    else:
+        _rank_block(key_ptr, stride_x_tok, stride_x_head, scores_ptr, stride_s_blk, stride_s_tok, stride_s_head,
+                    count_ptr, stride_cnt_blk, pq_ptr, stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr,
+                    stride_off, qk_scale, e, head, src, work, cache_u8_ptr, page_off, N, N_PAD, SK, SV, MASK_OFF,
+                    SCORES, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
+    x_tok = src * N  # the block's first row in key / value
+    hoff = page_off // 2
+    if JOINT:
+        _compress_joint(key_ptr + head * stride_x_head, value_ptr + head * stride_x_head, stride_x_tok, x_tok, work,
+                        tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sk_rows, sv_rows, n_rows, N, N_PAD,
+                        R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF, V_HI_OFF, V_LO_OFF, V_NORM_OFF,
+                        V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+    elif part == 0:
+        _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
+                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+    if not JOINT and part == num_parts - 1:
+        _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                         cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
+                         V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L, flag, HANDOFF)  # fmt: skip
+
+
+@triton.jit
+def _rank_block(key_ptr, stride_x_tok, stride_x_head, scores_ptr, stride_s_blk, stride_s_tok, stride_s_head, count_ptr,
+                stride_cnt_blk, pq_ptr, stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr, stride_off, qk_scale,
+                e, head, src, work, cache_u8_ptr, page_off, N: tl.constexpr, N_PAD: tl.constexpr, SK: tl.constexpr,
+                SV: tl.constexpr, MASK_OFF: tl.constexpr, SCORES: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+                ROWS: tl.constexpr, D: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+    """The saliency of a block (the block rule's probe scores, SCORES 2/3, or given scores) and its page rows
+    (:func:`_page_rows`): the salient bitmaps stored, and the token of each page row in the scratch row ``work``
+    (read by every lane after the closing barrier)."""
+    t = tl.arange(0, N_PAD)
+    tv = t < N
     if SCORES >= 2:
         s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
                          pq_ptr + src * stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr + e * stride_off,
@@ -238,29 +293,12 @@ def _compress_store_kernel(
             s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
     ksal, vsal, row = _page_rows(s, t, tv, SK, SV, N_PAD)
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
-    # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
-    # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
-    tiles = tiles_ptr + sidx * ((4 + JOINT) * R * D)
-    red = red_ptr + sidx * (3 * D)
+    # the row tiles walk the page rows: a register tensor cannot be sliced, so the token of each page row takes a
+    # round trip through a scratch row (L1/L2)
     if SCORES >= 2:
         tl.debug_barrier()  # every lane has read its scores from the scratch row
     tl.store(work + row, t.to(tl.int32), mask=tv)
     tl.debug_barrier()
-    x_tok = src * N  # the block's first row in key / value
-    hoff = page_off // 2
-    if JOINT:
-        _compress_joint(key_ptr + head * stride_x_head, value_ptr + head * stride_x_head, stride_x_tok, x_tok, work,
-                        tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sk_rows, sv_rows, n_rows, N, N_PAD,
-                        R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF, V_HI_OFF, V_LO_OFF, V_NORM_OFF,
-                        V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
-    elif part == 0:
-        _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
-                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
-    if not JOINT and part == num_parts - 1:
-        _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                         cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
-                         V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
 
 
 @triton.jit
@@ -399,11 +437,12 @@ def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, D: tl.
 def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sv_rows,
                      n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
                      BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
-                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
-                     RQ_L: tl.constexpr):  # fmt: skip
+                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr,
+                     flag, WAIT: tl.constexpr):  # fmt: skip
     """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass, in token order), then per row tile
     (page rows; ``R`` divides ``SV``, so a tile is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and
-    the codes packed into the group's region."""
+    the codes packed into the group's region. ``WAIT`` (HANDOFF): the page rows in ``work`` are another
+    program's, ready once ``flag`` is up; the first pass needs none of them, so it runs while they are made."""
     PL: tl.constexpr = 8 // BL
     amax = tl.zeros((R, D // PL, PL), tl.float32)
     for r0 in range(0, n_rows, R):
@@ -415,6 +454,11 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     d = tl.arange(0, D)
     tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
     tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
+    if WAIT:  # acquire: the rows the keys' program stored before its release are seen after this
+        ready = tl.atomic_add(flag, 0, sem="acquire")
+        while ready == 0:
+            ready = tl.atomic_add(flag, 0, sem="acquire")
+        tl.atomic_xchg(flag, 0)  # down again for the next launch (this program is the flag's only reader)
     tl.debug_barrier()
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
@@ -601,7 +645,7 @@ def compress_store(
     saliency="normalized",
     scale: float | None = None,
     rows_per_tile: int | None = None,
-    split_kv: bool = False,
+    split_kv: bool | str = False,
     joint: bool = False,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
@@ -625,7 +669,9 @@ def compress_store(
         thread, 16 rows at head size 128 and 2 warps), lowered to divide the salient quotas (:func:`tile_rows`).
     split_kv : two programs per block and KV head, one quantizing the keys and one the values (both rank the
         block; with ``probe_query`` both score it): twice the programs, each with a shorter instruction stream
-        (for prompts whose programs are less than a wave; not timed yet, off by default).
+        (for prompts whose programs are less than a wave; off by default). ``"handoff"``: the values' program
+        does not rank the block but takes the keys' program's page rows (a flag in global memory; programs take
+        tickets, so that a waiting program's producer always runs; launches of one stream at a time).
     joint : keys and values in the same two passes over the page rows (statistics, then codes), each step
         loading a tile of both (half the steps of the default, which quantizes the keys and then the values; not
         timed yet, off by default).
@@ -731,9 +777,26 @@ def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
     return min(n_pad, max(1, 1 << (1024 * num_warps // d).bit_length() - 1))
 
 
+_SYNC: dict = {}
+
+
+def _sync_buffer(device: torch.device, n: int) -> torch.Tensor:
+    """``split_kv="handoff"``'s ticket counter and flags: ``n`` int32 zeros, kept per device (each launch leaves
+    them zero). Under CUDA-graph capture a buffer too small is not replaced: the graph gets its own, zeroed by a
+    memset at each replay."""
+    buf = _SYNC.get(device)
+    if buf is None or buf.numel() < n:
+        fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return fresh
+        _SYNC[device] = buf = fresh
+    return buf
+
+
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
             slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=False,
             joint=False) -> None:  # fmt: skip
+    handoff = split_kv == "handoff"
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -762,6 +825,7 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
     r = rows_per_tile or _default_rows(warps, d, n_pad)
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
     r = tile_rows(r, layout.num_salient_k, layout.num_salient_v)
+    check(split_kv in (False, True, "handoff"), f"split_kv must be False, True or 'handoff', got {split_kv!r}")
     check(not (split_kv and joint), "split_kv and joint are two ways of dividing the work: one at a time")
     parts = 2 if split_kv else 1
     work = torch.empty(e * h * parts * n_pad, dtype=torch.int32, device=key.device)
@@ -783,5 +847,7 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        SPLIT_KV=split_kv, JOINT=joint, num_warps=warps, enable_fp_fusion=False, **pargs,
+        SPLIT_KV=bool(split_kv), JOINT=joint, HANDOFF=handoff,
+        sync_ptr=_sync_buffer(key.device, 1 + e * h) if handoff else work,
+        num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

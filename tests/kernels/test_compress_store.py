@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
-from zipcache_vllm.kernels.compress_store import compress_slots, compress_store, reciprocal32, tile_rows
+from zipcache_vllm.kernels.compress_store import _SYNC, compress_slots, compress_store, reciprocal32, tile_rows
 
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
@@ -155,13 +155,15 @@ def test_scored_by_probes_in_the_kernel(n, h, g, d, r, rv, normalizer):
     assert torch.equal(again.cpu(), ref)
 
 
-@pytest.mark.parametrize("how", ["split_kv", "joint"])
+@pytest.mark.parametrize("how", [{"split_kv": True}, {"split_kv": "handoff"}, {"joint": True}],
+                         ids=["split_kv", "handoff", "joint"])
 @pytest.mark.parametrize("n, h, g, d, r, rv", [PROBE_CASES[1], PROBE_CASES[3]])
 def test_divided_work_writes_the_same_pages(n, h, g, d, r, rv, how):
     """``split_kv`` (a program for the keys and one for the values of each block and head, each ranking the block
-    in its own scratch) and ``joint`` (keys and values in the same passes): the twin's pages under given scores,
-    and the fused kernel's pages and scores when the blocks are scored by their probes; a negative block id
-    writes nothing."""
+    in its own scratch), ``split_kv="handoff"`` (the values' program takes the keys' program's page rows) and
+    ``joint`` (keys and values in the same passes): the twin's pages under given scores, and the fused kernel's
+    pages and scores when the blocks are scored by their probes; a negative block id writes nothing. Twice
+    each, as a hand-off leaves its counter and flags at zero for the next launch."""
     layout = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
     nb = 3
     cfg = ZipCacheConfig(block_size=n)
@@ -177,15 +179,19 @@ def test_divided_work_writes_the_same_pages(n, h, g, d, r, rv, how):
                          scores[[*range(n), *range(2 * n, 3 * n)]], torch.tensor([3, 1]), ref, layout)  # fmt: skip
     kd, vd, idd = k.to(DEVICE), v.to(DEVICE), ids.to(DEVICE)
     got = base.to(DEVICE)
-    compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, **{how: True})
-    assert torch.equal(got.cpu(), ref)
+    for _ in range(2):
+        got = base.to(DEVICE)
+        compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, **how)
+        assert torch.equal(got.cpu(), ref)
     probe = {"probe_query": pq.to(DEVICE), "probe_offsets": offsets.to(DEVICE), "scale": d**-0.5}
     want, want_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
     compress_store(kd, vd, want_scores, idd, want, layout, **probe)
     got, got_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
-    compress_store(kd, vd, got_scores, idd, got, layout, **{how: True}, **probe)
+    compress_store(kd, vd, got_scores, idd, got, layout, **how, **probe)
     assert torch.equal(got.cpu(), want.cpu())
     assert torch.equal(got_scores.cpu(), want_scores.cpu())
+    if how.get("split_kv") == "handoff":  # every ticket and flag back at zero
+        assert not _SYNC[kd.device].any()
 
 
 def test_slots_scored_by_probes_in_the_kernel():

@@ -1,0 +1,70 @@
+"""Spike: ``compress_store`` with the blocks scored inside it, at the default launch and at each division of the
+work (``split_kv``, its hand-off), printing each time as it comes (a hang shows where it is).
+
+    PYTHONPATH=. python -u benchmarks/spike_compress_ways.py [--contexts 4096,8192]
+
+LLaMA3-8B KV geometry, ``vllm`` preset page, CUDA-graph replays (``_timing.graph_time_us``); every variant's pages
+are checked against the default's first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks._timing import graph_time_us
+from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.kernels import compress_store as cs
+from zipcache_vllm.method import saliency
+from zipcache_vllm.method.config import ZipCacheConfig
+
+H, HQ, D, N = 8, 32, 128, 128
+VARIANTS = {
+    "default": {},
+    "16x2": {"num_warps": 2, "rows_per_tile": 16},
+    "32x4": {"num_warps": 4, "rows_per_tile": 32},
+    "split 16x2": {"num_warps": 2, "rows_per_tile": 16, "split_kv": True},
+    "handoff 16x2": {"num_warps": 2, "rows_per_tile": 16, "split_kv": "handoff"},
+    "handoff 16x4": {"num_warps": 4, "rows_per_tile": 16, "split_kv": "handoff"},
+    "handoff 32x4": {"num_warps": 4, "rows_per_tile": 32, "split_kv": "handoff"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="4096,8192")
+    ap.add_argument("--reps", type=int, default=30)
+    a = ap.parse_args()
+    print(torch.cuda.get_device_name(), flush=True)
+    layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=N), D)
+    cfg = ZipCacheConfig(block_size=N)
+    for ctx in map(int, a.contexts.split(",")):
+        nb = ctx // N
+        g = torch.Generator(device="cuda").manual_seed(0)
+        k = (torch.randn(nb * N, H, D, device="cuda", generator=g) * torch.linspace(0.5, 3, D, device="cuda")).bfloat16()
+        v = torch.randn(nb * N, H, D, device="cuda", generator=g).bfloat16()
+        off = torch.stack([saliency.block_probe_offsets(cfg, N, i) for i in range(nb)]).int().cuda()
+        pq = torch.randn(nb, off.shape[1], HQ, D, device="cuda", generator=g).bfloat16()
+        ids = torch.arange(1, nb + 1, device="cuda", dtype=torch.int32)
+        cache = torch.zeros(nb + 1, H, layout.page_bytes, dtype=torch.uint8, device="cuda")
+        kw = {"probe_query": pq, "probe_offsets": off}
+        cs.compress_store(k, v, None, ids, cache, layout, **kw)
+        ref = cache.clone()
+        for name, extra in VARIANTS.items():
+            t0 = time.time()
+            cache.zero_()
+            cs.compress_store(k, v, None, ids, cache, layout, **kw, **extra)
+            torch.cuda.synchronize()
+            ok = torch.equal(cache, ref)
+            t = graph_time_us(lambda extra=extra: cs.compress_store(k, v, None, ids, cache, layout, **kw, **extra),
+                              a.reps)
+            print(f"{ctx} scored in compress, {name}: {t:.1f} us, pages equal {ok} ({time.time() - t0:.1f} s)",
+                  flush=True)
+        if cs._SYNC:
+            print("hand-off counter and flags back at zero:", not cs._SYNC[k.device].any().item(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

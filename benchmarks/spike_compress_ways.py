@@ -13,14 +13,15 @@ import argparse
 import time
 
 import torch
-from zipcache_vllm.kernels import compress_store as cs
 
 from benchmarks._timing import graph_time_us
 from zipcache_vllm.engine.layout import PageLayout
+from zipcache_vllm.engine.ops import kernel_module
 from zipcache_vllm.method import saliency
 from zipcache_vllm.method.config import ZipCacheConfig
 
 H, HQ, D, N = 8, 32, 128, 128
+cs = kernel_module("compress_store")  # the module (the package exports its function under the same name)
 VARIANTS = {
     "default": {},
     "16x2": {"num_warps": 2, "rows_per_tile": 16},

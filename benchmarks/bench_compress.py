@@ -2,8 +2,7 @@
 with the blocks scored by their probes inside the kernel, per (rows per tile, ``num_warps``), against a copy of the
 same bf16 keys and values (the memory floor), the standalone probe-score kernel and, optionally, an earlier
 version of the kernel loaded from a file (and, with ``--split-kv``, a program for the keys and one for the values
-of each block and head, ``--handoff`` the same with the values' program taking the keys' program's page rows;
-with ``--joint``, keys and values in the same passes), side by side in one run.
+of each block and head), side by side in one run.
 
     git show 79a671a:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
     git show 79a671a:kernels/block_scores.py > kernels/_block_scores_base.py       # (--baseline-scores)
@@ -34,8 +33,8 @@ from zipcache_vllm.method.config import ZipCacheConfig
 
 H, HQ, D = 8, 32, 128
 # compress_store's other divisions of the work: a program for the keys and one for the values of each block and
-# head (both rank it, or the values' one takes the keys' one's page rows), or keys and values in the same passes
-WAYS = {"split_kv": {"split_kv": True}, "handoff": {"split_kv": "handoff"}, "joint": {"joint": True}}
+# head (the joint passes of a5ee8d7 and the hand-off of 56b69e9 were timed here and dropped: docs/performance.md)
+WAYS = {"split_kv": {"split_kv": True}}
 
 
 def load_kernel_file(path: str, name: str = "_compress_store_base"):
@@ -139,8 +138,6 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=None, help="an earlier compress_store.py to time side by side")
     ap.add_argument("--baseline-scores", default=None, help="an earlier block_scores.py to time side by side")
     ap.add_argument("--split-kv", action="store_true", help="also time a program per keys and per values")
-    ap.add_argument("--joint", action="store_true", help="also time keys and values in the same passes")
-    ap.add_argument("--handoff", action="store_true", help="also time split_kv='handoff'")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)
@@ -153,7 +150,7 @@ def main(argv=None) -> None:
     configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
     if a.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
-    ways = [w for w, on in (("split_kv", a.split_kv), ("handoff", a.handoff), ("joint", a.joint)) if on]
+    ways = ["split_kv"] if a.split_kv else []
     records = [case(int(c), configs, current, base, a.reps, base_scores, ways) for c in a.contexts.split(",")]
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": a.commit,
            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(map(shlex.quote, sys.argv)),

@@ -35,9 +35,6 @@ def main() -> None:
     ap.add_argument("--rows-per-tile", default="16,32", help="comma-separated R values")
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
     ap.add_argument("--split-kv", action="store_true", help="a program for the keys and one for the values")
-    ap.add_argument("--joint", action="store_true", help="keys and values in the same passes over the page rows")
-    ap.add_argument("--handoff", action="store_true", help="with --split-kv: the values' program takes the keys' "
-                    "program's page rows")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     ap.add_argument("--block-scores", action="store_true",
                     help="compile block_scores._block_scores_kernel instead (the probe scores launched before)")
@@ -52,7 +49,7 @@ def main() -> None:
               V_HI_OFF=lay.v_hi_off, V_LO_OFF=lay.v_lo_off, K_PAR_OFF=lay.k_param_off, V_NORM_OFF=lay.v_norm_off,
               V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, SCORES=2 if a.probes else 0,
               P=13, G=4, ROWS=64, NORMALIZER=2, DOT_FP32=False,  # 13 probes x 4 heads: LLaMA3-8B
-              SPLIT_KV=a.split_kv or a.handoff, JOINT=a.joint, HANDOFF=a.handoff,
+              SPLIT_KV=a.split_kv,
               RQ_H=reciprocal32((1 << lay.bits_high) - 1), RQ_L=reciprocal32((1 << lay.bits_low) - 1))  # fmt: skip
     types = {"key_ptr": "*bf16", "value_ptr": "*bf16", "scores_ptr": "*fp32", "count_ptr": "*fp32",
              "pq_ptr": "*bf16", "tiles_ptr": "*bf16", "red_ptr": "*fp32", "cache_u8_ptr": "*u8",
@@ -101,15 +98,12 @@ def _block_scores(path: str | None, warps: list[int]) -> None:
 def _trips(lay: PageLayout, r: int) -> dict[int, list[int]]:
     """Trip counts of the kernel's tile loops in program order, by the number of loops: seven since 2026-12-05
     (keys' min/max over the salient then the regular page-row tiles, keys' codes (same two), values' max |x|
-    (every tile), values' codes (salient, regular)); five with ``--joint`` (statistics over the key-salient then the
-    regular tiles, codes over the runs of one key and one value group); four before (each pass over every tile in
-    token order)."""
+    (every tile), values' codes (salient, regular)); four before (each pass over every tile in token order)."""
     n_pad = 1 << (lay.block_size - 1).bit_length()
     t = n_pad // r
     r = tile_rows(r, lay.num_salient_k, lay.num_salient_v)
     sk, sv, n = lay.num_salient_k // r, lay.num_salient_v // r, n_pad // r
-    lo, hi = min(sk, sv), max(sk, sv)
-    return {7: [sk, n - sk, sk, n - sk, n, sv, n - sv], 5: [sk, n - sk, lo, hi - lo, n - hi], 4: [t] * 4}
+    return {7: [sk, n - sk, sk, n - sk, n, sv, n - sv], 4: [t] * 4}
 
 
 def _loops(sass: str, total: int, trips: dict[int, list[int]]) -> str:

@@ -22,7 +22,13 @@ float addition alone (:func:`_codes`), the ranking's packed reductions and the n
 (2026-12-05), 255 -> 168 registers, and per warp ~20,250 -> ~12,670 executed instructions (loop sizes x trip
 counts + the straight-line rest, which fell from ~5,500 to ~2,500); at R 32 and 4 warps ~7,480. Timed on an
 H100 (35dbe21, ``vllm`` page, 4k / 16k prompt): 28.5 / 81.3 us at 16 x 2 against 35.3 / 97.3 before; 32 x 4
-26.4 / 106.0 (faster where the programs are one wave: the default picks it there, ``_launch``).
+26.4 / 106.0 (faster where the programs are one wave). Where they are, the default now splits each (block, KV
+head) into a program for the keys and one for the values (``split_kv``, 2 warps each; ``_launch``): with the
+scores computed inside, 4k 28.2 us against 30.0 at 32 x 4 (H100, 56b69e9). Measured and dropped on the way (H100,
+2026-12-06): keys and values in the same two passes over the page rows (a5ee8d7: same instructions per warp, no
+gain: 4k 26.0 vs 25.6 us given scores, 16k 91.4 vs 80.8), and a hand-off where the values' program takes the keys'
+program's page rows through a flag instead of ranking the block itself (56b69e9: 28.5 vs split's 28.2 us at 4k:
+the keys' program, which scores and ranks, is the critical path either way).
 With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
 rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
 against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below), so the engine step on CUDA
@@ -181,7 +187,7 @@ def _compress_store_kernel(
     block_ids_ptr,  # [E] int; a negative id: nothing to write (fixed-size work lists)
     src_ptr,  # FROM_SLOTS: int [E], the staging slot holding block e (its K/V rows, scores, probe queries)
     work_ptr,  # int32 [E, H, N_PAD] scratch: the token of each page row, reread per row tile
-    tiles_ptr,  # key dtype [E, H, 4 (JOINT: 5), R, D] scratch: running min / max tiles, reduced per channel there
+    tiles_ptr,  # key dtype [E, H, 4, R, D] scratch: running min / max tiles, reduced per channel from there
     red_ptr,  # fp32 [E, H, 3, D] scratch: per-channel reciprocals of the key steps and the value normalizer
     sk_rows, sv_rows, n_rows,  # SK, SV, N_PAD as run-time loop bounds: ptxas unrolls constant-trip tile loops
     cache_u8_ptr, cache_f16_ptr,  # kv_cache as uint8 and as fp16
@@ -194,10 +200,18 @@ def _compress_store_kernel(
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
     SPLIT_KV: tl.constexpr,  # two programs per (block, KV head): axis 2 is 0 for the keys, 1 for the values
-    JOINT: tl.constexpr,  # keys and values in the same two passes over the page rows (_compress_joint)
-    HANDOFF: tl.constexpr,  # SPLIT_KV whose values' program takes the keys' program's page rows (no ranking)
-    sync_ptr,  # HANDOFF: int32 [1 + E * H], a ticket counter then a flag per (block, KV head); zero between launches
 ):  # fmt: skip
+    e = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    page = tl.load(block_ids_ptr + e).to(tl.int64)
+    if page < 0:
+        return
+    page_off = page * stride_c_block + head * stride_c_head
+    src = e
+    if FROM_SLOTS:
+        src = tl.load(src_ptr + e).to(tl.int64)
+    t = tl.arange(0, N_PAD)
+    tv = t < N
     # one program quantizes the keys and the values, or (SPLIT_KV) part 0 the keys and part 1 the values, each
     # ranking the block (same scores, same rows, same bitmap bytes) in its own scratch; a constexpr, so that the
     # unsplit kernel has no branch on the part and the split one is compiled (and allocates registers) apart
@@ -206,73 +220,9 @@ def _compress_store_kernel(
     if SPLIT_KV:
         part = tl.program_id(2)
         num_parts = 2
-    if HANDOFF:  # (block, head, part) from a ticket, so that a values' program, which waits for the keys' program
-        # of its pair, starts after it (tickets are taken in the order programs run: the keys' half first)
-        pairs = tl.num_programs(0) * tl.num_programs(1)
-        ticket = tl.atomic_add(sync_ptr, 1)
-        if ticket == 2 * pairs - 1:  # the last ticket: the counter back to zero for the next launch
-            tl.atomic_xchg(sync_ptr, 0)
-        part = ticket // pairs
-        pair = ticket - part * pairs
-        e = (pair // tl.num_programs(1)).to(tl.int64)
-        head = (pair % tl.num_programs(1)).to(tl.int64)
-    else:
-        e = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1).to(tl.int64)
-    page = tl.load(block_ids_ptr + e).to(tl.int64)
-    if page < 0:
-        return
-    page_off = page * stride_c_block + head * stride_c_head
-    src = e
-    if FROM_SLOTS:
-        src = tl.load(src_ptr + e).to(tl.int64)
     sidx = (e * tl.num_programs(1) + head) * num_parts + part
     work = work_ptr + sidx * N_PAD
-    tiles = tiles_ptr + sidx * ((4 + JOINT) * R * D)
-    red = red_ptr + sidx * (3 * D)
-    flag = sync_ptr + 1 + e * tl.num_programs(1) + head
-    if HANDOFF:
-        if part == 0:
-            _rank_block(key_ptr, stride_x_tok, stride_x_head, scores_ptr, stride_s_blk, stride_s_tok, stride_s_head,
-                        count_ptr, stride_cnt_blk, pq_ptr, stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr,
-                        stride_off, qk_scale, e, head, src, work, cache_u8_ptr, page_off, N, N_PAD, SK, SV, MASK_OFF,
-                        SCORES, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
-            tl.atomic_xchg(flag, 1, sem="release")  # the page rows are in the scratch row (after its barrier)
-        else:
-            work = work_ptr + (sidx - 1) * N_PAD  # the keys' program's rows, once its flag is up (_compress_values)
-    else:
-        _rank_block(key_ptr, stride_x_tok, stride_x_head, scores_ptr, stride_s_blk, stride_s_tok, stride_s_head,
-                    count_ptr, stride_cnt_blk, pq_ptr, stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr,
-                    stride_off, qk_scale, e, head, src, work, cache_u8_ptr, page_off, N, N_PAD, SK, SV, MASK_OFF,
-                    SCORES, P, G, ROWS, D, NORMALIZER, DOT_FP32)  # fmt: skip
-    x_tok = src * N  # the block's first row in key / value
-    hoff = page_off // 2
-    if JOINT:
-        _compress_joint(key_ptr + head * stride_x_head, value_ptr + head * stride_x_head, stride_x_tok, x_tok, work,
-                        tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sk_rows, sv_rows, n_rows, N, N_PAD,
-                        R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF, V_HI_OFF, V_LO_OFF, V_NORM_OFF,
-                        V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
-    elif part == 0:
-        _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
-                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
-    if not JOINT and part == num_parts - 1:
-        _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                         cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
-                         V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L, flag, HANDOFF)  # fmt: skip
-
-
-@triton.jit
-def _rank_block(key_ptr, stride_x_tok, stride_x_head, scores_ptr, stride_s_blk, stride_s_tok, stride_s_head, count_ptr,
-                stride_cnt_blk, pq_ptr, stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr, stride_off, qk_scale,
-                e, head, src, work, cache_u8_ptr, page_off, N: tl.constexpr, N_PAD: tl.constexpr, SK: tl.constexpr,
-                SV: tl.constexpr, MASK_OFF: tl.constexpr, SCORES: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
-                ROWS: tl.constexpr, D: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
-    """The saliency of a block (the block rule's probe scores, SCORES 2/3, or given scores) and its page rows
-    (:func:`_page_rows`): the salient bitmaps stored, and the token of each page row in the scratch row ``work``
-    (read by every lane after the closing barrier)."""
-    t = tl.arange(0, N_PAD)
-    tv = t < N
+    # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
     if SCORES >= 2:
         s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
                          pq_ptr + src * stride_pq_blk, stride_pq_probe, stride_pq_head, off_ptr + e * stride_off,
@@ -293,12 +243,24 @@ def _rank_block(key_ptr, stride_x_tok, stride_x_head, scores_ptr, stride_s_blk, 
             s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
     ksal, vsal, row = _page_rows(s, t, tv, SK, SV, N_PAD)
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
-    # the row tiles walk the page rows: a register tensor cannot be sliced, so the token of each page row takes a
-    # round trip through a scratch row (L1/L2)
+    # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
+    # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
+    tiles = tiles_ptr + sidx * (4 * R * D)
+    red = red_ptr + sidx * (3 * D)
     if SCORES >= 2:
         tl.debug_barrier()  # every lane has read its scores from the scratch row
     tl.store(work + row, t.to(tl.int32), mask=tv)
     tl.debug_barrier()
+    x_tok = src * N  # the block's first row in key / value
+    hoff = page_off // 2
+    if part == 0:
+        _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
+                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+    if part == num_parts - 1:
+        _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
+                         cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
+                         V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
 
 
 @triton.jit
@@ -396,24 +358,10 @@ def _channel_reduce(tile, tiles, slot, MAX: tl.constexpr, R: tl.constexpr, D: tl
     ``[R, D]`` load, where a lane holds several rows of a few channels (reduced in registers), instead of being
     reduced in place, where a lane holds one row of 32 channels (every channel across 16 lanes, then the
     channel's parameters repeated by each of them)."""
-    _channel_put(tile, tiles, slot, R, D, PL)
-    tl.debug_barrier()
-    return _channel_get(tiles, slot, MAX, R, D)
-
-
-@triton.jit
-def _channel_put(tile, tiles, slot, R: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
-    """A running tile ``[R, D/PL, PL]`` into area ``slot`` of the scratch as ``R`` rows of ``D`` (read back by
-    :func:`_channel_get` after a barrier)."""
     rr = tl.arange(0, R)
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     tl.store(tiles + slot * R * D + rr[:, None, None] * D + ch[None, :, :], tile.to(tiles.dtype.element_ty))
-
-
-@triton.jit
-def _channel_get(tiles, slot, MAX: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
-    """Min (or max) over the ``R`` rows of scratch area ``slot``, as ``[D]`` in channel order."""
-    rr = tl.arange(0, R)
+    tl.debug_barrier()
     full = tl.load(tiles + slot * R * D + rr[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
     if MAX:
         return tl.max(full, axis=0)
@@ -437,12 +385,11 @@ def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, D: tl.
 def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sv_rows,
                      n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
                      BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
-                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr,
-                     flag, WAIT: tl.constexpr):  # fmt: skip
+                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
+                     RQ_L: tl.constexpr):  # fmt: skip
     """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass, in token order), then per row tile
     (page rows; ``R`` divides ``SV``, so a tile is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and
-    the codes packed into the group's region. ``WAIT`` (HANDOFF): the page rows in ``work`` are another
-    program's, ready once ``flag`` is up; the first pass needs none of them, so it runs while they are made."""
+    the codes packed into the group's region."""
     PL: tl.constexpr = 8 // BL
     amax = tl.zeros((R, D // PL, PL), tl.float32)
     for r0 in range(0, n_rows, R):
@@ -454,11 +401,6 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     d = tl.arange(0, D)
     tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
     tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
-    if WAIT:  # acquire: the rows the keys' program stored before its release are seen after this
-        ready = tl.atomic_add(flag, 0, sem="acquire")
-        while ready == 0:
-            ready = tl.atomic_add(flag, 0, sem="acquire")
-        tl.atomic_xchg(flag, 0)  # down again for the next launch (this program is the flag's only reader)
     tl.debug_barrier()
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
@@ -476,120 +418,6 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
         x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
                     N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
-        tok = nxt
-
-
-@triton.jit
-def _compress_joint(k_ptr, v_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
-                    sk_rows, sv_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                    BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, K_HI_OFF: tl.constexpr,
-                    K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
-                    V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
-                    RQ_L: tl.constexpr):  # fmt: skip
-    """ZC-3 keys and ZC-2 values in the same two passes over the page rows (:func:`_compress_keys` and
-    :func:`_compress_values` take two each, one after the other): a tile's keys and values are the same tokens,
-    so each step loads both (two independent loads and chains per step, half the steps). Statistics: the key
-    groups' running min / max and the values' max |x| (order-free: page-row order gives the same maxima), reduced
-    per channel in one scratch round trip (one barrier, not three); codes: one loop per run of page rows of one
-    key group and one value group (:func:`_joint_codes`). Same bytes as the two-function path."""
-    PL: tl.constexpr = 8 // BL
-    mn = tl.full((R, D // PL, PL), _BIG, tl.float32)
-    mx = tl.full((R, D // PL, PL), -_BIG, tl.float32)
-    amax = tl.zeros((R, D // PL, PL), tl.float32)
-    tok = _tile_tokens(work, 0, N, R)
-    for r0 in range(0, sk_rows, R):
-        nxt = _tile_tokens(work, r0 + R, N, R)
-        xk, rr, rv = _page_tile(k_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
-        xv, rr, rv = _page_tile(v_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
-        mn = tl.minimum(mn, xk)
-        mx = tl.maximum(mx, xk)
-        amax = tl.maximum(amax, tl.abs(xv))
-        tok = nxt
-    _channel_put(mn, tiles, 0, R, D, PL)  # out of the registers before the regular rows' tiles come in
-    _channel_put(mx, tiles, 1, R, D, PL)
-    mn = tl.full((R, D // PL, PL), _BIG, tl.float32)
-    mx = tl.full((R, D // PL, PL), -_BIG, tl.float32)
-    tok = _tile_tokens(work, sk_rows, N, R)
-    for r0 in range(sk_rows, n_rows, R):
-        nxt = _tile_tokens(work, r0 + R, N, R)
-        xk, rr, rv = _page_tile(k_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
-        xv, rr, rv = _page_tile(v_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
-        if N < N_PAD:  # padded rows load 0: keep them out of the key range (0 is neutral for max |x|)
-            mn = tl.minimum(mn, tl.where(rv[:, None, None], xk, _BIG))
-            mx = tl.maximum(mx, tl.where(rv[:, None, None], xk, -_BIG))
-        else:
-            mn = tl.minimum(mn, xk)
-            mx = tl.maximum(mx, xk)
-        amax = tl.maximum(amax, tl.abs(xv))
-        tok = nxt
-    _channel_put(mn, tiles, 2, R, D, PL)
-    _channel_put(mx, tiles, 3, R, D, PL)
-    _channel_put(amax, tiles, 4, R, D, PL)
-    tl.debug_barrier()
-    has_s: tl.constexpr = SK > 0
-    has_r: tl.constexpr = SK < N
-    _key_params(_channel_get(tiles, 0, False, R, D), _channel_get(tiles, 1, True, R, D), has_s, cache_f16_ptr,
-                hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)  # fmt: skip
-    _key_params(_channel_get(tiles, 2, False, R, D), _channel_get(tiles, 3, True, R, D), has_r, cache_f16_ptr,
-                hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)  # fmt: skip
-    c = tl.math.sqrt_rn(_channel_get(tiles, 4, True, R, D)).to(tl.float16)
-    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
-    d = tl.arange(0, D)
-    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
-    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
-    tl.debug_barrier()
-    # runs of page rows with one key group and one value group: [0, lo), [lo, hi), [hi, N_PAD)
-    LO: tl.constexpr = SK if SK < SV else SV
-    HI: tl.constexpr = SV if SK < SV else SK
-    lo_rows = tl.minimum(sk_rows, sv_rows)
-    hi_rows = tl.maximum(sk_rows, sv_rows)
-    if LO > 0:
-        _joint_codes(k_ptr, v_ptr, stride_x_tok, x_tok, work, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, 0,
-                     lo_rows, True, True, N, R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF, V_HI_OFF, V_LO_OFF,
-                     V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
-    if HI > LO:
-        _joint_codes(k_ptr, v_ptr, stride_x_tok, x_tok, work, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
-                     lo_rows, hi_rows, SK > SV, SV > SK, N, R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF,
-                     V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
-    if HI < N:
-        _joint_codes(k_ptr, v_ptr, stride_x_tok, x_tok, work, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
-                     hi_rows, n_rows, False, False, N, R, D, BH, BL, SK, SV, K_HI_OFF, K_LO_OFF, K_PAR_OFF, V_HI_OFF,
-                     V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
-
-
-@triton.jit
-def _joint_codes(k_ptr, v_ptr, stride_x_tok, x_tok, work, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, a_rows,
-                 b_rows, K_HIGH: tl.constexpr, V_HIGH: tl.constexpr, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                 BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, K_HI_OFF: tl.constexpr,
-                 K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
-                 V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
-                 RQ_L: tl.constexpr):  # fmt: skip
-    """Codes of page rows ``a_rows .. b_rows`` (one key group, ``K_HIGH``, and one value group, ``V_HIGH``):
-    each tile's keys and values loaded together, quantized with the parameters the statistics pass stored."""
-    PL: tl.constexpr = 8 // BL
-    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
-    KG: tl.constexpr = 0 if K_HIGH else 1  # the key group's parameters: fp16 (step, mn) pairs, then reciprocals
-    KB: tl.constexpr = BH if K_HIGH else BL
-    VB: tl.constexpr = BH if V_HIGH else BL
-    KOFF: tl.constexpr = K_HI_OFF if K_HIGH else K_LO_OFF
-    VOFF: tl.constexpr = V_HI_OFF if V_HIGH else V_LO_OFF
-    KROW: tl.constexpr = 0 if K_HIGH else SK  # the first page row of the key group's region
-    VROW: tl.constexpr = 0 if V_HIGH else SV
-    VRQ: tl.constexpr = RQ_H if V_HIGH else RQ_L
-    step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + KG * 2 * D + ch)[None, :, :]
-    mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + KG * 2 * D + D + ch)[None, :, :]
-    rstep = tl.load(red + KG * D + ch)[None, :, :]
-    cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
-    rc = tl.load(red + 2 * D + ch)[None, :, :]
-    tok = _tile_tokens(work, a_rows, N, R)
-    for r0 in range(a_rows, b_rows, R):
-        nxt = _tile_tokens(work, r0 + R, N, R)
-        xk, rr, rv = _page_tile(k_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
-        xv, rr, rv = _page_tile(v_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
-        code = _codes(xk, mn16, step, rstep, (1 << KB) - 1.0)
-        _store_packed(code, rv, rr - KROW, cache_u8_ptr, page_off + KOFF, KB, R, D, PL)
-        _value_rows(_div(xv, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + VOFF, hoff, rr - VROW,
-                    N, R, D, PL, VB, V_TOK_OFF, VRQ)  # fmt: skip
         tok = nxt
 
 
@@ -645,8 +473,7 @@ def compress_store(
     saliency="normalized",
     scale: float | None = None,
     rows_per_tile: int | None = None,
-    split_kv: bool | str = False,
-    joint: bool = False,
+    split_kv: bool | None = None,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -659,8 +486,7 @@ def compress_store(
     block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
     layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
-    num_warps : per program (one program per block and KV head; default 4 where the programs fit two per SM,
-        one wave, else 2).
+    num_warps : per program (one program per block and KV head, or two with ``split_kv``; default 2).
     probe_query, probe_offsets : ``[num_new_blocks, num_probes, num_heads, head_size]`` and int32
         ``[num_new_blocks, num_probes]``: score each block by its probes in the same kernel (the block rule,
         ``block_scores.probe_scores``; ``normalizer``, ``saliency``, ``scale`` as ``block_probe_scores``), so
@@ -668,13 +494,9 @@ def compress_store(
     rows_per_tile : rows of the block quantized at a time (a power of two; default: 32 tile elements per
         thread, 16 rows at head size 128 and 2 warps), lowered to divide the salient quotas (:func:`tile_rows`).
     split_kv : two programs per block and KV head, one quantizing the keys and one the values (both rank the
-        block; with ``probe_query`` both score it): twice the programs, each with a shorter instruction stream
-        (for prompts whose programs are less than a wave; off by default). ``"handoff"``: the values' program
-        does not rank the block but takes the keys' program's page rows (a flag in global memory; programs take
-        tickets, so that a waiting program's producer always runs; launches of one stream at a time).
-    joint : keys and values in the same two passes over the page rows (statistics, then codes), each step
-        loading a tile of both (half the steps of the default, which quantizes the keys and then the values; not
-        timed yet, off by default).
+        block; with ``probe_query`` both score it): twice the programs, each with a shorter instruction stream.
+        Default (None): on where the split programs are one wave at 2 warps (a prompt of up to ~4k tokens of 8
+        KV heads on 132 SMs), else off.
 
     Example
     -------
@@ -705,7 +527,7 @@ def compress_store(
         return
     s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
     _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
-            probes, probe_key if probes else None, split_kv, joint)  # fmt: skip
+            probes, probe_key if probes else None, split_kv)  # fmt: skip
 
 
 def compress_slots(
@@ -777,26 +599,8 @@ def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
     return min(n_pad, max(1, 1 << (1024 * num_warps // d).bit_length() - 1))
 
 
-_SYNC: dict = {}
-
-
-def _sync_buffer(device: torch.device, n: int) -> torch.Tensor:
-    """``split_kv="handoff"``'s ticket counter and flags: ``n`` int32 zeros, kept per device (each launch leaves
-    them zero). Under CUDA-graph capture a buffer too small is not replaced: the graph gets its own, zeroed by a
-    memset at each replay."""
-    buf = _SYNC.get(device)
-    if buf is None or buf.numel() < n:
-        fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return fresh
-        _SYNC[device] = buf = fresh
-    return buf
-
-
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=False,
-            joint=False) -> None:  # fmt: skip
-    handoff = split_kv == "handoff"
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=None) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -813,23 +617,21 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
             check(scores.dtype == torch.float32, "scores receives the probe scores: it must be float32")
         pargs = probe_args(probe_key, pq, offsets, e, normalizer, saliency, scale)
         del pargs["N"], pargs["N_PAD"], pargs["D"]
-    if num_warps is None and rows_per_tile is None and slots is None and not interpreting():
-        # a prompt's blocks: 4 warps (32 rows at head size 128) where the programs are one wave of them (e.g. 256
-        # for a 4k prompt of 8 KV heads on 132 SMs), so that each warp's share is shorter, and the quotas take
-        # tiles of 32 elements per thread (r0.6's 80 rows take 16: 4 warps would be 2x slower); 2 warps otherwise
-        # (H100, 35dbe21, bench_compress.py: 4k 26.4 vs 28.5 us, fused scores 30.7 vs 36.2; 16k 2 warps 81 vs 106)
-        r4 = _default_rows(4, d, n_pad)
-        one_wave = e * h <= 2 * num_sms(key.device)
-        num_warps = 4 if one_wave and tile_rows(r4, layout.num_salient_k, layout.num_salient_v) == r4 else 2
+    if num_warps is None and rows_per_tile is None and slots is None and split_kv is None and not interpreting():
+        # a prompt's blocks: where the programs are less than a wave (e.g. 256 for a 4k prompt of 8 KV heads on
+        # 132 SMs), a program for the keys and one for the values (split_kv), 2 warps each, so that each warp's
+        # stream is shorter (H100, 56b69e9, spike_compress_ways.py, scored in compress: 4k 28.2 us against 31.0
+        # unsplit and 30.0 at 4 warps x 32 rows, the default before; 8k split 62.0 against 52.2: two waves)
+        split_kv = e * h <= 2 * num_sms(key.device)
+        num_warps = 2
+    split_kv = bool(split_kv)
     warps = num_warps or (1 if interpreting() else 2)
     r = rows_per_tile or _default_rows(warps, d, n_pad)
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
     r = tile_rows(r, layout.num_salient_k, layout.num_salient_v)
-    check(split_kv in (False, True, "handoff"), f"split_kv must be False, True or 'handoff', got {split_kv!r}")
-    check(not (split_kv and joint), "split_kv and joint are two ways of dividing the work: one at a time")
     parts = 2 if split_kv else 1
     work = torch.empty(e * h * parts * n_pad, dtype=torch.int32, device=key.device)
-    tiles = torch.empty(e * h * parts * (4 + joint) * r * d, dtype=key.dtype, device=key.device)
+    tiles = torch.empty(e * h * parts * 4 * r * d, dtype=key.dtype, device=key.device)
     red = torch.empty(e * h * parts * 3 * d, dtype=torch.float32, device=key.device)
     _compress_store_kernel[(e, h, parts)](
         key, value, key.stride(0), key.stride(1),
@@ -847,7 +649,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        SPLIT_KV=bool(split_kv), JOINT=joint, HANDOFF=handoff,
-        sync_ptr=_sync_buffer(key.device, 1 + e * h) if handoff else work,
-        num_warps=warps, enable_fp_fusion=False, **pargs,
+        SPLIT_KV=split_kv, num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

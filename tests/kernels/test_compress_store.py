@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
-from zipcache_vllm.kernels.compress_store import _SYNC, compress_slots, compress_store, reciprocal32, tile_rows
+from zipcache_vllm.kernels.compress_store import compress_slots, compress_store, reciprocal32, tile_rows
 
 from zipcache_vllm.engine import paged
 from zipcache_vllm.engine.layout import PageLayout
@@ -27,34 +27,29 @@ CASES = [
 ]
 
 
-def _run(layout, k, v, scores, block_ids, num_blocks, **kw):
+def _run(layout, k, v, scores, block_ids, num_blocks):
     h = k.shape[1]
     base = torch.randint(0, 256, (num_blocks, h, layout.page_bytes), dtype=torch.uint8)  # untouched bytes stay
     ref = base.clone()
     paged.compress_store(k, v, scores, block_ids, ref, layout)
     got = base.to(DEVICE)
-    compress_store(k.to(DEVICE), v.to(DEVICE), scores.to(DEVICE), block_ids.to(DEVICE), got, layout, **kw)
+    compress_store(k.to(DEVICE), v.to(DEVICE), scores.to(DEVICE), block_ids.to(DEVICE), got, layout)
     return ref, got.cpu()
 
 
-@pytest.mark.parametrize("joint", [False, True], ids=["keys-then-values", "joint"])
 @pytest.mark.parametrize("n, d, r, rv, bh, bl", CASES)
-def test_pages_bit_exact(n, d, r, rv, bh, bl, joint):
-    """Every case at both pass schedules: keys then values, and both in the same passes (``joint``; the cases
-    cover its runs of page rows: key quota above, below and equal to the value quota, an empty key group, padded
-    lanes, one-row tiles)."""
+def test_pages_bit_exact(n, d, r, rv, bh, bl):
     layout = PageLayout(n, d, bits_high=bh, bits_low=bl, salient_ratio=r, value_salient_ratio=rv)
     h, nb = 2, 3
     k = (torch.randn(nb * n, h, d) * torch.rand(d) * 10).bfloat16()  # channels of different ranges
     v = torch.randn(nb * n, h, d).bfloat16()
     scores = torch.rand(nb * n, h)
-    ref, got = _run(layout, k, v, scores, torch.tensor([4, 0, 2], dtype=torch.int32), 6, joint=joint)
+    ref, got = _run(layout, k, v, scores, torch.tensor([4, 0, 2], dtype=torch.int32), 6)
     diff = (ref != got).nonzero()
     assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (block, head, byte) {diff[:5].tolist()}"
 
 
-@pytest.mark.parametrize("joint", [False, True], ids=["keys-then-values", "joint"])
-def test_ties_constant_rows_and_fp32_input(joint):
+def test_ties_constant_rows_and_fp32_input():
     """Tied scores go to the earlier token; a constant key channel reconstructs exactly; fp32 input; subnormal and
     signed-zero keys and values (the kernel divides by a shared reciprocal with one correction step: 1 ulp off
     IEEE division for subnormal dividends only, which must still give the twin's bytes)."""
@@ -71,7 +66,7 @@ def test_ties_constant_rows_and_fp32_input(joint):
     v[:, :, 11] = -0.0
     v[3, :, :] = torch.randn(64) * 1e-39  # a row of subnormals: its own (step, mn)
     scores = torch.randint(0, 3, (nb * 16, h)).float()  # many ties
-    ref, got = _run(layout, k, v, scores, torch.tensor([1, 0], dtype=torch.int32), 2, joint=joint)
+    ref, got = _run(layout, k, v, scores, torch.tensor([1, 0], dtype=torch.int32), 2)
     assert torch.equal(ref, got)
     kd, _ = paged.dequantize_pages(got, torch.tensor([1]), layout)
     assert torch.all(kd[0, :, 0, 5] == 0.75)
@@ -155,15 +150,11 @@ def test_scored_by_probes_in_the_kernel(n, h, g, d, r, rv, normalizer):
     assert torch.equal(again.cpu(), ref)
 
 
-@pytest.mark.parametrize("how", [{"split_kv": True}, {"split_kv": "handoff"}, {"joint": True}],
-                         ids=["split_kv", "handoff", "joint"])
 @pytest.mark.parametrize("n, h, g, d, r, rv", [PROBE_CASES[1], PROBE_CASES[3]])
-def test_divided_work_writes_the_same_pages(n, h, g, d, r, rv, how):
+def test_split_kv_writes_the_same_pages(n, h, g, d, r, rv):
     """``split_kv`` (a program for the keys and one for the values of each block and head, each ranking the block
-    in its own scratch), ``split_kv="handoff"`` (the values' program takes the keys' program's page rows) and
-    ``joint`` (keys and values in the same passes): the twin's pages under given scores, and the fused kernel's
-    pages and scores when the blocks are scored by their probes; a negative block id writes nothing. Twice
-    each, as a hand-off leaves its counter and flags at zero for the next launch."""
+    in its own scratch): the twin's pages under given scores, and the fused kernel's pages and scores when the
+    blocks are scored by their probes; a negative block id writes nothing."""
     layout = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
     nb = 3
     cfg = ZipCacheConfig(block_size=n)
@@ -179,19 +170,15 @@ def test_divided_work_writes_the_same_pages(n, h, g, d, r, rv, how):
                          scores[[*range(n), *range(2 * n, 3 * n)]], torch.tensor([3, 1]), ref, layout)  # fmt: skip
     kd, vd, idd = k.to(DEVICE), v.to(DEVICE), ids.to(DEVICE)
     got = base.to(DEVICE)
-    for _ in range(2):
-        got = base.to(DEVICE)
-        compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, **how)
-        assert torch.equal(got.cpu(), ref)
+    compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, split_kv=True)
+    assert torch.equal(got.cpu(), ref)
     probe = {"probe_query": pq.to(DEVICE), "probe_offsets": offsets.to(DEVICE), "scale": d**-0.5}
     want, want_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
     compress_store(kd, vd, want_scores, idd, want, layout, **probe)
     got, got_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
-    compress_store(kd, vd, got_scores, idd, got, layout, **how, **probe)
+    compress_store(kd, vd, got_scores, idd, got, layout, split_kv=True, **probe)
     assert torch.equal(got.cpu(), want.cpu())
     assert torch.equal(got_scores.cpu(), want_scores.cpu())
-    if how.get("split_kv") == "handoff":  # every ticket and flag back at zero
-        assert not _SYNC[kd.device].any()
 
 
 def test_slots_scored_by_probes_in_the_kernel():

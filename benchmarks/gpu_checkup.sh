@@ -6,18 +6,19 @@
 #   bash benchmarks/gpu_checkup.sh [OUT_DIR [COMMIT]]   # on the H200 (device tool: run from the repository root)
 #   STAGES="spike bench_kernels compress serving_gpu" bash benchmarks/gpu_checkup.sh ...   # then STAGES=gpu_suite
 #   STAGES="compress spike bench_kernels prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~560 s)
+#   STAGES="spike bench_kernels compress_ways prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~320 s)
 #
 # COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
 # the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
 # ran. Six files in all (checkup.log, h200.json, h200.md, h200_decode.png, compress.json, serving_gpu.json): the
-# device tool returns at most 8. All stages take up to 1040 s, more than one command may run (600 s): run them as two
+# device tool returns at most 8. All stages take up to 1130 s, more than one command may run (600 s): run them as two
 # calls with STAGES (the machine stays warm between calls that follow within 30 s). Needs a CUDA device, torch and
 # triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results/checkup}}
 commit=${2:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-stages=${STAGES:-spike bench_kernels compress serving_gpu gpu_suite}
+stages=${STAGES:-spike bench_kernels compress compress_ways serving_gpu gpu_suite}
 mkdir -p "$out"
 log="$out/checkup.log"
 ln -sfn ../kernels zipcache_vllm/kernels  # the package's kernels/ as installed (pip install puts it there)

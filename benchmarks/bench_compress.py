@@ -32,9 +32,6 @@ from zipcache_vllm.method import saliency
 from zipcache_vllm.method.config import ZipCacheConfig
 
 H, HQ, D = 8, 32, 128
-# compress_store's other divisions of the work: a program for the keys and one for the values of each block and
-# head (the joint passes of a5ee8d7 and the hand-off of 56b69e9 were timed here and dropped: docs/performance.md)
-WAYS = {"split_kv": {"split_kv": True}}
 
 
 def load_kernel_file(path: str, name: str = "_compress_store_base"):
@@ -46,12 +43,9 @@ def load_kernel_file(path: str, name: str = "_compress_store_base"):
     return mod
 
 
-def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,  # noqa: PLR0915
-         base_scores=None, ways=()) -> dict:
-    """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
-    num_warps) config, against the standalone probe-score kernel + the baseline compress (when given), and the
-    probe-score kernel against a baseline one (``base_scores``, when given); ``ways``: compress_store's other
-    divisions of the work to time per config too (names of ``WAYS``)."""
+def prompt_inputs(context: int) -> tuple:
+    """``(layout, key, value, probe_offsets, probe_query, block_ids, kv_cache)`` of a ``context``-token prompt's
+    complete blocks: the ``vllm`` page, LLaMA3-8B heads, channels of different ranges, seeded."""
     layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), D)
     n = layout.block_size
     nb = context // n
@@ -63,6 +57,19 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,
     pq = torch.randn(nb, offsets.shape[1], HQ, D, device="cuda", generator=g).bfloat16()
     ids = torch.arange(1, nb + 1, device="cuda", dtype=torch.int32)
     cache = torch.zeros(nb + 1, H, layout.page_bytes, dtype=torch.uint8, device="cuda")
+    return layout, k, v, offsets, pq, ids, cache
+
+
+def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,  # noqa: PLR0915
+         base_scores=None, split_kv=False) -> dict:
+    """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
+    num_warps) config, against the standalone probe-score kernel + the baseline compress (when given), and the
+    probe-score kernel against a baseline one (``base_scores``, when given); ``split_kv``: each config also with a
+    program for the keys and one for the values (the joint passes of a5ee8d7 and the hand-off of 56b69e9 were
+    timed here too, and dropped: docs/performance.md)."""
+    layout, k, v, offsets, pq, ids, cache = prompt_inputs(context)
+    n = layout.block_size
+    nb = context // n
     moved = 2 * k.numel() * 2 + nb * H * layout.page_bytes
     rec = {"kernel": "compress_store", "context": context, "blocks": nb, "num_kv_heads": H, "num_heads": HQ,
            "head_size": D, "num_probes": offsets.shape[1], "page_bytes": layout.page_bytes, "bytes_moved": moved}
@@ -102,16 +109,15 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,
         assert torch.equal(check, fused_pages), "fused pages differ from compression under the fused scores"
         rec["configs"].append({"rows_per_tile": r, "num_warps": w, "time_us": t, "fused_time_us": tf,
                                "fused_scores_max_diff": float((fused_scores - scores).abs().max())})
-        for way in ways:  # the other divisions of the work (WAYS), given scores and scored in the kernel
-            kw = WAYS[way]
-            ts = graph_time_us(lambda r=r, w=w, kw=kw: current.compress_store(
-                k, v, scores, ids, cache, layout, num_warps=w, rows_per_tile=r, **kw), reps)  # fmt: skip
-            assert torch.equal(cache, ref), f"{way} pages differ"
-            tsf = graph_time_us(lambda r=r, w=w, kw=kw: current.compress_store(
+        if split_kv:  # a program for the keys and one for the values, given scores and scored in the kernel
+            ts = graph_time_us(lambda r=r, w=w: current.compress_store(
+                k, v, scores, ids, cache, layout, num_warps=w, rows_per_tile=r, split_kv=True), reps)  # fmt: skip
+            assert torch.equal(cache, ref), "split_kv pages differ"
+            tsf = graph_time_us(lambda r=r, w=w: current.compress_store(
                 k, v, None, ids, cache, layout, num_warps=w, rows_per_tile=r, probe_query=pq, probe_offsets=offsets,
-                **kw), reps)  # fmt: skip
-            assert torch.equal(cache, fused_pages), f"{way} pages differ from the fused kernel's"
-            rec["configs"][-1].update({f"{way}_time_us": ts, f"{way}_fused_time_us": tsf})
+                split_kv=True), reps)  # fmt: skip
+            assert torch.equal(cache, fused_pages), "split_kv pages differ from the fused kernel's"
+            rec["configs"][-1].update(split_kv_time_us=ts, split_kv_fused_time_us=tsf)
     best = min(rec["configs"], key=lambda x: x["time_us"])
     best_f = min(rec["configs"], key=lambda x: x["fused_time_us"])
     rec["time_us"], rec["best_config"] = best["time_us"], (best["rows_per_tile"], best["num_warps"])
@@ -150,8 +156,7 @@ def main(argv=None) -> None:
     configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
     if a.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
-    ways = ["split_kv"] if a.split_kv else []
-    records = [case(int(c), configs, current, base, a.reps, base_scores, ways) for c in a.contexts.split(",")]
+    records = [case(int(c), configs, current, base, a.reps, base_scores, a.split_kv) for c in a.contexts.split(",")]
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": a.commit,
            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(map(shlex.quote, sys.argv)),
            "records": records}  # fmt: skip
@@ -160,7 +165,8 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in records:
         ts = ", ".join(f"{x['rows_per_tile']}x{x['num_warps']}: {x['time_us']:.1f} ({x['fused_time_us']:.1f})"
-                       + "".join(f" {w} {x[w + '_time_us']:.1f} ({x[w + '_fused_time_us']:.1f})" for w in ways)
+                       + (f" split_kv {x['split_kv_time_us']:.1f} ({x['split_kv_fused_time_us']:.1f})"
+                          if a.split_kv else "")
                        for x in r["configs"])  # fmt: skip
         ps = f"{r['probe_scores_us']:.1f}" + (f" (baseline {r['baseline_probe_scores_us']:.1f})"
                                               if "baseline_probe_scores_us" in r else "")

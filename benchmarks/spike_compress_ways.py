@@ -4,8 +4,8 @@ and without ``split_kv``, printing each time as it comes (a hang shows where it 
 
     PYTHONPATH=. python -u benchmarks/spike_compress_ways.py [--contexts 4096,8192]
 
-LLaMA3-8B KV geometry, ``vllm`` preset page, CUDA-graph replays (``_timing.graph_time_us``); every variant's pages
-are checked against the default's first.
+The prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` preset page), CUDA-graph replays
+(``_timing.graph_time_us``); every variant's pages are checked against the default's first.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ import time
 import torch
 
 from benchmarks._timing import graph_time_us
-from zipcache_vllm.engine.layout import PageLayout
+from benchmarks.bench_compress import prompt_inputs
 from zipcache_vllm.engine.ops import kernel_module
-from zipcache_vllm.method import saliency
-from zipcache_vllm.method.config import ZipCacheConfig
 
-H, HQ, D, N = 8, 32, 128, 128
 cs = kernel_module("compress_store")  # the module (the package exports its function under the same name)
 VARIANTS = {
     "default": {},
@@ -38,25 +35,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
-    layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=N), D)
-    cfg = ZipCacheConfig(block_size=N)
     for ctx in map(int, a.contexts.split(",")):
-        nb = ctx // N
-        g = torch.Generator(device="cuda").manual_seed(0)
-        k = torch.randn(nb * N, H, D, device="cuda", generator=g) * torch.linspace(0.5, 3, D, device="cuda")
-        k = k.bfloat16()
-        v = torch.randn(nb * N, H, D, device="cuda", generator=g).bfloat16()
-        off = torch.stack([saliency.block_probe_offsets(cfg, N, i) for i in range(nb)]).int().cuda()
-        pq = torch.randn(nb, off.shape[1], HQ, D, device="cuda", generator=g).bfloat16()
-        ids = torch.arange(1, nb + 1, device="cuda", dtype=torch.int32)
-        cache = torch.zeros(nb + 1, H, layout.page_bytes, dtype=torch.uint8, device="cuda")
+        layout, k, v, off, pq, ids, cache = prompt_inputs(ctx)
         kw = {"probe_query": pq, "probe_offsets": off}
         cs.compress_store(k, v, None, ids, cache, layout, **kw)
         ref = cache.clone()
         for name, extra in VARIANTS.items():
             t0 = time.time()
 
-            def run(extra=extra, k=k, v=v, ids=ids, cache=cache, kw=kw):
+            def run(extra=extra, layout=layout, k=k, v=v, ids=ids, cache=cache, kw=kw):
                 cs.compress_store(k, v, None, ids, cache, layout, **kw, **extra)
 
             cache.zero_()

@@ -623,7 +623,6 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         # stream is shorter (H100, 56b69e9, spike_compress_ways.py, scored in compress: 4k 28.2 us against 31.0
         # unsplit and 30.0 at 4 warps x 32 rows, the default before; 8k split 62.0 against 52.2: two waves)
         split_kv = e * h <= 2 * num_sms(key.device)
-        num_warps = 2
     split_kv = bool(split_kv)
     warps = num_warps or (1 if interpreting() else 2)
     r = rows_per_tile or _default_rows(warps, d, n_pad)

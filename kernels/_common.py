@@ -166,12 +166,6 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: keep grids small
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch (``launch_pdl``, ``tl.extra.cuda.gdc_*``): sm_90 and later, not under the
-    interpreter."""
-    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 # --------------------------------------------------------------------------------------------- jit helpers
 # Attention state is kept in four channel quarters (acc0..acc3, each [M, D/4]): a page row unpacks into
 # quarters with shifts and masks only (paged.pack_row), so no interleaving shuffle is ever needed. A first

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, check, check_tensor, interpreting, pdl_supported, pow2
+from ._common import LOG2E, check, check_tensor, interpreting, pow2
 
 NORMALIZERS = {"accumulated": 0, "causal_count": 1, "probe_nnz": 2}
 
@@ -87,10 +87,8 @@ def _block_scores_kernel(
     out_ptr, stride_o_blk, stride_o_tok,  # fp32 [S, N, H], head stride 1
     qk_scale,  # softmax scale * log2(e)
     N: tl.constexpr, N_PAD: tl.constexpr, P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
-    D: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    D: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    if LAUNCH_DEPENDENTS:  # a kernel launched after this one as its programmatic dependent may start now (it waits
-        tl.extra.cuda.gdc_launch_dependents()  # for this one's writes itself: compress_store(pdl=True))
     e = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     blk = tl.load(src_ptr + e).to(tl.int64)
@@ -136,7 +134,7 @@ def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nn
         offsets, offsets.stride(0),
         src,
         out, out.stride(0), out.stride(1),
-        num_warps=num_warps or (1 if interpreting() else 4), LAUNCH_DEPENDENTS=pdl_supported(key.device), **args,
+        num_warps=num_warps or (1 if interpreting() else 4), **args,
     )  # fmt: skip
     return out
 

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cache_args, check, check_cache, check_tensor, interpreting, num_sms, pdl_supported, pow2
+from ._common import cache_args, check, check_cache, check_tensor, interpreting, num_sms, pow2
 from .block_scores import normalize_scores, probe_args, probe_scores
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
@@ -200,7 +200,6 @@ def _compress_store_kernel(
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
     SPLIT_KV: tl.constexpr,  # two programs per (block, KV head): axis 2 is 0 for the keys, 1 for the values
-    PDL: tl.constexpr,  # launched as a programmatic dependent of the kernel that writes the scores: wait for it
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -237,8 +236,6 @@ def _compress_store_kernel(
         if SCORES == 3:
             tl.store(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, s, mask=tv)
     else:
-        if PDL:  # the programs start while the kernel before them (the scores') runs: its writes are seen after this
-            tl.extra.cuda.gdc_wait()
         s = tl.load(scores_ptr + src * stride_s_blk + t * stride_s_tok + head * stride_s_head, mask=tv, other=0.0)
         s = s.to(tl.float32)
         if SCORES == 1:
@@ -477,7 +474,6 @@ def compress_store(
     scale: float | None = None,
     rows_per_tile: int | None = None,
     split_kv: bool | None = None,
-    pdl: bool = False,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -501,9 +497,6 @@ def compress_store(
         block; with ``probe_query`` both score it): twice the programs, each with a shorter instruction stream.
         Default (None): on where the split programs are one wave at 2 warps (a prompt of up to ~4k tokens of 8
         KV heads on 132 SMs), else off.
-    pdl : launch as a programmatic dependent of the kernel before it on the stream (sm_90+; ignored elsewhere and
-        in the interpreter): the programs start while that kernel (e.g. ``block_probe_scores``, which lets its
-        dependents launch at once) runs, and wait for it before they read ``scores``.
 
     Example
     -------
@@ -534,7 +527,7 @@ def compress_store(
         return
     s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
     _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
-            probes, probe_key if probes else None, split_kv, pdl)  # fmt: skip
+            probes, probe_key if probes else None, split_kv)  # fmt: skip
 
 
 def compress_slots(
@@ -607,8 +600,7 @@ def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=None,
-            pdl=False) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=None) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -632,7 +624,6 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         # unsplit and 30.0 at 4 warps x 32 rows, the default before; 8k split 62.0 against 52.2: two waves)
         split_kv = e * h <= 2 * num_sms(key.device)
     split_kv = bool(split_kv)
-    pdl = pdl and probes is None and pdl_supported(key.device)
     warps = num_warps or (1 if interpreting() else 2)
     r = rows_per_tile or _default_rows(warps, d, n_pad)
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
@@ -657,5 +648,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        SPLIT_KV=split_kv, PDL=pdl, launch_pdl=pdl, num_warps=warps, enable_fp_fusion=False, **pargs,
+        SPLIT_KV=split_kv, num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

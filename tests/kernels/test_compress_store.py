@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
-from zipcache_vllm.kernels.block_scores import block_probe_scores
 from zipcache_vllm.kernels.compress_store import compress_slots, compress_store, reciprocal32, tile_rows
 
 from zipcache_vllm.engine import paged
@@ -180,34 +179,6 @@ def test_split_kv_writes_the_same_pages(n, h, g, d, r, rv):
     compress_store(kd, vd, got_scores, idd, got, layout, split_kv=True, **probe)
     assert torch.equal(got.cpu(), want.cpu())
     assert torch.equal(got_scores.cpu(), want_scores.cpu())
-
-
-@pytest.mark.parametrize("split_kv", [False, True])
-def test_pdl_after_the_probe_scores_kernel(split_kv):
-    """``pdl=True`` (the programs may start while ``block_probe_scores`` runs and wait for its scores): the
-    pages equal the twin's under the scores that kernel wrote, launch after launch (the scores change each time,
-    so a program that read them before the wait would write another page); ignored off sm_90 and in the
-    interpreter."""
-    n, h, g, d = 128, 2, 4, 128
-    layout = PageLayout(n, d, salient_ratio=0.8, value_salient_ratio=0.2)
-    nb = 4
-    cfg = ZipCacheConfig(block_size=n)
-    offsets = torch.stack([block_probe_offsets(cfg, n, i) for i in range(nb)]).int()
-    k = (torch.randn(nb * n, h, d) * torch.rand(d) * 3).bfloat16()
-    v = torch.randn(nb * n, h, d).bfloat16()
-    ids = torch.tensor([2, 0, 5, 3], dtype=torch.int32)
-    base = torch.randint(0, 256, (6, h, layout.page_bytes), dtype=torch.uint8)
-    kd, vd, idd, od = k.to(DEVICE), v.to(DEVICE), ids.to(DEVICE), offsets.to(DEVICE)
-    src = torch.arange(nb, dtype=torch.int32, device=DEVICE)
-    scores = torch.empty(nb, n, h, device=DEVICE)
-    got = base.to(DEVICE)
-    for i in range(3):
-        pq = torch.randn(nb, offsets.shape[1], h * g, d, generator=torch.Generator().manual_seed(i)).bfloat16()
-        block_probe_scores(kd.view(nb, n, h, d), pq.to(DEVICE), od, src, scores)
-        compress_store(kd, vd, scores.view(-1, h), idd, got, layout, split_kv=split_kv, pdl=True)
-        ref = base.clone()
-        paged.compress_store(k, v, scores.cpu().view(-1, h), ids, ref, layout)
-        assert torch.equal(got.cpu(), ref), f"launch {i}"
 
 
 def test_slots_scored_by_probes_in_the_kernel():

@@ -350,12 +350,10 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
                 pq.index_copy_(0, cp.pq_stage_dst,
                                staging.probe_query.view(-1, hq, d).index_select(0, cp.pq_stage_src))  # fmt: skip
             pq.index_copy_(0, cp.pq_new_dst, q.index_select(0, cp.pq_new_tok).to(dt))
-        if ops.name == "triton":  # the blocks scored by their probes inside the compression kernel (one launch;
-            # the scores never go through memory): faster than the two launches (docs/performance.md)
-            ops.compress_store(bk, bv, None, _block_ids(cp, slot_mapping, n), kv_cache, layout,
-                               probe_query=pq.view(b, p, hq, d), probe_offsets=cp.offsets,
-                               normalizer=config.normalizer, saliency=config.saliency, scale=scale)  # fmt: skip
-            return
+        # two launches on CUDA too, as the decode step's: the same scores (block_probe_scores at its 4 warps), so a
+        # block's page does not depend on whether a prompt or decode rows completed it; and faster where a step's
+        # blocks are one wave (H100: a 4k prompt 26.3 us against 28.4 scored inside compress_store, 16k 105.4
+        # against 96.0: docs/performance.md)
         scores = torch.empty(b, n, h, dtype=torch.float32, device=k.device)
         ops.block_scores(bk.view(b, n, h, d), pq.view(b, p, hq, d), cp.offsets, cp.block_index, scores,
                          config.normalizer, config.saliency, scale)

@@ -28,7 +28,11 @@ scores computed inside, 4k 28.2 us against 30.0 at 32 x 4 (H100, 56b69e9). Measu
 2026-12-06): keys and values in the same two passes over the page rows (a5ee8d7: same instructions per warp, no
 gain: 4k 26.0 vs 25.6 us given scores, 16k 91.4 vs 80.8), and a hand-off where the values' program takes the keys'
 program's page rows through a flag instead of ranking the block itself (56b69e9: 28.5 vs split's 28.2 us at 4k:
-the keys' program, which scores and ranks, is the critical path either way).
+the keys' program, which scores and ranks, is the critical path either way). The tile loops load the next tile
+before they work on the current one (:func:`_next_tile`; 168 -> 232 registers, still four 2-warp programs an SM):
+given scores 19.1 vs 19.4 us at 4k (split), 77.4 vs 80.1 at 16k (H100, ff3f49b + this change,
+``benchmarks/results/h100_compress_prefetch_ff3f49b.json``; at 170904c, on the whole-tile kernel, it gained
+nothing).
 With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
 rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
 against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below), so the engine step on CUDA
@@ -284,6 +288,25 @@ def _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N: tl.constexpr, R: tl.const
 
 
 @triton.jit
+def _first_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                PL: tl.constexpr):  # fmt: skip
+    """A tile loop's start: the tile at page rows ``r0 ..`` (:func:`_page_tile`) and the tokens of the one after
+    it (:func:`_next_tile` loads that tile while the loop works on this one)."""
+    x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, _tile_tokens(work, r0, N, R), r0, N, R, D, PL)
+    return x, rr, rv, _tile_tokens(work, r0 + R, N, R)
+
+
+@triton.jit
+def _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+               PL: tl.constexpr):  # fmt: skip
+    """In the iteration of the tile at page rows ``r0``: the next tile (rows ``r0 + R ..``, its tokens ``tok``
+    loaded one iteration before; past the loop's end a tile of the next group or padding, unused) and the tokens
+    of the one after it, loaded before the current tile is used, so that its latency overlaps that work."""
+    x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0 + R, N, R, D, PL)
+    return x, rr, rv, _tile_tokens(work, r0 + 2 * R, N, R)
+
+
+@triton.jit
 def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
                    sk_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                    BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
@@ -295,26 +318,24 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
     PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
     mn_s = tl.full((R, D // PL, PL), _BIG, tl.float32)
     mx_s = tl.full((R, D // PL, PL), -_BIG, tl.float32)
-    tok = _tile_tokens(work, 0, N, R)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
     for r0 in range(0, sk_rows, R):
-        nxt = _tile_tokens(work, r0 + R, N, R)
-        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         mn_s = tl.minimum(mn_s, x)
         mx_s = tl.maximum(mx_s, x)
-        tok = nxt
+        x, rr, rv = xn, rrn, rvn
     mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
     mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
-    tok = _tile_tokens(work, sk_rows, N, R)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, N, R, D, PL)
     for r0 in range(sk_rows, n_rows, R):
-        nxt = _tile_tokens(work, r0 + R, N, R)
-        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         if N < N_PAD:  # padded rows load 0: keep them out of the range
             mn_r = tl.minimum(mn_r, tl.where(rv[:, None, None], x, _BIG))
             mx_r = tl.maximum(mx_r, tl.where(rv[:, None, None], x, -_BIG))
         else:
             mn_r = tl.minimum(mn_r, x)
             mx_r = tl.maximum(mx_r, x)
-        tok = nxt
+        x, rr, rv = xn, rrn, rvn
     # the parameters of every channel and group, computed by the few lanes that hold the channel once the
     # running tiles are reduced through the scratch (_channel_reduce), stored, and read back in the tile's layout
     has_s: tl.constexpr = SK > 0
@@ -331,24 +352,22 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
         step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch)[None, :, :]
         mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch)[None, :, :]
         rstep = tl.load(red + ch)[None, :, :]
-        tok = _tile_tokens(work, 0, N, R)
+        x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
         for r0 in range(0, sk_rows, R):
-            nxt = _tile_tokens(work, r0 + R, N, R)
-            x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+            xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
             code = _codes(x, mn16, step, rstep, (1 << BH) - 1.0)
             _store_packed(code, rv, rr, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
-            tok = nxt
+            x, rr, rv = xn, rrn, rvn
     if has_r:
         step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch)[None, :, :]
         mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch)[None, :, :]
         rstep = tl.load(red + D + ch)[None, :, :]
-        tok = _tile_tokens(work, sk_rows, N, R)
+        x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, N, R, D, PL)
         for r0 in range(sk_rows, n_rows, R):
-            nxt = _tile_tokens(work, r0 + R, N, R)
-            x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+            xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
             code = _codes(x, mn16, step, rstep, (1 << BL) - 1.0)
             _store_packed(code, rv, rr - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
-            tok = nxt
+            x, rr, rv = xn, rrn, rvn
 
 
 @triton.jit
@@ -405,20 +424,18 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
-    tok = _tile_tokens(work, 0, N, R)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
     for r0 in range(0, sv_rows, R):
-        nxt = _tile_tokens(work, r0 + R, N, R)
-        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
                     N, R, D, PL, BH, V_TOK_OFF, RQ_H)  # fmt: skip
-        tok = nxt
-    tok = _tile_tokens(work, sv_rows, N, R)
+        x, rr, rv = xn, rrn, rvn
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sv_rows, N, R, D, PL)
     for r0 in range(sv_rows, n_rows, R):
-        nxt = _tile_tokens(work, r0 + R, N, R)
-        x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N, R, D, PL)
+        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
                     N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
-        tok = nxt
+        x, rr, rv = xn, rrn, rvn
 
 
 @triton.jit

@@ -50,8 +50,9 @@ base=()
 # (16 x 2 and 32 x 4, each also as split_kv: the default's launch at one wave)
 stage compress 200 python benchmarks/bench_compress.py --configs 16x2,32x4 --split-kv \
   ${base[@]+"${base[@]}"} --commit "$commit" --out "$out/compress.json"
-# the default launch of the fused compress (split_kv at one wave) against fixed launches, printed as they come
-stage compress_ways 90 python -u benchmarks/spike_compress_ways.py --contexts 4096,8192,16384
+# the default launch of the fused compress (split_kv at one wave) against fixed launches, and the step's path (the
+# probe-score kernel, then compress given the scores), printed as they come
+stage compress_ways 120 python -u benchmarks/spike_compress_ways.py --contexts 4096,8192,16384 --two-kernels
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
 # the GPU tests of what the prefill side changed since the last complete suite (compress, probe scores, the engine
 # step): to go with the stages above in one call when a second call for gpu_suite may not come

@@ -35,8 +35,13 @@ given scores 19.1 vs 19.4 us at 4k (split), 77.4 vs 80.1 at 16k (H100, ff3f49b +
 nothing).
 With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
 rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
-against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below), so the engine step on CUDA
-launches this path.
+against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below). The engine step launched this
+path from then until bc9fb34 (2026-12-06), and now launches ``block_probe_scores`` then this kernel given the
+scores, as its decode step always did: one scoring kernel for every block (its 4 warps use the Hopper ``wgmma``,
+this kernel's 2 warps ``mma.sync``, and the two round the sums differently, so a near-tie could rank otherwise and
+a block's page would depend on whether a prompt or decode rows completed it), and faster where a step's blocks are
+one wave (H100, 653aee4: 4k 25.7 us against 26.7 one launch; 8k 51.1 against 48.6, 16k 101.7 against 90.6:
+``benchmarks/results/h100_checkup_653aee4.log``). The one launch stays for callers that score every block this way.
 
 The row-tile kernel before page-row tiles (170904c) on the H200, the 32 / 128 blocks x 8 KV heads of a 4k / 16k
 prompt, ``vllm`` preset (``benchmarks/bench_compress.py``, CUDA-graph replays of one launch): 36 / 99 us, against 55

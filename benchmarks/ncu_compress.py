@@ -1,66 +1,65 @@
-"""Nsight Compute view of ``kernels/compress_store`` on a prompt's blocks: occupancy, stall reasons and the
-hottest SASS lines (one device call, well under a minute of GPU).
+"""Nsight Compute view of a prompt's compression: occupancy, stall reasons and, with ``--source``, the SASS lines
+where warps stall most (one device call, well under a minute of GPU per kernel).
 
-    PYTHONPATH=. python benchmarks/ncu_compress.py [--context 4096] [--num-warps 4] [--probes]
+    PYTHONPATH=. python benchmarks/ncu_compress.py [--context 4096] [--way step|given|fused] [--kernel NAME]
+    PYTHONPATH=. python benchmarks/ncu_compress.py --way step --kernel block_scores --source 40
 
-Re-executes itself under ``ncu`` (``benchmarks/ncu_decode_v2.profile``) with ``--run``: the 32 (4k) blocks x 8
-KV heads of LLaMA3-8B geometry, ``vllm`` preset, block 128, compressed three times (the third is profiled);
-``--probes``: the blocks scored by their probes inside the kernel at the default launch (the engine step's path;
-``--num-warps`` unused), the inputs of ``bench_compress.prompt_inputs``.
-``SourceCounters`` lists the SASS locations where warps stall most.
+Re-executes itself under ``ncu`` (``benchmarks/ncu_decode_v2.profile``) with ``--run``: the blocks of a
+``--context``-token prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` page), compressed
+three times; the third launch of the kernels named ``--kernel`` is profiled. Ways: ``step``, the engine step's
+path (``block_probe_scores``, then ``compress_store`` given the scores, default launch); ``given``,
+``compress_store`` alone on random scores (``--num-warps``; 0: the default launch); ``fused``, ``compress_store``
+scoring the blocks by their probes itself. ``--source N``: the N SASS lines with the most warp-stall samples (ncu's
+source page), with their share of all samples, after the usual report.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from benchmarks.ncu_decode_v2 import SECTIONS, profile
+from benchmarks.ncu_decode_v2 import SECTIONS, profile, source_hotspots
 
 
-def run(context: int, num_warps: int, probes: bool = False) -> None:
+def run(context: int, way: str, num_warps: int) -> None:
     import torch
 
-    if probes:
-        from benchmarks.bench_compress import prompt_inputs
-        from zipcache_vllm.engine.ops import kernel_module
-
-        layout, k, v, off, pq, ids, cache = prompt_inputs(context)
-        for _ in range(3):
-            kernel_module("compress_store").compress_store(k, v, None, ids, cache, layout, probe_query=pq,
-                                                           probe_offsets=off)  # fmt: skip
-        torch.cuda.synchronize()
-        return
-
-    from zipcache_vllm.engine.layout import PageLayout
+    from benchmarks.bench_compress import prompt_inputs
     from zipcache_vllm.engine.ops import kernel_module
-    from zipcache_vllm.method.config import ZipCacheConfig
 
-    layout = PageLayout.from_config(ZipCacheConfig.load("vllm", block_size=128), 128)
-    nb, h = context // 128, 8
-    k = (torch.randn(nb * 128, h, 128, device="cuda") * torch.linspace(0.5, 3, 128, device="cuda")).bfloat16()
-    v = torch.randn(nb * 128, h, 128, device="cuda").bfloat16()
-    scores = torch.rand(nb * 128, h, device="cuda")
-    ids = torch.arange(nb, device="cuda", dtype=torch.int32)
-    cache = torch.zeros(nb, h, layout.page_bytes, dtype=torch.uint8, device="cuda")
+    cs, bs = kernel_module("compress_store"), kernel_module("block_scores")
+    layout, k, v, off, pq, ids, cache = prompt_inputs(context)
+    n, h, d = layout.block_size, k.shape[1], k.shape[2]
+    nb = ids.numel()
+    scores = torch.rand(nb, n, h, device="cuda")
+    src = torch.arange(nb, device="cuda", dtype=torch.int32)
     for _ in range(3):
-        kernel_module("compress_store").compress_store(k, v, scores, ids, cache, layout, num_warps=num_warps)
+        if way == "step":
+            bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores)
+            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
+        elif way == "given":
+            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout, num_warps=num_warps or None)
+        else:
+            cs.compress_store(k, v, None, ids, cache, layout, probe_query=pq, probe_offsets=off)
     torch.cuda.synchronize()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--probes", action="store_true")
+    ap.add_argument("--way", choices=["step", "given", "fused"], default="step")
+    ap.add_argument("--kernel", default="compress_store", help="the kernel profiled (a name or part of one)")
+    ap.add_argument("--num-warps", type=int, default=0, help="--way given: warps per program (0: default launch)")
+    ap.add_argument("--source", type=int, default=0, help="also list the N SASS lines with most stall samples")
     ap.add_argument("--run", action="store_true")
     a = ap.parse_args()
     if a.run:
-        run(a.context, a.num_warps, a.probes)
+        run(a.context, a.way, a.num_warps)
         return
-    extra = ["--probes"] if a.probes else []
-    label = "scored in compress, default launch" if a.probes else f"{a.num_warps} warps"
-    profile("compress_store", [__file__, "--run", "--context", str(a.context), "--num-warps", str(a.num_warps),
-                               *extra], f"compress_store {a.context} tokens, {label}", SECTIONS + ["SourceCounters"])
+    argv = [__file__, "--run", "--context", str(a.context), "--way", a.way, "--num-warps", str(a.num_warps)]
+    label = f"{a.kernel} ({a.way}), {a.context} tokens"
+    profile(a.kernel, argv, label, SECTIONS)
+    if a.source:
+        source_hotspots(a.kernel, argv, label, a.source)
 
 
 if __name__ == "__main__":

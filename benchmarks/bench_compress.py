@@ -1,8 +1,9 @@
 """``kernels/compress_store`` on one GPU: the compression of a prompt's complete blocks, with given scores and
 with the blocks scored by their probes inside the kernel, per (rows per tile, ``num_warps``), against a copy of the
 same bf16 keys and values (the memory floor), the standalone probe-score kernel and, optionally, an earlier
-version of the kernel loaded from a file (and, with ``--split-kv``, a program for the keys and one for the values
-of each block and head), side by side in one run.
+version of the kernel loaded from a file (and, with ``--programs 2,3``, each config also with more programs per
+block and head: one for the keys and one for the values, or one for the keys and two for the values' page rows),
+side by side in one run.
 
     git show 79a671a:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
     git show 79a671a:kernels/block_scores.py > kernels/_block_scores_base.py       # (--baseline-scores)
@@ -61,12 +62,14 @@ def prompt_inputs(context: int) -> tuple:
 
 
 def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,  # noqa: PLR0915
-         base_scores=None, split_kv=False) -> dict:
+         base_scores=None, programs=()) -> dict:
     """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
     num_warps) config, against the standalone probe-score kernel + the baseline compress (when given), and the
-    probe-score kernel against a baseline one (``base_scores``, when given); ``split_kv``: each config also with a
-    program for the keys and one for the values (the joint passes of a5ee8d7 and the hand-off of 56b69e9 were
-    timed here too, and dropped: docs/performance.md)."""
+    probe-score kernel against a baseline one (``base_scores``, when given); ``programs``: each config also with
+    that many programs per (block, KV head) (records ``programs_time_us`` / ``programs_fused_time_us`` by count;
+    ``split_kv_time_us`` before 2026-12-06 was count 2; the joint passes of a5ee8d7 and the hand-off of 56b69e9
+    were timed here too, and dropped: docs/performance.md).
+    """
     layout, k, v, offsets, pq, ids, cache = prompt_inputs(context)
     n = layout.block_size
     nb = context // n
@@ -109,15 +112,16 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,
         assert torch.equal(check, fused_pages), "fused pages differ from compression under the fused scores"
         rec["configs"].append({"rows_per_tile": r, "num_warps": w, "time_us": t, "fused_time_us": tf,
                                "fused_scores_max_diff": float((fused_scores - scores).abs().max())})
-        if split_kv:  # a program for the keys and one for the values, given scores and scored in the kernel
-            ts = graph_time_us(lambda r=r, w=w: current.compress_store(
-                k, v, scores, ids, cache, layout, num_warps=w, rows_per_tile=r, split_kv=True), reps)  # fmt: skip
-            assert torch.equal(cache, ref), "split_kv pages differ"
-            tsf = graph_time_us(lambda r=r, w=w: current.compress_store(
+        for m in programs:  # more programs per (block, KV head), given scores and scored in the kernel
+            ts = graph_time_us(lambda r=r, w=w, m=m: current.compress_store(
+                k, v, scores, ids, cache, layout, num_warps=w, rows_per_tile=r, programs=m), reps)  # fmt: skip
+            assert torch.equal(cache, ref), f"pages differ at programs={m}"
+            tsf = graph_time_us(lambda r=r, w=w, m=m: current.compress_store(
                 k, v, None, ids, cache, layout, num_warps=w, rows_per_tile=r, probe_query=pq, probe_offsets=offsets,
-                split_kv=True), reps)  # fmt: skip
-            assert torch.equal(cache, fused_pages), "split_kv pages differ from the fused kernel's"
-            rec["configs"][-1].update(split_kv_time_us=ts, split_kv_fused_time_us=tsf)
+                programs=m), reps)  # fmt: skip
+            assert torch.equal(cache, fused_pages), f"programs={m}: pages differ from the fused kernel's"
+            rec["configs"][-1].setdefault("programs_time_us", {})[m] = ts
+            rec["configs"][-1].setdefault("programs_fused_time_us", {})[m] = tsf
     best = min(rec["configs"], key=lambda x: x["time_us"])
     best_f = min(rec["configs"], key=lambda x: x["fused_time_us"])
     rec["time_us"], rec["best_config"] = best["time_us"], (best["rows_per_tile"], best["num_warps"])
@@ -143,7 +147,7 @@ def main(argv=None) -> None:
                     "--rows-per-tile and --num-warps)")
     ap.add_argument("--baseline", default=None, help="an earlier compress_store.py to time side by side")
     ap.add_argument("--baseline-scores", default=None, help="an earlier block_scores.py to time side by side")
-    ap.add_argument("--split-kv", action="store_true", help="also time a program per keys and per values")
+    ap.add_argument("--programs", default="", help="also time these programs per (block, KV head), e.g. 2,3")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)
@@ -156,7 +160,8 @@ def main(argv=None) -> None:
     configs = [(int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")]
     if a.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
-    records = [case(int(c), configs, current, base, a.reps, base_scores, a.split_kv) for c in a.contexts.split(",")]
+    programs = [int(m) for m in a.programs.split(",") if m]
+    records = [case(int(c), configs, current, base, a.reps, base_scores, programs) for c in a.contexts.split(",")]
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": a.commit,
            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(map(shlex.quote, sys.argv)),
            "records": records}  # fmt: skip
@@ -165,8 +170,8 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in records:
         ts = ", ".join(f"{x['rows_per_tile']}x{x['num_warps']}: {x['time_us']:.1f} ({x['fused_time_us']:.1f})"
-                       + (f" split_kv {x['split_kv_time_us']:.1f} ({x['split_kv_fused_time_us']:.1f})"
-                          if a.split_kv else "")
+                       + "".join(f" programs {m}: {x['programs_time_us'][m]:.1f} ({x['programs_fused_time_us'][m]:.1f})"
+                                 for m in programs)
                        for x in r["configs"])  # fmt: skip
         ps = f"{r['probe_scores_us']:.1f}" + (f" (baseline {r['baseline_probe_scores_us']:.1f})"
                                               if "baseline_probe_scores_us" in r else "")

@@ -47,10 +47,10 @@ stage bench_kernels 130 python benchmarks/bench_kernels.py --quick --commit "$co
 base=()
 [[ -f kernels/_compress_store_base.py ]] && base=(--baseline kernels/_compress_store_base.py)
 [[ -f kernels/_block_scores_base.py ]] && base+=(--baseline-scores kernels/_block_scores_base.py)
-# (16 x 2 and 32 x 4, each also as split_kv: the default's launch at one wave)
-stage compress 200 python benchmarks/bench_compress.py --configs 16x2,32x4 --split-kv \
+# (16 x 2 and 32 x 4, each also at 2 programs per (block, KV head), the default's launch at one wave, and 3)
+stage compress 200 python benchmarks/bench_compress.py --configs 16x2,32x4 --programs 2,3 \
   ${base[@]+"${base[@]}"} --commit "$commit" --out "$out/compress.json"
-# the default launch of the fused compress (split_kv at one wave) against fixed launches, and the step's path (the
+# the default launch of the fused compress (2 programs at one wave) against fixed launches, and the step's path (the
 # probe-score kernel, then compress given the scores), printed as they come
 stage compress_ways 120 python -u benchmarks/spike_compress_ways.py --contexts 4096,8192,16384 --two-kernels
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"

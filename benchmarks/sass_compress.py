@@ -1,6 +1,6 @@
 """Registers, spills and instruction mix of ``kernels/compress_store`` without a GPU: compile for sm_90 with
 Triton's bundled ptxas, for the ``vllm`` preset page (block 128, head size 128) at each ``--num-warps`` and
-``--rows-per-tile`` (``--probes``: the blocks scored by their probes in the kernel).
+``--rows-per-tile`` (``--probes``: the blocks scored by their probes in the kernel; ``--programs``, ``--maxnreg``).
 
     PYTHONPATH=. python benchmarks/sass_compress.py [--head-size 128] [--num-warps 2,4] [--kernel FILE]
     PYTHONPATH=. python benchmarks/sass_compress.py --block-scores --num-warps 4 [--kernel FILE]
@@ -34,7 +34,9 @@ def main() -> None:
     ap.add_argument("--num-warps", default="2,4")
     ap.add_argument("--rows-per-tile", default="16,32", help="comma-separated R values")
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
-    ap.add_argument("--split-kv", action="store_true", help="a program for the keys and one for the values")
+    ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1, 2 (keys | values) or 3 (keys | "
+                    "values' page rows in two halves)")
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas .maxnreg)")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     ap.add_argument("--block-scores", action="store_true",
                     help="compile block_scores._block_scores_kernel instead (the probe scores launched before)")
@@ -49,17 +51,19 @@ def main() -> None:
               V_HI_OFF=lay.v_hi_off, V_LO_OFF=lay.v_lo_off, K_PAR_OFF=lay.k_param_off, V_NORM_OFF=lay.v_norm_off,
               V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, SCORES=2 if a.probes else 0,
               P=13, G=4, ROWS=64, NORMALIZER=2, DOT_FP32=False,  # 13 probes x 4 heads: LLaMA3-8B
-              SPLIT_KV=a.split_kv,
+              PROGRAMS=a.programs,
               RQ_H=reciprocal32((1 << lay.bits_high) - 1), RQ_L=reciprocal32((1 << lay.bits_low) - 1))  # fmt: skip
     types = {"key_ptr": "*bf16", "value_ptr": "*bf16", "scores_ptr": "*fp32", "count_ptr": "*fp32",
              "pq_ptr": "*bf16", "tiles_ptr": "*bf16", "red_ptr": "*fp32", "cache_u8_ptr": "*u8",
              "cache_f16_ptr": "*fp16", "qk_scale": "fp32"}  # fmt: skip
     for r, w in ((int(r), int(w)) for r in a.rows_per_tile.split(",") for w in a.num_warps.split(",")):
-        sass, total = _report(f"R {r} num_warps {w}", fn, {**ce, "R": r}, types, num_warps=w, enable_fp_fusion=False)
+        sass, total = _report(f"R {r} num_warps {w}", fn, {**ce, "R": r}, types, num_warps=w, enable_fp_fusion=False,
+                              **({"maxnreg": a.maxnreg} if a.maxnreg else {}))
         print("  " + _loops(sass, total, _trips(lay, r)))
-        if a.split_kv:
-            print("  (split_kv: a program runs the four key loops or the three value loops, not both, so it executes"
-                  " fewer than the figure above; the straight-line rest counts both branches)")
+        if a.programs > 1:
+            print("  (programs > 1: a program runs the four key loops or the three value loops (or half of their"
+                  " trips), not both, so it executes fewer than the figure above; the straight-line rest counts every"
+                  " branch)")
 
 
 def _module(path: str | None, name: str):

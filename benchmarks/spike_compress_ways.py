@@ -1,8 +1,9 @@
-"""Spike: ``compress_store`` with the blocks scored inside it, at the default launch and at fixed launches with
-and without ``split_kv``, printing each time as it comes (a hang shows where it is). The hand-off variants of
-56b69e9, timed here, were dropped (docs/performance.md).
+"""Spike: ``compress_store`` with the blocks scored inside it, at the default launch and at fixed launches (rows
+per tile x warps, 1 to 3 programs per (block, KV head)), and with ``--two-kernels`` the engine step's path (the
+probe-score kernel, then ``compress_store`` given the scores), printing each time as it comes (a hang shows where
+it is). The hand-off variants of 56b69e9, timed here, were dropped (docs/performance.md).
 
-    PYTHONPATH=. python -u benchmarks/spike_compress_ways.py [--contexts 4096,8192]
+    PYTHONPATH=. python -u benchmarks/spike_compress_ways.py [--contexts 4096,8192] [--two-kernels]
 
 The prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` preset page), CUDA-graph replays
 (``_timing.graph_time_us``); every variant's pages are checked against the default's first.
@@ -25,8 +26,9 @@ VARIANTS = {
     "default": {},
     "16x2": {"num_warps": 2, "rows_per_tile": 16},
     "32x4": {"num_warps": 4, "rows_per_tile": 32},
-    "split 16x2": {"num_warps": 2, "rows_per_tile": 16, "split_kv": True},
-    "split 32x4": {"num_warps": 4, "rows_per_tile": 32, "split_kv": True},
+    "2 programs 16x2": {"num_warps": 2, "rows_per_tile": 16, "programs": 2},
+    "2 programs 32x4": {"num_warps": 4, "rows_per_tile": 32, "programs": 2},
+    "3 programs 16x2": {"num_warps": 2, "rows_per_tile": 16, "programs": 3},
 }
 
 
@@ -65,12 +67,12 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
     src = torch.arange(nb, device="cuda", dtype=torch.int32)
     fused = cache.clone()
     ref = None
-    for warps in (4, 2, 8):
+    for warps, programs in ((4, None), (4, 3), (2, None), (8, None)):
         t0 = time.time()
 
-        def run(warps=warps):
+        def run(warps=warps, programs=programs):
             bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores, num_warps=warps)
-            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
+            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout, programs=programs)
 
         if ref is None:
             cache.zero_()
@@ -78,7 +80,8 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
             torch.cuda.synchronize()
             ref = cache.clone()
             print(f"{ctx} two kernels: pages equal to the fused kernel's {torch.equal(ref, fused)}", flush=True)
-        _time(f"{ctx} scores kernel ({warps} warps) + compress", run, cache, ref, reps, t0)
+        way = "" if programs is None else f" ({programs} programs)"
+        _time(f"{ctx} scores kernel ({warps} warps) + compress{way}", run, cache, ref, reps, t0)
 
 
 def _time(label, run, cache, ref, reps, t0) -> None:

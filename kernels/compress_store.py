@@ -23,7 +23,7 @@ float addition alone (:func:`_codes`), the ranking's packed reductions and the n
 counts + the straight-line rest, which fell from ~5,500 to ~2,500); at R 32 and 4 warps ~7,480. Timed on an
 H100 (35dbe21, ``vllm`` page, 4k / 16k prompt): 28.5 / 81.3 us at 16 x 2 against 35.3 / 97.3 before; 32 x 4
 26.4 / 106.0 (faster where the programs are one wave). Where they are, the default now splits each (block, KV
-head) into a program for the keys and one for the values (``split_kv``, 2 warps each; ``_launch``): with the
+head) into a program for the keys and one for the values (``programs=2``, 2 warps each; ``_launch``): with the
 scores computed inside, 4k 28.2 us against 30.0 at 32 x 4 (H100, 56b69e9). Measured and dropped on the way (H100,
 2026-12-06): keys and values in the same two passes over the page rows (a5ee8d7: same instructions per warp, no
 gain: 4k 26.0 vs 25.6 us given scores, 16k 91.4 vs 80.8), and a hand-off where the values' program takes the keys'
@@ -32,7 +32,11 @@ the keys' program, which scores and ranks, is the critical path either way). The
 before they work on the current one (:func:`_next_tile`; 168 -> 232 registers, still four 2-warp programs an SM):
 given scores 19.1 vs 19.4 us at 4k (split), 77.4 vs 80.1 at 16k (H100, ff3f49b + this change,
 ``benchmarks/results/h100_compress_prefetch_ff3f49b.json``; at 170904c, on the whole-tile kernel, it gained
-nothing).
+nothing). Not timed yet (no GPU was left, 2026-12-06): each value tile's per-row ``(step, mn)`` go out in one
+store (:func:`_value_rows`; the compiler routes each such store through shared memory to coalesce it, so one
+conversion fewer: 6 -> 4 and 4 -> 2 barriers per tile in the two value loops), and ``programs=3``: the values'
+page rows in two halves, a program each (same 168 registers; a value program's loops ~6,040 -> ~3,480
+instructions a warp, the keys' ~4,250: ``sass_compress.py --programs 3``).
 With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
 rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
 against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below). The engine step launched this
@@ -208,7 +212,8 @@ def _compress_store_kernel(
     FROM_SLOTS: tl.constexpr, SCORES: tl.constexpr,
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
-    SPLIT_KV: tl.constexpr,  # two programs per (block, KV head): axis 2 is 0 for the keys, 1 for the values
+    PROGRAMS: tl.constexpr,  # per (block, KV head), axis 2: 1 (keys and values), 2 (0 the keys, 1 the values), 3
+    # (0 the keys, 1 and 2 the values' page rows below and from n_rows / 2)
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -221,15 +226,13 @@ def _compress_store_kernel(
         src = tl.load(src_ptr + e).to(tl.int64)
     t = tl.arange(0, N_PAD)
     tv = t < N
-    # one program quantizes the keys and the values, or (SPLIT_KV) part 0 the keys and part 1 the values, each
+    # one program quantizes the keys and the values, or (PROGRAMS 2 / 3) part 0 the keys and the others the values, each
     # ranking the block (same scores, same rows, same bitmap bytes) in its own scratch; a constexpr, so that the
     # unsplit kernel has no branch on the part and the split one is compiled (and allocates registers) apart
     part = 0
-    num_parts = 1
-    if SPLIT_KV:
+    if PROGRAMS > 1:
         part = tl.program_id(2)
-        num_parts = 2
-    sidx = (e * tl.num_programs(1) + head) * num_parts + part
+    sidx = (e * tl.num_programs(1) + head) * PROGRAMS + part
     work = work_ptr + sidx * N_PAD
     # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
     if SCORES >= 2:
@@ -266,10 +269,15 @@ def _compress_store_kernel(
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                        cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
                        K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
-    if part == num_parts - 1:
+    if PROGRAMS == 1 or part > 0:
+        v_lo = 0
+        v_hi = n_rows
+        if PROGRAMS == 3:  # the launcher makes R divide n_rows / 2
+            v_lo = (part - 1) * (n_rows // 2)
+            v_hi = v_lo + n_rows // 2
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                         cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV, V_HI_OFF,
-                         V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+                         cache_f16_ptr, page_off, hoff, sv_rows, v_lo, v_hi, n_rows, N, N_PAD, R, D, BH, BL, SV,
+                         V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
 
 
 @triton.jit
@@ -407,13 +415,13 @@ def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, D: tl.
 
 @triton.jit
 def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sv_rows,
-                     n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
-                     BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr, V_LO_OFF: tl.constexpr,
-                     V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
+                     v_lo, v_hi, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                     BH: tl.constexpr, BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr,
+                     V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
                      RQ_L: tl.constexpr):  # fmt: skip
     """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass, in token order), then per row tile
-    (page rows; ``R`` divides ``SV``, so a tile is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and
-    the codes packed into the group's region."""
+    of page rows ``v_lo .. v_hi`` (all, or half of them in a program of their own; ``R`` divides ``SV``, so a tile
+    is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and the codes packed into the group's region."""
     PL: tl.constexpr = 8 // BL
     amax = tl.zeros((R, D // PL, PL), tl.float32)
     for r0 in range(0, n_rows, R):
@@ -429,14 +437,18 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
-    for r0 in range(0, sv_rows, R):
+    lo = tl.minimum(v_lo, sv_rows)
+    hi = tl.minimum(v_hi, sv_rows)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, lo, N, R, D, PL)
+    for r0 in range(lo, hi, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
                     N, R, D, PL, BH, V_TOK_OFF, RQ_H)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sv_rows, N, R, D, PL)
-    for r0 in range(sv_rows, n_rows, R):
+    lo = tl.maximum(v_lo, sv_rows)
+    hi = tl.maximum(v_hi, sv_rows)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, lo, N, R, D, PL)
+    for r0 in range(lo, hi, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
                     N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
@@ -451,8 +463,8 @@ def _value_rows(xn, rr, rv, cache_u8_ptr, cache_f16_ptr, off, hoff, region_row, 
     the rows' codes at rows ``region_row`` of the region at byte offset ``off``."""
     qmax: tl.constexpr = (1 << BITS) - 1.0
     step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax, RQ)
-    tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + rr, step, mask=rv)
-    tl.store(cache_f16_ptr + hoff + V_TOK_OFF // 2 + N + rr, mn16, mask=rv)
+    par = cache_f16_ptr + hoff + V_TOK_OFF // 2 + rr[:, None] + N * tl.arange(0, 2)[None, :]
+    tl.store(par, tl.join(step, mn16), mask=rv[:, None])
     rstep = tl.math.div_rn(1.0, step.to(tl.float32))
     code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax)
     _store_packed(code, rv, region_row, cache_u8_ptr, off, BITS, R, D, PL)
@@ -495,7 +507,7 @@ def compress_store(
     saliency="normalized",
     scale: float | None = None,
     rows_per_tile: int | None = None,
-    split_kv: bool | None = None,
+    programs: int | None = None,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -508,17 +520,18 @@ def compress_store(
     block_ids : ``[num_new_blocks]`` int32/int64, destination page of each block.
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``, 16-byte aligned page strides.
     layout : ``zipcache_vllm.engine.layout.PageLayout`` (read, not imported).
-    num_warps : per program (one program per block and KV head, or two with ``split_kv``; default 2).
+    num_warps : per program (see ``programs``; default 2).
     probe_query, probe_offsets : ``[num_new_blocks, num_probes, num_heads, head_size]`` and int32
         ``[num_new_blocks, num_probes]``: score each block by its probes in the same kernel (the block rule,
         ``block_scores.probe_scores``; ``normalizer``, ``saliency``, ``scale`` as ``block_probe_scores``), so
         neither the scores nor a second read of the keys go through HBM.
     rows_per_tile : rows of the block quantized at a time (a power of two; default: 32 tile elements per
         thread, 16 rows at head size 128 and 2 warps), lowered to divide the salient quotas (:func:`tile_rows`).
-    split_kv : two programs per block and KV head, one quantizing the keys and one the values (both rank the
-        block; with ``probe_query`` both score it): twice the programs, each with a shorter instruction stream.
-        Default (None): on where the split programs are one wave at 2 warps (a prompt of up to ~4k tokens of 8
-        KV heads on 132 SMs), else off.
+    programs : per block and KV head: 1 quantizes its keys and values; 2, one program the keys and one the
+        values (``split_kv`` before 2026-12-06); 3, one the keys and two the values, each half of the page rows.
+        Each ranks the block (with ``probe_query``, scores it): more programs, each with a shorter instruction
+        stream. Default (None): 2 where those programs are one wave at 2 warps (a prompt of up to ~4k tokens of
+        8 KV heads on 132 SMs), else 1.
 
     Example
     -------
@@ -549,7 +562,7 @@ def compress_store(
         return
     s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
     _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
-            probes, probe_key if probes else None, split_kv)  # fmt: skip
+            probes, probe_key if probes else None, programs)  # fmt: skip
 
 
 def compress_slots(
@@ -622,7 +635,7 @@ def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, split_kv=None) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, programs=None) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -639,18 +652,21 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
             check(scores.dtype == torch.float32, "scores receives the probe scores: it must be float32")
         pargs = probe_args(probe_key, pq, offsets, e, normalizer, saliency, scale)
         del pargs["N"], pargs["N_PAD"], pargs["D"]
-    if num_warps is None and rows_per_tile is None and slots is None and split_kv is None and not interpreting():
+    if programs is None:
         # a prompt's blocks: where the programs are less than a wave (e.g. 256 for a 4k prompt of 8 KV heads on
-        # 132 SMs), a program for the keys and one for the values (split_kv), 2 warps each, so that each warp's
-        # stream is shorter (H100, 56b69e9, spike_compress_ways.py, scored in compress: 4k 28.2 us against 31.0
-        # unsplit and 30.0 at 4 warps x 32 rows, the default before; 8k split 62.0 against 52.2: two waves)
-        split_kv = e * h <= 2 * num_sms(key.device)
-    split_kv = bool(split_kv)
+        # 132 SMs), a program for the keys and one for the values, 2 warps each, so that each warp's stream is
+        # shorter (H100, 56b69e9, spike_compress_ways.py, scored in compress: 4k 28.2 us against 31.0 in one
+        # program and 30.0 at 4 warps x 32 rows, the default before; 8k 62.0 against 52.2: two waves)
+        default = num_warps is None and rows_per_tile is None and slots is None and not interpreting()
+        programs = 2 if default and e * h <= 2 * num_sms(key.device) else 1
+    check(programs in (1, 2, 3), f"programs must be 1, 2 or 3, got {programs!r}")
     warps = num_warps or (1 if interpreting() else 2)
     r = rows_per_tile or _default_rows(warps, d, n_pad)
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
     r = tile_rows(r, layout.num_salient_k, layout.num_salient_v)
-    parts = 2 if split_kv else 1
+    check(programs < 3 or (n_pad // 2) % r == 0,
+          f"programs=3 halves the page rows: tiles of {r} rows must divide {n_pad // 2}")  # fmt: skip
+    parts = programs
     work = torch.empty(e * h * parts * n_pad, dtype=torch.int32, device=key.device)
     tiles = torch.empty(e * h * parts * 4 * r * d, dtype=key.dtype, device=key.device)
     red = torch.empty(e * h * parts * 3 * d, dtype=torch.float32, device=key.device)
@@ -670,5 +686,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        SPLIT_KV=split_kv, num_warps=warps, enable_fp_fusion=False, **pargs,
+        PROGRAMS=programs, num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

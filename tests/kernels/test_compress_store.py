@@ -150,11 +150,14 @@ def test_scored_by_probes_in_the_kernel(n, h, g, d, r, rv, normalizer):
     assert torch.equal(again.cpu(), ref)
 
 
+@pytest.mark.parametrize("programs", [2, 3])
 @pytest.mark.parametrize("n, h, g, d, r, rv", [PROBE_CASES[1], PROBE_CASES[3]])
-def test_split_kv_writes_the_same_pages(n, h, g, d, r, rv):
-    """``split_kv`` (a program for the keys and one for the values of each block and head, each ranking the block
-    in its own scratch): the twin's pages under given scores, and the fused kernel's pages and scores when the
-    blocks are scored by their probes; a negative block id writes nothing."""
+def test_more_programs_write_the_same_pages(n, h, g, d, r, rv, programs):
+    """``programs`` 2 (a program for the keys and one for the values of each block and head) and 3 (the values'
+    page rows in two halves, a program each), each program ranking the block in its own scratch: the twin's pages
+    under given scores, and the one-program fused kernel's pages and scores when the blocks are scored by their
+    probes; a negative block id writes nothing. (The 48-token block pads to 64 page rows: the second half of the
+    values has 16 real rows.)"""
     layout = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
     nb = 3
     cfg = ZipCacheConfig(block_size=n)
@@ -170,15 +173,28 @@ def test_split_kv_writes_the_same_pages(n, h, g, d, r, rv):
                          scores[[*range(n), *range(2 * n, 3 * n)]], torch.tensor([3, 1]), ref, layout)  # fmt: skip
     kd, vd, idd = k.to(DEVICE), v.to(DEVICE), ids.to(DEVICE)
     got = base.to(DEVICE)
-    compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, split_kv=True)
+    compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, programs=programs)
     assert torch.equal(got.cpu(), ref)
     probe = {"probe_query": pq.to(DEVICE), "probe_offsets": offsets.to(DEVICE), "scale": d**-0.5}
     want, want_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
-    compress_store(kd, vd, want_scores, idd, want, layout, **probe)
+    compress_store(kd, vd, want_scores, idd, want, layout, programs=1, **probe)
     got, got_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
-    compress_store(kd, vd, got_scores, idd, got, layout, split_kv=True, **probe)
+    compress_store(kd, vd, got_scores, idd, got, layout, programs=programs, **probe)
     assert torch.equal(got.cpu(), want.cpu())
     assert torch.equal(got_scores.cpu(), want_scores.cpu())
+
+
+def test_programs_refused():
+    """A program count other than 1-3, and 3 where a tile does not divide half the page rows, raise (16 rows:
+    no key-salient rows, all value-salient, so tiles of 16 rows)."""
+    layout = PageLayout(16, 64, salient_ratio=0.0, value_salient_ratio=1.0)
+    k = torch.randn(16, 1, 64).bfloat16().to(DEVICE)
+    args = (k, k, torch.rand(16, 1, device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE),
+            torch.zeros(1, 1, layout.page_bytes, dtype=torch.uint8, device=DEVICE), layout)  # fmt: skip
+    with pytest.raises(ValueError, match="programs must be 1, 2 or 3"):
+        compress_store(*args, programs=4)
+    with pytest.raises(ValueError, match="programs=3 halves the page rows"):
+        compress_store(*args, programs=3, rows_per_tile=16)
 
 
 def test_slots_scored_by_probes_in_the_kernel():

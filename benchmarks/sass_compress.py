@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--num-warps", default="2,4")
     ap.add_argument("--rows-per-tile", default="16,32", help="comma-separated R values")
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
-    ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1, 2 (keys | values) or 3 (keys | "
-                    "values' page rows in two halves)")
+    ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1, 2 (keys | values), 3 (keys | "
+                    "values' page rows in two halves) or 4 (the keys' channels in two halves too)")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas .maxnreg)")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     ap.add_argument("--block-scores", action="store_true",

@@ -1,5 +1,5 @@
 """Spike: ``compress_store`` with the blocks scored inside it, at the default launch and at fixed launches (rows
-per tile x warps, 1 to 3 programs per (block, KV head)), and with ``--two-kernels`` the engine step's path (the
+per tile x warps, 1 to 4 programs per (block, KV head)), and with ``--two-kernels`` the engine step's path (the
 probe-score kernel, then ``compress_store`` given the scores), printing each time as it comes (a hang shows where
 it is). The hand-off variants of 56b69e9, timed here, were dropped (docs/performance.md).
 
@@ -29,6 +29,7 @@ VARIANTS = {
     "2 programs 16x2": {"num_warps": 2, "rows_per_tile": 16, "programs": 2},
     "2 programs 32x4": {"num_warps": 4, "rows_per_tile": 32, "programs": 2},
     "3 programs 16x2": {"num_warps": 2, "rows_per_tile": 16, "programs": 3},
+    "4 programs 16x2": {"num_warps": 2, "rows_per_tile": 16, "programs": 4},
 }
 
 
@@ -67,7 +68,7 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
     src = torch.arange(nb, device="cuda", dtype=torch.int32)
     fused = cache.clone()
     ref = None
-    for warps, programs in ((4, None), (4, 3), (2, None), (8, None)):
+    for warps, programs in ((4, None), (4, 3), (4, 4), (2, None), (8, None)):
         t0 = time.time()
 
         def run(warps=warps, programs=programs):

@@ -4,7 +4,7 @@ where warps stall most (one device call, well under a minute of GPU per kernel).
     PYTHONPATH=. python benchmarks/ncu_compress.py [--context 4096] [--way step|given|fused] [--kernel NAME]
     PYTHONPATH=. python benchmarks/ncu_compress.py --way step --kernel block_scores --source 40
 
-Re-executes itself under ``ncu`` (``benchmarks/ncu_decode_v2.profile``) with ``--run``: the blocks of a
+Re-executes itself under ``ncu`` (``benchmarks/_ncu.profile``) with ``--run``: the blocks of a
 ``--context``-token prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` page), compressed
 three times; the third launch of the kernels named ``--kernel`` is profiled. Ways: ``step``, the engine step's
 path (``block_probe_scores``, then ``compress_store`` given the scores, default launch); ``given``,
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.ncu_decode_v2 import SECTIONS, profile, source_hotspots
+from benchmarks._ncu import SECTIONS, profile, source_hotspots
 
 
 def run(context: int, way: str, num_warps: int) -> None:

@@ -3,7 +3,7 @@ the hottest SASS lines (one device call, under a minute of GPU).
 
     PYTHONPATH=. python benchmarks/ncu_prefill.py [--context 4096]
 
-Re-executes itself under ``ncu`` (``benchmarks/ncu_decode_v2.profile``) with ``--run``: one layer of LLaMA3-8B
+Re-executes itself under ``ncu`` (``benchmarks/_ncu.profile``) with ``--run``: one layer of LLaMA3-8B
 heads, a prompt of ``--context`` tokens as one chunk (``bench_prefill_step.prompt_calls``), the attention
 called three times (the third ``_prefill_kernel`` launch is profiled).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.ncu_decode_v2 import SECTIONS, profile
+from benchmarks._ncu import SECTIONS, profile
 
 
 def main() -> None:

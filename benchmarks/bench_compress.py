@@ -1,9 +1,8 @@
 """``kernels/compress_store`` on one GPU: the compression of a prompt's complete blocks, with given scores and
 with the blocks scored by their probes inside the kernel, per (rows per tile, ``num_warps``), against a copy of the
 same bf16 keys and values (the memory floor), the standalone probe-score kernel and, optionally, an earlier
-version of the kernel loaded from a file (and, with ``--programs 2,3``, each config also with more programs per
-block and head: one for the keys and one for the values, or one for the keys and two for the values' page rows),
-side by side in one run.
+version of the kernel loaded from a file (and, with ``--programs 2,3,4``, each config also with more programs per
+block and head: ``compress_store``'s ``programs``), side by side in one run.
 
     git show 79a671a:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
     git show 79a671a:kernels/block_scores.py > kernels/_block_scores_base.py       # (--baseline-scores)

@@ -456,14 +456,14 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
         rr = r0 + tl.arange(0, R)
         x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, 0, D, PL, D // PL)
         amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
-    c = tl.math.sqrt_rn(_channel_reduce(amax, tiles, 0, 0, True, R, D, PL, D // PL))  # (after the keys' barrier)
-    c = c.to(tl.float16)
+    amax = _channel_reduce(amax, tiles, 0, 0, True, R, D, PL, D // PL)  # (after the keys' barrier)
+    c = tl.math.sqrt_rn(amax).to(tl.float16)
     c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
     d = tl.arange(0, D)
     tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
     tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
     tl.debug_barrier()
-    ch = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+    ch = _tile_channels(0, D, PL, D // PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
     lo = tl.minimum(v_lo, sv_rows)

@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,8192")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--two-kernels", action="store_true",
-                    help="also block_probe_scores (2, 4, 8 warps) then compress_store given the scores")
+                    help="also block_probe_scores (2, 4, 8 warps) then compress_store given the scores (default "
+                    "launch, and at 3 and 4 programs after the 4-warp scores)")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     for ctx in map(int, a.contexts.split(",")):

@@ -47,9 +47,9 @@ stage bench_kernels 130 python benchmarks/bench_kernels.py --quick --commit "$co
 base=()
 [[ -f kernels/_compress_store_base.py ]] && base=(--baseline kernels/_compress_store_base.py)
 [[ -f kernels/_block_scores_base.py ]] && base+=(--baseline-scores kernels/_block_scores_base.py)
-# (16 x 2, also at 2 programs per (block, KV head), the default's launch at one wave, 3 and 4; 32 x 4, no faster
-# anywhere in h100_checkup_653aee4.log, is left out: its compiles would not fit the stage's limit with these)
-stage compress 200 python benchmarks/bench_compress.py --configs 16x2 --programs 2,3,4 \
+# (16 x 2, also at 2 programs per (block, KV head), the default's launch at one wave: 3 and 4 were slower at every
+# size, h100_checkup_b4645a5.log; 32 x 4, no faster anywhere in h100_checkup_653aee4.log, is left out)
+stage compress 200 python benchmarks/bench_compress.py --configs 16x2 --programs 2 \
   ${base[@]+"${base[@]}"} --commit "$commit" --out "$out/compress.json"
 # the default launch of the fused compress (2 programs at one wave) against fixed launches, and the step's path (the
 # probe-score kernel, then compress given the scores), printed as they come

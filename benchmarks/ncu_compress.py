@@ -7,10 +7,10 @@ where warps stall most (one device call, well under a minute of GPU per kernel).
 Re-executes itself under ``ncu`` (``benchmarks/_ncu.profile``) with ``--run``: the blocks of a
 ``--context``-token prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` page), compressed
 three times; the third launch of the kernels named ``--kernel`` is profiled. Ways: ``step``, the engine step's
-path (``block_probe_scores``, then ``compress_store`` given the scores, default launch); ``given``,
-``compress_store`` alone on random scores (``--num-warps``, ``--programs``; 0: the default launch); ``fused``, ``compress_store``
-scoring the blocks by their probes itself. ``--source N``: the N SASS lines with the most warp-stall samples (ncu's
-source page), with their share of all samples, after the usual report.
+path (``block_probe_scores``, then ``compress_store`` given the scores; ``--programs``); ``given``,
+``compress_store`` alone on random scores (``--num-warps``, ``--programs``; 0: the default launch); ``fused``,
+``compress_store`` scoring the blocks by their probes itself. ``--source N``: the N SASS lines with the most
+warp-stall samples (ncu's source page), with their share of all samples, after the usual report.
 """
 
 from __future__ import annotations

@@ -12,16 +12,18 @@ The prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 from benchmarks._timing import graph_time_us
-from benchmarks.bench_compress import prompt_inputs
+from benchmarks.bench_compress import load_kernel_file, prompt_inputs
 from zipcache_vllm.engine.ops import kernel_module
 
 cs = kernel_module("compress_store")  # the module (the package exports its function under the same name)
 bs = kernel_module("block_scores")
+BASE = "kernels/_compress_store_base.py"  # --two-kernels: also this earlier compress_store, when present
 VARIANTS = {
     "default": {},
     "16x2": {"num_warps": 2, "rows_per_tile": 16},
@@ -39,7 +41,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--two-kernels", action="store_true",
                     help="also block_probe_scores (2, 4, 8 warps) then compress_store given the scores (default "
-                    "launch, and at 3 and 4 programs after the 4-warp scores)")
+                    f"launch; after the 4-warp scores also without the L2 prefetch, at 3 programs, and {BASE} when "
+                    "present)")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     for ctx in map(int, a.contexts.split(",")):
@@ -69,12 +72,16 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
     src = torch.arange(nb, device="cuda", dtype=torch.int32)
     fused = cache.clone()
     ref = None
-    for warps, programs in ((4, None), (4, 3), (4, 4), (2, None), (8, None)):
+    ways = [(4, "", cs, {}), (4, " (no L2 prefetch)", cs, {"prefetch": False})]
+    if os.path.exists(BASE):  # an earlier kernel put there before the call (untracked files travel)
+        ways.append((4, f" ({BASE})", load_kernel_file(BASE), {}))
+    ways += [(4, " (3 programs)", cs, {"programs": 3}), (2, "", cs, {}), (8, "", cs, {})]
+    for warps, way, mod, extra in ways:
         t0 = time.time()
 
-        def run(warps=warps, programs=programs):
+        def run(warps=warps, mod=mod, extra=extra):
             bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores, num_warps=warps)
-            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout, programs=programs)
+            mod.compress_store(k, v, scores.view(-1, h), ids, cache, layout, **extra)
 
         if ref is None:
             cache.zero_()
@@ -82,7 +89,6 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
             torch.cuda.synchronize()
             ref = cache.clone()
             print(f"{ctx} two kernels: pages equal to the fused kernel's {torch.equal(ref, fused)}", flush=True)
-        way = "" if programs is None else f" ({programs} programs)"
         _time(f"{ctx} scores kernel ({warps} warps) + compress{way}", run, cache, ref, reps, t0)
 
 

@@ -37,8 +37,6 @@ def main() -> None:
     ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1, 2 (keys | values), 3 (keys | "
                     "values' page rows in two halves) or 4 (the keys' channels in two halves too)")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas .maxnreg)")
-    ap.add_argument("--prefetch-lines", type=int, default=2, help="L2 requests per row at a program's start (0: none;"
-                    " 2: a bf16 row of 128 channels, the launch's choice)")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     ap.add_argument("--block-scores", action="store_true",
                     help="compile block_scores._block_scores_kernel instead (the probe scores launched before)")
@@ -54,7 +52,6 @@ def main() -> None:
               V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, SCORES=2 if a.probes else 0,
               P=13, G=4, ROWS=64, NORMALIZER=2, DOT_FP32=False,  # 13 probes x 4 heads: LLaMA3-8B
               PROGRAMS=a.programs,
-              **({"PF_LINES": a.prefetch_lines} if "PF_LINES" in fn.arg_names else {}),
               RQ_H=reciprocal32((1 << lay.bits_high) - 1), RQ_L=reciprocal32((1 << lay.bits_low) - 1))  # fmt: skip
     types = {"key_ptr": "*bf16", "value_ptr": "*bf16", "scores_ptr": "*fp32", "count_ptr": "*fp32",
              "pq_ptr": "*bf16", "tiles_ptr": "*bf16", "red_ptr": "*fp32", "cache_u8_ptr": "*u8",

@@ -12,18 +12,16 @@ The prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
 from benchmarks._timing import graph_time_us
-from benchmarks.bench_compress import load_kernel_file, prompt_inputs
+from benchmarks.bench_compress import prompt_inputs
 from zipcache_vllm.engine.ops import kernel_module
 
 cs = kernel_module("compress_store")  # the module (the package exports its function under the same name)
 bs = kernel_module("block_scores")
-BASE = "kernels/_compress_store_base.py"  # --two-kernels: also this earlier compress_store, when present
 VARIANTS = {
     "default": {},
     "16x2": {"num_warps": 2, "rows_per_tile": 16},
@@ -41,8 +39,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--two-kernels", action="store_true",
                     help="also block_probe_scores (2, 4, 8 warps) then compress_store given the scores (default "
-                    f"launch; after the 4-warp scores also without the L2 prefetch, at 3 programs, and {BASE} when "
-                    "present)")
+                    "launch, and at 3 and 4 programs after the 4-warp scores)")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     for ctx in map(int, a.contexts.split(",")):
@@ -72,16 +69,12 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
     src = torch.arange(nb, device="cuda", dtype=torch.int32)
     fused = cache.clone()
     ref = None
-    ways = [(4, "", cs, {}), (4, " (no L2 prefetch)", cs, {"prefetch": False})]
-    if os.path.exists(BASE):  # an earlier kernel put there before the call (untracked files travel)
-        ways.append((4, f" ({BASE})", load_kernel_file(BASE), {}))
-    ways += [(4, " (3 programs)", cs, {"programs": 3}), (2, "", cs, {}), (8, "", cs, {})]
-    for warps, way, mod, extra in ways:
+    for warps, programs in ((4, None), (4, 3), (4, 4), (2, None), (8, None)):
         t0 = time.time()
 
-        def run(warps=warps, mod=mod, extra=extra):
+        def run(warps=warps, programs=programs):
             bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores, num_warps=warps)
-            mod.compress_store(k, v, scores.view(-1, h), ids, cache, layout, **extra)
+            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout, programs=programs)
 
         if ref is None:
             cache.zero_()
@@ -89,6 +82,7 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
             torch.cuda.synchronize()
             ref = cache.clone()
             print(f"{ctx} two kernels: pages equal to the fused kernel's {torch.equal(ref, fused)}", flush=True)
+        way = "" if programs is None else f" ({programs} programs)"
         _time(f"{ctx} scores kernel ({warps} warps) + compress{way}", run, cache, ref, reps, t0)
 
 

@@ -32,7 +32,10 @@ the keys' program, which scores and ranks, is the critical path either way). The
 before they work on the current one (:func:`_next_tile`; 168 -> 232 registers, still four 2-warp programs an SM):
 given scores 19.1 vs 19.4 us at 4k (split), 77.4 vs 80.1 at 16k (H100, ff3f49b + this change,
 ``benchmarks/results/h100_compress_prefetch_ff3f49b.json``; at 170904c, on the whole-tile kernel, it gained
-nothing). Not timed yet (no GPU was left, 2026-12-06): each value tile's per-row ``(step, mn)`` go out in one
+nothing). Measured and dropped (H100, 6b457ba): the values' normalizer pass moved before the ranking (it does not
+depend on it) and each program asking L2 for its block's rows first (``prefetch.global.L2``): the step's two
+kernels at 4k 27.2 us with both, 26.4 with the move alone, 26.0 with neither; 16k 111.1 / 106.9 / 102.3
+(``benchmarks/results/h100_checkup_prefetch_6b457ba.log``). Not timed yet (no GPU was left, 2026-12-06): each value tile's per-row ``(step, mn)`` go out in one
 store (:func:`_value_rows`; the compiler routes each such store through shared memory to coalesce it, so one
 conversion fewer: 6 -> 4 and 4 -> 2 barriers per tile in the two value loops), ``programs=3``: the values'
 page rows in two halves, a program each (same 168 registers; a value program's loops ~6,040 -> ~3,480
@@ -236,7 +239,6 @@ def _compress_store_kernel(
     PROGRAMS: tl.constexpr,  # per (block, KV head), axis 2: 1 (keys and values), 2 (0 the keys, 1 the values), 3
     # (0 the keys, 1 and 2 the values' page rows below and from n_rows / 2), 4 (0 and 1 the keys' channel halves of
     # _tile_channels, 2 and 3 the values' row halves)
-    PF_LINES: tl.constexpr,  # > 0: the program first asks L2 for its block's rows, PF_LINES requests a row (_prefetch)
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -257,20 +259,6 @@ def _compress_store_kernel(
         part = tl.program_id(2)
     sidx = (e * tl.num_programs(1) + head) * PROGRAMS + part
     work = work_ptr + sidx * N_PAD
-    tiles = tiles_ptr + sidx * (4 * R * D)
-    red = red_ptr + sidx * (3 * D)
-    x_tok = src * N  # the block's first row in key / value
-    hoff = page_off // 2
-    NK: tl.constexpr = 2 if PROGRAMS == 4 else 1  # programs of the keys (each a slice of the tile columns)
-    does_values = (PROGRAMS == 1) | (part >= NK)
-    if PF_LINES > 0:  # the rows this program reads, on their way to L2 while it ranks the block
-        if part < NK:
-            _prefetch(key_ptr + head * stride_x_head, stride_x_tok, x_tok, N, N_PAD, D, PF_LINES)
-        if does_values:
-            _prefetch(value_ptr + head * stride_x_head, stride_x_tok, x_tok, N, N_PAD, D, PF_LINES)
-    if does_values:  # the values' channel normalizer does not depend on the ranking: its loads go out first
-        _value_normalizer(value_ptr + head * stride_x_head, stride_x_tok, x_tok, tiles, red, cache_f16_ptr, hoff,
-                          n_rows, N, R, D, BL, V_NORM_OFF)  # fmt: skip
     # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
     if SCORES >= 2:
         s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
@@ -294,23 +282,28 @@ def _compress_store_kernel(
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
     # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
     # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
+    tiles = tiles_ptr + sidx * (4 * R * D)
+    red = red_ptr + sidx * (3 * D)
     if SCORES >= 2:
         tl.debug_barrier()  # every lane has read its scores from the scratch row
     tl.store(work + row, t.to(tl.int32), mask=tv)
     tl.debug_barrier()
+    x_tok = src * N  # the block's first row in key / value
+    hoff = page_off // 2
+    NK: tl.constexpr = 2 if PROGRAMS == 4 else 1  # programs of the keys (each a slice of the tile columns)
     KW: tl.constexpr = D // (8 // BL) // NK
     if part < NK:
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                        cache_f16_ptr, page_off, hoff, sk_rows, n_rows, part * KW, N, N_PAD, R, D, BH, BL, SK,
                        K_HI_OFF, K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L, KW)  # fmt: skip
-    if does_values:
+    if PROGRAMS == 1 or part >= NK:
         v_lo = 0
         v_hi = n_rows
         if PROGRAMS >= 3:  # the values' page rows in two halves (the launcher makes R divide n_rows / 2)
             v_lo = (part - (PROGRAMS - 2)) * (n_rows // 2)
             v_hi = v_lo + n_rows // 2
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                         cache_f16_ptr, page_off, hoff, sv_rows, v_lo, v_hi, N, N_PAD, R, D, BH, BL, SV,
+                         cache_f16_ptr, page_off, hoff, sv_rows, v_lo, v_hi, n_rows, N, N_PAD, R, D, BH, BL, SV,
                          V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
 
 
@@ -453,14 +446,26 @@ def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, i0, D:
 
 @triton.jit
 def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sv_rows,
-                     v_lo, v_hi, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                     v_lo, v_hi, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                      BH: tl.constexpr, BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr,
                      V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
                      RQ_L: tl.constexpr):  # fmt: skip
-    """ZC-2 after :func:`_value_normalizer`: per row tile of page rows ``v_lo .. v_hi`` (all, or half of them in a
-    program of their own; ``R`` divides ``SV``, so a tile is of one group) the tokenwise ``(step, mn)`` of ``x /
-    c`` and the codes packed into the group's region."""
+    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass, in token order), then per row tile
+    of page rows ``v_lo .. v_hi`` (all, or half of them in a program of their own; ``R`` divides ``SV``, so a tile
+    is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and the codes packed into the group's region."""
     PL: tl.constexpr = 8 // BL
+    amax = tl.zeros((R, D // PL, PL), tl.float32)
+    for r0 in range(0, n_rows, R):
+        rr = r0 + tl.arange(0, R)
+        x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, 0, D, PL, D // PL)
+        amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
+    amax = _channel_reduce(amax, tiles, 0, 0, True, R, D, PL, D // PL)  # (after the keys' barrier)
+    c = tl.math.sqrt_rn(amax).to(tl.float16)
+    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
+    d = tl.arange(0, D)
+    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
+    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
+    tl.debug_barrier()
     ch = _tile_channels(0, D, PL, D // PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
@@ -480,40 +485,6 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
                     N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
-
-
-@triton.jit
-def _value_normalizer(x_ptr, stride_x_tok, x_tok, tiles, red, cache_f16_ptr, hoff, n_rows, N: tl.constexpr,
-                      R: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, V_NORM_OFF: tl.constexpr):  # fmt: skip
-    """ZC-2's channel normalizer ``c = sqrt(max |x|)`` over the block (a pass in token order; it does not depend
-    on the ranking, so the kernel runs it before, while the scores and the sort wait on their loads), stored in
-    the page and, as ``div_rn(1, c)``, at ``red + 2 * D`` for :func:`_compress_values`."""
-    PL: tl.constexpr = 8 // BL
-    amax = tl.zeros((R, D // PL, PL), tl.float32)
-    for r0 in range(0, n_rows, R):
-        rr = r0 + tl.arange(0, R)
-        x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, 0, D, PL, D // PL)
-        amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
-    amax = _channel_reduce(amax, tiles, 0, 0, True, R, D, PL, D // PL)
-    c = tl.math.sqrt_rn(amax).to(tl.float16)
-    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
-    d = tl.arange(0, D)
-    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
-    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
-    tl.debug_barrier()
-
-
-@triton.jit
-def _prefetch(x_ptr, stride_x_tok, x_tok, N: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr,
-              LINES: tl.constexpr):  # fmt: skip
-    """Ask L2 for the block's ``N`` rows of one head, ``LINES`` 128-byte lines a row (PTX ``prefetch.global.L2``;
-    nothing waits on it): the loads of the passes that follow then find them there."""
-    t = tl.arange(0, N_PAD)
-    t = tl.where(t < N, t, 0)  # a padded row asks for the first (no address outside the block)
-    ln = tl.arange(0, LINES) * (D // LINES)
-    ptrs = x_ptr + (x_tok + t)[:, None] * stride_x_tok + ln[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -569,7 +540,6 @@ def compress_store(
     scale: float | None = None,
     rows_per_tile: int | None = None,
     programs: int | None = None,
-    prefetch: bool = True,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -595,7 +565,6 @@ def compress_store(
         Each ranks the block (with ``probe_query``, scores it): more programs, each with a shorter instruction
         stream. Default (None): 2 where those programs are one wave at 2 warps (a prompt of up to ~4k tokens of
         8 KV heads on 132 SMs), else 1.
-    prefetch : each program first asks L2 for the rows it reads (off: to time against).
 
     Example
     -------
@@ -626,7 +595,7 @@ def compress_store(
         return
     s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
     _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
-            probes, probe_key if probes else None, programs, prefetch)  # fmt: skip
+            probes, probe_key if probes else None, programs)  # fmt: skip
 
 
 def compress_slots(
@@ -699,8 +668,7 @@ def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, programs=None,
-            prefetch=True) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, programs=None) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -737,8 +705,6 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
     # 4 programs: 128 registers at 2 warps, so that 8 fit an SM (a 4k prompt's 1,024 in one wave on 132 SMs; ptxas
     # spills ~50 bytes a thread there, sass_compress.py --programs 4 --maxnreg 128)
     regs = {"maxnreg": 128} if programs == 4 and warps == 2 and not interpreting() else {}
-    # the L2 requests of a row (0: none; the interpreter has no inline PTX)
-    pf_lines = 0 if interpreting() or not prefetch else max(1, d * key.element_size() // 128)
     work = torch.empty(e * h * parts * n_pad, dtype=torch.int32, device=key.device)
     tiles = torch.empty(e * h * parts * 4 * r * d, dtype=key.dtype, device=key.device)
     red = torch.empty(e * h * parts * 3 * d, dtype=torch.float32, device=key.device)
@@ -758,5 +724,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        PROGRAMS=programs, PF_LINES=pf_lines, num_warps=warps, enable_fp_fusion=False, **pargs, **regs,
+        PROGRAMS=programs, num_warps=warps, enable_fp_fusion=False, **pargs, **regs,
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_kernels.py --commit $(git rev-parse --short HEAD) --out benchmarks/results
     PYTHONPATH=. python benchmarks/bench_kernels.py --quick --out /tmp/bench   # b16/32k, b64/4k, b1/4k only
+    PYTHONPATH=. python benchmarks/bench_kernels.py --quick --prefill-lengths 4096,16384 --chunked   # + 16k, chunked
 
 ``kernels/`` must be importable as ``zipcache_vllm.kernels`` (``pip install -e .``, or on a bare machine a link
 ``ln -s ../kernels zipcache_vllm/kernels``). Writes ``h200.json`` (all records), ``h200.md`` (tables) and
@@ -668,7 +669,12 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="decode b16/32k, b64/4k, b1/4k only, 2 v1 launch options; prefill 4k only"
     )
+    ap.add_argument("--prefill-lengths", default=None,
+                    help="prefill records at these prompt lengths (default: 4096 with --quick, else 4096,16384)")
+    ap.add_argument("--chunked", action="store_true", help="the chunked-prefill record with --quick too")
     args = ap.parse_args()
+    prefill_lengths = ([int(x) for x in args.prefill_lengths.split(",")] if args.prefill_lengths
+                       else PREFILL_LENGTHS[:1] if args.quick else PREFILL_LENGTHS)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -723,10 +729,10 @@ def main() -> None:
     cases = QUICK_CASES if args.quick else DECODE_CASES
     res["records"] = bench_decode(presets, res["copy_gbps"], args.reps, cases)
     del presets, pool
-    for n_tok in PREFILL_LENGTHS[:1] if args.quick else PREFILL_LENGTHS:
+    for n_tok in prefill_lengths:
         torch.cuda.empty_cache()
         res["records"].append(prefill_case(layout, args.reps, n_tok))
-    if not args.quick:
+    if args.chunked or not args.quick:
         res["records"].append(chunked_case(30720, 2048, args.reps))
     res["records"].append(bench_compress(layout, args.reps, COMPRESS_BLOCKS))
     res["seconds"] = time.time() - t0

@@ -12,7 +12,7 @@
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
 # the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
 # ran. Six files in all (checkup.log, h200.json, h200.md, h200_decode.png, compress.json, serving_gpu.json): the
-# device tool returns at most 8. All stages take up to 1130 s, more than one command may run (600 s): run them as two
+# device tool returns at most 8. All stages take up to ~1240 s, more than one command may run (600 s): run them as two
 # calls with STAGES (the machine stays warm between calls that follow within 30 s). Needs a CUDA device, torch and
 # triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
@@ -39,7 +39,8 @@ P=one-map-defer-subnormal-kv-pieces-page-max
 D=$P-tma-auto
 stage spike 110 python benchmarks/spike_decode_v2.py --variants $D,$P,$D,$P --presets vllm \
   --cases 16x32768,64x4096,1x4096,16x4096
-stage bench_kernels 130 python benchmarks/bench_kernels.py --quick --commit "$commit" --out "$out"
+stage bench_kernels 240 python benchmarks/bench_kernels.py --quick --prefill-lengths 4096,16384 --chunked --commit "$commit" \
+  --out "$out"
 # compress_store against an earlier version, side by side, when one was put in kernels/ before the call, e.g.
 # git show 9dded8a:kernels/compress_store.py > kernels/_compress_store_base.py (untracked files travel; 9dded8a:
 # the last kernel timed, before page-row tiles), at 2 and 4 warps (16 / 32 rows: 32 tile elements per thread)

@@ -1,0 +1,90 @@
+"""Spike: where a prompt's ``compress_store`` spends its time, by taking parts out of the kernel (the pages of the
+cut variants are not valid: each time is a bound on what the part costs, not a kernel to ship).
+
+    PYTHONPATH=. python -u benchmarks/spike_compress_parts.py [--contexts 4096,16384]
+
+Variants are made from ``kernels/compress_store.py``'s source as it is (text substitutions, written next to it as
+``kernels/_compress_store_parts_<name>.py``, removed at exit): ``no ranking`` (page rows = token order: no sort,
+no prefix sums; the scores are not read), ``keys only`` (the values' program returns after ranking), ``values
+only`` (the keys' program does). Each is timed given scores at the default launch (2 programs where they are one
+wave), alone and after ``block_probe_scores`` in one graph (the engine step's path), next to the kernel itself and
+the score kernel alone. The prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` page),
+CUDA-graph replays (``_timing.graph_time_us``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+from pathlib import Path
+
+import torch
+
+from benchmarks._timing import graph_time_us
+from benchmarks.bench_compress import load_kernel_file, prompt_inputs
+from zipcache_vllm.engine.ops import kernel_module
+
+SRC = Path("kernels/compress_store.py")
+RANKING = "    ksal, vsal, row = _page_rows(s, t, tv, SK, SV, N_PAD)\n"
+KEYS = "    if part < NK:\n"
+VALUES = "    if PROGRAMS == 1 or part >= NK:\n"
+CUTS = {
+    "no ranking": {RANKING: "    ksal, vsal, row = t < SK, t < SV, t\n"},
+    "keys only": {VALUES: "    if PROGRAMS == 0:\n"},
+    "values only": {KEYS: "    if PROGRAMS == 0:\n"},
+}
+
+
+def variant(name: str, cuts: dict):
+    text = SRC.read_text()
+    for old, new in cuts.items():
+        if text.count(old) != 1:
+            raise SystemExit(f"{name}: the kernel no longer has exactly one {old.strip()!r}: update the spike")
+        text = text.replace(old, new)
+    path = SRC.with_name(f"_compress_store_parts_{name.replace(' ', '_')}.py")
+    path.write_text(text)
+    atexit.register(os.remove, path)  # kept until the spike ends (Triton reads a function's source)
+    return load_kernel_file(str(path), path.stem)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="4096,16384")
+    ap.add_argument("--reps", type=int, default=30)
+    a = ap.parse_args()
+    print(torch.cuda.get_device_name(), flush=True)
+    cs, bs = kernel_module("compress_store"), kernel_module("block_scores")
+    mods = {"kernel": cs, **{name: variant(name, cuts) for name, cuts in CUTS.items()}}
+    for ctx in map(int, a.contexts.split(",")):
+        _case(ctx, mods, bs, a.reps)
+
+
+def _case(ctx: int, mods: dict, bs, reps: int) -> None:
+    layout, k, v, off, pq, ids, cache = prompt_inputs(ctx)
+    n, h, d = layout.block_size, k.shape[1], k.shape[2]
+    nb = ids.numel()
+    scores = torch.empty(nb, n, h, device="cuda")
+    src = torch.arange(nb, device="cuda", dtype=torch.int32)
+
+    def score():
+        bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores)
+
+    print(f"{ctx} scores kernel alone: {graph_time_us(score, reps):.1f} us", flush=True)
+    for name, mod in mods.items():
+
+        def alone(mod=mod):
+            mod.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
+
+        def step(mod=mod):
+            score()
+            mod.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
+
+        try:
+            t1, t2 = graph_time_us(alone, reps), graph_time_us(step, reps)
+            print(f"{ctx} compress ({name}): alone {t1:.1f} us, after the scores kernel {t2:.1f} us", flush=True)
+        except Exception as e:  # noqa: BLE001 (a variant that fails to compile is reported, the spike goes on)
+            print(f"{ctx} compress ({name}): failed ({type(e).__name__}: {e})", flush=True)
+
+if __name__ == "__main__":
+    main()

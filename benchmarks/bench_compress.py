@@ -1,8 +1,8 @@
 """``kernels/compress_store`` on one GPU: the compression of a prompt's complete blocks, with given scores and
 with the blocks scored by their probes inside the kernel, per (rows per tile, ``num_warps``), against a copy of the
 same bf16 keys and values (the memory floor), the standalone probe-score kernel and, optionally, an earlier
-version of the kernel loaded from a file (and, with ``--programs 2,3,4``, each config also with more programs per
-block and head: ``compress_store``'s ``programs``), side by side in one run.
+version of the kernel loaded from a file (and, with ``--programs 2``, each config also at 2 programs per block and
+head: ``compress_store``'s ``programs``), side by side in one run.
 
     git show 79a671a:kernels/compress_store.py > kernels/_compress_store_base.py   # optional baseline
     git show 79a671a:kernels/block_scores.py > kernels/_block_scores_base.py       # (--baseline-scores)
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
                     "--rows-per-tile and --num-warps)")
     ap.add_argument("--baseline", default=None, help="an earlier compress_store.py to time side by side")
     ap.add_argument("--baseline-scores", default=None, help="an earlier block_scores.py to time side by side")
-    ap.add_argument("--programs", default="", help="also time these programs per (block, KV head), e.g. 2,3")
+    ap.add_argument("--programs", default="", help="also time these programs per (block, KV head): 2")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=None)

@@ -34,8 +34,7 @@ def main() -> None:
     ap.add_argument("--num-warps", default="2,4")
     ap.add_argument("--rows-per-tile", default="16,32", help="comma-separated R values")
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
-    ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1, 2 (keys | values), 3 (keys | "
-                    "values' page rows in two halves) or 4 (the keys' channels in two halves too)")
+    ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1 or 2 (keys | values)")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas .maxnreg)")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     ap.add_argument("--block-scores", action="store_true",
@@ -61,9 +60,8 @@ def main() -> None:
                               **({"maxnreg": a.maxnreg} if a.maxnreg else {}))
         print("  " + _loops(sass, total, _trips(lay, r)))
         if a.programs > 1:
-            print("  (programs > 1: a program runs the four key loops or the three value loops (or half of their"
-                  " trips), not both, so it executes fewer than the figure above; the straight-line rest counts every"
-                  " branch)")
+            print("  (programs 2: a program runs the four key loops or the three value loops, not both, so it executes"
+                  " fewer than the figure above; the straight-line rest counts every branch)")
 
 
 def _module(path: str | None, name: str):

@@ -1,5 +1,5 @@
 """Spike: ``compress_store`` with the blocks scored inside it, at the default launch and at fixed launches (rows
-per tile x warps, 1 to 4 programs per (block, KV head)), and with ``--two-kernels`` the engine step's path (the
+per tile x warps, 1 or 2 programs per (block, KV head)), and with ``--two-kernels`` the engine step's path (the
 probe-score kernel, then ``compress_store`` given the scores), printing each time as it comes (a hang shows where
 it is). The hand-off variants of 56b69e9, timed here, were dropped (docs/performance.md).
 
@@ -28,8 +28,6 @@ VARIANTS = {
     "32x4": {"num_warps": 4, "rows_per_tile": 32},
     "2 programs 16x2": {"num_warps": 2, "rows_per_tile": 16, "programs": 2},
     "2 programs 32x4": {"num_warps": 4, "rows_per_tile": 32, "programs": 2},
-    "3 programs 16x2": {"num_warps": 2, "rows_per_tile": 16, "programs": 3},
-    "4 programs 16x2": {"num_warps": 2, "rows_per_tile": 16, "programs": 4},
 }
 
 
@@ -39,7 +37,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--two-kernels", action="store_true",
                     help="also block_probe_scores (2, 4, 8 warps) then compress_store given the scores (default "
-                    "launch, and at 3 and 4 programs after the 4-warp scores)")
+                    "launch)")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     for ctx in map(int, a.contexts.split(",")):
@@ -69,12 +67,12 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
     src = torch.arange(nb, device="cuda", dtype=torch.int32)
     fused = cache.clone()
     ref = None
-    for warps, programs in ((4, None), (4, 3), (4, 4), (2, None), (8, None)):
+    for warps in (4, 2, 8):
         t0 = time.time()
 
-        def run(warps=warps, programs=programs):
+        def run(warps=warps):
             bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores, num_warps=warps)
-            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout, programs=programs)
+            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
 
         if ref is None:
             cache.zero_()
@@ -82,8 +80,7 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
             torch.cuda.synchronize()
             ref = cache.clone()
             print(f"{ctx} two kernels: pages equal to the fused kernel's {torch.equal(ref, fused)}", flush=True)
-        way = "" if programs is None else f" ({programs} programs)"
-        _time(f"{ctx} scores kernel ({warps} warps) + compress{way}", run, cache, ref, reps, t0)
+        _time(f"{ctx} scores kernel ({warps} warps) + compress", run, cache, ref, reps, t0)
 
 
 def _time(label, run, cache, ref, reps, t0) -> None:

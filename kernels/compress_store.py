@@ -32,17 +32,19 @@ the keys' program, which scores and ranks, is the critical path either way). The
 before they work on the current one (:func:`_next_tile`; 168 -> 232 registers, still four 2-warp programs an SM):
 given scores 19.1 vs 19.4 us at 4k (split), 77.4 vs 80.1 at 16k (H100, ff3f49b + this change,
 ``benchmarks/results/h100_compress_prefetch_ff3f49b.json``; at 170904c, on the whole-tile kernel, it gained
-nothing). Measured and dropped (H100, 6b457ba): the values' normalizer pass moved before the ranking (it does not
-depend on it) and each program asking L2 for its block's rows first (``prefetch.global.L2``): the step's two
-kernels at 4k 27.2 us with both, 26.4 with the move alone, 26.0 with neither; 16k 111.1 / 106.9 / 102.3
-(``benchmarks/results/h100_checkup_prefetch_6b457ba.log``). Not timed yet (no GPU was left, 2026-12-06): each value tile's per-row ``(step, mn)`` go out in one
-store (:func:`_value_rows`; the compiler routes each such store through shared memory to coalesce it, so one
-conversion fewer: 6 -> 4 and 4 -> 2 barriers per tile in the two value loops), ``programs=3``: the values'
-page rows in two halves, a program each (same 168 registers; a value program's loops ~6,040 -> ~3,480
-instructions a warp, the keys' ~4,250: ``sass_compress.py --programs 3``), and ``programs=4``: the keys'
-channels in two halves too, slices of the tile's middle axis that packing never mixes (:func:`_tile_channels`;
-a key program's loops ~2,500 instructions; at 128 registers, ~50 bytes of spills, so that the 1,024 programs of
-a 4k prompt are one wave).
+nothing). Each value tile's per-row ``(step, mn)`` go out in one store (:func:`_value_rows`; the compiler routes
+each such store through shared memory to coalesce it, so one conversion fewer: 6 -> 4 and 4 -> 2 barriers per tile
+in the two value loops). Measured and dropped (2026-12-06): more programs per (block, KV head), each a shorter
+stream, 3 (the values' page rows in two halves, a program each) and 4 (the keys' channels in two byte-closed halves
+too): the step's two kernels at 4k 29.9 / 33.7 us against 27.9 at 2 programs on the H100, 29.8 / 31.6 against 26.2
+on the H200, slower at 8k and 16k too (``benchmarks/results/h100_checkup_b4645a5.log``,
+``h200_compress_ways_7ea8c29.log``; the code is at 98400d4); the values' normalizer pass moved before the ranking
+(it does not depend on it) and each program asking L2 for its block's rows first (``prefetch.global.L2``): 4k 27.2
+us with both, 26.4 with the move alone, 26.0 with neither; 16k 111.1 / 106.9 / 102.3 (H100, 6b457ba,
+``h100_checkup_prefetch_6b457ba.log``). Where the time goes at 4k (``benchmarks/spike_compress_parts.py``, H100,
+``h100_compress_parts_748a2b6.log``; the pages of the cut kernels are not valid): 20.9 us alone, 19.8 without the
+ranking, 17.9 with only the keys' programs, 19.6 with only the values': one program's chain of dependent tile
+loads, not the sum of the work, sets the time at one wave.
 With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
 rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
 against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below). The engine step launched this
@@ -89,29 +91,17 @@ def reciprocal32(x: float) -> float:
 
 
 @triton.jit
-def _tile_channels(i0, D: tl.constexpr, PL: tl.constexpr, DW: tl.constexpr):
-    """The channels of a tile's columns ``[DW, PL]``: ``[i, j]`` is channel ``i0 + i + j * D/PL``. ``DW = D/PL``
-    (``i0 = 0``) is every channel; a slice ``i0 .. i0 + DW`` of the middle axis is closed under packing at either
-    width (a byte's codes share their ``i``: :func:`_store_packed`), so a program can quantize it alone."""
-    return (i0 + tl.arange(0, DW))[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
+def _tile_channels(D: tl.constexpr, PL: tl.constexpr):
+    """The channels of a tile's columns ``[D/PL, PL]``: ``[i, j]`` is channel ``i + j * D/PL``."""
+    return tl.arange(0, D // PL)[:, None] + tl.arange(0, PL)[None, :] * (D // PL)
 
 
 @triton.jit
-def _slice_channels(i0, D: tl.constexpr, PL: tl.constexpr, DW: tl.constexpr):
-    """The channels of :func:`_tile_channels` as a flat ``[DW * PL]`` vector (in channel order)."""
-    if DW == D // PL:
-        return tl.arange(0, D)
-    c = tl.arange(0, DW * PL)
-    return i0 + c % DW + (c // DW) * (D // PL)
-
-
-@triton.jit
-def _load_tile(x_ptr, stride_x_tok, tok, tv, i0, D: tl.constexpr, PL: tl.constexpr, DW: tl.constexpr):
-    """Rows ``tok`` of one head as fp32 ``[N_PAD, DW, PL]``: element ``[., i, j]`` is channel ``j * D/PL + i0 +
-    i`` (:func:`_tile_channels`; all channels at ``DW = D/PL``, ``i0 = 0``), so the ``PL`` channels one byte of
-    low-width codes holds (paged.pack_row) share the last axis (this order and ``[N_PAD, PL, D/PL]`` compile to
-    nearly the same SASS: ``sass_compress.py``). Padded rows load 0."""
-    ch = _tile_channels(i0, D, PL, DW)
+def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
+    """Rows ``tok`` of one head as fp32 ``[N_PAD, D/PL, PL]``: element ``[., i, j]`` is channel ``j * D/PL + i``,
+    so the ``PL`` channels one byte of low-width codes holds (paged.pack_row) share the last axis (this order
+    and ``[N_PAD, PL, D/PL]`` compile to nearly the same SASS: ``sass_compress.py``). Padded rows load 0."""
+    ch = _tile_channels(D, PL)
     x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
     return x.to(tl.float32), ch
 
@@ -155,17 +145,17 @@ def _codes(x, mn16, step16, rstep, qmax):
 
 
 @triton.jit
-def _store_packed(code, member, row, cache_u8_ptr, off, i0, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr,
-                  PL: tl.constexpr, DW: tl.constexpr):  # fmt: skip
-    """Pack a code tile ``[N_PAD, DW, PL]`` (channel ``j * D/PL + i0 + i``) at ``BITS`` bits and store the rows of
+def _store_packed(code, member, row, cache_u8_ptr, off, BITS: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr,
+                  PL: tl.constexpr):  # fmt: skip
+    """Pack a code tile ``[N_PAD, D/PL, PL]`` (channel ``j * D/PL + i``) at ``BITS`` bits and store the rows of
     ``member`` at page rows ``row`` of the region at byte offset ``off``. Byte ``b`` of a row holds channels
     ``b + a * D/P`` at bit ``a * BITS`` (``P = 8 // BITS`` codes per byte); with ``j = a * (PL/P) + jj`` the byte
     of channel ``(i, a, jj)`` is ``jj * D/PL + i``: split ``j``, sum over ``a`` (disjoint bits: an or). A code is
     the low 8 bits of its int32 (:func:`_codes`): the bits above them never carry into the byte kept."""
     P: tl.constexpr = 8 // BITS
-    c4 = tl.reshape(code, (N_PAD, DW, P, PL // P))
+    c4 = tl.reshape(code, (N_PAD, D // PL, P, PL // P))
     packed = tl.sum(c4 << (tl.arange(0, P) * BITS)[None, None, :, None], axis=2).to(tl.uint8)
-    byte = (i0 + tl.arange(0, DW))[:, None] + tl.arange(0, PL // P)[None, :] * (D // PL)
+    byte = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL // P)[None, :] * (D // PL)
     RB: tl.constexpr = D * BITS // 8
     tl.store(cache_u8_ptr + off + row[:, None, None] * RB + byte[None, :, :], packed, mask=member[:, None, None])
 
@@ -236,9 +226,7 @@ def _compress_store_kernel(
     FROM_SLOTS: tl.constexpr, SCORES: tl.constexpr,
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
-    PROGRAMS: tl.constexpr,  # per (block, KV head), axis 2: 1 (keys and values), 2 (0 the keys, 1 the values), 3
-    # (0 the keys, 1 and 2 the values' page rows below and from n_rows / 2), 4 (0 and 1 the keys' channel halves of
-    # _tile_channels, 2 and 3 the values' row halves)
+    PROGRAMS: tl.constexpr,  # per (block, KV head), axis 2: 1 (keys and values), 2 (0 the keys, 1 the values)
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -251,9 +239,9 @@ def _compress_store_kernel(
         src = tl.load(src_ptr + e).to(tl.int64)
     t = tl.arange(0, N_PAD)
     tv = t < N
-    # one program quantizes the keys and the values, or (PROGRAMS > 1) some parts the keys and the others the
-    # values, each ranking the block (same scores, same rows, same bitmap bytes) in its own scratch; a constexpr, so
-    # that the unsplit kernel has no branch on the part and the split one is compiled (and allocates registers) apart
+    # one program quantizes the keys and the values, or (PROGRAMS 2) part 0 the keys and part 1 the values, each
+    # ranking the block (same scores, same rows, same bitmap bytes) in its own scratch; a constexpr, so that the
+    # unsplit kernel has no branch on the part and the split one is compiled (and allocates registers) apart
     part = 0
     if PROGRAMS > 1:
         part = tl.program_id(2)
@@ -290,20 +278,13 @@ def _compress_store_kernel(
     tl.debug_barrier()
     x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
-    NK: tl.constexpr = 2 if PROGRAMS == 4 else 1  # programs of the keys (each a slice of the tile columns)
-    KW: tl.constexpr = D // (8 // BL) // NK
-    if part < NK:
+    if part == 0:
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, part * KW, N, N_PAD, R, D, BH, BL, SK,
-                       K_HI_OFF, K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L, KW)  # fmt: skip
-    if PROGRAMS == 1 or part >= NK:
-        v_lo = 0
-        v_hi = n_rows
-        if PROGRAMS >= 3:  # the values' page rows in two halves (the launcher makes R divide n_rows / 2)
-            v_lo = (part - (PROGRAMS - 2)) * (n_rows // 2)
-            v_hi = v_lo + n_rows // 2
+                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
+                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+    if PROGRAMS == 1 or part > 0:
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                         cache_f16_ptr, page_off, hoff, sv_rows, v_lo, v_hi, n_rows, N, N_PAD, R, D, BH, BL, SV,
+                         cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV,
                          V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
 
 
@@ -316,61 +297,59 @@ def _tile_tokens(work, r0, N: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, i0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-               PL: tl.constexpr, DW: tl.constexpr):  # fmt: skip
-    """Page rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, DW, PL]`` (:func:`_load_tile`) of their
+def _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+               PL: tl.constexpr):  # fmt: skip
+    """Page rows ``r0 .. r0 + R`` of the block: the fp32 tile ``[R, D/PL, PL]`` (:func:`_load_tile`) of their
     tokens ``tok`` (:func:`_tile_tokens`), the page rows and whether each exists (only a padded block has rows
     that do not)."""
     rr = r0 + tl.arange(0, R)
     rv = rr < N
-    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + tok, rv, i0, D, PL, DW)
+    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + tok, rv, D, PL)
     return x, rr, rv
 
 
 @triton.jit
-def _first_tile(x_ptr, stride_x_tok, x_tok, work, r0, i0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                PL: tl.constexpr, DW: tl.constexpr):  # fmt: skip
+def _first_tile(x_ptr, stride_x_tok, x_tok, work, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                PL: tl.constexpr):  # fmt: skip
     """A tile loop's start: the tile at page rows ``r0 ..`` (:func:`_page_tile`) and the tokens of the one after
     it (:func:`_next_tile` loads that tile while the loop works on this one)."""
-    x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, _tile_tokens(work, r0, N, R), r0, i0, N, R, D, PL, DW)
+    x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, _tile_tokens(work, r0, N, R), r0, N, R, D, PL)
     return x, rr, rv, _tile_tokens(work, r0 + R, N, R)
 
 
 @triton.jit
-def _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, i0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-               PL: tl.constexpr, DW: tl.constexpr):  # fmt: skip
+def _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+               PL: tl.constexpr):  # fmt: skip
     """In the iteration of the tile at page rows ``r0``: the next tile (rows ``r0 + R ..``, its tokens ``tok``
     loaded one iteration before; past the loop's end a tile of the next group or padding, unused) and the tokens
     of the one after it, loaded before the current tile is used, so that its latency overlaps that work."""
-    x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0 + R, i0, N, R, D, PL, DW)
+    x, rr, rv = _page_tile(x_ptr, stride_x_tok, x_tok, tok, r0 + R, N, R, D, PL)
     return x, rr, rv, _tile_tokens(work, r0 + 2 * R, N, R)
 
 
 @triton.jit
 def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
-                   sk_rows, n_rows, i0, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                   sk_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                    BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
-                   K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr, DW: tl.constexpr):  # fmt: skip
+                   K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr):  # fmt: skip
     """ZC-3: channelwise ``(step, mn)`` per precision group, from a first pass over the row tiles (running
     elementwise min/max, reduced once), then the codes of each tile packed into its group's region. The tiles
     walk the page rows: rows ``0 .. SK-1`` are the salient group and ``R`` divides ``SK``, so every tile is
-    of one group (no per-element choice of parameters, one packing, whole rows stored). The channels of the tile
-    columns ``i0 .. i0 + DW`` (:func:`_tile_channels`; all at ``DW = D / (8 // BL)``, half in each of two
-    programs at ``programs=4``)."""
+    of one group (no per-element choice of parameters, one packing, whole rows stored)."""
     PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
-    mn_s = tl.full((R, DW, PL), _BIG, tl.float32)
-    mx_s = tl.full((R, DW, PL), -_BIG, tl.float32)
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, i0, N, R, D, PL, DW)
+    mn_s = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx_s = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
     for r0 in range(0, sk_rows, R):
-        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, i0, N, R, D, PL, DW)
+        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         mn_s = tl.minimum(mn_s, x)
         mx_s = tl.maximum(mx_s, x)
         x, rr, rv = xn, rrn, rvn
-    mn_r = tl.full((R, DW, PL), _BIG, tl.float32)
-    mx_r = tl.full((R, DW, PL), -_BIG, tl.float32)
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, i0, N, R, D, PL, DW)
+    mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
+    mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, N, R, D, PL)
     for r0 in range(sk_rows, n_rows, R):
-        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, i0, N, R, D, PL, DW)
+        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         if N < N_PAD:  # padded rows load 0: keep them out of the range
             mn_r = tl.minimum(mn_r, tl.where(rv[:, None, None], x, _BIG))
             mx_r = tl.maximum(mx_r, tl.where(rv[:, None, None], x, -_BIG))
@@ -382,63 +361,61 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
     # running tiles are reduced through the scratch (_channel_reduce), stored, and read back in the tile's layout
     has_s: tl.constexpr = SK > 0
     has_r: tl.constexpr = SK < N
-    mn = _channel_reduce(mn_s, tiles, 0, i0, False, R, D, PL, DW)
-    mx = _channel_reduce(mx_s, tiles, 1, i0, True, R, D, PL, DW)
-    _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, i0, D, BH, RQ_H, PL, DW)
-    mn = _channel_reduce(mn_r, tiles, 2, i0, False, R, D, PL, DW)
-    mx = _channel_reduce(mx_r, tiles, 3, i0, True, R, D, PL, DW)
-    _key_params(mn, mx, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, i0, D, BL, RQ_L, PL, DW)
+    mn = _channel_reduce(mn_s, tiles, 0, False, R, D, PL)
+    mx = _channel_reduce(mx_s, tiles, 1, True, R, D, PL)
+    _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)
+    mn = _channel_reduce(mn_r, tiles, 2, False, R, D, PL)
+    mx = _channel_reduce(mx_r, tiles, 3, True, R, D, PL)
+    _key_params(mn, mx, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)
     tl.debug_barrier()
-    ch = _tile_channels(i0, D, PL, DW)
+    ch = _tile_channels(D, PL)
     if has_s:
         step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch)[None, :, :]
         mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch)[None, :, :]
         rstep = tl.load(red + ch)[None, :, :]
-        x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, i0, N, R, D, PL, DW)
+        x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
         for r0 in range(0, sk_rows, R):
-            xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, i0, N, R, D, PL, DW)
+            xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
             code = _codes(x, mn16, step, rstep, (1 << BH) - 1.0)
-            _store_packed(code, rv, rr, cache_u8_ptr, page_off + K_HI_OFF, i0, BH, R, D, PL, DW)
+            _store_packed(code, rv, rr, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
             x, rr, rv = xn, rrn, rvn
     if has_r:
         step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch)[None, :, :]
         mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch)[None, :, :]
         rstep = tl.load(red + D + ch)[None, :, :]
-        x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, i0, N, R, D, PL, DW)
+        x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, N, R, D, PL)
         for r0 in range(sk_rows, n_rows, R):
-            xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, i0, N, R, D, PL, DW)
+            xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
             code = _codes(x, mn16, step, rstep, (1 << BL) - 1.0)
-            _store_packed(code, rv, rr - SK, cache_u8_ptr, page_off + K_LO_OFF, i0, BL, R, D, PL, DW)
+            _store_packed(code, rv, rr - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
             x, rr, rv = xn, rrn, rvn
 
 
 @triton.jit
-def _channel_reduce(tile, tiles, slot, i0, MAX: tl.constexpr, R: tl.constexpr, D: tl.constexpr, PL: tl.constexpr,
-                    DW: tl.constexpr):  # fmt: skip
-    """Min (or max) over the rows of a running tile ``[R, DW, PL]``, as ``[DW * PL]`` in channel order
-    (:func:`_slice_channels`; ``[D]`` for a whole tile): the tile goes to area ``slot`` of the scratch as ``R``
-    rows of ``D`` and comes back in the layout of a plain ``[R, DW * PL]`` load, where a lane holds several rows
-    of a few channels (reduced in registers), instead of being reduced in place, where a lane holds one row of 32
-    channels (every channel across 16 lanes, then the channel's parameters repeated by each of them)."""
+def _channel_reduce(tile, tiles, slot, MAX: tl.constexpr, R: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
+    """Min (or max) over the rows of a running tile ``[R, D/PL, PL]``, as ``[D]`` in channel order: the tile
+    goes to area ``slot`` of the scratch as ``R`` rows of ``D`` and comes back in the layout of a plain
+    ``[R, D]`` load, where a lane holds several rows of a few channels (reduced in registers), instead of being
+    reduced in place, where a lane holds one row of 32 channels (every channel across 16 lanes, then the
+    channel's parameters repeated by each of them)."""
     rr = tl.arange(0, R)
-    ch = _tile_channels(i0, D, PL, DW)
+    ch = _tile_channels(D, PL)
     tl.store(tiles + slot * R * D + rr[:, None, None] * D + ch[None, :, :], tile.to(tiles.dtype.element_ty))
     tl.debug_barrier()
-    cs = _slice_channels(i0, D, PL, DW)
-    full = tl.load(tiles + slot * R * D + rr[:, None] * D + cs[None, :]).to(tl.float32)
+    full = tl.load(tiles + slot * R * D + rr[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
     if MAX:
         return tl.max(full, axis=0)
     return tl.min(full, axis=0)
 
 
 @triton.jit
-def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, i0, D: tl.constexpr, BITS: tl.constexpr,
-                RQ: tl.constexpr, PL: tl.constexpr, DW: tl.constexpr):  # fmt: skip
-    """A key group's fp16 ``(step, mn)`` per channel (of :func:`_slice_channels`) from their min / max (a group
-    with no rows gets ``(EPS, 0)``, as quant.py's masked min/max of an empty group) stored at fp16 offset ``par``,
-    and ``div_rn(1, step)`` at ``rstep_ptr``."""
+def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, D: tl.constexpr, BITS: tl.constexpr,
+                RQ: tl.constexpr):  # fmt: skip
+    """A key group's fp16 ``(step, mn)`` per channel from its ``[D]`` min / max (a group with no rows gets
+    ``(EPS, 0)``, as quant.py's masked min/max of an empty group) stored at fp16 offset ``par``, and
+    ``div_rn(1, step)`` at ``rstep_ptr``."""
     step, mn16 = _quant_params(tl.where(HAS, mn, 0.0), tl.where(HAS, mx, 0.0), (1 << BITS) - 1.0, RQ)
-    d = _slice_channels(i0, D, PL, DW)
+    d = tl.arange(0, D)
     tl.store(cache_f16_ptr + par + d, step)
     tl.store(cache_f16_ptr + par + D + d, mn16)
     tl.store(rstep_ptr + d, tl.math.div_rn(1.0, step.to(tl.float32)))
@@ -446,42 +423,37 @@ def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, i0, D:
 
 @triton.jit
 def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sv_rows,
-                     v_lo, v_hi, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                     n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                      BH: tl.constexpr, BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr,
                      V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
                      RQ_L: tl.constexpr):  # fmt: skip
     """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass, in token order), then per row tile
-    of page rows ``v_lo .. v_hi`` (all, or half of them in a program of their own; ``R`` divides ``SV``, so a tile
-    is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and the codes packed into the group's region."""
+    of page rows (``R`` divides ``SV``, so a tile is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and the
+    codes packed into the group's region."""
     PL: tl.constexpr = 8 // BL
     amax = tl.zeros((R, D // PL, PL), tl.float32)
     for r0 in range(0, n_rows, R):
         rr = r0 + tl.arange(0, R)
-        x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, 0, D, PL, D // PL)
+        x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, D, PL)
         amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
-    amax = _channel_reduce(amax, tiles, 0, 0, True, R, D, PL, D // PL)  # (after the keys' barrier)
-    c = tl.math.sqrt_rn(amax).to(tl.float16)
+    c = tl.math.sqrt_rn(_channel_reduce(amax, tiles, 0, True, R, D, PL)).to(tl.float16)  # (after the keys' barrier)
     c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
     d = tl.arange(0, D)
     tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
     tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
     tl.debug_barrier()
-    ch = _tile_channels(0, D, PL, D // PL)
+    ch = _tile_channels(D, PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
-    lo = tl.minimum(v_lo, sv_rows)
-    hi = tl.minimum(v_hi, sv_rows)
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, lo, 0, N, R, D, PL, D // PL)
-    for r0 in range(lo, hi, R):
-        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, 0, N, R, D, PL, D // PL)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
+    for r0 in range(0, sv_rows, R):
+        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
                     N, R, D, PL, BH, V_TOK_OFF, RQ_H)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
-    lo = tl.maximum(v_lo, sv_rows)
-    hi = tl.maximum(v_hi, sv_rows)
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, lo, 0, N, R, D, PL, D // PL)
-    for r0 in range(lo, hi, R):
-        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, 0, N, R, D, PL, D // PL)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sv_rows, N, R, D, PL)
+    for r0 in range(sv_rows, n_rows, R):
+        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
                     N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
@@ -499,7 +471,7 @@ def _value_rows(xn, rr, rv, cache_u8_ptr, cache_f16_ptr, off, hoff, region_row, 
     tl.store(par, tl.join(step, mn16), mask=rv[:, None])
     rstep = tl.math.div_rn(1.0, step.to(tl.float32))
     code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax)
-    _store_packed(code, rv, region_row, cache_u8_ptr, off, 0, BITS, R, D, PL, D // PL)
+    _store_packed(code, rv, region_row, cache_u8_ptr, off, BITS, R, D, PL)
 
 
 @triton.jit
@@ -560,11 +532,9 @@ def compress_store(
     rows_per_tile : rows of the block quantized at a time (a power of two; default: 32 tile elements per
         thread, 16 rows at head size 128 and 2 warps), lowered to divide the salient quotas (:func:`tile_rows`).
     programs : per block and KV head: 1 quantizes its keys and values; 2, one program the keys and one the
-        values (``split_kv`` before 2026-12-06); 3, one the keys and two the values, each half of the page rows;
-        4, two the keys (each half of the channels, in byte-closed slices) and two the values.
-        Each ranks the block (with ``probe_query``, scores it): more programs, each with a shorter instruction
-        stream. Default (None): 2 where those programs are one wave at 2 warps (a prompt of up to ~4k tokens of
-        8 KV heads on 132 SMs), else 1.
+        values (``split_kv`` before 2026-12-06), each ranking the block (with ``probe_query``, scoring it): each
+        a shorter instruction stream. Default (None): 2 where those programs are one wave at 2 warps (a prompt of
+        up to ~4k tokens of 8 KV heads on 132 SMs), else 1.
 
     Example
     -------
@@ -692,19 +662,12 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         # program and 30.0 at 4 warps x 32 rows, the default before; 8k 62.0 against 52.2: two waves)
         default = num_warps is None and rows_per_tile is None and slots is None and not interpreting()
         programs = 2 if default and e * h <= 2 * num_sms(key.device) else 1
-    check(programs in (1, 2, 3, 4), f"programs must be 1, 2, 3 or 4, got {programs!r}")
+    check(programs in (1, 2), f"programs must be 1 or 2, got {programs!r}")
     warps = num_warps or (1 if interpreting() else 2)
     r = rows_per_tile or _default_rows(warps, d, n_pad)
     check(r & (r - 1) == 0 and r <= n_pad, f"rows_per_tile must be a power of two <= {n_pad}, got {r}")
     r = tile_rows(r, layout.num_salient_k, layout.num_salient_v)
-    check(programs < 3 or (n_pad // 2) % r == 0,
-          f"programs={programs} halves the page rows: tiles of {r} rows must divide {n_pad // 2}")  # fmt: skip
-    check(programs < 4 or (d // (8 // layout.bits_low)) % 2 == 0,
-          f"programs=4 halves the key channels: head size {d} at {layout.bits_low} bits cannot be")  # fmt: skip
     parts = programs
-    # 4 programs: 128 registers at 2 warps, so that 8 fit an SM (a 4k prompt's 1,024 in one wave on 132 SMs; ptxas
-    # spills ~50 bytes a thread there, sass_compress.py --programs 4 --maxnreg 128)
-    regs = {"maxnreg": 128} if programs == 4 and warps == 2 and not interpreting() else {}
     work = torch.empty(e * h * parts * n_pad, dtype=torch.int32, device=key.device)
     tiles = torch.empty(e * h * parts * 4 * r * d, dtype=key.dtype, device=key.device)
     red = torch.empty(e * h * parts * 3 * d, dtype=torch.float32, device=key.device)
@@ -724,5 +687,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        PROGRAMS=programs, num_warps=warps, enable_fp_fusion=False, **pargs, **regs,
+        PROGRAMS=programs, num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

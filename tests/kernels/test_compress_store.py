@@ -150,14 +150,13 @@ def test_scored_by_probes_in_the_kernel(n, h, g, d, r, rv, normalizer):
     assert torch.equal(again.cpu(), ref)
 
 
-@pytest.mark.parametrize("programs", [2, 3, 4])
 @pytest.mark.parametrize("n, h, g, d, r, rv", [PROBE_CASES[1], PROBE_CASES[3]])
-def test_more_programs_write_the_same_pages(n, h, g, d, r, rv, programs):
-    """``programs`` 2 (a program for the keys and one for the values of each block and head), 3 (the values' page
-    rows in two halves, a program each) and 4 (the keys' channels in two halves too), each program ranking the
-    block in its own scratch: the twin's pages under given scores, and the one-program fused kernel's pages and
-    scores when the blocks are scored by their probes; a negative block id writes nothing. (The 48-token block pads
-    to 64 page rows: the second half of the values has 16 real rows.)"""
+def test_two_programs_write_the_same_pages(n, h, g, d, r, rv):
+    """``programs=2`` (a program for the keys and one for the values of each block and head, each ranking the
+    block in its own scratch): the twin's pages under given scores, and the one-program fused kernel's pages and
+    scores when the blocks are scored by their probes; a negative block id writes nothing. (A 48-token block pads
+    to 64 page rows.)"""
+    programs = 2
     layout = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
     nb = 3
     cfg = ZipCacheConfig(block_size=n)
@@ -185,16 +184,14 @@ def test_more_programs_write_the_same_pages(n, h, g, d, r, rv, programs):
 
 
 def test_programs_refused():
-    """A program count other than 1-4, and 3 where a tile does not divide half the page rows, raise (16 rows:
-    no key-salient rows, all value-salient, so tiles of 16 rows)."""
+    """A program count other than 1 or 2 raises (3 and 4 were measured slower and removed: kernel docstring)."""
     layout = PageLayout(16, 64, salient_ratio=0.0, value_salient_ratio=1.0)
     k = torch.randn(16, 1, 64).bfloat16().to(DEVICE)
     args = (k, k, torch.rand(16, 1, device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE),
             torch.zeros(1, 1, layout.page_bytes, dtype=torch.uint8, device=DEVICE), layout)  # fmt: skip
-    with pytest.raises(ValueError, match="programs must be 1, 2, 3 or 4"):
-        compress_store(*args, programs=5)
-    with pytest.raises(ValueError, match="programs=3 halves the page rows"):
-        compress_store(*args, programs=3, rows_per_tile=16)
+    for programs in (0, 3, 4):
+        with pytest.raises(ValueError, match="programs must be 1 or 2"):
+            compress_store(*args, programs=programs)
 
 
 def test_slots_scored_by_probes_in_the_kernel():

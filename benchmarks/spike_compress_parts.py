@@ -27,8 +27,8 @@ from zipcache_vllm.engine.ops import kernel_module
 
 SRC = Path("kernels/compress_store.py")
 RANKING = "    ksal, vsal, row = _page_rows(s, t, tv, SK, SV, N_PAD)\n"
-KEYS = "    if part < NK:\n"
-VALUES = "    if PROGRAMS == 1 or part >= NK:\n"
+KEYS = "    if part == 0:\n"
+VALUES = "    if PROGRAMS == 1 or part > 0:\n"
 CUTS = {
     "no ranking": {RANKING: "    ksal, vsal, row = t < SK, t < SV, t\n"},
     "keys only": {VALUES: "    if PROGRAMS == 0:\n"},

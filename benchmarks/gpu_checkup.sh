@@ -7,6 +7,7 @@
 #   STAGES="spike bench_kernels compress serving_gpu" bash benchmarks/gpu_checkup.sh ...   # then STAGES=gpu_suite
 #   STAGES="compress spike bench_kernels prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~560 s)
 #   STAGES="spike bench_kernels compress_ways prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~320 s)
+#   STAGES="bench_kernels gpu_suite" bash benchmarks/gpu_checkup.sh ...   # issues 9 and 11's records + suite (~420 s)
 #
 # COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in

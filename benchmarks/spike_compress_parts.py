@@ -5,7 +5,10 @@ cut variants are not valid: each time is a bound on what the part costs, not a k
 
 Variants are made from ``kernels/compress_store.py``'s source as it is (text substitutions, written next to it as
 ``kernels/_compress_store_parts_<name>.py``, removed at exit): ``no ranking`` (page rows = token order: no sort,
-no prefix sums; the scores are not read), ``keys only`` (the values' program returns after ranking), ``values
+no prefix sums; the scores are not read), ``code passes only`` (no ranking, and no first pass over the tiles: not
+the keys' min / max, not the values' max |x|; the per-channel reductions stay: what is left if a kernel ahead of it,
+e.g. the score kernel, which holds the block's keys already, handed over the page rows and the parameters),
+``keys only`` (the values' program returns after ranking), ``values
 only`` (the keys' program does). Each is timed given scores at the default launch (2 programs where they are one
 wave), alone and after ``block_probe_scores`` in one graph (the engine step's path), next to the kernel itself and
 the score kernel alone. The prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` page),
@@ -29,8 +32,18 @@ SRC = Path("kernels/compress_store.py")
 RANKING = "    ksal, vsal, row = _page_rows(s, t, tv, SK, SV, N_PAD)\n"
 KEYS = "    if part == 0:\n"
 VALUES = "    if PROGRAMS == 1 or part > 0:\n"
+NEXT = "        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)\n"
+KEYS_PASS1_S = "    for r0 in range(0, sk_rows, R):\n" + NEXT + "        mn_s"
+KEYS_PASS1_R = "    for r0 in range(sk_rows, n_rows, R):\n" + NEXT + "        if N < N_PAD:"
+VALUES_PASS1 = "    for r0 in range(0, n_rows, R):\n        rr = r0 + tl.arange(0, R)\n"
 CUTS = {
     "no ranking": {RANKING: "    ksal, vsal, row = t < SK, t < SV, t\n"},
+    "code passes only": {
+        RANKING: "    ksal, vsal, row = t < SK, t < SV, t\n",
+        KEYS_PASS1_S: KEYS_PASS1_S.replace("range(0, sk_rows, R)", "range(0, 0, R)"),
+        KEYS_PASS1_R: KEYS_PASS1_R.replace("range(sk_rows, n_rows, R)", "range(sk_rows, sk_rows, R)"),
+        VALUES_PASS1: VALUES_PASS1.replace("range(0, n_rows, R)", "range(0, 0, R)"),
+    },
     "keys only": {VALUES: "    if PROGRAMS == 0:\n"},
     "values only": {KEYS: "    if PROGRAMS == 0:\n"},
 }

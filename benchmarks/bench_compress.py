@@ -60,6 +60,22 @@ def prompt_inputs(context: int) -> tuple:
     return layout, k, v, offsets, pq, ids, cache
 
 
+def prompt_scorer(layout, k, pq, offsets, module=None):
+    """The engine step's first launch for a prompt's blocks (``prompt_inputs``): ``(scores, score)``, where
+    ``score(num_warps=None)`` runs ``block_probe_scores`` (of ``module``, default the package's kernel) into
+    ``scores`` fp32 ``[num_blocks * block_size, num_kv_heads]``, the layout ``compress_store`` takes."""
+    n, h, d = layout.block_size, k.shape[1], k.shape[2]
+    nb = k.shape[0] // n
+    scores = torch.empty(nb, n, h, device=k.device)
+    src = torch.arange(nb, device=k.device, dtype=torch.int32)
+    mod = module or kernel_module("block_scores")
+
+    def score(num_warps=None):
+        mod.block_probe_scores(k.view(nb, n, h, d), pq, offsets, src, scores, num_warps=num_warps)
+
+    return scores.view(nb * n, h), score
+
+
 def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,  # noqa: PLR0915
          base_scores=None, programs=()) -> dict:
     """One prompt of ``context`` tokens: given scores and probe scoring in the kernel, per (rows per tile,
@@ -76,21 +92,17 @@ def case(context: int, configs: list[tuple[int, int]], current, base, reps: int,
     rec = {"kernel": "compress_store", "context": context, "blocks": nb, "num_kv_heads": H, "num_heads": HQ,
            "head_size": D, "num_probes": offsets.shape[1], "page_bytes": layout.page_bytes, "bytes_moved": moved}
     rec["copy_us"] = graph_time_us(lambda: (k.clone(), v.clone()), reps)
-    # the probe scores as the engine computed them before the fusion: a kernel of their own
-    scores = torch.empty(nb, n, H, device="cuda")
-    src = torch.arange(nb, device="cuda", dtype=torch.int32)
-    probe_warps = {w: graph_time_us(lambda w=w: kernel_module("block_scores").block_probe_scores(
-        k.view(nb, n, H, D), pq, offsets, src, scores, num_warps=w), reps) for w in (2, 4, 8)}  # fmt: skip
+    # the probe scores as the engine step computes them: a kernel of their own, before the compression
+    scores, score = prompt_scorer(layout, k, pq, offsets)
+    probe_warps = {w: graph_time_us(lambda w=w: score(w), reps) for w in (2, 4, 8)}
     rec["probe_scores_us_by_warps"] = probe_warps
     rec["probe_scores_us"] = probe_warps[4]  # the default
     if base_scores is not None:
-        ref_scores = torch.empty_like(scores)
-        rec["baseline_probe_scores_us"] = graph_time_us(lambda: base_scores.block_probe_scores(
-            k.view(nb, n, H, D), pq, offsets, src, ref_scores), reps)  # fmt: skip
+        ref_scores, base_score = prompt_scorer(layout, k, pq, offsets, base_scores)
+        rec["baseline_probe_scores_us"] = graph_time_us(base_score, reps)
         rec["baseline_probe_scores_max_rel_diff"] = float(((ref_scores - scores).abs() / ref_scores.abs().clamp_min(
             1e-6)).max())  # fmt: skip
         rec["probe_scores_speedup"] = rec["baseline_probe_scores_us"] / rec["probe_scores_us"]
-    scores = scores.view(nb * n, H)
     rec["configs"] = []
     ref = None
     for r, w in configs:

@@ -23,22 +23,20 @@ from benchmarks._ncu import SECTIONS, profile, source_hotspots
 def run(context: int, way: str, num_warps: int, programs: int) -> None:
     import torch
 
-    from benchmarks.bench_compress import prompt_inputs
+    from benchmarks.bench_compress import prompt_inputs, prompt_scorer
     from zipcache_vllm.engine.ops import kernel_module
 
-    cs, bs = kernel_module("compress_store"), kernel_module("block_scores")
+    cs = kernel_module("compress_store")
     layout, k, v, off, pq, ids, cache = prompt_inputs(context)
-    n, h, d = layout.block_size, k.shape[1], k.shape[2]
-    nb = ids.numel()
-    scores = torch.rand(nb, n, h, device="cuda")
-    src = torch.arange(nb, device="cuda", dtype=torch.int32)
+    scores, score = prompt_scorer(layout, k, pq, off)
+    scores.copy_(torch.rand_like(scores))  # the "given" way's scores (the step's way computes its own)
     launch = {"num_warps": num_warps or None, "programs": programs or None}
     for _ in range(3):
         if way == "step":
-            bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores)
-            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout, **launch)
+            score()
+            cs.compress_store(k, v, scores, ids, cache, layout, **launch)
         elif way == "given":
-            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout, **launch)
+            cs.compress_store(k, v, scores, ids, cache, layout, **launch)
         else:
             cs.compress_store(k, v, None, ids, cache, layout, probe_query=pq, probe_offsets=off)
     torch.cuda.synchronize()

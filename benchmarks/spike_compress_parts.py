@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._timing import graph_time_us
-from benchmarks.bench_compress import load_kernel_file, prompt_inputs
+from benchmarks.bench_compress import load_kernel_file, prompt_inputs, prompt_scorer
 from zipcache_vllm.engine.ops import kernel_module
 
 SRC = Path("kernels/compress_store.py")
@@ -67,31 +67,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
-    cs, bs = kernel_module("compress_store"), kernel_module("block_scores")
-    mods = {"kernel": cs, **{name: variant(name, cuts) for name, cuts in CUTS.items()}}
+    mods = {"kernel": kernel_module("compress_store"), **{name: variant(name, cuts) for name, cuts in CUTS.items()}}
     for ctx in map(int, a.contexts.split(",")):
-        _case(ctx, mods, bs, a.reps)
+        _case(ctx, mods, a.reps)
 
 
-def _case(ctx: int, mods: dict, bs, reps: int) -> None:
+def _case(ctx: int, mods: dict, reps: int) -> None:
     layout, k, v, off, pq, ids, cache = prompt_inputs(ctx)
-    n, h, d = layout.block_size, k.shape[1], k.shape[2]
-    nb = ids.numel()
-    scores = torch.empty(nb, n, h, device="cuda")
-    src = torch.arange(nb, device="cuda", dtype=torch.int32)
-
-    def score():
-        bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores)
-
+    scores, score = prompt_scorer(layout, k, pq, off)
     print(f"{ctx} scores kernel alone: {graph_time_us(score, reps):.1f} us", flush=True)
     for name, mod in mods.items():
 
         def alone(mod=mod):
-            mod.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
+            mod.compress_store(k, v, scores, ids, cache, layout)
 
         def step(mod=mod):
             score()
-            mod.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
+            mod.compress_store(k, v, scores, ids, cache, layout)
 
         try:
             t1, t2 = graph_time_us(alone, reps), graph_time_us(step, reps)

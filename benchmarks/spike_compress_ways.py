@@ -17,11 +17,10 @@ import time
 import torch
 
 from benchmarks._timing import graph_time_us
-from benchmarks.bench_compress import prompt_inputs
+from benchmarks.bench_compress import prompt_inputs, prompt_scorer
 from zipcache_vllm.engine.ops import kernel_module
 
 cs = kernel_module("compress_store")  # the module (the package exports its function under the same name)
-bs = kernel_module("block_scores")
 VARIANTS = {
     "default": {},
     "16x2": {"num_warps": 2, "rows_per_tile": 16},
@@ -61,18 +60,15 @@ def _two_kernels(ctx, layout, k, v, off, pq, ids, cache, reps) -> None:
     against the 4-warp pair's (the scores' rounding differs from the fused kernel's, so a near-tie may rank
     differently there: the fused default's pages are compared too). A programmatic dependent launch of the second
     kernel (d83d3e7) was timed here and dropped: slower (H100, 4k 30.2 vs 26.3 us; 16k 107.0 vs 105.4)."""
-    n, h, d = layout.block_size, k.shape[1], k.shape[2]
-    nb = ids.numel()
-    scores = torch.empty(nb, n, h, device="cuda")
-    src = torch.arange(nb, device="cuda", dtype=torch.int32)
+    scores, score = prompt_scorer(layout, k, pq, off)
     fused = cache.clone()
     ref = None
     for warps in (4, 2, 8):
         t0 = time.time()
 
         def run(warps=warps):
-            bs.block_probe_scores(k.view(nb, n, h, d), pq, off, src, scores, num_warps=warps)
-            cs.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
+            score(warps)
+            cs.compress_store(k, v, scores, ids, cache, layout)
 
         if ref is None:
             cache.zero_()

@@ -156,7 +156,6 @@ def test_two_programs_write_the_same_pages(n, h, g, d, r, rv):
     block in its own scratch): the twin's pages under given scores, and the one-program fused kernel's pages and
     scores when the blocks are scored by their probes; a negative block id writes nothing. (A 48-token block pads
     to 64 page rows.)"""
-    programs = 2
     layout = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
     nb = 3
     cfg = ZipCacheConfig(block_size=n)
@@ -172,13 +171,13 @@ def test_two_programs_write_the_same_pages(n, h, g, d, r, rv):
                          scores[[*range(n), *range(2 * n, 3 * n)]], torch.tensor([3, 1]), ref, layout)  # fmt: skip
     kd, vd, idd = k.to(DEVICE), v.to(DEVICE), ids.to(DEVICE)
     got = base.to(DEVICE)
-    compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, programs=programs)
+    compress_store(kd, vd, scores.to(DEVICE), idd, got, layout, programs=2)
     assert torch.equal(got.cpu(), ref)
     probe = {"probe_query": pq.to(DEVICE), "probe_offsets": offsets.to(DEVICE), "scale": d**-0.5}
     want, want_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
     compress_store(kd, vd, want_scores, idd, want, layout, programs=1, **probe)
     got, got_scores = base.to(DEVICE), torch.full((nb * n, h), -1.0, device=DEVICE)
-    compress_store(kd, vd, got_scores, idd, got, layout, programs=programs, **probe)
+    compress_store(kd, vd, got_scores, idd, got, layout, programs=2, **probe)
     assert torch.equal(got.cpu(), want.cpu())
     assert torch.equal(got_scores.cpu(), want_scores.cpu())
 

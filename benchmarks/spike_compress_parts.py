@@ -4,14 +4,20 @@ cut variants are not valid: each time is a bound on what the part costs, not a k
     PYTHONPATH=. python -u benchmarks/spike_compress_parts.py [--contexts 4096,16384]
 
 Variants are made from ``kernels/compress_store.py``'s source as it is (text substitutions, written next to it as
-``kernels/_compress_store_parts_<name>.py``, removed at exit): ``no ranking`` (page rows = token order: no sort,
-no prefix sums; the scores are not read), ``code passes only`` (no ranking, and no first pass over the tiles: not
-the keys' min / max, not the values' max |x|; the per-channel reductions stay: what is left if a kernel ahead of it,
-e.g. the score kernel, which holds the block's keys already, handed over the page rows and the parameters),
-``keys only`` (the values' program returns after ranking), ``values
-only`` (the keys' program does). Each is timed given scores at the default launch (2 programs where they are one
-wave), alone and after ``block_probe_scores`` in one graph (the engine step's path), next to the kernel itself and
-the score kernel alone. The prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` page),
+``kernels/_compress_store_parts_<name>.py``, removed at exit):
+
+- ``no ranking``: page rows = token order (no sort, no prefix sums; the scores are not read);
+- ``code passes only``: no ranking, and no first pass over the tiles (not the keys' min / max, not the values'
+  max |x|; the per-channel reductions stay): what is left if a kernel ahead of it, e.g. the score kernel, which
+  holds the block's keys already, handed over the page rows and the parameters;
+- ``keys only`` / ``values only``: the other half's program returns after ranking;
+- ``keys without first passes`` / ``values without first pass``: one half's first passes cut;
+- ``ranking only``: both programs return after ranking and the bitmaps;
+- ``empty``: every program returns at once, the floor of a launch after the score kernel.
+
+Each is timed given scores at the default launch (2 programs where they are one wave), alone and after
+``block_probe_scores`` in one graph (the engine step's path), next to the kernel itself and the score kernel
+alone. The prompt of ``bench_compress.prompt_inputs`` (LLaMA3-8B KV geometry, ``vllm`` page),
 CUDA-graph replays (``_timing.graph_time_us``).
 """
 
@@ -46,6 +52,13 @@ CUTS = {
     },
     "keys only": {VALUES: "    if PROGRAMS == 0:\n"},
     "values only": {KEYS: "    if PROGRAMS == 0:\n"},
+    "keys without first passes": {
+        KEYS_PASS1_S: KEYS_PASS1_S.replace("range(0, sk_rows, R)", "range(0, 0, R)"),
+        KEYS_PASS1_R: KEYS_PASS1_R.replace("range(sk_rows, n_rows, R)", "range(sk_rows, sk_rows, R)"),
+    },
+    "values without first pass": {VALUES_PASS1: VALUES_PASS1.replace("range(0, n_rows, R)", "range(0, 0, R)")},
+    "ranking only": {KEYS: "    if PROGRAMS == 0:\n", VALUES: "    if PROGRAMS == 0:\n"},
+    "empty": {"    if page < 0:\n        return\n": "    if page > -2:\n        return\n"},
 }
 
 

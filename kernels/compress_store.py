@@ -345,10 +345,9 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
         mn_s = tl.minimum(mn_s, x)
         mx_s = tl.maximum(mx_s, x)
         x, rr, rv = xn, rrn, rvn
-    # the loop above ends holding the tile at page row sk_rows and the tokens of the one after it (_next_tile):
-    # the regular group's loop goes on from them
     mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
     mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, N, R, D, PL)
     for r0 in range(sk_rows, n_rows, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         if N < N_PAD:  # padded rows load 0: keep them out of the range
@@ -358,22 +357,23 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
             mn_r = tl.minimum(mn_r, x)
             mx_r = tl.maximum(mx_r, x)
         x, rr, rv = xn, rrn, rvn
-    # the code passes' first tile, loaded now so that its latency overlaps the parameters' computation
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
-    # the parameters of every channel and group, computed by the few lanes that hold the channel once the four
-    # running tiles are reduced through the scratch (_group_ranges: one barrier), stored, and read back in the
-    # tile's layout
+    # the parameters of every channel and group, computed by the few lanes that hold the channel once the
+    # running tiles are reduced through the scratch (_channel_reduce), stored, and read back in the tile's layout
     has_s: tl.constexpr = SK > 0
     has_r: tl.constexpr = SK < N
-    mn, mx, mn_r, mx_r = _group_ranges(mn_s, mx_s, mn_r, mx_r, tiles, R, D, PL)
+    mn = _channel_reduce(mn_s, tiles, 0, False, R, D, PL)
+    mx = _channel_reduce(mx_s, tiles, 1, True, R, D, PL)
     _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)
-    _key_params(mn_r, mx_r, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)
+    mn = _channel_reduce(mn_r, tiles, 2, False, R, D, PL)
+    mx = _channel_reduce(mx_r, tiles, 3, True, R, D, PL)
+    _key_params(mn, mx, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)
     tl.debug_barrier()
     ch = _tile_channels(D, PL)
     if has_s:
         step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch)[None, :, :]
         mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch)[None, :, :]
         rstep = tl.load(red + ch)[None, :, :]
+        x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
         for r0 in range(0, sk_rows, R):
             xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
             code = _codes(x, mn16, step, rstep, (1 << BH) - 1.0)
@@ -383,7 +383,8 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
         step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch)[None, :, :]
         mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch)[None, :, :]
         rstep = tl.load(red + D + ch)[None, :, :]
-        for r0 in range(sk_rows, n_rows, R):  # from the tile the salient loop loaded last (or tile 0)
+        x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, N, R, D, PL)
+        for r0 in range(sk_rows, n_rows, R):
             xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
             code = _codes(x, mn16, step, rstep, (1 << BL) - 1.0)
             _store_packed(code, rv, rr - SK, cache_u8_ptr, page_off + K_LO_OFF, BL, R, D, PL)
@@ -405,27 +406,6 @@ def _channel_reduce(tile, tiles, slot, MAX: tl.constexpr, R: tl.constexpr, D: tl
     if MAX:
         return tl.max(full, axis=0)
     return tl.min(full, axis=0)
-
-
-@triton.jit
-def _group_ranges(mn_s, mx_s, mn_r, mx_r, tiles, R: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
-    """:func:`_channel_reduce` of the keys' four running tiles (min / max of the salient and the regular group) at
-    once: the four go to the scratch's four areas, then one barrier (not four), then each comes back and is
-    reduced. Returns the four ``[D]``."""
-    rr = tl.arange(0, R)
-    ch = _tile_channels(D, PL)
-    at = rr[:, None, None] * D + ch[None, :, :]
-    ty: tl.constexpr = tiles.dtype.element_ty
-    tl.store(tiles + at, mn_s.to(ty))
-    tl.store(tiles + R * D + at, mx_s.to(ty))
-    tl.store(tiles + 2 * R * D + at, mn_r.to(ty))
-    tl.store(tiles + 3 * R * D + at, mx_r.to(ty))
-    tl.debug_barrier()
-    full = rr[:, None] * D + tl.arange(0, D)[None, :]
-    return (tl.min(tl.load(tiles + full).to(tl.float32), axis=0),
-            tl.max(tl.load(tiles + R * D + full).to(tl.float32), axis=0),
-            tl.min(tl.load(tiles + 2 * R * D + full).to(tl.float32), axis=0),
-            tl.max(tl.load(tiles + 3 * R * D + full).to(tl.float32), axis=0))  # fmt: skip
 
 
 @triton.jit
@@ -452,15 +432,10 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     codes packed into the group's region."""
     PL: tl.constexpr = 8 // BL
     amax = tl.zeros((R, D // PL, PL), tl.float32)
-    rr = tl.arange(0, R)
-    x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, D, PL)
     for r0 in range(0, n_rows, R):
-        rr = r0 + R + tl.arange(0, R)  # the next tile, loaded before this one is used (none past the block)
-        xn, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, D, PL)
+        rr = r0 + tl.arange(0, R)
+        x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, D, PL)
         amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
-        x = xn
-    # the code passes' first tile, loaded now so that its latency overlaps the normalizer's computation
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
     c = tl.math.sqrt_rn(_channel_reduce(amax, tiles, 0, True, R, D, PL)).to(tl.float16)  # (after the keys' barrier)
     c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
     d = tl.arange(0, D)
@@ -470,12 +445,14 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     ch = _tile_channels(D, PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
     for r0 in range(0, sv_rows, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
                     N, R, D, PL, BH, V_TOK_OFF, RQ_H)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
-    for r0 in range(sv_rows, n_rows, R):  # from the tile the loop above loaded last (the tile at sv_rows)
+    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sv_rows, N, R, D, PL)
+    for r0 in range(sv_rows, n_rows, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
                     N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip

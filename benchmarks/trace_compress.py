@@ -1,7 +1,7 @@
 """Timeline of a prompt's step on the GPU: when each program of the score kernel and of ``compress_store`` reaches
 each phase (``%globaltimer`` stamps, ns), to see what the 4k path waits on.
 
-    PYTHONPATH=. python -u benchmarks/trace_compress.py [--contexts 4096,16384]
+    PYTHONPATH=. python -u benchmarks/trace_compress.py [--contexts 4096,16384] [--baseline FILE]
 
 Both kernels are instrumented copies (the pages and scores are checked equal to the plain kernels'): the score
 kernel is ``block_probe_scores``' kernel (the same :func:`probe_scores` / :func:`normalize_scores`) stamping its
@@ -11,7 +11,10 @@ scratch, after the barrier), first passes done (the keys' parameters / the value
 barrier) and end (the last tile's stores issued). Stamps after a barrier mark when every warp of the program got
 there. The two kernels run back to back in one CUDA graph (the engine step's path, the prompt of
 ``bench_compress.prompt_inputs``: LLaMA3-8B KV geometry, ``vllm`` page); the stamps of the last of a few replays
-are printed as min / median / max over the programs, in us from the first score program's start.
+are printed as min / median / max over the programs, in us from the first score program's start. With
+``--baseline FILE`` (another ``compress_store.py``, e.g. ``git show REV:kernels/compress_store.py > FILE``) the same
+for it, and the step's two kernels (not traced) of both timed side by side, interleaved twice: one call in a graph
+(inputs in L2) and a graph of calls over copies of the inputs past 3x the L2 (HBM; the prefill record's way).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import triton.language as tl
 
 from benchmarks._timing import graph_time_us
 from benchmarks.bench_compress import load_kernel_file, prompt_inputs, prompt_scorer
+from benchmarks.bench_kernels import copies_for, graph_time
 from zipcache_vllm.engine.ops import kernel_module
 
 _ks = kernel_module("block_scores")
@@ -65,13 +69,13 @@ EDITS = {
 }
 
 
-def traced_compress():
-    text = SRC.read_text()
+def traced_compress(src: Path = SRC, name: str = "traced"):
+    text = src.read_text()
     for old, new in EDITS.items():
         if text.count(old) != 1:
             raise SystemExit(f"the kernel no longer has exactly one {old.strip()!r}: update the spike")
         text = text.replace(old, old + NOW if new is None else new)
-    path = SRC.with_name("_compress_store_traced.py")
+    path = SRC.with_name(f"_compress_store_{name}.py")
     path.write_text(text)
     atexit.register(os.remove, path)
     return load_kernel_file(str(path), path.stem)
@@ -117,15 +121,44 @@ def _stats(x: torch.Tensor) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384")
+    ap.add_argument("--baseline", default=None, help="another compress_store.py, traced and timed side by side")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
-    mod = traced_compress()
+    kernels = {"kernel": (kernel_module("compress_store"), traced_compress())}
+    if a.baseline:
+        kernels["baseline"] = (load_kernel_file(a.baseline, "_compress_store_baseline"),
+                               traced_compress(Path(a.baseline), "baseline_traced"))  # fmt: skip
     for ctx in map(int, a.contexts.split(",")):
-        _case(ctx, mod)
+        inputs = prompt_inputs(ctx)
+        for name, (plain, traced) in kernels.items():
+            _case(ctx, name, plain, traced, inputs)
+        if len(kernels) > 1:
+            _side_by_side(ctx, kernels, inputs)
 
 
-def _case(ctx: int, mod) -> None:
-    layout, k, v, off, pq, ids, cache = prompt_inputs(ctx)
+def _side_by_side(ctx: int, kernels: dict, inputs) -> None:
+    layout, k, v, off, pq, ids, cache = inputs
+    nbytes = sum(x.numel() * x.element_size() for x in (k, v, pq, cache))
+    sets = [(k, v, pq)] + [tuple(torch.randn_like(x) for x in (k, v, pq)) for _ in range(copies_for(nbytes) - 1)]
+    steps = {}
+    for name, (plain, _) in kernels.items():
+        steps[name] = []
+        for kc, vc, pqc in sets:
+            scores, score = prompt_scorer(layout, kc, pqc, off)
+
+            def step(plain=plain, kc=kc, vc=vc, scores=scores, score=score):
+                score()
+                plain.compress_store(kc, vc, scores, ids, cache, layout)
+
+            steps[name].append(step)
+    for rep in range(2):
+        for name, fns in steps.items():
+            print(f"{ctx} ({rep}) {name}: the step's two kernels {graph_time(fns[:1], 30):.1f} us one call, "
+                  f"{graph_time(fns, 30):.1f} a step over {len(sets)} input copies", flush=True)
+
+
+def _case(ctx: int, name: str, plain, mod, inputs) -> None:
+    layout, k, v, off, pq, ids, cache = inputs
     n, h, d = layout.block_size, k.shape[1], k.shape[2]
     nb = k.shape[0] // n
     k4 = k.view(nb, n, h, d)
@@ -144,14 +177,14 @@ def _case(ctx: int, mod) -> None:
 
     ref_scores, score = prompt_scorer(layout, k, pq, off)
     score()
-    kernel_module("compress_store").compress_store(k, v, ref_scores, ids, cache, layout)
+    cache.zero_()
+    kernel_module("compress_store").compress_store(k, v, ref_scores, ids, cache, layout)  # the package's pages
     ref_cache = cache.clone()
     cache.zero_()
-    plain_us = graph_time_us(lambda: (score(), kernel_module("compress_store").compress_store(
-        k, v, ref_scores, ids, cache, layout)), 30)
+    plain_us = graph_time_us(lambda: (score(), plain.compress_store(k, v, ref_scores, ids, cache, layout)), 30)
     traced_us = graph_time_us(step, 30)  # captures and replays: the stamps are the last replay's
     torch.cuda.synchronize()
-    print(f"\n{ctx} tokens: scores equal {torch.equal(scores.view(-1, h), ref_scores)}, pages equal "
+    print(f"\n{ctx} tokens, {name}: scores equal {torch.equal(scores.view(-1, h), ref_scores)}, pages equal "
           f"{torch.equal(cache, ref_cache)}; the two kernels {plain_us:.1f} us (traced {traced_us:.1f})")
     t0 = s_trace[..., 0].min()
     us = lambda x: (x - t0).double() / 1e3  # noqa: E731

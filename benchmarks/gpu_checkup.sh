@@ -8,6 +8,7 @@
 #   STAGES="compress spike bench_kernels prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~560 s)
 #   STAGES="spike bench_kernels compress_ways prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~320 s)
 #   STAGES="bench_kernels gpu_suite" bash benchmarks/gpu_checkup.sh ...   # issues 9 and 11's records + suite (~420 s)
+#   STAGES="trace prefill_tests" bash benchmarks/gpu_checkup.sh ...   # a compress_store change vs the base (~250 s)
 #
 # COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
@@ -56,6 +57,11 @@ stage compress 200 python benchmarks/bench_compress.py --configs 16x2 --programs
 # the default launch of the fused compress (2 programs at one wave) against fixed launches, and the step's path (the
 # probe-score kernel, then compress given the scores), printed as they come
 stage compress_ways 120 python -u benchmarks/spike_compress_ways.py --contexts 4096,8192,16384 --two-kernels
+# the step's timeline at 4k and 16k, program by program (trace_compress.py; with the base kernel file when one was
+# put in kernels/, both side by side): not in the default stages, STAGES="trace ..."
+trace_base=()
+[[ -f kernels/_compress_store_base.py ]] && trace_base=(--baseline kernels/_compress_store_base.py)
+stage trace 150 python -u benchmarks/trace_compress.py ${trace_base[@]+"${trace_base[@]}"}
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
 # the GPU tests of what the prefill side changed since the last complete suite (compress, probe scores, the engine
 # step): to go with the stages above in one call when a second call for gpu_suite may not come

@@ -149,6 +149,14 @@ def copies_for(nbytes: int) -> int:
     return max(1, min(64, math.ceil(3 * l2 / max(1, nbytes))))
 
 
+def input_copies(tensors: tuple, other_bytes: int = 0) -> list[tuple]:
+    """``tensors`` and random copies of them (same shapes and dtypes), enough sets that with ``other_bytes`` more
+    per call (outputs shared by the calls) they exceed 3x the L2 (:func:`copies_for`): timed over these, each call
+    reads HBM, as SDPA's calls do in :func:`time_sdpa`."""
+    nbytes = other_bytes + sum(x.numel() * x.element_size() for x in tensors)
+    return [tuple(tensors)] + [tuple(torch.randn_like(x) for x in tensors) for _ in range(copies_for(nbytes) - 1)]
+
+
 def copy_bandwidth(reps: int) -> float:
     n = 4 << 30
     a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEV)
@@ -480,8 +488,7 @@ def prefill_case(layout, reps, n_tok):
     # within 0.1 us on an H100 in one run, 2.6 us above it in another: h100_prefill_timing_f7e9ea9.log,
     # h100_spike_value_prefetch_f7e9ea9.log). (A graph of (SDPA, step) per copy, less SDPA's graph, gave 5.7,
     # 12.1 and -38.6 us for what the step adds: the difference of two long graphs, noise, so not recorded.)
-    step_bytes = sum(x.numel() * x.element_size() for x in (k, v, pq, block_scores, cache))
-    sets = [(k, v, pq)] + [tuple(torch.randn_like(x) for x in (k, v, pq)) for _ in range(copies_for(step_bytes) - 1)]
+    sets = input_copies((k, v, pq), sum(x.numel() * x.element_size() for x in (block_scores, cache)))
     steps = []
     for kc, vc, pqc in sets:
         sc = torch.empty_like(block_scores)

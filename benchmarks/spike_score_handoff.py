@@ -5,7 +5,7 @@
 ``spike_compress_parts.py`` bounds what ``compress_store`` would still cost if a kernel ahead of it handed over
 the page rows and the parameters (``code passes only``: H100, f7e9ea9, 4k 22.3 us after the score kernel against
 25.9 for the kernel, ``benchmarks/results/h100_compress_parts_f7e9ea9.log``). This spike bounds the other side:
-``_score_prep_kernel`` is ``block_probe_scores`` (same :func:`probe_scores` and :func:`normalize_scores`) that also
+``_score_prep_kernel`` is ``block_probe_scores`` (same :func:`probe_scores` and :func:`store_scores`) that also
 ranks the block (``compress_store._page_rows``), writes the token of each page row to ``compress_store``'s scratch
 row, and reduces the block's keys to per-group channel min / max and its values to channel max |x| (the inputs of
 the keys' ``(step, mn)`` and of the values' normalizer). It is timed before the ``code passes only`` variant of
@@ -30,7 +30,7 @@ from zipcache_vllm.engine.ops import kernel_module
 
 _ks = kernel_module("block_scores")
 _cs = kernel_module("compress_store")
-probe_scores, normalize_scores, _page_rows = _ks.probe_scores, _ks.normalize_scores, _cs._page_rows
+probe_scores, store_scores, _page_rows = _ks.probe_scores, _ks.store_scores, _cs._page_rows
 _BIG = tl.constexpr(3.4028234663852886e38)
 
 
@@ -54,10 +54,7 @@ def _score_prep_kernel(
     j = tl.arange(0, N_PAD)
     tv = j < N
     o = out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh
-    tl.store(o, acc, mask=tv)
-    tl.debug_barrier()
-    s = normalize_scores(tl.load(o, mask=tv, other=0.0), j, off_ptr + blk * stride_off, N, P, NORMALIZER)
-    tl.store(o, s, mask=tv)
+    s = store_scores(acc, o, off_ptr + blk * stride_off, N, N_PAD, P, NORMALIZER)
     ksal, vsal, row = _page_rows(s, j, tv, SK, SV, N_PAD)
     work = work_ptr + (blk * tl.num_programs(1) + kvh) * 2 * N_PAD
     tl.store(work + row, j, mask=tv)

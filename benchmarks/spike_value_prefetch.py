@@ -7,7 +7,7 @@ kernel reads the keys (so ``compress_store``'s key loads hit L2) but not the val
 from HBM (``bench_kernels``' prefill record since 2026-12-06 times the step on copies of its inputs that exceed 3x
 the L2, as SDPA is timed), the values' program of ``compress_store`` waits on HBM for every tile of its first pass.
 ``_score_prefetch_kernel`` is ``block_probe_scores``' kernel (the same :func:`probe_scores` and
-:func:`normalize_scores`, so the same scores) that first issues ``prefetch.global.L2`` for the block's value rows
+:func:`store_scores`, so the same scores) that first issues ``prefetch.global.L2`` for the block's value rows
 of its KV head (2 lines a row at head size 128; nothing waits on them). Timed side by side, twice, against the
 step's kernels: on input copies (HBM, the record's way) and one call on the same inputs (L2-resident), CUDA-graph
 replays (``bench_kernels.graph_time``; the prompt of ``bench_compress.prompt_inputs``).
@@ -22,12 +22,12 @@ import triton
 import triton.language as tl
 
 from benchmarks.bench_compress import prompt_inputs
-from benchmarks.bench_kernels import copies_for, graph_time
+from benchmarks.bench_kernels import graph_time, input_copies
 from zipcache_vllm.engine.ops import kernel_module
 
 _ks = kernel_module("block_scores")
 _cs = kernel_module("compress_store")
-probe_scores, normalize_scores = _ks.probe_scores, _ks.normalize_scores
+probe_scores, store_scores = _ks.probe_scores, _ks.store_scores
 
 
 @triton.jit
@@ -49,12 +49,8 @@ def _score_prefetch_kernel(
     acc = probe_scores(k_ptr + blk * stride_k_blk + kvh * stride_k_head, stride_k_tok, q_ptr + blk * stride_q_blk,
                        stride_q_probe, stride_q_head, off_ptr + blk * stride_off, kvh, qk_scale, N, N_PAD, P, G,
                        ROWS, D, DOT_FP32)  # fmt: skip
-    j = tl.arange(0, N_PAD)
-    o = out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh
-    tl.store(o, acc, mask=j < N)
-    tl.debug_barrier()
-    acc = tl.load(o, mask=j < N, other=0.0)
-    tl.store(o, normalize_scores(acc, j, off_ptr + blk * stride_off, N, P, NORMALIZER), mask=j < N)
+    o = out_ptr + blk * stride_o_blk + tl.arange(0, N_PAD) * stride_o_tok + kvh
+    store_scores(acc, o, off_ptr + blk * stride_off, N, N_PAD, P, NORMALIZER)
 
 
 def steps(layout, k, v, pq, off, ids, cache, prefetch: bool):
@@ -92,8 +88,7 @@ def main() -> None:
 
 def _case(ctx: int, reps: int) -> None:
     layout, k, v, off, pq, ids, cache = prompt_inputs(ctx)
-    nbytes = sum(x.numel() * x.element_size() for x in (k, v, pq, cache))
-    sets = [(k, v, pq)] + [tuple(torch.randn_like(x) for x in (k, v, pq)) for _ in range(copies_for(nbytes) - 1)]
+    sets = input_copies((k, v, pq), cache.numel())
     ways, out = {}, {}
     for pf in (False, True):
         runs = [steps(layout, kc, vc, pqc, off, ids, cache, pf) for kc, vc, pqc in sets]

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from benchmarks._timing import graph_time_us
 from benchmarks.bench_compress import load_kernel_file, prompt_inputs, prompt_scorer
-from benchmarks.bench_kernels import copies_for, graph_time
+from benchmarks.bench_kernels import graph_time, input_copies
 from zipcache_vllm.engine.ops import kernel_module
 
 _ks = kernel_module("block_scores")
@@ -101,6 +101,7 @@ def _traced_scores_kernel(
                        ROWS, D, DOT_FP32)  # fmt: skip
     j = tl.arange(0, N_PAD)
     o = out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh
+    # block_scores.store_scores' sequence, written out for the stamp between the sums and the normalizer
     tl.store(o, acc, mask=j < N)
     tl.debug_barrier()
     t_sums = _now()
@@ -138,8 +139,7 @@ def main() -> None:
 
 def _side_by_side(ctx: int, kernels: dict, inputs) -> None:
     layout, k, v, off, pq, ids, cache = inputs
-    nbytes = sum(x.numel() * x.element_size() for x in (k, v, pq, cache))
-    sets = [(k, v, pq)] + [tuple(torch.randn_like(x) for x in (k, v, pq)) for _ in range(copies_for(nbytes) - 1)]
+    sets = input_copies((k, v, pq), cache.numel())
     steps = {}
     for name, (plain, _) in kernels.items():
         steps[name] = []

@@ -79,6 +79,20 @@ def normalize_scores(acc, j, off_ptr, N: tl.constexpr, P: tl.constexpr, NORMALIZ
 
 
 @triton.jit
+def store_scores(acc, o, off_ptr, N: tl.constexpr, N_PAD: tl.constexpr, P: tl.constexpr, NORMALIZER: tl.constexpr):
+    """Store the column sums ``acc`` of :func:`probe_scores` at ``o`` (token ``j`` at ``o + j * stride``, ``o`` a
+    ``[N_PAD]`` pointer tensor) as scores, normalized: the sums go out in the dot's layout and come back one per
+    lane, where :func:`normalize_scores` is cheap. Returns the normalized scores in that layout."""
+    j = tl.arange(0, N_PAD)
+    tl.store(o, acc, mask=j < N)
+    if NORMALIZER != 0:
+        tl.debug_barrier()
+        acc = normalize_scores(tl.load(o, mask=j < N, other=0.0), j, off_ptr, N, P, NORMALIZER)
+        tl.store(o, acc, mask=j < N)
+    return acc
+
+
+@triton.jit
 def _block_scores_kernel(
     k_ptr, stride_k_blk, stride_k_tok, stride_k_head,  # keys [S, N, H, D], last dim contiguous
     q_ptr, stride_q_blk, stride_q_probe, stride_q_head,  # probe queries [S, P, num_heads, D]
@@ -96,13 +110,8 @@ def _block_scores_kernel(
         acc = probe_scores(k_ptr + blk * stride_k_blk + kvh * stride_k_head, stride_k_tok,
                            q_ptr + blk * stride_q_blk, stride_q_probe, stride_q_head, off_ptr + e * stride_off,
                            kvh, qk_scale, N, N_PAD, P, G, ROWS, D, DOT_FP32)  # fmt: skip
-        j = tl.arange(0, N_PAD)
-        o = out_ptr + blk * stride_o_blk + j * stride_o_tok + kvh
-        tl.store(o, acc, mask=j < N)
-        if NORMALIZER != 0:  # the sums come back one per lane, where the normalizer is cheap (normalize_scores)
-            tl.debug_barrier()
-            acc = tl.load(o, mask=j < N, other=0.0)
-            tl.store(o, normalize_scores(acc, j, off_ptr + e * stride_off, N, P, NORMALIZER), mask=j < N)
+        o = out_ptr + blk * stride_o_blk + tl.arange(0, N_PAD) * stride_o_tok + kvh
+        store_scores(acc, o, off_ptr + e * stride_off, N, N_PAD, P, NORMALIZER)
 
 
 def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nnz", saliency="normalized",

@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
     ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1 or 2 (keys | values)")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas .maxnreg)")
+    ap.add_argument("--loop-ops", action="store_true", help="also each tile loop's instruction mix")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     ap.add_argument("--block-scores", action="store_true",
                     help="compile block_scores._block_scores_kernel instead (the probe scores launched before)")
@@ -59,6 +60,9 @@ def main() -> None:
         sass, total = _report(f"R {r} num_warps {w}", fn, {**ce, "R": r}, types, num_warps=w, enable_fp_fusion=False,
                               **({"maxnreg": a.maxnreg} if a.maxnreg else {}))
         print("  " + _loops(sass, total, _trips(lay, r)))
+        if a.loop_ops:
+            for i, ops in enumerate(_loop_ops(sass)):
+                print(f"  loop {i}: {sum(ops.values())} | " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
         if a.programs > 1:
             print("  (programs 2: a program runs the four key loops or the three value loops, not both, so it executes"
                   " fewer than the figure above; the straight-line rest counts every branch)")
@@ -108,13 +112,27 @@ def _trips(lay: PageLayout, r: int) -> dict[int, list[int]]:
     return {7: [sk, n - sk, sk, n - sk, n, sv, n - sv], 4: [t] * 4}
 
 
-def _loops(sass: str, total: int, trips: dict[int, list[int]]) -> str:
-    """The SASS loops (a backward branch's target .. the branch), the straight-line rest and, when the loops are
-    the kernel's tile loops (:func:`_trips`), the instructions one warp executes (sizes x trip counts + the rest)."""
+def _loop_spans(sass: str) -> tuple[list, list]:
+    """The SASS instructions as ``(address, line)`` and the loops as ``(first, last)`` addresses (a backward
+    branch's target .. the branch), in program order."""
     ins = [(int(m.group(1), 16), line) for line in sass.splitlines() if (m := re.search(r"/\*([0-9a-f]{4,5})\*/", line))
            and _OP.search(line)]  # fmt: skip
     loops = [(int(t.group(1), 16), addr) for addr, line in ins
              if (t := re.search(r"BRA 0x([0-9a-f]+)", line)) and int(t.group(1), 16) < addr]  # fmt: skip
+    return ins, loops
+
+
+def _loop_ops(sass: str) -> list[collections.Counter]:
+    """Each loop's instruction mix (opcodes without their modifiers)."""
+    ins, loops = _loop_spans(sass)
+    return [collections.Counter(_OP.search(line).group(1).split(".")[0] for addr, line in ins if lo <= addr <= hi)
+            for lo, hi in loops]  # fmt: skip
+
+
+def _loops(sass: str, total: int, trips: dict[int, list[int]]) -> str:
+    """The SASS loops (:func:`_loop_spans`), the straight-line rest and, when the loops are the kernel's tile
+    loops (:func:`_trips`), the instructions one warp executes (sizes x trip counts + the rest)."""
+    ins, loops = _loop_spans(sass)
     sizes = [sum(1 for addr, _ in ins if lo <= addr <= hi) for lo, hi in loops]
     rest = total - sum(sizes)
     out = f"loops {sizes}, straight-line {rest}"

@@ -97,13 +97,30 @@ def _tile_channels(D: tl.constexpr, PL: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr):
+def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr, FP32: tl.constexpr = True):
     """Rows ``tok`` of one head as fp32 ``[N_PAD, D/PL, PL]``: element ``[., i, j]`` is channel ``j * D/PL + i``,
     so the ``PL`` channels one byte of low-width codes holds (paged.pack_row) share the last axis (this order
-    and ``[N_PAD, PL, D/PL]`` compile to nearly the same SASS: ``sass_compress.py``). Padded rows load 0."""
+    and ``[N_PAD, PL, D/PL]`` compile to nearly the same SASS: ``sass_compress.py``). Padded rows load 0. Without
+    ``FP32``: in the tensor's dtype."""
     ch = _tile_channels(D, PL)
     x = tl.load(x_ptr + tok[:, None, None] * stride_x_tok + ch[None, :, :], mask=tv[:, None, None], other=0.0)
-    return x.to(tl.float32), ch
+    if FP32:
+        x = x.to(tl.float32)
+    return x, ch
+
+
+@triton.jit
+def _load_block(x_ptr, stride_x_tok, tok, tv, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                PL: tl.constexpr):  # fmt: skip
+    """Rows ``tok`` (``[N_PAD]``; ``tv``: which exist, the others load 0) of one head, the whole block in one load, as
+    ``[N_PAD / R, R, D/PL, PL]`` in the tensor's dtype (half the registers of fp32): ``[a, r, i, j]`` is row
+    ``a * R + r``, channel ``j * D/PL + i`` (the tiles' order, :func:`_load_tile`). Every row is in flight at
+    once, where a tile loop waits a memory latency per tile. Loaded as ``[N_PAD, D/PL, PL]``, whose layout is a
+    tile's repeated down the rows, then split: the first axis is in each thread's registers, so a reduction over
+    it is the thread's own and a condition on it alone a constant per register (a 4-d load gets that axis across
+    lanes)."""
+    x, ch = _load_tile(x_ptr, stride_x_tok, tok, tv, D, PL, False)
+    return tl.reshape(x, (N_PAD // R, R, D // PL, PL))
 
 
 @triton.jit
@@ -332,41 +349,28 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
                    sk_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                    BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
                    K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr):  # fmt: skip
-    """ZC-3: channelwise ``(step, mn)`` per precision group, from a first pass over the row tiles (running
-    elementwise min/max, reduced once), then the codes of each tile packed into its group's region. The tiles
-    walk the page rows: rows ``0 .. SK-1`` are the salient group and ``R`` divides ``SK``, so every tile is
-    of one group (no per-element choice of parameters, one packing, whole rows stored)."""
+    """ZC-3: channelwise ``(step, mn)`` per precision group from the block's rows in page-row order, loaded at once
+    (:func:`_load_block`), then the codes of each tile of page rows packed into its group's region. Page rows
+    ``0 .. SK-1`` are the salient group and ``R`` divides ``SK``, so the groups split the block's first axis (a
+    constant condition per register, no per-element choice) and every code tile is of one group (one set of
+    parameters, one packing, whole rows stored)."""
     PL: tl.constexpr = 8 // BL  # the tile's channel order: the low width's, the one with more codes per byte
-    mn_s = tl.full((R, D // PL, PL), _BIG, tl.float32)
-    mx_s = tl.full((R, D // PL, PL), -_BIG, tl.float32)
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
-    for r0 in range(0, sk_rows, R):
-        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
-        mn_s = tl.minimum(mn_s, x)
-        mx_s = tl.maximum(mx_s, x)
-        x, rr, rv = xn, rrn, rvn
-    mn_r = tl.full((R, D // PL, PL), _BIG, tl.float32)
-    mx_r = tl.full((R, D // PL, PL), -_BIG, tl.float32)
-    x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, N, R, D, PL)
-    for r0 in range(sk_rows, n_rows, R):
-        xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
-        if N < N_PAD:  # padded rows load 0: keep them out of the range
-            mn_r = tl.minimum(mn_r, tl.where(rv[:, None, None], x, _BIG))
-            mx_r = tl.maximum(mx_r, tl.where(rv[:, None, None], x, -_BIG))
-        else:
-            mn_r = tl.minimum(mn_r, x)
-            mx_r = tl.maximum(mx_r, x)
-        x, rr, rv = xn, rrn, rvn
-    # the parameters of every channel and group, computed by the few lanes that hold the channel once the
-    # running tiles are reduced through the scratch (_channel_reduce), stored, and read back in the tile's layout
+    pr = tl.arange(0, N_PAD)
+    x = _load_block(x_ptr, stride_x_tok, x_tok + tl.load(work + pr, mask=pr < N, other=0), pr < N, N_PAD, R, D,
+                    PL).to(tl.float32)  # fmt: skip
+    # each group's elementwise min / max over the row tiles (a thread's own registers), then per channel through
+    # the scratch (_group_ranges), where the few lanes that hold a channel compute its parameters
+    sal = (tl.arange(0, N_PAD // R) < SK // R)[:, None, None, None]
+    reg = ~sal
+    if N < N_PAD:  # padded rows load 0: keep them out of the range
+        reg = reg & tl.reshape(pr < N, (N_PAD // R, R))[:, :, None, None]
+    mn, mx, mn_r, mx_r = _group_ranges(tl.min(tl.where(sal, x, _BIG), axis=0), tl.max(tl.where(sal, x, -_BIG), axis=0),
+                                       tl.min(tl.where(reg, x, _BIG), axis=0), tl.max(tl.where(reg, x, -_BIG), axis=0),
+                                       tiles, R, D, PL)  # fmt: skip
     has_s: tl.constexpr = SK > 0
     has_r: tl.constexpr = SK < N
-    mn = _channel_reduce(mn_s, tiles, 0, False, R, D, PL)
-    mx = _channel_reduce(mx_s, tiles, 1, True, R, D, PL)
     _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)
-    mn = _channel_reduce(mn_r, tiles, 2, False, R, D, PL)
-    mx = _channel_reduce(mx_r, tiles, 3, True, R, D, PL)
-    _key_params(mn, mx, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)
+    _key_params(mn_r, mx_r, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)
     tl.debug_barrier()
     ch = _tile_channels(D, PL)
     if has_s:
@@ -409,6 +413,26 @@ def _channel_reduce(tile, tiles, slot, MAX: tl.constexpr, R: tl.constexpr, D: tl
 
 
 @triton.jit
+def _group_ranges(mn_s, mx_s, mn_r, mx_r, tiles, R: tl.constexpr, D: tl.constexpr, PL: tl.constexpr):
+    """:func:`_channel_reduce` of the keys' four running tiles (min / max of the salient and of the regular group)
+    at once: the four go to the scratch's four areas, one barrier (not four), and each comes back and is reduced.
+    Returns the four ``[D]``."""
+    rr = tl.arange(0, R)
+    at = rr[:, None, None] * D + _tile_channels(D, PL)[None, :, :]
+    ty: tl.constexpr = tiles.dtype.element_ty
+    tl.store(tiles + at, mn_s.to(ty))
+    tl.store(tiles + R * D + at, mx_s.to(ty))
+    tl.store(tiles + 2 * R * D + at, mn_r.to(ty))
+    tl.store(tiles + 3 * R * D + at, mx_r.to(ty))
+    tl.debug_barrier()
+    full = rr[:, None] * D + tl.arange(0, D)[None, :]
+    return (tl.min(tl.load(tiles + full).to(tl.float32), axis=0),
+            tl.max(tl.load(tiles + R * D + full).to(tl.float32), axis=0),
+            tl.min(tl.load(tiles + 2 * R * D + full).to(tl.float32), axis=0),
+            tl.max(tl.load(tiles + 3 * R * D + full).to(tl.float32), axis=0))  # fmt: skip
+
+
+@triton.jit
 def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, D: tl.constexpr, BITS: tl.constexpr,
                 RQ: tl.constexpr):  # fmt: skip
     """A key group's fp16 ``(step, mn)`` per channel from its ``[D]`` min / max (a group with no rows gets
@@ -422,20 +446,18 @@ def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, D: tl.
 
 
 @triton.jit
-def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff, sv_rows,
-                     n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
+                     sv_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                      BH: tl.constexpr, BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr,
                      V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
                      RQ_L: tl.constexpr):  # fmt: skip
-    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block (first pass, in token order), then per row tile
-    of page rows (``R`` divides ``SV``, so a tile is of one group) the tokenwise ``(step, mn)`` of ``x / c`` and the
-    codes packed into the group's region."""
+    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block's rows, loaded at once in token order
+    (:func:`_load_block`), then per row tile of page rows (``R`` divides ``SV``, so a tile is of one group) the
+    tokenwise ``(step, mn)`` of ``x / c`` and the codes packed into the group's region."""
     PL: tl.constexpr = 8 // BL
-    amax = tl.zeros((R, D // PL, PL), tl.float32)
-    for r0 in range(0, n_rows, R):
-        rr = r0 + tl.arange(0, R)
-        x, ch = _load_tile(x_ptr, stride_x_tok, x_tok + rr, rr < N, D, PL)
-        amax = tl.maximum(amax, tl.abs(x))  # padded rows load 0: neutral for max |x|
+    t = tl.arange(0, N_PAD)
+    blk = _load_block(x_ptr, stride_x_tok, x_tok + t, t < N, N_PAD, R, D, PL)
+    amax = tl.max(tl.abs(blk.to(tl.float32)), axis=0)  # over the row tiles; padded rows load 0: neutral for max |x|
     c = tl.math.sqrt_rn(_channel_reduce(amax, tiles, 0, True, R, D, PL)).to(tl.float16)  # (after the keys' barrier)
     c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
     d = tl.arange(0, D)

@@ -64,8 +64,8 @@ def main() -> None:
             for i, ops in enumerate(_loop_ops(sass)):
                 print(f"  loop {i}: {sum(ops.values())} | " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
         if a.programs > 1:
-            print("  (programs 2: a program runs the four key loops or the three value loops, not both, so it executes"
-                  " fewer than the figure above; the straight-line rest counts every branch)")
+            print("  (programs 2: a program runs the key loops or the value loops, not both, so it executes fewer than"
+                  " the figure above; the straight-line rest counts every branch)")
 
 
 def _module(path: str | None, name: str):
@@ -102,14 +102,16 @@ def _block_scores(path: str | None, warps: list[int]) -> None:
 
 
 def _trips(lay: PageLayout, r: int) -> dict[int, list[int]]:
-    """Trip counts of the kernel's tile loops in program order, by the number of loops: seven since 2026-12-05
-    (keys' min/max over the salient then the regular page-row tiles, keys' codes (same two), values' max |x|
-    (every tile), values' codes (salient, regular)); four before (each pass over every tile in token order)."""
+    """Trip counts of the kernel's tile loops in program order, by the number of loops: four since 2026-12-06, the
+    code passes alone (keys' codes over the salient then the regular page-row tiles, values' codes (same two); each
+    first pass loads its whole block at once); seven from 2026-12-05 (keys' min/max over the salient then the
+    regular page-row tiles, keys' codes (same two), values' max |x| (every tile), values' codes (salient,
+    regular)). The token-order kernel before had four loops too, each over every tile: pass ``--kernel`` of one of
+    those and the trips shown are not its."""
     n_pad = 1 << (lay.block_size - 1).bit_length()
-    t = n_pad // r
     r = tile_rows(r, lay.num_salient_k, lay.num_salient_v)
     sk, sv, n = lay.num_salient_k // r, lay.num_salient_v // r, n_pad // r
-    return {7: [sk, n - sk, sk, n - sk, n, sv, n - sv], 4: [t] * 4}
+    return {7: [sk, n - sk, sk, n - sk, n, sv, n - sv], 4: [sk, n - sk, sv, n - sv]}
 
 
 def _loop_spans(sass: str) -> tuple[list, list]:

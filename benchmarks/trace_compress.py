@@ -12,9 +12,10 @@ barrier) and end (the last tile's stores issued). Stamps after a barrier mark wh
 there. The two kernels run back to back in one CUDA graph (the engine step's path, the prompt of
 ``bench_compress.prompt_inputs``: LLaMA3-8B KV geometry, ``vllm`` page); the stamps of the last of a few replays
 are printed as min / median / max over the programs, in us from the first score program's start. With
-``--baseline FILE`` (another ``compress_store.py``, e.g. ``git show REV:kernels/compress_store.py > FILE``) the same
-for it, and the step's two kernels (not traced) of both timed side by side, interleaved twice: one call in a graph
-(inputs in L2) and a graph of calls over copies of the inputs past 3x the L2 (HBM; the prefill record's way).
+``--baseline FILE`` (another ``compress_store.py``, e.g. ``git show REV:kernels/compress_store.py > FILE``; may be
+given more than once) the same for it, and the step's two kernels (not traced) of each timed side by side,
+interleaved twice: one call in a graph (inputs in L2) and a graph of calls over copies of the inputs past 3x the L2
+(HBM; the prefill record's way).
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ def _stats(x: torch.Tensor) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384")
-    ap.add_argument("--baseline", default=None, help="another compress_store.py, traced and timed side by side")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="another compress_store.py, traced and timed side by side (may be given more than once)")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     kernels = {"kernel": (kernel_module("compress_store"), traced_compress())}
-    if a.baseline:
-        kernels["baseline"] = (load_kernel_file(a.baseline, "_compress_store_baseline"),
-                               traced_compress(Path(a.baseline), "baseline_traced"))  # fmt: skip
+    for i, path in enumerate(a.baseline):
+        name = "baseline" if len(a.baseline) == 1 else f"baseline {Path(path).stem}"
+        kernels[name] = (load_kernel_file(path, f"_compress_store_baseline{i}"),
+                         traced_compress(Path(path), f"baseline{i}_traced"))  # fmt: skip
     for ctx in map(int, a.contexts.split(",")):
         inputs = prompt_inputs(ctx)
         for name, (plain, traced) in kernels.items():

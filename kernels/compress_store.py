@@ -110,6 +110,19 @@ def _load_tile(x_ptr, stride_x_tok, tok, tv, D: tl.constexpr, PL: tl.constexpr, 
 
 
 @triton.jit
+def _prefetch_rows(x_ptr, stride_x_tok, x_tok, N: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr):
+    """``prefetch.global.L1`` of the block's ``N`` rows of one head (one address per 128-byte line): no register
+    holds them and nothing waits on them; the loads that follow find them in L1."""
+    BITS: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth
+    LINES: tl.constexpr = max(D * BITS // 1024, 1)
+    t = tl.arange(0, N_PAD)
+    t = tl.where(t < N, t, 0)
+    p = x_ptr + (x_tok + t)[:, None] * stride_x_tok + (tl.arange(0, LINES) * (D // LINES))[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def _load_block(x_ptr, stride_x_tok, tok, tv, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                 PL: tl.constexpr):  # fmt: skip
     """Rows ``tok`` (``[N_PAD]``; ``tv``: which exist, the others load 0) of one head, the whole block in one load, as
@@ -244,6 +257,7 @@ def _compress_store_kernel(
     P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
     PROGRAMS: tl.constexpr,  # per (block, KV head), axis 2: 1 (keys and values), 2 (0 the keys, 1 the values)
+    PREFETCH: tl.constexpr,  # prefetch.global.L1 of the first pass's rows before the ranking (not in the interpreter)
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -283,6 +297,11 @@ def _compress_store_kernel(
         if SCORES == 1:
             cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
             s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
+    if PREFETCH:  # the rows of this program's first pass, asked of L1 now: they arrive while the block is ranked
+        if part == 0:  # (one program: the keys', the first pass it runs)
+            _prefetch_rows(key_ptr + head * stride_x_head, stride_x_tok, src * N, N, N_PAD, D)
+        else:
+            _prefetch_rows(value_ptr + head * stride_x_head, stride_x_tok, src * N, N, N_PAD, D)
     ksal, vsal, row = _page_rows(s, t, tv, SK, SV, N_PAD)
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
     # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
@@ -425,11 +444,15 @@ def _group_ranges(mn_s, mx_s, mn_r, mx_r, tiles, R: tl.constexpr, D: tl.constexp
     tl.store(tiles + 2 * R * D + at, mn_r.to(ty))
     tl.store(tiles + 3 * R * D + at, mx_r.to(ty))
     tl.debug_barrier()
+    # the four loads before any reduction: each reduction crosses the warps through shared memory behind a barrier,
+    # which a load after it could not be moved above (four round trips to L2, not one)
     full = rr[:, None] * D + tl.arange(0, D)[None, :]
-    return (tl.min(tl.load(tiles + full).to(tl.float32), axis=0),
-            tl.max(tl.load(tiles + R * D + full).to(tl.float32), axis=0),
-            tl.min(tl.load(tiles + 2 * R * D + full).to(tl.float32), axis=0),
-            tl.max(tl.load(tiles + 3 * R * D + full).to(tl.float32), axis=0))  # fmt: skip
+    a = tl.load(tiles + full)
+    b = tl.load(tiles + R * D + full)
+    c = tl.load(tiles + 2 * R * D + full)
+    d = tl.load(tiles + 3 * R * D + full)
+    return (tl.min(a.to(tl.float32), axis=0), tl.max(b.to(tl.float32), axis=0), tl.min(c.to(tl.float32), axis=0),
+            tl.max(d.to(tl.float32), axis=0))
 
 
 @triton.jit
@@ -709,5 +732,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        PROGRAMS=programs, num_warps=warps, enable_fp_fusion=False, **pargs,
+        PROGRAMS=programs, PREFETCH=not interpreting(), num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

@@ -317,7 +317,7 @@ def _compress_store_kernel(
     if part == 0:
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                        cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
-                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L, PROGRAMS == 1)  # fmt: skip
     if PROGRAMS == 1 or part > 0:
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                          cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV,
@@ -367,7 +367,8 @@ def _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N: tl.constexpr, R: tl
 def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
                    sk_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                    BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
-                   K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr):  # fmt: skip
+                   K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr,
+                   PARAMS_IN_REGISTERS: tl.constexpr):  # fmt: skip
     """ZC-3: channelwise ``(step, mn)`` per precision group from the block's rows in page-row order, loaded at once
     (:func:`_load_block`), then the codes of each tile of page rows packed into its group's region. Page rows
     ``0 .. SK-1`` are the salient group and ``R`` divides ``SK``, so the groups split the block's first axis (a
@@ -388,14 +389,22 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
                                        tiles, R, D, PL)  # fmt: skip
     has_s: tl.constexpr = SK > 0
     has_r: tl.constexpr = SK < N
-    _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)
-    _key_params(mn_r, mx_r, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D, BL, RQ_L)
+    step_s, mn_s, rstep_s = _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)
+    step_r, mn_r, rstep_r = _key_params(mn_r, mx_r, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D,
+                                        BL, RQ_L)  # fmt: skip
+    # the code tiles take each channel's parameters in their own layout: read back from where they were stored (one
+    # L2 round trip after the barrier) or, PARAMS_IN_REGISTERS, moved there from the lanes that computed them
+    # (through shared memory; more instructions, no round trip: faster where a program's keys and values run in one
+    # program, slower where they are split, H100 2026-12-06, h100_trace_compress_009faed.log)
     tl.debug_barrier()
     ch = _tile_channels(D, PL)
     if has_s:
-        step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch)[None, :, :]
-        mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch)[None, :, :]
-        rstep = tl.load(red + ch)[None, :, :]
+        if PARAMS_IN_REGISTERS:
+            step, mn16, rstep = _tile_vec(step_s, D, PL), _tile_vec(mn_s, D, PL), _tile_vec(rstep_s, D, PL)
+        else:
+            step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch)[None, :, :]
+            mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch)[None, :, :]
+            rstep = tl.load(red + ch)[None, :, :]
         x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
         for r0 in range(0, sk_rows, R):
             xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
@@ -403,9 +412,12 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
             _store_packed(code, rv, rr, cache_u8_ptr, page_off + K_HI_OFF, BH, R, D, PL)
             x, rr, rv = xn, rrn, rvn
     if has_r:
-        step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch)[None, :, :]
-        mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch)[None, :, :]
-        rstep = tl.load(red + D + ch)[None, :, :]
+        if PARAMS_IN_REGISTERS:
+            step, mn16, rstep = _tile_vec(step_r, D, PL), _tile_vec(mn_r, D, PL), _tile_vec(rstep_r, D, PL)
+        else:
+            step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch)[None, :, :]
+            mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch)[None, :, :]
+            rstep = tl.load(red + D + ch)[None, :, :]
         x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sk_rows, N, R, D, PL)
         for r0 in range(sk_rows, n_rows, R):
             xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
@@ -460,12 +472,20 @@ def _key_params(mn, mx, HAS: tl.constexpr, cache_f16_ptr, par, rstep_ptr, D: tl.
                 RQ: tl.constexpr):  # fmt: skip
     """A key group's fp16 ``(step, mn)`` per channel from its ``[D]`` min / max (a group with no rows gets
     ``(EPS, 0)``, as quant.py's masked min/max of an empty group) stored at fp16 offset ``par``, and
-    ``div_rn(1, step)`` at ``rstep_ptr``."""
+    ``div_rn(1, step)`` at ``rstep_ptr``; returns the three ``[D]``."""
     step, mn16 = _quant_params(tl.where(HAS, mn, 0.0), tl.where(HAS, mx, 0.0), (1 << BITS) - 1.0, RQ)
     d = tl.arange(0, D)
+    rstep = tl.math.div_rn(1.0, step.to(tl.float32))
     tl.store(cache_f16_ptr + par + d, step)
     tl.store(cache_f16_ptr + par + D + d, mn16)
-    tl.store(rstep_ptr + d, tl.math.div_rn(1.0, step.to(tl.float32)))
+    tl.store(rstep_ptr + d, rstep)
+    return step, mn16, rstep
+
+
+@triton.jit
+def _tile_vec(v, D: tl.constexpr, PL: tl.constexpr):
+    """A per-channel ``[D]`` in a tile's channel order, ``[1, D/PL, PL]`` (``[0, i, j]`` channel ``j * D/PL + i``)."""
+    return tl.trans(tl.reshape(v, (PL, D // PL)))[None, :, :]
 
 
 @triton.jit

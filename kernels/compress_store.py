@@ -316,8 +316,9 @@ def _compress_store_kernel(
     hoff = page_off // 2
     if part == 0:
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
-                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, K_HI_OFF,
-                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L, PROGRAMS == 1)  # fmt: skip
+                       cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, PROGRAMS == 1,
+                       K_HI_OFF,
+                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
     if PROGRAMS == 1 or part > 0:
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                          cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV,
@@ -366,9 +367,9 @@ def _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N: tl.constexpr, R: tl
 @triton.jit
 def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
                    sk_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                   BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr,
-                   K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr, RQ_L: tl.constexpr,
-                   PARAMS_IN_REGISTERS: tl.constexpr):  # fmt: skip
+                   BH: tl.constexpr, BL: tl.constexpr, SK: tl.constexpr, PARAMS_IN_REGISTERS: tl.constexpr,
+                   K_HI_OFF: tl.constexpr, K_LO_OFF: tl.constexpr, K_PAR_OFF: tl.constexpr, RQ_H: tl.constexpr,
+                   RQ_L: tl.constexpr):  # fmt: skip
     """ZC-3: channelwise ``(step, mn)`` per precision group from the block's rows in page-row order, loaded at once
     (:func:`_load_block`), then the codes of each tile of page rows packed into its group's region. Page rows
     ``0 .. SK-1`` are the salient group and ``R`` divides ``SK``, so the groups split the block's first axis (a

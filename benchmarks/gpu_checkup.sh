@@ -58,8 +58,8 @@ stage compress 200 python benchmarks/bench_compress.py --configs 16x2 --programs
 # probe-score kernel, then compress given the scores), printed as they come
 stage compress_ways 120 python -u benchmarks/spike_compress_ways.py --contexts 4096,8192,16384 --two-kernels
 # the step's timeline at 4k and 16k, program by program (trace_compress.py; with the base kernel file when one was
-# put in kernels/, both side by side): not in the default stages, STAGES="trace ..." (added 2026-12-06 without a
-# device call left to run it as a stage; the script itself ran on an H100 with and without --baseline)
+# put in kernels/, both side by side): not in the default stages, STAGES="trace ..." (first run as a stage at 3dd7028,
+# 37 s, h100_checkup_3dd7028.log; trace_compress.py takes --baseline more than once when run by itself)
 trace_base=()
 [[ -f kernels/_compress_store_base.py ]] && trace_base=(--baseline kernels/_compress_store_base.py)
 stage trace 150 python -u benchmarks/trace_compress.py ${trace_base[@]+"${trace_base[@]}"}

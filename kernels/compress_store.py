@@ -7,9 +7,11 @@ each page row goes to a small scratch row (a register tensor cannot be sliced) a
 in tiles of ``R`` page rows (16 at head size 128). Page rows ``0 .. SK-1`` are the key-salient tokens and
 ``0 .. SV-1`` the value-salient ones, and ``R`` divides both quotas (:func:`tile_rows`; layout v2 quotas are
 multiples of 16), so every tile is of one key and one value group: it is quantized with one set of parameters,
-packed at one width (:func:`_store_packed`) and stored as whole rows. Keys take two passes (running elementwise
-min/max of each group; then codes), values two (max |x| per channel; then each row's ``(step, mn)`` of ``x / c``
-and codes). The running tiles are reduced per channel through a scratch (:func:`_channel_reduce`), so each
+packed at one width (:func:`_store_packed`) and stored as whole rows. Keys take two passes (each group's min/max
+per channel, from the whole block loaded at once in page-row order, :func:`_load_block`; then codes by tiles),
+values two (max |x| per channel, from the block loaded at once in token order; then each row's ``(step, mn)`` of
+``x / c`` and codes by tiles); each program asks L1 for its first pass's rows before the ranking. The running
+tiles are reduced per channel through a scratch (:func:`_channel_reduce`), so each
 channel's parameters are computed by few lanes, not by the 16 that held it. The per-element divisions divide by
 a reciprocal shared per channel or row with one Markstein correction (:func:`_div`), not by a full IEEE division
 each; so does the parameters' division by ``2^bits - 1`` (a host-rounded reciprocal, :func:`reciprocal32`). The
@@ -45,6 +47,11 @@ us with both, 26.4 with the move alone, 26.0 with neither; 16k 111.1 / 106.9 / 1
 ``h100_compress_parts_748a2b6.log``; the pages of the cut kernels are not valid): 20.9 us alone, 19.8 without the
 ranking, 17.9 with only the keys' programs, 19.6 with only the values': one program's chain of dependent tile
 loads, not the sum of the work, sets the time at one wave.
+First passes as one load of the block (2026-12-06 afternoon; before, a tile loop waited a memory latency per
+tile): the step's two kernels at 4k 26.7 / 26.4 us against 28.5 / 28.1 over input copies (H100, 009faed, with the
+L1 prefetch and the keys' scratch loads issued together), slower at 16k in one program (105 against 102: each
+program's 32 KB burst), where the key code tiles now take their parameters from registers (94 us; slower split, 28
+against 27 at 4k: ``programs=2`` reads them back) (``benchmarks/results/h100_trace_compress_009faed.log``).
 With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
 rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
 against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below). The engine step launched this

@@ -397,9 +397,9 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
                                        tiles, R, D, PL)  # fmt: skip
     has_s: tl.constexpr = SK > 0
     has_r: tl.constexpr = SK < N
-    step_s, mn_s, rstep_s = _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)
-    step_r, mn_r, rstep_r = _key_params(mn_r, mx_r, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D, D,
-                                        BL, RQ_L)  # fmt: skip
+    step_s, mn16_s, rstep_s = _key_params(mn, mx, has_s, cache_f16_ptr, hoff + K_PAR_OFF // 2, red, D, BH, RQ_H)
+    step_r, mn16_r, rstep_r = _key_params(mn_r, mx_r, has_r, cache_f16_ptr, hoff + K_PAR_OFF // 2 + 2 * D, red + D,
+                                          D, BL, RQ_L)  # fmt: skip
     # the code tiles take each channel's parameters in their own layout: read back from where they were stored (one
     # L2 round trip after the barrier) or, PARAMS_IN_REGISTERS, moved there from the lanes that computed them
     # (through shared memory; more instructions, no round trip: faster where a program's keys and values run in one
@@ -408,7 +408,7 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
     ch = _tile_channels(D, PL)
     if has_s:
         if PARAMS_IN_REGISTERS:
-            step, mn16, rstep = _tile_vec(step_s, D, PL), _tile_vec(mn_s, D, PL), _tile_vec(rstep_s, D, PL)
+            step, mn16, rstep = _tile_vec(step_s, D, PL), _tile_vec(mn16_s, D, PL), _tile_vec(rstep_s, D, PL)
         else:
             step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + ch)[None, :, :]
             mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + D + ch)[None, :, :]
@@ -421,7 +421,7 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
             x, rr, rv = xn, rrn, rvn
     if has_r:
         if PARAMS_IN_REGISTERS:
-            step, mn16, rstep = _tile_vec(step_r, D, PL), _tile_vec(mn_r, D, PL), _tile_vec(rstep_r, D, PL)
+            step, mn16, rstep = _tile_vec(step_r, D, PL), _tile_vec(mn16_r, D, PL), _tile_vec(rstep_r, D, PL)
         else:
             step = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 2 * D + ch)[None, :, :]
             mn16 = tl.load(cache_f16_ptr + hoff + K_PAR_OFF // 2 + 3 * D + ch)[None, :, :]

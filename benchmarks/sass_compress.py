@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1 or 2 (keys | values)")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas .maxnreg)")
     ap.add_argument("--loop-ops", action="store_true", help="also each tile loop's instruction mix")
+    ap.add_argument("--segments", action="store_true",
+                    help="also each straight-line stretch between the tile loops: its size and instruction mix")
     ap.add_argument("--kernel", default=None, help="another compress_store.py (e.g. an earlier commit's) to compile")
     ap.add_argument("--block-scores", action="store_true",
                     help="compile block_scores._block_scores_kernel instead (the probe scores launched before)")
@@ -63,6 +65,10 @@ def main() -> None:
         if a.loop_ops:
             for i, ops in enumerate(_loop_ops(sass)):
                 print(f"  loop {i}: {sum(ops.values())} | " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+        if a.segments:
+            for i, ops in enumerate(_segment_ops(sass)):
+                print(f"  before loop {i}: {sum(ops.values())} | "
+                      + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))  # fmt: skip
         if a.programs > 1:
             print("  (programs 2: a program runs the key loops or the value loops, not both, so it executes fewer than"
                   " the figure above; the straight-line rest counts every branch)")
@@ -122,6 +128,18 @@ def _loop_spans(sass: str) -> tuple[list, list]:
     loops = [(int(t.group(1), 16), addr) for addr, line in ins
              if (t := re.search(r"BRA 0x([0-9a-f]+)", line)) and int(t.group(1), 16) < addr]  # fmt: skip
     return ins, loops
+
+
+def _segment_ops(sass: str) -> list[collections.Counter]:
+    """The instruction mix of each straight-line stretch: from the kernel's start (or the end of the loop before)
+    to the start of each loop, then after the last loop. The first is the ranking and the keys' first pass
+    (``programs=2``: the keys' program's path to its first code loop); where the code branches, a stretch holds
+    every branch's instructions."""
+    ins, loops = _loop_spans(sass)
+    bounds = [(-1, loops[0][0] if loops else 1 << 40)]
+    bounds += [(hi, loops[i + 1][0] if i + 1 < len(loops) else 1 << 40) for i, (lo, hi) in enumerate(loops)]
+    return [collections.Counter(_OP.search(line).group(1).split(".")[0] for addr, line in ins if lo < addr < hi)
+            for lo, hi in bounds]  # fmt: skip
 
 
 def _loop_ops(sass: str) -> list[collections.Counter]:

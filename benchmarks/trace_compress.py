@@ -47,8 +47,6 @@ def _now():
 
 TRACE = [None]  # int64 [programs, 4]: start, ranked, first passes done, end
 '''
-KEYS_END = "                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip\n"
-VALUES_END = "                         V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip\n"
 KEYS_PARAMS = "    tl.debug_barrier()\n    ch = _tile_channels(D, PL)\n    if has_s:\n"
 VALUES_NORM = "    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))\n    tl.debug_barrier()\n"
 RANKED = "    tl.store(work + row, t.to(tl.int32), mask=tv)\n    tl.debug_barrier()\n"
@@ -60,14 +58,15 @@ EDITS = {
     RANKED: RANKED + "    tl.store(tr, t_start)\n    tl.store(tr + 1, _now())\n",
     "        _compress_keys(key_ptr": "        _compress_keys(tr, key_ptr",
     "        _compress_values(value_ptr": "        _compress_values(tr, value_ptr",
-    KEYS_END: KEYS_END + "        tl.store(tr + 3, _now())\n",
-    VALUES_END: VALUES_END + "        tl.store(tr + 3, _now())\n",
     "def _compress_keys(x_ptr": "def _compress_keys(tr, x_ptr",
     "def _compress_values(x_ptr": "def _compress_values(tr, x_ptr",
     KEYS_PARAMS: KEYS_PARAMS.replace("    ch =", "    tl.store(tr + 2, _now())\n    ch ="),
     VALUES_NORM: VALUES_NORM + "    tl.store(tr + 2, _now())\n",
     "        work_ptr=work,": "        trace_ptr=TRACE[0], work_ptr=work,",
 }
+# the end stamp goes after each part's call, whose arguments end at its first "# fmt: skip" (found, not matched
+# as text: the argument lines may wrap anywhere)
+CALLS = ("        _compress_keys(tr, key_ptr", "        _compress_values(tr, value_ptr")
 
 
 def traced_compress(src: Path = SRC, name: str = "traced"):
@@ -76,6 +75,9 @@ def traced_compress(src: Path = SRC, name: str = "traced"):
         if text.count(old) != 1:
             raise SystemExit(f"the kernel no longer has exactly one {old.strip()!r}: update the spike")
         text = text.replace(old, old + NOW if new is None else new)
+    for call in CALLS:
+        end = text.index("  # fmt: skip\n", text.index(call)) + len("  # fmt: skip\n")
+        text = text[:end] + "        tl.store(tr + 3, _now())\n" + text[end:]
     path = SRC.with_name(f"_compress_store_{name}.py")
     path.write_text(text)
     atexit.register(os.remove, path)

@@ -324,8 +324,7 @@ def _compress_store_kernel(
     if part == 0:
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                        cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, PROGRAMS == 1,
-                       K_HI_OFF,
-                       K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
+                       K_HI_OFF, K_LO_OFF, K_PAR_OFF, RQ_H, RQ_L)  # fmt: skip
     if PROGRAMS == 1 or part > 0:
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                          cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV,

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import math
 import shlex
@@ -490,29 +489,21 @@ def prefill_case(layout, reps, n_tok):
     # h100_spike_value_prefetch_f7e9ea9.log). (A graph of (SDPA, step) per copy, less SDPA's graph, gave 5.7,
     # 12.1 and -38.6 us for what the step adds: the difference of two long graphs, noise, so not recorded.)
     sets = input_copies((k, v, pq), sum(x.numel() * x.element_size() for x in (block_scores, cache)))
-    steps, plain_steps = [], []
+    steps = []
     for kc, vc, pqc in sets:
         sc = torch.empty_like(block_scores)
 
-        def step(kc=kc, vc=vc, pqc=pqc, sc=sc, pdl=True):  # the engine step's (enable_pdl since 2026-12-06)
+        def step(kc=kc, vc=vc, pqc=pqc, sc=sc):
             block_probe_scores(kc.view(nb, BLOCK, h, d), pqc, offsets, ids, sc)
-            compress_store(kc, vc, sc.view(-1, h), ids, cache, layout, enable_pdl=pdl)
+            compress_store(kc, vc, sc.view(-1, h), ids, cache, layout)
 
         steps.append(step)
-        plain_steps.append(functools.partial(step, pdl=False))
-    # side by side, twice each, interleaved: with PDL (compress_store's programs start while the score kernel
-    # runs) and plain launches (the step's path before)
-    step_times, plain_times = [], []
-    for _ in range(2):
-        step_times.append(graph_time(steps, reps))
-        plain_times.append(graph_time(plain_steps, reps))
-    step_us, plain_us = statistics.mean(step_times), statistics.mean(plain_times)
+    step_us = graph_time(steps, reps)
     print(
         f"  prefill {n_tok}: sdpa {sdpa_us:.0f} us, ours attn {attn_us:.0f}, probes {probe_us:.0f}, "
         f"compress {comp_us:.0f} us; the step's path (both) {step_us:.1f} us over {len(sets)} input copies "
-        f"({100 * step_us / sdpa_us:.1f} % of SDPA; runs {_list(step_times)}), without PDL {plain_us:.1f} "
-        f"({100 * plain_us / sdpa_us:.1f} %; runs {_list(plain_times)}); one call in a graph {one_call_us:.1f} us "
-        f"(an empty graph {empty_us:.1f} us), added after SDPA in one graph {added_us:.1f}; "
+        f"({100 * step_us / sdpa_us:.1f} % of SDPA); one call in a graph {one_call_us:.1f} us (an empty graph "
+        f"{empty_us:.1f} us), added after SDPA in one graph {added_us:.1f}; "
         f"scored in compress {fused_us:.0f} us, added after SDPA {added_fused_us:.0f} us"
     )
     return {
@@ -532,11 +523,7 @@ def prefill_case(layout, reps, n_tok):
         "fused_us": fused_us,
         "fused_added_to_sdpa_graph_us": added_fused_us,
         "time_us": step_us,
-        "time_us_runs": step_times,
-        "without_pdl_us": plain_us,
-        "without_pdl_us_runs": plain_times,
         "overhead_fraction": step_us / sdpa_us,
-        "overhead_fraction_without_pdl": plain_us / sdpa_us,
         "overhead_fraction_one_call": one_call_us / sdpa_us,
         "added_to_sdpa_graph_us": added_us,
         "overhead_fraction_in_step": added_us / sdpa_us,
@@ -571,10 +558,6 @@ def _f(x, fmt: str = ".0f") -> str:
 
 def _us(x) -> str:
     return _f(x, ".1f")
-
-
-def _list(xs) -> str:
-    return " / ".join(f"{x:.1f}" for x in xs)
 
 
 def _x(x) -> str:
@@ -645,20 +628,18 @@ def other_tables(res) -> str:
     lines = [
         (
             "| prefill tokens | SDPA causal (us) | ours attention (us) | probe scores (us) | compress (us) | "
-            "the step's path, both (us) | same without PDL (us) | one call in a graph (us) | "
-            "scored in compress, one launch (us) | overhead (step's path) / SDPA | without PDL / SDPA | "
-            "added to SDPA in one graph / SDPA | full path / SDPA |"
+            "the step's path, both (us) | one call in a graph (us) | scored in compress, one launch (us) | "
+            "overhead (step's path) / SDPA | added to SDPA in one graph / SDPA | full path / SDPA |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["records"]:
         if r["kernel"] == "prefill":
             lines.append(
                 f"| {r['context']} | {r['baseline_time_us']:.0f} | {r['attention_us']:.0f} | "
                 f"{r['probe_us']:.0f} | {r['compress_us']:.0f} | {r['time_us']:.1f} | "
-                f"{r.get('without_pdl_us', math.nan):.1f} | {r.get('probe_compress_one_graph_us', math.nan):.1f} | "
+                f"{r.get('probe_compress_one_graph_us', math.nan):.1f} | "
                 f"{r.get('fused_us', math.nan):.0f} | {100 * r['overhead_fraction']:.1f} % | "
-                f"{100 * r.get('overhead_fraction_without_pdl', math.nan):.1f} % | "
                 f"{100 * r.get('overhead_fraction_in_step', math.nan):.1f} % | {r['full_path_vs_sdpa']:.2f}x |"
             )
     for r in res["records"]:

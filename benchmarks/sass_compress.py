@@ -35,8 +35,6 @@ def main() -> None:
     ap.add_argument("--rows-per-tile", default="16,32", help="comma-separated R values")
     ap.add_argument("--probes", action="store_true", help="the blocks scored by their probes in the kernel")
     ap.add_argument("--programs", type=int, default=1, help="per (block, KV head): 1 or 2 (keys | values)")
-    ap.add_argument("--pdl", action="store_true",
-                    help="the launch with PDL after the score kernel (enable_pdl: values' normalizer before the wait)")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas .maxnreg)")
     ap.add_argument("--loop-ops", action="store_true", help="also each tile loop's instruction mix")
     ap.add_argument("--segments", action="store_true",
@@ -55,7 +53,7 @@ def main() -> None:
               V_HI_OFF=lay.v_hi_off, V_LO_OFF=lay.v_lo_off, K_PAR_OFF=lay.k_param_off, V_NORM_OFF=lay.v_norm_off,
               V_TOK_OFF=lay.v_tok_off, MASK_OFF=lay.mask_off, FROM_SLOTS=False, SCORES=2 if a.probes else 0,
               P=13, G=4, ROWS=64, NORMALIZER=2, DOT_FP32=False,  # 13 probes x 4 heads: LLaMA3-8B
-              PROGRAMS=a.programs, PDL=a.pdl, ASM=True,
+              PROGRAMS=a.programs, ASM=True,  # the GPU's (inline PTX)
               RQ_H=reciprocal32((1 << lay.bits_high) - 1), RQ_L=reciprocal32((1 << lay.bits_low) - 1))  # fmt: skip
     types = {"key_ptr": "*bf16", "value_ptr": "*bf16", "scores_ptr": "*fp32", "count_ptr": "*fp32",
              "pq_ptr": "*bf16", "tiles_ptr": "*bf16", "red_ptr": "*fp32", "cache_u8_ptr": "*u8",
@@ -103,7 +101,7 @@ def _block_scores(path: str | None, warps: list[int]) -> None:
     """Registers and instruction mix of the block-rule score kernel (``kernels/block_scores.py``, or ``path``),
     13 probes x 4 query heads per KV head (LLaMA3-8B), block 128, ``probe_nnz``."""
     fn = _module(path, "block_scores")._block_scores_kernel
-    ce = dict(N=128, N_PAD=128, P=13, G=4, ROWS=64, D=128, NORMALIZER=2, DOT_FP32=False, LAUNCH_DEPENDENTS=True)
+    ce = dict(N=128, N_PAD=128, P=13, G=4, ROWS=64, D=128, NORMALIZER=2, DOT_FP32=False)
     types = {"k_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*fp32", "qk_scale": "fp32"}
     for w in warps:
         _report(f"block_scores num_warps {w}", fn, ce, types, num_warps=w)

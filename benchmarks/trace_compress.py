@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import inspect
 import os
 import statistics
 from pathlib import Path
@@ -30,8 +29,6 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
-from zipcache_vllm.kernels._common import pdl_capable
 
 from benchmarks._timing import graph_time_us
 from benchmarks.bench_compress import load_kernel_file, prompt_inputs, prompt_scorer
@@ -51,7 +48,7 @@ def _now():
 TRACE = [None]  # int64 [programs, 4]: start, ranked, first passes done, end
 '''
 KEYS_PARAMS = "    tl.debug_barrier()\n    ch = _tile_channels(D, PL)\n    if has_s:\n"
-VALUES_NORM = "    ch = _tile_channels(D, PL)\n    cf = tl.load("  # the values' code passes begin
+VALUES_NORM = "    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))\n    tl.debug_barrier()\n"
 RANKED = "    tl.store(work + row, t.to(tl.int32), mask=tv)\n    tl.debug_barrier()\n"
 EDITS = {
     '_RINT_MAGIC = tl.constexpr(12582912.0)': None,  # NOW goes after this line
@@ -64,7 +61,7 @@ EDITS = {
     "def _compress_keys(x_ptr": "def _compress_keys(tr, x_ptr",
     "def _compress_values(x_ptr": "def _compress_values(tr, x_ptr",
     KEYS_PARAMS: KEYS_PARAMS.replace("    ch =", "    tl.store(tr + 2, _now())\n    ch ="),
-    VALUES_NORM: "    tl.store(tr + 2, _now())\n" + VALUES_NORM,
+    VALUES_NORM: VALUES_NORM + "    tl.store(tr + 2, _now())\n",
     "        work_ptr=work,": "        trace_ptr=TRACE[0], work_ptr=work,",
 }
 # the end stamp goes after each part's call, whose arguments end at its first "# fmt: skip" (found, not matched
@@ -97,13 +94,11 @@ def _traced_scores_kernel(
     k_ptr, stride_k_blk, stride_k_tok, stride_k_head, q_ptr, stride_q_blk, stride_q_probe, stride_q_head,
     off_ptr, stride_off, out_ptr, stride_o_blk, stride_o_tok, trace_ptr, qk_scale,
     N: tl.constexpr, N_PAD: tl.constexpr, P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-    NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    t_start = _now()
-    if LAUNCH_DEPENDENTS:  # as block_scores' kernel: compress_store(enable_pdl=True) may start now
-        gdc_launch_dependents()
     blk = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
+    t_start = _now()
     acc = probe_scores(k_ptr + blk * stride_k_blk + kvh * stride_k_head, stride_k_tok, q_ptr + blk * stride_q_blk,
                        stride_q_probe, stride_q_head, off_ptr + blk * stride_off, kvh, qk_scale, N, N_PAD, P, G,
                        ROWS, D, DOT_FP32)  # fmt: skip
@@ -120,12 +115,6 @@ def _traced_scores_kernel(
     tl.store(tr, t_start)
     tl.store(tr + 1, t_sums)
     tl.store(tr + 2, _now())
-
-
-def _pdl(module) -> dict:
-    """``enable_pdl=True`` for a ``compress_store`` that takes it (the engine step's launch since 2026-12-06), else
-    nothing (an earlier kernel file: plain launches)."""
-    return {"enable_pdl": True} if "enable_pdl" in inspect.signature(module.compress_store).parameters else {}
 
 
 def _stats(x: torch.Tensor) -> str:
@@ -164,7 +153,7 @@ def _side_by_side(ctx: int, kernels: dict, inputs) -> None:
 
             def step(plain=plain, kc=kc, vc=vc, scores=scores, score=score):
                 score()
-                plain.compress_store(kc, vc, scores, ids, cache, layout, **_pdl(plain))
+                plain.compress_store(kc, vc, scores, ids, cache, layout)
 
             steps[name].append(step)
     for rep in range(2):
@@ -187,10 +176,9 @@ def _case(ctx: int, name: str, plain, mod, inputs) -> None:
     def step():
         _traced_scores_kernel[(nb, h)](
             k4, k4.stride(0), k4.stride(1), k4.stride(2), pq, pq.stride(0), pq.stride(1), pq.stride(2),
-            off, off.stride(0), scores, scores.stride(0), scores.stride(1), s_trace, num_warps=4,
-            LAUNCH_DEPENDENTS=pdl_capable(k.device), **args,
+            off, off.stride(0), scores, scores.stride(0), scores.stride(1), s_trace, num_warps=4, **args,
         )  # fmt: skip
-        mod.compress_store(k, v, scores.view(-1, h), ids, cache, layout, **_pdl(mod))
+        mod.compress_store(k, v, scores.view(-1, h), ids, cache, layout)
 
     ref_scores, score = prompt_scorer(layout, k, pq, off)
     score()
@@ -198,8 +186,7 @@ def _case(ctx: int, name: str, plain, mod, inputs) -> None:
     kernel_module("compress_store").compress_store(k, v, ref_scores, ids, cache, layout)  # the package's pages
     ref_cache = cache.clone()
     cache.zero_()
-    plain_us = graph_time_us(
-        lambda: (score(), plain.compress_store(k, v, ref_scores, ids, cache, layout, **_pdl(plain))), 30)
+    plain_us = graph_time_us(lambda: (score(), plain.compress_store(k, v, ref_scores, ids, cache, layout)), 30)
     traced_us = graph_time_us(step, 30)  # captures and replays: the stamps are the last replay's
     torch.cuda.synchronize()
     print(f"\n{ctx} tokens, {name}: scores equal {torch.equal(scores.view(-1, h), ref_scores)}, pages equal "

@@ -7,7 +7,6 @@ given, they never import it). Quantization conventions: ``zipcache_vllm/method/q
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -159,14 +158,6 @@ def tail_args(tail_key, tail_value, tail_slots, tail_lens) -> dict:
 
 def pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
-
-
-@functools.lru_cache(maxsize=8)
-def pdl_capable(device: torch.device) -> bool:
-    """Programmatic dependent launch on ``device``: Hopper's grid dependency control (``griddepcontrol``, sm_90
-    and up), so a kernel launched with ``launch_pdl`` may start while the kernel before it still runs and waits
-    for it (``gdc_wait``) only where it reads what that kernel writes. Not in the interpreter."""
-    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def num_sms(device: torch.device) -> int:

@@ -21,16 +21,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
-from ._common import LOG2E, check, check_tensor, interpreting, pdl_capable, pow2
+from ._common import LOG2E, check, check_tensor, interpreting, pow2
 
 NORMALIZERS = {"accumulated": 0, "causal_count": 1, "probe_nnz": 2}
-# where each program lets a kernel launched after it with PDL (compress_store(enable_pdl=True)) start, on sm_90+:
-# "start" (its programs are placed beside this kernel's), "end" (after the program's stores: the launch latency
-# hidden, its programs placed as this kernel's leave); benchmarks/spike_pdl.py times both
-PDL_TRIGGER = "start"
-_TRIGGERS = {"start": 1, "end": 2}
 
 
 @triton.jit
@@ -108,10 +102,7 @@ def _block_scores_kernel(
     qk_scale,  # softmax scale * log2(e)
     N: tl.constexpr, N_PAD: tl.constexpr, P: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
     D: tl.constexpr, NORMALIZER: tl.constexpr, DOT_FP32: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr,  # sm_90+: 1 / 2, a kernel launched after this one with PDL may start at the
-):  # fmt: skip                        # program's start / end (PDL_TRIGGER); 0 not at all
-    if LAUNCH_DEPENDENTS == 1:  # compress_store(enable_pdl=True) reads the block's K/V while this kernel runs
-        gdc_launch_dependents()
+):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     blk = tl.load(src_ptr + e).to(tl.int64)
@@ -121,8 +112,6 @@ def _block_scores_kernel(
                            kvh, qk_scale, N, N_PAD, P, G, ROWS, D, DOT_FP32)  # fmt: skip
         o = out_ptr + blk * stride_o_blk + tl.arange(0, N_PAD) * stride_o_tok + kvh
         store_scores(acc, o, off_ptr + e * stride_off, N, N_PAD, P, NORMALIZER)
-    if LAUNCH_DEPENDENTS == 2:
-        gdc_launch_dependents()
 
 
 def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nnz", saliency="normalized",
@@ -154,8 +143,7 @@ def block_probe_scores(key, probe_query, offsets, src, out, normalizer="probe_nn
         offsets, offsets.stride(0),
         src,
         out, out.stride(0), out.stride(1),
-        num_warps=num_warps or (1 if interpreting() else 4),
-        LAUNCH_DEPENDENTS=_TRIGGERS[PDL_TRIGGER] if pdl_capable(key.device) else 0, **args,
+        num_warps=num_warps or (1 if interpreting() else 4), **args,
     )  # fmt: skip
     return out
 

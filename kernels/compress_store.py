@@ -82,18 +82,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
-from ._common import cache_args, check, check_cache, check_tensor, interpreting, num_sms, pdl_capable, pow2
+from ._common import cache_args, check, check_cache, check_tensor, interpreting, num_sms, pow2
 from .block_scores import normalize_scores, probe_args, probe_scores
 
 EPS = tl.constexpr(1e-6)  # quant.EPS: the smallest step
 _BIG = tl.constexpr(3.4028234663852886e38)  # float32 max, the neutral element of masked min/max as in quant.py
 _RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: y + M holds rint(y) (half-to-even) in its low bits (_codes)
-
-
-# registers per thread of a launch with enable_pdl (None: the compiler's choice); benchmarks/spike_pdl.py
-PDL_MAXNREG = None
 
 
 @functools.lru_cache(maxsize=16)
@@ -270,7 +265,6 @@ def _compress_store_kernel(
     RQ_H: tl.constexpr, RQ_L: tl.constexpr,  # reciprocal32(2^BH - 1), reciprocal32(2^BL - 1)
     PROGRAMS: tl.constexpr,  # per (block, KV head), axis 2: 1 (keys and values), 2 (0 the keys, 1 the values)
     ASM: tl.constexpr,  # inline PTX (not in the interpreter): the L1 prefetch of a first pass's rows, packed min / max
-    PDL: tl.constexpr,  # launched with PDL after block_probe_scores: the values' normalizer, then wait for the scores
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -291,18 +285,6 @@ def _compress_store_kernel(
         part = tl.program_id(2)
     sidx = (e * tl.num_programs(1) + head) * PROGRAMS + part
     work = work_ptr + sidx * N_PAD
-    tiles = tiles_ptr + sidx * (4 * R * D)
-    red = red_ptr + sidx * (3 * D)
-    x_tok = src * N  # the block's first row in key / value
-    hoff = page_off // 2
-    if PDL:  # the score kernel may still run: first what needs no scores (K/V were written before it started)
-        if PROGRAMS == 1 or part > 0:
-            _value_normalizer(value_ptr + head * stride_x_head, stride_x_tok, x_tok, tiles, red, cache_f16_ptr, hoff,
-                              N, N_PAD, R, D, BL, V_NORM_OFF)  # fmt: skip
-        if ASM:  # noqa: SIM102 (a constexpr branch around a run-time one)
-            if part == 0:
-                _prefetch_rows(key_ptr + head * stride_x_head, stride_x_tok, x_tok, N, N_PAD, D)
-        gdc_wait()  # the score kernel has ended and its scores are visible
     # -- saliency: the block rule's probe scores (SCORES 2/3), or given scores ----
     if SCORES >= 2:
         s = probe_scores(key_ptr + src * N * stride_x_tok + head * stride_x_head, stride_x_tok,
@@ -322,7 +304,7 @@ def _compress_store_kernel(
         if SCORES == 1:
             cnt = tl.load(count_ptr + src * stride_cnt_blk + t, mask=tv, other=1.0).to(tl.float32)
             s = tl.math.div_rn(s, tl.maximum(cnt, 1.0))
-    if ASM and not PDL:  # the rows of this program's first pass, asked of L1 now: they arrive while ranking
+    if ASM:  # the rows of this program's first pass, asked of L1 now: they arrive while the block is ranked
         if part == 0:  # (one program: the keys', the first pass it runs)
             _prefetch_rows(key_ptr + head * stride_x_head, stride_x_tok, src * N, N, N_PAD, D)
         else:
@@ -331,10 +313,14 @@ def _compress_store_kernel(
     _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
     # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
     # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
+    tiles = tiles_ptr + sidx * (4 * R * D)
+    red = red_ptr + sidx * (3 * D)
     if SCORES >= 2:
         tl.debug_barrier()  # every lane has read its scores from the scratch row
     tl.store(work + row, t.to(tl.int32), mask=tv)
     tl.debug_barrier()
+    x_tok = src * N  # the block's first row in key / value
+    hoff = page_off // 2
     if part == 0:
         _compress_keys(key_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                        cache_f16_ptr, page_off, hoff, sk_rows, n_rows, N, N_PAD, R, D, BH, BL, SK, PROGRAMS == 1,
@@ -342,7 +328,7 @@ def _compress_store_kernel(
     if PROGRAMS == 1 or part > 0:
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                          cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV,
-                         V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L, not PDL)  # fmt: skip
+                         V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
 
 
 @triton.jit
@@ -548,37 +534,24 @@ def _tile_vec(v, D: tl.constexpr, PL: tl.constexpr):
 
 
 @triton.jit
-def _value_normalizer(x_ptr, stride_x_tok, x_tok, tiles, red, cache_f16_ptr, hoff, N: tl.constexpr,
-                      N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-                      V_NORM_OFF: tl.constexpr):  # fmt: skip
-    """ZC-2's ``c = sqrt(max |x|)`` per channel over the block's rows, loaded at once in token order
-    (:func:`_load_block`; it does not depend on the ranking), stored in the page (fp16) and its ``div_rn(1, c)``
-    in the scratch ``red[2 D:]``; the stores are read after a barrier."""
-    PL: tl.constexpr = 8 // BL
-    t = tl.arange(0, N_PAD)
-    blk = _load_block(x_ptr, stride_x_tok, x_tok + t, t < N, N_PAD, R, D, PL)
-    # over the row tiles; padded rows load 0: neutral for max |x| (ptxas makes it packed bf16 max of |x|: VHMNMX)
-    amax = tl.max(tl.abs(blk.to(tl.float32)), axis=0)
-    c = tl.math.sqrt_rn(_channel_reduce(amax, tiles, 0, True, R, D, PL)).to(tl.float16)
-    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
-    d = tl.arange(0, D)
-    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
-    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
-
-
-@triton.jit
 def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, cache_f16_ptr, page_off, hoff,
                      sv_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                      BH: tl.constexpr, BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr,
                      V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
-                     RQ_L: tl.constexpr, NORMALIZE: tl.constexpr):  # fmt: skip
-    """ZC-2: the channel normalizer ``c`` (:func:`_value_normalizer`, here with ``NORMALIZE``, else already in the
-    page and the scratch), then per row tile of page rows (``R`` divides ``SV``, so a tile is of one group) the
+                     RQ_L: tl.constexpr):  # fmt: skip
+    """ZC-2: ``c = sqrt(max |x|)`` per channel over the block's rows, loaded at once in token order
+    (:func:`_load_block`), then per row tile of page rows (``R`` divides ``SV``, so a tile is of one group) the
     tokenwise ``(step, mn)`` of ``x / c`` and the codes packed into the group's region."""
     PL: tl.constexpr = 8 // BL
-    if NORMALIZE:  # (after the keys' barrier where one program does both: the scratch tiles are reused)
-        _value_normalizer(x_ptr, stride_x_tok, x_tok, tiles, red, cache_f16_ptr, hoff, N, N_PAD, R, D, BL, V_NORM_OFF)
-        tl.debug_barrier()
+    t = tl.arange(0, N_PAD)
+    blk = _load_block(x_ptr, stride_x_tok, x_tok + t, t < N, N_PAD, R, D, PL)
+    amax = tl.max(tl.abs(blk.to(tl.float32)), axis=0)  # over the row tiles; padded rows load 0: neutral for max |x|
+    c = tl.math.sqrt_rn(_channel_reduce(amax, tiles, 0, True, R, D, PL)).to(tl.float16)  # (after the keys' barrier)
+    c = tl.where(c > 0, c, 1.0).to(tl.float16)  # quant.channel_normalizer: c that rounds to 0 becomes 1
+    d = tl.arange(0, D)
+    tl.store(cache_f16_ptr + hoff + V_NORM_OFF // 2 + d, c)
+    tl.store(red + 2 * D + d, tl.math.div_rn(1.0, c.to(tl.float32)))
+    tl.debug_barrier()
     ch = _tile_channels(D, PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
@@ -649,7 +622,6 @@ def compress_store(
     scale: float | None = None,
     rows_per_tile: int | None = None,
     programs: int | None = None,
-    enable_pdl: bool = False,
 ) -> None:
     """Quantize complete blocks and write their pages into ``kv_cache`` (in place).
 
@@ -673,12 +645,6 @@ def compress_store(
         values (``split_kv`` before 2026-12-06), each ranking the block (with ``probe_query``, scoring it): each
         a shorter instruction stream. Default (None): 2 where those programs are one wave at 2 warps (a prompt of
         up to ~4k tokens of 8 KV heads on 132 SMs), else 1.
-    enable_pdl : this launch follows ``block_probe_scores`` on the same stream, which computed ``scores`` from
-        these keys: on sm_90+ it is launched as that kernel's programmatic dependent (PDL), so its programs start
-        while the score kernel runs, compute the values' channel normalizer and ask L1 for the keys' rows, and
-        wait for the scores (``griddepcontrol.wait``) only before reading them. The caller guarantees that the
-        kernel before this launch is that score kernel and that K/V were written before it started; tensors it
-        reads must stay alive until this call returns. Ignored elsewhere (a plain launch, the same bytes).
 
     Example
     -------
@@ -709,7 +675,7 @@ def compress_store(
         return
     s_strides = (0, 0, 0) if scores is None else (scores.stride(0) * n, scores.stride(0), scores.stride(1))
     _launch(key, value, scores, *s_strides, None, 0, block_ids, None, kv_cache, layout, num_warps, rows_per_tile,
-            probes, probe_key if probes else None, programs, enable_pdl)  # fmt: skip
+            probes, probe_key if probes else None, programs)  # fmt: skip
 
 
 def compress_slots(
@@ -728,7 +694,6 @@ def compress_slots(
     saliency="normalized",
     scale: float | None = None,
     rows_per_tile: int | None = None,
-    enable_pdl: bool = False,
 ) -> None:
     """:func:`compress_store` of blocks that wait complete in bf16 staging slots, for a fixed-size work list
     (graph-capturable: no host sync, no data-dependent shapes).
@@ -740,7 +705,6 @@ def compress_slots(
     with slot stride 0 gives every block the same scores (the random-saliency ablation). With ``probe_query
     [num_slots, num_probes, num_heads, head_size]`` and ``probe_offsets`` int32 ``[num_entries, num_probes]``
     the kernel scores each block by its probes instead (``scores``: None, or receives them per slot).
-    ``enable_pdl``: as :func:`compress_store` (after ``block_probe_scores`` of these slots).
 
     Twin: ``zipcache_vllm.engine.paged.compress_slots``.
     """
@@ -774,7 +738,7 @@ def compress_slots(
     s_strides = (0, 0, 0) if scores is None else tuple(scores.stride())
     _launch(tail_key.view(-1, h, d), tail_value.view(-1, h, d), scores, *s_strides, score_count,
             0 if score_count is None else score_count.stride(0), block_ids, slots, kv_cache, layout, num_warps,
-            rows_per_tile, probes, tail_key, enable_pdl=enable_pdl)  # fmt: skip
+            rows_per_tile, probes, tail_key)  # fmt: skip
 
 
 def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
@@ -784,8 +748,7 @@ def _default_rows(num_warps: int, d: int, n_pad: int) -> int:
 
 
 def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score_count, stride_cnt_blk, block_ids,
-            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, programs=None,
-            enable_pdl=False) -> None:  # fmt: skip
+            slots, kv_cache, layout, num_warps, rows_per_tile, probes, probe_key, programs=None) -> None:  # fmt: skip
     n, d = layout.block_size, layout.head_size
     h = key.shape[1]
     e = block_ids.numel()
@@ -818,7 +781,6 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
     work = torch.empty(e * h * parts * n_pad, dtype=torch.int32, device=key.device)
     tiles = torch.empty(e * h * parts * 4 * r * d, dtype=key.dtype, device=key.device)
     red = torch.empty(e * h * parts * 3 * d, dtype=torch.float32, device=key.device)
-    pdl = enable_pdl and probes is None and pdl_capable(key.device)
     _compress_store_kernel[(e, h, parts)](
         key, value, key.stride(0), key.stride(1),
         key if scores is None else scores, stride_s_blk, stride_s_tok, stride_s_head,
@@ -835,7 +797,5 @@ def _launch(key, value, scores, stride_s_blk, stride_s_tok, stride_s_head, score
         K_PAR_OFF=layout.k_param_off, V_NORM_OFF=layout.v_norm_off, V_TOK_OFF=layout.v_tok_off,
         MASK_OFF=layout.mask_off, FROM_SLOTS=slots is not None, SCORES=mode,
         RQ_H=reciprocal32((1 << layout.bits_high) - 1), RQ_L=reciprocal32((1 << layout.bits_low) - 1),
-        PROGRAMS=programs, ASM=not interpreting(), PDL=pdl, num_warps=warps, enable_fp_fusion=False,
-        **({"launch_pdl": True} if pdl else {}), **({"maxnreg": PDL_MAXNREG} if pdl and PDL_MAXNREG else {}),
-        **pargs,
+        PROGRAMS=programs, ASM=not interpreting(), num_warps=warps, enable_fp_fusion=False, **pargs,
     )  # fmt: skip

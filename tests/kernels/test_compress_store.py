@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
-from zipcache_vllm.kernels.block_scores import block_probe_scores
 from zipcache_vllm.kernels.compress_store import compress_slots, compress_store, reciprocal32, tile_rows
 
 from zipcache_vllm.engine import paged
@@ -71,6 +70,28 @@ def test_ties_constant_rows_and_fp32_input():
     assert torch.equal(ref, got)
     kd, _ = paged.dequantize_pages(got, torch.tensor([1]), layout)
     assert torch.all(kd[0, :, 0, 5] == 0.75)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_signed_zeros_and_constant_channels(dtype):
+    """bf16 and fp16 keys and values (on the GPU the keys' group min / max run on pairs of them, min.bf16x2 /
+    min.f16x2, unconverted): channels of zeros of both signs, of -0 only, constant, and of subnormals, in both
+    precision groups; the twin's bytes."""
+    layout = PageLayout(32, 64, salient_ratio=0.5)
+    h, nb = 2, 3
+    k = torch.randn(nb * 32, h, 64) * torch.rand(64) * 4
+    k[:, :, 3] = torch.where(torch.rand(nb * 32, h) < 0.5, -0.0, 0.0)
+    k[:, :, 4] = -0.0
+    k[:, :, 5] = 0.75
+    if dtype == torch.float16 or DEVICE.type == "cuda":  # (the interpreter rounds fp32 subnormals to bf16 wrongly:
+        # -1.01e-39 -> -4.41e-39 with triton 3.9's TRITON_INTERPRET, so the bf16 scratch of the ranges is off there)
+        k[:, :, 6] = torch.randn(nb * 32, h) * (1e-39 if dtype == torch.bfloat16 else 1e-6)  # subnormal in the dtype
+    v = torch.randn(nb * 32, h, 64)
+    v[:, :, 3] = torch.where(torch.rand(nb * 32, h) < 0.5, -0.0, 0.0)
+    scores = torch.rand(nb * 32, h)
+    ref, got = _run(layout, k.to(dtype), v.to(dtype), scores, torch.tensor([2, 0, 3], dtype=torch.int32), 4)
+    diff = (ref != got).nonzero()
+    assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (block, head, byte) {diff[:5].tolist()}"
 
 
 def test_strided_inputs_and_int64_block_ids():
@@ -181,91 +202,6 @@ def test_two_programs_write_the_same_pages(n, h, g, d, r, rv):
     compress_store(kd, vd, got_scores, idd, got, layout, programs=2, **probe)
     assert torch.equal(got.cpu(), want.cpu())
     assert torch.equal(got_scores.cpu(), want_scores.cpu())
-
-
-PDL_CASES = [  # (block_size, num_kv_heads, GQA group, head_size, salient_ratio, value_salient_ratio, blocks)
-    (32, 2, 4, 64, 0.8, 0.2, 3),
-    (48, 1, 3, 64, 0.5, None, 2),  # block size not a power of two
-    pytest.param(128, 8, 4, 128, 0.6, None, 40, marks=pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU size")),
-]
-
-
-@pytest.mark.parametrize("n, h, g, d, r, rv, nb", PDL_CASES)
-@pytest.mark.parametrize("programs", [1, 2])
-def test_pdl_after_block_scores_writes_the_twins_pages(n, h, g, d, r, rv, nb, programs):
-    """``enable_pdl=True`` after ``block_probe_scores`` (on sm_90+ the programs start while the score kernel runs,
-    compute the values' normalizer and wait for the scores; elsewhere a plain launch): the twin's pages under the
-    score kernel's scores, eagerly and replayed in a CUDA graph over fresh inputs (the 40-block case is more
-    programs than fit beside the score kernel's); a negative block id writes nothing."""
-    layout = PageLayout(n, d, salient_ratio=r, value_salient_ratio=rv)
-    cfg = ZipCacheConfig(block_size=n)
-    offsets = torch.stack([block_probe_offsets(cfg, n, i % 5) for i in range(nb)]).int().to(DEVICE)
-    ids = torch.arange(nb, dtype=torch.int32, device=DEVICE).flip(0)
-    ids[1] = -1
-    base = torch.randint(0, 256, (nb, h, layout.page_bytes), dtype=torch.uint8)
-    src = torch.arange(nb, device=DEVICE)
-
-    def inputs():
-        k = (torch.randn(nb * n, h, d) * torch.rand(d) * 3).bfloat16().to(DEVICE)
-        return k, torch.randn(nb * n, h, d).bfloat16().to(DEVICE), torch.randn(nb, offsets.shape[1], h * g, d,
-                                                                                 device=DEVICE).bfloat16()
-
-    def step(k, v, pq, scores, cache):
-        block_probe_scores(k.view(nb, n, h, d), pq, offsets, src, scores)
-        compress_store(k, v, scores.view(-1, h), ids, cache, layout, programs=programs, enable_pdl=True)
-
-    def check(k, v, scores, cache):
-        keep = (ids >= 0).nonzero().flatten().cpu()
-        rows = (keep[:, None] * n + torch.arange(n)).flatten()
-        ref = base.clone()
-        paged.compress_store(k.cpu()[rows], v.cpu()[rows], scores.view(-1, h).cpu()[rows], ids.cpu()[keep], ref,
-                             layout)  # fmt: skip
-        diff = (ref != cache.cpu()).nonzero()
-        assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (page, head, byte) {diff[:5].tolist()}"
-
-    k, v, pq = inputs()
-    scores, cache = torch.empty(nb, n, h, device=DEVICE), base.to(DEVICE)
-    step(k, v, pq, scores, cache)
-    check(k, v, scores, cache)
-    if DEVICE.type != "cuda":
-        return
-    k, v, pq = inputs()
-    scores, cache = torch.empty(nb, n, h, device=DEVICE), base.to(DEVICE)
-    step(k, v, pq, scores, cache)  # compiled before the capture
-    cache.copy_(base.to(DEVICE))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(k, v, pq, scores, cache)
-    for _ in range(2):  # new inputs in the captured buffers, the pages rewritten from the same bytes
-        k2, v2, pq2 = inputs()
-        k.copy_(k2), v.copy_(v2), pq.copy_(pq2), cache.copy_(base.to(DEVICE))
-        graph.replay()
-        torch.cuda.synchronize()
-        check(k, v, scores, cache)
-
-
-def test_slots_with_pdl_after_block_scores():
-    """compress_slots(enable_pdl=True) after block_probe_scores of the same staging slots (the decode step's
-    pair): the twin's pages under the kernel's scores; idle entries write nothing."""
-    n, h, g, d, num_slots = 32, 2, 4, 64, 5
-    layout = PageLayout(n, d, salient_ratio=0.6)
-    cfg = ZipCacheConfig(block_size=n)
-    offsets = torch.stack([block_probe_offsets(cfg, n, i) for i in (3, 0, 9, 1)]).int()
-    tk = (torch.randn(num_slots, n, h, d) * torch.rand(d) * 3).bfloat16()
-    tv = torch.randn(num_slots, n, h, d).bfloat16()
-    pq = torch.randn(num_slots, offsets.shape[1], h * g, d).bfloat16()
-    slots = torch.tensor([4, 1, 0, 2], dtype=torch.int32)
-    ids = torch.tensor([3, -1, 0, 5], dtype=torch.int32)
-    base = torch.randint(0, 256, (6, h, layout.page_bytes), dtype=torch.uint8)
-    scores = torch.full((num_slots, n, h), -1.0, device=DEVICE)
-    got = base.to(DEVICE)
-    dev = [x.to(DEVICE) for x in (tk, tv, pq, offsets, torch.where(ids >= 0, slots, -1), slots, ids)]
-    block_probe_scores(dev[0], dev[2], dev[3], dev[4], scores)  # the launch just before compress_slots
-    compress_slots(dev[0], dev[1], scores, None, dev[5], dev[6], got, layout, enable_pdl=True)
-    ref = base.clone()
-    paged.compress_slots(tk, tv, scores.cpu(), None, slots, ids, ref, layout)
-    assert torch.equal(got.cpu(), ref)
-    assert torch.equal(got.cpu()[[1, 2, 4]], base[[1, 2, 4]])
 
 
 def test_programs_refused():

@@ -406,9 +406,8 @@ if numba is not None:
     _compress_blocks = numba.njit(cache=True)(_compress_blocks)  # no fastmath: IEEE division, no contraction
 
 
-def compress_store(key, value, scores, block_ids, kv_cache, layout: PageLayout, enable_pdl: bool = False) -> None:
-    """:func:`zipcache_vllm.engine.paged.compress_store` (same arguments, same bytes; ``enable_pdl`` is the CUDA
-    kernel's launch option, nothing here) in one numba call; the
+def compress_store(key, value, scores, block_ids, kv_cache, layout: PageLayout) -> None:
+    """:func:`zipcache_vllm.engine.paged.compress_store` (same arguments, same bytes) in one numba call; the
     twin itself when numba is missing, on non-CPU tensors, for inputs it refuses (it raises: non-finite
     values, shapes that do not match ``layout`` or ``kv_cache``, block ids outside it; the kernel does not
     check bounds) and for NaN scores (the twin's sort decides where they rank)."""

@@ -208,16 +208,13 @@ def decode_step(
     staging.key.view(-1, h, d).index_copy_(0, flat, k)
     staging.value.view(-1, h, d).index_copy_(0, flat, v)
     staging.probe_query.view(-1, q.shape[1], d).index_copy_(0, rows.probe_flat.long(), q.to(staging.key.dtype))
-    scored = config.saliency is not Saliency.RANDOM
-    if not scored:
+    if config.saliency is Saliency.RANDOM:
         scores = random_scores.expand(staging.key.shape[0], -1, -1)
     else:
         scores = torch.empty(staging.key.shape[:3], dtype=torch.float32, device=query.device)
         src = torch.where(rows.block_ids >= 0, rows.slots, -1)
         ops.block_scores(staging.key, staging.probe_query, rows.probe_offsets, src, scores, config.normalizer,
                          config.saliency, scale)
-    # enable_pdl: the score kernel is the launch just before (compress_store may start while it runs)
-    ops.compress_slots(staging.key, staging.value, scores, None, rows.slots, rows.block_ids, kv_cache, layout,
-                       enable_pdl=scored)
+    ops.compress_slots(staging.key, staging.value, scores, None, rows.slots, rows.block_ids, kv_cache, layout)
     ops.attend(q, k, kv_cache, layout, rows, staging, scale, out[:r])
     return out

@@ -102,7 +102,6 @@ def compress_store(
     block_ids: torch.Tensor,
     kv_cache: torch.Tensor,
     layout: PageLayout,
-    enable_pdl: bool = False,
 ) -> None:
     """Quantize complete blocks and write them into their pages (in place).
 
@@ -114,8 +113,6 @@ def compress_store(
     block_ids : ``[num_new_blocks]`` int, the page each block is written to.
     kv_cache : ``uint8 [num_blocks, num_kv_heads, >= layout.page_bytes]``; bytes outside the page's regions
         (alignment gaps, padding) are left untouched.
-    enable_pdl : the kernel's launch option (``kernels/compress_store.py``: start while the score kernel before
-        it runs); nothing here, the same bytes.
     """
     n, d = layout.block_size, layout.head_size
     nb = block_ids.numel()
@@ -178,7 +175,6 @@ def compress_slots(
     block_ids: torch.Tensor,
     kv_cache: torch.Tensor,
     layout: PageLayout,
-    enable_pdl: bool = False,
 ) -> None:
     """:func:`compress_store` of complete blocks waiting in staging slots, from a fixed-size work list.
 
@@ -186,7 +182,6 @@ def compress_slots(
     head_size]`` into page ``block_ids[i]``; a negative block id means nothing to do. The score of token ``t``
     is ``scores[slot, t] / max(score_count[slot, t], 1)`` (``scores [num_slots or 1, block_size,
     num_kv_heads]``; a first dim of 1 gives every block the same scores; ``score_count`` None: no division).
-    ``enable_pdl``: as :func:`compress_store` (nothing here).
     """
     keep = (block_ids >= 0).nonzero().flatten()
     if keep.numel() == 0:

@@ -339,10 +339,7 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
             if cp.kv_stage_src.numel():
                 dst.index_copy_(0, cp.kv_stage_dst, flat.view(-1, h, d).index_select(0, cp.kv_stage_src))
             dst.index_copy_(0, cp.kv_new_dst, src.index_select(0, cp.kv_new_tok))
-    # the pages first: with enable_pdl the launch just before compress_store must be the score kernel
-    block_ids = _block_ids(cp, slot_mapping, n)
-    scored = config.saliency is not Saliency.RANDOM
-    if not scored:  # ablation: the draw of each block's staging slot
+    if config.saliency is Saliency.RANDOM:  # ablation: the draw of each block's staging slot
         scores = random.expand(staging.key.shape[0], -1, -1).index_select(0, cp.block_slots).reshape(b * n, h)
     else:
         if cp.pq_new_only:
@@ -361,7 +358,7 @@ def _compress(q, k, v, kv_cache, slot_mapping, staging, cp: ChunkPlan, layout, c
         ops.block_scores(bk.view(b, n, h, d), pq.view(b, p, hq, d), cp.offsets, cp.block_index, scores,
                          config.normalizer, config.saliency, scale)
         scores = scores.view(b * n, h)
-    ops.compress_store(bk, bv, scores, block_ids, kv_cache, layout, enable_pdl=scored)
+    ops.compress_store(bk, bv, scores, _block_ids(cp, slot_mapping, n), kv_cache, layout)
 
 
 def _block_ids(cp: ChunkPlan, slot_mapping: torch.Tensor, n: int) -> torch.Tensor:

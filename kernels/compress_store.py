@@ -8,7 +8,8 @@ in tiles of ``R`` page rows (16 at head size 128). Page rows ``0 .. SK-1`` are t
 ``0 .. SV-1`` the value-salient ones, and ``R`` divides both quotas (:func:`tile_rows`; layout v2 quotas are
 multiples of 16), so every tile is of one key and one value group: it is quantized with one set of parameters,
 packed at one width (:func:`_store_packed`) and stored as whole rows. Keys take two passes (each group's min/max
-per channel, from the whole block loaded at once in page-row order, :func:`_load_block`; then codes by tiles),
+per channel, from the whole block loaded at once in page-row order, :func:`_load_block`, taken on bf16 / fp16 pairs
+unconverted, :func:`_rows_reduce`; then codes by tiles),
 values two (max |x| per channel, from the block loaded at once in token order; then each row's ``(step, mn)`` of
 ``x / c`` and codes by tiles); each program asks L1 for its first pass's rows before the ranking. The running
 tiles are reduced per channel through a scratch (:func:`_channel_reduce`), so each
@@ -52,6 +53,16 @@ tile): the step's two kernels at 4k 26.7 / 26.4 us against 28.5 / 28.1 over inpu
 L1 prefetch and the keys' scratch loads issued together), slower at 16k in one program (105 against 102: each
 program's 32 KB burst), where the key code tiles now take their parameters from registers (94 us; slower split, 28
 against 27 at 4k: ``programs=2`` reads them back) (``benchmarks/results/h100_trace_compress_009faed.log``).
+The keys' group min / max on pairs (2026-12-06 evening): ``min.bf16x2`` / ``max.bf16x2`` (``.f16x2``) over the row
+tiles, not fp32 min / max of converted elements (ptxas does that for the values' max |x| by itself, ``VHMNMX``, but not
+for the keys' masked ranges): the keys' straight line to their first code loop 2,684 -> 1,971 instructions a warp, their
+first passes 4.86 -> 4.10 us (median per program, both launched with PDL); the step's two kernels at 16k 86.9 against
+93.6 us, at 4k 26.4 against 26.0 (the values' programs, now the longer half, set that time; H100, 172f505's kernel timed
+at dc0260c, ``benchmarks/results/h100_spike_pdl.log``, ``h100_pdl_trace.log``). Measured there and dropped: launching
+this kernel as a programmatic dependent (PDL) of the score kernel, its programs starting beside the score kernel's (the
+values' normalizer computed before ``griddepcontrol.wait``), or at the score programs' ends, or capped at 152 registers
+so that all of them fit beside the score kernel's at once: 4k 29.3 / 27.5 / 26.6 us against 26.4, 16k 96.0 / 98.6 /
+118.2 against 86.9 (the code is at dc0260c, ``benchmarks/spike_pdl.py`` there).
 With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
 rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
 against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below). The engine step launched this

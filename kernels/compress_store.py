@@ -402,7 +402,9 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
     reg = ~sal
     if N < N_PAD:  # padded rows load 0: keep them out of the range
         reg = reg & tl.reshape(pr < N, (N_PAD // R, R))[:, :, None, None]
-    if ASM and x.dtype != tl.float32:  # bf16 / fp16 pairs, unconverted: exact as the fp32 min / max below
+    # bf16 / fp16 pairs, unconverted: exact as the fp32 min / max below (up to 8 row tiles, the default tiles' count:
+    # at 16 and more, e.g. the short tiles of odd quotas, the transposed block spills, sm_90 SASS)
+    if ASM and x.dtype != tl.float32 and N_PAD // R <= 8:
         mn, mx, mn_r, mx_r = _group_ranges(_rows_reduce(tl.where(sal, x, float("inf")), False, N_PAD // R),
                                            _rows_reduce(tl.where(sal, x, float("-inf")), True, N_PAD // R),
                                            _rows_reduce(tl.where(reg, x, float("inf")), False, N_PAD // R),
@@ -475,7 +477,7 @@ def _rows_reduce(x, MAX: tl.constexpr, T: tl.constexpr):
     """Min (``MAX``: max) over the first axis (``T``, a power of two, in each thread's registers) of a 16-bit
     ``[T, R, D/PL, PL]``, pairwise (:func:`_pair`): that axis moved last, halved ``log2 T`` times."""
     y = tl.permute(x, (1, 2, 3, 0))
-    for i in tl.static_range(7):
+    for i in tl.static_range(3):  # (T <= 8: _compress_keys)
         if (T >> i) > 1:
             a, b = tl.split(tl.reshape(y, (y.shape[0], y.shape[1], y.shape[2], T >> (i + 1), 2)))
             y = _pair(a, b, MAX)

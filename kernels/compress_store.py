@@ -459,25 +459,17 @@ def _compress_keys(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr, c
 def _pair(a, b, MAX: tl.constexpr):
     """Elementwise min (``MAX``: max) of two bf16 or fp16 tensors, two elements an instruction (``min.bf16x2``):
     the fp32 min / max of the same values, without converting them."""
-    if a.dtype == tl.bfloat16:
-        if MAX:
-            return tl.inline_asm_elementwise("max.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=a.dtype, is_pure=True,
-                                             pack=2)  # fmt: skip
-        return tl.inline_asm_elementwise("min.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=a.dtype, is_pure=True,
-                                         pack=2)  # fmt: skip
-    if MAX:
-        return tl.inline_asm_elementwise("max.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=a.dtype, is_pure=True,
-                                         pack=2)  # fmt: skip
-    return tl.inline_asm_elementwise("min.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=a.dtype, is_pure=True,
-                                     pack=2)  # fmt: skip
+    OP: tl.constexpr = ("max" if MAX else "min") + (".bf16x2" if a.dtype == tl.bfloat16 else ".f16x2")
+    return tl.inline_asm_elementwise(OP + " $0, $1, $2;", "=r,r,r", [a, b], dtype=a.dtype, is_pure=True, pack=2)
 
 
 @triton.jit
 def _rows_reduce(x, MAX: tl.constexpr, T: tl.constexpr):
     """Min (``MAX``: max) over the first axis (``T``, a power of two, in each thread's registers) of a 16-bit
     ``[T, R, D/PL, PL]``, pairwise (:func:`_pair`): that axis moved last, halved ``log2 T`` times."""
+    tl.static_assert(T <= 8, "more row tiles spill (sm_90 SASS): _compress_keys takes the fp32 path there")
     y = tl.permute(x, (1, 2, 3, 0))
-    for i in tl.static_range(3):  # (T <= 8: _compress_keys)
+    for i in tl.static_range(3):
         if (T >> i) > 1:
             a, b = tl.split(tl.reshape(y, (y.shape[0], y.shape[1], y.shape[2], T >> (i + 1), 2)))
             y = _pair(a, b, MAX)

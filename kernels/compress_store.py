@@ -55,7 +55,7 @@ program's 32 KB burst), where the key code tiles now take their parameters from 
 against 27 at 4k: ``programs=2`` reads them back) (``benchmarks/results/h100_trace_compress_009faed.log``).
 The keys' group min / max on pairs (2026-12-06 evening): ``min.bf16x2`` / ``max.bf16x2`` (``.f16x2``) over the row
 tiles, not fp32 min / max of converted elements (ptxas does that for the values' max |x| by itself, ``VHMNMX``, but not
-for the keys' masked ranges): the keys' straight line to their first code loop 2,684 -> 1,971 instructions a warp, their
+for the keys' masked ranges): the keys' straight line to their first code loop 2,673 -> 1,971 instructions a warp, their
 first passes 4.86 -> 4.10 us (median per program, both launched with PDL); the step's two kernels at 16k 86.9 against
 93.6 us, at 4k 26.4 against 26.0 (the values' programs, now the longer half, set that time; H100, 172f505's kernel timed
 at dc0260c, ``benchmarks/results/h100_spike_pdl.log``, ``h100_pdl_trace.log``). Measured there and dropped: launching

@@ -162,23 +162,26 @@ def _quant_params(mn, mx, QMAX, RQMAX):
     off, gives a quotient far below ``EPS``; an infinite one is kept), without ``div_rn``'s slow-path branch at
     each of the thread's elements."""
     a = mx - mn
-    q = tl.where(a == float("inf"), a, _div(a, QMAX, RQMAX))
+    q = tl.where(a == float("inf"), a, _div(a, -QMAX, RQMAX))
     return tl.maximum(q, EPS).to(tl.float16), mn.to(tl.float16)
 
 
 @triton.jit
-def _div(a, b, rb, SIGNED_ZERO: tl.constexpr = True):
-    """``a / b`` rounded as IEEE division from ``rb = div_rn(1, b)``, for a divisor shared by many dividends:
-    ``q = a * rb`` then one Markstein correction ``q + (a - q b) * rb`` (two FMAs; no per-element reciprocal, no
-    slow-path branch as in ``div_rn``). Equal to ``div_rn`` for every dividend that is zero (sign kept) or
+def _div(a, nb, rb, SIGNED_ZERO: tl.constexpr = True):
+    """``a / b`` rounded as IEEE division from ``nb = -b`` and ``rb = div_rn(1, b)``, for a divisor shared by many
+    dividends: ``q = a * rb`` then one Markstein correction ``q + (a - q b) * rb`` (two FMAs; no per-element
+    reciprocal, no slow-path branch as in ``div_rn``). The residual is ``fma(q, nb, a)``: ``-q`` would cost an
+    instruction per element (with fp fusion off a negation is ``0 - q``, which ptxas does not fold into the FMA),
+    ``-b`` is one per divisor. Equal to ``div_rn`` for every dividend that is zero (sign kept) or
     normal (checked on 8 M random pairs over every positive fp16 divisor); a subnormal dividend can be 1 ulp
     off, at quotients below 2^-100 that round to the same codes and fp16 parameters (tests/kernels). Without
     ``SIGNED_ZERO`` a zero dividend may give ``+0`` for ``-0`` (the correction adds ``+0``): for quotients
     only rounded to integer codes, where the sign of a zero does not matter (one select fewer per element)."""
     q = a * rb
-    if SIGNED_ZERO:
-        return tl.where(a == 0, q, tl.fma(tl.fma(-q, b, a), rb, q))
-    return tl.fma(tl.fma(-q, b, a), rb, q)
+    q = tl.fma(tl.fma(q, nb, a), rb, q)
+    if SIGNED_ZERO:  # the dividend's sign, the quotient's for a positive divisor: only a zero's changes (one LOP3)
+        q = (q.to(tl.int32, bitcast=True) | (a.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
+    return q
 
 
 @triton.jit
@@ -188,7 +191,7 @@ def _codes(x, mn16, step16, rstep, qmax):
     bits of ``y + 1.5 * 2^23``, whose float addition rounds ``y`` half-to-even to an integer kept in the low
     mantissa bits (bits 8 and up hold the constant's, which packing into bytes drops). Clamping before
     rounding gives the same codes (the bounds are integers) and no conversion instruction."""
-    y = _div(x - mn16.to(tl.float32), step16.to(tl.float32), rstep, False)
+    y = _div(x - mn16.to(tl.float32), -step16.to(tl.float32), rstep, False)
     return (tl.minimum(tl.maximum(y, 0.0), qmax) + _RINT_MAGIC).to(tl.int32, bitcast=True)
 
 
@@ -560,16 +563,17 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     ch = _tile_channels(D, PL)
     cf = tl.load(cache_f16_ptr + hoff + V_NORM_OFF // 2 + ch).to(tl.float32)[None, :, :]
     rc = tl.load(red + 2 * D + ch)[None, :, :]
+    ncf = -cf  # _div's negated divisor
     x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, 0, N, R, D, PL)
     for r0 in range(0, sv_rows, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
-        _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
+        _value_rows(_div(x, ncf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
                     N, R, D, PL, BH, V_TOK_OFF, RQ_H)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
     x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sv_rows, N, R, D, PL)
     for r0 in range(sv_rows, n_rows, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
-        _value_rows(_div(x, cf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
+        _value_rows(_div(x, ncf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
                     N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
 

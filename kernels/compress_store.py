@@ -324,7 +324,8 @@ def _compress_store_kernel(
         else:
             _prefetch_rows(value_ptr + head * stride_x_head, stride_x_tok, src * N, N, N_PAD, D)
     ksal, vsal, row = _page_rows(s, t, tv, SK, SV, N_PAD)
-    _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
+    if part == 0:  # (PROGRAMS 2: the keys' program; the values' ranks the same block)
+        _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N, N_PAD, MASK_OFF)
     # the row tiles below walk the page rows: a register tensor cannot be sliced, so the token of each page row
     # takes a round trip through a scratch row the program alone writes and reads (L1/L2)
     tiles = tiles_ptr + sidx * (4 * R * D)
@@ -601,8 +602,9 @@ def _store_bitmaps(ksal, vsal, cache_u8_ptr, page_off, N: tl.constexpr, N_PAD: t
     kbits = tl.sum(tl.reshape(ksal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
     vbits = tl.sum(tl.reshape(vsal.to(tl.int32), (N_PAD // 8, 8)) << bit[None, :], axis=1).to(tl.uint8)
     mb = tl.arange(0, N_PAD // 8)
-    tl.store(cache_u8_ptr + page_off + MASK_OFF + mb, kbits, mask=mb < N // 8)
-    tl.store(cache_u8_ptr + page_off + MASK_OFF + N // 8 + mb, vbits, mask=mb < N // 8)
+    # one store of both maps: one layout conversion (through shared memory, two barriers) instead of two
+    off = tl.join(mb, mb + N // 8)
+    tl.store(cache_u8_ptr + page_off + MASK_OFF + off, tl.join(kbits, vbits), mask=tl.join(mb, mb) < N // 8)
 
 
 def tile_rows(rows_per_tile: int, num_salient_k: int, num_salient_v: int) -> int:

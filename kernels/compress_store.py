@@ -206,7 +206,9 @@ def _store_packed(code, member, row, cache_u8_ptr, off, BITS: tl.constexpr, N_PA
     P: tl.constexpr = 8 // BITS
     c4 = tl.reshape(code, (N_PAD, D // PL, P, PL // P))
     packed = tl.sum(c4 << (tl.arange(0, P) * BITS)[None, None, :, None], axis=2).to(tl.uint8)
-    byte = tl.arange(0, D // PL)[:, None] + tl.arange(0, PL // P)[None, :] * (D // PL)
+    # runs of 8 bytes, what a thread holds of a row (4 lanes a row at 2 warps, R 16): the store goes out from the
+    # code tile's layout (STG.64), not moved to 16-byte runs through shared memory first (two barriers a tile)
+    byte = tl.max_contiguous(tl.arange(0, D // PL), 8)[:, None] + tl.arange(0, PL // P)[None, :] * (D // PL)
     RB: tl.constexpr = D * BITS // 8
     tl.store(cache_u8_ptr + off + row[:, None, None] * RB + byte[None, :, :], packed, mask=member[:, None, None])
 
@@ -343,7 +345,7 @@ def _compress_store_kernel(
     if PROGRAMS == 1 or part > 0:
         _compress_values(value_ptr + head * stride_x_head, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                          cache_f16_ptr, page_off, hoff, sv_rows, n_rows, N, N_PAD, R, D, BH, BL, SV,
-                         V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L)  # fmt: skip
+                         V_HI_OFF, V_LO_OFF, V_NORM_OFF, V_TOK_OFF, RQ_H, RQ_L, ASM)  # fmt: skip
 
 
 @triton.jit
@@ -547,7 +549,7 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
                      sv_rows, n_rows, N: tl.constexpr, N_PAD: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                      BH: tl.constexpr, BL: tl.constexpr, SV: tl.constexpr, V_HI_OFF: tl.constexpr,
                      V_LO_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_TOK_OFF: tl.constexpr, RQ_H: tl.constexpr,
-                     RQ_L: tl.constexpr):  # fmt: skip
+                     RQ_L: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """ZC-2: ``c = sqrt(max |x|)`` per channel over the block's rows, loaded at once in token order
     (:func:`_load_block`), then per row tile of page rows (``R`` divides ``SV``, so a tile is of one group) the
     tokenwise ``(step, mn)`` of ``x / c`` and the codes packed into the group's region."""
@@ -569,29 +571,43 @@ def _compress_values(x_ptr, stride_x_tok, x_tok, work, tiles, red, cache_u8_ptr,
     for r0 in range(0, sv_rows, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, ncf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_HI_OFF, hoff, rr,
-                    N, R, D, PL, BH, V_TOK_OFF, RQ_H)  # fmt: skip
+                    N, R, D, PL, BH, V_TOK_OFF, RQ_H, ASM)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
     x, rr, rv, tok = _first_tile(x_ptr, stride_x_tok, x_tok, work, sv_rows, N, R, D, PL)
     for r0 in range(sv_rows, n_rows, R):
         xn, rrn, rvn, tok = _next_tile(x_ptr, stride_x_tok, x_tok, work, tok, r0, N, R, D, PL)
         _value_rows(_div(x, ncf, rc), rr, rv, cache_u8_ptr, cache_f16_ptr, page_off + V_LO_OFF, hoff, rr - SV,
-                    N, R, D, PL, BL, V_TOK_OFF, RQ_L)  # fmt: skip
+                    N, R, D, PL, BL, V_TOK_OFF, RQ_L, ASM)  # fmt: skip
         x, rr, rv = xn, rrn, rvn
 
 
 @triton.jit
 def _value_rows(xn, rr, rv, cache_u8_ptr, cache_f16_ptr, off, hoff, region_row, N: tl.constexpr, R: tl.constexpr,
                 D: tl.constexpr, PL: tl.constexpr, BITS: tl.constexpr, V_TOK_OFF: tl.constexpr,
-                RQ: tl.constexpr):  # fmt: skip
+                RQ: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """Tokenwise ``(step, mn)`` of the normalized rows ``xn`` (page rows ``rr``) on ``BITS`` bits, stored with
     the rows' codes at rows ``region_row`` of the region at byte offset ``off``."""
     qmax: tl.constexpr = (1 << BITS) - 1.0
     step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax, RQ)
     par = cache_f16_ptr + hoff + V_TOK_OFF // 2 + rr[:, None] + N * tl.arange(0, 2)[None, :]
-    tl.store(par, tl.join(step, mn16), mask=rv[:, None])
+    _store_f16(par, tl.join(step, mn16), tl.join(rv, rv), ASM)
     rstep = tl.math.div_rn(1.0, step.to(tl.float32))
     code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax)
     _store_packed(code, rv, region_row, cache_u8_ptr, off, BITS, R, D, PL)
+
+
+@triton.jit
+def _store_f16(ptr, x, mask, ASM: tl.constexpr):
+    """``tl.store(ptr, x, mask)`` of fp16 ``x``; with ``ASM`` an ``st.global.b16`` per element, from the layout ``x``
+    has: ``tl.store`` would move it to a coalesced layout through shared memory (barriers around it), and a
+    reduction's result, repeated in the lanes that share its row, is a few bytes."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b16 [$1], $2; mov.b32 $0, 0; }", "=r,l,h,r",
+            [ptr.to(tl.int64, bitcast=True), x.to(tl.int16, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
+            is_pure=False, pack=1)  # fmt: skip
+    else:
+        tl.store(ptr, x, mask=mask)
 
 
 @triton.jit

@@ -334,7 +334,7 @@ def _compress_store_kernel(
     red = red_ptr + sidx * (3 * D)
     if SCORES >= 2:
         tl.debug_barrier()  # every lane has read its scores from the scratch row
-    tl.store(work + row, t.to(tl.int32), mask=tv)
+    _store_in_place(work + row, t.to(tl.int32), tv, ASM)
     tl.debug_barrier()
     x_tok = src * N  # the block's first row in key / value
     hoff = page_off // 2
@@ -590,22 +590,30 @@ def _value_rows(xn, rr, rv, cache_u8_ptr, cache_f16_ptr, off, hoff, region_row, 
     qmax: tl.constexpr = (1 << BITS) - 1.0
     step, mn16 = _quant_params(tl.min(tl.min(xn, axis=2), axis=1), tl.max(tl.max(xn, axis=2), axis=1), qmax, RQ)
     par = cache_f16_ptr + hoff + V_TOK_OFF // 2 + rr[:, None] + N * tl.arange(0, 2)[None, :]
-    _store_f16(par, tl.join(step, mn16), tl.join(rv, rv), ASM)
+    _store_in_place(par, tl.join(step, mn16), tl.join(rv, rv), ASM)
     rstep = tl.math.div_rn(1.0, step.to(tl.float32))
     code = _codes(xn, mn16[:, None, None], step[:, None, None], rstep[:, None, None], qmax)
     _store_packed(code, rv, region_row, cache_u8_ptr, off, BITS, R, D, PL)
 
 
 @triton.jit
-def _store_f16(ptr, x, mask, ASM: tl.constexpr):
-    """``tl.store(ptr, x, mask)`` of fp16 ``x``; with ``ASM`` an ``st.global.b16`` per element, from the layout ``x``
-    has: ``tl.store`` would move it to a coalesced layout through shared memory (barriers around it), and a
-    reduction's result, repeated in the lanes that share its row, is a few bytes."""
+def _store_in_place(ptr, x, mask, ASM: tl.constexpr):
+    """``tl.store(ptr, x, mask)`` of 16- or 32-bit ``x``; with ``ASM`` an ``st.global`` per element from the layout
+    ``x`` has: ``tl.store`` moves a tensor whose addresses are no contiguous runs in it (a reduction's result,
+    repeated in the lanes that share its row; a scatter) to another layout through shared memory first, two
+    barriers. For a few bytes a program: the per-row parameters of a value tile, the token of each page row."""
     if ASM:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b16 [$1], $2; mov.b32 $0, 0; }", "=r,l,h,r",
-            [ptr.to(tl.int64, bitcast=True), x.to(tl.int16, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
-            is_pure=False, pack=1)  # fmt: skip
+        if x.dtype.primitive_bitwidth == 16:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b16 [$1], $2; mov.b32 $0, 0; }", "=r,l,h,r",
+                [ptr.to(tl.int64, bitcast=True), x.to(tl.int16, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
+                is_pure=False, pack=1)  # fmt: skip
+        else:
+            tl.static_assert(x.dtype.primitive_bitwidth == 32, "16- or 32-bit elements")
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }", "=r,l,r,r",
+                [ptr.to(tl.int64, bitcast=True), x.to(tl.int32, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
+                is_pure=False, pack=1)  # fmt: skip
     else:
         tl.store(ptr, x, mask=mask)
 

@@ -163,7 +163,7 @@ def _quant_params(mn, mx, QMAX, RQMAX):
     each of the thread's elements."""
     a = mx - mn
     q = tl.where(a == float("inf"), a, _div(a, -QMAX, RQMAX))
-    return tl.maximum(q, EPS).to(tl.float16), mn.to(tl.float16)
+    return tl.maximum(q, EPS).to(tl.float16), (mn + 0.0).to(tl.float16)  # a zero minimum is +0 (quant.py)
 
 
 @triton.jit

@@ -153,23 +153,29 @@ def test_mismatched_shapes_and_block_ids_raise_as_the_twin():
     _assert_same_bytes(want, got)
 
 
-@pytest.mark.parametrize("d", [16, 32, 48, 64, 80, 128])
-def test_row_minimum_keeps_torchs_signed_zero(d):
-    """A value row's minimum is a zero of the sign torch's CPU amin keeps (it reaches the page through the
-    sign bit of the row's fp16 min): every row has zeros of random signs at random places, positives elsewhere."""
-    g = torch.Generator().manual_seed(d)
-    rows = torch.rand(4000, d, generator=g) + 0.5
-    where = torch.rand(4000, d, generator=g) < torch.rand(4000, 1, generator=g)
-    rows[where] = 0.0
-    rows[where & (torch.rand(4000, d, generator=g) < 0.5)] = -0.0
-    want = torch.signbit(rows.amin(dim=-1)).numpy()
-    prio = cpu_compress.zero_priority(d)
-    got = []
-    for row in rows.numpy():
-        mn, _ = cpu_compress._row_minmax(row)
-        got.append(np.signbit(cpu_compress._zero_sign(row, prio) if mn == 0 else mn))
-    got = np.array(got)
-    np.testing.assert_array_equal(got, want)
+@pytest.mark.parametrize("param_bits", [16, 8])
+def test_zero_minimums_of_both_signs(param_bits):
+    """Key channels and value rows whose minimum is a zero of both signs (at random places), of -0 only, of +0 only:
+    the twin's bytes, and (fp16 parameters) every zero minimum stored as +0 (quant.params_from_range)."""
+    layout = PageLayout(block_size=32, head_size=64, salient_ratio=0.5, param_bits=param_bits)
+    g = torch.Generator().manual_seed(7)
+    h, nb = 2, 3
+    key = torch.rand(nb * 32, h, 64, generator=g) + 0.5
+    zeros = torch.where(torch.rand(nb * 32, h, generator=g) < 0.5, -0.0, 0.0)
+    key[:, :, 3], key[:, :, 4], key[:, :, 5] = zeros, -0.0, 0.0
+    value = torch.rand(nb * 32, h, 64, generator=g) + 0.5
+    where = torch.rand(nb * 32, h, 64, generator=g) < 0.3
+    value[where] = torch.where(torch.rand(nb * 32, h, 64, generator=g) < 0.5, -0.0, 0.0)[where]
+    scores = torch.rand(nb * 32, h, generator=g)
+    want, got = _both(key, value, scores, torch.tensor([4, 0, 7]), layout)
+    _assert_same_bytes(want, got)
+    if param_bits == 16:
+        kp = got[[4, 0, 7], :, layout.k_param_off : layout.k_param_off + 8 * 64].contiguous().view(torch.float16)
+        kmn = kp.view(3, h, 4, 64)[:, :, 1::2, 3:6]  # both groups' mn of channels 3-5: all zero
+        assert torch.all(kmn == 0) and not torch.signbit(kmn).any()
+        vmn = got[[4, 0, 7], :, layout.v_tok_off : layout.v_tok_off + 4 * 32].contiguous().view(torch.float16)
+        vmn = vmn.view(3, h, 2, 32)[:, :, 1]
+        assert (vmn == 0).sum() > 20 and not torch.signbit(vmn).any()
 
 
 def test_fp16_rounding_matches_torch():

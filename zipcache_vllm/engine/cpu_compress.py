@@ -12,11 +12,8 @@ no reciprocal, contraction or reassociation), ``step = max((max - min) / (2**bit
 parameters rounded to fp16 (round to nearest even, :func:`_f16_bits`; with one-byte parameters coded as
 :mod:`zipcache_vllm.method.params8` does, :func:`_store_params_u8`) *before* the codes ``clamp(
 round_half_even((x - mn) / step), 0, 2**bits - 1)``; quota selection by a stable descending sort (ties to the
-earlier token), page rows in tier order (layout.py). Two details follow torch's CPU reductions rather than any
-spec, because they decide the sign of a zero minimum (the only case where reduction order shows in the
-result, through the sign bit of the stored fp16 ``mn``): a key channel's minimum over tokens keeps the *last*
-of equal values, a value row's minimum over channels the one torch's vectorized reduction keeps
-(:func:`zero_priority`; tests/engine/test_cpu_compress.py checks both against the twin).
+earlier token), page rows in tier order (layout.py), a zero minimum stored as +0 (``mn + 0``, not fast-math:
+the sign of a minimum over zeros of both signs would be the loop order's).
 
 Keys and values that the twin refuses (NaN, infinities, ``|x| > 65504``) and NaN scores are detected before
 anything is written; :func:`compress_store` then calls the twin, which raises its ``ValueError`` (or ranks the
@@ -26,8 +23,6 @@ own the cores). No vLLM import; numba is optional (:func:`zipcache_vllm.engine.c
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import torch
@@ -85,44 +80,15 @@ def _store_f16(src, pg, off, dst):
     _f16(pg, off, src.shape[0], dst)
 
 
-@functools.lru_cache(maxsize=16)
-def zero_priority(d: int) -> np.ndarray:
-    """Which zero torch's CPU ``amin`` over a contiguous last dim of size ``d`` returns when the minimum is a
-    zero of both signs: int32 ``[d]``, the position with the highest priority among the zeros wins. Measured
-    from torch itself (its reduction order depends on the build and the CPU's vector width): a reduction is a
-    fixed tournament, so the winner of any set of equal values is the one that wins every pairwise contest,
-    and one batched ``amin`` over the ``d * (d - 1) / 2`` pairs ranks the positions."""
-    i, j = np.triu_indices(d, 1)
-    rows = torch.ones(i.size, d)
-    rows[np.arange(i.size), i] = -0.0
-    rows[np.arange(i.size), j] = 0.0
-    first_wins = torch.signbit(rows.amin(dim=-1)).numpy()
-    prio = np.zeros(d, dtype=np.int32)
-    np.add.at(prio, i, first_wins)
-    np.add.at(prio, j, ~first_wins)
-    return prio
-
-
 def _row_minmax(row):
-    """``(min(row), max(row))`` as values (a zero's sign aside: :func:`_zero_sign`); compiled with ``nnan``/``nsz``
-    so that the reductions vectorize (the inputs are checked finite)."""
+    """``(min(row), max(row))`` as values (a zero's sign aside: the caller stores ``mn + 0``); compiled with
+    ``nnan``/``nsz`` so that the reductions vectorize (the inputs are checked finite)."""
     mn = row[0]
     mx = row[0]
     for c in range(1, row.shape[0]):
         mn = min(mn, row[c])
         mx = max(mx, row[c])
     return mn, mx
-
-
-def _zero_sign(row, prio):
-    """The zero of ``row`` that torch's ``amin`` returns as its minimum (:func:`zero_priority`)."""
-    top = -1
-    best = np.float32(0.0)
-    for c in range(row.shape[0]):
-        if row[c] == np.float32(0.0) and prio[c] > top:
-            top = prio[c]
-            best = row[c]
-    return best
 
 
 def _pack_bits(codes, bits, dst, off, tmp):
@@ -248,10 +214,10 @@ def _count_nan(a):
 
 
 def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high, bits_low, k_hi_off, k_lo_off,
-                     v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off, mask_off, prio, param_bits, scale_off,
+                     v_hi_off, v_lo_off, k_param_off, v_norm_off, v_tok_off, mask_off, param_bits, scale_off,
                      table):
     """Quantize ``len(block_ids)`` blocks of fp32 ``key, value [B * n, H, D]`` with ``scores [B * n, H]`` into
-    ``pages [num_blocks, H, page_bytes]`` (uint8, in place); ``prio``: :func:`zero_priority` of ``D``;
+    ``pages [num_blocks, H, page_bytes]`` (uint8, in place);
     ``param_bits`` 16 (fp16 parameters) or 8 (one-byte, scales at ``scale_off``, ``table``: params8.STEP_TABLE). Returns
     1 (nothing written) when a key or value is not finite or beyond fp16's range or a score is NaN, else 0."""
     nb = block_ids.shape[0]
@@ -295,7 +261,7 @@ def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high,
                     if (not ks[t]) + (not vs[t]) == tier:
                         perm[i] = t
                         i += 1
-            # keys (ZC-3): channelwise min/max per precision group (a minimum keeps the last of equal values)
+            # keys (ZC-3): channelwise min/max per precision group (a zero minimum stored as +0)
             kmn[:] = np.inf
             kmx[:] = -np.inf
             for t in range(n):
@@ -309,6 +275,8 @@ def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high,
                 if (sk == 0) if g == 0 else (sk == n):  # an empty group: (EPS, 0), never read
                     kmn[g] = 0.0
                     kmx[g] = 0.0
+                for c in range(d):
+                    kmn[g, c] += np.float32(0.0)
                 _steps(kmn[g], kmx[g], bh if g == 0 else bl, fbuf[:d])
                 if param_bits == 16:
                     _store_f16(fbuf[:d], pg, k_param_off + 4 * g * d, kst[g])
@@ -356,7 +324,7 @@ def _compress_blocks(key, value, scores, block_ids, pages, n, sk, sv, bits_high,
             for r in range(n):  # tokenwise min / max, in page row order
                 row = xn[perm[r]]
                 mn, mx = _row_minmax(row)
-                tmn[r] = _zero_sign(row, prio) if mn == np.float32(0.0) else mn
+                tmn[r] = mn + np.float32(0.0)  # a zero minimum is +0 (quant.params_from_range)
                 tmx[r] = mx
             _steps(tmn[:sv], tmx[:sv], bh, fbuf[:sv])
             _steps(tmn[sv:], tmx[sv:], bl, fbuf[sv:])
@@ -396,7 +364,6 @@ if numba is not None:
     _store_params_u8 = numba.njit(cache=True, inline="always")(_store_params_u8)
     # fast-math reductions: called, not inlined in numba's IR, so only its instructions carry the flags
     _row_minmax = numba.njit(cache=True, fastmath={"nnan", "ninf", "nsz"})(_row_minmax)
-    _zero_sign = numba.njit(cache=True)(_zero_sign)
     _pack_bits = numba.njit(cache=True, inline="always")(_pack_bits)
     _pack = numba.njit(cache=True, inline="always")(_pack)
     _encode = numba.njit(cache=True, inline="always")(_encode)
@@ -438,7 +405,7 @@ def compress_store(key, value, scores, block_ids, kv_cache, layout: PageLayout) 
         k.numpy(), v.numpy(), s.numpy(), block_ids.long().contiguous().numpy(), kv_cache.numpy(), n,
         layout.num_salient_k, layout.num_salient_v, layout.bits_high, layout.bits_low, layout.k_hi_off,
         layout.k_lo_off, layout.v_hi_off, layout.v_lo_off, layout.k_param_off, layout.v_norm_off, layout.v_tok_off,
-        layout.mask_off, zero_priority(d), layout.param_bits, layout.scale_off, _STEP_TABLE,
+        layout.mask_off, layout.param_bits, layout.scale_off, _STEP_TABLE,
     )
     if bad:
         paged.compress_store(key, value, scores, block_ids, kv_cache, layout)  # raises the twin's ValueError, or

@@ -46,12 +46,15 @@ def check_bits(bits: int) -> None:
 
 # --------------------------------------------------------------------------------------------- ZC-1 core
 def params_from_range(mn: torch.Tensor, mx: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step, mn) in ``PARAM_DTYPE`` from float32 min/max (ZC-1 with the epsilon guard)."""
+    """(step, mn) in ``PARAM_DTYPE`` from float32 min/max (ZC-1 with the epsilon guard). A zero minimum is stored
+    as +0 (``mn + 0``): which zero a minimum over zeros of both signs returns is the reduction's order (torch's CPU
+    vector width, numba's loop, the GPU's min instructions), and the codes and dequantized values are the same for
+    either, so the page's bytes do not depend on it."""
     qmax = float(2**bits - 1)
     step = torch.clamp((mx.float() - mn.float()) / qmax, min=EPS).to(PARAM_DTYPE)
     if not torch.isfinite(step).all():
         raise ValueError(f"a {bits}-bit step exceeds the float16 range ({_FP16_MAX}): the group's range is too wide")
-    return step, mn.to(PARAM_DTYPE)
+    return step, (mn.float() + 0.0).to(PARAM_DTYPE)
 
 
 def group_range(xf: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

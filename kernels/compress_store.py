@@ -63,6 +63,14 @@ this kernel as a programmatic dependent (PDL) of the score kernel, its programs 
 values' normalizer computed before ``griddepcontrol.wait``), or at the score programs' ends, or capped at 152 registers
 so that all of them fit beside the score kernel's at once: 4k 29.3 / 27.5 / 26.6 us against 26.4, 16k 96.0 / 98.6 /
 118.2 against 86.9 (the code is at dc0260c, ``benchmarks/spike_pdl.py`` there).
+Fewer instructions and no barriers in the tile loops (2026-12-06 night): :func:`_div` takes the negated divisor
+(with fp fusion off a per-element ``-q`` is ``0 - q``, an FADD ptxas keeps) and keeps a zero's sign by one LOP3,
+not a predicated FMA; the values' per-row ``(step, mn)`` and the page rows' tokens go out by inline ``st.global``
+from the layout they are in (:func:`_store_in_place`), and the packed codes in 8-byte runs from the code tile's
+(:func:`_store_packed`), where ``tl.store`` first moved each through shared memory between two barriers; the
+bitmaps are stored by the keys' program alone. sm_90 SASS: value tile 635 -> 572, key tile 388 -> 349
+instructions, 4 / 2 barriers a tile -> 0, ~11,140 -> ~10,410 executed per warp. H200, the step's two kernels at
+4k (``bench_kernels.py --quick``): 23.8 us, 9.2 % of SDPA causal (``benchmarks/results/h200_9062055.json``).
 With ``probe_query`` the program scores its block by its probes first (``block_scores.probe_scores``, the block
 rule), so the scores never leave the SM: since page-row tiles faster than the two kernels in sequence (4k 30.7 us
 against 14.0 + 26.4, 16k 97.9 against 27.6 + 81.3; it was slower before, below). The engine step launched this

@@ -9,12 +9,14 @@
 #   STAGES="spike bench_kernels compress_ways prefill_tests" bash benchmarks/gpu_checkup.sh ...   # one call (~320 s)
 #   STAGES="bench_kernels gpu_suite" bash benchmarks/gpu_checkup.sh ...   # issues 9 and 11's records + suite (~420 s)
 #   STAGES="trace prefill_tests" bash benchmarks/gpu_checkup.sh ...   # a compress_store change vs the base (~250 s)
+#   STAGES="bench_kernels prefill_tests e2e" bash benchmarks/gpu_checkup.sh ...   # issue 11's four targets + tests
 #
 # COMMIT labels the records (the device's copy of the repository may not know the commit; default: its HEAD).
 # Every stage appends to OUT_DIR/checkup.log (default $OUT, else benchmarks/results/checkup) as it finishes, in
 # the order of their worth, each under its own time limit, so that a call cut short still returns the stages that
-# ran. Six files in all (checkup.log, h200.json, h200.md, h200_decode.png, compress.json, serving_gpu.json): the
-# device tool returns at most 8. All stages take up to ~1240 s, more than one command may run (600 s): run them as two
+# ran. Seven files in all (checkup.log, h200.json, h200.md, h200_decode.png, compress.json, serving_gpu.json,
+# h200_e2e_prefill32k.json): the device tool returns at most 8. The default stages take up to ~1240 s, more than one
+# command may run (600 s): run them as two
 # calls with STAGES (the machine stays warm between calls that follow within 30 s). Needs a CUDA device, torch and
 # triton; no vLLM (the kernels, the engine step and the benchmarks that drive them).
 set -uo pipefail
@@ -64,6 +66,10 @@ trace_base=()
 [[ -f kernels/_compress_store_base.py ]] && trace_base=(--baseline kernels/_compress_store_base.py)
 stage trace 150 python -u benchmarks/trace_compress.py ${trace_base[@]+"${trace_base[@]}"}
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
+# issue 11's end-to-end target: the transformers paged cache's 32k prompt against DynamicCache (32 layers of LLaMA3-8B
+# shape, random weights; not in the default stages; its earlier records took ~16 s of zipcache warm-up + the rounds)
+stage e2e 200 python benchmarks/bench_e2e.py --layers 32 --batch 1 --contexts 32768 --caches dynamic zipcache \
+  --steps 5 --warmup 2 --rounds 2 --ref-contexts --commit "$commit" --out "$out/h200_e2e_prefill32k.json"
 # the GPU tests of what the prefill side changed since the last complete suite (compress, probe scores, the engine
 # step): to go with the stages above in one call when a second call for gpu_suite may not come
 stage prefill_tests 120 python -m pytest -n 14 -q -p no:cacheprovider tests/kernels/test_compress_store.py \

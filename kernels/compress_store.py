@@ -180,14 +180,15 @@ def _div(a, nb, rb, SIGNED_ZERO: tl.constexpr = True):
     dividends: ``q = a * rb`` then one Markstein correction ``q + (a - q b) * rb`` (two FMAs; no per-element
     reciprocal, no slow-path branch as in ``div_rn``). The residual is ``fma(q, nb, a)``: ``-q`` would cost an
     instruction per element (with fp fusion off a negation is ``0 - q``, which ptxas does not fold into the FMA),
-    ``-b`` is one per divisor. Equal to ``div_rn`` for every dividend that is zero (sign kept) or
-    normal (checked on 8 M random pairs over every positive fp16 divisor); a subnormal dividend can be 1 ulp
-    off, at quotients below 2^-100 that round to the same codes and fp16 parameters (tests/kernels). Without
-    ``SIGNED_ZERO`` a zero dividend may give ``+0`` for ``-0`` (the correction adds ``+0``): for quotients
-    only rounded to integer codes, where the sign of a zero does not matter (one select fewer per element)."""
+    ``-b`` is one per divisor. For a positive divisor (every caller's) equal to ``div_rn`` for every dividend that
+    is zero (sign kept) or normal (checked on 8 M random pairs over every positive fp16 divisor); a subnormal
+    dividend can be 1 ulp off, at quotients below 2^-100 that round to the same codes and fp16 parameters
+    (tests/kernels). The correction turns ``-0`` into ``+0``; ``SIGNED_ZERO`` or's the dividend's sign bit back
+    (the quotient's sign for a positive divisor, so only a zero's changes); without it, for quotients only rounded
+    to integer codes, where the sign of a zero does not matter, one LOP3 fewer per element."""
     q = a * rb
     q = tl.fma(tl.fma(q, nb, a), rb, q)
-    if SIGNED_ZERO:  # the dividend's sign, the quotient's for a positive divisor: only a zero's changes (one LOP3)
+    if SIGNED_ZERO:
         q = (q.to(tl.int32, bitcast=True) | (a.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
     return q
 

@@ -612,17 +612,14 @@ def _store_in_place(ptr, x, mask, ASM: tl.constexpr):
     repeated in the lanes that share its row; a scatter) to another layout through shared memory first, two
     barriers. For a few bytes a program: the per-row parameters of a value tile, the token of each page row."""
     if ASM:
-        if x.dtype.primitive_bitwidth == 16:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b16 [$1], $2; mov.b32 $0, 0; }", "=r,l,h,r",
-                [ptr.to(tl.int64, bitcast=True), x.to(tl.int16, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
-                is_pure=False, pack=1)  # fmt: skip
-        else:
-            tl.static_assert(x.dtype.primitive_bitwidth == 32, "16- or 32-bit elements")
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }", "=r,l,r,r",
-                [ptr.to(tl.int64, bitcast=True), x.to(tl.int32, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
-                is_pure=False, pack=1)  # fmt: skip
+        W: tl.constexpr = x.dtype.primitive_bitwidth
+        tl.static_assert(W == 16 or W == 32, "16- or 32-bit elements")
+        ST: tl.constexpr = "st.global.b16" if W == 16 else "st.global.b32"
+        REG: tl.constexpr = "=r,l,h,r" if W == 16 else "=r,l,r,r"
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p " + ST + " [$1], $2; mov.b32 $0, 0; }", REG,
+            [ptr.to(tl.int64, bitcast=True), x.to(tl.int16 if W == 16 else tl.int32, bitcast=True), mask.to(tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
     else:
         tl.store(ptr, x, mask=mask)
 

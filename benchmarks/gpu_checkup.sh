@@ -67,7 +67,7 @@ trace_base=()
 stage trace 150 python -u benchmarks/trace_compress.py ${trace_base[@]+"${trace_base[@]}"}
 stage serving_gpu 130 python benchmarks/bench_serving_gpu.py --commit "$commit" --out "$out/serving_gpu.json"
 # issue 11's end-to-end target: the transformers paged cache's 32k prompt against DynamicCache (32 layers of LLaMA3-8B
-# shape, random weights; not in the default stages; its earlier records took ~16 s of zipcache warm-up + the rounds)
+# shape, random weights; not in the default stages; ~50 s on an H100: an unmeasured pass of each cache, then the rounds)
 stage e2e 200 python benchmarks/bench_e2e.py --layers 32 --batch 1 --contexts 32768 --caches dynamic zipcache \
   --steps 5 --warmup 2 --rounds 2 --ref-contexts --commit "$commit" --out "$out/h200_e2e_prefill32k.json"
 # the GPU tests of what the prefill side changed since the last complete suite (compress, probe scores, the engine
